@@ -1,0 +1,391 @@
+"""The ``inference-broker`` command line (also ``python -m broker``)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import msgspec
+
+from broker.errors import BrokerError
+from broker.settings import Settings
+from broker.stack import state_file
+from broker.wire import ChatMessage, Job, Result, decode_result, new_id
+from policies.config import ConfigError
+
+F = TypeVar("F", bound=Callable[..., Any])
+EPILOG = "Docs: README.md and docs/ in the project repository."
+
+
+def common(f: F) -> F:
+    """Options every command shares: where Redis is, the key prefix, the policy file."""
+    f = click.option("--log-level", default="INFO", show_default=True,
+                     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+                     help="Log verbosity.")(f)
+    f = click.option("--config", type=click.Path(dir_okay=False, path_type=Path), envvar="IB_CONFIG",
+                     help="Policy TOML (SLO classes, rules, pools) [env IB_CONFIG; default: built-in].")(f)
+    f = click.option("--prefix", default="ib", show_default=True, envvar="IB_PREFIX",
+                     help="Key prefix of the deployment [env IB_PREFIX].")(f)
+    f = click.option("--redis-url", envvar="REDIS_URL", metavar="URL",
+                     help="Redis to use, e.g. redis://localhost:6379/0 [env REDIS_URL].")(f)
+    return f
+
+
+def _settings(redis_url: str | None, prefix: str, config: Path | None, log_level: str, **extra: Any) -> Settings:
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        return Settings.from_env({}, redis_url=redis_url, prefix=prefix, config=config, **extra)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _need_url(settings: Settings) -> Settings:
+    """Commands that talk to a running stack: the given URL, else the one ``up`` recorded."""
+    if settings.redis_url:
+        return settings
+    try:
+        url = state_file().read_text().strip()
+    except OSError:
+        raise click.UsageError(
+            "no Redis configured. Pass --redis-url or set REDIS_URL, or start a local stack "
+            "with `inference-broker up` in another terminal (it is found automatically).") from None
+    return msgspec.structs.replace(settings, redis_url=url)
+
+
+def friendly(f: F) -> F:
+    """Turn the broker's own errors into one readable line and exit status 1."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        except (BrokerError, ConfigError) as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="inference-broker")
+def main() -> None:
+    """Route inference jobs across GPU and accelerator pools over Redis streams.
+
+    \b
+    Quick start:
+      inference-broker demo            run a mixed workload on an embedded Redis
+      inference-broker up              run a local stack until Ctrl-C
+      inference-broker submit --prompt "Hello"   send one job to it
+    """
+
+
+@main.command(epilog=EPILOG)
+@common
+@click.option("--gpu-workers", default=2, show_default=True, help="Worker processes for pool 'gpu'.")
+@click.option("--accel-workers", default=1, show_default=True, help="Worker processes for pool 'accel'.")
+@friendly
+def up(gpu_workers: int, accel_workers: int, **opts: Any) -> None:
+    """Run the policy worker and both pools as processes until Ctrl-C.
+
+    Without --redis-url an embedded redis-server is started (AOF on) and stopped at exit.
+    Other commands in other terminals find it without flags.
+    """
+    from broker.stack import Stack
+
+    settings = _settings(**opts)
+    stack = Stack(settings, workers={"gpu": gpu_workers, "accel": accel_workers})
+    state = state_file()
+    try:
+        stack.start()
+        if not settings.redis_url:
+            state.parent.mkdir(parents=True, exist_ok=True)
+            state.write_text(stack.url)
+        stack.wait_ready()
+        click.secho(f"stack up on {stack.url} (prefix {settings.prefix!r}): policy, "
+                    f"{gpu_workers} gpu worker(s), {accel_workers} accel worker(s)", fg="green", err=True)
+        click.echo(f"  try:  inference-broker submit --prompt 'Hello'    (Ctrl-C stops the stack)", err=True)
+        while True:
+            stack.check_alive()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        click.echo("stopping...", err=True)
+    finally:
+        stack.stop()
+        if not settings.redis_url:
+            state.unlink(missing_ok=True)
+
+
+@main.command(epilog=EPILOG)
+@common
+@click.option("--name", help="Consumer name (default: unique per process). Reuse it to recover this "
+                             "worker's pending entries after a restart.")
+@friendly
+def policy(name: str | None, **opts: Any) -> None:
+    """Run one policy worker: classify jobs, route them to pools."""
+    from broker import roles
+
+    settings = _need_url(_settings(**opts))
+    roles.run(lambda stop: roles.serve_policy(settings, stop, name))
+
+
+@main.command(epilog=EPILOG)
+@common
+@click.option("--pool", required=True, help="Pool to serve, as named in the policy config (gpu, accel, ...).")
+@click.option("--concurrency", type=click.IntRange(min=1), help="Jobs run at once (default: the pool's).")
+@click.option("--name", help="Consumer name (default: unique per process).")
+@click.option("--grace", type=float, default=30.0, show_default=True, envvar="IB_GRACE_S",
+              help="Seconds running jobs get to finish on SIGTERM [env IB_GRACE_S].")
+@friendly
+def worker(pool: str, concurrency: int | None, name: str | None, grace: float, **opts: Any) -> None:
+    """Run one worker of a pool on its simulated device."""
+    from broker import roles
+
+    settings = _need_url(_settings(**opts, grace_s=grace))
+    roles.run(lambda stop: roles.serve_worker(settings, stop, pool, concurrency=concurrency, name=name))
+
+
+def _print_result(result: Result, as_json: bool) -> None:
+    if as_json:
+        click.echo(msgspec.json.encode(result).decode())
+        return
+    colour = "green" if result.status == "ok" else "red"
+    click.secho(f"job {result.id}: {result.status}", fg=colour, bold=True)
+    for label, value in (("model", result.model), ("class", result.slo), ("pool", result.pool),
+                         ("route", result.route_reason), ("error", result.error)):
+        if value:
+            click.echo(f"  {label:<8}{value}")
+    if result.output:
+        click.echo(f"  output  {result.output}")
+    if result.embeddings:
+        click.echo(f"  output  {len(result.embeddings)} embedding(s) of {len(result.embeddings[0])} dims")
+    m = result.metrics
+    if m is not None:
+        tpot = f"{m.time_per_output_token_ms:.2f} ms" if m.time_per_output_token_ms is not None else "-"
+        met = {True: "met", False: "MISSED", None: "-"}[result.slo_met]
+        click.echo(f"  timing  queue {m.queue_time_ms:.1f} ms | TTFT {m.time_to_first_token_ms:.1f} ms | "
+                   f"TPOT {tpot} | e2e {m.e2e_latency_ms:.1f} ms | SLO {met}")
+        click.echo(f"  tokens  {result.usage.prompt_tokens} in, {result.usage.completion_tokens} out")
+
+
+@main.command(epilog=EPILOG)
+@common
+@click.option("--model", default="llama-3.1-8b", show_default=True)
+@click.option("--prompt", "-p", help="Text of the job (a chat message, a prompt, or one text to embed).")
+@click.option("--kind", type=click.Choice(["chat", "completion", "embedding"]), default="chat", show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=0), default=128, show_default=True)
+@click.option("--slo", help="SLO class hint (interactive, standard, batch, ...).")
+@click.option("--tenant", default="cli", show_default=True)
+@click.option("--job", "job_file", type=click.File("rb"), help="A whole job as JSON (`-` for stdin).")
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait for the result.")
+@click.option("--no-wait", is_flag=True, help="Submit and print the job id without waiting.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@friendly
+def submit(model: str, prompt: str | None, kind: str, max_tokens: int, slo: str | None, tenant: str,
+           job_file: Any, timeout: float, no_wait: bool, as_json: bool, **opts: Any) -> None:
+    """Submit one job, wait for its result and print it with its timings."""
+    from broker.client import Client
+    from broker.wire import decode_job
+
+    settings = _need_url(_settings(**opts))
+    if job_file is not None:
+        raw = job_file.read()
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="--job") from None
+        data.setdefault("id", new_id())
+        job = decode_job(json.dumps(data).encode())
+    elif prompt is None:
+        raise click.UsageError("give --prompt TEXT or --job FILE")
+    else:
+        fields: dict[str, Any] = {"id": new_id(), "model": model, "kind": kind, "tenant": tenant,
+                                  "max_tokens": max_tokens, "slo": slo}
+        if kind == "chat":
+            fields["messages"] = [ChatMessage("user", prompt)]
+        elif kind == "completion":
+            fields["prompt"] = prompt
+        else:
+            fields["texts"] = [prompt]
+        job = Job(**fields)
+
+    async def go() -> Result | None:
+        async with Client(settings.redis_url or "", prefix=settings.prefix) as client:
+            await client.submit(job)
+            if no_wait:
+                return None
+            return await client.result(job.id, timeout=timeout, reply_to=job.reply_to)
+
+    result = asyncio.run(go())
+    if result is None:
+        click.echo(job.id)
+        return
+    _print_result(result, as_json)
+    sys.exit(0 if result.status == "ok" else 2)
+
+
+@main.command(epilog=EPILOG)
+@common
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@friendly
+def result(job_id: str, as_json: bool, **opts: Any) -> None:
+    """Print the stored result of one job (kept for a day by default)."""
+    import redis
+
+    settings = _need_url(_settings(**opts))
+    raw = redis.Redis.from_url(settings.redis_url or "").get(settings.topology.done(job_id))
+    if raw is None:
+        raise click.ClickException(f"no result for job {job_id} (not finished, unknown, or expired)")
+    _print_result(decode_result(raw), as_json)
+
+
+@main.command(epilog=EPILOG)
+@common
+@click.option("--reply-to", default="results", show_default=True, help="Result stream name.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new results as they arrive.")
+@click.option("--group", help="Read through this consumer group (and ack), instead of reading everything.")
+@click.option("--consumer", default="cli", show_default=True, help="Consumer name within --group.")
+@click.option("--limit", type=int, help="Stop after this many results.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON result per line.")
+@friendly
+def results(reply_to: str, follow: bool, group: str | None, consumer: str, limit: int | None,
+            as_json: bool, **opts: Any) -> None:
+    """Print results from a result stream; --follow tails it."""
+    from broker.streams import connect, ensure_group
+
+    settings = _need_url(_settings(**opts))
+    stream = settings.topology.reply(reply_to)
+
+    def line(r: Result) -> str:
+        if as_json:
+            return msgspec.json.encode(r).decode()
+        m = r.metrics
+        timing = (f"ttft {m.time_to_first_token_ms:8.1f} ms  e2e {m.e2e_latency_ms:8.1f} ms"
+                  if m else " " * 35)
+        met = {True: "met", False: "MISSED", None: ""}[r.slo_met]
+        return f"{r.id:<34} {r.status:<8} {r.slo or '-':<12} {r.pool or '-':<7} {timing}  {met}"
+
+    async def go() -> None:
+        client = connect(settings.redis_url or "", settings.block_ms)
+        count = 0
+        last = "0-0"
+        try:
+            if group:
+                await ensure_group(client, stream, group)
+                last = ">"
+            while limit is None or count < limit:
+                if group:
+                    reply = await client.xreadgroup(group, consumer, {stream: ">"}, count=100,
+                                                    block=settings.block_ms if follow else None)
+                else:
+                    reply = await client.xread({stream: last}, count=100,
+                                               block=settings.block_ms if follow else None)
+                entries = reply[0][1] if reply else []
+                if not entries and not follow:
+                    break
+                for entry_id, fields in entries:
+                    last = entry_id.decode()
+                    if b"result" in fields and (limit is None or count < limit):
+                        click.echo(line(decode_result(fields[b"result"])))
+                        count += 1
+                    if group:
+                        await client.xack(stream, group, entry_id)
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(go())
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command(epilog=EPILOG)
+@common
+@click.option("--jobs", "n_jobs", type=click.IntRange(min=1), default=600, show_default=True,
+              help="Jobs to send.")
+@click.option("--rate", type=click.FloatRange(min=0.1), default=25.0, show_default=True,
+              help="Mean arrivals per second (Poisson).")
+@click.option("--seed", default=7, show_default=True, help="Workload seed (same seed, same jobs).")
+@click.option("--gpu-workers", default=2, show_default=True)
+@click.option("--accel-workers", default=1, show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write every result to this file, one JSON per line.")
+@friendly
+def demo(n_jobs: int, rate: float, seed: int, gpu_workers: int, accel_workers: int,
+         json_out: Path | None, **opts: Any) -> None:
+    """Start a stack, send a mixed workload, print latency and SLO attainment per class and pool.
+
+    Uses an embedded Redis unless --redis-url is given. Takes about a minute by default.
+    """
+    import tempfile
+
+    from rich.console import Console
+
+    from broker.client import Client
+    from broker.demo import drive, make_workload, progress_bar, summary_table
+    from broker.stack import Stack
+
+    settings = _settings(**opts)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=110)  # piped: wide enough for the table, not the default 80
+    workload = make_workload(n_jobs, rate, seed)
+    with tempfile.TemporaryFile() as log:
+        stack = Stack(settings, workers={"gpu": gpu_workers, "accel": accel_workers}, log=log)
+        try:
+            with console.status("starting Redis, the policy worker and the pools..."):
+                stack.start()
+                stack.wait_ready()
+            console.print(f"[green]stack ready[/] on {stack.url}: sending {n_jobs} jobs at ~{rate:g}/s "
+                          f"(seed {seed})")
+
+            async def go() -> list[Result]:
+                async with Client(stack.url, prefix=settings.prefix) as client:
+                    with progress_bar(console) as progress:
+                        return await drive(client, workload, timeout=120, progress=progress)
+
+            started = time.monotonic()
+            got = asyncio.run(go())
+            elapsed = time.monotonic() - started
+        except BaseException:
+            log.seek(0)
+            tail = log.read()[-3000:].decode(errors="replace")
+            if tail:
+                console.print(f"[dim]role logs:\n{tail}[/]")
+            raise
+        finally:
+            stack.stop()
+    console.print(summary_table(got))
+    ok = sum(r.status == "ok" for r in got)
+    accel = sum(r.pool == "accel" for r in got)
+    met = [r.slo_met for r in got if r.slo_met is not None]
+    console.print(f"{len(got)} jobs in {elapsed:.1f} s: {ok} ok, {len(got) - ok} not ok; "
+                  f"{100 * accel / len(got):.0f}% on the accelerator; "
+                  f"SLO met for {100 * sum(met) / max(1, len(met)):.0f}%")
+    if json_out:
+        json_out.write_bytes(b"".join(msgspec.json.encode(r) + b"\n" for r in got))
+        console.print(f"results written to {json_out}")
+
+
+@main.command("config", epilog=EPILOG)
+@click.argument("path", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@friendly
+def config_cmd(path: Path | None) -> None:
+    """Check a policy TOML file, or print the built-in default one to start from."""
+    from broker.config import default_config_text, load_config
+
+    if path is None:
+        click.echo(default_config_text(), nl=False)
+        return
+    cfg = load_config(path)
+    click.secho(f"{path}: ok ({len(cfg.classes)} classes, {len(cfg.rules)} rules, pools: "
+                f"{', '.join(cfg.pools)})", fg="green")

@@ -1,0 +1,192 @@
+"""The producer/consumer SDK: submit jobs, await their results, follow result streams.
+
+::
+
+    async with Client("redis://localhost:6379") as client:
+        job = Job.chat("llama-3.1-8b", "Why is the sky blue?", max_tokens=128)
+        result = await client.run(job, timeout=30)
+        print(result.output, result.metrics.time_to_first_token_ms)
+
+Results are deduplicated by job id on the broker side, so :meth:`Client.result` returns
+the one result of a job however often it was delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable
+from types import TracebackType
+
+import msgspec
+import redis.asyncio as aioredis
+
+from broker.errors import JobFailed, JobRejected, ResultTimeout
+from broker.streams import connect, ensure_group
+from broker.topology import Topology
+from broker.wire import InvalidJob, Job, Result, decode_result, encode_job
+
+MAX_JOB_BYTES = 1 << 20
+LISTEN_BLOCK_MS = 200
+"""Longest blocking read of a result listener: bounds how long closing a client takes."""
+
+
+class Client:
+    """An async client for one deployment (Redis URL + key prefix)."""
+
+    def __init__(self, redis_url: str, *, prefix: str = "ib", block_ms: int = 1000) -> None:
+        self.redis: aioredis.Redis = connect(redis_url, block_ms)
+        self.topo = Topology(prefix)
+        self.block_ms = block_ms
+        self._waiters: dict[str, _ReplyWaiter] = {}
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop result listeners and close the connection pool."""
+        for waiter in self._waiters.values():
+            await waiter.aclose()
+        self._waiters.clear()
+        await self.redis.aclose()
+
+    def _prepare(self, job: Job) -> bytes:
+        if job.created_at is None:
+            job = msgspec.structs.replace(job, created_at=time.time())
+        try:
+            data = encode_job(job)
+        except InvalidJob as exc:
+            raise JobRejected(f"job {job.id}: {exc}") from None
+        if len(data) > MAX_JOB_BYTES:
+            raise JobRejected(f"job {job.id} is {len(data)} bytes encoded; the limit is {MAX_JOB_BYTES}")
+        return data
+
+    async def submit(self, job: Job) -> str:
+        """Put one job on the ingress stream; returns the job id."""
+        data = self._prepare(job)
+        self._waiter(job.reply_to)  # listen before the result can exist
+        await self.redis.xadd(self.topo.jobs, {"job": data})
+        return job.id
+
+    async def submit_many(self, jobs: Iterable[Job], chunk: int = 500) -> list[str]:
+        """Submit many jobs, pipelined ``chunk`` at a time; returns their ids in order."""
+        ids: list[str] = []
+        pipe = self.redis.pipeline(transaction=False)
+        for job in jobs:
+            pipe.xadd(self.topo.jobs, {"job": self._prepare(job)})
+            self._waiter(job.reply_to)
+            ids.append(job.id)
+            if len(pipe) >= chunk:
+                await pipe.execute()
+        if len(pipe):
+            await pipe.execute()
+        return ids
+
+    async def result(self, job_id: str, *, timeout: float = 60.0, reply_to: str = "results",
+                     raise_on_failure: bool = False) -> Result:
+        """Wait for the result of ``job_id``; raises :class:`ResultTimeout` after ``timeout`` s.
+
+        With ``raise_on_failure``, a result whose status is not ``ok`` raises :class:`JobFailed`.
+        """
+        result = await self._waiter(reply_to).wait(job_id, timeout)
+        if raise_on_failure and result.status != "ok":
+            raise JobFailed(result)
+        return result
+
+    async def run(self, job: Job, *, timeout: float = 60.0) -> Result:
+        """Submit ``job`` and wait for its result."""
+        await self.submit(job)
+        return await self.result(job.id, timeout=timeout, reply_to=job.reply_to)
+
+    async def results(self, group: str, consumer: str = "sdk", *, reply_to: str = "results",
+                      count: int = 100) -> AsyncIterator[Result]:
+        """Follow a result stream through consumer group ``group`` (created at id 0 if new).
+
+        Each result is acked after the loop body that received it finishes, so a crashed
+        consumer gets its unacked results again on restart under the same ``consumer`` name.
+        """
+        stream = self.topo.reply(reply_to)
+        await ensure_group(self.redis, stream, group)
+        last_id = "0-0"
+        while True:
+            reply = await self.redis.xreadgroup(group, consumer, {stream: last_id}, count=count,
+                                                block=None if last_id != ">" else self.block_ms)
+            entries = reply[0][1] if reply else []
+            if last_id != ">" and len(entries) < count:
+                last_id = ">"
+            elif last_id != ">":
+                last_id = entries[-1][0].decode()
+            for entry_id, fields in entries:
+                if b"result" in fields:
+                    yield decode_result(fields[b"result"])
+                await self.redis.xack(stream, group, entry_id)
+
+    def _waiter(self, reply_to: str) -> _ReplyWaiter:
+        waiter = self._waiters.get(reply_to)
+        if waiter is None:
+            waiter = self._waiters[reply_to] = _ReplyWaiter(self, self.topo.reply(reply_to))
+        return waiter
+
+
+class _ReplyWaiter:
+    """Reads one reply stream (plain XREAD, no group) and hands results to waiting callers.
+
+    It starts reading at the instant it is created; a result written before that is found
+    by its done key. A caller registers first and then checks the done key, so a result is
+    either in the key when checked or on the stream after the listener's start.
+    """
+
+    def __init__(self, client: Client, stream: str) -> None:
+        self.client = client
+        self.stream = stream
+        self.futures: dict[str, asyncio.Future[Result]] = {}
+        self.start_id = f"{int(time.time() * 1000) - 1}-0"
+        self.task: asyncio.Task[None] | None = None
+        self.closing = False
+
+    async def wait(self, job_id: str, timeout: float) -> Result:
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._listen())
+        future = self.futures.get(job_id)
+        if future is None:
+            future = self.futures[job_id] = asyncio.get_running_loop().create_future()
+        try:
+            done = await self.client.redis.get(self.client.topo.done(job_id))
+            if done is not None and not future.done():
+                future.set_result(decode_result(done))
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            raise ResultTimeout(f"no result for job {job_id} within {timeout} s; it may still finish: "
+                                f"check later with `inference-broker result {job_id}`") from None
+        finally:
+            self.futures.pop(job_id, None)
+
+    async def _listen(self) -> None:
+        last = self.start_id
+        redis = self.client.redis
+        while not self.closing:
+            reply = await redis.xread({self.stream: last}, count=500, block=LISTEN_BLOCK_MS)
+            for _stream, entries in reply or ():
+                for entry_id, fields in entries:
+                    last = entry_id.decode()
+                    raw = fields.get(b"result")
+                    if raw is None:
+                        continue
+                    result = decode_result(raw)
+                    future = self.futures.get(result.id)
+                    if future is not None and not future.done():
+                        future.set_result(result)
+
+    async def aclose(self) -> None:
+        # Let the blocking read return rather than cancel it: a cancel that lands inside
+        # redis-py's read can be swallowed and leave the task waiting on the socket.
+        self.closing = True
+        if self.task is not None:
+            try:
+                await asyncio.wait_for(self.task, LISTEN_BLOCK_MS / 1000 + 5)
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - closing
+                pass

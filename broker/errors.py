@@ -1,0 +1,48 @@
+"""Exceptions raised to users of the SDK and CLI.
+
+::
+
+    BrokerError
+    ├── RedisUnavailable     Redis cannot be reached (the message says where and what to do)
+    ├── EmbeddedRedisError   the embedded redis-server could not start
+    ├── JobRejected          a job was refused before it reached the stream (bad or too large)
+    ├── ResultTimeout        no result arrived in time (the job may still finish later)
+    └── JobFailed            the job ended without output; ``.result`` holds its status and error
+
+``policies.config.ConfigError`` (a ``ValueError``) reports an invalid policy file.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from broker.wire import Result
+
+
+class BrokerError(Exception):
+    """Base class of the broker's own errors."""
+
+
+class RedisUnavailable(BrokerError):
+    """Redis could not be reached."""
+
+
+class EmbeddedRedisError(BrokerError):
+    """The embedded redis-server could not be started."""
+
+
+class JobRejected(BrokerError):
+    """The job was refused before submission."""
+
+
+class ResultTimeout(BrokerError, TimeoutError):
+    """No result arrived within the timeout."""
+
+
+class JobFailed(BrokerError):
+    """The job ended with a status other than ``ok``."""
+
+    def __init__(self, result: Result) -> None:
+        super().__init__(f"job {result.id} {result.status}: {result.error or 'no detail'}")
+        self.result = result

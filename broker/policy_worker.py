@@ -1,0 +1,240 @@
+"""The policy worker: reads the ingress stream, classifies, routes, moves jobs to pools.
+
+Per batch of entries it decodes and validates each job, classifies it, asks
+``policies.route`` for a pool and then moves all of them in one pipeline of ROUTE scripts
+(each atomic: XADD to the pool + XACK on ingress + a routed marker). Bad entries become
+dead letters in the same pipeline; nothing stops the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import msgspec
+import redis.asyncio as aioredis
+
+from broker.settings import Settings
+from broker.streams import Entry, Scripts, consumer_name, ensure_group, pipeline
+from broker.topology import POLICY_GROUP, RESERVED, WORKER_GROUP
+from broker.wire import (
+    DeadLetter, InvalidJob, Job, JobId, Result, Route, RoutedJob, StreamName, decode_job, json_encode,
+)
+from policies.config import JOB_KINDS as KINDS
+from policies import JobFeatures, PolicyConfig, PoolState, Snapshot, classify, route
+
+log = logging.getLogger("inference_broker.policy")
+MAX_JOB_BYTES = 1 << 20
+_FASTSTREAM_MAGIC = b"\x89BIN\r\n\x1a\n"
+
+
+def entry_payload(fields: dict[bytes, bytes]) -> bytes:
+    """The job bytes of an ingress entry: field ``job``, or a FastStream ``__data__`` envelope."""
+    if b"job" in fields:
+        return fields[b"job"]
+    if b"__data__" in fields:
+        data = fields[b"__data__"]
+        if data.startswith(_FASTSTREAM_MAGIC):
+            # Imported lazily: only FastStream producers pay for it.
+            from faststream.redis.parser.binary import BinaryMessageFormatV1
+
+            body, _headers = BinaryMessageFormatV1.parse(data)
+            return body
+        return data
+    names = ", ".join(sorted(f.decode(errors="replace") for f in fields)) or "none"
+    raise InvalidJob("decode_error", f"entry has no `job` field (fields: {names})")
+
+
+def entry_time(entry_id: bytes) -> float:
+    """Seconds since the epoch at which Redis added the entry (from its id)."""
+    return int(entry_id.split(b"-", 1)[0]) / 1000
+
+
+class PolicyWorker:
+    """One policy worker process. Run several for availability; they share the group."""
+
+    def __init__(self, client: aioredis.Redis, settings: Settings, config: PolicyConfig, *,
+                 name: str | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.client = client
+        self.settings = settings
+        self.config = config
+        self.topo = settings.topology
+        self.name = name or consumer_name("policy")
+        self.clock = clock
+        self.scripts = Scripts(client)
+        self.snapshot = Snapshot(now=clock())
+        self.routed = 0
+        self.dead = 0
+
+    async def setup(self) -> None:
+        """Create the ingress group and every pool's group (at id 0) before reading."""
+        await ensure_group(self.client, self.topo.jobs, POLICY_GROUP)
+        for pool in self.config.pools:
+            await ensure_group(self.client, self.topo.pool(pool), WORKER_GROUP)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Route jobs until ``stop`` is set. Entries being routed finish first."""
+        await self.setup()
+        refresher = asyncio.create_task(self._refresh_loop(stop))
+        try:
+            # First our own pending entries (a restart under the same name), then new ones.
+            last_id = "0"
+            while not stop.is_set():
+                reply = await self.client.xreadgroup(
+                    POLICY_GROUP, self.name, {self.topo.jobs: last_id},
+                    count=self.settings.batch, block=None if last_id == "0" else self.settings.block_ms,
+                )
+                entries: list[Entry] = reply[0][1] if reply else []
+                if last_id == "0" and not entries:
+                    last_id = ">"
+                    continue
+                if entries:
+                    await self.handle(entries)
+        finally:
+            refresher.cancel()
+            try:
+                await self.client.hdel(self.topo.policy_heartbeats, self.name)
+            except aioredis.RedisError:
+                pass  # the entry ages out on its own
+
+    async def handle(self, entries: list[Entry]) -> None:
+        """Route a batch of ingress entries in one pipeline."""
+        pipe = pipeline(self.client)
+        now = self.clock()
+        for entry_id, fields in entries:
+            try:
+                self._route_one(pipe, entry_id, fields, now)
+            except InvalidJob as exc:
+                self._dead(pipe, entry_id, fields, exc, now)
+        await self.scripts.execute(pipe)
+
+    def _route_one(self, pipe: aioredis.client.Pipeline, entry_id: bytes, fields: dict[bytes, bytes],
+                   now: float) -> None:
+        payload = entry_payload(fields)
+        if len(payload) > MAX_JOB_BYTES:
+            raise InvalidJob("too_large", f"job is {len(payload)} bytes; the limit is {MAX_JOB_BYTES}")
+        job = decode_job(payload)
+        created = job.created_at if job.created_at is not None else entry_time(entry_id)
+        if job.deadline is not None and now > job.deadline:
+            self._finish(pipe, entry_id, job, created, "expired", "deadline passed before routing")
+            return
+        features = JobFeatures(tenant=job.tenant, model=job.model, kind=job.kind,
+                               prompt_tokens=job.prompt_tokens(), max_tokens=job.max_tokens,
+                               slo_hint=job.slo)
+        slo, why = classify(features, self.config)
+        decision = route(features, slo, self.config, self.snapshot)
+        if decision.pool is None:
+            raise InvalidJob("unknown_model", decision.reason)
+        target = self.config.classes[slo]
+        routed = RoutedJob(job=job, created_at=created, route=Route(
+            pool=decision.pool, slo=slo, reason=f"{why}; {decision.reason}", routed_at=now,
+            ttft_target_ms=target.ttft_ms, tpot_target_ms=target.tpot_ms, e2e_target_ms=target.e2e_ms,
+            predicted_ttft_ms=decision.predicted_ttft_ms, policy=self.name))
+        self.scripts.queue(
+            pipe, "route", [self.topo.jobs, self.topo.pool(decision.pool), self.topo.routed(job.id)],
+            [POLICY_GROUP, entry_id, json_encode(routed), self.settings.result_ttl_s * 1000])
+        self._count_routed(decision.pool)
+
+    def _count_routed(self, pool: str) -> None:
+        # Until the next refresh, count our own routing into the backlog so that one big
+        # batch does not pile onto a pool that looked empty at the last snapshot.
+        state = self.snapshot.pools.get(pool, PoolState())
+        pools = {**self.snapshot.pools, pool: msgspec.structs.replace(state, backlog=state.backlog + 1)}
+        self.snapshot = msgspec.structs.replace(self.snapshot, pools=pools)
+        self.routed += 1
+
+    def _finish(self, pipe: aioredis.client.Pipeline, entry_id: bytes, job: Job, created: float,
+                status: str, error: str) -> None:
+        result = Result(id=job.id, status=status, model=job.model, kind=job.kind,  # type: ignore[arg-type]
+                        tenant=job.tenant, error=error)
+        self.scripts.queue(
+            pipe, "complete", [self.topo.jobs, self.topo.done(job.id), self.topo.reply(job.reply_to)],
+            [POLICY_GROUP, entry_id, json_encode(result), self.settings.result_ttl_s * 1000])
+
+    def _dead(self, pipe: aioredis.client.Pipeline, entry_id: bytes, fields: dict[bytes, bytes],
+              exc: InvalidJob, now: float) -> None:
+        raw = fields.get(b"job") or fields.get(b"__data__") or json_encode(
+            {k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()})
+        job = _salvage(raw) if exc.reason != "too_large" else None
+        letter = DeadLetter(reason=exc.reason, error=str(exc), stream=self.topo.jobs,
+                            entry_id=entry_id.decode(), payload=raw[:MAX_JOB_BYTES],
+                            job_id=job.id if job else None, consumer=self.name, failed_at=now)
+        keys = [self.topo.jobs, self.topo.dead]
+        args: list[object] = [POLICY_GROUP, entry_id, json_encode(letter)]
+        if job is not None:
+            result = Result(id=job.id, status="failed", model=job.model, kind=job.kind,  # type: ignore[arg-type]
+                            tenant=job.tenant, error=f"{exc.reason}: {exc}")
+            keys += [self.topo.done(job.id), self.topo.reply(job.reply_to)]
+            args += [json_encode(result), self.settings.result_ttl_s * 1000]
+        self.scripts.queue(pipe, "dead", keys, args)
+        self.dead += 1
+        log.warning("dead letter %s (%s): %s", entry_id.decode(), exc.reason, exc)
+
+    async def refresh(self) -> None:
+        """Read each pool's backlog (group lag + pending) and worker heartbeats."""
+        now = self.clock()
+        pools: dict[str, PoolState] = {}
+        for name in self.config.pools:
+            backlog = 0
+            try:
+                for group in await self.client.xinfo_groups(self.topo.pool(name)):
+                    if group["name"] == WORKER_GROUP.encode():
+                        # `lag` is reported by Redis 7.0+; on 6.2 only pending is known.
+                        backlog = int(group.get("lag") or 0) + int(group["pending"])
+            except aioredis.ResponseError:
+                pass  # stream not created yet
+            workers = in_flight = capacity = 0
+            for raw in (await self.client.hgetall(self.topo.heartbeats(name))).values():
+                beat = msgspec.json.decode(raw)
+                if now - beat["ts"] < 5 * self.settings.heartbeat_s:
+                    workers += 1
+                    in_flight += beat["in_flight"]
+                    capacity += beat["capacity"]
+            pools[name] = PoolState(backlog=backlog, workers=workers, in_flight=in_flight, capacity=capacity)
+        self.snapshot = Snapshot(now=now, pools=pools)
+
+    async def _refresh_loop(self, stop: asyncio.Event) -> None:
+        beat_at = 0.0
+        while not stop.is_set():
+            try:
+                await self.refresh()
+                if self.clock() - beat_at >= self.settings.heartbeat_s:
+                    beat_at = self.clock()
+                    beat = {"ts": beat_at, "routed": self.routed, "dead": self.dead}
+                    await self.client.hset(self.topo.policy_heartbeats, self.name, json_encode(beat))
+            except Exception:  # noqa: BLE001 - a failed refresh keeps the last snapshot
+                log.exception("pool snapshot refresh failed")
+            await asyncio.sleep(self.settings.snapshot_s)
+
+
+class _Salvaged(msgspec.Struct):
+    """The parts of a rejected job needed to answer its producer."""
+
+    id: JobId
+    reply_to: StreamName = "results"
+    model: str = ""
+    kind: str = "chat"
+    tenant: str = "default"
+
+
+_salvage_json = msgspec.json.Decoder(_Salvaged)
+_salvage_msgpack = msgspec.msgpack.Decoder(_Salvaged)
+
+
+def _salvage(raw: bytes) -> _Salvaged | None:
+    """Id and reply stream of a job that failed validation, if they are themselves valid.
+
+    A producer waiting on such a job then gets a ``failed`` result at once instead of a
+    timeout; entries without a usable id only become dead letters.
+    """
+    try:
+        got = (_salvage_json if raw.lstrip()[:1] == b"{" else _salvage_msgpack).decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if got.reply_to in RESERVED:
+        return None
+    if got.kind not in KINDS:
+        got = msgspec.structs.replace(got, kind="chat")
+    return got

@@ -1,0 +1,79 @@
+"""Entry points of the long-running roles: connect, run until a signal, exit cleanly.
+
+SIGTERM and SIGINT set a stop event: a role stops reading, lets running work finish
+(within the grace period for workers) and exits 0. uvloop is installed here, in the entry
+point, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+from broker.config import load_config
+from broker.policy_worker import PolicyWorker
+from broker.settings import Settings
+from broker.streams import connect, redacted, wait_ready
+
+log = logging.getLogger("inference_broker")
+
+
+def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``main(stop)`` on uvloop (when installed) until it returns; signals set ``stop``."""
+
+    async def wrapper() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        asyncio.run(wrapper())
+    else:
+        uvloop.run(wrapper())
+
+
+async def serve_policy(settings: Settings, stop: asyncio.Event, name: str | None = None) -> None:
+    """The policy worker role."""
+    assert settings.redis_url is not None
+    config = load_config(settings.config)
+    client = connect(settings.redis_url, settings.block_ms)
+    try:
+        await wait_ready(client, settings.redis_url)
+        worker = PolicyWorker(client, settings, config, name=name)
+        log.info("policy worker %s on %s, pools %s", worker.name, redacted(settings.redis_url),
+                 ", ".join(config.pools))
+        await worker.run(stop)
+        log.info("policy worker %s stopped after routing %d jobs", worker.name, worker.routed)
+    finally:
+        await client.aclose()
+
+
+async def serve_worker(settings: Settings, stop: asyncio.Event, pool: str, *,
+                       concurrency: int | None = None, name: str | None = None) -> None:
+    """A pool worker role with the simulated device of the pool's configured profile."""
+    from workers.simulated import SimulatedBackend
+    from workers.worker import PoolWorker
+
+    assert settings.redis_url is not None
+    config = load_config(settings.config)
+    if pool not in config.pools:
+        raise SystemExit(f"error: pool {pool!r} is not configured; configured pools: {', '.join(config.pools)}")
+    spec = config.pools[pool]
+    backend = SimulatedBackend(spec.profile)
+    client = connect(settings.redis_url, settings.block_ms)
+    try:
+        await wait_ready(client, settings.redis_url)
+        worker = PoolWorker(client, settings, pool, backend, concurrency=concurrency or spec.concurrency,
+                            name=name)
+        log.info("worker %s: pool %s, %s, concurrency %d", worker.name, pool, backend.name, worker.concurrency)
+        await worker.run(stop)
+        log.info("worker %s stopped after %d jobs", worker.name, worker.completed)
+    finally:
+        await backend.aclose()
+        await client.aclose()

@@ -1,0 +1,114 @@
+"""A whole local stack in processes: embedded Redis, a policy worker and the pools.
+
+Used by ``inference-broker up`` and ``demo``. Each role is a separate OS process
+(``python -m broker policy`` / ``worker``), exactly what compose runs, so the local stack
+exercises the same code paths as a deployment.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+import redis
+
+from broker.embedded import EmbeddedRedis
+from broker.errors import BrokerError
+from broker.settings import Settings
+
+
+class Stack:
+    """Starts the roles (and an embedded Redis when ``settings.redis_url`` is None)."""
+
+    def __init__(self, settings: Settings, *, workers: dict[str, int], log: IO[bytes] | None = None,
+                 extra_env: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        self.workers = workers
+        """Pool name to number of worker processes."""
+        self.log = log
+        self.extra_env = extra_env or {}
+        self.embedded: EmbeddedRedis | None = None
+        self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.url = settings.redis_url or ""
+
+    def _spawn(self, label: str, *args: str) -> None:
+        cmd = [sys.executable, "-m", "broker", *args, "--redis-url", self.url,
+               "--prefix", self.settings.prefix]
+        if self.settings.config:
+            cmd += ["--config", str(self.settings.config)]
+        env = {**os.environ, **self.extra_env}
+        env.pop("REDIS_URL", None)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log, env=env)
+        self.processes.append((label, proc))
+
+    def start(self) -> Stack:
+        """Start Redis if needed, then the policy worker and every pool's workers."""
+        if self.embedded is None and not self.settings.redis_url:
+            self.embedded = EmbeddedRedis().start()
+            self.url = self.embedded.url
+        self._spawn("policy", "policy")
+        for pool, count in self.workers.items():
+            for i in range(count):
+                self._spawn(f"worker-{pool}-{i}", "worker", "--pool", pool)
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until every role has sent a heartbeat (raises if one exits or time runs out)."""
+        topo = self.settings.topology
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                self.check_alive()
+                pipe = client.pipeline()
+                pipe.hlen(topo.policy_heartbeats)
+                for pool in self.workers:
+                    pipe.hlen(topo.heartbeats(pool))
+                counts = pipe.execute()
+                if counts[0] >= 1 and all(c >= n for c, n in zip(counts[1:], self.workers.values())):
+                    return
+                time.sleep(0.05)
+        finally:
+            client.close()
+        raise BrokerError(f"the stack did not become ready within {timeout} s")
+
+    def check_alive(self) -> None:
+        """Raise if a role process has exited."""
+        for label, proc in self.processes:
+            if proc.poll() is not None:
+                raise BrokerError(f"{label} exited with status {proc.returncode}")
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM every role, wait for them to drain, then stop Redis."""
+        for _label, proc in self.processes:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + grace
+        for _label, proc in self.processes:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.processes.clear()
+        if self.embedded is not None:
+            self.embedded.stop()
+            self.embedded = None
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def state_file() -> Path:
+    """Where ``up`` records the URL of its Redis so other commands find it by default."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "inference-broker" / "up.url"

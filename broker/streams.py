@@ -1,0 +1,177 @@
+"""Redis plumbing: connections, consumer groups and the scripts that make moves atomic.
+
+Every move of a job between streams is one Lua script, so it happens entirely or not at
+all: there is no window where a job is on two streams, or acked on one and absent from
+the next. Each script also writes a per-job marker with ``SET NX``, which makes the move
+idempotent by job id: a redelivered entry (its consumer died after the move, before it
+learned of the ack) is acked again without a second copy downstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import uuid
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from broker.errors import RedisUnavailable
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+"""A stream entry as redis-py returns it: (id, fields)."""
+
+# KEYS: ingress stream, pool stream, routed marker.  ARGV: group, entry id, payload, ttl ms.
+ROUTE = """
+local fresh = redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[4])
+if fresh then redis.call('XADD', KEYS[2], '*', 'routed', ARGV[3]) end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if fresh then return 1 end
+return 0
+"""
+
+# KEYS: source stream, done key, reply stream.  ARGV: group, entry id, result, ttl ms.
+# The done key holds the result: the first writer wins and later ones only ack.
+COMPLETE = """
+local fresh = redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PX', ARGV[4])
+if fresh then redis.call('XADD', KEYS[3], '*', 'result', ARGV[3]) end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if fresh then return 1 end
+return 0
+"""
+
+# KEYS: source stream, dead stream[, done key, reply stream].
+# ARGV: group, entry id, dead letter[, failed result, ttl ms].
+# With a known job, its failed result claims the done key first: a job that already has
+# an outcome gets no dead letter, only the ack.
+DEAD = """
+if #KEYS == 4 then
+  if not redis.call('SET', KEYS[3], ARGV[4], 'NX', 'PX', ARGV[5]) then
+    redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+    return 0
+  end
+  redis.call('XADD', KEYS[4], '*', 'result', ARGV[4])
+end
+redis.call('XADD', KEYS[2], '*', 'dead', ARGV[3])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***@" if parts.username else "***@"
+    return urlunsplit(parts._replace(netloc=user + netloc))
+
+
+def connect(url: str, block_ms: int = 1000) -> aioredis.Redis:
+    """A client for ``url`` that retries dropped connections with jittered backoff.
+
+    The socket timeout exceeds the longest blocking read, so a quiet ``XREADGROUP BLOCK``
+    is never mistaken for a dead connection.
+    """
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=block_ms / 1000 + 10,
+        socket_connect_timeout=5,
+        socket_keepalive=True,
+        health_check_interval=30,
+        retry=Retry(ExponentialWithJitterBackoff(cap=2.0, base=0.05), retries=5),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
+
+
+async def wait_ready(client: aioredis.Redis, url: str, timeout: float = 30.0) -> None:
+    """Wait until Redis answers PING, or raise :class:`RedisUnavailable` saying what to do."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = 0.05
+    while True:
+        try:
+            await client.ping()
+            return
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            if loop.time() + delay > deadline:
+                raise RedisUnavailable(
+                    f"cannot reach Redis at {redacted(url)} after {timeout:.0f} s ({exc}). "
+                    "Start Redis there, fix --redis-url / REDIS_URL, or leave both unset "
+                    "to use an embedded server."
+                ) from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+async def ensure_group(client: aioredis.Redis, stream: str, group: str) -> bool:
+    """Create ``group`` on ``stream`` at id 0 (creating the stream too). Idempotent.
+
+    Id 0, not ``$``: jobs added before the first consumer started are still delivered.
+    Returns True if the group was created now.
+    """
+    try:
+        await client.xgroup_create(stream, group, id="0", mkstream=True)
+        return True
+    except ResponseError as exc:
+        if "BUSYGROUP" in str(exc):
+            return False
+        raise
+
+
+def consumer_name(role: str) -> str:
+    """A consumer name unique to this process: role, host, pid and a random suffix."""
+    return f"{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Scripts:
+    """The Lua scripts by SHA. Queue calls on a pipeline, then :meth:`execute` it.
+
+    A Redis that restarted empty has forgotten the scripts; :meth:`execute` then loads them
+    and runs the pipeline again. Every script is idempotent by its SET NX marker, so a
+    rerun cannot duplicate work even if part of the first run went through.
+    """
+
+    SOURCES = {"route": ROUTE, "complete": COMPLETE, "dead": DEAD}
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self.sha = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in self.SOURCES.items()}
+
+    def queue(self, pipe: Pipeline, name: str, keys: list[str], args: list[object]) -> None:
+        """Queue script ``name`` on ``pipe``."""
+        pipe.evalsha(self.sha[name], len(keys), *keys, *args)  # type: ignore[arg-type]
+
+    async def execute(self, pipe: Pipeline) -> list[object]:
+        """Execute ``pipe``, loading the scripts first if Redis does not know them."""
+        stack = list(pipe.command_stack)
+        try:
+            return await pipe.execute()
+        except NoScriptError:
+            await self.load()
+            pipe.command_stack = stack
+            return await pipe.execute()
+
+    async def call(self, name: str, keys: list[str], args: list[object]) -> object:
+        """Run one script now."""
+        pipe = pipeline(self.client)
+        self.queue(pipe, name, keys, args)
+        return (await self.execute(pipe))[0]
+
+    async def load(self) -> None:
+        for src in self.SOURCES.values():
+            await self.client.script_load(src)
+
+
+def pipeline(client: aioredis.Redis) -> Pipeline:
+    """A non-transactional pipeline: each script is atomic on its own."""
+    return client.pipeline(transaction=False)

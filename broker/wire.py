@@ -1,0 +1,267 @@
+"""The wire contract: every message on every stream, as msgspec Structs.
+
+Schema rules: each message carries ``v`` (the schema version). Changes only add fields
+with defaults, so older readers skip what they do not know and newer readers fill in
+defaults for what older writers left out. docs/wire-format.md documents the JSON form.
+
+Stream entries hold one field each, named for the message it carries:
+
+======================  ============  ============================================
+stream                  field         message
+======================  ============  ============================================
+``<p>:{<p>}:jobs``      ``job``       :class:`Job` as JSON or msgpack
+``<p>:{<p>}:pool:<n>``  ``routed``    :class:`RoutedJob` as JSON
+reply stream            ``result``    :class:`Result` as JSON
+``<p>:{<p>}:dead``      ``dead``      :class:`DeadLetter` as JSON
+======================  ============  ============================================
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Literal
+
+import msgspec
+
+from broker.topology import RESERVED
+
+VERSION = 1
+
+Kind = Literal["chat", "completion", "embedding"]
+Status = Literal["ok", "failed", "expired", "rejected"]
+
+JobId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/+=-]+$")]
+StreamName = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+Model = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Tenant = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+MaxTokens = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    """One turn of a chat conversation."""
+
+    role: str
+    content: str
+
+
+class Job(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """An inference job as a producer submits it.
+
+    Exactly one input matches ``kind``: ``messages`` for chat, ``prompt`` for completion,
+    ``texts`` for embedding. Times are seconds since the Unix epoch.
+    """
+
+    id: JobId
+    """Stable id chosen by the producer; results are deduplicated by it."""
+    model: Model
+    kind: Kind = "chat"
+    tenant: Tenant = "default"
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    texts: list[str] | None = None
+    max_tokens: MaxTokens = 256
+    """Maximum output tokens (ignored for embeddings)."""
+    slo: str | None = None
+    """SLO class hint (``interactive``, ``standard``, ``batch``, ...); rules decide if unset."""
+    deadline: float | None = None
+    """Absolute time after which the job must not start."""
+    reply_to: StreamName = "results"
+    """Name of the result stream (not the full key): results go to ``<p>:{<p>}:<reply_to>``."""
+    created_at: float | None = None
+    """Submission time; when absent the broker takes it from the stream entry id."""
+    metadata: dict[str, str] = {}
+    v: int = VERSION
+
+    @classmethod
+    def chat(cls, model: str, content: str, **fields: object) -> Job:
+        """A chat job with one user message and a fresh id (``id=`` overrides it)."""
+        fields.setdefault("id", new_id())
+        return cls(model=model, kind="chat", messages=[ChatMessage("user", content)], **fields)  # type: ignore[arg-type]
+
+    def input_chars(self) -> int:
+        """Characters of input, whatever its kind."""
+        if self.messages is not None:
+            return sum(len(m.content) for m in self.messages)
+        if self.prompt is not None:
+            return len(self.prompt)
+        return sum(len(t) for t in self.texts or ())
+
+    def prompt_tokens(self) -> int:
+        """Estimated prompt tokens (about four characters each) until a tokenizer reports."""
+        return max(1, self.input_chars() // 4)
+
+
+def new_id() -> str:
+    """A fresh job id (random UUID, hex)."""
+    return uuid.uuid4().hex
+
+
+class Route(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The policy's decision, recorded on the routed job and copied into the result."""
+
+    pool: str
+    slo: str
+    reason: str
+    routed_at: float
+    ttft_target_ms: float
+    tpot_target_ms: float | None = None
+    e2e_target_ms: float | None = None
+    predicted_ttft_ms: float | None = None
+    policy: str = ""
+    """Consumer name of the policy worker that decided."""
+
+
+class RoutedJob(msgspec.Struct, frozen=True, kw_only=True):
+    """A job on a pool stream: the job, as submitted, plus its route."""
+
+    job: Job
+    route: Route
+    created_at: float
+    """The job's submission time (from the job, else its ingress entry id)."""
+    v: int = VERSION
+
+
+class Timing(msgspec.Struct, frozen=True, kw_only=True):
+    """Timestamps of one job's life, seconds since the epoch. Monotonic in this order."""
+
+    created_at: float
+    routed_at: float
+    dequeued_at: float
+    started_at: float
+    first_token_at: float
+    finished_at: float
+    attempt: int = 1
+
+
+class Metrics(msgspec.Struct, frozen=True, kw_only=True):
+    """Derived from :class:`Timing`; names follow vLLM's per-request metrics."""
+
+    queue_time_ms: float
+    """Submission to start of inference (routing and pool queueing)."""
+    time_to_first_token_ms: float
+    """Submission to first token."""
+    time_per_output_token_ms: float | None
+    """Mean gap between output tokens after the first (``None`` under two tokens)."""
+    inference_time_ms: float
+    """Start of inference to last token."""
+    e2e_latency_ms: float
+    """Submission to last token."""
+
+    @classmethod
+    def of(cls, t: Timing, output_tokens: int) -> Metrics:
+        """Derive the metrics from a timing record."""
+        tpot = (t.finished_at - t.first_token_at) * 1000 / (output_tokens - 1) if output_tokens > 1 else None
+        return cls(
+            queue_time_ms=(t.started_at - t.created_at) * 1000,
+            time_to_first_token_ms=(t.first_token_at - t.created_at) * 1000,
+            time_per_output_token_ms=tpot,
+            inference_time_ms=(t.finished_at - t.started_at) * 1000,
+            e2e_latency_ms=(t.finished_at - t.created_at) * 1000,
+        )
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    """Token counts, as the backend reported them."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Result(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The one outcome a job's producer sees, on the job's reply stream."""
+
+    id: str
+    status: Status
+    model: str
+    kind: Kind
+    tenant: str
+    slo: str | None = None
+    pool: str | None = None
+    worker: str | None = None
+    output: str | None = None
+    embeddings: list[list[float]] | None = None
+    usage: Usage = Usage()
+    timing: Timing | None = None
+    metrics: Metrics | None = None
+    slo_met: bool | None = None
+    route_reason: str | None = None
+    error: str | None = None
+    v: int = VERSION
+
+
+DeadReason = Literal[
+    "decode_error", "invalid_job", "too_large", "unknown_model", "backend_error",
+]
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """A message no consumer could process, kept with the reason for inspection and replay."""
+
+    reason: DeadReason
+    error: str
+    stream: str
+    """Full key of the stream the entry came from."""
+    entry_id: str
+    payload: bytes
+    """The entry's original bytes (base64 in JSON)."""
+    job_id: str | None = None
+    delivery_count: int = 1
+    consumer: str = ""
+    failed_at: float = 0.0
+    v: int = VERSION
+
+
+# One encoder/decoder per type, built once: the hot paths reuse them.
+json_encode = msgspec.json.Encoder().encode
+_job_json = msgspec.json.Decoder(Job)
+_job_msgpack = msgspec.msgpack.Decoder(Job)
+decode_routed = msgspec.json.Decoder(RoutedJob).decode
+decode_result = msgspec.json.Decoder(Result).decode
+decode_dead = msgspec.json.Decoder(DeadLetter).decode
+
+
+class InvalidJob(ValueError):
+    """A job that cannot be accepted; ``reason`` is the dead-letter reason."""
+
+    def __init__(self, reason: DeadReason, message: str) -> None:
+        super().__init__(message)
+        self.reason: DeadReason = reason
+
+
+def _check_input(job: Job) -> None:
+    expected = {"chat": "messages", "completion": "prompt", "embedding": "texts"}[job.kind]
+    given = [name for name in ("messages", "prompt", "texts") if getattr(job, name) is not None]
+    if given != [expected]:
+        found = ", ".join(f"`$.{g}`" for g in given) or "none"
+        raise InvalidJob("invalid_job", f"a {job.kind} job needs exactly `$.{expected}`; found {found}")
+    if job.kind == "chat" and not job.messages:
+        raise InvalidJob("invalid_job", "`$.messages` is empty")
+    if job.kind == "embedding" and not job.texts:
+        raise InvalidJob("invalid_job", "`$.texts` is empty")
+    if job.reply_to in RESERVED:
+        raise InvalidJob("invalid_job", f"`$.reply_to` {job.reply_to!r} is a reserved stream name")
+
+
+def decode_job(data: bytes) -> Job:
+    """Decode and validate a job from JSON or msgpack bytes.
+
+    Raises :class:`InvalidJob` with a message naming the path of the first problem.
+    """
+    stripped = data.lstrip()
+    try:
+        if stripped[:1] == b"{":
+            job = _job_json.decode(data)
+        else:
+            job = _job_msgpack.decode(data)
+    except msgspec.ValidationError as exc:
+        raise InvalidJob("invalid_job", str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidJob("decode_error", f"not a JSON or msgpack job: {exc}") from None
+    _check_input(job)
+    return job
+
+
+def encode_job(job: Job) -> bytes:
+    """Encode a job as JSON (what the SDK puts on the ingress stream)."""
+    _check_input(job)
+    return json_encode(job)

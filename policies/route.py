@@ -1,0 +1,94 @@
+"""Routing: pick the pool for a classified job from a snapshot of the pools.
+
+This first policy is static rules plus backlog: a class listed in a pool's
+``prefer_for`` goes there while that pool has room (backlog under ``max_backlog``), and
+everything else stays on the default pool. It never routes a job to a pool that cannot
+serve its model and kind. A predicted TTFT from the pool's device profile rides along
+with each decision so misses can be explained later.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from policies.config import PolicyConfig
+from policies.profiles import PROFILES
+
+
+class JobFeatures(msgspec.Struct, frozen=True, kw_only=True):
+    """What the policy knows about a job: no payload, just what decisions need."""
+
+    tenant: str
+    model: str
+    kind: str
+    prompt_tokens: int
+    max_tokens: int
+    slo_hint: str | None = None
+
+
+class PoolState(msgspec.Struct, frozen=True, kw_only=True):
+    """Live view of one pool, from Redis (backlog) and worker heartbeats."""
+
+    backlog: int = 0
+    """Entries routed to the pool and not yet acked (unread plus in progress)."""
+    workers: int = 0
+    """Workers that sent a heartbeat recently."""
+    in_flight: int = 0
+    capacity: int = 0
+    """Jobs the live workers can run at once."""
+
+
+class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """All pools at one instant. ``now`` is seconds since the epoch, passed in."""
+
+    now: float
+    pools: dict[str, PoolState] = {}
+
+
+class Decision(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a job goes and why. ``pool`` is ``None`` when no pool can serve it."""
+
+    pool: str | None
+    reason: str
+    predicted_ttft_ms: float | None = None
+
+
+def _predicted_ttft(config: PolicyConfig, pool: str, job: JobFeatures, state: PoolState) -> float | None:
+    spec = config.pools[pool]
+    model = PROFILES[spec.profile].model(job.model)
+    if model is None:
+        return None
+    workers = max(1, state.workers)
+    concurrency = min(spec.concurrency, 1 + state.backlog // workers)
+    # Jobs beyond what the workers run at once wait for a slot: roughly one service time per
+    # wave of ``capacity`` jobs ahead of this one.
+    capacity = max(1, state.capacity or spec.concurrency * workers)
+    waves = max(0, state.backlog - capacity) / capacity
+    service = model.service_ms(job.prompt_tokens, job.max_tokens, concurrency)
+    return model.ttft(job.prompt_tokens, concurrency) + waves * service
+
+
+def route(job: JobFeatures, slo: str, config: PolicyConfig, snapshot: Snapshot) -> Decision:
+    """Choose a pool for ``job`` of class ``slo``.
+
+    Deterministic for a given job, config and snapshot.
+    """
+    serving = config.serving(job.model, job.kind)
+    if not serving:
+        return Decision(pool=None, reason=f"no pool serves {job.kind} on model {job.model!r}")
+    notes: list[str] = []
+    for name in serving:
+        spec = config.pools[name]
+        if slo not in spec.prefer_for:
+            continue
+        state = snapshot.pools.get(name, PoolState())
+        if state.backlog < spec.max_backlog:
+            reason = f"{slo} prefers {name}; backlog {state.backlog} < {spec.max_backlog}"
+            return Decision(pool=name, reason=reason, predicted_ttft_ms=_predicted_ttft(config, name, job, state))
+        notes.append(f"{name} backlog {state.backlog} >= {spec.max_backlog}")
+    preferring = [n for n, p in config.pools.items() if slo in p.prefer_for and n not in serving]
+    notes += [f"{n} lacks {job.model}" for n in preferring]
+    target = serving[0]
+    reason = "; ".join(notes + [f"{target} (default)" if target == config.default_pool else target])
+    state = snapshot.pools.get(target, PoolState())
+    return Decision(pool=target, reason=reason, predicted_ttft_ms=_predicted_ttft(config, target, job, state))

@@ -1,0 +1,53 @@
+"""The backend Protocol: what a pool worker needs from whatever runs the model.
+
+A backend gets a job and returns its output with the instants of the first and last
+token, measured on the clock it was given. Backends raise :class:`BackendError` for
+failures the worker should report; ``retryable`` tells transient ones (429, 5xx, a
+dropped connection) from permanent ones.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+
+from broker.wire import Job
+
+
+class BackendError(Exception):
+    """A job failed in the backend."""
+
+    retryable = False
+
+
+class CapacityExceeded(BackendError):
+    """The device refused the job because it is at its concurrency cap (an HTTP 429)."""
+
+    retryable = True
+
+
+class InferenceOutput(msgspec.Struct, frozen=True, kw_only=True):
+    """What a backend produced for one job."""
+
+    first_token_at: float
+    finished_at: float
+    prompt_tokens: int
+    completion_tokens: int
+    output: str | None = None
+    embeddings: list[list[float]] | None = None
+
+
+class Backend(Protocol):
+    """Runs jobs for one pool worker. One instance serves all of the worker's concurrent jobs."""
+
+    name: str
+    """Short description for results and logs, e.g. ``simulated:h100``."""
+
+    async def run(self, job: Job) -> InferenceOutput:
+        """Run ``job`` to completion."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections, models and other resources."""
+        ...
