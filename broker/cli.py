@@ -376,6 +376,45 @@ def demo(n_jobs: int, rate: float, seed: int, gpu_workers: int, accel_workers: i
         console.print(f"results written to {json_out}")
 
 
+@main.command(epilog=EPILOG)
+@common
+@click.option("--policy", "role_policy", is_flag=True, help="Check this host's policy worker.")
+@click.option("--pool", help="Check this host's worker of pool NAME.")
+@click.option("--max-age", type=float, default=5.0, show_default=True,
+              help="Seconds after which a heartbeat counts as stale.")
+@friendly
+def health(role_policy: bool, pool: str | None, max_age: float, **opts: Any) -> None:
+    """Exit 0 if a role on this host sent a heartbeat recently (for container healthchecks).
+
+    Roles name themselves after the host they run on; this looks for a fresh heartbeat
+    from one of them. Without --policy or --pool it only checks that Redis answers.
+    """
+    import socket
+
+    import redis
+
+    settings = _need_url(_settings(**opts))
+    client = redis.Redis.from_url(settings.redis_url or "", socket_timeout=5)
+    try:
+        client.ping()
+        if not role_policy and not pool:
+            click.echo("redis ok")
+            return
+        key = settings.topology.policy_heartbeats if role_policy else settings.topology.heartbeats(pool or "")
+        host = f"-{socket.gethostname()}-"
+        now = time.time()
+        for name, raw in client.hgetall(key).items():
+            if host in name.decode(errors="replace") and now - msgspec.json.decode(raw)["ts"] < max_age:
+                click.echo(f"{name.decode()} ok")
+                return
+    except redis.RedisError as exc:
+        raise click.ClickException(f"redis unreachable: {exc}") from None
+    finally:
+        client.close()
+    raise click.ClickException(f"no fresh heartbeat from a {'policy worker' if role_policy else pool + ' worker'} "
+                               f"on this host in the last {max_age:g} s")
+
+
 @main.command("config", epilog=EPILOG)
 @click.argument("path", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @friendly

@@ -248,8 +248,11 @@ def decode_job(data: bytes) -> Job:
     Raises :class:`InvalidJob` with a message naming the path of the first problem.
     """
     stripped = data.lstrip()
+    first = stripped[:1]
+    if first != b"{" and not (first and (0x80 <= first[0] <= 0x8F or first[0] in (0xDE, 0xDF))):
+        raise InvalidJob("decode_error", "not a job: expected a JSON object or a msgpack map")
     try:
-        if stripped[:1] == b"{":
+        if first == b"{":
             job = _job_json.decode(data)
         else:
             job = _job_msgpack.decode(data)

@@ -87,7 +87,7 @@ def route(job: JobFeatures, slo: str, config: PolicyConfig, snapshot: Snapshot) 
             return Decision(pool=name, reason=reason, predicted_ttft_ms=_predicted_ttft(config, name, job, state))
         notes.append(f"{name} backlog {state.backlog} >= {spec.max_backlog}")
     preferring = [n for n, p in config.pools.items() if slo in p.prefer_for and n not in serving]
-    notes += [f"{n} lacks {job.model}" for n in preferring]
+    notes += [f"{n} does not serve {job.kind} on {job.model}" for n in preferring]
     target = serving[0]
     reason = "; ".join(notes + [f"{target} (default)" if target == config.default_pool else target])
     state = snapshot.pools.get(target, PoolState())

@@ -1,0 +1,128 @@
+"""Test harness: a real redis-server per session, a key prefix per test, role processes.
+
+Every test that claims Redis behaviour talks to a real ``redis-server`` started here on a
+free loopback port (never a server that happens to be running, never a fake). Tests are
+isolated by key prefix rather than by FLUSHALL, so one server serves the whole session.
+A missing redis-server skips locally and fails in CI (``CI`` set).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+import uvloop
+
+from broker.embedded import EmbeddedRedis
+from broker.errors import EmbeddedRedisError
+from broker.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:
+    # Run async tests on uvloop, as the roles do in production.
+    return {"uvloop": uvloop.new_event_loop}
+
+def _start(**kwargs: object) -> EmbeddedRedis:
+    try:
+        return EmbeddedRedis(**kwargs).start()  # type: ignore[arg-type]
+    except EmbeddedRedisError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs a redis-server: {exc}")
+        pytest.skip(f"no redis-server: {exc}")
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    """One real redis-server for the session (AOF on, like the embedded default)."""
+    server = _start()
+    yield server
+    server.stop()
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    return redis_server.url
+
+@pytest.fixture
+def prefix() -> str:
+    """A key prefix of this test's own: its streams, groups and keys touch no other test's."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+@pytest.fixture
+def settings(redis_url: str, prefix: str) -> Settings:
+    return Settings(redis_url=redis_url, prefix=prefix, block_ms=200, snapshot_s=0.05, heartbeat_s=0.2,
+                    grace_s=5.0)
+
+@pytest_asyncio.fixture
+async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A raw redis-py client on the session's server."""
+    c = aioredis.Redis.from_url(redis_url)
+    yield c
+    await c.aclose()
+
+class Roles:
+    """Starts broker roles as separate OS processes and kills whatever is left at teardown."""
+
+    def __init__(self, url: str, prefix: str, log_dir: Path) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.log_dir = log_dir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """``python -m broker <args> --redis-url URL --prefix P`` with output in a log file."""
+        log = open(self.log_dir / f"{args[0]}-{len(self.procs)}.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "broker", *args, "--redis-url", self.url, "--prefix", self.prefix],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})}, cwd=ROOT)
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def policy(self) -> subprocess.Popen[bytes]:
+        return self.start("policy")
+
+    def worker(self, pool: str, *extra: str) -> subprocess.Popen[bytes]:
+        return self.start("worker", "--pool", pool, "--grace", "5", *extra)
+
+    def logs(self) -> str:
+        return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+                         for p in sorted(self.log_dir.glob("*.log")))
+
+    def stop_all(self) -> list[int]:
+        """SIGTERM every role still running and return their exit codes."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        codes = []
+        for proc in self.procs:
+            try:
+                codes.append(proc.wait(timeout=15))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes.append(proc.wait())
+        return codes
+
+@pytest.fixture
+def roles(redis_url: str, prefix: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Roles]:
+    r = Roles(redis_url, prefix, tmp_path)
+    yield r
+    r.stop_all()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(r.logs())
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    # Keep each phase's report on the item so fixtures can print role logs on failure.
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

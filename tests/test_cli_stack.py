@@ -1,0 +1,96 @@
+"""The CLI as a user runs it: `up` on an embedded Redis, `submit` and `results` against it, `demo`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+CLI = [sys.executable, "-m", "broker"]
+
+
+def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "IB_PREFIX", "IB_CONFIG")}
+    env["XDG_RUNTIME_DIR"] = str(tmp_path)  # where `up` records its URL
+    return env
+
+
+def test_up_submit_results_and_clean_stop(cli_env: dict[str, str], tmp_path: Path) -> None:
+    up = subprocess.Popen([*CLI, "up", "--gpu-workers", "1"], env=cli_env, cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = tmp_path / "inference-broker" / "up.url"
+    try:
+        deadline = time.monotonic() + 30
+        while not state.exists():
+            assert up.poll() is None, up.communicate()
+            assert time.monotonic() < deadline, "up never recorded its Redis URL"
+            time.sleep(0.05)
+        url = state.read_text()
+        # No --redis-url: the commands find the stack that `up` started.
+        done = run_cli("submit", "--prompt", "Hello there", "--max-tokens", "5", "--json", env=cli_env)
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout)
+        assert result["status"] == "ok" and result["usage"]["completion_tokens"] == 5
+        assert result["slo"] == "interactive"
+
+        human = run_cli("submit", "--prompt", "More", "--kind", "completion", "--slo", "batch", env=cli_env)
+        assert human.returncode == 0, human.stderr
+        assert ": ok" in human.stdout and "TTFT" in human.stdout and "class   batch" in human.stdout
+
+        listed = run_cli("results", "--json", env=cli_env)
+        assert listed.returncode == 0, listed.stderr
+        assert len(listed.stdout.splitlines()) == 2
+
+        one = run_cli("result", result["id"], env=cli_env)
+        assert one.returncode == 0 and result["id"] in one.stdout
+
+        health = run_cli("health", env=cli_env)
+        assert health.returncode == 0, health.stderr
+    finally:
+        up.send_signal(signal.SIGINT)
+        out, err = up.communicate(timeout=30)
+    assert up.returncode == 0, err
+    assert not state.exists()
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    with pytest.raises(OSError):  # the embedded Redis is gone too
+        socket.create_connection((host, int(port)), timeout=1).close()
+
+
+def test_submit_without_a_stack_says_what_to_do(cli_env: dict[str, str]) -> None:
+    done = run_cli("submit", "--prompt", "hi", env=cli_env)
+    assert done.returncode == 2
+    assert "inference-broker up" in done.stderr and "REDIS_URL" in done.stderr
+
+
+def test_unreachable_redis_is_a_clear_error_without_the_password(cli_env: dict[str, str]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    done = run_cli("health", "--redis-url", f"redis://:hunter2@127.0.0.1:{port}/0", env=cli_env)
+    assert done.returncode == 1
+    assert "unreachable" in done.stderr and "hunter2" not in done.stderr
+
+
+def test_demo_runs_to_the_end_on_an_embedded_redis(cli_env: dict[str, str]) -> None:
+    done = run_cli("demo", "--jobs", "60", "--rate", "60", env=cli_env, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "Results by SLO class and pool" in out
+    for column in ("queue wait", "TTFT", "end-to-end", "SLO met", "share"):
+        assert column in out
+    assert "60 jobs in" in out and "60 ok, 0 not ok" in out
+    assert "interactive" in out and "accel" in out

@@ -1,0 +1,164 @@
+"""What producers without the SDK send: raw JSON, msgpack, FastStream envelopes, bad bytes."""
+
+from __future__ import annotations
+
+import json
+
+import msgspec
+import redis.asyncio as aioredis
+from faststream.redis import RedisBroker
+
+from broker.client import Client
+from broker.topology import Topology
+from broker.wire import decode_dead, decode_result
+from tests.conftest import Roles
+from tests.helpers import eventually
+
+
+async def read_result(client: aioredis.Redis, topo: Topology, job_id: str, stream: str = "results") -> dict:
+    """Wait for ``job_id``'s entry on a reply stream, as a plain consumer would, and return its JSON."""
+    found: dict = {}
+
+    async def check() -> bool:
+        for _id, fields in await client.xrange(topo.reply(stream)):
+            data = json.loads(fields[b"result"])
+            if data["id"] == job_id:
+                found.update(data)
+                return True
+        return False
+
+    await eventually(check, what=f"result of {job_id}")
+    return found
+
+
+async def test_raw_json_xadd_comes_back_on_its_reply_stream(roles: Roles, client: aioredis.Redis,
+                                                             prefix: str) -> None:
+    roles.policy()
+    roles.worker("gpu")
+    topo = Topology(prefix)
+    # Exactly what docs/wire-format.md tells a producer in any language to send.
+    job = {"id": "raw-1", "model": "llama-3.1-8b", "kind": "completion", "prompt": "Hello",
+           "max_tokens": 8, "reply_to": "my-service"}
+    await client.xadd(topo.jobs, {"job": json.dumps(job)})
+    result = await read_result(client, topo, "raw-1", "my-service")
+    assert result["status"] == "ok" and result["pool"] == "gpu"
+    assert result["usage"]["completion_tokens"] == 8
+    assert result["metrics"]["time_to_first_token_ms"] > 0
+    # The same JSON is retrievable by job id.
+    assert json.loads(await client.get(topo.done("raw-1")))["id"] == "raw-1"
+
+
+async def test_msgpack_job_is_accepted(roles: Roles, client: aioredis.Redis, prefix: str) -> None:
+    roles.policy()
+    roles.worker("gpu")
+    topo = Topology(prefix)
+    job = {"id": "mp-1", "model": "minilm-l6", "kind": "embedding", "texts": ["a", "b"]}
+    await client.xadd(topo.jobs, {"job": msgspec.msgpack.encode(job)})
+    result = await read_result(client, topo, "mp-1")
+    assert result["status"] == "ok" and len(result["embeddings"]) == 2
+
+
+async def test_faststream_publisher_can_submit_jobs(roles: Roles, redis_url: str, prefix: str,
+                                                   client: aioredis.Redis) -> None:
+    roles.policy()
+    roles.worker("gpu")
+    topo = Topology(prefix)
+    broker = RedisBroker(redis_url)
+    async with broker:
+        await broker.start()
+        await broker.publish({"id": "fs-1", "model": "llama-3.1-8b", "kind": "completion", "max_tokens": 4,
+                              "prompt": "hi"}, stream=topo.jobs)
+    result = await read_result(client, topo, "fs-1")
+    assert result["status"] == "ok"
+
+
+async def test_jobs_submitted_before_any_role_starts_are_all_processed(roles: Roles, redis_url: str,
+                                                                      prefix: str) -> None:
+    async with Client(redis_url, prefix=prefix) as sdk:
+        jobs = [msgspec.structs.replace(j, id=f"early-{i}") for i, j in enumerate(
+            [*(await _chat_jobs(30))])]
+        await sdk.submit_many(jobs)  # no group exists yet, no consumer runs
+        roles.policy()
+        roles.worker("gpu")
+        roles.worker("accel")
+        results = [await sdk.result(j.id, timeout=30) for j in jobs]
+    assert [r.status for r in results] == ["ok"] * 30
+
+
+async def _chat_jobs(n: int) -> list:
+    from tests.helpers import mixed_jobs
+
+    return mixed_jobs(n, seed=3)
+
+
+async def test_bad_entries_become_dead_letters_and_the_policy_keeps_going(
+        roles: Roles, redis_url: str, prefix: str, client: aioredis.Redis) -> None:
+    policy = roles.policy()
+    roles.worker("gpu")
+    topo = Topology(prefix)
+    bad = [
+        {"job": b"\x00\xffnot a job"},                                       # garbage bytes
+        {"job": b'{"id": "bad-types", "model": 42}'},                        # wrong type
+        {"job": b'{"id": "no-input", "model": "llama-3.1-8b", "kind": "chat"}'},  # no messages
+        {"something": b"else"},                                              # no job field
+        {"job": b"{" + b" " * (1 << 20) + b"}"},                             # over the size limit
+    ]
+    for fields in bad:
+        await client.xadd(topo.jobs, fields)
+    await client.xadd(topo.jobs, {"job": json.dumps({
+        "id": "unknown-model", "model": "gpt-9", "kind": "completion", "prompt": "x"})})
+    await client.xadd(topo.jobs, {"job": json.dumps({
+        "id": "good", "model": "llama-3.1-8b", "kind": "completion", "prompt": "x", "max_tokens": 2})})
+
+    assert (await read_result(client, topo, "good"))["status"] == "ok"
+    letters = [decode_dead(f[b"dead"]) for _id, f in await client.xrange(topo.dead)]
+    reasons = sorted(d.reason for d in letters)
+    assert reasons == sorted(["decode_error", "invalid_job", "invalid_job", "decode_error", "too_large",
+                              "unknown_model"])
+    too_large = next(d for d in letters if d.reason == "too_large")
+    assert "limit" in too_large.error
+    unknown = await read_result(client, topo, "unknown-model")
+    assert unknown["status"] == "failed" and "unknown_model" in unknown["error"]
+    # A job whose id and reply stream survive validation gets a failed result too.
+    no_input = await read_result(client, topo, "no-input")
+    assert no_input["status"] == "failed" and "messages" in no_input["error"]
+    # Everything was acked: nothing is left pending on the ingress group.
+    groups = await client.xinfo_groups(topo.jobs)
+    assert groups[0]["pending"] == 0
+    assert policy.poll() is None  # still running
+
+
+async def test_expired_job_gets_an_expired_result(roles: Roles, redis_url: str, prefix: str) -> None:
+    roles.policy()
+    roles.worker("gpu")
+    async with Client(redis_url, prefix=prefix) as sdk:
+        from broker.wire import Job
+
+        job = Job(id="late", model="llama-3.1-8b", kind="completion", prompt="x", deadline=1.0)
+        result = await sdk.run(job, timeout=20)
+    assert result.status == "expired" and result.timing is None
+
+
+async def test_result_stream_through_a_consumer_group(roles: Roles, redis_url: str, prefix: str) -> None:
+    from tests.helpers import mixed_jobs
+
+    roles.policy()
+    roles.worker("gpu")
+    roles.worker("accel")
+    jobs = mixed_jobs(20, seed=5, tag="grp")
+    async with Client(redis_url, prefix=prefix) as sdk:
+        await sdk.submit_many(jobs)
+        seen = []
+        async for result in sdk.results("billing", "c1"):
+            seen.append(result.id)
+            if len(seen) == len(jobs):
+                break
+        assert sorted(seen) == sorted(j.id for j in jobs)
+        # Everything yielded was acked (the last one when the loop left), except the one in hand.
+        groups = {g["name"]: g for g in await sdk.redis.xinfo_groups(sdk.topo.reply("results"))}
+        assert groups[b"billing"]["pending"] <= 1
+
+
+def test_decode_result_of_done_key_roundtrip() -> None:
+    raw = b'{"id":"x","status":"ok","model":"m","kind":"chat","tenant":"t"}'
+    assert decode_result(raw).id == "x"

@@ -1,0 +1,64 @@
+"""End to end over a real redis-server, with every role a separate OS process."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+
+from broker.client import Client
+from broker.topology import Topology
+from broker.wire import Result, decode_result
+from tests.conftest import Roles
+from tests.helpers import mixed_jobs
+
+N = 500
+
+
+def assert_consistent(r: Result) -> None:
+    assert r.status == "ok", r
+    assert r.timing is not None and r.metrics is not None
+    t = r.timing
+    assert t.created_at <= t.routed_at <= t.dequeued_at <= t.started_at <= t.first_token_at <= t.finished_at, t
+    assert r.metrics.e2e_latency_ms >= r.metrics.time_to_first_token_ms >= r.metrics.queue_time_ms >= 0
+
+
+async def test_500_mixed_jobs_each_get_exactly_one_result(roles: Roles, redis_url: str, prefix: str,
+                                                          client: aioredis.Redis) -> None:
+    roles.policy()
+    roles.worker("gpu")
+    roles.worker("gpu")
+    roles.worker("accel")
+    jobs = mixed_jobs(N)
+    async with Client(redis_url, prefix=prefix) as sdk:
+        await sdk.submit_many(jobs)
+        results = await asyncio.gather(*(sdk.result(j.id, timeout=60) for j in jobs))
+
+    topo = Topology(prefix)
+    # Exactly N results on the stream, one per job id: nothing lost, nothing duplicated.
+    entries = await client.xrange(topo.reply("results"))
+    ids = [decode_result(fields[b"result"]).id for _id, fields in entries]
+    assert len(ids) == N and set(ids) == {j.id for j in jobs}
+    assert await client.xlen(topo.dead) == 0
+
+    by_id = {j.id: j for j in jobs}
+    for r in results:
+        assert_consistent(r)
+        job = by_id[r.id]
+        assert r.kind == job.kind and r.model == job.model
+        if job.slo is not None:
+            assert r.slo == job.slo  # an explicit hint wins
+        elif job.kind == "chat" and job.prompt_tokens() <= 4096:
+            assert r.slo == "interactive"  # the default rules
+        else:
+            assert r.slo in ("standard", "batch")
+        if r.slo == "interactive":
+            # Interactive work prefers the accelerator while it has room, else spills to GPUs.
+            assert r.pool in ("accel", "gpu")
+            assert r.route_reason and ("prefers accel" in r.route_reason or "accel backlog" in r.route_reason)
+        else:
+            assert r.pool == "gpu", r
+        if job.kind == "embedding":
+            assert r.embeddings is not None and len(r.embeddings) == len(job.texts or [])
+    assert any(r.pool == "accel" for r in results)
+    assert roles.stop_all() == [0, 0, 0, 0]  # every role exits cleanly on SIGTERM
