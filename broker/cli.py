@@ -112,7 +112,7 @@ def up(gpu_workers: int, accel_workers: int, **opts: Any) -> None:
         stack.wait_ready()
         click.secho(f"stack up on {stack.url} (prefix {settings.prefix!r}): policy, "
                     f"{gpu_workers} gpu worker(s), {accel_workers} accel worker(s)", fg="green", err=True)
-        click.echo(f"  try:  inference-broker submit --prompt 'Hello'    (Ctrl-C stops the stack)", err=True)
+        click.echo("  try:  inference-broker submit --prompt 'Hello'    (Ctrl-C stops the stack)", err=True)
         while True:
             stack.check_alive()
             time.sleep(0.5)
@@ -245,7 +245,7 @@ def result(job_id: str, as_json: bool, **opts: Any) -> None:
     raw = redis.Redis.from_url(settings.redis_url or "").get(settings.topology.done(job_id))
     if raw is None:
         raise click.ClickException(f"no result for job {job_id} (not finished, unknown, or expired)")
-    _print_result(decode_result(raw), as_json)
+    _print_result(decode_result(raw), as_json)  # type: ignore[arg-type]
 
 
 @main.command(epilog=EPILOG)
@@ -403,7 +403,7 @@ def health(role_policy: bool, pool: str | None, max_age: float, **opts: Any) -> 
         key = settings.topology.policy_heartbeats if role_policy else settings.topology.heartbeats(pool or "")
         host = f"-{socket.gethostname()}-"
         now = time.time()
-        for name, raw in client.hgetall(key).items():
+        for name, raw in client.hgetall(key).items():  # type: ignore[union-attr]
             if host in name.decode(errors="replace") and now - msgspec.json.decode(raw)["ts"] < max_age:
                 click.echo(f"{name.decode()} ok")
                 return
@@ -411,8 +411,8 @@ def health(role_policy: bool, pool: str | None, max_age: float, **opts: Any) -> 
         raise click.ClickException(f"redis unreachable: {exc}") from None
     finally:
         client.close()
-    raise click.ClickException(f"no fresh heartbeat from a {'policy worker' if role_policy else pool + ' worker'} "
-                               f"on this host in the last {max_age:g} s")
+    role = "policy worker" if role_policy else f"{pool} worker"
+    raise click.ClickException(f"no fresh heartbeat from a {role} on this host in the last {max_age:g} s")
 
 
 @main.command("config", epilog=EPILOG)

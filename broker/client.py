@@ -190,3 +190,23 @@ class _ReplyWaiter:
                 await asyncio.wait_for(self.task, LISTEN_BLOCK_MS / 1000 + 5)
             except (asyncio.CancelledError, Exception):  # noqa: BLE001 - closing
                 pass
+
+
+def run_job(job: Job, *, redis_url: str, prefix: str = "ib", timeout: float = 60.0) -> Result:
+    """Synchronous helper: submit ``job`` and wait for its result (runs its own event loop)."""
+
+    async def go() -> Result:
+        async with Client(redis_url, prefix=prefix) as client:
+            return await client.run(job, timeout=timeout)
+
+    return asyncio.run(go())
+
+
+def submit_jobs(jobs: Iterable[Job], *, redis_url: str, prefix: str = "ib") -> list[str]:
+    """Synchronous helper: submit jobs (pipelined) without waiting; returns their ids."""
+
+    async def go() -> list[str]:
+        async with Client(redis_url, prefix=prefix) as client:
+            return await client.submit_many(jobs)
+
+    return asyncio.run(go())

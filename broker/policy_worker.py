@@ -20,10 +20,19 @@ from broker.settings import Settings
 from broker.streams import Entry, Scripts, consumer_name, ensure_group, pipeline
 from broker.topology import POLICY_GROUP, RESERVED, WORKER_GROUP
 from broker.wire import (
-    DeadLetter, InvalidJob, Job, JobId, Result, Route, RoutedJob, StreamName, decode_job, json_encode,
+    DeadLetter,
+    InvalidJob,
+    Job,
+    JobId,
+    Result,
+    Route,
+    RoutedJob,
+    StreamName,
+    decode_job,
+    json_encode,
 )
-from policies.config import JOB_KINDS as KINDS
 from policies import JobFeatures, PolicyConfig, PoolState, Snapshot, classify, route
+from policies.config import JOB_KINDS as KINDS
 
 log = logging.getLogger("inference_broker.policy")
 MAX_JOB_BYTES = 1 << 20
@@ -95,7 +104,7 @@ class PolicyWorker:
         finally:
             refresher.cancel()
             try:
-                await self.client.hdel(self.topo.policy_heartbeats, self.name)
+                await self.client.hdel(self.topo.policy_heartbeats, self.name)  # type: ignore[misc]
             except aioredis.RedisError:
                 pass  # the entry ages out on its own
 
@@ -186,7 +195,7 @@ class PolicyWorker:
             except aioredis.ResponseError:
                 pass  # stream not created yet
             workers = in_flight = capacity = 0
-            for raw in (await self.client.hgetall(self.topo.heartbeats(name))).values():
+            for raw in (await self.client.hgetall(self.topo.heartbeats(name))).values():  # type: ignore[misc]
                 beat = msgspec.json.decode(raw)
                 if now - beat["ts"] < 5 * self.settings.heartbeat_s:
                     workers += 1
@@ -203,7 +212,7 @@ class PolicyWorker:
                 if self.clock() - beat_at >= self.settings.heartbeat_s:
                     beat_at = self.clock()
                     beat = {"ts": beat_at, "routed": self.routed, "dead": self.dead}
-                    await self.client.hset(self.topo.policy_heartbeats, self.name, json_encode(beat))
+                    await self.client.hset(self.topo.policy_heartbeats, self.name, json_encode(beat))  # type: ignore[arg-type, misc]
             except Exception:  # noqa: BLE001 - a failed refresh keeps the last snapshot
                 log.exception("pool snapshot refresh failed")
             await asyncio.sleep(self.settings.snapshot_s)

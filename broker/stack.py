@@ -70,7 +70,7 @@ class Stack:
                 for pool in self.workers:
                     pipe.hlen(topo.heartbeats(pool))
                 counts = pipe.execute()
-                if counts[0] >= 1 and all(c >= n for c, n in zip(counts[1:], self.workers.values())):
+                if counts[0] >= 1 and all(c >= n for c, n in zip(counts[1:], self.workers.values(), strict=True)):
                     return
                 time.sleep(0.05)
         finally:

@@ -5,6 +5,9 @@ all: there is no window where a job is on two streams, or acked on one and absen
 the next. Each script also writes a per-job marker with ``SET NX``, which makes the move
 idempotent by job id: a redelivered entry (its consumer died after the move, before it
 learned of the ack) is acked again without a second copy downstream.
+
+(redis-py types asyncio commands as ``Awaitable[T] | T``; the few ``type: ignore[misc]``
+comments on awaited commands in this project are for that.)
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ async def wait_ready(client: aioredis.Redis, url: str, timeout: float = 30.0) ->
     delay = 0.05
     while True:
         try:
-            await client.ping()
+            await client.ping()  # type: ignore[misc]
             return
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             if loop.time() + delay > deadline:

@@ -16,6 +16,8 @@ the prompt length of the benchmark the TTFT was measured at.
 
 from __future__ import annotations
 
+import itertools
+
 import msgspec
 
 
@@ -23,7 +25,7 @@ def interpolate(points: tuple[tuple[float, float], ...], x: float) -> float:
     """Piecewise-linear interpolation through ``points`` (sorted by x), extrapolating."""
     if len(points) == 1 or x <= points[0][0]:
         return points[0][1]
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
         if x <= x1:
             return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     (x0, y0), (x1, y1) = points[-2], points[-1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import msgspec
+import pytest
 import redis.asyncio as aioredis
 from faststream.redis import RedisBroker
 
@@ -162,3 +163,24 @@ async def test_result_stream_through_a_consumer_group(roles: Roles, redis_url: s
 def test_decode_result_of_done_key_roundtrip() -> None:
     raw = b'{"id":"x","status":"ok","model":"m","kind":"chat","tenant":"t"}'
     assert decode_result(raw).id == "x"
+
+
+def test_sync_helpers_submit_and_wait(roles: Roles, redis_url: str, prefix: str) -> None:
+    from broker import Job, run_job, submit_jobs
+
+    roles.policy()
+    roles.worker("gpu")
+    ids = submit_jobs([Job(id=f"sync-{i}", model="minilm-l6", kind="embedding", texts=["t"]) for i in range(3)],
+                      redis_url=redis_url, prefix=prefix)
+    assert ids == ["sync-0", "sync-1", "sync-2"]
+    result = run_job(Job(id="sync-run", model="llama-3.1-8b", kind="completion", prompt="p", max_tokens=3),
+                     redis_url=redis_url, prefix=prefix, timeout=30)
+    assert result.status == "ok" and result.usage.completion_tokens == 3
+
+
+async def test_result_timeout_is_a_clear_error(redis_url: str, prefix: str) -> None:
+    from broker.errors import ResultTimeout
+
+    async with Client(redis_url, prefix=prefix) as sdk:
+        with pytest.raises(ResultTimeout, match="never-submitted"):
+            await sdk.result("never-submitted", timeout=0.3)

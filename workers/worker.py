@@ -81,7 +81,7 @@ class PoolWorker:
             await self._drain()
             beat.cancel()
             try:
-                await self.client.hdel(self.topo.heartbeats(self.pool), self.name)
+                await self.client.hdel(self.topo.heartbeats(self.pool), self.name)  # type: ignore[misc]
             except aioredis.RedisError:
                 pass  # the entry ages out of the policy's view on its own
 
@@ -149,7 +149,7 @@ class PoolWorker:
     async def heartbeat(self) -> None:
         """Tell the policy this worker's load: jobs in flight out of its capacity."""
         beat = {"ts": self.clock(), "in_flight": len(self.tasks), "capacity": self.concurrency}
-        await self.client.hset(self.topo.heartbeats(self.pool), self.name, json_encode(beat))
+        await self.client.hset(self.topo.heartbeats(self.pool), self.name, json_encode(beat))  # type: ignore[arg-type, misc]
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
