@@ -317,44 +317,59 @@ def results(reply_to: str, follow: bool, group: str | None, consumer: str, limit
 @click.option("--seed", default=7, show_default=True, help="Workload seed (same seed, same jobs).")
 @click.option("--gpu-workers", default=2, show_default=True)
 @click.option("--accel-workers", default=1, show_default=True)
+@click.option("--no-stack", is_flag=True,
+              help="Start nothing: use the policy worker and pools already running on --redis-url (compose).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write every result to this file, one JSON per line.")
 @friendly
-def demo(n_jobs: int, rate: float, seed: int, gpu_workers: int, accel_workers: int,
+def demo(n_jobs: int, rate: float, seed: int, gpu_workers: int, accel_workers: int, no_stack: bool,
          json_out: Path | None, **opts: Any) -> None:
     """Start a stack, send a mixed workload, print latency and SLO attainment per class and pool.
 
-    Uses an embedded Redis unless --redis-url is given. Takes about a minute by default.
+    Uses an embedded Redis unless --redis-url is given. With --no-stack it starts nothing
+    and drives the roles already running there (as the compose demo service does).
+    Takes about a minute by default.
     """
     import tempfile
 
     from rich.console import Console
 
     from broker.client import Client
+    from broker.config import load_config
     from broker.demo import drive, make_workload, progress_bar, summary_table
-    from broker.stack import Stack
+    from broker.stack import Stack, wait_for_roles
+    from broker.streams import redacted
 
     settings = _settings(**opts)
+    if no_stack and not settings.redis_url:
+        raise click.UsageError("--no-stack needs --redis-url or REDIS_URL")
     console = Console()
     if not console.is_terminal:
         console = Console(width=110)  # piped: wide enough for the table, not the default 80
     workload = make_workload(n_jobs, rate, seed)
+
+    async def go(url: str) -> list[Result]:
+        async with Client(url, prefix=settings.prefix) as client:
+            with progress_bar(console) as progress:
+                return await drive(client, workload, timeout=120, progress=progress)
+
     with tempfile.TemporaryFile() as log:
-        stack = Stack(settings, workers={"gpu": gpu_workers, "accel": accel_workers}, log=log)
+        stack = None if no_stack else Stack(settings, workers={"gpu": gpu_workers, "accel": accel_workers}, log=log)
         try:
-            with console.status("starting Redis, the policy worker and the pools..."):
-                stack.start()
-                stack.wait_ready()
-            console.print(f"[green]stack ready[/] on {stack.url}: sending {n_jobs} jobs at ~{rate:g}/s "
+            if stack is None:
+                url = settings.redis_url or ""
+                pools = {pool: 1 for pool in load_config(settings.config).pools}
+                with console.status("waiting for the policy worker and the pools..."):
+                    wait_for_roles(url, settings.topology, pools, timeout=60)
+            else:
+                with console.status("starting Redis, the policy worker and the pools..."):
+                    stack.start()
+                    stack.wait_ready()
+                url = stack.url
+            console.print(f"[green]stack ready[/] on {redacted(url)}: sending {n_jobs} jobs at ~{rate:g}/s "
                           f"(seed {seed})")
-
-            async def go() -> list[Result]:
-                async with Client(stack.url, prefix=settings.prefix) as client:
-                    with progress_bar(console) as progress:
-                        return await drive(client, workload, timeout=120, progress=progress)
-
             started = time.monotonic()
-            got = asyncio.run(go())
+            got = asyncio.run(go(url))
             elapsed = time.monotonic() - started
         except BaseException:
             log.seek(0)
@@ -363,7 +378,8 @@ def demo(n_jobs: int, rate: float, seed: int, gpu_workers: int, accel_workers: i
                 console.print(f"[dim]role logs:\n{tail}[/]")
             raise
         finally:
-            stack.stop()
+            if stack is not None:
+                stack.stop()
     console.print(summary_table(got))
     ok = sum(r.status == "ok" for r in got)
     accel = sum(r.pool == "accel" for r in got)

@@ -11,15 +11,18 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+import msgspec
 import redis
 
 from broker.embedded import EmbeddedRedis
 from broker.errors import BrokerError
 from broker.settings import Settings
+from broker.topology import Topology
 
 
 class Stack:
@@ -59,23 +62,7 @@ class Stack:
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Block until every role has sent a heartbeat (raises if one exits or time runs out)."""
-        topo = self.settings.topology
-        client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + timeout
-        try:
-            while time.monotonic() < deadline:
-                self.check_alive()
-                pipe = client.pipeline()
-                pipe.hlen(topo.policy_heartbeats)
-                for pool in self.workers:
-                    pipe.hlen(topo.heartbeats(pool))
-                counts = pipe.execute()
-                if counts[0] >= 1 and all(c >= n for c, n in zip(counts[1:], self.workers.values(), strict=True)):
-                    return
-                time.sleep(0.05)
-        finally:
-            client.close()
-        raise BrokerError(f"the stack did not become ready within {timeout} s")
+        wait_for_roles(self.url, self.settings.topology, self.workers, timeout=timeout, check=self.check_alive)
 
     def check_alive(self) -> None:
         """Raise if a role process has exited."""
@@ -106,6 +93,38 @@ class Stack:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def wait_for_roles(url: str, topo: Topology, workers: dict[str, int], *, timeout: float = 30.0,
+                   max_age: float = 5.0, check: Callable[[], None] | None = None) -> None:
+    """Block until a policy worker and ``workers[pool]`` workers of each pool send fresh heartbeats.
+
+    Only heartbeats younger than ``max_age`` count: a killed role leaves its entry behind.
+    ``check`` runs on every poll and may raise (e.g. when a role process exited).
+    """
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + timeout
+    keys = [topo.policy_heartbeats, *(topo.heartbeats(pool) for pool in workers)]
+    wanted = [1, *workers.values()]
+    try:
+        while True:
+            if check is not None:
+                check()
+            now = time.time()
+            pipe = client.pipeline()
+            for key in keys:
+                pipe.hvals(key)
+            fresh = [sum(now - msgspec.json.decode(v)["ts"] < max_age for v in vals) for vals in pipe.execute()]
+            if all(have >= want for have, want in zip(fresh, wanted, strict=True)):
+                return
+            if time.monotonic() > deadline:
+                missing = [k.rsplit(":", 1)[-1] for k, have, want in zip(keys, fresh, wanted, strict=True)
+                           if have < want]
+                raise BrokerError(f"roles not ready after {timeout:.0f} s: no fresh heartbeat from "
+                                  f"{', '.join(missing)}. Are the policy worker and the pools running?")
+            time.sleep(0.05)
+    finally:
+        client.close()
 
 
 def state_file() -> Path:

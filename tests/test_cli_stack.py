@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, Roles
 
 CLI = [sys.executable, "-m", "broker"]
 
@@ -94,3 +94,21 @@ def test_demo_runs_to_the_end_on_an_embedded_redis(cli_env: dict[str, str]) -> N
         assert column in out
     assert "60 jobs in" in out and "60 ok, 0 not ok" in out
     assert "interactive" in out and "accel" in out
+
+
+def test_demo_no_stack_drives_roles_already_running(roles: Roles, redis_url: str, prefix: str,
+                                                    cli_env: dict[str, str]) -> None:
+    roles.policy()
+    roles.worker("gpu")
+    roles.worker("accel")
+    done = run_cli("demo", "--no-stack", "--redis-url", redis_url, "--prefix", prefix, "--jobs", "30",
+                   "--rate", "60", env=cli_env, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "30 ok, 0 not ok" in done.stdout
+    # It started no roles of its own: only ours ever sent heartbeats.
+    assert [p.poll() for p in roles.procs] == [None, None, None]
+
+
+def test_demo_no_stack_needs_a_url(cli_env: dict[str, str]) -> None:
+    done = run_cli("demo", "--no-stack", env=cli_env)
+    assert done.returncode == 2 and "--no-stack needs --redis-url" in done.stderr

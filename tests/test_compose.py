@@ -1,0 +1,254 @@
+"""compose.yaml, the Dockerfile and .dockerignore agree with each other and with the real CLI.
+
+No Docker engine is needed: every command a container would run (its ``command`` and its
+health check) is parsed by the click CLI itself, so a renamed subcommand or option fails here
+rather than in a crash-looping container. ``config -q`` runs only where a compose binary is
+installed (it needs no engine).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import shlex
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import click
+import pytest
+import yaml
+
+from broker.cli import main
+from broker.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "compose.yaml"
+COMPOSE: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text())
+SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+SCRIPT = next(iter(PYPROJECT["project"]["scripts"]))  # "inference-broker"
+
+ROLES = ("policy", "worker-gpu", "worker-accel")
+BROKER_SERVICES = sorted(name for name, svc in SERVICES.items()
+                         if "build" in svc or str(svc.get("image", "")).startswith(SCRIPT))
+
+
+def parse(args: list[str]) -> click.Context:
+    """Parse ``inference-broker ARGS`` the way the CLI would, without running anything.
+
+    Raises click.UsageError for an unknown command or option, a missing required option or
+    a bad value.
+    """
+    ctx = main.make_context(SCRIPT, list(args))
+    assert args and not args[0].startswith("-"), f"expected a subcommand first: {args}"
+    name, cmd, rest = main.resolve_command(ctx, list(args))
+    assert cmd is not None, name
+    return cmd.make_context(name or "", list(rest), parent=ctx)
+
+
+def seconds(duration: str) -> float:
+    """A compose duration ("40s", "1m30s", "1h") in seconds."""
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?", duration)
+    assert parts and duration, f"not a duration: {duration!r}"
+    h, m, s, ms = (int(x or 0) for x in parts.groups())
+    return h * 3600 + m * 60 + s + ms / 1000
+
+
+def environment(svc: dict[str, Any]) -> dict[str, str]:
+    env = svc.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+# --- the stack's shape -------------------------------------------------------------------
+
+
+def test_required_services_exist() -> None:
+    assert "version" not in COMPOSE, "the Compose spec has no `version:` key"
+    assert {"redis", "policy", "worker-gpu", "worker-accel", "demo"} <= SERVICES.keys()
+    assert set(BROKER_SERVICES) >= {*ROLES, "demo"}
+
+
+def test_redis_is_durable_and_never_evicts() -> None:
+    redis = SERVICES["redis"]
+    assert str(redis["image"]).split(":")[1].startswith("7")
+    cmd = redis["command"]
+    flags = dict(zip(cmd[1::2], cmd[2::2]))
+    assert cmd[0] == "redis-server"
+    assert flags["--appendonly"] == "yes"
+    assert flags["--appendfsync"] == "everysec"
+    assert flags["--maxmemory-policy"] == "noeviction"  # other policies can evict whole streams
+    assert flags["--save"] == ""  # no RDB snapshots; the AOF is the persistence
+    # The AOF must live on a volume, or it dies with the container.
+    assert any(str(v).split(":")[1] == "/data" for v in redis["volumes"])
+    named = {str(v).split(":")[0] for v in redis["volumes"]}
+    assert named <= set(COMPOSE.get("volumes") or {})
+    assert "redis-cli ping" in " ".join(redis["healthcheck"]["test"])
+
+
+def test_gpu_pool_has_two_replicas() -> None:
+    assert SERVICES["worker-gpu"]["deploy"]["replicas"] == 2
+
+
+def test_every_service_but_redis_and_demo_has_a_healthcheck() -> None:
+    missing = [name for name, svc in SERVICES.items()
+               if name not in ("redis", "demo") and not svc.get("healthcheck", {}).get("test")]
+    assert not missing, f"services without a healthcheck: {missing}"
+
+
+def test_broker_services_share_one_built_image() -> None:
+    images = {SERVICES[name].get("image") for name in BROKER_SERVICES}
+    assert len(images) == 1 and None not in images, images
+    assert all("build" in SERVICES[name] for name in BROKER_SERVICES)
+
+
+def test_broker_services_are_configured_by_environment() -> None:
+    redis_services = {name for name, svc in SERVICES.items() if str(svc.get("image", "")).startswith("redis:")}
+    for name in BROKER_SERVICES:
+        env = environment(SERVICES[name])
+        url = urlsplit(env["REDIS_URL"])
+        assert url.scheme == "redis" and url.hostname in redis_services and url.port == 6379, (name, url)
+        assert "IB_PREFIX" in env and "IB_CONFIG" in env, name
+
+
+def test_broker_services_wait_for_a_healthy_redis() -> None:
+    for name in BROKER_SERVICES:
+        depends = SERVICES[name]["depends_on"]
+        assert depends["redis"]["condition"] == "service_healthy", name
+
+
+def test_roles_restart_and_the_demo_does_not() -> None:
+    for name in ROLES:
+        assert SERVICES[name]["restart"] == "unless-stopped", name
+    assert SERVICES["demo"].get("restart", "no") == "no"
+    # The producer starts only once every role answers its health check.
+    assert {k: v["condition"] for k, v in SERVICES["demo"]["depends_on"].items()} == {
+        name: "service_healthy" for name in ("redis", *ROLES)}
+
+
+@pytest.mark.parametrize("name", ["worker-gpu", "worker-accel"])
+def test_workers_get_longer_to_stop_than_their_drain(name: str) -> None:
+    svc = SERVICES[name]
+    grace = float(environment(svc).get("IB_GRACE_S", 30.0))  # 30 s: the CLI's default
+    default = parse(["worker", "--pool", "x"]).command.params
+    assert next(p.default for p in default if p.name == "grace") == 30.0
+    # Docker's default is 10 s: shorter than the drain, so running jobs would be SIGKILLed.
+    assert seconds(str(svc["stop_grace_period"])) > grace
+
+
+# --- every command a container runs parses against the real CLI --------------------------
+
+
+@pytest.mark.parametrize("name", BROKER_SERVICES)
+def test_service_command_parses(name: str) -> None:
+    command = SERVICES[name]["command"]
+    assert isinstance(command, list), f"{name}: use the list form of `command`"
+    ctx = parse(command)
+    if ctx.info_name == "worker":
+        assert ctx.params["pool"] in load_config().pools, f"{name}: unknown pool"
+        assert name == f"worker-{ctx.params['pool']}", "service name and pool disagree"
+    if name == "demo":
+        assert ctx.params["no_stack"], "the demo must not start roles of its own"
+
+
+@pytest.mark.parametrize("name", ROLES)
+def test_healthcheck_parses_and_checks_its_own_role(name: str) -> None:
+    test = SERVICES[name]["healthcheck"]["test"]
+    assert test[:2] == ["CMD", SCRIPT], f"{name}: expected [CMD, {SCRIPT}, ...], got {test}"
+    check = parse(test[2:])
+    assert check.info_name == "health"
+    role = parse(SERVICES[name]["command"])
+    if role.info_name == "policy":
+        assert check.params["role_policy"] and check.params["pool"] is None
+    else:
+        assert role.info_name == "worker"
+        assert check.params["pool"] == role.params["pool"] and not check.params["role_policy"]
+
+
+def test_parse_rejects_what_the_cli_does_not_know() -> None:
+    # The helper above must be able to fail, or the command tests prove nothing.
+    for bad in (["wroker", "--pool", "gpu"], ["worker", "--pool", "gpu", "--bogus"],
+                ["worker"], ["health", "--policy", "--max-age", "soon"]):
+        with pytest.raises(click.UsageError):
+            parse(bad)
+
+
+# --- the image -----------------------------------------------------------------------------
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    lines = [line.strip() for line in text.splitlines()]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1])
+            for line in lines if line and not line.startswith("#")]
+
+
+def _ignored(path: str, patterns: list[str]) -> bool:
+    """Docker's .dockerignore rule, simplified: the last pattern matching the path or a parent wins."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").strip("/")
+        candidates = {pattern, pattern.removeprefix("**/")}
+        if any(fnmatch.fnmatchcase(p, c) for p in prefixes for c in candidates):
+            ignored = not negate
+    return ignored
+
+
+def test_dockerfile_installs_the_package_as_non_root() -> None:
+    steps = _dockerfile()
+    assert steps[0] == ("FROM", "python:3.11-slim")
+    users = [arg for op, arg in steps if op == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    entry = [arg for op, arg in steps if op == "ENTRYPOINT"]
+    assert entry and yaml.safe_load(entry[-1]) == [SCRIPT]
+    assert any(op == "RUN" and "pip install" in arg for op, arg in steps)
+
+
+def test_build_context_holds_everything_the_package_needs() -> None:
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    copied = {Path(src).name for op, arg in _dockerfile() if op == "COPY"
+              for src in shlex.split(arg)[:-1] if not src.startswith("--")}
+    project = PYPROJECT["project"]
+    packages = {p.rstrip("*") for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]}
+    needed = {"pyproject.toml", project["readme"], *packages}
+    assert needed <= copied, f"the Dockerfile does not copy {needed - copied}"
+    for top in sorted(needed):
+        files = [top] if (ROOT / top).is_file() else [
+            str(f.relative_to(ROOT)) for f in (ROOT / top).rglob("*")
+            if f.is_file() and "__pycache__" not in f.parts]
+        assert files, top
+        excluded = [f for f in files if _ignored(f, patterns)]
+        assert not excluded, f".dockerignore leaves out {excluded}"
+    assert _ignored(".venv/bin/python", patterns) and _ignored(".git/HEAD", patterns)
+
+
+# --- the file as Compose reads it ------------------------------------------------------------
+
+
+def _compose_cli() -> list[str] | None:
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=20)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+def test_compose_config_is_valid() -> None:
+    cli = _compose_cli()
+    if cli is None:
+        pytest.skip("no `docker compose` plugin or `docker-compose` binary on PATH "
+                    "(`config` needs no engine; e.g. apt-get install --no-install-recommends docker-compose)")
+    done = subprocess.run([*cli, "-f", str(COMPOSE_FILE), "config", "-q"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, f"{' '.join(cli)} config -q:\n{done.stdout}{done.stderr}"
