@@ -78,7 +78,7 @@ def test_redis_is_durable_and_never_evicts() -> None:
     redis = SERVICES["redis"]
     assert str(redis["image"]).split(":")[1].startswith("7")
     cmd = redis["command"]
-    flags = dict(zip(cmd[1::2], cmd[2::2]))
+    flags = dict(zip(cmd[1::2], cmd[2::2], strict=False))
     assert cmd[0] == "redis-server"
     assert flags["--appendonly"] == "yes"
     assert flags["--appendfsync"] == "everysec"
