@@ -193,7 +193,7 @@ def submit(model: str, prompt: str | None, kind: str, max_tokens: int, slo: str 
            job_file: Any, timeout: float, no_wait: bool, as_json: bool, **opts: Any) -> None:
     """Submit one job, wait for its result and print it with its timings."""
     from broker.client import Client
-    from broker.wire import decode_job
+    from broker.wire import InvalidJob, decode_job
 
     settings = _need_url(_settings(**opts))
     if job_file is not None:
@@ -202,8 +202,13 @@ def submit(model: str, prompt: str | None, kind: str, max_tokens: int, slo: str 
             data = json.loads(raw)
         except ValueError as exc:
             raise click.BadParameter(f"not JSON: {exc}", param_hint="--job") from None
+        if not isinstance(data, dict):
+            raise click.BadParameter("a job is a JSON object", param_hint="--job")
         data.setdefault("id", new_id())
-        job = decode_job(json.dumps(data).encode())
+        try:
+            job = decode_job(json.dumps(data).encode())
+        except InvalidJob as exc:
+            raise click.BadParameter(str(exc), param_hint="--job") from None
     elif prompt is None:
         raise click.UsageError("give --prompt TEXT or --job FILE")
     else:
@@ -263,7 +268,10 @@ def results(reply_to: str, follow: bool, group: str | None, consumer: str, limit
     from broker.streams import connect, ensure_group
 
     settings = _need_url(_settings(**opts))
-    stream = settings.topology.reply(reply_to)
+    try:
+        stream = settings.topology.reply(reply_to)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--reply-to") from None
 
     def line(r: Result) -> str:
         if as_json:

@@ -36,6 +36,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     grace_s: float = 30.0
     """How long a stopping worker lets running jobs finish [IB_GRACE_S]."""
 
+    def __post_init__(self) -> None:
+        Topology(self.prefix)  # raises ValueError for an invalid prefix, before anything runs
+
     @property
     def topology(self) -> Topology:
         return Topology(self.prefix)

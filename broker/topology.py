@@ -17,7 +17,7 @@ POLICY_GROUP = "policy"
 WORKER_GROUP = "workers"
 """Consumer group of a pool's workers on its pool stream."""
 RESERVED = frozenset({"jobs", "dead", "pool", "done", "routed", "hb"})
-_PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+_PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 
 
 class Topology(msgspec.Struct, frozen=True):
@@ -26,7 +26,7 @@ class Topology(msgspec.Struct, frozen=True):
     prefix: str = "ib"
 
     def __post_init__(self) -> None:
-        if not _PREFIX.match(self.prefix):
+        if not _PREFIX.fullmatch(self.prefix):
             raise ValueError(f"prefix {self.prefix!r} must be 1-32 characters of A-Z a-z 0-9 _ . -")
 
     @property

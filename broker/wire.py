@@ -30,8 +30,11 @@ VERSION = 1
 Kind = Literal["chat", "completion", "embedding"]
 Status = Literal["ok", "failed", "expired", "rejected"]
 
-JobId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/+=-]+$")]
-StreamName = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+# Patterns end in \Z, not $: `$` also matches before a trailing newline.
+JobId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/+=-]+\Z")]
+StreamName = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+\Z")]
+Timestamp = Annotated[float, msgspec.Meta(ge=0, le=1e11)]
+"""Seconds since the epoch; the bounds also reject NaN and infinity."""
 Model = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Tenant = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 MaxTokens = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
@@ -63,11 +66,11 @@ class Job(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Maximum output tokens (ignored for embeddings)."""
     slo: str | None = None
     """SLO class hint (``interactive``, ``standard``, ``batch``, ...); rules decide if unset."""
-    deadline: float | None = None
+    deadline: Timestamp | None = None
     """Absolute time after which the job must not start."""
     reply_to: StreamName = "results"
     """Name of the result stream (not the full key): results go to ``<p>:{<p>}:<reply_to>``."""
-    created_at: float | None = None
+    created_at: Timestamp | None = None
     """Submission time; when absent the broker takes it from the stream entry id."""
     metadata: dict[str, str] = {}
     v: int = VERSION
@@ -260,6 +263,8 @@ def decode_job(data: bytes) -> Job:
         raise InvalidJob("invalid_job", str(exc)) from None
     except msgspec.DecodeError as exc:
         raise InvalidJob("decode_error", f"not a JSON or msgpack job: {exc}") from None
+    except RecursionError:
+        raise InvalidJob("decode_error", "not a job: nested too deeply") from None
     _check_input(job)
     return job
 

@@ -115,6 +115,16 @@ def config_from_dict(data: dict[str, Any]) -> PolicyConfig:
 
     Errors name the offending path, e.g. ``Expected `float`, got `str` - at `$.classes.interactive.ttft_ms```.
     """
+    # Entries of the name-keyed tables first, so an error names the class or pool
+    # (msgspec itself reports dict values as `$.classes[...]`).
+    for section, kind in (("classes", SLOClass), ("pools", PoolSpec)):
+        entries = data.get(section)
+        if isinstance(entries, dict):
+            for name, value in entries.items():
+                try:
+                    msgspec.convert(value, kind)
+                except msgspec.ValidationError as exc:
+                    raise ConfigError(str(exc).replace("`$", f"`$.{section}.{name}")) from None
     try:
         cfg = msgspec.convert(data, PolicyConfig)
     except msgspec.ValidationError as exc:

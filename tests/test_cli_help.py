@@ -1,0 +1,224 @@
+"""The CLI's surface: help for every command, `config`, and the errors given before any I/O.
+
+Nothing here talks to Redis: every invocation either stops at --help, prints the built-in
+config, or fails on its arguments before connecting.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+
+from broker.cli import main
+from broker.config import default_config_text
+from policies.config import config_from_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMANDS = sorted(main.commands)
+# A URL nothing listens on: the commands below must fail before they would use it.
+NOWHERE = "redis://127.0.0.1:1/0"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No REDIS_URL etc. from the developer's shell, no `up` state file, no logging setup."""
+    for var in ("REDIS_URL", "IB_PREFIX", "IB_CONFIG", "IB_GRACE_S"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "runtime"))
+    # The commands call logging.basicConfig on the runner's captured stderr; keep that out of
+    # the test process's root logger.
+    monkeypatch.setattr(logging, "basicConfig", lambda **_: None)
+
+
+def invoke(*args: str, input: str | None = None) -> Result:
+    return CliRunner().invoke(main, list(args), input=input, prog_name="inference-broker")
+
+
+def option_names(cmd: click.Command) -> list[str]:
+    """Every visible option flag (``--help`` included) and argument name of ``cmd``."""
+    ctx = click.Context(cmd, info_name=cmd.name)
+    names: list[str] = []
+    for param in cmd.get_params(ctx):
+        if isinstance(param, click.Option):
+            if not param.hidden:
+                names += [*param.opts, *param.secondary_opts]
+        else:
+            names.append(param.human_readable_name)  # JOB_ID, PATH
+    return names
+
+
+def test_there_are_commands() -> None:
+    assert {"up", "submit", "worker", "policy", "config"} <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_group_help(flag: str) -> None:
+    res = invoke(flag)
+    assert res.exit_code == 0, res.output
+    assert "Usage: inference-broker" in res.output
+    for name in COMMANDS:
+        assert name in res.output
+    for opt in option_names(main):
+        assert opt in res.output, opt
+
+
+def test_no_arguments_shows_usage() -> None:
+    res = invoke()
+    assert "Usage: inference-broker" in res.output
+    assert res.exit_code in (0, 2)
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_command_has_help(name: str) -> None:
+    cmd = main.commands[name]
+    res = invoke(name, "--help")
+    assert res.exit_code == 0, res.output
+    assert res.exception is None
+    assert f"Usage: inference-broker {name}" in res.output
+    assert cmd.help and cmd.help.split("\n")[0].strip()[:30] in res.output
+    for opt in option_names(cmd):
+        assert opt in res.output, f"{name}: {opt} missing from --help"
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_command_accepts_short_help(name: str) -> None:
+    res = invoke(name, "-h")
+    assert res.exit_code == 0, res.output
+    assert f"Usage: inference-broker {name}" in res.output
+
+
+def test_version() -> None:
+    res = invoke("--version")
+    assert res.exit_code == 0
+    assert "version" in res.output
+
+
+def test_python_dash_m_broker_help() -> None:
+    proc = subprocess.run([sys.executable, "-m", "broker", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "submit" in proc.stdout
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_prints_the_builtin_toml() -> None:
+    res = invoke("config")
+    assert res.exit_code == 0, res.output
+    assert res.stdout == default_config_text()
+    cfg = config_from_dict(tomllib.loads(res.stdout))
+    assert "gpu" in cfg.pools and "interactive" in cfg.classes
+
+
+def test_config_checks_a_good_file(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(invoke("config").stdout)
+    res = invoke("config", str(path))
+    assert res.exit_code == 0, res.output
+    assert f"{path}: ok" in res.output
+    assert "3 classes" in res.output and "gpu" in res.output and "accel" in res.output
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ('[classes.standard]\nttft_ms = "fast"\n[pools.gpu]\nmodels = ["llama-3.1-8b"]\n', "ttft_ms"),
+    ('[classes.standard]\nttft_ms = 1\n[pools.gpu]\nmodels = ["llama-3.1-8b"]\nprofile = "tpu"\n', "'tpu'"),
+    ('[classes.standard]\nttft_ms = 1\n[pools.cpu]\nmodels = ["llama-3.1-8b"]\n', "default_pool 'gpu'"),
+    ("[classes.standard\n", "line 1"),
+])
+def test_config_bad_file_exits_nonzero_naming_file_and_problem(tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "bad-policy.toml"
+    path.write_text(text)
+    res = invoke("config", str(path))
+    assert res.exit_code != 0
+    assert isinstance(res.exception, SystemExit)  # a clean error, not a traceback
+    assert str(path) in res.output
+    assert problem in res.output
+
+
+def test_config_missing_file_is_a_usage_error(tmp_path: Path) -> None:
+    res = invoke("config", str(tmp_path / "absent.toml"))
+    assert res.exit_code == 2
+    assert "absent.toml" in res.output
+
+
+# --------------------------------------------------------------------------- errors before I/O
+
+
+@pytest.mark.parametrize("args", [
+    ["submit", "-p", "hello"],
+    ["policy"],
+    ["worker", "--pool", "gpu"],
+    ["result", "some-job"],
+    ["results"],
+    ["health"],
+], ids=lambda a: a[0])
+def test_commands_without_redis_point_at_up(args: list[str]) -> None:
+    res = invoke(*args)
+    assert res.exit_code == 2, res.output
+    assert "no Redis configured" in res.output
+    assert "inference-broker up" in res.output
+    assert "--redis-url" in res.output
+
+
+def test_a_running_up_is_found_through_its_state_file(tmp_path: Path) -> None:
+    """With the state file present the URL error goes away (and the next check, --prompt, fails)."""
+    state = tmp_path / "runtime" / "inference-broker" / "up.url"
+    state.parent.mkdir(parents=True)
+    state.write_text(NOWHERE + "\n")
+    res = invoke("submit")
+    assert res.exit_code == 2
+    assert "no Redis configured" not in res.output
+    assert "give --prompt TEXT or --job FILE" in res.output
+
+
+def test_submit_needs_a_prompt_or_a_job() -> None:
+    res = invoke("submit", "--redis-url", NOWHERE)
+    assert res.exit_code == 2
+    assert "--prompt" in res.output and "--job" in res.output
+
+
+def test_submit_job_file_must_be_json() -> None:
+    res = invoke("submit", "--redis-url", NOWHERE, "--job", "-", input="not json")
+    assert res.exit_code == 2
+    assert "--job" in res.output and "not JSON" in res.output
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["submit", "--kind", "image", "-p", "x"], "--kind"),
+    (["submit", "--max-tokens", "-1", "-p", "x"], "--max-tokens"),
+    (["worker"], "--pool"),
+    (["worker", "--pool", "gpu", "--concurrency", "0"], "--concurrency"),
+    (["demo", "--jobs", "0"], "--jobs"),
+    (["up", "--log-level", "LOUD"], "--log-level"),
+    (["result"], "JOB_ID"),
+])
+def test_bad_arguments_are_usage_errors(args: list[str], message: str) -> None:
+    res = invoke(*args)
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+
+
+def test_submit_invalid_job_file_is_a_clean_error() -> None:
+    res = invoke("submit", "--redis-url", NOWHERE, "--job", "-", input='{"model": "m", "kind": "chat"}')
+    assert isinstance(res.exception, SystemExit) and res.exit_code != 0
+    assert "$.messages" in res.output
+
+
+def test_invalid_prefix_is_a_clean_error() -> None:
+    res = invoke("results", "--redis-url", NOWHERE, "--prefix", "bad prefix")
+    assert isinstance(res.exception, SystemExit) and res.exit_code != 0
+    assert "prefix" in res.output
+
+
+def test_reserved_reply_to_is_a_clean_error() -> None:
+    res = invoke("results", "--redis-url", NOWHERE, "--reply-to", "jobs")
+    assert isinstance(res.exception, SystemExit) and res.exit_code != 0
+    assert "reserved" in res.output
