@@ -394,7 +394,7 @@ def demo(n_jobs: int, rate: float, seed: int, gpu_workers: int, accel_workers: i
     met = [r.slo_met for r in got if r.slo_met is not None]
     console.print(f"{len(got)} jobs in {elapsed:.1f} s: {ok} ok, {len(got) - ok} not ok; "
                   f"{100 * accel / len(got):.0f}% on the accelerator; "
-                  f"SLO met for {100 * sum(met) / max(1, len(met)):.0f}%")
+                  f"SLO met for {100 * sum(met) / max(1, len(met)):.1f}%")
     if json_out:
         json_out.write_bytes(b"".join(msgspec.json.encode(r) + b"\n" for r in got))
         console.print(f"results written to {json_out}")

@@ -62,3 +62,32 @@ async def test_500_mixed_jobs_each_get_exactly_one_result(roles: Roles, redis_ur
             assert r.embeddings is not None and len(r.embeddings) == len(job.texts or [])
     assert any(r.pool == "accel" for r in results)
     assert roles.stop_all() == [0, 0, 0, 0]  # every role exits cleanly on SIGTERM
+
+
+async def test_sigterm_lets_the_running_job_finish(roles: Roles, redis_url: str, prefix: str) -> None:
+    import signal
+
+    from broker.wire import Job
+
+    roles.policy()
+    worker = roles.worker("gpu")
+    # ~2 s on the simulated 70B model: long enough to be mid-job when the signal lands.
+    job = Job(id="long", model="llama-3.3-70b", kind="completion", prompt="p", max_tokens=100)
+    async with Client(redis_url, prefix=prefix) as sdk:
+        await sdk.submit(job)
+        topo = Topology(prefix)
+
+        async def running() -> bool:
+            try:
+                groups = await sdk.redis.xinfo_groups(topo.pool("gpu"))
+            except aioredis.ResponseError:  # the pool stream does not exist yet
+                return False
+            return bool(groups) and groups[0]["pending"] == 1
+
+        from tests.helpers import eventually
+
+        await eventually(running, what="the worker to take the job")
+        worker.send_signal(signal.SIGTERM)
+        result = await sdk.result(job.id, timeout=20)
+    assert result.status == "ok" and result.usage.completion_tokens == 100
+    assert worker.wait(timeout=10) == 0
