@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -88,30 +89,63 @@ def main() -> None:
     """
 
 
+def workers_option(f: F) -> F:
+    return click.option(
+        "--workers", "worker_counts", metavar="POOL=N", multiple=True,
+        help="Worker processes for a pool; repeat per pool. Default: 2 for the default pool, 1 for others.")(f)
+
+
+def _pool_workers(settings: Settings, counts: tuple[str, ...]) -> dict[str, int]:
+    """Worker processes per configured pool, from ``--workers POOL=N`` over the defaults."""
+    from broker.config import load_config
+
+    config = load_config(settings.config)
+    workers = {pool: 2 if pool == config.default_pool else 1 for pool in config.pools}
+    for item in counts:
+        pool, _, n = item.partition("=")
+        if pool not in workers or not n.isdigit():
+            raise click.BadParameter(f"{item!r}: expected POOL=N with POOL one of {', '.join(workers)}",
+                                     param_hint="--workers")
+        workers[pool] = int(n)
+    return workers
+
+
+def _sigterm_is_interrupt() -> None:
+    """Treat SIGTERM like Ctrl-C, so `kill` stops the stack as cleanly as Ctrl-C does."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 @main.command(epilog=EPILOG)
 @common
-@click.option("--gpu-workers", default=2, show_default=True, help="Worker processes for pool 'gpu'.")
-@click.option("--accel-workers", default=1, show_default=True, help="Worker processes for pool 'accel'.")
+@workers_option
 @friendly
-def up(gpu_workers: int, accel_workers: int, **opts: Any) -> None:
+def up(worker_counts: tuple[str, ...], **opts: Any) -> None:
     """Run the policy worker and both pools as processes until Ctrl-C.
 
     Without --redis-url an embedded redis-server is started (AOF on) and stopped at exit.
     Other commands in other terminals find it without flags.
     """
     from broker.stack import Stack
+    from broker.streams import redacted
 
     settings = _settings(**opts)
-    stack = Stack(settings, workers={"gpu": gpu_workers, "accel": accel_workers})
+    workers = _pool_workers(settings, worker_counts)
+    stack = Stack(settings, workers=workers)
     state = state_file()
+    _sigterm_is_interrupt()
     try:
         stack.start()
         if not settings.redis_url:
             state.parent.mkdir(parents=True, exist_ok=True)
             state.write_text(stack.url)
         stack.wait_ready()
-        click.secho(f"stack up on {stack.url} (prefix {settings.prefix!r}): policy, "
-                    f"{gpu_workers} gpu worker(s), {accel_workers} accel worker(s)", fg="green", err=True)
+        pools = ", ".join(f"{n} {pool} worker(s)" for pool, n in workers.items())
+        click.secho(f"stack up on {redacted(stack.url)} (prefix {settings.prefix!r}): policy, {pools}",
+                    fg="green", err=True)
         click.echo("  try:  inference-broker submit --prompt 'Hello'    (Ctrl-C stops the stack)", err=True)
         while True:
             stack.check_alive()
@@ -291,11 +325,13 @@ def results(reply_to: str, follow: bool, group: str | None, consumer: str, limit
                 await ensure_group(client, stream, group)
                 last = ">"
             while limit is None or count < limit:
+                # Read no more than we will print: a group's entries are acked as they are printed.
+                count_now = 100 if limit is None else min(100, limit - count)
                 if group:
-                    reply = await client.xreadgroup(group, consumer, {stream: ">"}, count=100,
+                    reply = await client.xreadgroup(group, consumer, {stream: ">"}, count=count_now,
                                                     block=settings.block_ms if follow else None)
                 else:
-                    reply = await client.xread({stream: last}, count=100,
+                    reply = await client.xread({stream: last}, count=count_now,
                                                block=settings.block_ms if follow else None)
                 entries = reply[0][1] if reply else []
                 if not entries and not follow:
@@ -323,14 +359,13 @@ def results(reply_to: str, follow: bool, group: str | None, consumer: str, limit
 @click.option("--rate", type=click.FloatRange(min=0.1), default=25.0, show_default=True,
               help="Mean arrivals per second (Poisson).")
 @click.option("--seed", default=7, show_default=True, help="Workload seed (same seed, same jobs).")
-@click.option("--gpu-workers", default=2, show_default=True)
-@click.option("--accel-workers", default=1, show_default=True)
+@workers_option
 @click.option("--no-stack", is_flag=True,
               help="Start nothing: use the policy worker and pools already running on --redis-url (compose).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write every result to this file, one JSON per line.")
 @friendly
-def demo(n_jobs: int, rate: float, seed: int, gpu_workers: int, accel_workers: int, no_stack: bool,
+def demo(n_jobs: int, rate: float, seed: int, worker_counts: tuple[str, ...], no_stack: bool,
          json_out: Path | None, **opts: Any) -> None:
     """Start a stack, send a mixed workload, print latency and SLO attainment per class and pool.
 
@@ -362,7 +397,8 @@ def demo(n_jobs: int, rate: float, seed: int, gpu_workers: int, accel_workers: i
                 return await drive(client, workload, timeout=120, progress=progress)
 
     with tempfile.TemporaryFile() as log:
-        stack = None if no_stack else Stack(settings, workers={"gpu": gpu_workers, "accel": accel_workers}, log=log)
+        stack = None if no_stack else Stack(settings, workers=_pool_workers(settings, worker_counts), log=log)
+        _sigterm_is_interrupt()
         try:
             if stack is None:
                 url = settings.redis_url or ""

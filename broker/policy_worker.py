@@ -17,7 +17,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from broker.settings import Settings
-from broker.streams import Entry, Scripts, consumer_name, ensure_group, pipeline
+from broker.streams import RETRYABLE, Backoff, Entry, Scripts, consumer_name, ensure_group, is_group_lost, pipeline
 from broker.topology import POLICY_GROUP, RESERVED, WORKER_GROUP
 from broker.wire import (
     DeadLetter,
@@ -90,17 +90,29 @@ class PolicyWorker:
         try:
             # First our own pending entries (a restart under the same name), then new ones.
             last_id = "0"
+            backoff = Backoff()
             while not stop.is_set():
-                reply = await self.client.xreadgroup(
-                    POLICY_GROUP, self.name, {self.topo.jobs: last_id},
-                    count=self.settings.batch, block=None if last_id == "0" else self.settings.block_ms,
-                )
-                entries: list[Entry] = reply[0][1] if reply else []
-                if last_id == "0" and not entries:
-                    last_id = ">"
-                    continue
-                if entries:
-                    await self.handle(entries)
+                try:
+                    reply = await self.client.xreadgroup(
+                        POLICY_GROUP, self.name, {self.topo.jobs: last_id},
+                        count=self.settings.batch, block=None if last_id == "0" else self.settings.block_ms,
+                    )
+                    entries: list[Entry] = reply[0][1] if reply else []
+                    if last_id == "0" and not entries:
+                        last_id = ">"
+                        continue
+                    if entries:
+                        await self.handle(entries)
+                    backoff.reset()
+                except aioredis.ResponseError as exc:
+                    if not is_group_lost(exc):
+                        raise
+                    log.error("the ingress stream or its group is gone (Redis restarted empty, or the key "
+                              "was deleted): jobs not yet routed may be lost; recreating groups at 0")
+                    await self.setup()
+                except RETRYABLE as exc:
+                    log.warning("Redis unreachable (%s); retrying", exc)
+                    await backoff.wait()
         finally:
             refresher.cancel()
             try:
@@ -142,7 +154,8 @@ class PolicyWorker:
             ttft_target_ms=target.ttft_ms, tpot_target_ms=target.tpot_ms, e2e_target_ms=target.e2e_ms,
             predicted_ttft_ms=decision.predicted_ttft_ms, policy=self.name))
         self.scripts.queue(
-            pipe, "route", [self.topo.jobs, self.topo.pool(decision.pool), self.topo.routed(job.id)],
+            pipe, "route",
+            [self.topo.jobs, self.topo.pool(decision.pool), self.topo.routed(job.id), self.topo.done(job.id)],
             [POLICY_GROUP, entry_id, json_encode(routed), self.settings.result_ttl_s * 1000])
         self._count_routed(decision.pool)
 

@@ -66,6 +66,9 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, pool: str, *,
         raise SystemExit(f"error: pool {pool!r} is not configured; configured pools: {', '.join(config.pools)}")
     spec = config.pools[pool]
     backend = SimulatedBackend(spec.profile)
+    cap = backend.profile.max_concurrency
+    if concurrency is not None and cap is not None and concurrency > cap:
+        raise SystemExit(f"error: --concurrency {concurrency} exceeds the {spec.profile!r} device cap of {cap}")
     client = connect(settings.redis_url, settings.block_ms)
     try:
         await wait_ready(client, settings.redis_url)

@@ -70,8 +70,9 @@ class Stack:
             if proc.poll() is not None:
                 raise BrokerError(f"{label} exited with status {proc.returncode}")
 
-    def stop(self, grace: float = 15.0) -> None:
-        """SIGTERM every role, wait for them to drain, then stop Redis."""
+    def stop(self, grace: float | None = None) -> None:
+        """SIGTERM every role, wait for them to drain (the workers' grace + 5 s), then stop Redis."""
+        grace = self.settings.grace_s + 5 if grace is None else grace
         for _label, proc in self.processes:
             if proc.poll() is None:
                 proc.terminate()

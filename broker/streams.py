@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import random
 import socket
 import uuid
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -32,8 +33,13 @@ from broker.errors import RedisUnavailable
 Entry = tuple[bytes, dict[bytes, bytes]]
 """A stream entry as redis-py returns it: (id, fields)."""
 
-# KEYS: ingress stream, pool stream, routed marker.  ARGV: group, entry id, payload, ttl ms.
+# KEYS: ingress stream, pool stream, routed marker, done key.  ARGV: group, entry id, payload, ttl ms.
+# A job that already has an outcome (its done key) is acked without running again.
 ROUTE = """
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+  return 0
+end
 local fresh = redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[4])
 if fresh then redis.call('XADD', KEYS[2], '*', 'routed', ARGV[3]) end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
@@ -133,6 +139,32 @@ async def ensure_group(client: aioredis.Redis, stream: str, group: str) -> bool:
         if "BUSYGROUP" in str(exc):
             return False
         raise
+
+
+def is_group_lost(exc: ResponseError) -> bool:
+    """Whether a read failed because its stream or group is gone (deleted, or Redis restarted empty)."""
+    text = str(exc)
+    return "NOGROUP" in text or "no longer exists" in text
+
+
+class Backoff:
+    """Exponential backoff with full jitter, for retrying reads while Redis is unreachable."""
+
+    def __init__(self, base: float = 0.05, cap: float = 5.0) -> None:
+        self.base = base
+        self.cap = cap
+        self.failures = 0
+
+    async def wait(self) -> None:
+        self.failures += 1
+        await asyncio.sleep(random.uniform(0, min(self.cap, self.base * 2**self.failures)))
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+"""Errors after which a role waits and tries again rather than exiting."""
 
 
 def consumer_name(role: str) -> str:

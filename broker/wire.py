@@ -100,7 +100,7 @@ def new_id() -> str:
 
 
 class Route(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """The policy's decision, recorded on the routed job and copied into the result."""
+    """The policy's decision, recorded on the routed job; results carry its class and reason."""
 
     pool: str
     slo: str

@@ -124,7 +124,10 @@ def config_from_dict(data: dict[str, Any]) -> PolicyConfig:
                 try:
                     msgspec.convert(value, kind)
                 except msgspec.ValidationError as exc:
-                    raise ConfigError(str(exc).replace("`$", f"`$.{section}.{name}")) from None
+                    message = str(exc)
+                    if "`$" in message:
+                        raise ConfigError(message.replace("`$", f"`$.{section}.{name}")) from None
+                    raise ConfigError(f"{message} - at `$.{section}.{name}`") from None
     try:
         cfg = msgspec.convert(data, PolicyConfig)
     except msgspec.ValidationError as exc:

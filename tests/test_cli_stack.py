@@ -30,7 +30,7 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 
 
 def test_up_submit_results_and_clean_stop(cli_env: dict[str, str], tmp_path: Path) -> None:
-    up = subprocess.Popen([*CLI, "up", "--gpu-workers", "1"], env=cli_env, cwd=ROOT,
+    up = subprocess.Popen([*CLI, "up", "--workers", "gpu=1"], env=cli_env, cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     state = tmp_path / "inference-broker" / "up.url"
     try:
@@ -112,3 +112,17 @@ def test_demo_no_stack_drives_roles_already_running(roles: Roles, redis_url: str
 def test_demo_no_stack_needs_a_url(cli_env: dict[str, str]) -> None:
     done = run_cli("demo", "--no-stack", env=cli_env)
     assert done.returncode == 2 and "--no-stack needs --redis-url" in done.stderr
+
+
+def test_up_stops_cleanly_on_sigterm(cli_env: dict[str, str], tmp_path: Path) -> None:
+    up = subprocess.Popen([*CLI, "up"], env=cli_env, cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    state = tmp_path / "inference-broker" / "up.url"
+    deadline = time.monotonic() + 30
+    while not state.exists():
+        assert up.poll() is None and time.monotonic() < deadline, up.communicate()
+        time.sleep(0.05)
+    up.send_signal(signal.SIGTERM)
+    _out, err = up.communicate(timeout=40)
+    assert up.returncode == 0, err
+    assert not state.exists()

@@ -91,3 +91,22 @@ async def test_sigterm_lets_the_running_job_finish(roles: Roles, redis_url: str,
         result = await sdk.result(job.id, timeout=20)
     assert result.status == "ok" and result.usage.completion_tokens == 100
     assert worker.wait(timeout=10) == 0
+
+
+async def test_roles_survive_their_streams_being_deleted(roles: Roles, redis_url: str, prefix: str,
+                                                         client: aioredis.Redis) -> None:
+    from broker.wire import Job
+
+    policy = roles.policy()
+    worker = roles.worker("gpu")
+    topo = Topology(prefix)
+
+    def job(i: int) -> Job:
+        return Job(id=f"del-{i}", model="llama-3.1-8b", kind="completion", prompt="p", max_tokens=2)
+
+    async with Client(redis_url, prefix=prefix) as sdk:
+        assert (await sdk.run(job(0), timeout=20)).status == "ok"
+        # As if Redis restarted empty: the streams and their groups vanish under blocked readers.
+        await client.delete(topo.jobs, topo.pool("gpu"))
+        assert (await sdk.run(job(1), timeout=20)).status == "ok"
+    assert policy.poll() is None and worker.poll() is None

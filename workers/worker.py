@@ -17,7 +17,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from broker.settings import Settings
-from broker.streams import Entry, Scripts, consumer_name, ensure_group
+from broker.streams import RETRYABLE, Backoff, Entry, Scripts, consumer_name, ensure_group, is_group_lost
 from broker.topology import WORKER_GROUP
 from broker.wire import DeadLetter, Metrics, Result, RoutedJob, Timing, Usage, decode_routed, json_encode
 from workers.backend import Backend, BackendError
@@ -58,14 +58,28 @@ class PoolWorker:
         beat = asyncio.create_task(self._heartbeat_loop(stop))
         try:
             last_id = "0-0"  # our own pending entries first (a restart under the same name)
+            backoff = Backoff()
             while not stop.is_set():
                 free = self.concurrency - len(self.tasks)
                 if free <= 0:
                     await asyncio.wait(self.tasks, return_when=asyncio.FIRST_COMPLETED)
                     continue
-                reply = await self.client.xreadgroup(
-                    WORKER_GROUP, self.name, {self.stream: last_id}, count=free,
-                    block=None if last_id != ">" else self.settings.block_ms)
+                try:
+                    reply = await self.client.xreadgroup(
+                        WORKER_GROUP, self.name, {self.stream: last_id}, count=free,
+                        block=None if last_id != ">" else self.settings.block_ms)
+                    backoff.reset()
+                except aioredis.ResponseError as exc:
+                    if not is_group_lost(exc):
+                        raise
+                    log.error("pool stream %s or its group is gone (Redis restarted empty, or the key was "
+                              "deleted): jobs queued there may be lost; recreating the group at 0", self.stream)
+                    await ensure_group(self.client, self.stream, WORKER_GROUP)
+                    continue
+                except RETRYABLE as exc:
+                    log.warning("Redis unreachable (%s); retrying", exc)
+                    await backoff.wait()
+                    continue
                 entries: list[Entry] = reply[0][1] if reply else []
                 if last_id != ">":
                     # Walk our own pending list past what we have taken, then switch to new entries.
@@ -91,7 +105,8 @@ class PoolWorker:
         log.info("stopping: waiting up to %.0f s for %d running jobs", self.settings.grace_s, len(self.tasks))
         _done, pending = await asyncio.wait(self.tasks, timeout=self.settings.grace_s)
         for task in pending:
-            task.cancel()  # its entry stays pending and is reclaimed by a peer
+            # Its entry stays pending: a restart under the same --name runs it again.
+            task.cancel()
 
     async def _handle(self, entry: Entry, dequeued: float) -> None:
         entry_id, fields = entry
