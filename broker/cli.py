@@ -44,7 +44,7 @@ def _settings(redis_url: str | None, prefix: str, config: Path | None, log_level
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:
-        return Settings.from_env({}, redis_url=redis_url, prefix=prefix, config=config, **extra)
+        return Settings.from_env(None, redis_url=redis_url, prefix=prefix, config=config, **extra)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -257,7 +257,8 @@ def submit(model: str, prompt: str | None, kind: str, max_tokens: int, slo: str 
         job = Job(**fields)
 
     async def go() -> Result | None:
-        async with Client(settings.redis_url or "", prefix=settings.prefix) as client:
+        async with Client(settings.redis_url or "", prefix=settings.prefix, max_backlog=settings.max_backlog,
+                          max_job_bytes=settings.max_job_bytes) as client:
             await client.submit(job)
             if no_wait:
                 return None

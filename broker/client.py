@@ -21,12 +21,12 @@ from types import TracebackType
 import msgspec
 import redis.asyncio as aioredis
 
-from broker.errors import JobFailed, JobRejected, ResultTimeout
+from broker.errors import Backpressure, JobFailed, JobRejected, ResultTimeout
+from broker.scripts import Scripts
 from broker.streams import connect, ensure_group
 from broker.topology import Topology
 from broker.wire import InvalidJob, Job, Result, decode_result, encode_job
 
-MAX_JOB_BYTES = 1 << 20
 LISTEN_BLOCK_MS = 200
 """Longest blocking read of a result listener: bounds how long closing a client takes."""
 
@@ -34,10 +34,14 @@ LISTEN_BLOCK_MS = 200
 class Client:
     """An async client for one deployment (Redis URL + key prefix)."""
 
-    def __init__(self, redis_url: str, *, prefix: str = "ib", block_ms: int = 1000) -> None:
+    def __init__(self, redis_url: str, *, prefix: str = "ib", block_ms: int = 1000,
+                 max_backlog: int = 100_000, max_job_bytes: int = 1 << 20) -> None:
         self.redis: aioredis.Redis = connect(redis_url, block_ms)
         self.topo = Topology(prefix)
         self.block_ms = block_ms
+        self.max_backlog = max_backlog
+        self.max_job_bytes = max_job_bytes
+        self.scripts = Scripts(self.redis)
         self._waiters: dict[str, _ReplyWaiter] = {}
 
     async def __aenter__(self) -> Client:
@@ -61,30 +65,49 @@ class Client:
             data = encode_job(job)
         except InvalidJob as exc:
             raise JobRejected(f"job {job.id}: {exc}") from None
-        if len(data) > MAX_JOB_BYTES:
-            raise JobRejected(f"job {job.id} is {len(data)} bytes encoded; the limit is {MAX_JOB_BYTES}")
+        if len(data) > self.max_job_bytes:
+            raise JobRejected(f"job {job.id} is {len(data)} bytes encoded; the limit is {self.max_job_bytes}")
         return data
 
     async def submit(self, job: Job) -> str:
-        """Put one job on the ingress stream; returns the job id."""
-        data = self._prepare(job)
-        self._waiter(job.reply_to)  # listen before the result can exist
-        await self.redis.xadd(self.topo.jobs, {"job": data})
-        return job.id
+        """Put one job on the ingress stream; returns the job id.
+
+        Raises :class:`JobRejected` for a bad or oversized job, and :class:`Backpressure` when
+        the ingress backlog is full (nothing was submitted; retry later).
+        """
+        return (await self.submit_many([job]))[0]
 
     async def submit_many(self, jobs: Iterable[Job], chunk: int = 500) -> list[str]:
-        """Submit many jobs, pipelined ``chunk`` at a time; returns their ids in order."""
-        ids: list[str] = []
+        """Submit many jobs, pipelined ``chunk`` at a time; returns their ids in order.
+
+        When the backlog fills up part way, :class:`Backpressure` is raised; its ``accepted``
+        lists the ids that were submitted.
+        """
+        accepted: list[str] = []
+        batch: list[str] = []
         pipe = self.redis.pipeline(transaction=False)
+
+        async def flush() -> None:
+            replies = await self.scripts.execute(pipe, raise_on_error=False)
+            for job_id, reply in zip(batch, replies, strict=True):
+                if isinstance(reply, Exception):
+                    if "BACKLOG" not in str(reply):
+                        raise reply
+                    raise Backpressure(
+                        f"the ingress backlog is full ({str(reply).split()[-1]} jobs waiting, limit "
+                        f"{self.max_backlog}); retry later, or add policy workers", accepted=accepted)
+                accepted.append(job_id)
+            batch.clear()
+
         for job in jobs:
-            pipe.xadd(self.topo.jobs, {"job": self._prepare(job)})
-            self._waiter(job.reply_to)
-            ids.append(job.id)
-            if len(pipe) >= chunk:
-                await pipe.execute()
-        if len(pipe):
-            await pipe.execute()
-        return ids
+            self.scripts.queue(pipe, "submit", [self.topo.jobs], [self.max_backlog, self._prepare(job)])
+            self._waiter(job.reply_to)  # listen before the result can exist
+            batch.append(job.id)
+            if len(batch) >= chunk:
+                await flush()
+        if batch:
+            await flush()
+        return accepted
 
     async def result(self, job_id: str, *, timeout: float = 60.0, reply_to: str = "results",
                      raise_on_failure: bool = False) -> Result:

@@ -6,6 +6,7 @@
     ├── RedisUnavailable     Redis cannot be reached (the message says where and what to do)
     ├── EmbeddedRedisError   the embedded redis-server could not start
     ├── JobRejected          a job was refused before it reached the stream (bad or too large)
+    │   └── Backpressure     the ingress backlog is full; ``.accepted`` lists what went in
     ├── ResultTimeout        no result arrived in time (the job may still finish later)
     └── JobFailed            the job ended without output; ``.result`` holds its status and error
 
@@ -34,6 +35,14 @@ class EmbeddedRedisError(BrokerError):
 
 class JobRejected(BrokerError):
     """The job was refused before submission."""
+
+
+class Backpressure(JobRejected):
+    """The ingress backlog is at its bound; retry later. ``accepted``: ids submitted before it filled."""
+
+    def __init__(self, message: str, *, accepted: list[str]) -> None:
+        super().__init__(message)
+        self.accepted = list(accepted)
 
 
 class ResultTimeout(BrokerError, TimeoutError):

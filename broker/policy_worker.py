@@ -2,8 +2,11 @@
 
 Per batch of entries it decodes and validates each job, classifies it, asks
 ``policies.route`` for a pool and then moves all of them in one pipeline of ROUTE scripts
-(each atomic: XADD to the pool + XACK on ingress + a routed marker). Bad entries become
-dead letters in the same pipeline; nothing stops the loop.
+(each atomic: XADD to the pool + XACK and XDEL on ingress + a routed marker that makes a
+second routing of the same job id a no-op). Bad entries become dead letters in the same
+pipeline; nothing stops the loop. Entries a dead policy worker left pending are taken
+over by live ones (:mod:`broker.reclaim`); one that keeps killing policy workers is
+dead-lettered after ``max_deliveries``. Each policy worker also runs the janitor.
 """
 
 from __future__ import annotations
@@ -11,13 +14,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import msgspec
 import redis.asyncio as aioredis
 
+from broker.janitor import Janitor, warn_if_evicting
+from broker.reclaim import Claimer
+from broker.scripts import Scripts
 from broker.settings import Settings
-from broker.streams import RETRYABLE, Backoff, Entry, Scripts, consumer_name, ensure_group, is_group_lost, pipeline
+from broker.streams import RETRYABLE, Backoff, Entry, consumer_name, ensure_group, is_group_lost, pipeline
 from broker.topology import POLICY_GROUP, RESERVED, WORKER_GROUP
 from broker.wire import (
     DeadLetter,
@@ -35,7 +41,6 @@ from policies import JobFeatures, PolicyConfig, PoolState, Snapshot, classify, r
 from policies.config import JOB_KINDS as KINDS
 
 log = logging.getLogger("inference_broker.policy")
-MAX_JOB_BYTES = 1 << 20
 _FASTSTREAM_MAGIC = b"\x89BIN\r\n\x1a\n"
 
 
@@ -73,6 +78,10 @@ class PolicyWorker:
         self.name = name or consumer_name("policy")
         self.clock = clock
         self.scripts = Scripts(client)
+        self.claimer = Claimer(client, self.topo.jobs, POLICY_GROUP, self.name, idle_ms=settings.claim_idle_ms,
+                               interval_s=settings.claim_interval_s)
+        streams = {self.topo.jobs: POLICY_GROUP, **{self.topo.pool(p): WORKER_GROUP for p in config.pools}}
+        self.janitor = Janitor(client, settings, streams)
         self.snapshot = Snapshot(now=clock())
         self.routed = 0
         self.dead = 0
@@ -86,6 +95,8 @@ class PolicyWorker:
     async def run(self, stop: asyncio.Event) -> None:
         """Route jobs until ``stop`` is set. Entries being routed finish first."""
         await self.setup()
+        await self.janitor.start()
+        await warn_if_evicting(self.client)
         refresher = asyncio.create_task(self._refresh_loop(stop))
         try:
             # First our own pending entries (a restart under the same name), then new ones.
@@ -93,6 +104,9 @@ class PolicyWorker:
             backoff = Backoff()
             while not stop.is_set():
                 try:
+                    if self.claimer.due():
+                        claimed = await self.claimer.claim(self.settings.batch)
+                        await self.handle(claimed.entries, trimmed=claimed.deleted)
                     reply = await self.client.xreadgroup(
                         POLICY_GROUP, self.name, {self.topo.jobs: last_id},
                         count=self.settings.batch, block=None if last_id == "0" else self.settings.block_ms,
@@ -102,7 +116,7 @@ class PolicyWorker:
                         last_id = ">"
                         continue
                     if entries:
-                        await self.handle(entries)
+                        await self.handle([(e, 1) for e in entries])
                     backoff.reset()
                 except aioredis.ResponseError as exc:
                     if not is_group_lost(exc):
@@ -120,22 +134,29 @@ class PolicyWorker:
             except aioredis.RedisError:
                 pass  # the entry ages out on its own
 
-    async def handle(self, entries: list[Entry]) -> None:
-        """Route a batch of ingress entries in one pipeline."""
+    async def handle(self, entries: list[tuple[Entry, int]], trimmed: Sequence[bytes] = ()) -> None:
+        """Route a batch of ingress entries (with their delivery counts) in one pipeline."""
         pipe = pipeline(self.client)
         now = self.clock()
-        for entry_id, fields in entries:
+        for (entry_id, fields), deliveries in entries:
             try:
+                if deliveries > self.settings.max_deliveries:
+                    raise InvalidJob("max_deliveries", f"delivered {deliveries - 1} times to policy workers "
+                                                       "that died or stalled before routing it")
                 self._route_one(pipe, entry_id, fields, now)
             except InvalidJob as exc:
                 self._dead(pipe, entry_id, fields, exc, now)
-        await self.scripts.execute(pipe)
+        for entry_id in trimmed:
+            self._dead(pipe, entry_id, {}, InvalidJob("trimmed", "the entry was deleted while pending"), now)
+        if len(pipe):
+            await self.scripts.execute(pipe)
 
     def _route_one(self, pipe: aioredis.client.Pipeline, entry_id: bytes, fields: dict[bytes, bytes],
                    now: float) -> None:
         payload = entry_payload(fields)
-        if len(payload) > MAX_JOB_BYTES:
-            raise InvalidJob("too_large", f"job is {len(payload)} bytes; the limit is {MAX_JOB_BYTES}")
+        limit = self.settings.max_job_bytes
+        if len(payload) > limit:
+            raise InvalidJob("too_large", f"job is {len(payload)} bytes; the limit is {limit}")
         job = decode_job(payload)
         created = job.created_at if job.created_at is not None else entry_time(entry_id)
         if job.deadline is not None and now > job.deadline:
@@ -156,7 +177,7 @@ class PolicyWorker:
         self.scripts.queue(
             pipe, "route",
             [self.topo.jobs, self.topo.pool(decision.pool), self.topo.routed(job.id), self.topo.done(job.id)],
-            [POLICY_GROUP, entry_id, json_encode(routed), self.settings.result_ttl_s * 1000])
+            [POLICY_GROUP, entry_id, "", json_encode(routed), self.settings.result_ttl_s * 1000])
         self._count_routed(decision.pool)
 
     def _count_routed(self, pool: str) -> None:
@@ -172,24 +193,26 @@ class PolicyWorker:
         result = Result(id=job.id, status=status, model=job.model, kind=job.kind,  # type: ignore[arg-type]
                         tenant=job.tenant, error=error)
         self.scripts.queue(
-            pipe, "complete", [self.topo.jobs, self.topo.done(job.id), self.topo.reply(job.reply_to)],
-            [POLICY_GROUP, entry_id, json_encode(result), self.settings.result_ttl_s * 1000])
+            pipe, "complete",
+            [self.topo.jobs, self.topo.done(job.id), self.topo.reply(job.reply_to), self.topo.replies],
+            [POLICY_GROUP, entry_id, "", json_encode(result), self.settings.result_ttl_s * 1000, job.reply_to])
 
     def _dead(self, pipe: aioredis.client.Pipeline, entry_id: bytes, fields: dict[bytes, bytes],
               exc: InvalidJob, now: float) -> None:
         raw = fields.get(b"job") or fields.get(b"__data__") or json_encode(
             {k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()})
+        limit = self.settings.max_job_bytes
         job = _salvage(raw) if exc.reason != "too_large" else None
         letter = DeadLetter(reason=exc.reason, error=str(exc), stream=self.topo.jobs,
-                            entry_id=entry_id.decode(), payload=raw[:MAX_JOB_BYTES],
+                            entry_id=entry_id.decode(), payload=raw[:limit],
                             job_id=job.id if job else None, consumer=self.name, failed_at=now)
         keys = [self.topo.jobs, self.topo.dead]
-        args: list[object] = [POLICY_GROUP, entry_id, json_encode(letter)]
+        args: list[object] = [POLICY_GROUP, entry_id, "", json_encode(letter)]
         if job is not None:
             result = Result(id=job.id, status="failed", model=job.model, kind=job.kind,  # type: ignore[arg-type]
                             tenant=job.tenant, error=f"{exc.reason}: {exc}")
-            keys += [self.topo.done(job.id), self.topo.reply(job.reply_to)]
-            args += [json_encode(result), self.settings.result_ttl_s * 1000]
+            keys += [self.topo.done(job.id), self.topo.reply(job.reply_to), self.topo.replies]
+            args += [json_encode(result), self.settings.result_ttl_s * 1000, job.reply_to]
         self.scripts.queue(pipe, "dead", keys, args)
         self.dead += 1
         log.warning("dead letter %s (%s): %s", entry_id.decode(), exc.reason, exc)
@@ -218,10 +241,14 @@ class PolicyWorker:
         self.snapshot = Snapshot(now=now, pools=pools)
 
     async def _refresh_loop(self, stop: asyncio.Event) -> None:
-        beat_at = 0.0
+        beat_at = swept_at = 0.0
         while not stop.is_set():
             try:
                 await self.refresh()
+                if self.clock() - swept_at >= self.settings.janitor_s:
+                    swept_at = self.clock()
+                    if await self.janitor.sweep(int(swept_at * 1000)):
+                        await self.setup()
                 if self.clock() - beat_at >= self.settings.heartbeat_s:
                     beat_at = self.clock()
                     beat = {"ts": beat_at, "routed": self.routed, "dead": self.dead}

@@ -65,7 +65,7 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, pool: str, *,
     if pool not in config.pools:
         raise SystemExit(f"error: pool {pool!r} is not configured; configured pools: {', '.join(config.pools)}")
     spec = config.pools[pool]
-    backend = SimulatedBackend(spec.profile)
+    backend = SimulatedBackend(spec.profile, faults=settings.fault_injection)
     cap = backend.profile.max_concurrency
     if concurrency is not None and cap is not None and concurrency > cap:
         raise SystemExit(f"error: --concurrency {concurrency} exceeds the {spec.profile!r} device cap of {cap}")

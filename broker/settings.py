@@ -1,7 +1,8 @@
 """Runtime settings: plain frozen data with working defaults, built from the environment.
 
-The environment is read in one place, :func:`Settings.from_env`; everything else gets a
-``Settings`` passed in. CLI flags override environment variables.
+The environment is read in one place, :meth:`Settings.from_env`; everything else gets a
+``Settings`` passed in. Every field ``name`` can be set with ``IB_<NAME>`` (``REDIS_URL``
+for the URL); CLI flags override the environment.
 """
 
 from __future__ import annotations
@@ -15,8 +16,14 @@ import msgspec
 from broker.topology import Topology
 
 
+def _path(kind: type, value: object) -> object:
+    if kind is Path and isinstance(value, str | Path):
+        return Path(value)
+    raise NotImplementedError(kind)
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
-    """Settings shared by every role. Environment variable names are in brackets."""
+    """Settings shared by every role."""
 
     redis_url: str | None = None
     """Redis to use [REDIS_URL]; ``None`` starts an embedded one where a command allows."""
@@ -25,19 +32,40 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     config: Path | None = None
     """Policy TOML [IB_CONFIG]; ``None`` uses the built-in default."""
     block_ms: int = 1000
-    """Longest blocking read; bounds how long a role takes to notice a stop."""
+    """Longest blocking read: bounds how long a role takes to notice a stop."""
     batch: int = 256
     """Most entries a policy worker reads and routes per round trip."""
-    result_ttl_s: int = 86_400
-    """How long results stay retrievable by job id, and how long duplicates are suppressed."""
+    result_ttl_s: int = 3600
+    """How long a job's result stays retrievable by id, and duplicates of it are suppressed."""
+    results_retention_s: int = 3600
+    """Result stream entries younger than this are kept even when every group has read them."""
     heartbeat_s: float = 1.0
     snapshot_s: float = 0.25
     """How often the policy worker refreshes its view of the pools."""
     grace_s: float = 30.0
     """How long a stopping worker lets running jobs finish [IB_GRACE_S]."""
+    claim_idle_ms: int = 30_000
+    """An entry pending this long with no lease renewal is taken over by a live peer."""
+    claim_interval_s: float = 1.0
+    """How often each consumer looks for entries to take over."""
+    max_deliveries: int = 5
+    """Deliveries after which a job that keeps failing (or killing its worker) is dead-lettered."""
+    retry_backoff_ms: int = 500
+    """First retry delay of a failed job; it doubles with each delivery (with jitter)."""
+    max_backlog: int = 100_000
+    """Submissions fail fast once this many jobs wait on the ingress stream."""
+    max_job_bytes: int = 1 << 20
+    """Larger jobs are refused by the SDK and dead-lettered unread by the policy worker."""
+    janitor_s: float = 5.0
+    """How often result streams are trimmed and dead consumers removed."""
+    fault_injection: bool = False
+    """Let job metadata make the simulated device fail or crash (tests and drills only)."""
 
     def __post_init__(self) -> None:
         Topology(self.prefix)  # raises ValueError for an invalid prefix, before anything runs
+        if self.claim_idle_ms < 3 * self.block_ms // 2:
+            raise ValueError(f"claim_idle_ms ({self.claim_idle_ms}) must be at least 1.5 x block_ms "
+                             f"({self.block_ms}): leases are renewed between reads")
 
     @property
     def topology(self) -> Topology:
@@ -47,17 +75,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         """Settings from ``env`` (default: the process environment), then ``overrides``.
 
-        Overrides that are ``None`` are ignored, so CLI options can be passed straight in.
+        Empty variables and ``None`` overrides are ignored, so CLI options pass straight in.
+        Raises ``ValueError`` naming the variable when a value does not parse.
         """
         env = os.environ if env is None else env
         values: dict[str, object] = {}
-        if env.get("REDIS_URL"):
-            values["redis_url"] = env["REDIS_URL"]
-        if env.get("IB_PREFIX"):
-            values["prefix"] = env["IB_PREFIX"]
-        if env.get("IB_CONFIG"):
-            values["config"] = Path(env["IB_CONFIG"])
-        if env.get("IB_GRACE_S"):
-            values["grace_s"] = float(env["IB_GRACE_S"])
+        for name in cls.__struct_fields__:
+            var = "REDIS_URL" if name == "redis_url" else f"IB_{name.upper()}"
+            if env.get(var):
+                values[name] = env[var]
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)  # type: ignore[arg-type]
+        try:
+            return msgspec.convert(values, cls, strict=False, dec_hook=_path)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"invalid setting: {exc}") from None

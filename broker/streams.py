@@ -1,10 +1,4 @@
-"""Redis plumbing: connections, consumer groups and the scripts that make moves atomic.
-
-Every move of a job between streams is one Lua script, so it happens entirely or not at
-all: there is no window where a job is on two streams, or acked on one and absent from
-the next. Each script also writes a per-job marker with ``SET NX``, which makes the move
-idempotent by job id: a redelivered entry (its consumer died after the move, before it
-learned of the ack) is acked again without a second copy downstream.
+"""Redis plumbing: connections, consumer groups, consumer names and retry backoff.
 
 (redis-py types asyncio commands as ``Awaitable[T] | T``; the few ``type: ignore[misc]``
 comments on awaited commands in this project are for that.)
@@ -13,7 +7,6 @@ comments on awaited commands in this project are for that.)
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import random
 import socket
@@ -24,7 +17,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -32,48 +25,6 @@ from broker.errors import RedisUnavailable
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 """A stream entry as redis-py returns it: (id, fields)."""
-
-# KEYS: ingress stream, pool stream, routed marker, done key.  ARGV: group, entry id, payload, ttl ms.
-# A job that already has an outcome (its done key) is acked without running again.
-ROUTE = """
-if redis.call('EXISTS', KEYS[4]) == 1 then
-  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-  return 0
-end
-local fresh = redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[4])
-if fresh then redis.call('XADD', KEYS[2], '*', 'routed', ARGV[3]) end
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-if fresh then return 1 end
-return 0
-"""
-
-# KEYS: source stream, done key, reply stream.  ARGV: group, entry id, result, ttl ms.
-# The done key holds the result: the first writer wins and later ones only ack.
-COMPLETE = """
-local fresh = redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PX', ARGV[4])
-if fresh then redis.call('XADD', KEYS[3], '*', 'result', ARGV[3]) end
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-if fresh then return 1 end
-return 0
-"""
-
-# KEYS: source stream, dead stream[, done key, reply stream].
-# ARGV: group, entry id, dead letter[, failed result, ttl ms].
-# With a known job, its failed result claims the done key first: a job that already has
-# an outcome gets no dead letter, only the ack.
-DEAD = """
-if #KEYS == 4 then
-  if not redis.call('SET', KEYS[3], ARGV[4], 'NX', 'PX', ARGV[5]) then
-    redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-    return 0
-  end
-  redis.call('XADD', KEYS[4], '*', 'result', ARGV[4])
-end
-redis.call('XADD', KEYS[2], '*', 'dead', ARGV[3])
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-return 1
-"""
-
 
 def redacted(url: str) -> str:
     """``url`` without its password, for logs and error messages."""
@@ -170,45 +121,6 @@ RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 def consumer_name(role: str) -> str:
     """A consumer name unique to this process: role, host, pid and a random suffix."""
     return f"{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
-class Scripts:
-    """The Lua scripts by SHA. Queue calls on a pipeline, then :meth:`execute` it.
-
-    A Redis that restarted empty has forgotten the scripts; :meth:`execute` then loads them
-    and runs the pipeline again. Every script is idempotent by its SET NX marker, so a
-    rerun cannot duplicate work even if part of the first run went through.
-    """
-
-    SOURCES = {"route": ROUTE, "complete": COMPLETE, "dead": DEAD}
-
-    def __init__(self, client: aioredis.Redis) -> None:
-        self.client = client
-        self.sha = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in self.SOURCES.items()}
-
-    def queue(self, pipe: Pipeline, name: str, keys: list[str], args: list[object]) -> None:
-        """Queue script ``name`` on ``pipe``."""
-        pipe.evalsha(self.sha[name], len(keys), *keys, *args)  # type: ignore[arg-type]
-
-    async def execute(self, pipe: Pipeline) -> list[object]:
-        """Execute ``pipe``, loading the scripts first if Redis does not know them."""
-        stack = list(pipe.command_stack)
-        try:
-            return await pipe.execute()
-        except NoScriptError:
-            await self.load()
-            pipe.command_stack = stack
-            return await pipe.execute()
-
-    async def call(self, name: str, keys: list[str], args: list[object]) -> object:
-        """Run one script now."""
-        pipe = pipeline(self.client)
-        self.queue(pipe, name, keys, args)
-        return (await self.execute(pipe))[0]
-
-    async def load(self) -> None:
-        for src in self.SOURCES.values():
-            await self.client.script_load(src)
 
 
 def pipeline(client: aioredis.Redis) -> Pipeline:

@@ -16,7 +16,7 @@ POLICY_GROUP = "policy"
 """Consumer group of policy workers on the ingress stream."""
 WORKER_GROUP = "workers"
 """Consumer group of a pool's workers on its pool stream."""
-RESERVED = frozenset({"jobs", "dead", "pool", "done", "routed", "hb"})
+RESERVED = frozenset({"jobs", "dead", "pool", "done", "routed", "hb", "err", "replies", "epoch"})
 _PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 
 
@@ -60,6 +60,20 @@ class Topology(msgspec.Struct, frozen=True):
     def done(self, job_id: str) -> str:
         """A job's result, kept for ``result_ttl``: one outcome per job, and a fast lookup."""
         return f"{self.base}:done:{job_id}"
+
+    def error(self, job_id: str) -> str:
+        """The last error of a job that is being retried (kept for the dead letter)."""
+        return f"{self.base}:err:{job_id}"
+
+    @property
+    def replies(self) -> str:
+        """Set of the reply stream names results were written to (for retention)."""
+        return f"{self.base}:replies"
+
+    @property
+    def epoch(self) -> str:
+        """Marker written at start; its absence later means Redis lost its data."""
+        return f"{self.base}:epoch"
 
     def heartbeats(self, pool: str) -> str:
         """Hash of worker name to its latest heartbeat, for pool ``pool``."""

@@ -47,11 +47,13 @@ class ChatMessage(msgspec.Struct, frozen=True):
     content: str
 
 
-class Job(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class Job(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
     """An inference job as a producer submits it.
 
     Exactly one input matches ``kind``: ``messages`` for chat, ``prompt`` for completion,
-    ``texts`` for embedding. Times are seconds since the Unix epoch.
+    ``texts`` for embedding. Times are seconds since the Unix epoch. Unknown fields are
+    refused (a misspelt ``max_token`` must not silently become the default): upgrade the
+    broker before producers send fields a newer version added.
     """
 
     id: JobId
@@ -193,7 +195,7 @@ class Result(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 
 DeadReason = Literal[
-    "decode_error", "invalid_job", "too_large", "unknown_model", "backend_error",
+    "decode_error", "invalid_job", "too_large", "unknown_model", "backend_error", "max_deliveries", "trimmed",
 ]
 
 

@@ -67,6 +67,21 @@ async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     yield c
     await c.aclose()
 
+FAST_ENV = {
+    # Short reliability timings for fault tests: takeover after 1 s idle, checked every
+    # 0.2 s; reads block 0.2 s; dead-letter after 3 deliveries; fault injection on.
+    "IB_CLAIM_IDLE_MS": "1000",
+    "IB_CLAIM_INTERVAL_S": "0.2",
+    "IB_BLOCK_MS": "200",
+    "IB_MAX_DELIVERIES": "3",
+    "IB_RETRY_BACKOFF_MS": "100",
+    "IB_JANITOR_S": "0.5",
+    "IB_HEARTBEAT_S": "0.2",
+    "IB_SNAPSHOT_S": "0.05",
+    "IB_FAULT_INJECTION": "1",
+}
+
+
 class Roles:
     """Starts broker roles as separate OS processes and kills whatever is left at teardown."""
 

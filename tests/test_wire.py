@@ -101,9 +101,18 @@ def test_defaults_fill_in_on_decode() -> None:
     assert job.metadata == {}
 
 
-def test_unknown_fields_are_skipped_for_forward_compatibility() -> None:
-    job = decode_job(raw(future_field={"nested": [1, 2]}, v=2))
-    assert job.id == "job-1" and job.v == 2
+def test_unknown_job_fields_are_refused_by_name() -> None:
+    # A misspelt field must not silently fall back to its default.
+    with pytest.raises(InvalidJob, match="max_token") as err:
+        decode_job(raw(max_token=5))
+    assert err.value.reason == "invalid_job"
+
+
+def test_internal_messages_skip_unknown_fields_for_forward_compatibility() -> None:
+    from broker.wire import decode_result
+
+    result = decode_result(b'{"id":"x","status":"ok","model":"m","kind":"chat","tenant":"t","future":[1],"v":2}')
+    assert result.id == "x" and result.v == 2
 
 
 def test_chat_helper() -> None:

@@ -16,15 +16,18 @@ from broker.wire import Job
 
 
 class BackendError(Exception):
-    """A job failed in the backend."""
+    """A job failed in the backend. ``retryable`` marks transient failures (429, 5xx, ...)."""
 
-    retryable = False
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class CapacityExceeded(BackendError):
     """The device refused the job because it is at its concurrency cap (an HTTP 429)."""
 
-    retryable = True
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=True)
 
 
 class InferenceOutput(msgspec.Struct, frozen=True, kw_only=True):

@@ -5,12 +5,17 @@ and of the jobs in flight on this device *now*: decoding advances in chunks and 
 the concurrency before each, so a job slows down when others join and speeds up when
 they leave, as on a real batch-serving GPU. Past the profile's hard concurrency cap (an
 accelerator's), the device answers like a hosted API: 429, :class:`CapacityExceeded`.
+
+With ``faults`` on (``IB_FAULT_INJECTION=1``, for tests and drills), a job's metadata key
+``fault`` makes it fail after its first token is due: ``transient`` (retryable),
+``permanent``, or ``crash`` (the worker process exits at once).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -34,12 +39,23 @@ class SimulatedBackend:
     """A device of one :class:`DeviceProfile`; ``clock`` and ``sleep`` are injectable."""
 
     def __init__(self, profile: DeviceProfile | str, *, clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, faults: bool = False) -> None:
         self.profile = PROFILES[profile] if isinstance(profile, str) else profile
         self.name = f"simulated:{self.profile.name}"
         self.clock = clock
         self.sleep = sleep
         self.in_flight = 0
+        self.faults = faults
+
+    def _inject(self, job: Job) -> None:
+        # Fault drills: only with fault injection on, a job's metadata can make it fail.
+        fault = job.metadata.get("fault")
+        if fault == "transient":
+            raise BackendError("injected transient fault", retryable=True)
+        if fault == "permanent":
+            raise BackendError("injected permanent fault")
+        if fault == "crash":
+            os._exit(70)  # as if the device driver took the process down
 
     async def run(self, job: Job) -> InferenceOutput:
         model = self.profile.model(job.model)
@@ -52,6 +68,8 @@ class SimulatedBackend:
         try:
             prompt = job.prompt_tokens()
             await self.sleep(model.ttft(prompt, self.in_flight) / 1000)
+            if self.faults:
+                self._inject(job)
             first = self.clock()
             if job.kind == "embedding":
                 texts = job.texts or []

@@ -1,23 +1,41 @@
 """The pool worker: consume a pool stream, run each job on the backend, publish, ack.
 
 Reads only as many entries as it has free slots (its concurrency), so nothing waits in
-this process that a peer could run. Each job's result goes out with the ack in one
-COMPLETE script (result key SET NX + XADD to the reply stream + XACK): the ack never
+this process that a peer could run. Each job's result goes out with the ack in one fenced
+COMPLETE script (result key SET NX + XADD to the reply stream + XACK + XDEL): the ack never
 precedes the result, and a job whose result already exists is not published twice.
+
+Reliability, in the order a job meets it:
+
+* **Takeover.** Besides new entries, the worker claims entries other consumers abandoned
+  (:mod:`broker.reclaim`), with Redis' delivery count. Past ``max_deliveries`` the job is
+  dead-lettered with its last error instead of being run again.
+* **Leases.** While jobs run, their entries are renewed every third of ``claim_idle_ms``
+  without raising the delivery count, so a long job is not taken over while its worker
+  lives. A lease found lost (this process was paused and a peer took the job) cancels
+  the local run: the peer owns the job now.
+* **Retries.** A retryable backend error gives the entry back with a backoff (NACK); any
+  worker claims it again after the backoff, which counts a delivery. Other errors
+  dead-letter at once.
+* **Shutdown.** On stop, running jobs get ``grace_s`` to finish; the rest are given back
+  at once so peers take them without waiting out the idle time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable
 
 import msgspec
 import redis.asyncio as aioredis
 
+from broker.reclaim import Claimer
+from broker.scripts import Scripts
 from broker.settings import Settings
-from broker.streams import RETRYABLE, Backoff, Entry, Scripts, consumer_name, ensure_group, is_group_lost
+from broker.streams import RETRYABLE, Backoff, Entry, consumer_name, ensure_group, is_group_lost
 from broker.topology import WORKER_GROUP
 from broker.wire import DeadLetter, Metrics, Result, RoutedJob, Timing, Usage, decode_routed, json_encode
 from workers.backend import Backend, BackendError
@@ -49,73 +67,111 @@ class PoolWorker:
         self.name = name or consumer_name(f"worker-{pool}")
         self.clock = clock
         self.scripts = Scripts(client)
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.claimer = Claimer(client, self.stream, WORKER_GROUP, self.name, idle_ms=settings.claim_idle_ms,
+                               interval_s=settings.claim_interval_s)
+        self.running: dict[bytes, asyncio.Task[None]] = {}
         self.completed = 0
+        self.retried = 0
+        self.dead = 0
+        self.fenced = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set, then let running jobs finish within the grace period."""
         await ensure_group(self.client, self.stream, WORKER_GROUP)
-        beat = asyncio.create_task(self._heartbeat_loop(stop))
+        side = [asyncio.create_task(self._heartbeat_loop(stop)), asyncio.create_task(self._lease_loop(stop))]
         try:
-            last_id = "0-0"  # our own pending entries first (a restart under the same name)
-            backoff = Backoff()
-            while not stop.is_set():
-                free = self.concurrency - len(self.tasks)
-                if free <= 0:
-                    await asyncio.wait(self.tasks, return_when=asyncio.FIRST_COMPLETED)
-                    continue
-                try:
-                    reply = await self.client.xreadgroup(
-                        WORKER_GROUP, self.name, {self.stream: last_id}, count=free,
-                        block=None if last_id != ">" else self.settings.block_ms)
-                    backoff.reset()
-                except aioredis.ResponseError as exc:
-                    if not is_group_lost(exc):
-                        raise
-                    log.error("pool stream %s or its group is gone (Redis restarted empty, or the key was "
-                              "deleted): jobs queued there may be lost; recreating the group at 0", self.stream)
-                    await ensure_group(self.client, self.stream, WORKER_GROUP)
-                    continue
-                except RETRYABLE as exc:
-                    log.warning("Redis unreachable (%s); retrying", exc)
-                    await backoff.wait()
-                    continue
-                entries: list[Entry] = reply[0][1] if reply else []
-                if last_id != ">":
-                    # Walk our own pending list past what we have taken, then switch to new entries.
-                    last_id = entries[-1][0].decode() if len(entries) == free else ">"
-                dequeued = self.clock()
-                for entry in entries:
-                    if not entry[1]:
-                        continue  # an entry deleted while pending: nothing to run
-                    task = asyncio.create_task(self._handle(entry, dequeued))
-                    self.tasks.add(task)
-                    task.add_done_callback(self.tasks.discard)
+            await self._consume(stop)
         finally:
             await self._drain()
-            beat.cancel()
+            for task in side:
+                task.cancel()
             try:
                 await self.client.hdel(self.topo.heartbeats(self.pool), self.name)  # type: ignore[misc]
             except aioredis.RedisError:
                 pass  # the entry ages out of the policy's view on its own
 
-    async def _drain(self) -> None:
-        if not self.tasks:
-            return
-        log.info("stopping: waiting up to %.0f s for %d running jobs", self.settings.grace_s, len(self.tasks))
-        _done, pending = await asyncio.wait(self.tasks, timeout=self.settings.grace_s)
-        for task in pending:
-            # Its entry stays pending: a restart under the same --name runs it again.
-            task.cancel()
+    async def _consume(self, stop: asyncio.Event) -> None:
+        last_id = "0-0"  # our own pending entries first (a restart under the same name)
+        backoff = Backoff()
+        while not stop.is_set():
+            free = self.concurrency - len(self.running)
+            if free <= 0:
+                await asyncio.wait(self.running.values(), return_when=asyncio.FIRST_COMPLETED)
+                continue
+            try:
+                if self.claimer.due():
+                    claimed = await self.claimer.claim(free)
+                    for entry_id in claimed.deleted:
+                        await self._dead(entry_id, b"", "trimmed", "the entry was deleted while pending", None)
+                    for entry, deliveries in claimed.entries:
+                        self._start(entry, deliveries)
+                    free -= len(claimed.entries)
+                    if free <= 0:
+                        continue
+                reply = await self.client.xreadgroup(
+                    WORKER_GROUP, self.name, {self.stream: last_id}, count=free,
+                    block=None if last_id != ">" else self.settings.block_ms)
+                backoff.reset()
+            except aioredis.ResponseError as exc:
+                if not is_group_lost(exc):
+                    raise
+                log.error("pool stream %s or its group is gone (Redis restarted empty, or the key was "
+                          "deleted): jobs queued there may be lost; recreating the group at 0", self.stream)
+                await ensure_group(self.client, self.stream, WORKER_GROUP)
+                continue
+            except RETRYABLE as exc:
+                log.warning("Redis unreachable (%s); retrying", exc)
+                await backoff.wait()
+                continue
+            entries: list[Entry] = reply[0][1] if reply else []
+            if last_id != ">":
+                # Walk our own pending list past what we have taken, then switch to new entries.
+                last_id = entries[-1][0].decode() if len(entries) == free else ">"
+            for entry in entries:
+                self._start(entry, 1 if last_id == ">" else 2)
 
-    async def _handle(self, entry: Entry, dequeued: float) -> None:
+    def _start(self, entry: Entry, deliveries: int) -> None:
+        entry_id = entry[0]
+        if entry_id in self.running or not entry[1]:
+            return  # already running here, or deleted while pending
+        task = asyncio.create_task(self._handle(entry, deliveries, self.clock()))
+        self.running[entry_id] = task
+        task.add_done_callback(lambda _t: self.running.pop(entry_id, None))
+
+    async def _drain(self) -> None:
+        if not self.running:
+            return
+        log.info("stopping: waiting up to %.0f s for %d running jobs", self.settings.grace_s, len(self.running))
+        _done, pending = await asyncio.wait(list(self.running.values()), timeout=self.settings.grace_s)
+        leftover = [entry_id for entry_id, task in self.running.items() if task in pending]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for entry_id in leftover:
+            # Give it back now: a peer claims it on its next pass rather than after the idle time.
+            await self._nack(entry_id, None, "", delay_ms=0)
+        if leftover:
+            log.warning("gave back %d unfinished jobs to the pool", len(leftover))
+
+    async def _handle(self, entry: Entry, deliveries: int, dequeued: float) -> None:
         entry_id, fields = entry
+        raw = fields.get(b"routed", b"")
+        if len(raw) > self.settings.max_job_bytes + 65536:
+            await self._dead(entry_id, raw[: self.settings.max_job_bytes], "too_large",
+                             f"entry is {len(raw)} bytes", None)
+            return
         try:
-            routed = decode_routed(fields[b"routed"])
-        except (KeyError, msgspec.DecodeError, msgspec.ValidationError) as exc:
-            await self._dead(entry_id, fields.get(b"routed", b""), "decode_error", str(exc), None)
+            routed = decode_routed(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            await self._dead(entry_id, raw, "decode_error", f"not a routed job: {exc}", None)
             return
         job, route = routed.job, routed.route
+        if deliveries > self.settings.max_deliveries:
+            last = await self.client.get(self.topo.error(job.id))
+            error = last.decode(errors="replace") if last else "its worker died or stalled while running it"
+            await self._dead(entry_id, raw, "max_deliveries",
+                             f"delivered {deliveries - 1} times without success; last error: {error}", routed)
+            return
         if job.deadline is not None and self.clock() > job.deadline:
             await self._publish(entry_id, routed, Result(
                 id=job.id, status="expired", model=job.model, kind=job.kind, tenant=job.tenant,
@@ -125,10 +181,16 @@ class PoolWorker:
         try:
             out = await self.backend.run(job)
         except BackendError as exc:
-            await self._dead(entry_id, fields[b"routed"], "backend_error", str(exc), routed)
+            if exc.retryable and deliveries < self.settings.max_deliveries:
+                delay = self._backoff_ms(deliveries)
+                await self._nack(entry_id, routed, f"{type(exc).__name__}: {exc}", delay_ms=delay)
+            else:
+                reason = "max_deliveries" if exc.retryable else "backend_error"
+                await self._dead(entry_id, raw, reason, f"{type(exc).__name__}: {exc}", routed)
             return
         timing = Timing(created_at=routed.created_at, routed_at=route.routed_at, dequeued_at=dequeued,
-                        started_at=started, first_token_at=out.first_token_at, finished_at=out.finished_at)
+                        started_at=started, first_token_at=out.first_token_at, finished_at=out.finished_at,
+                        attempt=deliveries)
         metrics = Metrics.of(timing, out.completion_tokens)
         result = Result(
             id=job.id, status="ok", model=job.model, kind=job.kind, tenant=job.tenant, slo=route.slo,
@@ -138,11 +200,39 @@ class PoolWorker:
             slo_met=slo_met(route.ttft_target_ms, route.tpot_target_ms, route.e2e_target_ms, metrics))
         await self._publish(entry_id, routed, result)
 
+    def _backoff_ms(self, deliveries: int) -> int:
+        base = self.settings.retry_backoff_ms * 2 ** (deliveries - 1)
+        return int(min(base, self.settings.claim_idle_ms) * random.uniform(0.5, 1.0))
+
+    async def _script(self, name: str, keys: list[str], args: list[object]) -> object:
+        """Run a completion script, retrying while Redis is unreachable (each is idempotent)."""
+        backoff = Backoff()
+        while True:
+            try:
+                return await self.scripts.call(name, keys, args)
+            except RETRYABLE as exc:
+                log.warning("Redis unreachable while finishing a job (%s); retrying", exc)
+                await backoff.wait()
+
     async def _publish(self, entry_id: bytes, routed: RoutedJob, result: Result) -> None:
-        await self.scripts.call(
-            "complete", [self.stream, self.topo.done(result.id), self.topo.reply(routed.job.reply_to)],
-            [WORKER_GROUP, entry_id, json_encode(result), self.settings.result_ttl_s * 1000])
-        self.completed += 1
+        reply = routed.job.reply_to
+        code = await self._script(
+            "complete", [self.stream, self.topo.done(result.id), self.topo.reply(reply), self.topo.replies],
+            [WORKER_GROUP, entry_id, self.name, json_encode(result), self.settings.result_ttl_s * 1000, reply])
+        if code == -1:
+            self.fenced += 1
+            log.warning("job %s finished here after a peer took it over; result dropped", result.id)
+        else:
+            self.completed += 1
+
+    async def _nack(self, entry_id: bytes, routed: RoutedJob | None, error: str, *, delay_ms: int) -> None:
+        job_id = routed.job.id if routed else ""
+        idle = max(0, self.settings.claim_idle_ms - delay_ms)
+        await self._script("nack", [self.stream, self.topo.error(job_id)],
+                           [WORKER_GROUP, entry_id, self.name, idle, error, self.settings.result_ttl_s * 1000])
+        if error:
+            self.retried += 1
+            log.info("job %s failed (%s); retrying in ~%d ms", job_id, error, delay_ms)
 
     async def _dead(self, entry_id: bytes, payload: bytes, reason: str, error: str,
                     routed: RoutedJob | None) -> None:
@@ -151,20 +241,44 @@ class PoolWorker:
                             job_id=routed.job.id if routed else None, consumer=self.name,
                             failed_at=self.clock())
         keys = [self.stream, self.topo.dead]
-        args: list[object] = [WORKER_GROUP, entry_id, json_encode(letter)]
+        args: list[object] = [WORKER_GROUP, entry_id, self.name, json_encode(letter)]
         if routed is not None:
             job = routed.job
             failed = Result(id=job.id, status="failed", model=job.model, kind=job.kind, tenant=job.tenant,
                             slo=routed.route.slo, pool=self.pool, worker=self.name, error=f"{reason}: {error}")
-            keys += [self.topo.done(job.id), self.topo.reply(job.reply_to)]
-            args += [json_encode(failed), self.settings.result_ttl_s * 1000]
-        await self.scripts.call("dead", keys, args)
-        log.warning("dead letter %s (%s): %s", entry_id.decode(), reason, error)
+            keys += [self.topo.done(job.id), self.topo.reply(job.reply_to), self.topo.replies]
+            args += [json_encode(failed), self.settings.result_ttl_s * 1000, job.reply_to]
+        if await self._script("dead", keys, args) == 1:
+            self.dead += 1
+            log.warning("dead letter %s (%s): %s", entry_id.decode(), reason, error)
+
+    async def renew_leases(self) -> None:
+        """Renew the entries of running jobs; cancel the runs whose entries a peer took over."""
+        ids = list(self.running)
+        if not ids:
+            return
+        lost = await self.scripts.call("renew", [self.stream], [WORKER_GROUP, self.name, *ids])
+        for entry_id in lost or []:  # type: ignore[attr-defined]
+            task = self.running.get(entry_id)
+            if task is not None:
+                log.warning("lost the lease on %s (this worker stalled past %d ms); a peer runs it now",
+                            entry_id.decode(), self.settings.claim_idle_ms)
+                self.fenced += 1
+                task.cancel()
+
+    async def _lease_loop(self, stop: asyncio.Event) -> None:
+        period = self.settings.claim_idle_ms / 3000
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.renew_leases()
+            except Exception:  # noqa: BLE001 - a missed renewal is retried next period
+                log.exception("lease renewal failed")
 
     async def heartbeat(self) -> None:
         """Tell the policy this worker's load: jobs in flight out of its capacity."""
-        beat = {"ts": self.clock(), "in_flight": len(self.tasks), "capacity": self.concurrency}
-        await self.client.hset(self.topo.heartbeats(self.pool), self.name, json_encode(beat))  # type: ignore[arg-type, misc]
+        beat = {"ts": self.clock(), "in_flight": len(self.running), "capacity": self.concurrency}
+        await self.client.hset(self.topo.heartbeats(self.pool), self.name, json_encode(beat))  # type: ignore[arg-type,misc]
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

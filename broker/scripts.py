@@ -1,0 +1,167 @@
+"""The Lua scripts that move jobs between streams, each in one atomic step.
+
+Every move is one script, so it happens entirely or not at all: no window where a job is
+on two streams, or acked on one and absent from the next. Each move also writes a per-job
+marker with ``SET NX``, which makes it idempotent by job id: a redelivered entry (its
+consumer died after the move, before it learned of the ack) is acked again without a
+second copy downstream. Handled entries are deleted from their stream once acked, since
+only the broker's own group reads the ingress and pool streams: their length is their
+backlog, and acked work does not accumulate.
+
+Worker-side scripts are *fenced*: they act only while the caller still owns the entry
+(it is pending under the caller's consumer name). ``XACK`` from a consumer that no longer
+owns an entry succeeds in Redis, so without the check a worker that was paused past its
+lease, and whose job a peer took over, could still ack and publish.
+
+Return codes: 1 done, 0 duplicate (the job already had an outcome; only acked), -1 fenced
+(the caller lost the entry; nothing was written).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError
+
+# Shared prelude. ARGV[1] group, ARGV[2] entry id, ARGV[3] consumer ('' = not fenced).
+_PRELUDE = """
+local function owned(stream)
+  if ARGV[3] == '' then return true end
+  local p = redis.call('XPENDING', stream, ARGV[1], ARGV[2], ARGV[2], 1)
+  return p[1] ~= nil and p[1][2] == ARGV[3]
+end
+local function done_with(stream)
+  redis.call('XACK', stream, ARGV[1], ARGV[2])
+  redis.call('XDEL', stream, ARGV[2])
+end
+"""
+
+# KEYS: ingress, pool stream, routed marker, done key.  ARGV[4] routed job, ARGV[5] ttl ms.
+ROUTE = _PRELUDE + """
+if redis.call('EXISTS', KEYS[4]) == 1 then done_with(KEYS[1]) return 0 end
+local fresh = redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[5])
+if fresh then redis.call('XADD', KEYS[2], '*', 'routed', ARGV[4]) end
+done_with(KEYS[1])
+if fresh then return 1 end
+return 0
+"""
+
+# KEYS: source stream, done key, reply stream, reply-stream set.
+# ARGV[4] result, ARGV[5] ttl ms, ARGV[6] reply stream name.
+# The done key holds the result: the first writer wins and later ones only ack.
+COMPLETE = _PRELUDE + """
+if not owned(KEYS[1]) then return -1 end
+local fresh = redis.call('SET', KEYS[2], ARGV[4], 'NX', 'PX', ARGV[5])
+if fresh then
+  redis.call('XADD', KEYS[3], '*', 'result', ARGV[4])
+  redis.call('SADD', KEYS[4], ARGV[6])
+end
+done_with(KEYS[1])
+if fresh then return 1 end
+return 0
+"""
+
+# KEYS: source stream, dead stream[, done key, reply stream, reply-stream set].
+# ARGV[4] dead letter[, ARGV[5] failed result, ARGV[6] ttl ms, ARGV[7] reply stream name].
+# With a known job its failed result claims the done key first: a job that already has an
+# outcome gets no dead letter, only the ack.
+DEAD = _PRELUDE + """
+if not owned(KEYS[1]) then return -1 end
+if #KEYS == 5 then
+  if not redis.call('SET', KEYS[3], ARGV[5], 'NX', 'PX', ARGV[6]) then done_with(KEYS[1]) return 0 end
+  redis.call('XADD', KEYS[4], '*', 'result', ARGV[5])
+  redis.call('SADD', KEYS[5], ARGV[7])
+end
+redis.call('XADD', KEYS[2], '*', 'dead', ARGV[4])
+done_with(KEYS[1])
+return 1
+"""
+
+# KEYS: stream, error key.  ARGV[4] idle ms to set, ARGV[5] error ('' = none), ARGV[6] ttl ms.
+# Gives an entry back for a later delivery: marking it idle for `idle` ms makes it
+# claimable by any consumer after (claim_idle - idle) ms. JUSTID leaves the delivery
+# count alone: it rises when the entry is claimed, i.e. when it is really delivered again.
+NACK = _PRELUDE + """
+if not owned(KEYS[1]) then return -1 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2], 'IDLE', ARGV[4], 'JUSTID')
+if ARGV[5] ~= '' then redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[6]) end
+return 1
+"""
+
+# KEYS: stream.  ARGV: group, consumer, entry ids...  Renews the lease on each entry the
+# consumer still owns (idle back to 0, delivery count unchanged); returns the ids it lost.
+RENEW = """
+local lost = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] ~= nil and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  else
+    table.insert(lost, ARGV[i])
+  end
+end
+return lost
+"""
+
+# KEYS: ingress.  ARGV: max backlog, job bytes.  Refuses work once the backlog is full.
+SUBMIT = """
+local backlog = redis.call('XLEN', KEYS[1])
+if backlog >= tonumber(ARGV[1]) then
+  return redis.error_reply('BACKLOG ' .. backlog)
+end
+return redis.call('XADD', KEYS[1], '*', 'job', ARGV[2])
+"""
+
+# KEYS: dead stream, ingress, done key, routed marker, error key.  ARGV: dead entry id, job.
+# Puts a dead job back on the ingress under its id, forgetting its earlier outcome.
+REPLAY = """
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
+redis.call('XADD', KEYS[2], '*', 'job', ARGV[2])
+return 1
+"""
+
+
+class Scripts:
+    """The scripts by SHA. Queue calls on a pipeline, then :meth:`execute` it.
+
+    A Redis that restarted empty has forgotten the scripts; :meth:`execute` then loads them
+    and runs the pipeline again. Every script is idempotent, so a rerun cannot duplicate
+    work even if part of the first run went through.
+    """
+
+    SOURCES = {"route": ROUTE, "complete": COMPLETE, "dead": DEAD, "nack": NACK, "renew": RENEW,
+               "submit": SUBMIT, "replay": REPLAY}
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self.sha = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in self.SOURCES.items()}
+
+    def queue(self, pipe: Pipeline, name: str, keys: list[str], args: list[object]) -> None:
+        """Queue script ``name`` on ``pipe``."""
+        pipe.evalsha(self.sha[name], len(keys), *keys, *args)  # type: ignore[arg-type]
+
+    async def execute(self, pipe: Pipeline, raise_on_error: bool = True) -> list[object]:
+        """Execute ``pipe``, loading the scripts first if Redis does not know them."""
+        stack = list(pipe.command_stack)
+        try:
+            results = await pipe.execute(raise_on_error=raise_on_error)
+            if not any(isinstance(r, NoScriptError) for r in results):
+                return results
+        except NoScriptError:
+            pass
+        await self.load()
+        pipe.command_stack = stack
+        return await pipe.execute(raise_on_error=raise_on_error)
+
+    async def call(self, name: str, keys: list[str], args: list[object]) -> object:
+        """Run one script now."""
+        pipe = self.client.pipeline(transaction=False)
+        self.queue(pipe, name, keys, args)
+        return (await self.execute(pipe))[0]
+
+    async def load(self) -> None:
+        for src in self.SOURCES.values():
+            await self.client.script_load(src)
