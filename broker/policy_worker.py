@@ -78,7 +78,7 @@ class PolicyWorker:
         self.name = name or consumer_name("policy")
         self.clock = clock
         self.scripts = Scripts(client)
-        self.claimer = Claimer(client, self.topo.jobs, POLICY_GROUP, self.name, idle_ms=settings.claim_idle_ms,
+        self.claimer = Claimer(self.scripts, self.topo.jobs, POLICY_GROUP, self.name, idle_ms=settings.claim_idle_ms,
                                interval_s=settings.claim_interval_s)
         streams = {self.topo.jobs: POLICY_GROUP, **{self.topo.pool(p): WORKER_GROUP for p in config.pools}}
         self.janitor = Janitor(client, settings, streams)

@@ -3,24 +3,29 @@
 Redis reclaims nothing on its own: entries delivered to a consumer that died stay pending
 under its name for good. Every consumer therefore runs a :class:`Claimer`: every
 ``claim_interval`` it takes over, in bulk, entries that have sat pending longer than
-``claim_idle_ms`` (XAUTOCLAIM), and learns how often each was delivered (XPENDING). Live
-workers renew their leases well inside that idle time, so only abandoned entries (a dead
-or stuck consumer, or a job given back for retry) qualify. The delivery count is Redis'
+``claim_idle_ms`` (one CLAIM script per pass, see :mod:`broker.scripts`). Live workers
+renew their leases well inside that idle time, so only abandoned entries (a dead or
+stalled consumer, or a job given back for a retry) qualify. Delivery counts are Redis'
 own, so a job that keeps killing its worker is counted even though no process survives
 to count it.
 
-Entries trimmed while pending come back from XAUTOCLAIM as deleted ids (Redis 7.0+);
-they are reported so the caller can dead-letter them instead of losing them silently.
+A worker can refuse *suspects*: jobs delivered at least twice whose runs left no error,
+i.e. whose workers died under them. It takes them one at a time and runs them alone, so
+a job that crashes its process stops taking innocent neighbours' deliveries with it.
+
+Entries trimmed while pending come back as deleted ids (Redis 7.0+); they are reported so
+the caller can dead-letter them instead of losing them silently.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 
+from broker.scripts import Scripts
 from broker.streams import Entry
 
 
@@ -28,24 +33,39 @@ class Claimed(msgspec.Struct, frozen=True):
     """What one claim pass took over."""
 
     entries: list[tuple[Entry, int]]
-    """Entries with their delivery counts (including this delivery)."""
+    """Entries to run, with their delivery counts (this delivery included)."""
+    suspects: list[tuple[Entry, int]]
+    """Suspects taken to run alone (no more than asked for)."""
     deleted: list[bytes]
     """Ids that were pending but whose entries no longer exist (trimmed or deleted)."""
+    waiting: int = 0
+    """Suspects seen but left for a consumer that can run them alone."""
+
+
+def _entry(raw: list[object]) -> Entry:
+    entry_id, flat = raw
+    it = iter(flat)  # type: ignore[call-overload]
+    return entry_id, dict(zip(it, it, strict=True))  # type: ignore[return-value]
 
 
 class Claimer:
-    """Claims idle entries of ``stream`` for ``consumer`` in group ``group``."""
+    """Claims idle entries of ``stream`` for ``consumer`` in group ``group``.
 
-    def __init__(self, client: aioredis.Redis, stream: str, group: str, consumer: str, *,
-                 idle_ms: int, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.client = client
+    ``error_prefix + entry_id`` names the key where a failed run recorded its error; with
+    it, redelivered entries without one are suspects. Without it there are no suspects.
+    """
+
+    def __init__(self, scripts: Scripts, stream: str, group: str, consumer: str, *, idle_ms: int,
+                 interval_s: float, error_prefix: str = "", clock: Callable[[], float] = time.monotonic) -> None:
+        self.scripts = scripts
         self.stream = stream
         self.group = group
         self.consumer = consumer
         self.idle_ms = idle_ms
         self.interval_s = interval_s
+        self.error_prefix = error_prefix
         self.clock = clock
-        self.cursor = b"0-0"
+        self.cursor: bytes = b"0-0"
         self.next_at = 0.0
         self.claimed = 0
 
@@ -53,30 +73,16 @@ class Claimer:
         """Whether a claim pass is due (one full scan of the pending list per interval)."""
         return self.clock() >= self.next_at
 
-    async def claim(self, count: int) -> Claimed:
-        """Take over up to ``count`` idle entries, continuing the scan where the last pass stopped."""
-        got: list[Entry] = []
-        deleted: list[bytes] = []
-        while len(got) < count:
-            reply = await self.client.xautoclaim(self.stream, self.group, self.consumer, self.idle_ms,
-                                                 start_id=self.cursor, count=count - len(got))
-            self.cursor = reply[0]
-            for entry_id, fields in reply[1]:
-                if fields:
-                    got.append((entry_id, fields))
-                else:  # Redis 6.2 returns a deleted entry as an id without fields
-                    deleted.append(entry_id)
-            if len(reply) > 2:
-                deleted.extend(reply[2])
-            if self.cursor in (b"0-0", "0-0"):
-                self.cursor = b"0-0"
-                self.next_at = self.clock() + self.interval_s
-                break
-        if not got:
-            return Claimed([], deleted)
-        pipe = self.client.pipeline(transaction=False)
-        for entry_id, _fields in got:
-            pipe.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1)
-        counts = [rows[0]["times_delivered"] if rows else 1 for rows in await pipe.execute()]
-        self.claimed += len(got)
-        return Claimed(list(zip(got, counts, strict=True)), deleted)
+    async def claim(self, count: int, suspects: int = 0) -> Claimed:
+        """Take over up to ``count`` idle entries, and up to ``suspects`` suspects to run alone."""
+        reply: list[Any] = await self.scripts.call("claim", [self.stream], [  # type: ignore[assignment]
+            self.group, self.consumer, self.idle_ms, self.cursor, count, suspects, self.error_prefix])
+        cursor, entries, isolated, deleted, counts, isolated_counts, waiting = reply
+        self.cursor = cursor
+        if cursor in (b"0-0", "0-0") or not (entries or isolated):
+            self.cursor = b"0-0"
+            self.next_at = self.clock() + self.interval_s
+        taken = [(_entry(e), n) for e, n in zip(entries, counts, strict=True)]
+        alone = [(_entry(e), n) for e, n in zip(isolated, isolated_counts, strict=True)]
+        self.claimed += len(taken) + len(alone)
+        return Claimed(taken, alone, list(deleted), int(waiting))

@@ -105,6 +105,41 @@ end
 return lost
 """
 
+# KEYS: stream.  ARGV: group, consumer, idle ms, cursor, count, suspects wanted, error-key
+# prefix ('' = no suspects). One claim pass (see broker.reclaim): XAUTOCLAIM JUSTID takes
+# ids without counting a delivery; redelivered ids whose runs left no error key are
+# suspects: up to `wanted` are taken to run alone, the rest given straight back (idle, so
+# claimable at once, count unchanged). The others are taken with XCLAIM, which counts the
+# delivery and returns their fields. (The error keys share the stream's hash tag.)
+# Returns {cursor, entries, suspect entries, deleted ids, counts, suspect counts, suspects given back}.
+CLAIM = """
+local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5], 'JUSTID')
+local wanted = tonumber(ARGV[6])
+local given_back = 0
+local out = {{}, {}}
+local counts = {{}, {}}
+for _, id in ipairs(r[2]) do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  local prior = 1
+  if p[1] then prior = p[1][4] end
+  local kind = 1
+  if ARGV[7] ~= '' and prior >= 2 and redis.call('EXISTS', ARGV[7] .. id) == 0 then
+    if wanted > 0 then wanted = wanted - 1; kind = 2 else kind = 0 end
+  end
+  if kind == 0 then
+    given_back = given_back + 1
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'IDLE', ARGV[3], 'JUSTID')
+  else
+    local e = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id)
+    if e[1] then
+      table.insert(out[kind], e[1])
+      table.insert(counts[kind], prior + 1)
+    end
+  end
+end
+return {r[1], out[1], out[2], r[3] or {}, counts[1], counts[2], given_back}
+"""
+
 # KEYS: ingress.  ARGV: max backlog, job bytes.  Refuses work once the backlog is full.
 SUBMIT = """
 local backlog = redis.call('XLEN', KEYS[1])
@@ -133,7 +168,7 @@ class Scripts:
     """
 
     SOURCES = {"route": ROUTE, "complete": COMPLETE, "dead": DEAD, "nack": NACK, "renew": RENEW,
-               "submit": SUBMIT, "replay": REPLAY}
+               "submit": SUBMIT, "replay": REPLAY, "claim": CLAIM}
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client

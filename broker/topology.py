@@ -61,9 +61,9 @@ class Topology(msgspec.Struct, frozen=True):
         """A job's result, kept for ``result_ttl``: one outcome per job, and a fast lookup."""
         return f"{self.base}:done:{job_id}"
 
-    def error(self, job_id: str) -> str:
-        """The last error of a job that is being retried (kept for the dead letter)."""
-        return f"{self.base}:err:{job_id}"
+    def errors(self, pool: str) -> str:
+        """Key prefix for the last error of each retried entry of pool ``pool`` (+ entry id)."""
+        return f"{self.base}:err:{pool}:"
 
     @property
     def replies(self) -> str:

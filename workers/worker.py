@@ -10,6 +10,9 @@ Reliability, in the order a job meets it:
 * **Takeover.** Besides new entries, the worker claims entries other consumers abandoned
   (:mod:`broker.reclaim`), with Redis' delivery count. Past ``max_deliveries`` the job is
   dead-lettered with its last error instead of being run again.
+* **Quarantine.** A job delivered before whose earlier run left no error (its worker died
+  or stalled) may be what killed it. It runs alone: nothing else starts while it runs, so
+  if it crashes the process again it takes no innocent neighbour's delivery with it.
 * **Leases.** While jobs run, their entries are renewed every third of ``claim_idle_ms``
   without raising the delivery count, so a long job is not taken over while its worker
   lives. A lease found lost (this process was paused and a peer took the job) cancels
@@ -67,9 +70,14 @@ class PoolWorker:
         self.name = name or consumer_name(f"worker-{pool}")
         self.clock = clock
         self.scripts = Scripts(client)
-        self.claimer = Claimer(client, self.stream, WORKER_GROUP, self.name, idle_ms=settings.claim_idle_ms,
-                               interval_s=settings.claim_interval_s)
+        self.errors = self.topo.errors(pool)
+        self.claimer = Claimer(self.scripts, self.stream, WORKER_GROUP, self.name, idle_ms=settings.claim_idle_ms,
+                               interval_s=settings.claim_interval_s, error_prefix=self.errors)
         self.running: dict[bytes, asyncio.Task[None]] = {}
+        self.isolated: bytes | None = None
+        """Entry id of the suspect running alone now."""
+        self.suspects_waiting = False
+        """A claim pass saw suspects: take no new work until idle, then take one."""
         self.completed = 0
         self.retried = 0
         self.dead = 0
@@ -95,18 +103,25 @@ class PoolWorker:
         backoff = Backoff()
         while not stop.is_set():
             free = self.concurrency - len(self.running)
-            if free <= 0:
+            if self.running and (free <= 0 or self.isolated is not None or self.suspects_waiting):
+                # Full; or a suspect runs alone; or we drain so that one can.
                 await asyncio.wait(self.running.values(), return_when=asyncio.FIRST_COMPLETED)
                 continue
             try:
-                if self.claimer.due():
-                    claimed = await self.claimer.claim(free)
+                if self.claimer.due() or self.suspects_waiting:
+                    claimed = await self.claimer.claim(free, suspects=0 if self.running else 1)
+                    self.suspects_waiting = claimed.waiting > 0
                     for entry_id in claimed.deleted:
                         await self._dead(entry_id, b"", "trimmed", "the entry was deleted while pending", None)
+                    for entry, deliveries in claimed.suspects:
+                        self.isolated = entry[0]
+                        log.warning("job in %s was delivered %d times and its workers died: running it alone",
+                                    entry[0].decode(), deliveries)
+                        self._start(entry, deliveries)
                     for entry, deliveries in claimed.entries:
                         self._start(entry, deliveries)
-                    free -= len(claimed.entries)
-                    if free <= 0:
+                    free -= len(claimed.entries) + len(claimed.suspects)
+                    if free <= 0 or self.isolated is not None or self.suspects_waiting:
                         continue
                 reply = await self.client.xreadgroup(
                     WORKER_GROUP, self.name, {self.stream: last_id}, count=free,
@@ -136,7 +151,12 @@ class PoolWorker:
             return  # already running here, or deleted while pending
         task = asyncio.create_task(self._handle(entry, deliveries, self.clock()))
         self.running[entry_id] = task
-        task.add_done_callback(lambda _t: self.running.pop(entry_id, None))
+        task.add_done_callback(lambda _t: self._finished(entry_id))
+
+    def _finished(self, entry_id: bytes) -> None:
+        self.running.pop(entry_id, None)
+        if self.isolated == entry_id:
+            self.isolated = None
 
     async def _drain(self) -> None:
         if not self.running:
@@ -167,10 +187,11 @@ class PoolWorker:
             return
         job, route = routed.job, routed.route
         if deliveries > self.settings.max_deliveries:
-            last = await self.client.get(self.topo.error(job.id))
+            last = await self.client.get(self.errors + entry_id.decode())
             error = last.decode(errors="replace") if last else "its worker died or stalled while running it"
             await self._dead(entry_id, raw, "max_deliveries",
-                             f"delivered {deliveries - 1} times without success; last error: {error}", routed)
+                             f"delivered {deliveries - 1} times without success; last error: {error}", routed,
+                             deliveries=deliveries - 1)
             return
         if job.deadline is not None and self.clock() > job.deadline:
             await self._publish(entry_id, routed, Result(
@@ -184,9 +205,12 @@ class PoolWorker:
             if exc.retryable and deliveries < self.settings.max_deliveries:
                 delay = self._backoff_ms(deliveries)
                 await self._nack(entry_id, routed, f"{type(exc).__name__}: {exc}", delay_ms=delay)
+            elif exc.retryable:
+                await self._dead(entry_id, raw, "max_deliveries", f"delivered {deliveries} times without success; "
+                                 f"last error: {type(exc).__name__}: {exc}", routed, deliveries=deliveries)
             else:
-                reason = "max_deliveries" if exc.retryable else "backend_error"
-                await self._dead(entry_id, raw, reason, f"{type(exc).__name__}: {exc}", routed)
+                await self._dead(entry_id, raw, "backend_error", f"{type(exc).__name__}: {exc}", routed,
+                                 deliveries=deliveries)
             return
         timing = Timing(created_at=routed.created_at, routed_at=route.routed_at, dequeued_at=dequeued,
                         started_at=started, first_token_at=out.first_token_at, finished_at=out.finished_at,
@@ -228,16 +252,16 @@ class PoolWorker:
     async def _nack(self, entry_id: bytes, routed: RoutedJob | None, error: str, *, delay_ms: int) -> None:
         job_id = routed.job.id if routed else ""
         idle = max(0, self.settings.claim_idle_ms - delay_ms)
-        await self._script("nack", [self.stream, self.topo.error(job_id)],
+        await self._script("nack", [self.stream, self.errors + entry_id.decode()],
                            [WORKER_GROUP, entry_id, self.name, idle, error, self.settings.result_ttl_s * 1000])
         if error:
             self.retried += 1
             log.info("job %s failed (%s); retrying in ~%d ms", job_id, error, delay_ms)
 
     async def _dead(self, entry_id: bytes, payload: bytes, reason: str, error: str,
-                    routed: RoutedJob | None) -> None:
+                    routed: RoutedJob | None, *, deliveries: int = 1) -> None:
         letter = DeadLetter(reason=reason, error=error, stream=self.stream,  # type: ignore[arg-type]
-                            entry_id=entry_id.decode(), payload=payload,
+                            entry_id=entry_id.decode(), payload=payload, delivery_count=deliveries,
                             job_id=routed.job.id if routed else None, consumer=self.name,
                             failed_at=self.clock())
         keys = [self.stream, self.topo.dead]
