@@ -476,6 +476,119 @@ def health(role_policy: bool, pool: str | None, max_age: float, **opts: Any) -> 
     raise click.ClickException(f"no fresh heartbeat from a {role} on this host in the last {max_age:g} s")
 
 
+@main.group(epilog=EPILOG)
+def dead() -> None:
+    """Inspect, replay or purge dead letters (jobs that could not be processed)."""
+
+
+@dead.command("list", epilog=EPILOG)
+@common
+@click.option("--reason", help="Only this reason (decode_error, invalid_job, max_deliveries, ...).")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON dead letter per line (payload base64).")
+@friendly
+def dead_list(reason: str | None, limit: int, as_json: bool, **opts: Any) -> None:
+    """List dead letters, oldest first."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from broker.dead import read_dead
+    from broker.streams import connect
+
+    settings = _need_url(_settings(**opts))
+
+    async def go() -> list[tuple[str, Any]]:
+        client = connect(settings.redis_url or "")
+        try:
+            return await read_dead(client, settings.topology, reason=reason, limit=limit)
+        finally:
+            await client.aclose()
+
+    letters = asyncio.run(go())
+    if as_json:
+        for entry_id, letter in letters:
+            click.echo(json.dumps({"entry_id": entry_id, **msgspec.to_builtins(letter)}))
+        return
+    table = Table(title=f"{len(letters)} dead letter(s)", header_style="bold")
+    for col in ("entry", "reason", "job", "deliveries", "from", "error"):
+        table.add_column(col, overflow="fold")
+    for entry_id, letter in letters:
+        table.add_row(entry_id, letter.reason, letter.job_id or "-", str(letter.delivery_count),
+                      letter.stream.rsplit(":", 1)[-1], letter.error[:200])
+    Console().print(table)
+
+
+@dead.command("replay", epilog=EPILOG)
+@common
+@click.argument("entry_ids", nargs=-1)
+@click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter (with --reason: of that reason).")
+@click.option("--reason", help="With --all: only this reason.")
+@friendly
+def dead_replay(entry_ids: tuple[str, ...], replay_all: bool, reason: str | None, **opts: Any) -> None:
+    """Put dead jobs back on the ingress stream under their ids, to run again.
+
+    Fix the cause first (a backend, a model missing from the config): a replayed job that
+    fails again becomes a dead letter again. Entries without a valid job are skipped.
+    """
+    from broker.dead import read_dead, replay
+    from broker.streams import connect
+    from broker.wire import InvalidJob
+
+    if not entry_ids and not replay_all:
+        raise click.UsageError("name dead-letter entry ids (see `inference-broker dead list`) or pass --all")
+    settings = _need_url(_settings(**opts))
+
+    async def go() -> tuple[int, int]:
+        client = connect(settings.redis_url or "")
+        done = skipped = 0
+        try:
+            letters = await read_dead(client, settings.topology, reason=reason)
+            chosen = letters if replay_all else [(i, d) for i, d in letters if i in entry_ids]
+            missing = set(entry_ids) - {i for i, _d in chosen}
+            if missing:
+                raise click.BadParameter(f"no dead letter {', '.join(sorted(missing))}", param_hint="ENTRY_IDS")
+            for entry_id, letter in chosen:
+                try:
+                    done += await replay(client, settings.topology, entry_id, letter)
+                except InvalidJob as exc:
+                    skipped += 1
+                    click.echo(f"skipped {entry_id} ({letter.reason}): no job to replay: {exc}", err=True)
+        finally:
+            await client.aclose()
+        return done, skipped
+
+    done, skipped = asyncio.run(go())
+    click.echo(f"replayed {done} job(s)" + (f", skipped {skipped}" if skipped else ""))
+
+
+@dead.command("purge", epilog=EPILOG)
+@common
+@click.option("--reason", help="Only dead letters of this reason.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@friendly
+def dead_purge(reason: str | None, yes: bool, **opts: Any) -> None:
+    """Delete dead letters for good."""
+    from broker.dead import read_dead
+    from broker.streams import connect
+
+    settings = _need_url(_settings(**opts))
+
+    async def go(ids: list[str] | None) -> list[str]:
+        client = connect(settings.redis_url or "")
+        try:
+            if ids is None:
+                return [i for i, _d in await read_dead(client, settings.topology, reason=reason)]
+            return ids[: await client.xdel(settings.topology.dead, *ids)] if ids else []
+        finally:
+            await client.aclose()
+
+    ids = asyncio.run(go(None))
+    if ids and not yes:
+        click.confirm(f"delete {len(ids)} dead letter(s)?", abort=True)
+    # Only the letters that were counted: ones arriving meanwhile are left alone.
+    click.echo(f"deleted {len(asyncio.run(go(ids)))} dead letter(s)")
+
+
 @main.command("config", epilog=EPILOG)
 @click.argument("path", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @friendly

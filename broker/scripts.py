@@ -149,11 +149,11 @@ end
 return redis.call('XADD', KEYS[1], '*', 'job', ARGV[2])
 """
 
-# KEYS: dead stream, ingress, done key, routed marker, error key.  ARGV: dead entry id, job.
+# KEYS: dead stream, ingress, done key, routed marker.  ARGV: dead entry id, job.
 # Puts a dead job back on the ingress under its id, forgetting its earlier outcome.
 REPLAY = """
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
+redis.call('DEL', KEYS[3], KEYS[4])
 redis.call('XADD', KEYS[2], '*', 'job', ARGV[2])
 return 1
 """

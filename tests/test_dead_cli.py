@@ -1,0 +1,74 @@
+"""`inference-broker dead`: list, replay and purge dead letters of a live stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import redis.asyncio as aioredis
+
+from broker.client import Client
+from broker.topology import Topology
+from broker.wire import Job
+from tests.conftest import FAST_ENV, ROOT, Roles
+from tests.helpers import eventually
+
+
+def cli(*args: str, url: str, prefix: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IB_")}
+    return subprocess.run([sys.executable, "-m", "broker", *args, "--redis-url", url, "--prefix", prefix],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, input=stdin)
+
+
+async def test_list_replay_and_purge(roles: Roles, redis_url: str, prefix: str, client: aioredis.Redis) -> None:
+    roles.start("policy", env=FAST_ENV)
+    drilled = roles.start("worker", "--pool", "gpu", env=FAST_ENV)
+    topo = Topology(prefix)
+    failing = Job(id="fix-me", model="llama-3.1-8b", kind="completion", prompt="p", max_tokens=3,
+                  metadata={"fault": "permanent"})
+    async with Client(redis_url, prefix=prefix) as sdk:
+        assert (await sdk.run(failing, timeout=20)).status == "failed"
+    await client.xadd(topo.jobs, {"job": b"not json"})
+
+    async def two_letters() -> bool:
+        return await client.xlen(topo.dead) == 2
+
+    await eventually(two_letters, what="two dead letters")
+
+    listed = cli("dead", "list", "--json", url=redis_url, prefix=prefix)
+    assert listed.returncode == 0, listed.stderr
+    letters = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert sorted(d["reason"] for d in letters) == ["backend_error", "decode_error"]
+    table = cli("dead", "list", url=redis_url, prefix=prefix)
+    assert "2 dead letter(s)" in table.stdout and "fix-me" in table.stdout
+
+    # "Fix the backend": a worker without fault injection, then replay everything.
+    drilled.terminate()
+    assert drilled.wait(timeout=15) == 0
+    roles.worker("gpu")
+    replayed = cli("dead", "replay", "--all", url=redis_url, prefix=prefix)
+    assert replayed.returncode == 0, replayed.stderr
+    assert "replayed 1 job(s), skipped 1" in replayed.stdout
+    assert "no job to replay" in replayed.stderr
+
+    async def fixed() -> bool:
+        raw = await client.get(topo.done("fix-me"))
+        return raw is not None and json.loads(raw)["status"] == "ok"
+
+    await eventually(fixed, what="the replayed job to succeed")
+    assert await client.xlen(topo.dead) == 1  # only the undecodable entry is left
+
+    kept = cli("dead", "purge", url=redis_url, prefix=prefix, stdin="n\n")
+    assert kept.returncode != 0 and await client.xlen(topo.dead) == 1
+    purged = cli("dead", "purge", "--yes", url=redis_url, prefix=prefix)
+    assert purged.returncode == 0 and "deleted 1 dead letter(s)" in purged.stdout
+    assert await client.xlen(topo.dead) == 0
+
+
+def test_replay_needs_ids_or_all(redis_url: str, prefix: str) -> None:
+    done = cli("dead", "replay", url=redis_url, prefix=prefix)
+    assert done.returncode == 2 and "--all" in done.stderr
+    unknown = cli("dead", "replay", "1-1", url=redis_url, prefix=prefix)
+    assert unknown.returncode == 2 and "no dead letter 1-1" in unknown.stderr
