@@ -278,7 +278,7 @@ def submit(model: str, prompt: str | None, kind: str, max_tokens: int, slo: str 
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @friendly
 def result(job_id: str, as_json: bool, **opts: Any) -> None:
-    """Print the stored result of one job (kept for a day by default)."""
+    """Print the stored result of one job (kept for an hour by default: IB_RESULT_TTL_S)."""
     import redis
 
     settings = _need_url(_settings(**opts))
