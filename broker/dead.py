@@ -8,13 +8,12 @@ and its new result follows the old ``failed`` one on its reply stream.
 
 from __future__ import annotations
 
-import msgspec
 import redis.asyncio as aioredis
 
 from broker.policy_worker import entry_payload
 from broker.scripts import Scripts
 from broker.topology import Topology
-from broker.wire import DeadLetter, InvalidJob, decode_dead, decode_job, decode_routed, json_encode
+from broker.wire import DECODE_ERRORS, DeadLetter, InvalidJob, decode_dead, decode_job, decode_routed, json_encode
 
 
 async def read_dead(client: aioredis.Redis, topo: Topology, *, reason: str | None = None,
@@ -42,7 +41,7 @@ def replayable_job(letter: DeadLetter, topo: Topology) -> bytes:
     else:
         try:
             job = decode_routed(letter.payload).job
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except DECODE_ERRORS as exc:
             raise InvalidJob("decode_error", f"not a routed job: {exc}") from None
     return json_encode(job)
 

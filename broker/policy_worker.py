@@ -26,6 +26,7 @@ from broker.settings import Settings
 from broker.streams import RETRYABLE, Backoff, Entry, consumer_name, ensure_group, is_group_lost, pipeline
 from broker.topology import POLICY_GROUP, RESERVED, WORKER_GROUP
 from broker.wire import (
+    DECODE_ERRORS,
     DeadLetter,
     InvalidJob,
     Job,
@@ -146,6 +147,9 @@ class PolicyWorker:
                 self._route_one(pipe, entry_id, fields, now)
             except InvalidJob as exc:
                 self._dead(pipe, entry_id, fields, exc, now)
+            except Exception as exc:  # noqa: BLE001 - one entry must not stop the loop
+                log.exception("could not route entry %s", entry_id.decode())
+                self._dead(pipe, entry_id, fields, InvalidJob("internal_error", f"{type(exc).__name__}: {exc}"), now)
         for entry_id in trimmed:
             self._dead(pipe, entry_id, {}, InvalidJob("trimmed", "the entry was deleted while pending"), now)
         if len(pipe):
@@ -280,7 +284,7 @@ def _salvage(raw: bytes) -> _Salvaged | None:
     """
     try:
         got = (_salvage_json if raw.lstrip()[:1] == b"{" else _salvage_msgpack).decode(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except DECODE_ERRORS:
         return None
     if got.reply_to in RESERVED:
         return None

@@ -196,6 +196,7 @@ class Result(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 DeadReason = Literal[
     "decode_error", "invalid_job", "too_large", "unknown_model", "backend_error", "max_deliveries", "trimmed",
+    "internal_error",
 ]
 
 
@@ -215,6 +216,9 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     failed_at: float = 0.0
     v: int = VERSION
 
+
+DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)
+"""Everything decoding untrusted bytes can raise (msgpack reports bad UTF-8 as UnicodeDecodeError)."""
 
 # One encoder/decoder per type, built once: the hot paths reuse them.
 json_encode = msgspec.json.Encoder().encode
@@ -263,7 +267,7 @@ def decode_job(data: bytes) -> Job:
             job = _job_msgpack.decode(data)
     except msgspec.ValidationError as exc:
         raise InvalidJob("invalid_job", str(exc)) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise InvalidJob("decode_error", f"not a JSON or msgpack job: {exc}") from None
     except RecursionError:
         raise InvalidJob("decode_error", "not a job: nested too deeply") from None

@@ -32,7 +32,6 @@ import random
 import time
 from collections.abc import Callable
 
-import msgspec
 import redis.asyncio as aioredis
 
 from broker.reclaim import Claimer
@@ -40,7 +39,7 @@ from broker.scripts import Scripts
 from broker.settings import Settings
 from broker.streams import RETRYABLE, Backoff, Entry, consumer_name, ensure_group, is_group_lost
 from broker.topology import WORKER_GROUP
-from broker.wire import DeadLetter, Metrics, Result, RoutedJob, Timing, Usage, decode_routed, json_encode
+from broker.wire import DECODE_ERRORS, DeadLetter, Metrics, Result, RoutedJob, Timing, Usage, decode_routed, json_encode
 from workers.backend import Backend, BackendError
 
 log = logging.getLogger("inference_broker.worker")
@@ -182,7 +181,7 @@ class PoolWorker:
             return
         try:
             routed = decode_routed(raw)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except DECODE_ERRORS as exc:
             await self._dead(entry_id, raw, "decode_error", f"not a routed job: {exc}", None)
             return
         job, route = routed.job, routed.route
@@ -201,7 +200,12 @@ class PoolWorker:
         started = self.clock()
         try:
             out = await self.backend.run(job)
-        except BackendError as exc:
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a backend bug must not stop the worker
+            if not isinstance(exc, BackendError):
+                log.exception("backend %s raised unexpectedly on job %s", self.backend.name, job.id)
+                exc = BackendError(f"{type(exc).__name__}: {exc}", retryable=True)
             if exc.retryable and deliveries < self.settings.max_deliveries:
                 delay = self._backoff_ms(deliveries)
                 await self._nack(entry_id, routed, f"{type(exc).__name__}: {exc}", delay_ms=delay)
