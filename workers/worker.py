@@ -73,6 +73,7 @@ class PoolWorker:
         self.claimer = Claimer(self.scripts, self.stream, WORKER_GROUP, self.name, idle_ms=settings.claim_idle_ms,
                                interval_s=settings.claim_interval_s, error_prefix=self.errors)
         self.running: dict[bytes, asyncio.Task[None]] = {}
+        self._leases: asyncio.Task[None] | None = None
         self.isolated: bytes | None = None
         """Entry id of the suspect running alone now."""
         self.suspects_waiting = False
@@ -85,13 +86,15 @@ class PoolWorker:
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set, then let running jobs finish within the grace period."""
         await ensure_group(self.client, self.stream, WORKER_GROUP)
-        side = [asyncio.create_task(self._heartbeat_loop(stop)), asyncio.create_task(self._lease_loop(stop))]
+        beat = asyncio.create_task(self._heartbeat_loop(stop))
+        self._leases = asyncio.create_task(self._lease_loop(stop))
         try:
             await self._consume(stop)
         finally:
             await self._drain()
-            for task in side:
-                task.cancel()
+            beat.cancel()
+            if self._leases is not None:
+                self._leases.cancel()
             try:
                 await self.client.hdel(self.topo.heartbeats(self.pool), self.name)  # type: ignore[misc]
             except aioredis.RedisError:
@@ -103,8 +106,12 @@ class PoolWorker:
         while not stop.is_set():
             free = self.concurrency - len(self.running)
             if self.running and (free <= 0 or self.isolated is not None or self.suspects_waiting):
-                # Full; or a suspect runs alone; or we drain so that one can.
-                await asyncio.wait(self.running.values(), return_when=asyncio.FIRST_COMPLETED)
+                # Full; or a suspect runs alone; or we drain so that one can. A stop still counts.
+                stopping = asyncio.ensure_future(stop.wait())
+                try:
+                    await asyncio.wait([*self.running.values(), stopping], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stopping.cancel()
                 continue
             try:
                 if self.claimer.due() or self.suspects_waiting:
@@ -162,6 +169,10 @@ class PoolWorker:
             return
         log.info("stopping: waiting up to %.0f s for %d running jobs", self.settings.grace_s, len(self.running))
         _done, pending = await asyncio.wait(list(self.running.values()), timeout=self.settings.grace_s)
+        # Stop renewing first: a renewal landing after a give-back would undo it.
+        if self._leases is not None:
+            self._leases.cancel()
+            await asyncio.gather(self._leases, return_exceptions=True)
         leftover = [entry_id for entry_id, task in self.running.items() if task in pending]
         for task in pending:
             task.cancel()
