@@ -11,7 +11,6 @@ from broker.client import Client
 from broker.topology import Topology
 from broker.wire import Job, decode_dead
 from tests.conftest import FAST_ENV, Roles
-from tests.helpers import eventually
 
 
 def completion(job_id: str, tokens: int = 4, model: str = "llama-3.1-8b", **metadata: str) -> Job:
@@ -30,7 +29,7 @@ async def test_failing_and_crashing_jobs_are_dead_lettered_while_healthy_ones_fl
         # A crash takes its worker down: restart workers as a supervisor (compose, systemd) would.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 60
-        failed = None
+        failed = killed = None
         while failed is None or killed is None:
             for i, w in enumerate(workers):
                 if w.poll() is not None:
