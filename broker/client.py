@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 
 from broker.errors import Backpressure, JobFailed, JobRejected, ResultTimeout
 from broker.scripts import Scripts
-from broker.streams import connect, ensure_group
+from broker.streams import RETRYABLE, Backoff, connect, ensure_group
 from broker.topology import Topology
 from broker.wire import InvalidJob, Job, Result, decode_result, encode_job
 
@@ -81,7 +81,8 @@ class Client:
         """Submit many jobs, pipelined ``chunk`` at a time; returns their ids in order.
 
         When the backlog fills up part way, :class:`Backpressure` is raised; its ``accepted``
-        lists the ids that were submitted.
+        lists the ids that were submitted (not always a prefix of ``jobs``: the backlog may
+        drain while a chunk is in flight).
         """
         accepted: list[str] = []
         batch: list[str] = []
@@ -89,15 +90,21 @@ class Client:
 
         async def flush() -> None:
             replies = await self.scripts.execute(pipe, raise_on_error=False)
+            full: Exception | None = None
+            # Look at every reply: the backlog can drain while a chunk is in flight, so jobs
+            # after a refused one may still have gone in.
             for job_id, reply in zip(batch, replies, strict=True):
-                if isinstance(reply, Exception):
-                    if "BACKLOG" not in str(reply):
-                        raise reply
-                    raise Backpressure(
-                        f"the ingress backlog is full ({str(reply).split()[-1]} jobs waiting, limit "
-                        f"{self.max_backlog}); retry later, or add policy workers", accepted=accepted)
-                accepted.append(job_id)
+                if not isinstance(reply, Exception):
+                    accepted.append(job_id)
+                elif "BACKLOG" in str(reply):
+                    full = full or reply
+                else:
+                    raise reply
             batch.clear()
+            if full is not None:
+                raise Backpressure(
+                    f"the ingress backlog is full ({str(full).split()[-1]} jobs waiting, limit "
+                    f"{self.max_backlog}); retry later, or add policy workers", accepted=accepted)
 
         for job in jobs:
             self.scripts.queue(pipe, "submit", [self.topo.jobs], [self.max_backlog, self._prepare(job)])
@@ -191,8 +198,15 @@ class _ReplyWaiter:
     async def _listen(self) -> None:
         last = self.start_id
         redis = self.client.redis
+        backoff = Backoff()
         while not self.closing:
-            reply = await redis.xread({self.stream: last}, count=500, block=LISTEN_BLOCK_MS)
+            try:
+                reply = await redis.xread({self.stream: last}, count=500, block=LISTEN_BLOCK_MS)
+                backoff.reset()
+            except RETRYABLE:
+                # Redis is away: keep waiting and resume from the last result seen.
+                await backoff.wait()
+                continue
             for _stream, entries in reply or ():
                 for entry_id, fields in entries:
                     last = entry_id.decode()

@@ -64,6 +64,7 @@ class EmbeddedRedis:
         self.appendonly = appendonly
         self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
+        self._log_start = 0
 
     @property
     def url(self) -> str:
@@ -76,6 +77,9 @@ class EmbeddedRedis:
     def start(self, timeout: float = 15.0) -> EmbeddedRedis:
         """Start the server and wait until its log says it accepts connections."""
         binary = find_redis_server()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # Only what this run writes counts: a reused directory holds the last run's log.
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         args = [
             binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
             "--save", "", "--appendonly", "yes" if self.appendonly else "no",
@@ -99,7 +103,9 @@ class EmbeddedRedis:
 
     def _log_tail(self) -> str:
         try:
-            return self.log_path.read_text(errors="replace")[-2000:]
+            with self.log_path.open("rb") as log:
+                log.seek(self._log_start)
+                return log.read().decode(errors="replace")[-2000:]
         except FileNotFoundError:
             return ""
 

@@ -79,8 +79,10 @@ class PolicyWorker:
         self.name = name or consumer_name("policy")
         self.clock = clock
         self.scripts = Scripts(client)
+        # No policy worker records errors, so every entry delivered twice is a suspect:
+        # claimed one at a time and routed alone (see broker.reclaim).
         self.claimer = Claimer(self.scripts, self.topo.jobs, POLICY_GROUP, self.name, idle_ms=settings.claim_idle_ms,
-                               interval_s=settings.claim_interval_s)
+                               interval_s=settings.claim_interval_s, error_prefix=f"{self.topo.base}:err:policy:")
         streams = {self.topo.jobs: POLICY_GROUP, **{self.topo.pool(p): WORKER_GROUP for p in config.pools}}
         self.janitor = Janitor(client, settings, streams)
         self.snapshot = Snapshot(now=clock())
@@ -106,8 +108,10 @@ class PolicyWorker:
             while not stop.is_set():
                 try:
                     if self.claimer.due():
-                        claimed = await self.claimer.claim(self.settings.batch)
+                        claimed = await self.claimer.claim(self.settings.batch, suspects=1)
                         await self.handle(claimed.entries, trimmed=claimed.deleted)
+                        for suspect in claimed.suspects:
+                            await self.handle([suspect])
                     reply = await self.client.xreadgroup(
                         POLICY_GROUP, self.name, {self.topo.jobs: last_id},
                         count=self.settings.batch, block=None if last_id == "0" else self.settings.block_ms,
@@ -257,6 +261,8 @@ class PolicyWorker:
                     beat_at = self.clock()
                     beat = {"ts": beat_at, "routed": self.routed, "dead": self.dead}
                     await self.client.hset(self.topo.policy_heartbeats, self.name, json_encode(beat))  # type: ignore[arg-type, misc]
+            except RETRYABLE as exc:
+                log.warning("pool snapshot refresh failed: Redis unreachable (%s)", exc)
             except Exception:  # noqa: BLE001 - a failed refresh keeps the last snapshot
                 log.exception("pool snapshot refresh failed")
             await asyncio.sleep(self.settings.snapshot_s)

@@ -300,8 +300,8 @@ class PoolWorker:
         for entry_id in lost or []:  # type: ignore[attr-defined]
             task = self.running.get(entry_id)
             if task is not None:
-                log.warning("lost the lease on %s (this worker stalled past %d ms); a peer runs it now",
-                            entry_id.decode(), self.settings.claim_idle_ms)
+                log.warning("lost the lease on %s (this worker stalled past %d ms, or Redis lost it); "
+                            "dropping the local run", entry_id.decode(), self.settings.claim_idle_ms)
                 self.fenced += 1
                 task.cancel()
 
@@ -311,6 +311,8 @@ class PoolWorker:
             await asyncio.sleep(period)
             try:
                 await self.renew_leases()
+            except RETRYABLE as exc:
+                log.warning("lease renewal failed: Redis unreachable (%s)", exc)
             except Exception:  # noqa: BLE001 - a missed renewal is retried next period
                 log.exception("lease renewal failed")
 
@@ -323,6 +325,8 @@ class PoolWorker:
         while not stop.is_set():
             try:
                 await self.heartbeat()
+            except RETRYABLE as exc:
+                log.warning("heartbeat failed: Redis unreachable (%s)", exc)
             except Exception:  # noqa: BLE001 - a missed beat only ages our entry
                 log.exception("heartbeat failed")
             await asyncio.sleep(self.settings.heartbeat_s)
