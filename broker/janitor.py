@@ -17,8 +17,10 @@ from __future__ import annotations
 import logging
 import uuid
 
+import msgspec
 import redis.asyncio as aioredis
 
+from broker.scripts import Scripts
 from broker.settings import Settings
 
 log = logging.getLogger("inference_broker.janitor")
@@ -32,8 +34,10 @@ def _id_tuple(entry_id: bytes | str) -> tuple[int, int]:
 class Janitor:
     """One deployment's housekeeping; ``streams`` maps each consumed stream to its group."""
 
-    def __init__(self, client: aioredis.Redis, settings: Settings, streams: dict[str, str]) -> None:
+    def __init__(self, client: aioredis.Redis, settings: Settings, streams: dict[str, tuple[str, str]]) -> None:
+        """``streams`` maps each consumed stream to (its group, the hash of its consumers' heartbeats)."""
         self.client = client
+        self.scripts = Scripts(client)
         self.settings = settings
         self.topo = settings.topology
         self.streams = streams
@@ -58,16 +62,24 @@ class Janitor:
         await self.start()
         return True
 
-    async def remove_dead_consumers(self) -> None:
+    async def remove_dead_consumers(self, now: float) -> None:
         idle_limit = 2 * self.settings.claim_idle_ms
-        for stream, group in self.streams.items():
+        fresh_s = 5 * self.settings.heartbeat_s
+        for stream, (group, heartbeats) in self.streams.items():
             try:
                 consumers = await self.client.xinfo_consumers(stream, group)
             except aioredis.ResponseError:
                 continue  # stream or group not there (yet)
+            beats = await self.client.hgetall(heartbeats)  # type: ignore[misc]
             for c in consumers:
-                if c["pending"] == 0 and c["idle"] > idle_limit:
-                    await self.client.xgroup_delconsumer(stream, group, c["name"])
+                if c["pending"] or c["idle"] <= idle_limit:
+                    continue
+                # Before Redis 7.2 a blocked read that returns nothing does not reset `idle`:
+                # a live consumer with nothing to do looks dead, but it still sends heartbeats.
+                beat = beats.get(c["name"])
+                if beat is not None and now - msgspec.json.decode(beat)["ts"] < fresh_s:
+                    continue
+                if await self.scripts.call("delconsumer", [stream], [group, c["name"]]) != -1:
                     self.removed_consumers += 1
 
     async def trim_results(self, now_ms: int) -> None:
@@ -91,11 +103,11 @@ class Janitor:
         removed = await self.client.xtrim(stream, minid=f"{floor[0]}-{floor[1]}", approximate=False)
         self.trimmed += int(removed)
 
-    async def sweep(self, now_ms: int) -> bool:
-        """One round of housekeeping. Returns True if a data loss was detected."""
+    async def sweep(self, now: float) -> bool:
+        """One round of housekeeping at ``now`` (epoch seconds). True if a data loss was detected."""
         lost = await self.data_lost()
-        await self.remove_dead_consumers()
-        await self.trim_results(now_ms)
+        await self.remove_dead_consumers(now)
+        await self.trim_results(int(now * 1000))
         return lost
 
 

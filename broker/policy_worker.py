@@ -83,7 +83,8 @@ class PolicyWorker:
         # claimed one at a time and routed alone (see broker.reclaim).
         self.claimer = Claimer(self.scripts, self.topo.jobs, POLICY_GROUP, self.name, idle_ms=settings.claim_idle_ms,
                                interval_s=settings.claim_interval_s, error_prefix=f"{self.topo.base}:err:policy:")
-        streams = {self.topo.jobs: POLICY_GROUP, **{self.topo.pool(p): WORKER_GROUP for p in config.pools}}
+        streams = {self.topo.jobs: (POLICY_GROUP, self.topo.policy_heartbeats),
+                   **{self.topo.pool(p): (WORKER_GROUP, self.topo.heartbeats(p)) for p in config.pools}}
         self.janitor = Janitor(client, settings, streams)
         self.snapshot = Snapshot(now=clock())
         self.routed = 0
@@ -210,7 +211,12 @@ class PolicyWorker:
         raw = fields.get(b"job") or fields.get(b"__data__") or json_encode(
             {k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()})
         limit = self.settings.max_job_bytes
-        job = _salvage(raw) if exc.reason != "too_large" else None
+        job = None
+        if exc.reason != "too_large":
+            try:
+                job = _salvage(entry_payload(fields))  # unwraps a FastStream envelope
+            except InvalidJob:
+                job = None
         letter = DeadLetter(reason=exc.reason, error=str(exc), stream=self.topo.jobs,
                             entry_id=entry_id.decode(), payload=raw[:limit],
                             job_id=job.id if job else None, consumer=self.name, failed_at=now)
@@ -255,7 +261,7 @@ class PolicyWorker:
                 await self.refresh()
                 if self.clock() - swept_at >= self.settings.janitor_s:
                     swept_at = self.clock()
-                    if await self.janitor.sweep(int(swept_at * 1000)):
+                    if await self.janitor.sweep(swept_at):
                         await self.setup()
                 if self.clock() - beat_at >= self.settings.heartbeat_s:
                     beat_at = self.clock()

@@ -140,6 +140,13 @@ end
 return {r[1], out[1], out[2], r[3] or {}, counts[1], counts[2], given_back}
 """
 
+# KEYS: stream.  ARGV: group, consumer.  Removes a consumer only if it holds no pending
+# entry *now*: checked and done in one step, so an entry delivered in between is not lost.
+DELCONSUMER = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return -1 end
+return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+"""
+
 # KEYS: ingress.  ARGV: max backlog, job bytes.  Refuses work once the backlog is full.
 SUBMIT = """
 local backlog = redis.call('XLEN', KEYS[1])
@@ -168,7 +175,7 @@ class Scripts:
     """
 
     SOURCES = {"route": ROUTE, "complete": COMPLETE, "dead": DEAD, "nack": NACK, "renew": RENEW,
-               "submit": SUBMIT, "replay": REPLAY, "claim": CLAIM}
+               "submit": SUBMIT, "replay": REPLAY, "claim": CLAIM, "delconsumer": DELCONSUMER}
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client

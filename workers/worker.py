@@ -38,7 +38,7 @@ from broker.reclaim import Claimer
 from broker.scripts import Scripts
 from broker.settings import Settings
 from broker.streams import RETRYABLE, Backoff, Entry, consumer_name, ensure_group, is_group_lost
-from broker.topology import WORKER_GROUP
+from broker.topology import RESERVED, WORKER_GROUP
 from broker.wire import DECODE_ERRORS, DeadLetter, Metrics, Result, RoutedJob, Timing, Usage, decode_routed, json_encode
 from workers.backend import Backend, BackendError
 
@@ -118,7 +118,9 @@ class PoolWorker:
                     claimed = await self.claimer.claim(free, suspects=0 if self.running else 1)
                     self.suspects_waiting = claimed.waiting > 0
                     for entry_id in claimed.deleted:
-                        await self._dead(entry_id, b"", "trimmed", "the entry was deleted while pending", None)
+                        # Redis already dropped it from the pending list: nobody owns it to fence.
+                        await self._dead(entry_id, b"", "trimmed", "the entry was deleted while pending", None,
+                                         fenced=False)
                     for entry, deliveries in claimed.suspects:
                         self.isolated = entry[0]
                         log.warning("job in %s was delivered %d times and its workers died: running it alone",
@@ -196,6 +198,9 @@ class PoolWorker:
             await self._dead(entry_id, raw, "decode_error", f"not a routed job: {exc}", None)
             return
         job, route = routed.job, routed.route
+        if job.reply_to in RESERVED:  # not from our policy worker: there is nowhere to answer
+            await self._dead(entry_id, raw, "invalid_job", f"reply_to {job.reply_to!r} is reserved", None)
+            return
         if deliveries > self.settings.max_deliveries:
             last = await self.client.get(self.errors + entry_id.decode())
             error = last.decode(errors="replace") if last else "its worker died or stalled while running it"
@@ -274,13 +279,13 @@ class PoolWorker:
             log.info("job %s failed (%s); retrying in ~%d ms", job_id, error, delay_ms)
 
     async def _dead(self, entry_id: bytes, payload: bytes, reason: str, error: str,
-                    routed: RoutedJob | None, *, deliveries: int = 1) -> None:
+                    routed: RoutedJob | None, *, deliveries: int = 1, fenced: bool = True) -> None:
         letter = DeadLetter(reason=reason, error=error, stream=self.stream,  # type: ignore[arg-type]
                             entry_id=entry_id.decode(), payload=payload, delivery_count=deliveries,
                             job_id=routed.job.id if routed else None, consumer=self.name,
                             failed_at=self.clock())
         keys = [self.stream, self.topo.dead]
-        args: list[object] = [WORKER_GROUP, entry_id, self.name, json_encode(letter)]
+        args: list[object] = [WORKER_GROUP, entry_id, self.name if fenced else "", json_encode(letter)]
         if routed is not None:
             job = routed.job
             failed = Result(id=job.id, status="failed", model=job.model, kind=job.kind, tenant=job.tenant,
