@@ -6,7 +6,7 @@ here; reading the file is the caller's business (``broker.config``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -29,7 +29,11 @@ class SLOClass(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     e2e_ms: float | None = None
     """Submission to last token."""
     priority: int = 0
-    """Lower runs first when pools are contended (used by later policies)."""
+    """Lower runs first when pools are contended."""
+    attainment: float = 0.9
+    """Share of the class's jobs that should meet the target."""
+    on_unattainable: Literal["best_effort", "shed"] = "best_effort"
+    """When no pool is predicted to meet the target: run anyway, or refuse at once (``rejected``)."""
 
 
 class ClassRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -61,6 +65,15 @@ class PoolSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Queued jobs per pool above which preferring classes spill to the default pool."""
 
 
+class RoutingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Which router decides, and how cautiously."""
+
+    policy: Literal["static", "slo"] = "static"
+    """``static``: class preferences plus backlog; ``slo``: cheapest pool predicted to meet the target."""
+    safety_margin: float = 0.8
+    """A pool counts as meeting a target when its prediction is within this share of it."""
+
+
 class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Everything the policy worker decides with."""
 
@@ -70,6 +83,7 @@ class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     pools: dict[str, PoolSpec]
     default_pool: str = "gpu"
     """Where jobs go when no preferred pool has room: the general-purpose pool."""
+    routing: RoutingConfig = RoutingConfig()
 
     def serving(self, model: str, kind: str) -> list[str]:
         """Names of the pools that can run ``model`` jobs of ``kind``, default pool first."""

@@ -46,11 +46,17 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
-    """Where a job goes and why. ``pool`` is ``None`` when no pool can serve it."""
+    """Where a job goes and why.
+
+    ``pool`` is ``None`` when no pool can serve the job, or when it is shed (``shed``):
+    its class may not run best-effort and no pool is predicted to meet its target.
+    """
 
     pool: str | None
     reason: str
     predicted_ttft_ms: float | None = None
+    predicted_e2e_ms: float | None = None
+    shed: bool = False
 
 
 def _predicted_ttft(config: PolicyConfig, pool: str, job: JobFeatures, state: PoolState) -> float | None:
