@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
@@ -38,11 +40,21 @@ from broker.wire import (
     decode_job,
     json_encode,
 )
-from policies import JobFeatures, PolicyConfig, PoolState, Snapshot, classify, route
+from policies import JobFeatures, PolicyConfig, PoolState, Snapshot, classify
 from policies.config import JOB_KINDS as KINDS
+from policies.router import Observation, Router, StaticRouter
 
 log = logging.getLogger("inference_broker.policy")
 _FASTSTREAM_MAGIC = b"\x89BIN\r\n\x1a\n"
+
+
+def make_router(config: PolicyConfig) -> Router:
+    """The router named by ``[routing] policy`` in the configuration."""
+    if config.routing.policy == "static":
+        return StaticRouter(config)
+    from policies.baselines import ROUTERS  # the SLO-aware router and the baselines
+
+    return ROUTERS[config.routing.policy](config)
 
 
 def entry_payload(fields: dict[bytes, bytes]) -> bytes:
@@ -87,6 +99,9 @@ class PolicyWorker:
                    **{self.topo.pool(p): (WORKER_GROUP, self.topo.heartbeats(p)) for p in config.pools}}
         self.janitor = Janitor(client, settings, streams)
         self.snapshot = Snapshot(now=clock())
+        self.router = make_router(config)
+        self.rng = random.Random(self.name)  # seeded per worker: decisions are reproducible from logs
+        self._seen: dict[bytes, int] = {}
         self.routed = 0
         self.dead = 0
 
@@ -175,7 +190,10 @@ class PolicyWorker:
                                prompt_tokens=job.prompt_tokens(), max_tokens=job.max_tokens,
                                slo_hint=job.slo)
         slo, why = classify(features, self.config)
-        decision = route(features, slo, self.config, self.snapshot)
+        decision = self.router.decide(features, slo, self.snapshot, self.rng)
+        if decision.shed:
+            self._finish(pipe, entry_id, job, created, "rejected", decision.reason)
+            return
         if decision.pool is None:
             raise InvalidJob("unknown_model", decision.reason)
         target = self.config.classes[slo]
@@ -245,14 +263,28 @@ class PolicyWorker:
             except aioredis.ResponseError:
                 pass  # stream not created yet
             workers = in_flight = capacity = 0
-            for raw in (await self.client.hgetall(self.topo.heartbeats(name))).values():  # type: ignore[misc]
+            beats = await self.client.hgetall(self.topo.heartbeats(name))  # type: ignore[misc]
+            for worker, raw in beats.items():
                 beat = msgspec.json.decode(raw)
                 if now - beat["ts"] < 5 * self.settings.heartbeat_s:
                     workers += 1
                     in_flight += beat["in_flight"]
                     capacity += beat["capacity"]
+                self._learn(name, worker, beat)
             pools[name] = PoolState(backlog=backlog, workers=workers, in_flight=in_flight, capacity=capacity)
         self.snapshot = Snapshot(now=now, pools=pools)
+
+    def _learn(self, pool: str, worker: bytes, beat: dict[str, Any]) -> None:
+        """Feed the router the job timings a worker reported, once per heartbeat."""
+        seq = beat.get("seq")
+        if seq is None or self._seen.get(worker) == seq:
+            return
+        self._seen[worker] = seq
+        for obs in beat.get("obs", ()):
+            try:
+                self.router.observe(msgspec.convert({**obs, "pool": pool}, Observation))
+            except msgspec.ValidationError:
+                log.warning("ignoring a malformed observation from %s", worker.decode(errors="replace"))
 
     async def _refresh_loop(self, stop: asyncio.Event) -> None:
         beat_at = swept_at = 0.0

@@ -68,8 +68,10 @@ class PoolSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 class RoutingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Which router decides, and how cautiously."""
 
-    policy: Literal["static", "slo"] = "static"
-    """``static``: class preferences plus backlog; ``slo``: cheapest pool predicted to meet the target."""
+    policy: Literal["static", "slo", "oracle", "gpu_only", "accel_only", "round_robin", "jsq", "lowest_latency",
+                    "cheapest_first"] = "static"
+    """``slo``: the cheapest pool predicted to meet the class's target; ``static``: class
+    preferences plus backlog; the others are the baselines of ``policies.baselines``."""
     safety_margin: float = 0.8
     """A pool counts as meeting a target when its prediction is within this share of it."""
 

@@ -8,13 +8,24 @@ clock (``snapshot.now``).
 
 from __future__ import annotations
 
-import random
 from typing import Protocol
 
 import msgspec
 
 from policies.config import PolicyConfig
 from policies.route import Decision, JobFeatures, Snapshot, route
+
+
+class RandomSource(Protocol):
+    """What routers need of a random generator; ``random.Random`` satisfies it.
+
+    A Protocol rather than ``random.Random`` itself, so ``policies`` never imports the
+    ``random`` module (whose module-level functions are global state).
+    """
+
+    def random(self) -> float:
+        """A float in [0, 1)."""
+        ...
 
 
 class Observation(msgspec.Struct, frozen=True, kw_only=True):
@@ -39,7 +50,7 @@ class Router(Protocol):
 
     name: str
 
-    def decide(self, job: JobFeatures, slo: str, snapshot: Snapshot, rng: random.Random) -> Decision:
+    def decide(self, job: JobFeatures, slo: str, snapshot: Snapshot, rng: RandomSource) -> Decision:
         """Choose a pool for ``job`` of class ``slo`` (deterministic for a given rng state)."""
         ...
 
@@ -56,7 +67,7 @@ class StaticRouter:
     def __init__(self, config: PolicyConfig) -> None:
         self.config = config
 
-    def decide(self, job: JobFeatures, slo: str, snapshot: Snapshot, rng: random.Random) -> Decision:
+    def decide(self, job: JobFeatures, slo: str, snapshot: Snapshot, rng: RandomSource) -> Decision:
         return route(job, slo, self.config, snapshot)
 
     def observe(self, obs: Observation) -> None:

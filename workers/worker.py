@@ -43,6 +43,8 @@ from broker.wire import DECODE_ERRORS, DeadLetter, Metrics, Result, RoutedJob, T
 from workers.backend import Backend, BackendError
 
 log = logging.getLogger("inference_broker.worker")
+MAX_OBSERVATIONS = 256
+"""Most job timings one heartbeat carries."""
 
 
 def slo_met(route_ttft: float, route_tpot: float | None, route_e2e: float | None, m: Metrics) -> bool:
@@ -73,6 +75,9 @@ class PoolWorker:
         self.claimer = Claimer(self.scripts, self.stream, WORKER_GROUP, self.name, idle_ms=settings.claim_idle_ms,
                                interval_s=settings.claim_interval_s, error_prefix=self.errors)
         self.running: dict[bytes, asyncio.Task[None]] = {}
+        self.observations: list[dict[str, object]] = []
+        """Timings of jobs finished since the last heartbeat: what the policy learns from."""
+        self.beat_seq = 0
         self._leases: asyncio.Task[None] | None = None
         self.isolated: bytes | None = None
         """Entry id of the suspect running alone now."""
@@ -214,6 +219,7 @@ class PoolWorker:
                 slo=route.slo, pool=self.pool, worker=self.name, error="deadline passed before start"))
             return
         started = self.clock()
+        concurrency = len(self.running)
         try:
             out = await self.backend.run(job)
         except asyncio.CancelledError:
@@ -236,6 +242,7 @@ class PoolWorker:
                         started_at=started, first_token_at=out.first_token_at, finished_at=out.finished_at,
                         attempt=deliveries)
         metrics = Metrics.of(timing, out.completion_tokens)
+        self._observe(job.model, out.prompt_tokens, out.completion_tokens, concurrency, timing, metrics)
         result = Result(
             id=job.id, status="ok", model=job.model, kind=job.kind, tenant=job.tenant, slo=route.slo,
             pool=self.pool, worker=self.name, output=out.output, embeddings=out.embeddings,
@@ -321,9 +328,20 @@ class PoolWorker:
             except Exception:  # noqa: BLE001 - a missed renewal is retried next period
                 log.exception("lease renewal failed")
 
+    def _observe(self, model: str, prompt: int, output: int, concurrency: int, t: Timing, m: Metrics) -> None:
+        if len(self.observations) >= MAX_OBSERVATIONS:
+            del self.observations[0]  # the freshest matter most; a beat stays small
+        self.observations.append({
+            "model": model, "prompt_tokens": prompt, "output_tokens": output, "concurrency": concurrency,
+            "ttft_ms": (t.first_token_at - t.started_at) * 1000, "tpot_ms": m.time_per_output_token_ms,
+            "at": t.finished_at})
+
     async def heartbeat(self) -> None:
-        """Tell the policy this worker's load: jobs in flight out of its capacity."""
-        beat = {"ts": self.clock(), "in_flight": len(self.running), "capacity": self.concurrency}
+        """Tell the policy this worker's load, and the timings of the jobs it finished since."""
+        observations, self.observations = self.observations, []
+        self.beat_seq += 1
+        beat = {"ts": self.clock(), "in_flight": len(self.running), "capacity": self.concurrency,
+                "seq": self.beat_seq, "obs": observations}
         await self.client.hset(self.topo.heartbeats(self.pool), self.name, json_encode(beat))  # type: ignore[arg-type,misc]
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:

@@ -1,0 +1,152 @@
+"""The SLO-aware router: the cheapest pool predicted to meet the job's class target.
+
+For a job of class ``C`` the router predicts, on every pool that serves the job's model and
+kind (:class:`~policies.estimate.LatencyEstimator`): TTFT (queue wait plus prefill at the load
+the job would join), time per output token and end-to-end time (with ``max_tokens`` output,
+an upper bound). A pool *meets* ``C`` when every target ``C`` sets holds with the safety
+margin: ``prediction <= routing.safety_margin x target``. Then:
+
+1. **Cheapest meeting pool**, by :func:`~policies.estimate.job_cost` (the job's share of its
+   worker's hourly cost for as long as it would run). Ties keep the configured order (default
+   pool first).
+2. **Spill-over.** A pool whose backlog has reached its capacity (the job would queue) is taken
+   only when no unsaturated pool meets the target: queue-wait predictions are the least
+   certain part of the estimate, and an idle pool that meets the target is the safer bet.
+3. **Priority: less urgent work fills idle capacity.** A pool with ``prefer_for`` classes is
+   reserved for them: a class not listed there whose ``priority`` is numerically greater
+   (less urgent) than every listed class may use the pool only while its backlog is under
+   ``IDLE_SHARE`` of its capacity, so the scarce accelerator always has free slots for the
+   interactive work it is there for. If the job's model runs nowhere else, the reservation
+   yields.
+4. **Admission.** When no pool meets the target, a class with ``on_unattainable = "shed"`` is
+   refused at once (``shed=True``, reason ``slo_unattainable: ...``); any other class goes
+   best-effort to the pool with the lowest predicted TTFT.
+
+A job whose model or kind no pool serves gets ``pool=None`` and a reason ``no pool serves ...``.
+Every decision carries a short reason with the predicted numbers, and
+``predicted_ttft_ms``/``predicted_e2e_ms``, so that a miss can be explained later.
+
+Inside a pool, :func:`queue_key` orders waiting jobs: lower ``priority`` first (interactive
+ahead of batch), first come first served within a priority. A simulator's pool queue (or a
+worker reading several priority streams) should pop by that key.
+"""
+
+from __future__ import annotations
+
+from policies.config import PolicyConfig, SLOClass
+from policies.estimate import LatencyEstimator, Prediction
+from policies.route import Decision, JobFeatures, PoolState, Snapshot
+from policies.router import Observation, RandomSource
+
+IDLE_SHARE = 0.5
+"""Share of a reserved pool's capacity that less urgent classes may fill."""
+
+
+def queue_key(config: PolicyConfig, slo: str, seq: int) -> tuple[int, int]:
+    """Sort key for a pool's waiting jobs: class priority first (lower runs first), then arrival ``seq``."""
+    cls = config.classes.get(slo) or config.classes[config.default_class]
+    return cls.priority, seq
+
+
+def pool_capacity(config: PolicyConfig, pool: str, state: PoolState) -> int:
+    """Jobs the pool runs at once: from heartbeats, else the configured concurrency of one worker each."""
+    return max(1, state.capacity or config.pools[pool].concurrency * max(1, state.workers))
+
+
+def reserved_against(config: PolicyConfig, pool: str, cls: SLOClass, slo: str) -> bool:
+    """Whether ``pool`` is reserved for classes more urgent than ``cls`` (see the module docs)."""
+    prefer = config.pools[pool].prefer_for
+    if not prefer or slo in prefer:
+        return False
+    return cls.priority > min(config.classes[c].priority for c in prefer)
+
+
+def misses(cls: SLOClass, pred: Prediction, margin: float) -> list[str]:
+    """The targets of ``cls`` that ``pred`` misses with the margin, as short notes (empty: it meets)."""
+    out: list[str] = []
+    if pred.ttft_ms > margin * cls.ttft_ms:
+        out.append(f"ttft {pred.ttft_ms:.0f}>{margin * cls.ttft_ms:.0f}ms")
+    # One token (or an embedding) has no time per output token to miss.
+    if cls.tpot_ms is not None and pred.output_tokens > 1 and pred.tpot_ms > margin * cls.tpot_ms:
+        out.append(f"tpot {pred.tpot_ms:.1f}>{margin * cls.tpot_ms:.1f}ms")
+    if cls.e2e_ms is not None and pred.e2e_ms > margin * cls.e2e_ms:
+        out.append(f"e2e {pred.e2e_ms:.0f}>{margin * cls.e2e_ms:.0f}ms")
+    return out
+
+
+def describe(pred: Prediction) -> str:
+    """The predicted numbers of one pool, short."""
+    wait = f" (wait {pred.queue_wait_ms:.0f})" if pred.queue_wait_ms > 0 else ""
+    return (f"{pred.pool} ttft {pred.ttft_ms:.0f}ms{wait} tpot {pred.tpot_ms:.1f}ms "
+            f"e2e {pred.e2e_ms:.0f}ms ${pred.cost:.2e}")
+
+
+class SloRouter:
+    """The cheapest pool predicted to meet the job's SLO class, from learned estimates.
+
+    Deterministic: it never draws from ``rng``. Feed it every finished job through
+    :meth:`observe`; its estimates start from the pools' device profiles.
+    """
+
+    name = "slo"
+
+    def __init__(self, config: PolicyConfig, estimator: LatencyEstimator | None = None) -> None:
+        self.config = config
+        self.estimator = estimator or LatencyEstimator(config)
+
+    def observe(self, obs: Observation) -> None:
+        """Learn from a finished job."""
+        self.estimator.observe(obs)
+
+    def predict(self, job: JobFeatures, pool: str, snapshot: Snapshot) -> Prediction | None:
+        """What ``job`` would see on ``pool`` now (``None``: the pool cannot run its model)."""
+        return self.estimator.predict(job, pool, snapshot.pools.get(pool, PoolState()), snapshot.now)
+
+    def decide(self, job: JobFeatures, slo: str, snapshot: Snapshot, rng: RandomSource) -> Decision:
+        """Choose a pool for ``job`` of class ``slo`` (see the module docs for the rules)."""
+        config = self.config
+        note = ""
+        if slo not in config.classes:  # classify() never does this; a stale caller might
+            note = f"unknown class {slo!r}, using {config.default_class}; "
+            slo = config.default_class
+        cls = config.classes[slo]
+        preds = [p for n in config.serving(job.model, job.kind) if (p := self.predict(job, n, snapshot)) is not None]
+        if not preds:
+            return Decision(pool=None, reason=f"no pool serves {job.kind} on model {job.model!r}")
+
+        def state(pool: str) -> PoolState:
+            return snapshot.pools.get(pool, PoolState())
+
+        notes: list[str] = []
+        candidates: list[Prediction] = []
+        for p in preds:
+            cap = pool_capacity(config, p.pool, state(p.pool))
+            if reserved_against(config, p.pool, cls, slo) and state(p.pool).backlog >= IDLE_SHARE * cap:
+                notes.append(f"{p.pool} kept for more urgent classes (backlog {state(p.pool).backlog}/{cap})")
+            else:
+                candidates.append(p)
+        if not candidates:  # the model runs only on reserved pools: serve it there anyway
+            candidates, notes = preds, []
+        margin = config.routing.safety_margin
+        missed = {p.pool: misses(cls, p, margin) for p in candidates}
+        meeting = [p for p in candidates if not missed[p.pool]]
+        notes += [f"{p.pool} misses {', '.join(missed[p.pool])}" for p in candidates if missed[p.pool]]
+
+        if meeting:
+            free = [p for p in meeting if state(p.pool).backlog < pool_capacity(config, p.pool, state(p.pool))]
+            best = min(free or meeting, key=lambda p: p.cost)
+            if free and best.cost > min(p.cost for p in meeting):
+                full = [p.pool for p in meeting if p not in free and p.cost < best.cost]
+                notes.append(f"spill from saturated {', '.join(full)}")
+            return self._decision(best, f"{note}{slo}: {describe(best)} meets, cheapest", notes)
+        best = min(candidates, key=lambda p: p.ttft_ms)
+        if cls.on_unattainable == "shed":
+            reason = f"slo_unattainable: {note}no pool meets {slo} ({'; '.join(notes)})"
+            return Decision(pool=None, reason=reason, shed=True, predicted_ttft_ms=best.ttft_ms,
+                            predicted_e2e_ms=best.e2e_ms)
+        return self._decision(best, f"{note}{slo}: best effort, {describe(best)} lowest ttft", notes)
+
+    @staticmethod
+    def _decision(pred: Prediction, head: str, notes: list[str]) -> Decision:
+        reason = "; ".join([head, *notes])
+        return Decision(pool=pred.pool, reason=reason, predicted_ttft_ms=pred.ttft_ms, predicted_e2e_ms=pred.e2e_ms)

@@ -1,0 +1,40 @@
+"""The SLO-aware router in the live policy worker: routes by prediction, sheds what it cannot serve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from broker.client import Client
+from broker.config import default_config_text
+from broker.wire import ChatMessage, Job
+from tests.conftest import FAST_ENV, Roles
+
+SLO_CONFIG = default_config_text() + '''
+[routing]
+policy = "slo"
+
+[classes.instant]
+ttft_ms = 1
+on_unattainable = "shed"
+'''
+
+
+async def test_slo_router_routes_and_sheds_live(roles: Roles, redis_url: str, prefix: str, tmp_path: Path) -> None:
+    config = tmp_path / "policy.toml"
+    config.write_text(SLO_CONFIG)
+    env = {**FAST_ENV, "IB_CONFIG": str(config)}
+    roles.start("policy", env=env)
+    roles.start("worker", "--pool", "gpu", env=env)
+    roles.start("worker", "--pool", "accel", env=env)
+    chat = [ChatMessage("user", "hello " * 50)]
+    async with Client(redis_url, prefix=prefix) as sdk:
+        served = [await sdk.run(Job(id=f"slo-{i}", model="llama-3.1-8b", messages=chat, max_tokens=32), timeout=30)
+                  for i in range(5)]
+        shed = await sdk.run(Job(id="too-fast", model="llama-3.1-8b", messages=chat, slo="instant"), timeout=30)
+    for r in served:
+        assert r.status == "ok" and r.slo == "interactive"
+        # An idle H100 meets the interactive target and is cheaper: the SLO router keeps it there.
+        assert r.pool == "gpu", r.route_reason
+        assert r.route_reason and "ttft" in r.route_reason
+    assert shed.status == "rejected" and shed.error and shed.error.startswith("slo_unattainable")
+    assert shed.timing is None
