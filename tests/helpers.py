@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
+import redis.asyncio as aioredis
+
+from broker.topology import Topology
 from broker.wire import ChatMessage, Job
 
 
@@ -40,3 +45,14 @@ def mixed_jobs(n: int, seed: int = 1, tag: str = "j") -> list[Job]:
                             slo=rng.choice(["batch", "standard", "interactive"]),
                             messages=[ChatMessage("user", "w" * rng.randint(10, 500))]))
     return jobs
+
+
+async def result_counts(client: aioredis.Redis, topo: Topology) -> tuple[Counter[str], Counter[str]]:
+    """Results on the default reply stream: (count per job id, count per status)."""
+    ids: Counter[str] = Counter()
+    statuses: Counter[str] = Counter()
+    for _id, fields in await client.xrange(topo.reply("results")):
+        data = json.loads(fields[b"result"])
+        ids[data["id"]] += 1
+        statuses[data["status"]] += 1
+    return ids, statuses

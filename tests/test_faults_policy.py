@@ -24,7 +24,7 @@ from broker.errors import Backpressure
 from broker.topology import POLICY_GROUP, WORKER_GROUP, Topology
 from broker.wire import Job
 from tests.conftest import FAST_ENV, ROOT, Roles
-from tests.helpers import eventually, mixed_jobs
+from tests.helpers import eventually, mixed_jobs, result_counts
 
 POOLS = ("gpu", "accel")
 
@@ -51,15 +51,6 @@ async def routed_ids(client: aioredis.Redis, topo: Topology) -> Counter[str]:
     return seen
 
 
-async def result_ids(client: aioredis.Redis, topo: Topology) -> tuple[Counter[str], Counter[str]]:
-    """Results on the default reply stream: (count per job id, count per status)."""
-    ids: Counter[str] = Counter()
-    statuses: Counter[str] = Counter()
-    for _id, fields in await client.xrange(topo.reply("results")):
-        data = json.loads(fields[b"result"])
-        ids[data["id"]] += 1
-        statuses[data["status"]] += 1
-    return ids, statuses
 
 
 async def started(client: aioredis.Redis, topo: Topology, proc: subprocess.Popen[bytes]) -> str:
@@ -106,7 +97,7 @@ async def complete_all(roles: Roles, client: aioredis.Redis, topo: Topology, ids
         return all([await drained(client, topo.pool(p), WORKER_GROUP) for p in POOLS])
 
     await eventually(done, timeout=30, what="both pools to drain")
-    got, statuses = await result_ids(client, topo)
+    got, statuses = await result_counts(client, topo)
     assert set(got) == ids
     assert [i for i, n in got.items() if n != 1] == []
     assert statuses == Counter(ok=len(ids))

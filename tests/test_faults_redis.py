@@ -8,7 +8,6 @@ processes and must ride out every fault without being restarted.
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import subprocess
 from collections import Counter
@@ -26,7 +25,7 @@ from broker.streams import connect, wait_ready
 from broker.topology import POLICY_GROUP, WORKER_GROUP, Topology
 from broker.wire import Job
 from tests.conftest import FAST_ENV, Roles, _start
-from tests.helpers import eventually
+from tests.helpers import eventually, result_counts
 
 LOSS = "Redis lost this deployment's data"
 
@@ -117,15 +116,6 @@ async def all_done(client: aioredis.Redis, topo: Topology, ids: list[str]) -> bo
     return True
 
 
-async def results(client: aioredis.Redis, topo: Topology) -> tuple[Counter[str], Counter[str]]:
-    """Results on the default reply stream: (count per job id, count per status)."""
-    ids: Counter[str] = Counter()
-    statuses: Counter[str] = Counter()
-    for _id, fields in await client.xrange(topo.reply("results")):
-        data = json.loads(fields[b"result"])
-        ids[data["id"]] += 1
-        statuses[data["status"]] += 1
-    return ids, statuses
 
 
 async def submit_until_accepted(sdk: Client, chunk: list[Job], retried: set[str], timeout: float = 30) -> None:
@@ -145,7 +135,7 @@ async def submit_until_accepted(sdk: Client, chunk: list[Job], retried: set[str]
 
 
 async def assert_exactly_one_ok_result(client: aioredis.Redis, topo: Topology, ids: list[str]) -> None:
-    got, statuses = await results(client, topo)
+    got, statuses = await result_counts(client, topo)
     assert set(ids) <= set(got), f"no result for {sorted(set(ids) - set(got))[:10]}"
     assert [i for i in ids if got[i] != 1] == []
     assert statuses == Counter(ok=sum(got.values())), statuses
