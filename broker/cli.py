@@ -18,6 +18,7 @@ import msgspec
 
 from broker.errors import BrokerError
 from broker.settings import Settings
+from broker.simulate_cli import simulate
 from broker.stack import state_file
 from broker.wire import ChatMessage, Job, Result, decode_result, new_id
 from policies.config import ConfigError
@@ -587,6 +588,9 @@ def dead_purge(reason: str | None, yes: bool, **opts: Any) -> None:
         click.confirm(f"delete {len(ids)} dead letter(s)?", abort=True)
     # Only the letters that were counted: ones arriving meanwhile are left alone.
     click.echo(f"deleted {len(asyncio.run(go(ids)))} dead letter(s)")
+
+
+main.add_command(simulate)
 
 
 @main.command("config", epilog=EPILOG)

@@ -118,6 +118,11 @@ class SloRouter:
             return snapshot.pools.get(pool, PoolState())
 
         notes: list[str] = []
+        # A pool whose workers all stopped sending heartbeats would only queue the job.
+        staffed = [p for p in preds if state(p.pool).workers > 0]
+        if staffed and len(staffed) < len(preds):
+            notes += [f"{p.pool} has no live workers" for p in preds if state(p.pool).workers == 0]
+            preds = staffed
         candidates: list[Prediction] = []
         for p in preds:
             cap = pool_capacity(config, p.pool, state(p.pool))
@@ -126,7 +131,8 @@ class SloRouter:
             else:
                 candidates.append(p)
         if not candidates:  # the model runs only on reserved pools: serve it there anyway
-            candidates, notes = preds, []
+            candidates = preds
+            notes = [n for n in notes if "kept for" not in n]
         margin = config.routing.safety_margin
         missed = {p.pool: misses(cls, p, margin) for p in candidates}
         meeting = [p for p in candidates if not missed[p.pool]]

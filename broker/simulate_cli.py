@@ -1,0 +1,176 @@
+"""``inference-broker simulate``: the routing policies on a simulated fleet, one table per run.
+
+The simulation itself is pure (:mod:`policies.simulator`); this module only parses options,
+loads the policy file and prints. Register it on the main group with
+``main.add_command(simulate)``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+import msgspec
+
+from policies import simulator
+from policies.baselines import ROUTERS
+from policies.config import ConfigError, PolicyConfig
+from policies.simulator import ClassMetrics, Goodput, SimOptions, goodput, summarize
+from policies.workloads import WORKLOADS
+
+EPILOG = "Docs: README.md, docs/ and bench/POLICY.md in the project repository."
+ORDER = ("slo", "oracle", "gpu_only", "accel_only", "round_robin", "jsq", "lowest_latency", "cheapest_first", "static")
+"""Policies in report order: the SLO router, its offline reference, then the baselines."""
+
+
+def policy_names(choice: str) -> list[str]:
+    """``all`` or a comma-separated list of router names, checked against the registry."""
+    if choice == "all":
+        return [n for n in ORDER if n in ROUTERS] + sorted(set(ROUTERS) - set(ORDER))
+    names = [n.strip() for n in choice.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ROUTERS]
+    if unknown or not names:
+        raise click.BadParameter(f"{choice!r}: expected 'all' or names from {', '.join(ROUTERS)}",
+                                 param_hint="--policy")
+    return names
+
+
+def parse_fleet(text: str | None, config: PolicyConfig) -> dict[str, int]:
+    """``gpu=4,accel=1`` over the default (4 workers on the default pool, 1 on each other pool)."""
+    fleet = {pool: 4 if pool == config.default_pool else 1 for pool in config.pools}
+    for item in (text or "").replace(" ", "").split(","):
+        if not item:
+            continue
+        pool, _, n = item.partition("=")
+        if pool not in fleet or not n.isdigit():
+            raise click.BadParameter(f"{item!r}: expected POOL=N with POOL one of {', '.join(fleet)}",
+                                     param_hint="--fleet")
+        fleet[pool] = int(n)
+    return fleet
+
+
+def _span(p50: float | None, p99: float | None) -> str:
+    """``p50/p99`` in one cell, in ms or s, whichever reads better."""
+    if p50 is None or p99 is None:
+        return "-"
+    if p99 >= 1000:
+        return f"{p50 / 1000:.2f}/{p99 / 1000:.2f} s"
+    return f"{p50:.0f}/{p99:.0f} ms"
+
+
+def table_rows(metrics: dict[str, ClassMetrics]) -> list[list[str]]:
+    """One row per class (then ``all``): the columns of :data:`COLUMNS` (rich markup: met targets green)."""
+    rows = []
+    for cls, m in metrics.items():
+        met = f"{m.attainment:.1%}"
+        if m.target is not None:
+            met = f"[{'green' if m.attainment >= m.target else 'red'}]{met}[/]"
+        cost = "-" if m.cost_per_mtok is None else f"${m.cost_per_mtok:.2f}"
+        rows.append([cls, str(m.jobs), met, str(m.rejected + m.failed),
+                     _span(m.ttft_p50_ms, m.ttft_p99_ms), _span(m.e2e_p50_ms, m.e2e_p99_ms), cost,
+                     f"{m.accel_share:.0%}"])
+    return rows
+
+
+COLUMNS = ("class", "jobs", "SLO met", "lost", "TTFT p50/p99", "e2e p50/p99", "$/M tok", "accel")
+
+
+@click.command("simulate", epilog=EPILOG)
+@click.option("--workload", type=click.Choice(sorted(WORKLOADS)), default="chat", show_default=True,
+              help="Trace-shaped workload (chat, code, mixed, diurnal).")
+@click.option("--policy", "policy", default="all", show_default=True, metavar="NAME[,NAME]|all",
+              help=f"Routing policies to compare: {', '.join(ROUTERS)}.")
+@click.option("--rate", type=click.FloatRange(min=0.01), help="Mean arrivals per second [default: the workload's].")
+@click.option("--duration", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+              help="Seconds of arrivals (simulated; jobs then run to completion).")
+@click.option("--seed", type=int, default=1, show_default=True, help="Same seed, same jobs, same results.")
+@click.option("--fleet", metavar="POOL=N,...", help="Workers per pool [default: 4 on the default pool, 1 on others].")
+@click.option("--priority/--fifo", default=False, show_default=True,
+              help="Order pool queues by class priority instead of arrival.")
+@click.option("--snapshot-interval", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+              help="Seconds between the router's pool snapshots (0: exact; the live policy worker: 0.25).")
+@click.option("--observation-interval", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+              help="Seconds between batches of job timings the router learns from (0: each job at once; "
+                   "live: 1, the heartbeat).")
+@click.option("--goodput", "with_goodput", is_flag=True,
+              help="Also search each policy's interactive goodput (several runs per policy).")
+@click.option("--config", type=click.Path(dir_okay=False, path_type=Path), envvar="IB_CONFIG",
+              help="Policy TOML (SLO classes, rules, pools) [env IB_CONFIG; default: built-in].")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of tables.")
+def simulate_cmd(workload: str, policy: str, rate: float | None, duration: float, seed: int, fleet: str | None,
+                 priority: bool, snapshot_interval: float, observation_interval: float, with_goodput: bool,
+                 config: Path | None, as_json: bool) -> None:
+    """Compare routing policies on a simulated fleet (virtual clock, seeded, no Redis).
+
+    Each policy routes the same generated jobs; the table shows per SLO class the share that
+    met its target, latency percentiles from submission, the cost per million output tokens
+    (the provisioned fleet over the run; "busy": only worker-time with jobs in flight) and the
+    share served by accelerators.
+    """
+    from broker.config import load_config
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    names = policy_names(policy)
+    sizes = parse_fleet(fleet, cfg)
+    work = WORKLOADS[workload]
+    if rate is not None:
+        work = work.at_rate(rate)
+    options = SimOptions(priority_queues=priority, snapshot_interval_s=snapshot_interval,
+                         observation_interval_s=observation_interval)
+    out: list[dict[str, Any]] = []
+    for name in names:
+        result = simulator.simulate(cfg, ROUTERS[name](cfg), work, sizes, seed, duration, options=options)
+        entry: dict[str, Any] = {
+            "policy": name, "workload": workload, "rate": work.rate, "duration": duration, "seed": seed,
+            "fleet": sizes, "end": result.end, "classes": summarize(result, cfg)}
+        if with_goodput:
+            def factory(name: str = name) -> Any:
+                return ROUTERS[name](cfg)
+
+            entry["goodput"] = goodput(cfg, factory, work, sizes, seed, duration, options=options)
+        out.append(entry)
+    if as_json:
+        click.echo(json.dumps(msgspec.to_builtins(out), indent=2))
+        return
+    _print(out, work.description)
+
+
+def _print(runs: list[dict[str, Any]], description: str) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    first = runs[0]
+    fleet = ", ".join(f"{p}={n}" for p, n in first["fleet"].items())
+    table = Table(title=f"{first['workload']} at {first['rate']:.1f} jobs/s for {first['duration']:.0f} s, "
+                        f"fleet {fleet}, seed {first['seed']}", header_style="bold", padding=(0, 1),
+                  box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True,
+                  caption=f"{description}. SLO met: share of all the class's jobs (green: target met); lost: shed or "
+                          "failed; latencies from submission; $/M tok: provisioned fleet cost per million "
+                          "output tokens; accel: share served by accelerators.")
+    table.add_column("policy", no_wrap=True)
+    for col in COLUMNS:
+        table.add_column(col, justify="left" if col == "class" else "right", no_wrap=True)
+    with_goodput = any("goodput" in run for run in runs)
+    if with_goodput:
+        table.add_column("goodput", justify="right", no_wrap=True)
+    for run in runs:
+        g: Goodput | None = run.get("goodput")
+        rows = table_rows(run["classes"])
+        for i, row in enumerate(rows):
+            extra = []
+            if with_goodput:
+                extra = [f"{g.rate:.1f}{'+' if g.capped else ''}/s" if g is not None and row[0] == g.cls else ""]
+            table.add_row(run["policy"] if i == 0 else "", *row, *extra,
+                          style="bold" if row[0] == "all" else None)
+        table.add_section()
+    Console().print(table)
+
+
+simulate = simulate_cmd
+"""The command object to register: ``main.add_command(simulate)``."""
