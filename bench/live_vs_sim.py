@@ -65,7 +65,7 @@ from broker.stack import Stack
 from broker.wire import ChatMessage, Job, Result
 from policies.baselines import ROUTERS
 from policies.classify import classify
-from policies.config import PolicyConfig
+from policies.config import ConfigError, PolicyConfig, pool_counts
 from policies.profiles import PROFILES
 from policies.simulator import (
     ClassMetrics,
@@ -118,15 +118,10 @@ def policy_toml(policy: str) -> str:
 
 def parse_fleet(text: str, config: PolicyConfig) -> dict[str, int]:
     """``gpu=1,accel=1``: every pool of the config, 0 workers unless named."""
-    fleet = dict.fromkeys(config.pools, 0)
-    for item in text.replace(" ", "").split(","):
-        if not item:
-            continue
-        pool, _, n = item.partition("=")
-        if pool not in fleet or not n.isdigit():
-            raise SystemExit(f"--fleet: {item!r}: expected POOL=N with POOL one of {', '.join(fleet)}")
-        fleet[pool] = int(n)
-    return fleet
+    try:
+        return pool_counts(config, [text], {})
+    except ConfigError as exc:
+        raise SystemExit(f"--fleet: {exc}") from None
 
 
 # --------------------------------------------------------------------------- the live run

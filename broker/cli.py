@@ -21,7 +21,7 @@ from broker.settings import Settings
 from broker.simulate_cli import simulate
 from broker.stack import state_file
 from broker.wire import ChatMessage, Job, Result, decode_result, new_id
-from policies.config import ConfigError
+from policies.config import ConfigError, pool_counts
 
 F = TypeVar("F", bound=Callable[..., Any])
 EPILOG = "Docs: README.md and docs/ in the project repository."
@@ -101,14 +101,11 @@ def _pool_workers(settings: Settings, counts: tuple[str, ...]) -> dict[str, int]
     from broker.config import load_config
 
     config = load_config(settings.config)
-    workers = {pool: 2 if pool == config.default_pool else 1 for pool in config.pools}
-    for item in counts:
-        pool, _, n = item.partition("=")
-        if pool not in workers or not n.isdigit():
-            raise click.BadParameter(f"{item!r}: expected POOL=N with POOL one of {', '.join(workers)}",
-                                     param_hint="--workers")
-        workers[pool] = int(n)
-    return workers
+    base = {pool: 2 if pool == config.default_pool else 1 for pool in config.pools}
+    try:
+        return pool_counts(config, counts, base)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--workers") from None
 
 
 def _sigterm_is_interrupt() -> None:

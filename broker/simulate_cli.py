@@ -16,7 +16,7 @@ import msgspec
 
 from policies import simulator
 from policies.baselines import ROUTERS
-from policies.config import ConfigError, PolicyConfig
+from policies.config import ConfigError, PolicyConfig, pool_counts
 from policies.simulator import ClassMetrics, Goodput, SimOptions, goodput, summarize
 from policies.workloads import WORKLOADS
 
@@ -39,16 +39,11 @@ def policy_names(choice: str) -> list[str]:
 
 def parse_fleet(text: str | None, config: PolicyConfig) -> dict[str, int]:
     """``gpu=4,accel=1`` over the default (4 workers on the default pool, 1 on each other pool)."""
-    fleet = {pool: 4 if pool == config.default_pool else 1 for pool in config.pools}
-    for item in (text or "").replace(" ", "").split(","):
-        if not item:
-            continue
-        pool, _, n = item.partition("=")
-        if pool not in fleet or not n.isdigit():
-            raise click.BadParameter(f"{item!r}: expected POOL=N with POOL one of {', '.join(fleet)}",
-                                     param_hint="--fleet")
-        fleet[pool] = int(n)
-    return fleet
+    base = {pool: 4 if pool == config.default_pool else 1 for pool in config.pools}
+    try:
+        return pool_counts(config, [text or ""], base)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--fleet") from None
 
 
 def _span(p50: float | None, p99: float | None) -> str:

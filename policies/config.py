@@ -6,6 +6,7 @@ here; reading the file is the caller's business (``broker.config``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import msgspec
@@ -124,6 +125,17 @@ def _check(cfg: PolicyConfig) -> PolicyConfig:
         if cap is not None and pool.concurrency > cap:
             raise ConfigError(f"{where}.concurrency {pool.concurrency} exceeds the {pool.profile!r} device cap {cap}")
     return cfg
+
+
+def pool_counts(config: PolicyConfig, items: Iterable[str], base: Mapping[str, int]) -> dict[str, int]:
+    """Worker counts per pool: ``base`` overridden by ``POOL=N`` items (each may be a comma list)."""
+    counts = {pool: base.get(pool, 0) for pool in config.pools}
+    for item in (part for text in items for part in text.replace(" ", "").split(",") if part):
+        pool, _, n = item.partition("=")
+        if pool not in counts or not n.isdigit():
+            raise ConfigError(f"{item!r}: expected POOL=N with POOL one of {', '.join(counts)}")
+        counts[pool] = int(n)
+    return counts
 
 
 def config_from_dict(data: dict[str, Any]) -> PolicyConfig:
