@@ -25,7 +25,16 @@ from broker.janitor import Janitor, warn_if_evicting
 from broker.reclaim import Claimer
 from broker.scripts import Scripts
 from broker.settings import Settings
-from broker.streams import RETRYABLE, Backoff, Entry, consumer_name, ensure_group, is_group_lost, pipeline
+from broker.streams import (
+    RETRYABLE,
+    Backoff,
+    Entry,
+    consumer_name,
+    ensure_group,
+    every,
+    is_group_lost,
+    pipeline,
+)
 from broker.topology import POLICY_GROUP, RESERVED, WORKER_GROUP
 from broker.wire import (
     DECODE_ERRORS,
@@ -102,6 +111,7 @@ class PolicyWorker:
         self.router = make_router(config)
         self.rng = random.Random(self.name)  # seeded per worker: decisions are reproducible from logs
         self._seen: dict[bytes, int] = {}
+        self._swept_at = self._beat_at = 0.0
         self.routed = 0
         self.dead = 0
 
@@ -116,7 +126,7 @@ class PolicyWorker:
         await self.setup()
         await self.janitor.start()
         await warn_if_evicting(self.client)
-        refresher = asyncio.create_task(self._refresh_loop(stop))
+        refresher = asyncio.create_task(every(self.settings.snapshot_s, self._tick, "pool snapshot refresh", stop))
         try:
             # First our own pending entries (a restart under the same name), then new ones.
             last_id = "0"
@@ -286,24 +296,17 @@ class PolicyWorker:
             except msgspec.ValidationError:
                 log.warning("ignoring a malformed observation from %s", worker.decode(errors="replace"))
 
-    async def _refresh_loop(self, stop: asyncio.Event) -> None:
-        beat_at = swept_at = 0.0
-        while not stop.is_set():
-            try:
-                await self.refresh()
-                if self.clock() - swept_at >= self.settings.janitor_s:
-                    swept_at = self.clock()
-                    if await self.janitor.sweep(swept_at):
-                        await self.setup()
-                if self.clock() - beat_at >= self.settings.heartbeat_s:
-                    beat_at = self.clock()
-                    beat = {"ts": beat_at, "routed": self.routed, "dead": self.dead}
-                    await self.client.hset(self.topo.policy_heartbeats, self.name, json_encode(beat))  # type: ignore[arg-type, misc]
-            except RETRYABLE as exc:
-                log.warning("pool snapshot refresh failed: Redis unreachable (%s)", exc)
-            except Exception:  # noqa: BLE001 - a failed refresh keeps the last snapshot
-                log.exception("pool snapshot refresh failed")
-            await asyncio.sleep(self.settings.snapshot_s)
+    async def _tick(self) -> None:
+        """Every snapshot period: refresh the pools; less often, housekeeping and a heartbeat."""
+        await self.refresh()
+        if self.clock() - self._swept_at >= self.settings.janitor_s:
+            self._swept_at = self.clock()
+            if await self.janitor.sweep(self._swept_at):
+                await self.setup()
+        if self.clock() - self._beat_at >= self.settings.heartbeat_s:
+            self._beat_at = self.clock()
+            beat = {"ts": self._beat_at, "routed": self.routed, "dead": self.dead}
+            await self.client.hset(self.topo.policy_heartbeats, self.name, json_encode(beat))  # type: ignore[arg-type, misc]
 
 
 class _Salvaged(msgspec.Struct):

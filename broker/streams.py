@@ -7,10 +7,12 @@ comments on awaited commands in this project are for that.)
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -22,6 +24,8 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.errors import RedisUnavailable
+
+log = logging.getLogger("inference_broker")
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 """A stream entry as redis-py returns it: (id, fields)."""
@@ -116,6 +120,22 @@ class Backoff:
 
 RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 """Errors after which a role waits and tries again rather than exiting."""
+
+
+async def every(period_s: float, action: Callable[[], Awaitable[object]], what: str,
+                stop: asyncio.Event | None = None) -> None:
+    """Run ``action`` every ``period_s`` until ``stop`` (or until cancelled, without one).
+
+    A failure is logged and the action tried again next period.
+    """
+    while stop is None or not stop.is_set():
+        try:
+            await action()
+        except RETRYABLE as exc:
+            log.warning("%s failed: Redis unreachable (%s)", what, exc)
+        except Exception:  # noqa: BLE001 - one failed round must not end the loop
+            log.exception("%s failed", what)
+        await asyncio.sleep(period_s)
 
 
 def consumer_name(role: str) -> str:

@@ -37,7 +37,7 @@ import redis.asyncio as aioredis
 from broker.reclaim import Claimer
 from broker.scripts import Scripts
 from broker.settings import Settings
-from broker.streams import RETRYABLE, Backoff, Entry, consumer_name, ensure_group, is_group_lost
+from broker.streams import RETRYABLE, Backoff, Entry, consumer_name, ensure_group, every, is_group_lost
 from broker.topology import RESERVED, WORKER_GROUP
 from broker.wire import DECODE_ERRORS, DeadLetter, Metrics, Result, RoutedJob, Timing, Usage, decode_routed, json_encode
 from workers.backend import Backend, BackendError
@@ -91,8 +91,11 @@ class PoolWorker:
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set, then let running jobs finish within the grace period."""
         await ensure_group(self.client, self.stream, WORKER_GROUP)
-        beat = asyncio.create_task(self._heartbeat_loop(stop))
-        self._leases = asyncio.create_task(self._lease_loop(stop))
+        beat = asyncio.create_task(every(self.settings.heartbeat_s, self.heartbeat, "heartbeat", stop))
+        # Renew three times per idle period (a missed renewal still leaves two chances), and
+        # keep renewing after `stop` while running jobs drain: cancelled in _drain.
+        self._leases = asyncio.create_task(
+            every(self.settings.claim_idle_ms / 3000, self.renew_leases, "lease renewal"))
         try:
             await self._consume(stop)
         finally:
@@ -317,17 +320,6 @@ class PoolWorker:
                 self.fenced += 1
                 task.cancel()
 
-    async def _lease_loop(self, stop: asyncio.Event) -> None:
-        period = self.settings.claim_idle_ms / 3000
-        while True:
-            await asyncio.sleep(period)
-            try:
-                await self.renew_leases()
-            except RETRYABLE as exc:
-                log.warning("lease renewal failed: Redis unreachable (%s)", exc)
-            except Exception:  # noqa: BLE001 - a missed renewal is retried next period
-                log.exception("lease renewal failed")
-
     def _observe(self, model: str, prompt: int, output: int, concurrency: int, t: Timing, m: Metrics) -> None:
         if len(self.observations) >= MAX_OBSERVATIONS:
             del self.observations[0]  # the freshest matter most; a beat stays small
@@ -338,18 +330,9 @@ class PoolWorker:
 
     async def heartbeat(self) -> None:
         """Tell the policy this worker's load, and the timings of the jobs it finished since."""
-        observations, self.observations = self.observations, []
-        self.beat_seq += 1
         beat = {"ts": self.clock(), "in_flight": len(self.running), "capacity": self.concurrency,
-                "seq": self.beat_seq, "obs": observations}
+                "seq": self.beat_seq + 1, "obs": self.observations}
         await self.client.hset(self.topo.heartbeats(self.pool), self.name, json_encode(beat))  # type: ignore[arg-type,misc]
-
-    async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self.heartbeat()
-            except RETRYABLE as exc:
-                log.warning("heartbeat failed: Redis unreachable (%s)", exc)
-            except Exception:  # noqa: BLE001 - a missed beat only ages our entry
-                log.exception("heartbeat failed")
-            await asyncio.sleep(self.settings.heartbeat_s)
+        # Only once the beat is written: a failed write keeps the timings for the next one.
+        self.beat_seq += 1
+        self.observations = []
