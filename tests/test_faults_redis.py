@@ -61,7 +61,6 @@ def make_roles(servers: list[EmbeddedRedis], prefix: str, tmp_path: Path,
 
 
 def launch(servers: list[EmbeddedRedis], directory: Path, **kwargs: object) -> EmbeddedRedis:
-    directory.mkdir(exist_ok=True)  # EmbeddedRedis does not create a given directory
     server = _start(directory=directory, **kwargs)
     servers.append(server)
     return server
@@ -345,30 +344,12 @@ def slow_job(job_id: str) -> Job:
     return Job(id=job_id, model="llama-3.3-70b", kind="completion", prompt="p", max_tokens=150)
 
 
-async def test_a_caller_waiting_for_a_result_survives_a_dropped_connection(
-        servers: list[EmbeddedRedis], make_roles: Callable[[str], Roles], tmp_path: Path, prefix: str) -> None:
-    server = launch(servers, tmp_path / "data", port=free_port())
-    topo = Topology(prefix)
-    client = connect(server.url)
-    try:
-        roles = make_roles(server.url)
-        procs = [roles.start("policy", env=FAST_ENV), roles.start("worker", "--pool", "gpu", env=FAST_ENV)]
-        await ready(client, topo, procs, gpu_workers=1)
-        async with Client(server.url, prefix=prefix) as sdk:
-            await sdk.submit(slow_job("slow"))
-            waiter = asyncio.create_task(sdk.result("slow", timeout=10))
-            await eventually(lambda: blocked_in_xread(client), timeout=5, what="the SDK listener to block")
-            assert await client.client_kill_filter(_type="normal") >= 1
-            result = await waiter
-        assert result.status == "ok"
-        assert all(p.poll() is None for p in procs)
-    finally:
-        await client.aclose()
-
-
-async def test_a_caller_waiting_for_a_result_survives_a_redis_restart(
-        servers: list[EmbeddedRedis], make_roles: Callable[[str], Roles], tmp_path: Path, prefix: str) -> None:
-    server = launch(servers, tmp_path / "data", port=free_port(), appendonly=True)
+@pytest.mark.parametrize("fault", ["dropped_connection", "redis_restart"])
+async def test_a_caller_waiting_for_a_result_survives(
+        fault: str, servers: list[EmbeddedRedis], make_roles: Callable[[str], Roles], tmp_path: Path,
+        prefix: str) -> None:
+    restarting = fault == "redis_restart"
+    server = launch(servers, tmp_path / "data", port=free_port(), **({"appendonly": True} if restarting else {}))
     topo = Topology(prefix)
     client = connect(server.url)
     try:
@@ -379,10 +360,12 @@ async def test_a_caller_waiting_for_a_result_survives_a_redis_restart(
             await sdk.submit(slow_job("slow"))
             waiter = asyncio.create_task(sdk.result("slow", timeout=12))
             await eventually(lambda: blocked_in_xread(client), timeout=5, what="the SDK listener to block")
-
-            await eventually(lambda: _pending(client, topo), what="the job to start")
-            # Longer than any connection retry budget (5 retries, backoff capped at 2 s).
-            server = await restart(servers, server, outage=5.0)
+            if restarting:
+                await eventually(lambda: _pending(client, topo), what="the job to start")
+                # Longer than any connection retry budget (5 retries, backoff capped at 2 s).
+                server = await restart(servers, server, outage=5.0)
+            else:
+                assert await client.client_kill_filter(_type="normal") >= 1
             result = await waiter
         assert result.status == "ok"
         assert all(p.poll() is None for p in procs)
