@@ -7,7 +7,7 @@ here; reading the file is the caller's business (``broker.config``).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import msgspec
 
@@ -50,6 +50,35 @@ class ClassRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     min_output_tokens: int | None = None
 
 
+class Endpoint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One OpenAI-compatible server behind a pool (vLLM, SGLang, TGI, a hosted API).
+
+    The API key is never part of the configuration: name the environment variable that holds
+    it (``api_key_env``) or a file whose content is the key (``api_key_file``), or neither for
+    a server without authentication.
+    """
+
+    base_url: str
+    """Up to and including the API version, e.g. ``http://gpu-0:8000/v1``."""
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+    """Relative paths are taken from the worker's working directory."""
+    models: dict[str, str] = {}
+    """Pool model name -> the name this server knows it by. Empty: it serves every model of
+    the pool under the pool's names. Otherwise it serves only the models listed."""
+
+    def serves(self, model: str) -> bool:
+        """Whether requests for pool model ``model`` may go to this endpoint."""
+        return not self.models or model in self.models
+
+    def upstream(self, model: str) -> str:
+        """The model name to send this endpoint for pool model ``model``."""
+        return self.models.get(model, model)
+
+
+BackendName = Literal["simulated", "openai", "minilm"]
+
+
 class PoolSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A worker pool: what it serves, how much it takes, what it costs."""
 
@@ -64,6 +93,17 @@ class PoolSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """SLO classes that go to this pool first when it has room (static routing)."""
     max_backlog: int = 64
     """Queued jobs per pool above which preferring classes spill to the default pool."""
+    backend: BackendName = "simulated"
+    """What runs the jobs: the simulated device of ``profile``, OpenAI-compatible HTTP
+    ``endpoints``, or the in-process MiniLM embedding model."""
+    endpoints: tuple[Endpoint, ...] = ()
+    """Servers of an ``openai`` pool, used round-robin, skipping those cooling down."""
+    request_timeout_s: float = 120.0
+    """Longest one HTTP request of an ``openai`` pool may take, streaming included."""
+    max_batch: int = 32
+    """``minilm``: most texts in one forward pass."""
+    max_wait_ms: float = 5.0
+    """``minilm``: how long the first job of a batch waits for others to join it."""
 
 
 class RoutingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -124,7 +164,47 @@ def _check(cfg: PolicyConfig) -> PolicyConfig:
         cap = profile.max_concurrency
         if cap is not None and pool.concurrency > cap:
             raise ConfigError(f"{where}.concurrency {pool.concurrency} exceeds the {pool.profile!r} device cap {cap}")
+        _check_backend(where, pool)
     return cfg
+
+
+def _env_name(name: str) -> bool:
+    return name.isascii() and name.replace("_", "a").isalnum() and not name[0].isdigit()
+
+
+def _check_backend(where: str, pool: PoolSpec) -> None:
+    if pool.backend == "openai" and not pool.endpoints:
+        raise ConfigError(f"{where}: backend 'openai' needs at least one [[{where}.endpoints]] entry")
+    if pool.backend != "openai" and pool.endpoints:
+        raise ConfigError(f"{where}.endpoints: only backend 'openai' uses endpoints (this pool's is "
+                          f"{pool.backend!r})")
+    if pool.backend == "minilm" and set(pool.kinds) != {"embedding"}:
+        raise ConfigError(f"{where}.kinds: backend 'minilm' serves only embeddings; set kinds = [\"embedding\"]")
+    if pool.request_timeout_s <= 0:
+        raise ConfigError(f"{where}.request_timeout_s must be positive")
+    if pool.max_batch < 1:
+        raise ConfigError(f"{where}.max_batch must be at least 1")
+    if pool.max_wait_ms < 0:
+        raise ConfigError(f"{where}.max_wait_ms must not be negative")
+    for i, ep in enumerate(pool.endpoints):
+        at = f"{where}.endpoints[{i}]"
+        if not ep.base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"{at}.base_url must start with http:// or https://")
+        if ep.api_key_env is not None and ep.api_key_file is not None:
+            raise ConfigError(f"{at}: set api_key_env or api_key_file, not both")
+        # The value is not echoed: a key pasted here by mistake must not end up in logs.
+        if ep.api_key_env is not None and not _env_name(ep.api_key_env):
+            raise ConfigError(f"{at}.api_key_env must be the *name* of an environment variable "
+                              "(letters, digits and _), never the key itself")
+        if ep.api_key_file == "":
+            raise ConfigError(f"{at}.api_key_file is empty")
+        for model in ep.models:
+            if model not in pool.models:
+                raise ConfigError(f"{at}.models: {model!r} is not one of the pool's models {list(pool.models)}")
+    unserved = [m for m in pool.models if pool.endpoints and not any(ep.serves(m) for ep in pool.endpoints)]
+    if unserved:
+        raise ConfigError(f"{where}: no endpoint serves {unserved}; list them in an endpoint's models, "
+                          "or leave an endpoint's models empty to serve all")
 
 
 def pool_counts(config: PolicyConfig, items: Iterable[str], base: Mapping[str, int]) -> dict[str, int]:
@@ -153,6 +233,9 @@ def config_from_dict(data: dict[str, Any]) -> PolicyConfig:
                     msgspec.convert(value, kind)
                 except msgspec.ValidationError as exc:
                     message = str(exc)
+                    if message.startswith("Invalid enum value") and message.endswith("`$.backend`"):
+                        names = ", ".join(get_args(BackendName))
+                        message = message.replace(" - at", f" (expected one of {names}) - at")
                     if "`$" in message:
                         raise ConfigError(message.replace("`$", f"`$.{section}.{name}")) from None
                     raise ConfigError(f"{message} - at `$.{section}.{name}`") from None
