@@ -105,10 +105,13 @@ class PolicyWorker:
         self.claimer = Claimer(self.scripts, self.topo.jobs, POLICY_GROUP, self.name, idle_ms=settings.claim_idle_ms,
                                interval_s=settings.claim_interval_s, error_prefix=f"{self.topo.base}:err:policy:")
         streams = {self.topo.jobs: (POLICY_GROUP, self.topo.policy_heartbeats),
-                   **{self.topo.pool(p): (WORKER_GROUP, self.topo.heartbeats(p)) for p in config.pools}}
+                   **{self.topo.pool(p, lane): (WORKER_GROUP, self.topo.heartbeats(p))
+                      for p in config.pools for lane in range(config.lanes)}}
         self.janitor = Janitor(client, settings, streams)
         self.snapshot = Snapshot(now=clock())
         self.router = make_router(config)
+        self.lane = {slo: config.lane(slo) for slo in config.classes}
+        """The lane of each class in the pool streams."""
         self.rng = random.Random(self.name)  # seeded per worker: decisions are reproducible from logs
         self._seen: dict[bytes, int] = {}
         self._swept_at = self._beat_at = 0.0
@@ -119,7 +122,8 @@ class PolicyWorker:
         """Create the ingress group and every pool's group (at id 0) before reading."""
         await ensure_group(self.client, self.topo.jobs, POLICY_GROUP)
         for pool in self.config.pools:
-            await ensure_group(self.client, self.topo.pool(pool), WORKER_GROUP)
+            for lane in range(self.config.lanes):
+                await ensure_group(self.client, self.topo.pool(pool, lane), WORKER_GROUP)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Route jobs until ``stop`` is set. Entries being routed finish first."""
@@ -213,7 +217,8 @@ class PolicyWorker:
             predicted_ttft_ms=decision.predicted_ttft_ms, policy=self.name))
         self.scripts.queue(
             pipe, "route",
-            [self.topo.jobs, self.topo.pool(decision.pool), self.topo.routed(job.id), self.topo.done(job.id)],
+            [self.topo.jobs, self.topo.pool(decision.pool, self.lane[slo]), self.topo.routed(job.id),
+             self.topo.done(job.id)],
             [POLICY_GROUP, entry_id, "", json_encode(routed), self.settings.result_ttl_s * 1000])
         self._count_routed(decision.pool)
 
@@ -265,13 +270,14 @@ class PolicyWorker:
         pools: dict[str, PoolState] = {}
         for name in self.config.pools:
             backlog = 0
-            try:
-                for group in await self.client.xinfo_groups(self.topo.pool(name)):
-                    if group["name"] == WORKER_GROUP.encode():
-                        # `lag` is reported by Redis 7.0+; on 6.2 only pending is known.
-                        backlog = int(group.get("lag") or 0) + int(group["pending"])
-            except aioredis.ResponseError:
-                pass  # stream not created yet
+            for lane in range(self.config.lanes):
+                try:
+                    for group in await self.client.xinfo_groups(self.topo.pool(name, lane)):
+                        if group["name"] == WORKER_GROUP.encode():
+                            # `lag` is reported by Redis 7.0+; on 6.2 only pending is known.
+                            backlog += int(group.get("lag") or 0) + int(group["pending"])
+                except aioredis.ResponseError:
+                    pass  # stream not created yet
             workers = in_flight = capacity = 0
             beats = await self.client.hgetall(self.topo.heartbeats(name))  # type: ignore[misc]
             for worker, raw in beats.items():

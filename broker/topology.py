@@ -43,9 +43,13 @@ class Topology(msgspec.Struct, frozen=True):
         """Dead-letter stream."""
         return f"{self.base}:dead"
 
-    def pool(self, name: str) -> str:
-        """Stream of jobs routed to pool ``name``."""
-        return f"{self.base}:pool:{name}"
+    def pool(self, name: str, lane: int = 0) -> str:
+        """Stream of jobs routed to pool ``name`` in priority lane ``lane``.
+
+        A pool has one stream per class priority; its workers read lane 0 (the most urgent)
+        first. Lane 0 has no suffix, so a config with a single priority has one plain stream.
+        """
+        return f"{self.base}:pool:{name}" + (f":{lane}" if lane else "")
 
     def reply(self, name: str) -> str:
         """A result stream, by the name a job gives in ``reply_to`` (default ``results``)."""
@@ -61,9 +65,9 @@ class Topology(msgspec.Struct, frozen=True):
         """A job's result, kept for ``result_ttl``: one outcome per job, and a fast lookup."""
         return f"{self.base}:done:{job_id}"
 
-    def errors(self, pool: str) -> str:
-        """Key prefix for the last error of each retried entry of pool ``pool`` (+ entry id)."""
-        return f"{self.base}:err:{pool}:"
+    def errors(self, pool: str, lane: int = 0) -> str:
+        """Key prefix for the last error of each retried entry of a pool's lane (+ entry id)."""
+        return f"{self.base}:err:{pool}:" + (f"{lane}:" if lane else "")
 
     @property
     def replies(self) -> str:

@@ -6,6 +6,7 @@ here; reading the file is the caller's business (``broker.config``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, get_args
 
@@ -14,6 +15,7 @@ import msgspec
 from policies.profiles import PROFILES
 
 JOB_KINDS = ("chat", "completion", "embedding")
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 
 class ConfigError(ValueError):
@@ -128,6 +130,15 @@ class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """Where jobs go when no preferred pool has room: the general-purpose pool."""
     routing: RoutingConfig = RoutingConfig()
 
+    @property
+    def lanes(self) -> int:
+        """Priority lanes of every pool stream: one per distinct class ``priority``."""
+        return len({c.priority for c in self.classes.values()})
+
+    def lane(self, slo: str) -> int:
+        """The lane of class ``slo``: the rank of its priority among the classes' (0 is the most urgent)."""
+        return sorted({c.priority for c in self.classes.values()}).index(self.classes[slo].priority)
+
     def serving(self, model: str, kind: str) -> list[str]:
         """Names of the pools that can run ``model`` jobs of ``kind``, default pool first."""
         names = sorted(self.pools, key=lambda n: n != self.default_pool)
@@ -147,6 +158,8 @@ def _check(cfg: PolicyConfig) -> PolicyConfig:
                 raise ConfigError(f"rules[{i}].kinds: {kind!r} is not one of {JOB_KINDS}")
     for name, pool in cfg.pools.items():
         where = f"pools.{name}"
+        if not _NAME.fullmatch(name):
+            raise ConfigError(f"{where}: a pool name is 1-32 characters of A-Z a-z 0-9 _ - (it names Redis keys)")
         if pool.profile not in PROFILES:
             raise ConfigError(f"{where}.profile {pool.profile!r} is not one of {sorted(PROFILES)}")
         profile = PROFILES[pool.profile]

@@ -10,8 +10,19 @@ from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 
+from broker.config import load_config
 from broker.topology import Topology
 from broker.wire import ChatMessage, Job
+
+
+def lane(topo: Topology, pool: str, slo: str = "standard") -> str:
+    """The stream of ``pool`` that jobs of class ``slo`` ride under the default config."""
+    return topo.pool(pool, load_config().lane(slo))
+
+
+def lanes(topo: Topology, pool: str) -> list[str]:
+    """Every stream of ``pool`` (one per priority lane) under the default config."""
+    return [topo.pool(pool, i) for i in range(load_config().lanes)]
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0, what: str = "condition") -> None:

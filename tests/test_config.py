@@ -60,6 +60,23 @@ def test_valid_config_loads() -> None:
     assert cfg.pools["gpu"].kinds == ("chat", "completion", "embedding")  # default: every kind
 
 
+def test_lanes_rank_class_priorities() -> None:
+    cfg = load_config()
+    assert cfg.lanes == 3
+    assert [cfg.lane(c) for c in ("interactive", "standard", "batch")] == [0, 1, 2]
+    # Classes of equal priority share a lane; gaps between priorities do not make empty lanes.
+    same = config_from_dict(doc(classes__interactive__priority=5, classes__standard__priority=5))
+    assert same.lanes == 1 and same.lane("standard") == 0
+    gap = config_from_dict(doc(classes__interactive__priority=-3, classes__standard__priority=40))
+    assert gap.lanes == 2 and gap.lane("standard") == 1
+
+
+def test_pool_names_must_be_key_safe() -> None:
+    data = doc()
+    data["pools"]["gpu:1"] = data["pools"].pop("accel")
+    assert "pools.gpu:1" in error(data) and "A-Z a-z 0-9 _ -" in error(data)
+
+
 def test_config_is_frozen() -> None:
     cfg = config_from_dict(VALID)
     with pytest.raises(AttributeError):

@@ -24,7 +24,7 @@ from broker.errors import Backpressure
 from broker.topology import POLICY_GROUP, WORKER_GROUP, Topology
 from broker.wire import Job
 from tests.conftest import FAST_ENV, ROOT, Roles
-from tests.helpers import eventually, mixed_jobs, result_counts
+from tests.helpers import eventually, lanes, mixed_jobs, result_counts
 
 POOLS = ("gpu", "accel")
 
@@ -45,8 +45,8 @@ async def drained(client: aioredis.Redis, stream: str, group: str) -> bool:
 async def routed_ids(client: aioredis.Redis, topo: Topology) -> Counter[str]:
     """Job ids on the pool streams, counted: the `routed` field's JSON carries the job."""
     seen: Counter[str] = Counter()
-    for pool in POOLS:
-        for _id, fields in await client.xrange(topo.pool(pool)):
+    for stream in (s for pool in POOLS for s in lanes(topo, pool)):
+        for _id, fields in await client.xrange(stream):
             seen[json.loads(fields[b"routed"])["job"]["id"]] += 1
     return seen
 
@@ -94,7 +94,7 @@ async def complete_all(roles: Roles, client: aioredis.Redis, topo: Topology, ids
         roles.start("worker", "--pool", pool, "--grace", "5", env=FAST_ENV)
 
     async def done() -> bool:
-        return all([await drained(client, topo.pool(p), WORKER_GROUP) for p in POOLS])
+        return all([await drained(client, s, WORKER_GROUP) for p in POOLS for s in lanes(topo, p)])
 
     await eventually(done, timeout=30, what="both pools to drain")
     got, statuses = await result_counts(client, topo)
@@ -150,7 +150,7 @@ async def test_sigkilled_policy_workers_route_every_job_exactly_once(
     assert [i for i, n in seen.items() if n != 1] == []
     assert await client.xlen(topo.dead) == 0
     for pool in POOLS:
-        assert await client.exists(topo.pool(pool))
+        assert await client.exists(*lanes(topo, pool)) == len(lanes(topo, pool))
 
     # The janitor forgets the dead policies once they hold nothing (2 x claim idle).
     async def only_survivor() -> bool:

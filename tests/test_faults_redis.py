@@ -25,7 +25,7 @@ from broker.streams import connect, wait_ready
 from broker.topology import POLICY_GROUP, WORKER_GROUP, Topology
 from broker.wire import Job
 from tests.conftest import FAST_ENV, Roles, _start
-from tests.helpers import eventually, result_counts
+from tests.helpers import eventually, lane, lanes, result_counts
 
 LOSS = "Redis lost this deployment's data"
 
@@ -192,7 +192,7 @@ async def test_redis_sigkilled_under_load_with_aof_keeps_every_acknowledged_job(
         # AOF kept the epoch marker: a restart with its data is not reported as a loss.
         assert LOSS not in policy_log(roles)
         # Both pools drained and no entry stayed pending (restored PELs were worked off).
-        for stream, group in ((topo.jobs, POLICY_GROUP), (topo.pool("gpu"), WORKER_GROUP)):
+        for stream, group in ((topo.jobs, POLICY_GROUP), *((s, WORKER_GROUP) for s in lanes(topo, "gpu"))):
             info = {g["name"]: g for g in await client.xinfo_groups(stream)}
             assert info[group.encode()]["pending"] == 0
     finally:
@@ -225,7 +225,7 @@ async def test_redis_that_comes_back_empty_is_detected_and_work_resumes(
                                        prompt="p", max_tokens=100) for i in range(10)])
 
         async def running() -> bool:
-            groups = {g["name"]: g for g in await client.xinfo_groups(topo.pool("gpu"))}
+            groups = {g["name"]: g for g in await client.xinfo_groups(lane(topo, "gpu"))}
             return groups[WORKER_GROUP.encode()]["pending"] > 0
 
         await eventually(running, what="jobs running on the worker")
@@ -247,8 +247,8 @@ async def test_redis_that_comes_back_empty_is_detected_and_work_resumes(
 
             # Groups are back on the ingress stream and on every pool stream.
             async def groups_back() -> bool:
-                want = [(topo.jobs, POLICY_GROUP), (topo.pool("gpu"), WORKER_GROUP),
-                        (topo.pool("accel"), WORKER_GROUP)]
+                want = [(topo.jobs, POLICY_GROUP),
+                        *((s, WORKER_GROUP) for pool in ("gpu", "accel") for s in lanes(topo, pool))]
                 for stream, group in want:
                     try:
                         names = {g["name"] for g in await client.xinfo_groups(stream)}
@@ -374,7 +374,7 @@ async def test_a_caller_waiting_for_a_result_survives(
 
 
 async def _pending(client: aioredis.Redis, topo: Topology) -> bool:
-    return bool((await client.xpending(topo.pool("gpu"), WORKER_GROUP))["pending"])
+    return any([(await client.xpending(s, WORKER_GROUP))["pending"] for s in lanes(topo, "gpu")])
 
 
 async def test_restart_on_a_reused_directory_waits_for_the_new_server(tmp_path: Path,

@@ -29,7 +29,7 @@ from broker.client import Client
 from broker.topology import WORKER_GROUP, Topology
 from broker.wire import Job, Result, decode_result, decode_routed
 from tests.conftest import FAST_ENV, Roles
-from tests.helpers import eventually
+from tests.helpers import eventually, lane
 
 # FAST_ENV's reliability timings, as numbers.
 CLAIM_IDLE_S = int(FAST_ENV["IB_CLAIM_IDLE_MS"]) / 1000
@@ -133,7 +133,7 @@ async def test_ten_sigkills_under_1000_jobs_lose_nothing_and_reclaim_fast(
     """
     rng = random.Random(KILL_SEED)
     topo = Topology(prefix)
-    pool = topo.pool("gpu")
+    pool = lane(topo, "gpu")  # completion jobs are of the standard class
     roles.start("policy", env=FAST_ENV)
     workers = [start_worker(roles, "--concurrency", "8")[0] for _ in range(2)]
     jobs = [completion(f"k-{i}", rng.randint(5, 60)) for i in range(N_JOBS)]
@@ -207,7 +207,7 @@ async def test_ten_sigkills_under_1000_jobs_lose_nothing_and_reclaim_fast(
 async def test_a_stopped_worker_is_fenced_after_a_peer_finishes_its_job(
         roles: Roles, redis_url: str, prefix: str, client: aioredis.Redis) -> None:
     topo = Topology(prefix)
-    pool = topo.pool("gpu")
+    pool = lane(topo, "gpu")  # completion jobs are of the standard class
     roles.start("policy", env=FAST_ENV)
     procs = dict([start_worker(roles) for _ in range(2)])
 
@@ -264,7 +264,7 @@ async def _fill_worker_then_start_peer(
         roles: Roles, client: aioredis.Redis, topo: Topology, sdk: Client, env: dict[str, str], grace: str,
 ) -> tuple[subprocess.Popen[bytes], str, Path, subprocess.Popen[bytes], list[Job]]:
     """Worker A (concurrency 10) takes 10 ~4 s jobs; then peer B starts and is up."""
-    pool = topo.pool("gpu")
+    pool = lane(topo, "gpu")  # completion jobs are of the standard class
     a, a_log = start_worker(roles, "--concurrency", "10", "--grace", grace, env=env)
     jobs = [completion(f"term-{i}", 150, model="llama-3.3-70b") for i in range(10)]
     await sdk.submit_many(jobs)
@@ -361,7 +361,7 @@ async def test_lease_keeps_a_long_job_on_its_live_worker_with_a_peer_waiting(
     """A ~4 s job (4x the 1 s claim idle time), two workers: the owner's lease renewals keep
     the entry's idle time under the claim idle time, so the peer never takes it over."""
     topo = Topology(prefix)
-    pool = topo.pool("gpu")
+    pool = lane(topo, "gpu")  # completion jobs are of the standard class
     roles.start("policy", env=FAST_ENV)
     procs = [start_worker(roles)[0] for _ in range(2)]
 

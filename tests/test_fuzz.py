@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from broker.topology import POLICY_GROUP, WORKER_GROUP, Topology
 from broker.wire import DeadLetter, Job, decode_dead, decode_result
 from tests.conftest import FAST_ENV, ROOT, Roles
-from tests.helpers import eventually
+from tests.helpers import eventually, lanes
 
 LIMIT = 4096
 """IB_MAX_JOB_BYTES of the roles under test: small, so oversized entries stay cheap."""
@@ -331,7 +331,7 @@ async def add_entries(client: aioredis.Redis, topo: Topology, entries: list[Entr
 
 async def drained(client: aioredis.Redis, topo: Topology) -> bool:
     """Nothing pending or left on the ingress and pool streams (handled entries are XDELed)."""
-    for stream, group in ((topo.jobs, POLICY_GROUP), (topo.pool("gpu"), WORKER_GROUP)):
+    for stream, group in ((topo.jobs, POLICY_GROUP), *((s, WORKER_GROUP) for s in lanes(topo, "gpu"))):
         if await client.xlen(stream) or (await client.xpending(stream, group))["pending"]:
             return False
     return True

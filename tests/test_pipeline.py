@@ -10,7 +10,7 @@ from broker.client import Client
 from broker.topology import Topology
 from broker.wire import Result, decode_result
 from tests.conftest import Roles
-from tests.helpers import mixed_jobs
+from tests.helpers import lane, lanes, mixed_jobs
 
 N = 500
 
@@ -79,7 +79,7 @@ async def test_sigterm_lets_the_running_job_finish(roles: Roles, redis_url: str,
 
         async def running() -> bool:
             try:
-                groups = await sdk.redis.xinfo_groups(topo.pool("gpu"))
+                groups = await sdk.redis.xinfo_groups(lane(topo, "gpu"))
             except aioredis.ResponseError:  # the pool stream does not exist yet
                 return False
             return bool(groups) and groups[0]["pending"] == 1
@@ -107,6 +107,6 @@ async def test_roles_survive_their_streams_being_deleted(roles: Roles, redis_url
     async with Client(redis_url, prefix=prefix) as sdk:
         assert (await sdk.run(job(0), timeout=20)).status == "ok"
         # As if Redis restarted empty: the streams and their groups vanish under blocked readers.
-        await client.delete(topo.jobs, topo.pool("gpu"))
+        await client.delete(topo.jobs, *lanes(topo, "gpu"))
         assert (await sdk.run(job(1), timeout=20)).status == "ok"
     assert policy.poll() is None and worker.poll() is None

@@ -35,7 +35,7 @@ from broker.streams import ensure_group
 from broker.topology import POLICY_GROUP, WORKER_GROUP, Topology
 from broker.wire import Job, decode_dead
 from tests.conftest import FAST_ENV, Roles
-from tests.helpers import eventually
+from tests.helpers import eventually, lanes
 
 RETENTION_ENV = {**FAST_ENV, "IB_RESULT_TTL_S": "2", "IB_RESULTS_RETENTION_S": "1", "IB_JANITOR_S": "0.2"}
 
@@ -89,11 +89,12 @@ async def count_keys(client: aioredis.Redis, pattern: str) -> int:
 
 async def footprint(client: aioredis.Redis, topo: Topology) -> dict[str, int]:
     """What the deployment holds in Redis now."""
-    streams = {"jobs": topo.jobs, "pool": topo.pool("gpu"), "results": topo.reply("results"), "dead": topo.dead}
-    out = {f"xlen_{name}": int(await client.xlen(key)) for name, key in streams.items()}
+    streams = {"jobs": [topo.jobs], "pool": lanes(topo, "gpu"), "results": [topo.reply("results")],
+               "dead": [topo.dead]}
+    out = {f"xlen_{name}": sum([int(await client.xlen(key)) for key in keys]) for name, keys in streams.items()}
     out |= {
         "pending_jobs": await pending(client, topo.jobs, POLICY_GROUP),
-        "pending_pool": await pending(client, topo.pool("gpu"), WORKER_GROUP),
+        "pending_pool": sum([await pending(client, stream, WORKER_GROUP) for stream in lanes(topo, "gpu")]),
         "pending_results": await pending(client, topo.reply("results"), "audit"),
         "done_keys": await count_keys(client, f"{topo.base}:done:*"),
         "routed_keys": await count_keys(client, f"{topo.base}:routed:*"),

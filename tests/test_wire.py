@@ -389,7 +389,7 @@ def hash_tag(key: str) -> str:
 
 
 def all_keys(t: Topology) -> list[str]:
-    return [t.jobs, t.dead, t.pool("gpu"), t.pool("accel"), t.reply("results"), t.reply("mine"),
+    return [t.jobs, t.dead, t.pool("gpu"), t.pool("gpu", 2), t.pool("accel"), t.reply("results"), t.reply("mine"),
             t.routed("job-1"), t.done("job-1"), t.heartbeats("gpu"), t.policy_heartbeats,
             t.routed("a{b}c"), t.done("{x}")]
 
@@ -409,6 +409,8 @@ def test_default_key_names() -> None:
     assert t.jobs == "ib:{ib}:jobs"
     assert t.dead == "ib:{ib}:dead"
     assert t.pool("gpu") == "ib:{ib}:pool:gpu"
+    assert t.pool("gpu", 2) == "ib:{ib}:pool:gpu:2"  # a lower-priority lane
+    assert t.errors("gpu", 2) == "ib:{ib}:err:gpu:2:" and t.errors("gpu") == "ib:{ib}:err:gpu:"
     assert t.reply("results") == "ib:{ib}:results"
 
 

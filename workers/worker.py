@@ -32,6 +32,7 @@ import random
 import time
 from collections.abc import Callable
 
+import msgspec
 import redis.asyncio as aioredis
 
 from broker.reclaim import Claimer
@@ -56,31 +57,50 @@ def slo_met(route_ttft: float, route_tpot: float | None, route_e2e: float | None
     return route_e2e is None or m.e2e_latency_ms <= route_e2e
 
 
+class Lane(msgspec.Struct):
+    """One priority lane of the pool: its stream, where its errors are kept, its claimer."""
+
+    index: int
+    stream: str
+    errors: str
+    claimer: Claimer
+    cursor: str = "0-0"
+    """Our own pending entries first (a restart under the same name), then ``>``: new ones."""
+
+
 class PoolWorker:
-    """One worker of pool ``pool``, running up to ``concurrency`` jobs at once."""
+    """One worker of pool ``pool``, running up to ``concurrency`` jobs at once.
+
+    The pool has ``lanes`` streams, one per class priority. The worker fills its free slots
+    from lane 0 (the most urgent) first and reads a lane only while every lane above it is
+    empty: interactive work goes ahead of batch work, and batch work fills idle capacity.
+    """
 
     def __init__(self, client: aioredis.Redis, settings: Settings, pool: str, backend: Backend, *,
-                 concurrency: int, name: str | None = None, clock: Callable[[], float] = time.time) -> None:
+                 concurrency: int, lanes: int = 1, name: str | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.client = client
         self.settings = settings
         self.topo = settings.topology
         self.pool = pool
-        self.stream = self.topo.pool(pool)
         self.backend = backend
         self.concurrency = concurrency
         self.name = name or consumer_name(f"worker-{pool}")
         self.clock = clock
         self.scripts = Scripts(client)
-        self.errors = self.topo.errors(pool)
-        self.claimer = Claimer(self.scripts, self.stream, WORKER_GROUP, self.name, idle_ms=settings.claim_idle_ms,
-                               interval_s=settings.claim_interval_s, error_prefix=self.errors)
-        self.running: dict[bytes, asyncio.Task[None]] = {}
+        self.lanes = [Lane(i, self.topo.pool(pool, i), self.topo.errors(pool, i), Claimer(
+            self.scripts, self.topo.pool(pool, i), WORKER_GROUP, self.name, idle_ms=settings.claim_idle_ms,
+            interval_s=settings.claim_interval_s, error_prefix=self.topo.errors(pool, i))) for i in range(lanes)]
+        self.running: dict[tuple[int, bytes], asyncio.Task[None]] = {}
+        """Jobs taken, by (lane, entry id). Rarely one more than ``concurrency`` per lane below the
+        first: a blocking read over every lane can wake with one entry from each."""
+        self.slots = asyncio.Semaphore(concurrency)
         self.observations: list[dict[str, object]] = []
         """Timings of jobs finished since the last heartbeat: what the policy learns from."""
         self.beat_seq = 0
         self._leases: asyncio.Task[None] | None = None
-        self.isolated: bytes | None = None
-        """Entry id of the suspect running alone now."""
+        self.isolated: tuple[int, bytes] | None = None
+        """The suspect running alone now."""
         self.suspects_waiting = False
         """A claim pass saw suspects: take no new work until idle, then take one."""
         self.completed = 0
@@ -90,7 +110,8 @@ class PoolWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set, then let running jobs finish within the grace period."""
-        await ensure_group(self.client, self.stream, WORKER_GROUP)
+        for lane in self.lanes:
+            await ensure_group(self.client, lane.stream, WORKER_GROUP)
         beat = asyncio.create_task(every(self.settings.heartbeat_s, self.heartbeat, "heartbeat", stop))
         # Renew three times per idle period (a missed renewal still leaves two chances), and
         # keep renewing after `stop` while running jobs drain: cancelled in _drain.
@@ -109,7 +130,6 @@ class PoolWorker:
                 pass  # the entry ages out of the policy's view on its own
 
     async def _consume(self, stop: asyncio.Event) -> None:
-        last_id = "0-0"  # our own pending entries first (a restart under the same name)
         backoff = Backoff()
         while not stop.is_set():
             free = self.concurrency - len(self.running)
@@ -122,56 +142,82 @@ class PoolWorker:
                     stopping.cancel()
                 continue
             try:
-                if self.claimer.due() or self.suspects_waiting:
-                    claimed = await self.claimer.claim(free, suspects=0 if self.running else 1)
-                    self.suspects_waiting = claimed.waiting > 0
-                    for entry_id in claimed.deleted:
-                        # Redis already dropped it from the pending list: nobody owns it to fence.
-                        await self._dead(entry_id, b"", "trimmed", "the entry was deleted while pending", None,
-                                         fenced=False)
-                    for entry, deliveries in claimed.suspects:
-                        self.isolated = entry[0]
-                        log.warning("job in %s was delivered %d times and its workers died: running it alone",
-                                    entry[0].decode(), deliveries)
-                        self._start(entry, deliveries)
-                    for entry, deliveries in claimed.entries:
-                        self._start(entry, deliveries)
-                    free -= len(claimed.entries) + len(claimed.suspects)
-                    if free <= 0 or self.isolated is not None or self.suspects_waiting:
-                        continue
-                reply = await self.client.xreadgroup(
-                    WORKER_GROUP, self.name, {self.stream: last_id}, count=free,
-                    block=None if last_id != ">" else self.settings.block_ms)
+                free -= await self._claim(free)
+                if free <= 0 or self.isolated is not None or self.suspects_waiting:
+                    continue
+                for lane, entry, deliveries in await self._read(free):
+                    self._start(lane, entry, deliveries)
                 backoff.reset()
             except aioredis.ResponseError as exc:
                 if not is_group_lost(exc):
                     raise
-                log.error("pool stream %s or its group is gone (Redis restarted empty, or the key was "
-                          "deleted): jobs queued there may be lost; recreating the group at 0", self.stream)
-                await ensure_group(self.client, self.stream, WORKER_GROUP)
-                continue
+                log.error("a stream of pool %s or its group is gone (Redis restarted empty, or the key was "
+                          "deleted): jobs queued there may be lost; recreating the groups at 0", self.pool)
+                for lane in self.lanes:
+                    await ensure_group(self.client, lane.stream, WORKER_GROUP)
             except RETRYABLE as exc:
                 log.warning("Redis unreachable (%s); retrying", exc)
                 await backoff.wait()
+
+    async def _claim(self, free: int) -> int:
+        """Take over abandoned entries, most urgent lane first; returns how many were taken."""
+        taken = 0
+        for lane in self.lanes:
+            if taken >= free or self.isolated is not None:
+                break
+            if not (lane.claimer.due() or self.suspects_waiting):
                 continue
+            claimed = await lane.claimer.claim(free - taken, suspects=0 if self.running else 1)
+            self.suspects_waiting = claimed.waiting > 0
+            for entry_id in claimed.deleted:
+                # Redis already dropped it from the pending list: nobody owns it to fence.
+                await self._dead(lane, entry_id, b"", "trimmed", "the entry was deleted while pending", None,
+                                 fenced=False)
+            for entry, deliveries in claimed.suspects:
+                self.isolated = (lane.index, entry[0])
+                log.warning("job in %s was delivered %d times and its workers died: running it alone",
+                            entry[0].decode(), deliveries)
+                self._start(lane, entry, deliveries)
+            for entry, deliveries in claimed.entries:
+                self._start(lane, entry, deliveries)
+            taken += len(claimed.entries) + len(claimed.suspects)
+        return taken
+
+    async def _read(self, free: int) -> list[tuple[Lane, Entry, int]]:
+        """Up to ``free`` entries, most urgent lane first; blocks while every lane is empty."""
+        got: list[tuple[Lane, Entry, int]] = []
+        for lane in self.lanes:
+            if len(got) >= free:
+                return got
+            want = free - len(got)
+            own = lane.cursor != ">"
+            reply = await self.client.xreadgroup(WORKER_GROUP, self.name, {lane.stream: lane.cursor}, count=want,
+                                                 block=None if own or len(self.lanes) > 1 else self.settings.block_ms)
             entries: list[Entry] = reply[0][1] if reply else []
-            if last_id != ">":
+            if own:
                 # Walk our own pending list past what we have taken, then switch to new entries.
-                last_id = entries[-1][0].decode() if len(entries) == free else ">"
-            for entry in entries:
-                self._start(entry, 1 if last_id == ">" else 2)
+                lane.cursor = entries[-1][0].decode() if len(entries) == want else ">"
+            got += [(lane, entry, 2 if own else 1) for entry in entries]
+        if got or len(self.lanes) == 1 or any(lane.cursor != ">" for lane in self.lanes):
+            return got
+        # Every lane is empty: wait for the first entry on any of them. One entry per lane at
+        # most, so a wake-up takes no more than a lane's share of a peer's work.
+        reply = await self.client.xreadgroup(WORKER_GROUP, self.name, {lane.stream: ">" for lane in self.lanes},
+                                             count=1, block=self.settings.block_ms)
+        by_stream = {lane.stream.encode(): lane for lane in self.lanes}
+        return [(by_stream[stream], entry, 1) for stream, entries in reply or [] for entry in entries]
 
-    def _start(self, entry: Entry, deliveries: int) -> None:
-        entry_id = entry[0]
-        if entry_id in self.running or not entry[1]:
+    def _start(self, lane: Lane, entry: Entry, deliveries: int) -> None:
+        key = (lane.index, entry[0])
+        if key in self.running or not entry[1]:
             return  # already running here, or deleted while pending
-        task = asyncio.create_task(self._handle(entry, deliveries, self.clock()))
-        self.running[entry_id] = task
-        task.add_done_callback(lambda _t: self._finished(entry_id))
+        task = asyncio.create_task(self._handle(lane, entry, deliveries, self.clock()))
+        self.running[key] = task
+        task.add_done_callback(lambda _t: self._finished(key))
 
-    def _finished(self, entry_id: bytes) -> None:
-        self.running.pop(entry_id, None)
-        if self.isolated == entry_id:
+    def _finished(self, key: tuple[int, bytes]) -> None:
+        self.running.pop(key, None)
+        if self.isolated == key:
             self.isolated = None
 
     async def _drain(self) -> None:
@@ -183,48 +229,49 @@ class PoolWorker:
         if self._leases is not None:
             self._leases.cancel()
             await asyncio.gather(self._leases, return_exceptions=True)
-        leftover = [entry_id for entry_id, task in self.running.items() if task in pending]
+        leftover = [key for key, task in self.running.items() if task in pending]
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        for entry_id in leftover:
+        for index, entry_id in leftover:
             # Give it back now: a peer claims it on its next pass rather than after the idle time.
-            await self._nack(entry_id, None, "", delay_ms=0)
+            await self._nack(self.lanes[index], entry_id, None, "", delay_ms=0)
         if leftover:
             log.warning("gave back %d unfinished jobs to the pool", len(leftover))
 
-    async def _handle(self, entry: Entry, deliveries: int, dequeued: float) -> None:
+    async def _handle(self, lane: Lane, entry: Entry, deliveries: int, dequeued: float) -> None:
         entry_id, fields = entry
         raw = fields.get(b"routed", b"")
         if len(raw) > self.settings.max_job_bytes + 65536:
-            await self._dead(entry_id, raw[: self.settings.max_job_bytes], "too_large",
+            await self._dead(lane, entry_id, raw[: self.settings.max_job_bytes], "too_large",
                              f"entry is {len(raw)} bytes", None)
             return
         try:
             routed = decode_routed(raw)
         except DECODE_ERRORS as exc:
-            await self._dead(entry_id, raw, "decode_error", f"not a routed job: {exc}", None)
+            await self._dead(lane, entry_id, raw, "decode_error", f"not a routed job: {exc}", None)
             return
         job, route = routed.job, routed.route
         if job.reply_to in RESERVED:  # not from our policy worker: there is nowhere to answer
-            await self._dead(entry_id, raw, "invalid_job", f"reply_to {job.reply_to!r} is reserved", None)
+            await self._dead(lane, entry_id, raw, "invalid_job", f"reply_to {job.reply_to!r} is reserved", None)
             return
         if deliveries > self.settings.max_deliveries:
-            last = await self.client.get(self.errors + entry_id.decode())
+            last = await self.client.get(lane.errors + entry_id.decode())
             error = last.decode(errors="replace") if last else "its worker died or stalled while running it"
-            await self._dead(entry_id, raw, "max_deliveries",
+            await self._dead(lane, entry_id, raw, "max_deliveries",
                              f"delivered {deliveries - 1} times without success; last error: {error}", routed,
                              deliveries=deliveries - 1)
             return
         if job.deadline is not None and self.clock() > job.deadline:
-            await self._publish(entry_id, routed, Result(
+            await self._publish(lane, entry_id, routed, Result(
                 id=job.id, status="expired", model=job.model, kind=job.kind, tenant=job.tenant,
                 slo=route.slo, pool=self.pool, worker=self.name, error="deadline passed before start"))
             return
-        started = self.clock()
-        concurrency = len(self.running)
         try:
-            out = await self.backend.run(job)
+            async with self.slots:
+                started = self.clock()
+                concurrency = min(len(self.running), self.concurrency)
+                out = await self.backend.run(job)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a backend bug must not stop the worker
@@ -233,12 +280,12 @@ class PoolWorker:
                 exc = BackendError(f"{type(exc).__name__}: {exc}", retryable=True)
             if exc.retryable and deliveries < self.settings.max_deliveries:
                 delay = self._backoff_ms(deliveries)
-                await self._nack(entry_id, routed, f"{type(exc).__name__}: {exc}", delay_ms=delay)
+                await self._nack(lane, entry_id, routed, f"{type(exc).__name__}: {exc}", delay_ms=delay)
             elif exc.retryable:
-                await self._dead(entry_id, raw, "max_deliveries", f"delivered {deliveries} times without success; "
-                                 f"last error: {type(exc).__name__}: {exc}", routed, deliveries=deliveries)
+                await self._dead(lane, entry_id, raw, "max_deliveries", f"delivered {deliveries} times without "
+                                 f"success; last error: {type(exc).__name__}: {exc}", routed, deliveries=deliveries)
             else:
-                await self._dead(entry_id, raw, "backend_error", f"{type(exc).__name__}: {exc}", routed,
+                await self._dead(lane, entry_id, raw, "backend_error", f"{type(exc).__name__}: {exc}", routed,
                                  deliveries=deliveries)
             return
         timing = Timing(created_at=routed.created_at, routed_at=route.routed_at, dequeued_at=dequeued,
@@ -252,7 +299,7 @@ class PoolWorker:
             usage=Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens),
             timing=timing, metrics=metrics, route_reason=route.reason,
             slo_met=slo_met(route.ttft_target_ms, route.tpot_target_ms, route.e2e_target_ms, metrics))
-        await self._publish(entry_id, routed, result)
+        await self._publish(lane, entry_id, routed, result)
 
     def _backoff_ms(self, deliveries: int) -> int:
         base = self.settings.retry_backoff_ms * 2 ** (deliveries - 1)
@@ -268,10 +315,10 @@ class PoolWorker:
                 log.warning("Redis unreachable while finishing a job (%s); retrying", exc)
                 await backoff.wait()
 
-    async def _publish(self, entry_id: bytes, routed: RoutedJob, result: Result) -> None:
+    async def _publish(self, lane: Lane, entry_id: bytes, routed: RoutedJob, result: Result) -> None:
         reply = routed.job.reply_to
         code = await self._script(
-            "complete", [self.stream, self.topo.done(result.id), self.topo.reply(reply), self.topo.replies],
+            "complete", [lane.stream, self.topo.done(result.id), self.topo.reply(reply), self.topo.replies],
             [WORKER_GROUP, entry_id, self.name, json_encode(result), self.settings.result_ttl_s * 1000, reply])
         if code == -1:
             self.fenced += 1
@@ -279,22 +326,23 @@ class PoolWorker:
         else:
             self.completed += 1
 
-    async def _nack(self, entry_id: bytes, routed: RoutedJob | None, error: str, *, delay_ms: int) -> None:
+    async def _nack(self, lane: Lane, entry_id: bytes, routed: RoutedJob | None, error: str, *,
+                    delay_ms: int) -> None:
         job_id = routed.job.id if routed else ""
         idle = max(0, self.settings.claim_idle_ms - delay_ms)
-        await self._script("nack", [self.stream, self.errors + entry_id.decode()],
+        await self._script("nack", [lane.stream, lane.errors + entry_id.decode()],
                            [WORKER_GROUP, entry_id, self.name, idle, error, self.settings.result_ttl_s * 1000])
         if error:
             self.retried += 1
             log.info("job %s failed (%s); retrying in ~%d ms", job_id, error, delay_ms)
 
-    async def _dead(self, entry_id: bytes, payload: bytes, reason: str, error: str,
+    async def _dead(self, lane: Lane, entry_id: bytes, payload: bytes, reason: str, error: str,
                     routed: RoutedJob | None, *, deliveries: int = 1, fenced: bool = True) -> None:
-        letter = DeadLetter(reason=reason, error=error, stream=self.stream,  # type: ignore[arg-type]
+        letter = DeadLetter(reason=reason, error=error, stream=lane.stream,  # type: ignore[arg-type]
                             entry_id=entry_id.decode(), payload=payload, delivery_count=deliveries,
                             job_id=routed.job.id if routed else None, consumer=self.name,
                             failed_at=self.clock())
-        keys = [self.stream, self.topo.dead]
+        keys = [lane.stream, self.topo.dead]
         args: list[object] = [WORKER_GROUP, entry_id, self.name if fenced else "", json_encode(letter)]
         if routed is not None:
             job = routed.job
@@ -308,12 +356,15 @@ class PoolWorker:
 
     async def renew_leases(self) -> None:
         """Renew the entries of running jobs; cancel the runs whose entries a peer took over."""
-        ids = list(self.running)
-        if not ids:
-            return
-        lost = await self.scripts.call("renew", [self.stream], [WORKER_GROUP, self.name, *ids])
-        for entry_id in lost or []:  # type: ignore[attr-defined]
-            task = self.running.get(entry_id)
+        for lane in self.lanes:
+            ids = [entry_id for index, entry_id in self.running if index == lane.index]
+            if ids:
+                lost = await self.scripts.call("renew", [lane.stream], [WORKER_GROUP, self.name, *ids])
+                self._lost(lane, lost or [])  # type: ignore[arg-type]
+
+    def _lost(self, lane: Lane, lost: list[bytes]) -> None:
+        for entry_id in lost:
+            task = self.running.get((lane.index, entry_id))
             if task is not None:
                 log.warning("lost the lease on %s (this worker stalled past %d ms, or Redis lost it); "
                             "dropping the local run", entry_id.decode(), self.settings.claim_idle_ms)
