@@ -16,6 +16,7 @@ from broker.config import load_config
 from broker.policy_worker import PolicyWorker
 from broker.settings import Settings
 from broker.streams import connect, redacted, wait_ready
+from policies.profiles import PROFILES
 
 log = logging.getLogger("inference_broker")
 
@@ -56,8 +57,8 @@ async def serve_policy(settings: Settings, stop: asyncio.Event, name: str | None
 
 async def serve_worker(settings: Settings, stop: asyncio.Event, pool: str, *,
                        concurrency: int | None = None, name: str | None = None) -> None:
-    """A pool worker role with the simulated device of the pool's configured profile."""
-    from workers.simulated import SimulatedBackend
+    """A pool worker role with the pool's configured backend (simulated, OpenAI-compatible HTTP, ...)."""
+    from workers.factory import BackendUnavailable, make_backend
     from workers.worker import PoolWorker
 
     assert settings.redis_url is not None
@@ -65,15 +66,18 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, pool: str, *,
     if pool not in config.pools:
         raise SystemExit(f"error: pool {pool!r} is not configured; configured pools: {', '.join(config.pools)}")
     spec = config.pools[pool]
-    backend = SimulatedBackend(spec.profile, faults=settings.fault_injection)
-    cap = backend.profile.max_concurrency
+    cap = PROFILES[spec.profile].max_concurrency
     if concurrency is not None and cap is not None and concurrency > cap:
         raise SystemExit(f"error: --concurrency {concurrency} exceeds the {spec.profile!r} device cap of {cap}")
+    try:
+        backend = make_backend(spec, faults=settings.fault_injection)
+    except BackendUnavailable as exc:
+        raise SystemExit(f"error: pool {pool!r}: {exc}") from None
     client = connect(settings.redis_url, settings.block_ms)
     try:
         await wait_ready(client, settings.redis_url)
         worker = PoolWorker(client, settings, pool, backend, concurrency=concurrency or spec.concurrency,
-                            lanes=config.lanes, name=name)
+                            name=name)
         log.info("worker %s: pool %s, %s, concurrency %d", worker.name, pool, backend.name, worker.concurrency)
         await worker.run(stop)
         log.info("worker %s stopped after %d jobs", worker.name, worker.completed)
