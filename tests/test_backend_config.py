@@ -1,12 +1,19 @@
-"""Pool backend configuration: ``backend``, ``[[pools.<name>.endpoints]]`` and their checks."""
+"""Pool backend configuration: ``backend``, ``[[pools.<name>.endpoints]]`` and their checks.
+
+The pool configs that docs/backends.md shows for copying are loaded here too, so the page
+stays true to the schema.
+"""
 
 from __future__ import annotations
 
+import re
+import tomllib
 from typing import Any
 
 import pytest
 
 from policies.config import ConfigError, Endpoint, config_from_dict
+from tests.conftest import ROOT
 
 CLASSES = {"standard": {"ttft_ms": 2000}}
 
@@ -80,3 +87,19 @@ def test_minilm_pool() -> None:
         "models": ["minilm-l6"], "kinds": ["embedding"], "backend": "minilm", "max_batch": 64,
         "max_wait_ms": 2.5}}}).pools["gpu"]
     assert (spec.backend, spec.max_batch, spec.max_wait_ms) == ("minilm", 64, 2.5)
+
+
+def documented_pools() -> list[str]:
+    """The ```toml blocks of docs/backends.md."""
+    text = (ROOT / "docs" / "backends.md").read_text(encoding="utf-8")
+    return re.findall(r"```toml\n(.*?)```", text, flags=re.S)
+
+
+def test_the_documented_pool_configs_are_valid() -> None:
+    blocks = documented_pools()
+    assert len(blocks) >= 2
+    for block in blocks:
+        data = tomllib.loads(block)
+        data.setdefault("classes", {"interactive": {"ttft_ms": 500}, **CLASSES})
+        data.setdefault("default_pool", next(iter(data["pools"])))
+        config_from_dict(data)
