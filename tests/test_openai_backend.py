@@ -24,8 +24,8 @@ from broker.wire import ChatMessage, Job
 from policies.config import Endpoint, config_from_dict
 from tests.conftest import Roles
 from tests.helpers import eventually
-from tests.test_imports import modules_after
 from tests.openai_server import Behaviour, OpenAIServer, embedding, serve
+from tests.test_imports import modules_after
 from workers.backend import BackendError, CapacityExceeded
 from workers.endpoints import EndpointConfigError, retry_after_s
 from workers.factory import BackendUnavailable, make_backend
