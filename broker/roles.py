@@ -77,7 +77,7 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, pool: str, *,
     try:
         await wait_ready(client, settings.redis_url)
         worker = PoolWorker(client, settings, pool, backend, concurrency=concurrency or spec.concurrency,
-                            name=name)
+                            lanes=config.lanes, name=name)
         log.info("worker %s: pool %s, %s, concurrency %d", worker.name, pool, backend.name, worker.concurrency)
         await worker.run(stop)
         log.info("worker %s stopped after %d jobs", worker.name, worker.completed)
