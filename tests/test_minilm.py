@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+from pathlib import Path
 
 import pytest
 
+from broker.client import Client
 from broker.wire import Job
+from tests.conftest import Roles
 from workers import minilm
 from workers.backend import BackendError
 from workers.minilm import INSTALL_HINT, MiniLMBackend
@@ -30,7 +33,7 @@ def model() -> None:
 
 
 def embedding(texts: list[str], job_id: str = "e") -> Job:
-    return Job(id=job_id, model="all-MiniLM-L6-v2", kind="embedding", texts=texts)
+    return Job(id=job_id, model="minilm-l6", kind="embedding", texts=texts)
 
 
 def cosine(a: list[float], b: list[float]) -> float:
@@ -118,8 +121,8 @@ async def test_a_job_with_more_texts_than_max_batch_spans_several_passes_in_orde
 
 @pytest.mark.usefixtures("model")
 @pytest.mark.parametrize("job", [
-    Job(id="c", model="all-MiniLM-L6-v2", kind="chat", messages=[]),
-    Job(id="p", model="all-MiniLM-L6-v2", kind="completion", prompt="hi"),
+    Job(id="c", model="minilm-l6", kind="chat", messages=[]),
+    Job(id="p", model="minilm-l6", kind="completion", prompt="hi"),
 ], ids=["chat", "completion"])
 async def test_other_kinds_are_refused_for_good_without_loading_the_model(job: Job) -> None:
     backend = MiniLMBackend()
@@ -137,3 +140,49 @@ def test_without_the_extra_the_backend_is_not_built_and_says_what_to_install(mon
     with pytest.raises(ModuleNotFoundError, match=r"needs no_such_module_for_the_test: pip install") as caught:
         MiniLMBackend()
     assert caught.value.name == "no_such_module_for_the_test"
+
+
+# --------------------------------------------------------------------------- through the broker
+
+E2E_CONFIG = """
+[classes.standard]
+ttft_ms = 10000
+
+[pools.gpu]
+models = ["llama-3.1-8b"]
+kinds = ["chat", "completion"]
+
+[pools.embed]
+models = ["minilm-l6"]  # the name the device profiles know it by
+kinds = ["embedding"]
+backend = "minilm"
+concurrency = 32
+max_batch = 32
+max_wait_ms = 20
+"""
+
+
+@pytest.mark.usefixtures("model")
+async def test_embedding_jobs_through_the_broker_to_a_minilm_pool(roles: Roles, redis_url: str, prefix: str,
+                                                                  tmp_path: Path) -> None:
+    config = tmp_path / "policy.toml"
+    config.write_text(E2E_CONFIG)
+    env = {"IB_CONFIG": str(config), "IB_BLOCK_MS": "200"}
+    roles.start("policy", env=env)
+    roles.start("worker", "--pool", "embed", "--grace", "5", env=env)
+    jobs = [embedding([*RELATED, UNRELATED], f"e2e-{i}") for i in range(12)]
+    async with Client(redis_url, prefix=prefix, block_ms=200) as sdk:
+        await sdk.submit_many(jobs)
+        results = await asyncio.wait_for(asyncio.gather(*(sdk.result(j.id, timeout=60) for j in jobs)), 65)
+    for r in results:
+        assert r.status == "ok", r
+        assert r.pool == "embed" and r.kind == "embedding" and r.model == "minilm-l6"
+        assert r.embeddings is not None and [len(v) for v in r.embeddings] == [384, 384, 384]
+        a, b, c = r.embeddings
+        assert cosine(a, b) > 0.6 > 0.2 > max(cosine(a, c), cosine(b, c))
+        assert r.usage.prompt_tokens == 8 + 11 + 10 and r.usage.completion_tokens == 0
+        assert r.timing is not None and r.timing.started_at <= r.timing.first_token_at == r.timing.finished_at
+    assert results[0].embeddings == results[-1].embeddings  # same texts, same vectors, wherever they ran
+    # Jobs that shared a forward pass finished at the same instant: fewer instants than jobs.
+    assert len({r.timing.finished_at for r in results if r.timing}) < len(jobs)
+    assert roles.stop_all() == [0, 0]
