@@ -14,6 +14,9 @@ stream                  field         message
 reply stream            ``result``    :class:`Result` as JSON
 ``<p>:{<p>}:dead``      ``dead``      :class:`DeadLetter` as JSON
 ======================  ============  ============================================
+
+A pool has one stream per class priority (``pool:<n>`` for the most urgent, then
+``pool:<n>:1``, ``pool:<n>:2``, ...), all carrying the same message.
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ class RoutingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """Which router decides, and how cautiously."""
 
     policy: Literal["static", "slo", "oracle", "gpu_only", "accel_only", "round_robin", "jsq", "lowest_latency",
-                    "cheapest_first"] = "static"
+                    "cheapest_first"] = "slo"
     """``slo``: the cheapest pool predicted to meet the class's target; ``static``: class
     preferences plus backlog; the others are the baselines of ``policies.baselines``."""
     safety_margin: float = 0.8

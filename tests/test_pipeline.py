@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import redis.asyncio as aioredis
 
@@ -52,16 +53,15 @@ async def test_500_mixed_jobs_each_get_exactly_one_result(roles: Roles, redis_ur
             assert r.slo == "interactive"  # the default rules
         else:
             assert r.slo in ("standard", "batch")
-        if r.slo == "interactive":
-            # Interactive work prefers the accelerator while it has room, else spills to GPUs.
-            assert r.pool in ("accel", "gpu")
-            assert r.route_reason and ("prefers accel" in r.route_reason or "accel backlog" in r.route_reason)
-        else:
-            assert r.pool == "gpu", r
+        # The default (SLO-aware) router explains each decision with its prediction.
+        assert r.route_reason and f"{r.slo}: " in r.route_reason and " ttft " in r.route_reason, r.route_reason
+        if r.pool == "accel":
+            assert job.model in ("llama-3.1-8b", "llama-3.3-70b") and job.kind != "embedding", r
         if job.kind == "embedding":
             assert r.embeddings is not None and len(r.embeddings) == len(job.texts or [])
-    assert any(r.pool == "accel" for r in results)
-    assert roles.stop_all() == [0, 0, 0, 0]  # every role exits cleanly on SIGTERM
+    # The accelerator is taken only where the GPUs were predicted to miss the target.
+    accel = [r.route_reason or "" for r in results if r.pool == "accel"]
+    assert [why for why in accel if not re.search(r"gpu misses|saturated gpu|gpu has no live workers", why)] == []
 
 
 async def test_sigterm_lets_the_running_job_finish(roles: Roles, redis_url: str, prefix: str) -> None:
