@@ -603,3 +603,7 @@ def config_cmd(path: Path | None) -> None:
     cfg = load_config(path)
     click.secho(f"{path}: ok ({len(cfg.classes)} classes, {len(cfg.rules)} rules, pools: "
                 f"{', '.join(cfg.pools)})", fg="green")
+
+
+# Registers `asyncapi` on `main` (they use the helpers above).
+import broker.observe_cli  # noqa: E402, F401

@@ -199,6 +199,7 @@ def test_submit_job_file_must_be_json() -> None:
     (["demo", "--jobs", "0"], "--jobs"),
     (["up", "--log-level", "LOUD"], "--log-level"),
     (["result"], "JOB_ID"),
+    (["asyncapi", "--format", "xml"], "--format"),
 ])
 def test_bad_arguments_are_usage_errors(args: list[str], message: str) -> None:
     res = invoke(*args)
