@@ -294,10 +294,13 @@ def result(job_id: str, as_json: bool, **opts: Any) -> None:
 @click.option("--consumer", default="cli", show_default=True, help="Consumer name within --group.")
 @click.option("--limit", type=int, help="Stop after this many results.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON result per line.")
+@click.option("--export", "export", type=click.File("wb", lazy=False), metavar="FILE",
+              help="Write the results to FILE as JSON lines (for `inference-broker report --input`) "
+                   "instead of printing them.")
 @friendly
 def results(reply_to: str, follow: bool, group: str | None, consumer: str, limit: int | None,
-            as_json: bool, **opts: Any) -> None:
-    """Print results from a result stream; --follow tails it."""
+            as_json: bool, export: Any, **opts: Any) -> None:
+    """Print results from a result stream; --follow tails it, --export saves them."""
     from broker.streams import connect, ensure_group
 
     settings = _need_url(_settings(**opts))
@@ -315,7 +318,10 @@ def results(reply_to: str, follow: bool, group: str | None, consumer: str, limit
         met = {True: "met", False: "MISSED", None: ""}[r.slo_met]
         return f"{r.id:<34} {r.status:<8} {r.slo or '-':<12} {r.pool or '-':<7} {timing}  {met}"
 
+    exported = 0
+
     async def go() -> None:
+        nonlocal exported
         client = connect(settings.redis_url or "", settings.block_ms)
         count = 0
         last = "0-0"
@@ -338,10 +344,16 @@ def results(reply_to: str, follow: bool, group: str | None, consumer: str, limit
                 for entry_id, fields in entries:
                     last = entry_id.decode()
                     if b"result" in fields and (limit is None or count < limit):
-                        click.echo(line(decode_result(fields[b"result"])))
+                        if export is not None:
+                            export.write(msgspec.json.encode(decode_result(fields[b"result"])) + b"\n")
+                            exported += 1
+                        else:
+                            click.echo(line(decode_result(fields[b"result"])))
                         count += 1
                     if group:
                         await client.xack(stream, group, entry_id)
+                if export is not None:
+                    export.flush()
         finally:
             await client.aclose()
 
@@ -349,6 +361,9 @@ def results(reply_to: str, follow: bool, group: str | None, consumer: str, limit
         asyncio.run(go())
     except KeyboardInterrupt:
         pass
+    if export is not None:
+        export.close()
+        click.echo(f"exported {exported} result(s) to {export.name}", err=True)
 
 
 @main.command(epilog=EPILOG)
@@ -605,5 +620,5 @@ def config_cmd(path: Path | None) -> None:
                 f"{', '.join(cfg.pools)})", fg="green")
 
 
-# Registers `asyncapi` on `main` (they use the helpers above).
+# Registers `report` and `asyncapi` on `main` (they use the helpers above).
 import broker.observe_cli  # noqa: E402, F401

@@ -1,17 +1,20 @@
-"""``inference-broker asyncapi``: commands that describe a stack or look at it.
+"""``inference-broker report`` and ``asyncapi``: commands that look at a stack or describe it.
 
-The logic lives in :mod:`broker.asyncapi`; this module parses options.
+The logic lives in :mod:`broker.report` and :mod:`broker.asyncapi`; this module parses options.
 It registers its commands on the main group when imported, which ``broker/cli.py`` does at
 its end (so either module may be imported first).
 """
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
-from broker.cli import EPILOG, friendly, main
+from broker.cli import EPILOG, _need_url, _settings, common, friendly, main
 
 
 @main.command("asyncapi", epilog=EPILOG)
@@ -34,3 +37,54 @@ def asyncapi_cmd(out: Path | None, fmt: str) -> None:
         return
     out.write_text(text, encoding="utf-8")
     click.echo(f"wrote {out}", err=True)
+
+
+@main.command("report", epilog=EPILOG)
+@common
+@click.option("--input", "-i", "input_file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+              help="Read results from this file (JSON lines, from `results --export` or `demo --json`; "
+                   "`-` for stdin) instead of the result stream.")
+@click.option("--reply-to", default="results", show_default=True, help="Result stream name (without --input).")
+@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("report"),
+              show_default=True, help="Folder for the PNGs and index.html (created if missing).")
+@click.option("--title", help="Title of the page [default: the source of the results].")
+@friendly
+def report_cmd(input_file: Path | None, reply_to: str, out_dir: Path, title: str | None, **opts: Any) -> None:
+    """Write PNG plots and one self-contained HTML page about a run's results.
+
+    \b
+    Plots: latency CDF per class and pool, SLO attainment over time per class,
+    routing share over time per pool, cost. The page (index.html) embeds them with
+    the summary table per class and per pool. Needs matplotlib:
+    pip install 'inference-broker[report]'.
+    """
+    from broker import report
+    from broker.config import load_config
+    from broker.streams import connect
+
+    settings = _settings(**opts)
+    config = load_config(settings.config)
+    if input_file is not None:
+        if str(input_file) == "-":
+            results = report.load_file(Path("<stdin>"), sys.stdin.buffer.read())
+        else:
+            results = report.load_file(input_file)
+        source = str(input_file)
+    else:
+        settings = _need_url(settings)
+        try:
+            stream = settings.topology.reply(reply_to)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--reply-to") from None
+
+        async def read() -> list[Any]:
+            client = connect(settings.redis_url or "")
+            try:
+                return await report.read_stream(client, stream)
+            finally:
+                await client.aclose()
+
+        results = asyncio.run(read())
+        source = stream
+    index = report.write(results, out_dir, config, title or f"inference-broker run: {source}")
+    click.echo(f"{len(results)} results from {source}: wrote {index} and {len(report.FIGURES)} PNGs in {out_dir}")

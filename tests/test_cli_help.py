@@ -159,6 +159,7 @@ def test_config_missing_file_is_a_usage_error(tmp_path: Path) -> None:
     ["result", "some-job"],
     ["results"],
     ["health"],
+    ["report"],
 ], ids=lambda a: a[0])
 def test_commands_without_redis_point_at_up(args: list[str]) -> None:
     res = invoke(*args)
@@ -200,6 +201,7 @@ def test_submit_job_file_must_be_json() -> None:
     (["up", "--log-level", "LOUD"], "--log-level"),
     (["result"], "JOB_ID"),
     (["asyncapi", "--format", "xml"], "--format"),
+    (["report", "--reply-to", "jobs", "--redis-url", NOWHERE], "reserved"),
 ])
 def test_bad_arguments_are_usage_errors(args: list[str], message: str) -> None:
     res = invoke(*args)

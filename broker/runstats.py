@@ -1,0 +1,129 @@
+"""Summaries of a set of results: per SLO class and per pool, as `report` and `top` show them.
+
+Definitions used everywhere these numbers appear:
+
+* **Percentiles** are nearest-rank over the jobs that have timings (``ok`` results), the
+  same as the demo's table: p99 of 50 values is the largest.
+* **Attainment** is the share of *all* a class's jobs that met its target: a failed, expired
+  or rejected job counts as a miss, as in the simulator.
+* **Cost** is busy cost: a worker costs its pool's ``cost_per_hour`` and the jobs running on
+  it split that evenly at each instant (``policies.estimate.job_cost`` integrated over a
+  job's life, from the result timings of every job on the same worker).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+
+import msgspec
+
+from broker.wire import Result
+
+STATUSES = ("ok", "failed", "expired", "rejected")
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile ``q`` (0-1) of ``values``; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class GroupStats(msgspec.Struct, frozen=True, kw_only=True):
+    """What one group of results (a class, a pool, or a class on a pool) looked like."""
+
+    name: str
+    jobs: int
+    statuses: dict[str, int]
+    """Count per status (every status present, zeros included)."""
+    ttft_p50_ms: float | None
+    ttft_p99_ms: float | None
+    e2e_p50_ms: float | None
+    e2e_p99_ms: float | None
+    met: int
+    """Jobs that met their class's target."""
+    output_tokens: int
+    cost_usd: float | None
+    """Busy cost of the group's jobs; None when no job ran on a pool with a known price."""
+
+    @property
+    def attainment(self) -> float | None:
+        """Share of the group's jobs that met their target (every outcome counts)."""
+        return self.met / self.jobs if self.jobs else None
+
+    @property
+    def cost_per_mtok(self) -> float | None:
+        """Busy dollars per million output tokens."""
+        if self.cost_usd is None or not self.output_tokens:
+            return None
+        return self.cost_usd * 1e6 / self.output_tokens
+
+
+def group_stats(name: str, results: Sequence[Result], costs: Mapping[str, float] | None = None) -> GroupStats:
+    """Counts, percentiles, attainment and (with ``costs`` per job id) cost of ``results``."""
+    metrics = [r.metrics for r in results if r.metrics is not None]
+    ttft = [m.time_to_first_token_ms for m in metrics]
+    e2e = [m.e2e_latency_ms for m in metrics]
+    statuses = dict.fromkeys(STATUSES, 0)
+    for r in results:
+        statuses[r.status] = statuses.get(r.status, 0) + 1
+    priced = [costs[r.id] for r in results if costs is not None and r.id in costs]
+    return GroupStats(
+        name=name, jobs=len(results), statuses=statuses,
+        ttft_p50_ms=percentile(ttft, 0.5), ttft_p99_ms=percentile(ttft, 0.99),
+        e2e_p50_ms=percentile(e2e, 0.5), e2e_p99_ms=percentile(e2e, 0.99),
+        met=sum(r.slo_met is True for r in results),
+        output_tokens=sum(r.usage.completion_tokens for r in results if r.status == "ok"),
+        cost_usd=sum(priced) if priced else None)
+
+
+def by_key(results: Iterable[Result], key: str) -> dict[str, list[Result]]:
+    """Results grouped by ``slo`` (class) or ``pool``; a job that ran nowhere is under its status."""
+    groups: dict[str, list[Result]] = defaultdict(list)
+    for r in results:
+        value = r.slo if key == "slo" else r.pool
+        groups[value or (r.status if key == "pool" else "-")].append(r)
+    return dict(sorted(groups.items()))
+
+
+def busy_costs(results: Iterable[Result], price_per_hour: Mapping[str, float]) -> dict[str, float]:
+    """Dollars per job id: its even share of its worker's hourly price while it ran.
+
+    Jobs on one worker overlap; between two consecutive start/finish instants each of the
+    ``n`` jobs running pays ``1/n`` of the worker's rate. Jobs on pools without a price, or
+    without timings, get no entry.
+    """
+    per_worker: dict[tuple[str, str], list[Result]] = defaultdict(list)
+    for r in results:
+        if r.timing is not None and r.pool is not None and r.pool in price_per_hour and r.worker:
+            per_worker[(r.pool, r.worker)].append(r)
+    costs: dict[str, float] = {}
+    for (pool, _worker), jobs in per_worker.items():
+        rate = price_per_hour[pool] / 3600
+        events = sorted([(r.timing.started_at, 1, r.id) for r in jobs if r.timing] +
+                        [(r.timing.finished_at, -1, r.id) for r in jobs if r.timing])
+        running: set[str] = set()
+        last = events[0][0] if events else 0.0
+        for at, change, job_id in events:
+            if running:
+                share = rate * (at - last) / len(running)
+                for other in running:
+                    costs[other] = costs.get(other, 0.0) + share
+            last = at
+            if change > 0:
+                running.add(job_id)
+                costs.setdefault(job_id, 0.0)
+            else:
+                running.discard(job_id)
+    return costs
+
+
+def span_text(p50: float | None, p99: float | None) -> str:
+    """``p50/p99`` in one cell, in ms or s, whichever reads better."""
+    if p50 is None or p99 is None:
+        return "-"
+    if p99 >= 1000:
+        return f"{p50 / 1000:.2f}/{p99 / 1000:.2f} s"
+    return f"{p50:.0f}/{p99:.0f} ms"
