@@ -620,5 +620,5 @@ def config_cmd(path: Path | None) -> None:
                 f"{', '.join(cfg.pools)})", fg="green")
 
 
-# Registers `report` and `asyncapi` on `main` (they use the helpers above).
+# Registers `top`, `report` and `asyncapi` on `main` (they use the helpers above).
 import broker.observe_cli  # noqa: E402, F401

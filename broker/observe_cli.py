@@ -1,13 +1,14 @@
-"""``inference-broker report`` and ``asyncapi``: commands that look at a stack or describe it.
+"""``inference-broker top``, ``report`` and ``asyncapi``: commands that look at a stack or describe it.
 
-The logic lives in :mod:`broker.report` and :mod:`broker.asyncapi`; this module parses options.
-It registers its commands on the main group when imported, which ``broker/cli.py`` does at
-its end (so either module may be imported first).
+The logic lives in :mod:`broker.top`, :mod:`broker.report` and :mod:`broker.asyncapi`; this
+module parses options. It registers its commands on the main group when imported, which
+``broker/cli.py`` does at its end (so either module may be imported first).
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -88,3 +89,62 @@ def report_cmd(input_file: Path | None, reply_to: str, out_dir: Path, title: str
         source = stream
     index = report.write(results, out_dir, config, title or f"inference-broker run: {source}")
     click.echo(f"{len(results)} results from {source}: wrote {index} and {len(report.FIGURES)} PNGs in {out_dir}")
+
+
+@main.command("top", epilog=EPILOG)
+@common
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="Seconds between refreshes.")
+@click.option("--window", type=click.FloatRange(min=1.0), default=60.0, show_default=True,
+              help="Seconds of recent results that throughput, latency and attainment cover.")
+@click.option("--reply-to", default="results", show_default=True, help="Result stream to watch.")
+@click.option("--once", is_flag=True, help="Print one frame and exit (for scripts and tests).")
+@friendly
+def top_cmd(interval: float, window: float, reply_to: str, once: bool, **opts: Any) -> None:
+    """Live dashboard of a running stack: pools, backlogs, throughput, latency, SLO attainment.
+
+    Reads Redis only (heartbeats, stream and group info, recent results), so it works
+    against any stack, local or deployed. Refreshes in place until Ctrl-C.
+    """
+    from rich.console import Console
+    from rich.live import Live
+
+    from broker.config import load_config
+    from broker.streams import connect
+    from broker.top import Collector, render
+
+    settings = _need_url(_settings(**opts))
+    try:
+        settings.topology.reply(reply_to)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--reply-to") from None
+    config = load_config(settings.config)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)  # piped: room for the tables
+
+    async def go() -> None:
+        client = connect(settings.redis_url or "")
+        collector = Collector(client, settings, config, reply_to=reply_to, window_s=window)
+        try:
+            if once:
+                console.print(render(await collector.collect()))
+                return
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            with Live(render(await collector.collect()), console=console, auto_refresh=False,
+                      vertical_overflow="crop") as live:
+                while not stop.is_set():
+                    try:
+                        await asyncio.wait_for(stop.wait(), interval)
+                    except TimeoutError:
+                        live.update(render(await collector.collect()), refresh=True)
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(go())
+    except KeyboardInterrupt:  # Ctrl-C before the handler was in place
+        pass

@@ -159,6 +159,7 @@ def test_config_missing_file_is_a_usage_error(tmp_path: Path) -> None:
     ["result", "some-job"],
     ["results"],
     ["health"],
+    ["top", "--once"],
     ["report"],
 ], ids=lambda a: a[0])
 def test_commands_without_redis_point_at_up(args: list[str]) -> None:
@@ -201,6 +202,7 @@ def test_submit_job_file_must_be_json() -> None:
     (["up", "--log-level", "LOUD"], "--log-level"),
     (["result"], "JOB_ID"),
     (["asyncapi", "--format", "xml"], "--format"),
+    (["top", "--interval", "0"], "--interval"),
     (["report", "--reply-to", "jobs", "--redis-url", NOWHERE], "reserved"),
 ])
 def test_bad_arguments_are_usage_errors(args: list[str], message: str) -> None:
