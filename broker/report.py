@@ -307,7 +307,8 @@ h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { font-size: 1.15em; margin-to
 .lead { color: #555; }
 table { border-collapse: collapse; margin: 0.5em 0 1em; }
 th, td { padding: 0.3em 0.8em; border-bottom: 1px solid #ddd; text-align: right; white-space: nowrap; }
-th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
+th { background: #f4f4f4; }
+td:first-child, th:first-child, .pools td:last-child, .pools th:last-child { text-align: left; }
 .miss { color: #b00020; font-weight: 600; } .met { color: #1b7a1b; font-weight: 600; }
 figure { margin: 1.5em 0; } img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.92em; }
@@ -341,7 +342,7 @@ def page(rep: Report, images: dict[str, Path]) -> str:
             f"{ok} ok; SLO met for {_pct(met / total if total else None)} of all jobs; "
             f"accelerator share {_pct(elsewhere / total if total else None)} (jobs on pools other than the "
             f"default, {default}); "
-            f"busy cost {_money(busy)}, {_money(provisioned)} for the {len(workers)} worker(s) seen over the run.")
+            f"busy cost {_money(busy)}; the {len(workers)} worker(s) seen cost {_money(provisioned)} over the run.")
     rows = []
     for c in rep.classes:
         goal = rep.config.classes[c.name].attainment if c.name in rep.config.classes else None
@@ -383,7 +384,7 @@ def page(rep: Report, images: dict[str, Path]) -> str:
 {"".join(rows)}
 </table>
 <h2 id="pools">Per pool</h2>
-<table><tr>{"".join(f"<th>{h}</th>" for h in pool_head)}</tr>
+<table class="pools"><tr>{"".join(f"<th>{h}</th>" for h in pool_head)}</tr>
 {"".join(pool_rows)}
 </table>
 {note}
