@@ -82,8 +82,8 @@ COLUMNS = ("class", "jobs", "SLO met", "lost", "TTFT p50/p99", "e2e p50/p99", "$
               help="Seconds of arrivals (simulated; jobs then run to completion).")
 @click.option("--seed", type=int, default=1, show_default=True, help="Same seed, same jobs, same results.")
 @click.option("--fleet", metavar="POOL=N,...", help="Workers per pool [default: 4 on the default pool, 1 on others].")
-@click.option("--priority/--fifo", default=False, show_default=True,
-              help="Order pool queues by class priority instead of arrival.")
+@click.option("--priority/--fifo", default=True, show_default=True,
+              help="Order pool queues by class priority, as the live priority lanes do; --fifo: by arrival.")
 @click.option("--snapshot-interval", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
               help="Seconds between the router's pool snapshots (0: exact; the live policy worker: 0.25).")
 @click.option("--observation-interval", type=click.FloatRange(min=0.0), default=0.0, show_default=True,

@@ -17,8 +17,8 @@ runs agree:
 
 The snapshot mirrors the policy worker's: ``backlog`` is queued plus running (a pool
 stream's lag plus pending), ``capacity`` is workers times slots. It is exact at every
-decision by default; with ``snapshot_interval_s`` it is refreshed that often and, between
-refreshes, counts the simulator's own routing into the backlog, as the live worker does.
+decision by default; with ``snapshot_interval_s`` it is refreshed on a clock that often and,
+between refreshes, counts the simulator's own routing into the backlog, as the live worker does.
 The router learns from an :class:`Observation` the moment a job finishes, or, with
 ``observation_interval_s``, in batches that often (live: with each worker heartbeat).
 
@@ -62,10 +62,11 @@ _FIRST, _CHUNK = 0, 1
 class SimOptions(msgspec.Struct, frozen=True, kw_only=True):
     """How the simulated broker behaves where the live one has choices."""
 
-    priority_queues: bool = False
-    """Order each pool's queue by class priority, then arrival (``policies.slo.queue_key``), not FIFO."""
+    priority_queues: bool = True
+    """Order each pool's queue by class priority, then arrival (``policies.slo.queue_key``), as the
+    live workers' priority lanes do; False: one FIFO queue per pool."""
     snapshot_interval_s: float = 0.0
-    """0: the router sees exact pool state; else a snapshot refreshed this often (live: 0.25)."""
+    """0: the router sees exact pool state; else a snapshot taken on a clock this often (live: 0.25)."""
     observation_interval_s: float = 0.0
     """0: the router observes each job as it finishes; else in batches that often, before a decision
     (live: worker heartbeats, every ``heartbeat_s`` = 1 s, read at the next snapshot refresh)."""
@@ -376,10 +377,14 @@ class _Run:
                 self.router.observe(obs)
             self.pending.clear()
             self.observed_at = self.now
-        if self.snapshot is None or self.now - self.snapshot_at >= self.options.snapshot_interval_s:
-            self.snapshot = Snapshot(now=self.now, pools={n: p.state() for n, p in self.pools.items()})
-            self.snapshot_at = self.now
+        if self.snapshot is None or self.options.snapshot_interval_s <= 0:
+            self._refresh()
+        assert self.snapshot is not None
         return self.snapshot
+
+    def _refresh(self) -> None:
+        self.snapshot = Snapshot(now=self.now, pools={n: p.state() for n, p in self.pools.items()})
+        self.snapshot_at = self.now
 
     def _count_routed(self, pool: str) -> None:
         # Between refreshes the live policy worker adds its own routing to the backlog.
@@ -442,6 +447,7 @@ class _Run:
     def run(self, arrivals: Sequence[Arrival], stop: float) -> float:
         pools = list(self.pools.values())
         n, i = len(arrivals), 0
+        interval = self.options.snapshot_interval_s
         while True:
             nxt: _Pool | None = None
             t = math.inf
@@ -449,7 +455,13 @@ class _Run:
                 if p.events and p.events[0][0] < t:
                     nxt, t = p, p.events[0][0]
             at = arrivals[i].at if i < n else math.inf
-            if nxt is not None and t <= at:
+            # A lagged snapshot is refreshed on a clock, as the live policy worker's is: a
+            # decision sees the pools as they were at the last tick, not at its own instant.
+            tick = self.snapshot_at + interval if interval > 0 and self.snapshot is not None else math.inf
+            if tick < min(t, at) < math.inf and tick <= stop:
+                self.now = tick
+                self._refresh()
+            elif nxt is not None and t <= at:
                 if t > stop:
                     self.now = stop
                     break

@@ -253,8 +253,8 @@ def test_jobs_slow_each_other_down_and_spread_over_workers() -> None:
 def test_priority_queues_put_interactive_work_ahead_of_batch() -> None:
     jobs = [(0.001 * i, features(prompt=500, out=500, hint="batch")) for i in range(20)]
     jobs.append((0.05, features(prompt=500, out=50, hint="interactive")))
-    fifo = run(To("accel"), arrivals(*jobs), fleet={"gpu": 0, "accel": 1})
-    prio = run(To("accel"), arrivals(*jobs), fleet={"gpu": 0, "accel": 1}, priority_queues=True)
+    fifo = run(To("accel"), arrivals(*jobs), fleet={"gpu": 0, "accel": 1}, priority_queues=False)
+    prio = run(To("accel"), arrivals(*jobs), fleet={"gpu": 0, "accel": 1})  # the default, as live
     last_fifo, last_prio = fifo.records[-1], prio.records[-1]
     assert last_fifo.cls == last_prio.cls == "interactive"
     assert (last_prio.start or 0) < (last_fifo.start or 0)
@@ -333,6 +333,14 @@ def test_the_router_sees_exact_pool_state_and_learns_from_every_job() -> None:
     obs, rec = router.observed[0], result.records[0]
     assert obs.concurrency == rec.concurrency == 1 and obs.output_tokens == 200
     assert obs.ttft_ms == pytest.approx(H100_8B.ttft(1000, 1))
+
+
+def test_a_lagged_snapshot_is_refreshed_on_a_clock() -> None:
+    router = To("gpu")
+    # Decisions at 0.3 s and 0.55 s see the state of the ticks at 0.25 s and 0.5 s, not their own instants.
+    run(router, arrivals((0.0, features(out=2000)), (0.3, features(out=2000)), (0.55, features(out=2000))),
+        snapshot_interval_s=0.25)
+    assert [s.now for s in router.snapshots] == [0.0, 0.25, 0.5]
 
 
 def test_a_stale_snapshot_counts_its_own_routing_like_the_live_policy_worker() -> None:
