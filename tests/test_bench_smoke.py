@@ -1,0 +1,83 @@
+"""Smoke test of the benchmark suite: ``python -m bench.throughput --quick`` runs end to end.
+
+Tiny batches, one repeat: it proves the harness, the raw chain, the broker's roles and SDK
+clients, and every installed peer still work together, not how fast they are. Peers run
+only where installed (``python -m bench.throughput --setup-peers``, or Celery from the
+``bench`` extra). The full benchmark is run by hand (bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from broker.embedded import find_redis_server
+from broker.errors import EmbeddedRedisError
+
+ROOT = Path(__file__).resolve().parent.parent
+psutil = pytest.importorskip("psutil", reason="the bench extra is not installed: pip install -e '.[bench]'")
+
+
+@pytest.fixture(scope="module")
+def redis_binary() -> str:
+    try:
+        return find_redis_server()
+    except EmbeddedRedisError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs a redis-server: {exc}")
+        pytest.skip(f"no redis-server: {exc}")
+
+
+@pytest.mark.timeout(120)
+def test_quick_benchmark_runs_and_reports(redis_binary: str, tmp_path: Path) -> None:
+    from bench.systems import PEERS, available
+
+    peers = sorted(available(list(PEERS)))
+    out = tmp_path / "RESULTS.md"
+    done = subprocess.run([sys.executable, "-m", "bench.throughput", "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = out.read_text()
+    for system in ["raw", "inference-broker", *peers]:
+        row = next((line for line in report.splitlines() if line.startswith(f"| {system} |")), None)
+        assert row is not None, f"no row for {system} in:\n{report}"
+        jobs_per_s = float(row.split("|")[2].replace(",", ""))
+        assert jobs_per_s > 0
+    assert "| raw | " in report and "1.000" in report  # the ratios' reference
+    assert "redis-server" in report and "## Machine and versions" in report
+
+
+def test_percentile_is_nearest_rank() -> None:
+    from bench.harness import percentile
+
+    values = [float(v) for v in range(1, 1001)]
+    assert percentile(values, 50) == 500.0
+    assert percentile(values, 99) == 990.0
+    assert percentile(values, 99.9) == 999.0
+    assert percentile([3.0], 99.9) == 3.0
+
+
+def test_paced_schedule_is_open_loop() -> None:
+    from bench.peers.loadgen import schedule
+
+    slices = list(schedule(50, 1000.0, chunk=10))
+    assert slices[0][0] == 0 and slices[-1][1] == 50
+    assert all(a[1] == b[0] for a, b in zip(slices, slices[1:], strict=False))  # no job skipped or repeated
+    dues = [due for _start, _stop, due in slices]
+    assert dues == sorted(dues) and dues[-1] - dues[0] < 0.06  # due times follow the rate, not the system
+
+
+def test_profile_summary_counts_self_and_inclusive() -> None:
+    from bench.profile_broker import summarize
+
+    raw = ("thread (1);main (a.py:1);route (b.py:2);encode (c.py:3) 6\n"
+           "thread (1);main (a.py:1);route (b.py:2) 2\n"
+           "thread (1);main (a.py:1);read (d.py:4) 2\n")
+    total, own, incl = summarize(raw, 10)
+    assert total == 10
+    assert dict(own) == {"encode (c.py)": 6, "route (b.py)": 2, "read (d.py)": 2}
+    assert dict(incl)["route (b.py)"] == 8 and dict(incl)["main (a.py)"] == 10
