@@ -279,6 +279,7 @@ class PolicyWorker:
                 except aioredis.ResponseError:
                     pass  # stream not created yet
             workers = in_flight = capacity = 0
+            cooling: list[float | None] = []
             beats = await self.client.hgetall(self.topo.heartbeats(name))  # type: ignore[misc]
             for worker, raw in beats.items():
                 beat = msgspec.json.decode(raw)
@@ -286,8 +287,14 @@ class PolicyWorker:
                     workers += 1
                     in_flight += beat["in_flight"]
                     capacity += beat["capacity"]
+                    until = beat.get("cooling_until")
+                    cooling.append(until if until is not None and until > now else None)
                 self._learn(name, worker, beat)
-            pools[name] = PoolState(backlog=backlog, workers=workers, in_flight=in_flight, capacity=capacity)
+            # The pool is cooling only while every live worker is: then the first back ends it.
+            untils = [u for u in cooling if u is not None]
+            until = min(untils) if cooling and len(untils) == len(cooling) else None
+            pools[name] = PoolState(backlog=backlog, workers=workers, in_flight=in_flight, capacity=capacity,
+                                    cooling_until=until)
         self.snapshot = Snapshot(now=now, pools=pools)
 
     def _learn(self, pool: str, worker: bytes, beat: dict[str, Any]) -> None:

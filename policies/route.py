@@ -36,6 +36,13 @@ class PoolState(msgspec.Struct, frozen=True, kw_only=True):
     in_flight: int = 0
     capacity: int = 0
     """Jobs the live workers can run at once."""
+    cooling_until: float | None = None
+    """While every live worker's backend is cooling down (its endpoints answered 429 or 5xx):
+    when the first is usable again. ``None``: some worker can take a job now."""
+
+    def cooling(self, now: float) -> bool:
+        """Whether the pool can take no job before ``cooling_until``."""
+        return self.cooling_until is not None and self.cooling_until > now
 
 
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True):

@@ -118,10 +118,16 @@ class SloRouter:
             return snapshot.pools.get(pool, PoolState())
 
         notes: list[str] = []
-        # A pool whose workers all stopped sending heartbeats would only queue the job.
-        staffed = [p for p in preds if state(p.pool).workers > 0]
+        # A pool whose workers all stopped sending heartbeats would only queue the job; one
+        # whose endpoints all refuse work (429s) would only burn its retries.
+        staffed = [p for p in preds if state(p.pool).workers > 0 and not state(p.pool).cooling(snapshot.now)]
         if staffed and len(staffed) < len(preds):
-            notes += [f"{p.pool} has no live workers" for p in preds if state(p.pool).workers == 0]
+            for p in preds:
+                if state(p.pool).workers == 0:
+                    notes.append(f"{p.pool} has no live workers")
+                elif state(p.pool).cooling(snapshot.now):
+                    wait = (state(p.pool).cooling_until or 0) - snapshot.now
+                    notes.append(f"{p.pool} cooling down for {wait:.1f} s")
             preds = staffed
         candidates: list[Prediction] = []
         for p in preds:

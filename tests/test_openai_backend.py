@@ -15,11 +15,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import msgspec
 import openai
 import pytest
 import pytest_asyncio
+import redis.asyncio as aioredis
 
 from broker.client import Client
+from broker.topology import Topology
 from broker.wire import ChatMessage, Job
 from policies.config import Endpoint, config_from_dict
 from tests.conftest import Roles
@@ -451,3 +454,55 @@ models = {{ "llama-3.1-8b" = "test-model" }}
     assert result.metrics.time_per_output_token_ms == pytest.approx(5.0, rel=0.5)
     assert server.requests[-1].authorization == f"Bearer {KEY}"
     assert KEY not in roles.logs()
+
+
+def _openai_pool(tmp_path: Path, server: OpenAIServer) -> dict[str, str]:
+    config = tmp_path / "policy.toml"
+    config.write_text(f"""
+[classes.standard]
+ttft_ms = 2000
+
+[pools.gpu]
+models = ["llama-3.1-8b"]
+backend = "openai"
+concurrency = 4
+
+[[pools.gpu.endpoints]]
+base_url = "{server.url}"
+models = {{ "llama-3.1-8b" = "test-model" }}
+""")
+    return {"IB_CONFIG": str(config), "IB_BLOCK_MS": "200", "IB_CLAIM_IDLE_MS": "3000",
+            "IB_CLAIM_INTERVAL_S": "0.1", "IB_RETRY_BACKOFF_MS": "50"}
+
+
+async def test_a_429_is_retried_once_the_endpoint_is_back_not_before(
+        server: OpenAIServer, roles: Roles, redis_url: str, prefix: str, tmp_path: Path) -> None:
+    server.behaviour = Behaviour(fail_429=1, retry_after="1")
+    env = _openai_pool(tmp_path, server)
+    roles.start("policy", env=env)
+    roles.start("worker", "--pool", "gpu", "--grace", "5", env=env)
+    async with Client(redis_url, prefix=prefix, block_ms=200) as client:
+        result = await asyncio.wait_for(client.run(Job.chat("llama-3.1-8b", "hi", max_tokens=4), timeout=30), 35)
+    assert result.status == "ok" and result.timing is not None, result
+    # The retry backoff is 25-50 ms, but the worker held the job until the Retry-After had
+    # passed: one retry, not a run of wasted deliveries against a cooling endpoint.
+    assert result.timing.attempt == 2
+    first, second = server.requests[0].at, server.requests[-1].at
+    assert len(server.requests) == 2 and second - first >= 1.0
+
+
+async def test_a_job_cut_off_at_its_deadline_ends_expired(
+        server: OpenAIServer, roles: Roles, redis_url: str, prefix: str, tmp_path: Path,
+        client: aioredis.Redis) -> None:
+    server.behaviour = Behaviour(ttft_s=0.1, tokens_per_s=5)
+    env = _openai_pool(tmp_path, server)
+    roles.start("policy", env=env)
+    roles.start("worker", "--pool", "gpu", "--grace", "5", env=env)
+    job = Job.chat("llama-3.1-8b", "hi", max_tokens=50)
+    async with Client(redis_url, prefix=prefix, block_ms=200) as sdk:
+        # Routed within the deadline; 50 tokens at 5/s take 10 s, the job allows 1.5 s.
+        job = msgspec.structs.replace(job, deadline=time.time() + 1.5)
+        result = await asyncio.wait_for(sdk.run(job, timeout=30), 35)
+    assert result.status == "expired", result
+    assert result.error and "DeadlineExceeded" in result.error and "cut off" in result.error
+    assert await client.xlen(Topology(prefix).dead) == 0  # an outcome, not a failure

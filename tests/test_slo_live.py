@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
+import pytest
+import redis.asyncio as aioredis
+
 from broker.client import Client
-from broker.config import default_config_text
+from broker.config import default_config_text, load_config
+from broker.policy_worker import PolicyWorker
+from broker.settings import Settings
 from broker.wire import ChatMessage, Job
 from tests.conftest import FAST_ENV, Roles
 
@@ -38,3 +45,25 @@ async def test_slo_router_routes_and_sheds_live(roles: Roles, redis_url: str, pr
         assert r.route_reason and "ttft" in r.route_reason
     assert shed.status == "rejected" and shed.error and shed.error.startswith("slo_unattainable")
     assert shed.timing is None
+
+
+async def test_the_policy_sees_a_pool_cooling_only_while_every_live_worker_is(
+        redis_url: str, prefix: str, client: aioredis.Redis) -> None:
+    settings = Settings(redis_url=redis_url, prefix=prefix)
+    policy = PolicyWorker(client, settings, load_config())
+    now = time.time()
+    beats = settings.topology.heartbeats("accel")
+
+    async def beat(worker: str, cooling_until: float | None, ts: float = now) -> None:
+        await client.hset(beats, worker, json.dumps({"ts": ts, "in_flight": 0, "capacity": 8, "seq": 1,
+                                                     "obs": [], "cooling_until": cooling_until}))
+
+    await beat("a", now + 5)
+    await beat("b", None)
+    await policy.refresh()
+    assert policy.snapshot.pools["accel"].cooling_until is None  # b can take work
+    await beat("b", now + 3)
+    await beat("gone", None, ts=now - 3600)  # a dead worker's last beat does not count
+    await policy.refresh()
+    assert policy.snapshot.pools["accel"].cooling_until == pytest.approx(now + 3)  # the first back
+    assert policy.snapshot.pools["accel"].cooling(now + 1) and not policy.snapshot.pools["accel"].cooling(now + 4)

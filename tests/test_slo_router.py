@@ -117,6 +117,17 @@ def test_a_saturated_accelerator_is_avoided() -> None:
     assert "accel misses ttft" in d.reason
 
 
+def test_a_pool_whose_endpoints_all_cool_down_is_avoided_until_they_are_back() -> None:
+    router = SloRouter(DEFAULT)
+    long70 = job(model=M70, max_tokens=512)  # the accelerator's job when it can take it
+    cooling = Snapshot(now=1000.0, pools={"gpu": PoolState(workers=1),
+                                          "accel": PoolState(workers=1, cooling_until=1002.5)})
+    d = decide(router, long70, "interactive", cooling)
+    assert d.pool == "gpu" and "accel cooling down for 2.5 s" in d.reason
+    back = msgspec.structs.replace(cooling, now=1003.0)
+    assert decide(router, long70, "interactive", back).pool == "accel"
+
+
 def test_spill_over_from_a_saturated_pool_that_would_still_meet() -> None:
     router = SloRouter(DEFAULT)
     s = snap(gpu=70, accel=0)  # six jobs queued beyond the GPU's 64 slots

@@ -16,11 +16,19 @@ from broker.wire import Job
 
 
 class BackendError(Exception):
-    """A job failed in the backend. ``retryable`` marks transient failures (429, 5xx, ...)."""
+    """A job failed in the backend.
 
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
+    ``retryable`` marks transient failures (429, 5xx, ...); ``retry_at`` (seconds since the
+    epoch) is the earliest instant a retry can succeed, where the backend knows it;
+    ``expired`` marks a job cut off at its deadline, which ends as ``expired``, not failed.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False, retry_at: float = 0.0,
+                 expired: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.retry_at = retry_at
+        self.expired = expired
 
 
 class CapacityExceeded(BackendError):

@@ -43,12 +43,15 @@ ERROR_DETAIL_CHARS = 300
 class DeadlineExceeded(BackendError):
     """The job's deadline passed before its answer was complete; retrying cannot help."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message, expired=True)
+
 
 class CoolingDown(BackendError):
     """Every endpoint that serves the job's model is cooling down; ``until`` is when one is back."""
 
     def __init__(self, message: str, until: float) -> None:
-        super().__init__(message, retryable=True)
+        super().__init__(message, retryable=True, retry_at=until)
         self.until = until
 
 
@@ -203,7 +206,11 @@ class OpenAIBackend:
             what = str(exc) if isinstance(exc, _Retryable) else f"{type(exc).__name__}: {exc}"
             cooldown = self.endpoints.failed(state, type(exc).__name__)
             raise BackendError(f"{state.label}: {self._scrub(what)}; cooling down {cooldown:.1f} s",
-                               retryable=True) from None
+                               retryable=True, retry_at=self.endpoints.cooldown_until(job.model) or 0.0) from None
+        except BackendError as exc:
+            if exc.retryable:  # a 429 or 5xx: the retry can wait until an endpoint is back
+                exc.retry_at = self.endpoints.cooldown_until(job.model) or 0.0
+            raise
         self.endpoints.succeeded(state)
         return out
 

@@ -278,8 +278,15 @@ class PoolWorker:
             if not isinstance(exc, BackendError):
                 log.exception("backend %s raised unexpectedly on job %s", self.backend.name, job.id)
                 exc = BackendError(f"{type(exc).__name__}: {exc}", retryable=True)
-            if exc.retryable and deliveries < self.settings.max_deliveries:
-                delay = self._backoff_ms(deliveries)
+            if exc.expired:
+                await self._publish(lane, entry_id, routed, Result(
+                    id=job.id, status="expired", model=job.model, kind=job.kind, tenant=job.tenant,
+                    slo=route.slo, pool=self.pool, worker=self.name, error=f"{type(exc).__name__}: {exc}"))
+            elif exc.retryable and deliveries < self.settings.max_deliveries:
+                # A backend that says when it can take work again (all endpoints cooling
+                # down) gets the job back then, not sooner: an earlier retry only burns a delivery.
+                delay = max(self._backoff_ms(deliveries), int((exc.retry_at - self.clock()) * 1000))
+                delay = min(delay, self.settings.claim_idle_ms)
                 await self._nack(lane, entry_id, routed, f"{type(exc).__name__}: {exc}", delay_ms=delay)
             elif exc.retryable:
                 await self._dead(lane, entry_id, raw, "max_deliveries", f"delivered {deliveries} times without "
@@ -381,8 +388,10 @@ class PoolWorker:
 
     async def heartbeat(self) -> None:
         """Tell the policy this worker's load, and the timings of the jobs it finished since."""
+        cooldown = getattr(self.backend, "cooldown_until", None)  # backends with endpoints that can refuse
         beat = {"ts": self.clock(), "in_flight": len(self.running), "capacity": self.concurrency,
-                "seq": self.beat_seq + 1, "obs": self.observations}
+                "seq": self.beat_seq + 1, "obs": self.observations,
+                "cooling_until": cooldown() if cooldown is not None else None}
         await self.client.hset(self.topo.heartbeats(self.pool), self.name, json_encode(beat))  # type: ignore[arg-type,misc]
         # Only once the beat is written: a failed write keeps the timings for the next one.
         self.beat_seq += 1
