@@ -1,0 +1,187 @@
+"""Dynamic batching vs one job at a time, on the in-process MiniLM backend.
+
+::
+
+    .venv/bin/python -m bench.batching
+
+Closed loop, in one process, no Redis: ``concurrency`` callers each run single-text
+embedding jobs back to back on one :class:`workers.minilm.MiniLMBackend` for ``--seconds``,
+as a pool worker with that many jobs in flight would. Each row reports jobs per second,
+forward passes, the mean texts per pass and job latency (submission to result). Rows with
+``max_batch = 1`` are the one-at-a-time baseline: every text gets its own forward pass
+whatever the concurrency. The model is loaded and warmed before the first row.
+
+``--max-wait-ms 5,0`` runs each batched row with each max wait: waiting lets a batch fill
+but taxes a lone job; 0 batches only what queued while the previous pass ran.
+``--threads 1,2`` repeats the rows with each number of torch intra-op threads (the
+``OMP_NUM_THREADS`` a worker runs with): on a 2-core machine shared with Redis and other
+processes, two OpenMP threads that spin-wait on a busy core can be slower than one.
+
+``--out`` (default ``bench/BATCHING.md``) receives the report; ``--no-write`` only prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import platform
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+from broker.wire import Job
+from workers.minilm import MiniLMBackend
+
+# (max_batch, concurrency)
+ROWS = [(1, 1), (1, 32), (32, 1), (32, 8), (32, 32), (64, 64)]
+WORDS = ("the quick brown fox jumps over a lazy dog while market prices fall and rise in the "
+         "morning news about weather sports science music travel food health code data model").split()
+
+
+def sentence(rng: random.Random) -> str:
+    """A sentence of 8 to 24 words (about 10 to 30 tokens: a typical search query or title)."""
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 24))).capitalize() + "."
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def measure(max_batch: int, concurrency: int, seconds: float, max_wait_ms: float, device: str,
+                  seed: int) -> dict[str, float]:
+    backend = MiniLMBackend(max_batch=max_batch, max_wait_ms=max_wait_ms, device=device)
+    rng = random.Random(seed)
+    latencies: list[float] = []
+    await backend.load()
+    await backend.run(Job(id="warm", model="minilm-l6", kind="embedding", texts=["warm up"] * 4))
+    passes0 = backend.passes
+    stop_at = time.perf_counter() + seconds
+
+    async def caller(c: int) -> None:
+        i = 0
+        while time.perf_counter() < stop_at:
+            job = Job(id=f"c{c}-{i}", model="minilm-l6", kind="embedding", texts=[sentence(rng)])
+            start = time.perf_counter()
+            await backend.run(job)
+            latencies.append(time.perf_counter() - start)
+            i += 1
+
+    start, cpu = time.perf_counter(), time.process_time()
+    try:
+        await asyncio.gather(*(caller(c) for c in range(concurrency)))
+    finally:
+        await backend.aclose()
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    passes = backend.passes - passes0
+    return {"jobs": len(latencies), "jobs_s": len(latencies) / elapsed, "passes": passes,
+            "per_pass": len(latencies) / max(1, passes),
+            "cpu_ms": cpu * 1000 / max(1, len(latencies)), "p50_ms": percentile(latencies, 0.5) * 1000,
+            "p99_ms": percentile(latencies, 0.99) * 1000}
+
+
+class Row(NamedTuple):
+    threads: int
+    max_batch: int
+    max_wait_ms: float | None
+    """None where it cannot apply: a one-text batch is always full."""
+    concurrency: int
+    r: dict[str, float]
+
+
+def summary(rows: list[Row]) -> list[str]:
+    """Per thread count: the best batched row against the best one-at-a-time row."""
+    out = []
+    for threads in dict.fromkeys(row.threads for row in rows):
+        mine = [row for row in rows if row.threads == threads]
+        alone = max((row for row in mine if row.max_batch == 1), key=lambda row: row.r["jobs_s"], default=None)
+        best = max((row for row in mine if row.max_batch > 1), key=lambda row: row.r["jobs_s"], default=None)
+        if alone and best:
+            out.append(f"- {threads} torch thread(s): one at a time at best {alone.r['jobs_s']:.0f} jobs/s; batched at "
+                       f"best {best.r['jobs_s']:.0f} jobs/s ({best.r['jobs_s'] / alone.r['jobs_s']:.1f}x; max_batch "
+                       f"{best.max_batch}, max_wait_ms {best.max_wait_ms:g}, concurrency {best.concurrency}).")
+    return out
+
+
+def report(rows: list[Row], args: argparse.Namespace, load_before: tuple[float, ...]) -> str:
+    import tokenizers
+    import torch
+
+    lines = [
+        "# Dynamic batching: MiniLM embeddings, one at a time vs batched",
+        "",
+        "Generated by `python -m bench.batching` (do not edit by hand; rerun). One process, no Redis: "
+        "`concurrency` callers each run single-text embedding jobs (8 to 24 words, about 10 to 30 tokens) back to "
+        f"back on one `MiniLMBackend` for {args.seconds:g} s, as a pool worker with that many jobs in flight would. "
+        "`max_batch = 1` is the one-at-a-time baseline (one forward pass per text). Latency is per job, "
+        "submission to result, waiting for a batch included. `vs one at a time`: jobs/s over the best "
+        "`max_batch = 1` row with the same threads. `CPU ms per job`: this process's CPU time (all its threads) "
+        "over the jobs: less sensitive than jobs/s to what else the shared machine runs, though it counts "
+        "OpenMP threads spinning while they wait for a core.",
+        "",
+        f"- Machine: 2-core python-svc ({platform.machine()}, Python {platform.python_version()}, "
+        f"Linux {platform.release()}), shared with other engineers' work; 1-minute load average "
+        f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after.",
+        f"- Device: {args.device}; torch {torch.__version__}, tokenizers {tokenizers.__version__}.",
+        f"- Date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
+        f"- Command: `{shlex.join(['python', '-m', 'bench.batching', *sys.argv[1:]])}`",
+        "",
+        *summary(rows),
+        "",
+        "| torch threads | max_batch | max_wait_ms | concurrency | jobs | jobs/s | vs one at a time | forward passes "
+        "| texts per pass | CPU ms per job | latency p50 (ms) | latency p99 (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        r = row.r
+        base = [x.r["jobs_s"] for x in rows if x.threads == row.threads and x.max_batch == 1]
+        speedup = f"{r['jobs_s'] / max(base):.1f}x" if base else "-"
+        wait = "-" if row.max_wait_ms is None else f"{row.max_wait_ms:g}"
+        lines.append(f"| {row.threads} | {row.max_batch} | {wait} | {row.concurrency} | {r['jobs']:.0f} "
+                     f"| {r['jobs_s']:.0f} | {speedup} | {r['passes']:.0f} | {r['per_pass']:.1f} | {r['cpu_ms']:.1f} "
+                     f"| {r['p50_ms']:.1f} "
+                     f"| {r['p99_ms']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.batching", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=4.0, help="duration of each row (default 4)")
+    parser.add_argument("--max-wait-ms", default="5,0", help="the batcher's max waits to run batched rows with")
+    parser.add_argument("--threads", default="1,2", help="torch intra-op thread counts to run the rows with")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--rows", default=",".join(f"{b}x{c}" for b, c in ROWS),
+                        help="max_batch x concurrency pairs, e.g. 1x1,32x32")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("BATCHING.md"))
+    parser.add_argument("--no-write", action="store_true", help="print the report only")
+    args = parser.parse_args(argv)
+    import torch
+
+    pairs = [tuple(int(x) for x in pair.split("x")) for pair in args.rows.split(",")]
+    waits = [float(w) for w in args.max_wait_ms.split(",")]
+    load_before = os.getloadavg()
+    rows: list[Row] = []
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        for max_batch, concurrency in pairs:
+            for wait in waits if max_batch > 1 else [None]:
+                r = asyncio.run(measure(max_batch, concurrency, args.seconds, wait or 0.0, args.device, args.seed))
+                rows.append(Row(threads, max_batch, wait, concurrency, r))
+                print(f"threads {threads}  max_batch {max_batch:>3}  max_wait {wait!s:>4}  concurrency "
+                      f"{concurrency:>3}: {r['jobs_s']:7.1f} jobs/s, {r['per_pass']:5.1f} texts/pass, "
+                      f"p50 {r['p50_ms']:6.1f} ms, p99 {r['p99_ms']:6.1f} ms", flush=True)
+    text = report(rows, args, load_before)
+    print(text)
+    if not args.no_write:
+        args.out.write_text(text)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
