@@ -4,7 +4,9 @@ For a job of class ``C`` the router predicts, on every pool that serves the job'
 kind (:class:`~policies.estimate.LatencyEstimator`): TTFT (queue wait plus prefill at the load
 the job would join), time per output token and end-to-end time (with ``max_tokens`` output,
 an upper bound). A pool *meets* ``C`` when every target ``C`` sets holds with the safety
-margin: ``prediction <= routing.safety_margin x target``. Then:
+margin: ``prediction <= routing.safety_margin x target``. Pools that cannot take a job now
+are left out first: no live worker (no recent heartbeat), or every worker's endpoints cooling
+down after 429s; when that leaves nothing, the job waits on the default pool. Then:
 
 1. **Cheapest meeting pool**, by :func:`~policies.estimate.job_cost` (the job's share of its
    worker's hourly cost for as long as it would run). Ties keep the configured order (default
@@ -27,8 +29,8 @@ Every decision carries a short reason with the predicted numbers, and
 ``predicted_ttft_ms``/``predicted_e2e_ms``, so that a miss can be explained later.
 
 Inside a pool, :func:`queue_key` orders waiting jobs: lower ``priority`` first (interactive
-ahead of batch), first come first served within a priority. A simulator's pool queue (or a
-worker reading several priority streams) should pop by that key.
+ahead of batch), first come first served within a priority, as the simulator's pool queues
+and the live workers' priority lanes do.
 """
 
 from __future__ import annotations
@@ -121,7 +123,14 @@ class SloRouter:
         # A pool whose workers all stopped sending heartbeats would only queue the job; one
         # whose endpoints all refuse work (429s) would only burn its retries.
         staffed = [p for p in preds if state(p.pool).workers > 0 and not state(p.pool).cooling(snapshot.now)]
-        if staffed and len(staffed) < len(preds):
+        if not staffed:
+            # Nothing can take the job now (no worker has reported yet, or all are down):
+            # the predictions say nothing, so it waits where a general-purpose worker will come.
+            fallback = [p for p in preds if p.pool == config.default_pool]
+            if fallback:
+                preds = fallback
+                notes.append("no pool has live workers: waiting on the default pool")
+        elif len(staffed) < len(preds):
             for p in preds:
                 if state(p.pool).workers == 0:
                     notes.append(f"{p.pool} has no live workers")

@@ -128,6 +128,13 @@ def test_a_pool_whose_endpoints_all_cool_down_is_avoided_until_they_are_back() -
     assert decide(router, long70, "interactive", back).pool == "accel"
 
 
+def test_with_no_live_worker_anywhere_the_job_waits_on_the_default_pool() -> None:
+    long70 = job(model=M70, max_tokens=512)  # the accelerator's job when it is staffed
+    down = Snapshot(now=1000.0, pools={"gpu": PoolState(), "accel": PoolState()})
+    d = decide(SloRouter(DEFAULT), long70, "interactive", down)
+    assert d.pool == "gpu" and "no pool has live workers" in d.reason
+
+
 def test_spill_over_from_a_saturated_pool_that_would_still_meet() -> None:
     router = SloRouter(DEFAULT)
     s = snap(gpu=70, accel=0)  # six jobs queued beyond the GPU's 64 slots

@@ -66,6 +66,8 @@ class Lane(msgspec.Struct):
     claimer: Claimer
     cursor: str = "0-0"
     """Our own pending entries first (a restart under the same name), then ``>``: new ones."""
+    suspects_waiting: bool = False
+    """Its last claim pass saw suspects it left for when this worker is idle."""
 
 
 class PoolWorker:
@@ -101,8 +103,6 @@ class PoolWorker:
         self._leases: asyncio.Task[None] | None = None
         self.isolated: tuple[int, bytes] | None = None
         """The suspect running alone now."""
-        self.suspects_waiting = False
-        """A claim pass saw suspects: take no new work until idle, then take one."""
         self.completed = 0
         self.retried = 0
         self.dead = 0
@@ -165,10 +165,10 @@ class PoolWorker:
         for lane in self.lanes:
             if taken >= free or self.isolated is not None:
                 break
-            if not (lane.claimer.due() or self.suspects_waiting):
+            if not (lane.claimer.due() or lane.suspects_waiting):
                 continue
             claimed = await lane.claimer.claim(free - taken, suspects=0 if self.running else 1)
-            self.suspects_waiting = claimed.waiting > 0
+            lane.suspects_waiting = claimed.waiting > 0
             for entry_id in claimed.deleted:
                 # Redis already dropped it from the pending list: nobody owns it to fence.
                 await self._dead(lane, entry_id, b"", "trimmed", "the entry was deleted while pending", None,
@@ -206,6 +206,11 @@ class PoolWorker:
                                              count=1, block=self.settings.block_ms)
         by_stream = {lane.stream.encode(): lane for lane in self.lanes}
         return [(by_stream[stream], entry, 1) for stream, entries in reply or [] for entry in entries]
+
+    @property
+    def suspects_waiting(self) -> bool:
+        """A claim pass saw suspects: take no new work until idle, then take one."""
+        return any(lane.suspects_waiting for lane in self.lanes)
 
     def _start(self, lane: Lane, entry: Entry, deliveries: int) -> None:
         key = (lane.index, entry[0])
