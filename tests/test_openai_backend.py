@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -369,7 +368,7 @@ async def test_the_factory_builds_each_pools_backend(monkeypatch: pytest.MonkeyP
     http = make_backend(cfg.pools["gpu"], faults=False)
     assert isinstance(http, OpenAIBackend) and http.request_timeout_s == 5
     await http.aclose()
-    monkeypatch.setitem(sys.modules, "workers.minilm", None)  # as if the `model` extra were missing
+    monkeypatch.setattr("workers.minilm.missing_modules", lambda: ["torch"])  # as without the `model` extra
     with pytest.raises(BackendUnavailable, match=r"pip install 'inference-broker\[model\]'"):
         make_backend(cfg.pools["embed"], faults=False)
 

