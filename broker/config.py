@@ -28,3 +28,25 @@ def load_config(path: Path | None = None) -> PolicyConfig:
         return config_from_dict(tomllib.loads(text))
     except (tomllib.TOMLDecodeError, ConfigError) as exc:
         raise ConfigError(f"{name}: {exc}") from None
+
+
+MINILM_POOL = """
+# Embeddings on the in-process all-MiniLM-L6-v2 model (the `model` extra) instead of the
+# simulated GPU. One forward pass serves up to max_batch texts of concurrent jobs.
+[pools.embed]
+models = ["minilm-l6"]
+kinds = ["embedding"]
+backend = "minilm"
+concurrency = 32
+max_batch = 32
+max_wait_ms = 2.0
+cost_per_hour = 0.5
+"""
+
+
+def with_minilm_pool(text: str) -> str:
+    """``text`` (a policy TOML) with its embeddings moved to an in-process ``minilm`` pool."""
+    gpu = 'models = ["llama-3.1-8b", "llama-3.3-70b", "minilm-l6"]'
+    if gpu not in text:
+        raise ValueError("the config has no GPU pool serving minilm-l6 to take the embeddings from")
+    return text.replace(gpu, 'models = ["llama-3.1-8b", "llama-3.3-70b"]', 1) + MINILM_POOL

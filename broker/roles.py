@@ -76,6 +76,12 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, pool: str, *,
     client = connect(settings.redis_url, settings.block_ms)
     try:
         await wait_ready(client, settings.redis_url)
+        warm_up = getattr(backend, "load", None)
+        if warm_up is not None:
+            # An in-process model loads before the worker joins, not under its first jobs'
+            # deadlines; meanwhile it sends no heartbeat, so the policy does not count it yet.
+            log.info("pool %s: loading %s", pool, backend.name)
+            await warm_up()
         worker = PoolWorker(client, settings, pool, backend, concurrency=concurrency or spec.concurrency,
                             lanes=config.lanes, name=name)
         log.info("worker %s: pool %s, %s, concurrency %d", worker.name, pool, backend.name, worker.concurrency)

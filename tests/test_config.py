@@ -319,3 +319,14 @@ def test_redacted_leaves_urls_without_password_alone(url: str) -> None:
 
 def test_redacted_hides_a_query_string_password() -> None:
     assert "s3cret" not in redacted("redis://host:6379/0?password=s3cret")
+
+
+def test_the_demo_can_move_embeddings_to_an_in_process_model_pool() -> None:
+    from broker.config import with_minilm_pool
+
+    cfg = config_from_dict(tomllib.loads(with_minilm_pool(default_config_text())))
+    assert cfg.pools["embed"].backend == "minilm"
+    assert cfg.serving("minilm-l6", "embedding") == ["embed"]  # nowhere else
+    assert cfg.serving("llama-3.1-8b", "chat") == ["gpu", "accel"]
+    with pytest.raises(ValueError, match="no GPU pool serving minilm-l6"):
+        with_minilm_pool("[pools.gpu]\nmodels = []\n")
