@@ -64,7 +64,10 @@ def summarize(raw: str, top: int) -> tuple[int, list[tuple[str, int]], list[tupl
         own[frames[-1]] += count
         for f in set(frames):
             incl[f] += count
-    return total, own.most_common(top), incl.most_common(top)
+    # Frames in (nearly) every sample are the entry chain (runpy, click, the event loop's run):
+    # true but uninformative, and they would fill the inclusive table.
+    chain = {f for f, n in incl.items() if n >= 0.98 * total}
+    return total, own.most_common(top), [(f, n) for f, n in incl.most_common() if f not in chain][:top]
 
 
 def render(label: str, role: str, raw: str, top: int, cpu_share: float) -> str:

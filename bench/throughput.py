@@ -30,6 +30,7 @@ import argparse
 import datetime as dt
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -139,6 +140,12 @@ class Bench:
             elif not self.opts.quick:
                 batch("warm", self.opts.warmup, 0)
             sat = batch("sat", plan.sat_jobs, 0)
+            if not plan.max_rate and not self.opts.quick and sat.jobs / sat.jobs_per_s < self.opts.sat_seconds / 2:
+                # The warm-up (start-up transients, a cold Redis) underrated the system and the
+                # batch was over too soon to be a steady state: size it again from this one.
+                plan.sat_jobs = _sat_jobs(sat.jobs_per_s, self.opts)
+                console.print(f"  [dim]{key}: saturation batch resized to {plan.sat_jobs:,} jobs[/dim]")
+                sat = batch("sat2", plan.sat_jobs, 0)
             plan.max_rate = plan.max_rate or sat.jobs_per_s
             result = SystemRun(sat)
             console.print(f"  {key} repeat {rep + 1}: saturation [bold]{sat.jobs_per_s:,.0f}[/bold] jobs/s "
@@ -345,7 +352,7 @@ def compare(bench: Bench, chosen: list[System], opts: Options, skipped: list[str
     for r in rows:
         per_repeat.append(f"| {r.name} | " + " | ".join(f"{x.sat.jobs_per_s:,.0f}" for x in r.runs) + " |")
     skipped_md = "".join(f"\n- skipped {s}" for s in skipped)
-    return (f"## Comparison\n\n{markdown_table(rows, raw)}\n\nMedians over {opts.repeats} repeat(s). "
+    return (f"## Comparison\n\n{outcomes(rows)}{markdown_table(rows, raw)}\n\nMedians over {opts.repeats} repeat(s). "
             f"Saturation batches per system: "
             + ", ".join(f"{s.name} {bench.plans[s.name].sat_jobs:,}" for s in chosen)
             + f" jobs. Offered-load batches last {opts.load_seconds:g} s (at least {opts.load_min:,} jobs)."
@@ -374,6 +381,37 @@ def scale(bench: Bench, opts: Options, spec: str) -> str:
             "collector.\n\n" + "\n".join(lines) + "\n")
 
 
+def command_line() -> str:
+    """This run's arguments as typed, less the ``--note`` texts (they appear under Notes)."""
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--note":
+            skip = True
+        elif not arg.startswith("--note="):
+            args.append(shlex.quote(arg))
+    return " ".join(args)
+
+
+def outcomes(rows: list[Summary]) -> str:
+    """The issue's two bars, checked against this run's medians."""
+    by = {r.name: r for r in rows}
+    raw, broker = by.get("raw"), by.get("inference-broker")
+    if raw is None or broker is None:
+        return ""
+    share = broker.jobs_per_s / raw.jobs_per_s
+    raw_lat, broker_lat = raw.load(f"{FIXED_RATE:,.0f}/s"), broker.load(f"{FIXED_RATE:,.0f}/s")
+    lines = [f"- throughput: inference-broker reaches {share:.1%} of the raw ceiling (target: at least 50%): "
+             f"**{'met' if share >= 0.5 else 'not met'}**."]
+    if raw_lat and broker_lat:
+        gap = broker_lat[1] - raw_lat[1]
+        lines.append(f"- p99 at {FIXED_RATE:,.0f} jobs/s: {broker_lat[1]:.2f} ms against the raw chain's "
+                     f"{raw_lat[1]:.2f} ms, {gap:+.2f} ms (target: within 2 ms): "
+                     f"**{'met' if gap <= 2 else 'not met'}**.")
+    return "\n".join(lines) + "\n\n"
+
+
 def report(started: dt.datetime, info: dict[str, str], binary: str, chosen: list[System], opts: Options,
            args: argparse.Namespace, sections: list[str]) -> str:
     main_versions = versions(sys.executable, ["redis", "hiredis", "msgspec", "uvloop", "psutil",
@@ -381,7 +419,7 @@ def report(started: dt.datetime, info: dict[str, str], binary: str, chosen: list
     lines = [
         "# Benchmark results",
         "",
-        f"Produced by `python -m bench.throughput {' '.join(sys.argv[1:])}` on "
+        f"Produced by `python -m bench.throughput {command_line()}` on "
         f"{started:%Y-%m-%d %H:%M} UTC ({time.time() - started.timestamp():.0f} s). Method: "
         "the docstring of `bench/throughput.py`; latency is from the producer's submit call to "
         "the collector seeing the result, for tasks that do nothing (inference-broker: the "
