@@ -31,7 +31,7 @@ from broker.topology import POLICY_GROUP, WORKER_GROUP, Topology
 
 SENTINEL = "PREFIXSENTINEL"
 """A valid prefix that appears nowhere else in a key: replaced by ``{prefix}`` / ``{tag}``."""
-MESSAGES = (wire.Job, wire.RoutedJob, wire.Result, wire.DeadLetter)
+MESSAGES = (wire.Job, wire.RoutedJob, wire.Result, wire.DeadLetter, wire.TokenChunk)
 
 PARAMETERS: dict[str, dict[str, Any]] = {
     "prefix": {"description": "Key prefix of the deployment (`IB_PREFIX`, `--prefix`): 1 to 32 characters of "
@@ -45,7 +45,7 @@ PARAMETERS: dict[str, dict[str, Any]] = {
                             "workers read lower lanes first. Lane 0 has no suffix: it is the plain pool key."},
     "replyTo": {"description": "The job's `reply_to` (default `results`): 1 to 64 characters of "
                                "`A-Z a-z 0-9 _ . -`, not a reserved name (jobs, dead, pool, done, routed, hb, "
-                               "err, replies, epoch).", "default": "results",
+                               "err, replies, epoch, tokens).", "default": "results",
                 "location": "$message.payload#/reply_to"},
     "jobId": {"description": "A job id."},
     "entryId": {"description": "A stream entry id."},
@@ -111,6 +111,15 @@ STREAMS: dict[str, Stream] = {
         (("policy", "send", "Dead-letter an ingress entry that cannot become a job."),
          ("worker", "send", "Dead-letter a pool entry after a fatal error or `max_deliveries`."),
          ("operator", "receive", "List, replay or purge dead letters (`inference-broker dead`)."))),
+    "tokens": Stream(
+        "tokens", "Token stream",
+        "A job's output as it is generated, for jobs submitted with `stream: true` (chat and completion), "
+        "field `token`. Each attempt ends with an entry whose `end` is set; a retried job starts again with "
+        "the next `attempt`. Capped at about 10,000 entries; expires `result_ttl_s` after its last write. The "
+        "result still arrives on the reply stream.",
+        ("tokenChunk",), {"job_id": "jobId"}, (),
+        (("worker", "send", "Append output text as the backend generates it (batched, one `XADD` per batch)."),
+         ("producer", "receive", "Follow it with `XREAD BLOCK` from `0` (`Client.tokens`, `submit --stream`)."))),
 }
 
 KEYS: dict[str, Key] = {
@@ -138,6 +147,7 @@ MESSAGE_INFO: dict[str, tuple[str, str, str, str]] = {
     "routedJob": ("RoutedJob", "routed", "application/json", "A job with the policy's route (internal)."),
     "result": ("Result", "result", "application/json", "A job's one outcome, with its timings."),
     "deadLetter": ("DeadLetter", "dead", "application/json", "An entry no consumer could process."),
+    "tokenChunk": ("TokenChunk", "token", "application/json", "Output text of a streamed job, or an attempt's end."),
 }
 
 EXAMPLE_JOB = {"id": "order-42", "model": "llama-3.1-8b", "messages": [{"role": "user", "content": "Hi"}]}

@@ -220,9 +220,10 @@ def _print_result(result: Result, as_json: bool) -> None:
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait for the result.")
 @click.option("--no-wait", is_flag=True, help="Submit and print the job id without waiting.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--stream", is_flag=True, help="Print the output as it is generated (chat and completion jobs).")
 @friendly
 def submit(model: str, prompt: str | None, kind: str, max_tokens: int, slo: str | None, tenant: str,
-           job_file: Any, timeout: float, no_wait: bool, as_json: bool, **opts: Any) -> None:
+           job_file: Any, timeout: float, no_wait: bool, as_json: bool, stream: bool, **opts: Any) -> None:
     """Submit one job, wait for its result and print it with its timings."""
     from broker.client import Client
     from broker.wire import InvalidJob, decode_job
@@ -253,6 +254,8 @@ def submit(model: str, prompt: str | None, kind: str, max_tokens: int, slo: str 
         else:
             fields["texts"] = [prompt]
         job = Job(**fields)
+    if stream:
+        job = msgspec.structs.replace(job, stream=True)
 
     async def go() -> Result | None:
         async with Client(settings.redis_url or "", prefix=settings.prefix, max_backlog=settings.max_backlog,
@@ -260,6 +263,14 @@ def submit(model: str, prompt: str | None, kind: str, max_tokens: int, slo: str 
             await client.submit(job)
             if no_wait:
                 return None
+            if stream and not as_json:
+                attempt = 1
+                async for chunk in client.tokens(job.id, timeout=timeout):
+                    if chunk.attempt != attempt:
+                        attempt = chunk.attempt
+                        click.secho(f"\n[attempt {attempt}, starting over]", fg="yellow", err=True)
+                    click.echo(chunk.text, nl=False)
+                click.echo()
             return await client.result(job.id, timeout=timeout, reply_to=job.reply_to)
 
     result = asyncio.run(go())

@@ -25,7 +25,9 @@ from broker.errors import Backpressure, JobFailed, JobRejected, ResultTimeout
 from broker.scripts import Scripts
 from broker.streams import RETRYABLE, Backoff, connect, ensure_group
 from broker.topology import Topology
-from broker.wire import InvalidJob, Job, Result, decode_result, encode_job
+from broker.wire import InvalidJob, Job, Result, TokenChunk, decode_result, encode_job
+
+_decode_chunk = msgspec.json.Decoder(TokenChunk).decode
 
 LISTEN_BLOCK_MS = 200
 """Longest blocking read of a result listener: bounds how long closing a client takes."""
@@ -131,6 +133,33 @@ class Client:
         """Submit ``job`` and wait for its result."""
         await self.submit(job)
         return await self.result(job.id, timeout=timeout, reply_to=job.reply_to)
+
+    async def tokens(self, job_id: str, *, timeout: float = 60.0) -> AsyncIterator[TokenChunk]:
+        """Follow the output of a job submitted with ``stream=True`` as it is generated.
+
+        Yields :class:`TokenChunk` pieces (``text``, ``attempt``) from the job's token stream,
+        from its start, until an attempt ends ``ok``, or the job has its result (failed,
+        expired, rejected: then :meth:`result` says why). A retried job's output starts again
+        with the next ``attempt``. Raises :class:`ResultTimeout` after ``timeout`` seconds.
+        """
+        key, done = self.topo.tokens(job_id), self.topo.done(job_id)
+        deadline = time.monotonic() + timeout
+        last = "0-0"
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ResultTimeout(f"no end of the token stream of {job_id} within {timeout:g} s")
+            reply = await self.redis.xread({key: last}, block=max(1, int(min(left, LISTEN_BLOCK_MS / 1000) * 1000)))
+            entries = reply[0][1] if reply else []
+            for entry_id, fields in entries:
+                last = entry_id.decode()
+                chunk = _decode_chunk(fields.get(b"token", b"{}"))
+                if chunk.text:
+                    yield chunk
+                if chunk.end == "ok":
+                    return
+            if not entries and await self.redis.exists(done):
+                return  # finished without (more) tokens: a failure, or a result without streaming
 
     async def results(self, group: str, consumer: str = "sdk", *, reply_to: str = "results",
                       count: int = 100) -> AsyncIterator[Result]:

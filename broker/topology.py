@@ -16,7 +16,7 @@ POLICY_GROUP = "policy"
 """Consumer group of policy workers on the ingress stream."""
 WORKER_GROUP = "workers"
 """Consumer group of a pool's workers on its pool stream."""
-RESERVED = frozenset({"jobs", "dead", "pool", "done", "routed", "hb", "err", "replies", "epoch"})
+RESERVED = frozenset({"jobs", "dead", "pool", "done", "routed", "hb", "err", "replies", "epoch", "tokens"})
 _PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 
 
@@ -64,6 +64,10 @@ class Topology(msgspec.Struct, frozen=True):
     def done(self, job_id: str) -> str:
         """A job's result, kept for ``result_ttl``: one outcome per job, and a fast lookup."""
         return f"{self.base}:done:{job_id}"
+
+    def tokens(self, job_id: str) -> str:
+        """A streamed job's output as it is generated (``Job.stream``); bounded, expires."""
+        return f"{self.base}:tokens:{job_id}"
 
     def errors(self, pool: str, lane: int = 0) -> str:
         """Key prefix for the last error of each retried entry of a pool's lane (+ entry id)."""

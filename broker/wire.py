@@ -13,6 +13,7 @@ stream                  field         message
 ``<p>:{<p>}:pool:<n>``  ``routed``    :class:`RoutedJob` as JSON
 reply stream            ``result``    :class:`Result` as JSON
 ``<p>:{<p>}:dead``      ``dead``      :class:`DeadLetter` as JSON
+``<p>:{<p>}:tokens:<i>``  ``token``   :class:`TokenChunk` as JSON (jobs with ``stream``)
 ======================  ============  ============================================
 
 A pool has one stream per class priority (``pool:<n>`` for the most urgent, then
@@ -78,6 +79,9 @@ class Job(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_
     created_at: Timestamp | None = None
     """Submission time; when absent the broker takes it from the stream entry id."""
     metadata: dict[str, str] = {}
+    stream: bool = False
+    """Append the output to the job's token stream ``<p>:{<p>}:tokens:<id>`` as it is generated
+    (chat and completion); the result still arrives on the reply stream."""
     v: int = VERSION
 
     @classmethod
@@ -97,6 +101,17 @@ class Job(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_
     def prompt_tokens(self) -> int:
         """Estimated prompt tokens (about four characters each) until a tokenizer reports."""
         return max(1, self.input_chars() // 4)
+
+
+class TokenChunk(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One entry of a job's token stream: output text as it was generated, or the end of an attempt."""
+
+    text: str = ""
+    attempt: int = 1
+    """The delivery that produced it: a retried job's stream starts again with the next attempt."""
+    end: Status | None = None
+    """Set on an attempt's last entry: ``ok``, or ``failed`` when the attempt failed (a retry may follow)."""
+    v: int = VERSION
 
 
 def new_id() -> str:

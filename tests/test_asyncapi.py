@@ -127,14 +127,15 @@ def test_every_stream_key_is_a_channel_with_its_messages_and_groups(doc: dict[st
     assert [g["name"] for g in by_address["ib:{ib}:pool:{pool}"]["x-redis-groups"]] == [WORKER_GROUP]
     fields = {doc["components"]["messages"][m]["x-stream-field"]
               for c in channels.values() for m in c["messages"]}
-    assert fields == {"job", "routed", "result", "dead"}  # the fields broker/wire.py's table names
+    assert fields == {"job", "routed", "result", "dead", "token"}  # the fields broker/wire.py's table names
     receivers = {op["x-consumer-group"] for op in doc["operations"].values() if "x-consumer-group" in op}
     assert receivers == {POLICY_GROUP, WORKER_GROUP}
 
 
 def test_every_wire_message_has_its_schema(doc: dict[str, Any]) -> None:
     schemas = doc["components"]["schemas"]
-    for struct in (wire.Job, wire.RoutedJob, wire.Result, wire.DeadLetter, wire.Timing, wire.Metrics, wire.Route):
+    for struct in (wire.Job, wire.RoutedJob, wire.Result, wire.DeadLetter, wire.Timing, wire.Metrics, wire.Route,
+                   wire.TokenChunk):
         assert struct.__name__ in schemas
     assert schemas["Job"]["properties"]["reply_to"]["description"].startswith("Name of the result stream")
     assert schemas["Job"]["properties"]["id"]["pattern"].endswith("$"), "ECMA-262 patterns, not Python's \\Z"

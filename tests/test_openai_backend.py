@@ -98,6 +98,17 @@ async def test_measured_ttft_and_time_per_token_match_the_server(
     assert ("messages" in body) == (job.kind == "chat") and ("prompt" in body) == (job.kind == "completion")
 
 
+async def test_each_streamed_piece_reaches_the_token_sink_as_it_arrives(
+        server: OpenAIServer, make: Callable[..., OpenAIBackend]) -> None:
+    server.behaviour = Behaviour(ttft_s=0.05, tokens_per_s=100)
+    backend = make(server.url)
+    seen: list[tuple[str, float]] = []
+    out = await backend.run(Job.chat("test-model", "hi", max_tokens=10),
+                            on_token=lambda t: seen.append((t, time.time())))
+    assert "".join(t for t, _ in seen) == out.output == "".join(f"tok{i} " for i in range(10))
+    assert seen[-1][1] - seen[0][1] >= 0.08  # one by one, at the server's pace
+
+
 async def test_token_counts_come_from_usage_else_from_the_chunks(
         server: OpenAIServer, make: Callable[..., OpenAIBackend]) -> None:
     job = Job(id="u", model="test-model", kind="chat", max_tokens=12,

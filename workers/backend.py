@@ -8,6 +8,7 @@ dropped connection) from permanent ones.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import msgspec
@@ -38,6 +39,10 @@ class CapacityExceeded(BackendError):
         super().__init__(message, retryable=True)
 
 
+TokenSink = Callable[[str], None]
+"""Takes output text as a backend generates it (streamed jobs); must not block."""
+
+
 class InferenceOutput(msgspec.Struct, frozen=True, kw_only=True):
     """What a backend produced for one job."""
 
@@ -55,8 +60,8 @@ class Backend(Protocol):
     name: str
     """Short description for results and logs, e.g. ``simulated:h100``."""
 
-    async def run(self, job: Job) -> InferenceOutput:
-        """Run ``job`` to completion."""
+    async def run(self, job: Job, on_token: TokenSink | None = None) -> InferenceOutput:
+        """Run ``job`` to completion; pass output text to ``on_token`` as it is generated."""
         ...
 
     async def aclose(self) -> None:

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from broker.wire import Job
-from workers.backend import BackendError, InferenceOutput
+from workers.backend import BackendError, InferenceOutput, TokenSink
 from workers.batcher import DynamicBatcher
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ class MiniLMBackend:
                 self._encoder = await loop.run_in_executor(self._executor, _load_encoder, self.device)
                 self.device = str(self._encoder.device)
 
-    async def run(self, job: Job) -> InferenceOutput:
+    async def run(self, job: Job, on_token: TokenSink | None = None) -> InferenceOutput:
         if job.kind != "embedding":
             raise BackendError(f"the minilm backend runs embedding jobs only, not {job.kind} jobs: "
                                "route chat and completion jobs to another pool")

@@ -32,7 +32,7 @@ import msgspec
 
 from broker.wire import Job
 from policies.config import Endpoint, PoolSpec
-from workers.backend import BackendError, CapacityExceeded, InferenceOutput
+from workers.backend import BackendError, CapacityExceeded, InferenceOutput, TokenSink
 from workers.endpoints import Endpoints, EndpointState, retry_after_s
 
 RETRYABLE_STATUS = frozenset({408, 429})
@@ -173,7 +173,7 @@ class OpenAIBackend:
                 text = text.replace(state.key.reveal(), "***")
         return text
 
-    async def run(self, job: Job) -> InferenceOutput:
+    async def run(self, job: Job, on_token: TokenSink | None = None) -> InferenceOutput:
         state = self.endpoints.pick(job.model)
         if state is None:
             until = self.endpoints.cooldown_until(job.model)
@@ -193,7 +193,7 @@ class OpenAIBackend:
                 if job.kind == "embedding":
                     out = await self._embed(state, job)
                 else:
-                    out = await self._stream(state, job, progress)
+                    out = await self._stream(state, job, progress, on_token)
         except TimeoutError:
             if by_deadline:
                 raise DeadlineExceeded(f"the job's deadline passed {budget:.2f} s into its request to "
@@ -232,7 +232,8 @@ class OpenAIBackend:
             raise CapacityExceeded(message) if status == 429 else BackendError(message, retryable=True)
         raise BackendError(message, retryable=False)
 
-    async def _stream(self, state: EndpointState, job: Job, pieces: list[str]) -> InferenceOutput:
+    async def _stream(self, state: EndpointState, job: Job, pieces: list[str],
+                      on_token: TokenSink | None = None) -> InferenceOutput:
         model = state.config.upstream(job.model)
         body: dict[str, Any] = {"model": model, "max_tokens": max(1, job.max_tokens), "stream": True,
                                 "stream_options": {"include_usage": True}}
@@ -271,6 +272,8 @@ class OpenAIBackend:
                         tokens += 1
                         if text:
                             pieces.append(text)
+                            if on_token is not None:
+                                on_token(text)
                     finish = choice.finish_reason or finish
         finally:
             await response.aclose()

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 
 from broker.wire import Job
 from policies.profiles import PROFILES, DeviceProfile
-from workers.backend import BackendError, CapacityExceeded, InferenceOutput
+from workers.backend import BackendError, CapacityExceeded, InferenceOutput, TokenSink
 
 DECODE_CHUNK = 32
 """Tokens decoded between concurrency re-reads: the granularity of the simulation."""
@@ -57,7 +57,7 @@ class SimulatedBackend:
         if fault == "crash":
             os._exit(70)  # as if the device driver took the process down
 
-    async def run(self, job: Job) -> InferenceOutput:
+    async def run(self, job: Job, on_token: TokenSink | None = None) -> InferenceOutput:
         model = self.profile.model(job.model)
         if model is None:
             raise BackendError(f"device {self.profile.name!r} does not run model {job.model!r}")
@@ -75,11 +75,15 @@ class SimulatedBackend:
                 texts = job.texts or []
                 return InferenceOutput(first_token_at=first, finished_at=first, prompt_tokens=prompt,
                                        completion_tokens=0, embeddings=[fake_embedding(t) for t in texts])
+            if on_token is not None:
+                on_token("tok ")
             remaining = max(0, job.max_tokens - 1)
             while remaining > 0:
                 chunk = min(DECODE_CHUNK, remaining)
                 await self.sleep(chunk * model.itl(self.in_flight) / 1000)
                 remaining -= chunk
+                if on_token is not None:
+                    on_token("tok " * chunk)
             tokens = max(1, job.max_tokens)
             return InferenceOutput(first_token_at=first, finished_at=self.clock(), prompt_tokens=prompt,
                                    completion_tokens=tokens,

@@ -42,6 +42,7 @@ from broker.streams import RETRYABLE, Backoff, Entry, consumer_name, ensure_grou
 from broker.topology import RESERVED, WORKER_GROUP
 from broker.wire import DECODE_ERRORS, DeadLetter, Metrics, Result, RoutedJob, Timing, Usage, decode_routed, json_encode
 from workers.backend import Backend, BackendError
+from workers.tokens import TokenStream
 
 log = logging.getLogger("inference_broker.worker")
 MAX_OBSERVATIONS = 256
@@ -272,14 +273,23 @@ class PoolWorker:
                 id=job.id, status="expired", model=job.model, kind=job.kind, tenant=job.tenant,
                 slo=route.slo, pool=self.pool, worker=self.name, error="deadline passed before start"))
             return
+        tokens = None
+        if job.stream and job.kind != "embedding":
+            tokens = TokenStream(self.client, self.topo.tokens(job.id), deliveries, self.settings.result_ttl_s * 1000)
         try:
             async with self.slots:
                 started = self.clock()
                 concurrency = min(len(self.running), self.concurrency)
-                out = await self.backend.run(job)
+                out = await self.backend.run(job, on_token=tokens.put if tokens else None)
+            if tokens is not None:
+                await tokens.close("ok")
         except asyncio.CancelledError:
+            if tokens is not None:
+                tokens.writer.cancel()
             raise
         except Exception as exc:  # noqa: BLE001 - a backend bug must not stop the worker
+            if tokens is not None:
+                await tokens.close("expired" if isinstance(exc, BackendError) and exc.expired else "failed")
             if not isinstance(exc, BackendError):
                 log.exception("backend %s raised unexpectedly on job %s", self.backend.name, job.id)
                 exc = BackendError(f"{type(exc).__name__}: {exc}", retryable=True)
