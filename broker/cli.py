@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import logging
 import signal
 import sys
 import time
@@ -29,6 +28,9 @@ EPILOG = "Docs: README.md and docs/ in the project repository."
 
 def common(f: F) -> F:
     """Options every command shares: where Redis is, the key prefix, the policy file."""
+    f = click.option("--log-format", type=click.Choice(["text", "json"]), envvar="IB_LOG_FORMAT",
+                     help="Log lines as text, or one JSON object per line (ts, level, logger, msg, job_id, "
+                          "trace_id) [env IB_LOG_FORMAT; default: text].")(f)
     f = click.option("--log-level", default="INFO", show_default=True,
                      type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
                      help="Log verbosity.")(f)
@@ -41,13 +43,24 @@ def common(f: F) -> F:
     return f
 
 
-def _settings(redis_url: str | None, prefix: str, config: Path | None, log_level: str, **extra: Any) -> Settings:
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+def _settings(redis_url: str | None, prefix: str, config: Path | None, log_level: str, log_format: str | None = None,
+              **extra: Any) -> Settings:
+    from broker import logs
+
     try:
-        return Settings.from_env(None, redis_url=redis_url, prefix=prefix, config=config, **extra)
+        settings = Settings.from_env(None, redis_url=redis_url, prefix=prefix, config=config,
+                                     log_format=log_format, **extra)
     except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
+        logs.setup(log_level)
+        raise click.UsageError(logs.scrub(str(exc))) from None
+    logs.setup(log_level, settings.log_format)
+    return settings
+
+
+def metrics_port_option(help: str) -> Callable[[F], F]:
+    """``--metrics-port``: where a role serves /metrics, /healthz and /readyz."""
+    return click.option("--metrics-port", type=click.IntRange(0, 65535), envvar="IB_METRICS_PORT", metavar="PORT",
+                        help=help)
 
 
 def _need_url(settings: Settings) -> Settings:
@@ -120,8 +133,10 @@ def _sigterm_is_interrupt() -> None:
 @main.command(epilog=EPILOG)
 @common
 @workers_option
+@metrics_port_option("Serve each role's /metrics, /healthz and /readyz on consecutive ports from PORT: "
+                     "the policy worker on PORT, the workers on PORT+1, ... [env IB_METRICS_PORT; default: off].")
 @friendly
-def up(worker_counts: tuple[str, ...], **opts: Any) -> None:
+def up(worker_counts: tuple[str, ...], metrics_port: int | None, **opts: Any) -> None:
     """Run the policy worker and both pools as processes until Ctrl-C.
 
     Without --redis-url an embedded redis-server is started (AOF on) and stopped at exit.
@@ -130,7 +145,7 @@ def up(worker_counts: tuple[str, ...], **opts: Any) -> None:
     from broker.stack import Stack
     from broker.streams import redacted
 
-    settings = _settings(**opts)
+    settings = _settings(**opts, metrics_port=metrics_port)
     workers = _pool_workers(settings, worker_counts)
     stack = Stack(settings, workers=workers)
     state = state_file()
@@ -145,6 +160,9 @@ def up(worker_counts: tuple[str, ...], **opts: Any) -> None:
         click.secho(f"stack up on {redacted(stack.url)} (prefix {settings.prefix!r}): policy, {pools}",
                     fg="green", err=True)
         click.echo("  try:  inference-broker submit --prompt 'Hello'    (Ctrl-C stops the stack)", err=True)
+        if stack.metrics_ports and settings.metrics_port:
+            ports = ", ".join(f"{label} :{port}" for label, port in stack.metrics_ports.items())
+            click.echo(f"  metrics and health (/metrics, /healthz, /readyz): {ports}", err=True)
         while True:
             stack.check_alive()
             time.sleep(0.5)
@@ -160,12 +178,13 @@ def up(worker_counts: tuple[str, ...], **opts: Any) -> None:
 @common
 @click.option("--name", help="Consumer name (default: unique per process). Reuse it to recover this "
                              "worker's pending entries after a restart.")
+@metrics_port_option("Serve /metrics, /healthz and /readyz on this port [env IB_METRICS_PORT; default: off].")
 @friendly
-def policy(name: str | None, **opts: Any) -> None:
+def policy(name: str | None, metrics_port: int | None, **opts: Any) -> None:
     """Run one policy worker: classify jobs, route them to pools."""
     from broker import roles
 
-    settings = _need_url(_settings(**opts))
+    settings = _need_url(_settings(**opts, metrics_port=metrics_port))
     roles.run(lambda stop: roles.serve_policy(settings, stop, name))
 
 
@@ -176,12 +195,14 @@ def policy(name: str | None, **opts: Any) -> None:
 @click.option("--name", help="Consumer name (default: unique per process).")
 @click.option("--grace", type=float, default=30.0, show_default=True, envvar="IB_GRACE_S",
               help="Seconds running jobs get to finish on SIGTERM [env IB_GRACE_S].")
+@metrics_port_option("Serve /metrics, /healthz and /readyz on this port [env IB_METRICS_PORT; default: off].")
 @friendly
-def worker(pool: str, concurrency: int | None, name: str | None, grace: float, **opts: Any) -> None:
+def worker(pool: str, concurrency: int | None, name: str | None, grace: float, metrics_port: int | None,
+           **opts: Any) -> None:
     """Run one worker of a pool on its simulated device."""
     from broker import roles
 
-    settings = _need_url(_settings(**opts, grace_s=grace))
+    settings = _need_url(_settings(**opts, grace_s=grace, metrics_port=metrics_port))
     roles.run(lambda stop: roles.serve_worker(settings, stop, pool, concurrency=concurrency, name=name))
 
 
@@ -492,17 +513,25 @@ def demo(n_jobs: int, rate: float, seed: int, worker_counts: tuple[str, ...], no
 @click.option("--pool", help="Check this host's worker of pool NAME.")
 @click.option("--max-age", type=float, default=5.0, show_default=True,
               help="Seconds after which a heartbeat counts as stale.")
+@click.option("--metrics-port", "ready_port", type=click.IntRange(1, 65535), metavar="PORT",
+              help="Instead: ask the role serving --metrics-port PORT on this host whether it is ready "
+                   "(GET /readyz: Redis reachable, its groups in place). Needs no Redis URL.")
 @friendly
-def health(role_policy: bool, pool: str | None, max_age: float, **opts: Any) -> None:
-    """Exit 0 if a role on this host sent a heartbeat recently (for container healthchecks).
+def health(role_policy: bool, pool: str | None, max_age: float, ready_port: int | None, **opts: Any) -> None:
+    """Exit 0 if a role on this host is healthy (for container healthchecks).
 
-    Roles name themselves after the host they run on; this looks for a fresh heartbeat
-    from one of them. Without --policy or --pool it only checks that Redis answers.
+    With --metrics-port, asks the role's own /readyz endpoint. Otherwise looks for a
+    fresh heartbeat from a role on this host (roles name themselves after it); without
+    --policy or --pool it only checks that Redis answers.
     """
     import socket
 
     import redis
 
+    if ready_port is not None:
+        _settings(**opts)  # logging only: the endpoint answers for the role's Redis
+        _check_ready(ready_port)
+        return
     settings = _need_url(_settings(**opts))
     client = redis.Redis.from_url(settings.redis_url or "", socket_timeout=5)
     try:
@@ -523,6 +552,23 @@ def health(role_policy: bool, pool: str | None, max_age: float, **opts: Any) -> 
         client.close()
     role = "policy worker" if role_policy else f"{pool} worker"
     raise click.ClickException(f"no fresh heartbeat from a {role} on this host in the last {max_age:g} s")
+
+
+def _check_ready(port: int) -> None:
+    """GET /readyz on 127.0.0.1:``port``; print the role's answer, raise unless it is ready."""
+    import urllib.error
+    import urllib.request
+
+    url = f"http://127.0.0.1:{port}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            body = response.read().decode(errors="replace").strip()
+    except urllib.error.HTTPError as exc:
+        body = exc.read().decode(errors="replace").strip()
+        raise click.ClickException(f"not ready ({exc.code}): {body}") from None
+    except OSError as exc:
+        raise click.ClickException(f"no role answers on {url}: {exc}") from None
+    click.echo(f"ready: {body}")
 
 
 @main.group(epilog=EPILOG)

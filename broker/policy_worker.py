@@ -20,8 +20,11 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
+from prometheus_client import Counter
 
 from broker.janitor import Janitor, warn_if_evicting
+from broker.logs import job_context
+from broker.metrics import POOL_WORKERS, RECLAIMED, PolicyMetrics, export_streams
 from broker.reclaim import Claimer
 from broker.scripts import Scripts
 from broker.settings import Settings
@@ -117,6 +120,12 @@ class PolicyWorker:
         self._swept_at = self._beat_at = 0.0
         self.routed = 0
         self.dead = 0
+        self.metrics = PolicyMetrics()
+        """Prometheus instruments (broker/metrics.py), cached per class and pool."""
+        self._outcomes: list[Counter | None] = []
+        """The counter each script queued on the batch's pipeline adds to if it did its move."""
+        self._reclaimed = RECLAIMED.labels("jobs")
+        self._pool_workers = {pool: POOL_WORKERS.labels(pool) for pool in config.pools}
 
     async def setup(self) -> None:
         """Create the ingress group and every pool's group (at id 0) before reading."""
@@ -139,6 +148,8 @@ class PolicyWorker:
                 try:
                     if self.claimer.due():
                         claimed = await self.claimer.claim(self.settings.batch, suspects=1)
+                        if claimed.entries or claimed.suspects:
+                            self._reclaimed.inc(len(claimed.entries) + len(claimed.suspects))
                         await self.handle(claimed.entries, trimmed=claimed.deleted)
                         for suspect in claimed.suspects:
                             await self.handle([suspect])
@@ -172,6 +183,7 @@ class PolicyWorker:
     async def handle(self, entries: list[tuple[Entry, int]], trimmed: Sequence[bytes] = ()) -> None:
         """Route a batch of ingress entries (with their delivery counts) in one pipeline."""
         pipe = pipeline(self.client)
+        self._outcomes = []
         now = self.clock()
         for (entry_id, fields), deliveries in entries:
             try:
@@ -187,7 +199,16 @@ class PolicyWorker:
         for entry_id in trimmed:
             self._dead(pipe, entry_id, {}, InvalidJob("trimmed", "the entry was deleted while pending"), now)
         if len(pipe):
-            await self.scripts.execute(pipe)
+            codes = await self.scripts.execute(pipe)
+            # Counted once Redis did the move: 0 is a duplicate (the job already had an outcome).
+            for counter, code in zip(self._outcomes, codes, strict=True):
+                if code == 1 and counter is not None:
+                    counter.inc()
+
+    def _queue(self, pipe: aioredis.client.Pipeline, script: str, keys: list[str], args: list[object],
+               counter: Counter | None) -> None:
+        self.scripts.queue(pipe, script, keys, args)
+        self._outcomes.append(counter)
 
     def _route_one(self, pipe: aioredis.client.Pipeline, entry_id: bytes, fields: dict[bytes, bytes],
                    now: float) -> None:
@@ -197,16 +218,16 @@ class PolicyWorker:
             raise InvalidJob("too_large", f"job is {len(payload)} bytes; the limit is {limit}")
         job = decode_job(payload)
         created = job.created_at if job.created_at is not None else entry_time(entry_id)
-        if job.deadline is not None and now > job.deadline:
-            self._finish(pipe, entry_id, job, created, "expired", "deadline passed before routing")
-            return
         features = JobFeatures(tenant=job.tenant, model=job.model, kind=job.kind,
                                prompt_tokens=job.prompt_tokens(), max_tokens=job.max_tokens,
                                slo_hint=job.slo)
-        slo, why = classify(features, self.config)
+        slo, why = classify(features, self.config)  # before the deadline: metrics count expiries per class
+        if job.deadline is not None and now > job.deadline:
+            self._finish(pipe, entry_id, job, "expired", "deadline passed before routing", self.metrics.expired(slo))
+            return
         decision = self.router.decide(features, slo, self.snapshot, self.rng)
         if decision.shed:
-            self._finish(pipe, entry_id, job, created, "rejected", decision.reason)
+            self._finish(pipe, entry_id, job, "rejected", decision.reason, self.metrics.shed(slo))
             return
         if decision.pool is None:
             raise InvalidJob("unknown_model", decision.reason)
@@ -215,11 +236,12 @@ class PolicyWorker:
             pool=decision.pool, slo=slo, reason=f"{why}; {decision.reason}", routed_at=now,
             ttft_target_ms=target.ttft_ms, tpot_target_ms=target.tpot_ms, e2e_target_ms=target.e2e_ms,
             predicted_ttft_ms=decision.predicted_ttft_ms, policy=self.name))
-        self.scripts.queue(
+        self._queue(
             pipe, "route",
             [self.topo.jobs, self.topo.pool(decision.pool, self.lane[slo]), self.topo.routed(job.id),
              self.topo.done(job.id)],
-            [POLICY_GROUP, entry_id, "", json_encode(routed), self.settings.result_ttl_s * 1000])
+            [POLICY_GROUP, entry_id, "", json_encode(routed), self.settings.result_ttl_s * 1000],
+            self.metrics.routed(slo, decision.pool))
         self._count_routed(decision.pool)
 
     def _count_routed(self, pool: str) -> None:
@@ -230,14 +252,15 @@ class PolicyWorker:
         self.snapshot = msgspec.structs.replace(self.snapshot, pools=pools)
         self.routed += 1
 
-    def _finish(self, pipe: aioredis.client.Pipeline, entry_id: bytes, job: Job, created: float,
-                status: str, error: str) -> None:
+    def _finish(self, pipe: aioredis.client.Pipeline, entry_id: bytes, job: Job, status: str, error: str,
+                counter: Counter) -> None:
         result = Result(id=job.id, status=status, model=job.model, kind=job.kind,  # type: ignore[arg-type]
                         tenant=job.tenant, error=error)
-        self.scripts.queue(
+        self._queue(
             pipe, "complete",
             [self.topo.jobs, self.topo.done(job.id), self.topo.reply(job.reply_to), self.topo.replies],
-            [POLICY_GROUP, entry_id, "", json_encode(result), self.settings.result_ttl_s * 1000, job.reply_to])
+            [POLICY_GROUP, entry_id, "", json_encode(result), self.settings.result_ttl_s * 1000, job.reply_to],
+            counter)
 
     def _dead(self, pipe: aioredis.client.Pipeline, entry_id: bytes, fields: dict[bytes, bytes],
               exc: InvalidJob, now: float) -> None:
@@ -260,9 +283,10 @@ class PolicyWorker:
                             tenant=job.tenant, error=f"{exc.reason}: {exc}")
             keys += [self.topo.done(job.id), self.topo.reply(job.reply_to), self.topo.replies]
             args += [json_encode(result), self.settings.result_ttl_s * 1000, job.reply_to]
-        self.scripts.queue(pipe, "dead", keys, args)
+        self._queue(pipe, "dead", keys, args, self.metrics.dead(None, exc.reason))
         self.dead += 1
-        log.warning("dead letter %s (%s): %s", entry_id.decode(), exc.reason, exc)
+        log.warning("dead letter %s (%s): %s", entry_id.decode(), exc.reason, exc,
+                    extra=job_context(None, job.id if job else None))
 
     async def refresh(self) -> None:
         """Read each pool's backlog (group lag + pending) and worker heartbeats."""
@@ -295,7 +319,18 @@ class PolicyWorker:
             until = min(untils) if cooling and len(untils) == len(cooling) else None
             pools[name] = PoolState(backlog=backlog, workers=workers, in_flight=in_flight, capacity=capacity,
                                     cooling_until=until)
+            self._pool_workers[name].set(workers)
         self.snapshot = Snapshot(now=now, pools=pools)
+
+    async def export_gauges(self) -> None:
+        """Set the stream gauges (backlog, pending, oldest pending age, dead letters) from Redis.
+
+        Called just before each Prometheus scrape rather than on a timer: between scrapes
+        nobody reads them.
+        """
+        streams = {self.topo.jobs: POLICY_GROUP, **{self.topo.pool(p, lane): WORKER_GROUP
+                                                    for p in self.config.pools for lane in range(self.config.lanes)}}
+        await export_streams(self.client, self.topo.base, streams, self.topo.dead)
 
     def _learn(self, pool: str, worker: bytes, beat: dict[str, Any]) -> None:
         """Feed the router the job timings a worker reported, once per heartbeat."""

@@ -13,9 +13,12 @@ import signal
 from collections.abc import Awaitable, Callable
 
 from broker.config import load_config
+from broker.httpd import role_endpoint
+from broker.metrics import COST_RATE, ROLE
 from broker.policy_worker import PolicyWorker
 from broker.settings import Settings
 from broker.streams import connect, redacted, wait_ready
+from broker.topology import POLICY_GROUP, WORKER_GROUP
 from policies.profiles import PROFILES
 
 log = logging.getLogger("inference_broker")
@@ -40,17 +43,22 @@ def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
 
 
 async def serve_policy(settings: Settings, stop: asyncio.Event, name: str | None = None) -> None:
-    """The policy worker role."""
+    """The policy worker role (with its HTTP endpoint when ``settings.metrics_port`` is set)."""
     assert settings.redis_url is not None
     config = load_config(settings.config)
+    ROLE.info({"role": "policy", "pool": ""})
+    topo = settings.topology
+    groups = [(topo.jobs, POLICY_GROUP),
+              *((topo.pool(p, lane), WORKER_GROUP) for p in config.pools for lane in range(config.lanes))]
     client = connect(settings.redis_url, settings.block_ms)
     try:
-        await wait_ready(client, settings.redis_url)
         worker = PolicyWorker(client, settings, config, name=name)
-        log.info("policy worker %s on %s, pools %s", worker.name, redacted(settings.redis_url),
-                 ", ".join(config.pools))
-        await worker.run(stop)
-        log.info("policy worker %s stopped after routing %d jobs", worker.name, worker.routed)
+        async with role_endpoint(settings, "policy", groups, stop, hooks=[worker.export_gauges]):
+            await wait_ready(client, settings.redis_url)
+            log.info("policy worker %s on %s, pools %s", worker.name, redacted(settings.redis_url),
+                     ", ".join(config.pools))
+            await worker.run(stop)
+            log.info("policy worker %s stopped after routing %d jobs", worker.name, worker.routed)
     finally:
         await client.aclose()
 
@@ -73,20 +81,26 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, pool: str, *,
         backend = make_backend(spec, faults=settings.fault_injection)
     except BackendUnavailable as exc:
         raise SystemExit(f"error: pool {pool!r}: {exc}") from None
+    ROLE.info({"role": "worker", "pool": pool})
+    COST_RATE.labels(pool).set(spec.cost_per_hour)
+    groups = [(settings.topology.pool(pool, lane), WORKER_GROUP) for lane in range(config.lanes)]
     client = connect(settings.redis_url, settings.block_ms)
     try:
-        await wait_ready(client, settings.redis_url)
-        warm_up = getattr(backend, "load", None)
-        if warm_up is not None:
-            # An in-process model loads before the worker joins, not under its first jobs'
-            # deadlines; meanwhile it sends no heartbeat, so the policy does not count it yet.
-            log.info("pool %s: loading %s", pool, backend.name)
-            await warm_up()
-        worker = PoolWorker(client, settings, pool, backend, concurrency=concurrency or spec.concurrency,
-                            lanes=config.lanes, name=name)
-        log.info("worker %s: pool %s, %s, concurrency %d", worker.name, pool, backend.name, worker.concurrency)
-        await worker.run(stop)
-        log.info("worker %s stopped after %d jobs", worker.name, worker.completed)
+        async with role_endpoint(settings, f"worker {pool}", groups, stop):
+            await wait_ready(client, settings.redis_url)
+            warm_up = getattr(backend, "load", None)
+            if warm_up is not None:
+                # An in-process model loads before the worker joins, not under its first jobs'
+                # deadlines; meanwhile it sends no heartbeat, so the policy does not count it yet
+                # (nor is it ready: its groups are created when it starts reading).
+                log.info("pool %s: loading %s", pool, backend.name)
+                await warm_up()
+            worker = PoolWorker(client, settings, pool, backend, concurrency=concurrency or spec.concurrency,
+                                lanes=config.lanes, name=name)
+            log.info("worker %s: pool %s, %s, concurrency %d", worker.name, pool, backend.name,
+                     worker.concurrency)
+            await worker.run(stop)
+            log.info("worker %s stopped after %d jobs", worker.name, worker.completed)
     finally:
         await backend.aclose()
         await client.aclose()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 
@@ -60,9 +61,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """How often result streams are trimmed and dead consumers removed."""
     fault_injection: bool = False
     """Let job metadata make the simulated device fail or crash (tests and drills only)."""
+    metrics_port: int | None = None
+    """Port of a role's HTTP endpoint (/metrics, /healthz, /readyz); ``None``: no endpoint."""
+    metrics_host: str = "0.0.0.0"
+    """Address that endpoint listens on (all interfaces, so Prometheus in another container reaches it)."""
+    log_format: Literal["text", "json"] = "text"
+    """Log lines as text, or one JSON object per line (ts, level, logger, msg, job_id, trace_id)."""
 
     def __post_init__(self) -> None:
         Topology(self.prefix)  # raises ValueError for an invalid prefix, before anything runs
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port {self.metrics_port} is not a TCP port (0-65535)")
         if self.claim_idle_ms < 3 * self.block_ms // 2:
             raise ValueError(f"claim_idle_ms ({self.claim_idle_ms}) must be at least 1.5 x block_ms "
                              f"({self.block_ms}): leases are renewed between reads")

@@ -38,19 +38,32 @@ class Stack:
         self.embedded: EmbeddedRedis | None = None
         self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.url = settings.redis_url or ""
+        self.metrics_ports: dict[str, int] = {}
+        """Role label to the port of its HTTP endpoint (/metrics, /healthz, /readyz), when served."""
 
     def _spawn(self, label: str, *args: str) -> None:
-        cmd = [sys.executable, "-m", "broker", *args, "--redis-url", self.url,
-               "--prefix", self.settings.prefix]
+        cmd = [sys.executable, "-m", "broker", *args, "--prefix", self.settings.prefix,
+               "--log-format", self.settings.log_format]
         if self.settings.config:
             cmd += ["--config", str(self.settings.config)]
-        env = {**os.environ, **self.extra_env}
-        env.pop("REDIS_URL", None)
+        # The URL goes in the environment, not the command line: a password in it would
+        # show in every `ps` listing.
+        env = {**os.environ, **self.extra_env, "REDIS_URL": self.url}
+        env.pop("IB_METRICS_PORT", None)  # each role gets its own port below, or none
+        if self.settings.metrics_port is not None:
+            base = self.settings.metrics_port
+            port = base + len(self.processes) if base else 0  # 0: each role picks a free port
+            cmd += ["--metrics-port", str(port)]
+            self.metrics_ports[label] = port
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log, env=env)
         self.processes.append((label, proc))
 
     def start(self) -> Stack:
-        """Start Redis if needed, then the policy worker and every pool's workers."""
+        """Start Redis if needed, then the policy worker and every pool's workers.
+
+        With ``settings.metrics_port`` N the roles serve their endpoints on consecutive
+        ports: the policy worker on N, the workers on N+1, N+2, ... (:attr:`metrics_ports`).
+        """
         if self.embedded is None and not self.settings.redis_url:
             self.embedded = EmbeddedRedis().start()
             self.url = self.embedded.url

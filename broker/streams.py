@@ -19,8 +19,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.errors import RedisUnavailable
@@ -70,6 +70,11 @@ async def wait_ready(client: aioredis.Redis, url: str, timeout: float = 30.0) ->
         try:
             await client.ping()  # type: ignore[misc]
             return
+        except AuthenticationError as exc:
+            # Waiting does not fix a wrong password: say so at once (without the password).
+            raise RedisUnavailable(
+                f"Redis at {redacted(url)} refused the credentials ({exc}). Check the user and password "
+                "in --redis-url / REDIS_URL.") from None
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             if loop.time() + delay > deadline:
                 raise RedisUnavailable(

@@ -35,6 +35,8 @@ from collections.abc import Callable
 import msgspec
 import redis.asyncio as aioredis
 
+from broker.logs import job_context
+from broker.metrics import CAPACITY, IN_FLIGHT, RECLAIMED, PoolMetrics
 from broker.reclaim import Claimer
 from broker.scripts import Scripts
 from broker.settings import Settings
@@ -108,6 +110,11 @@ class PoolWorker:
         self.retried = 0
         self.dead = 0
         self.fenced = 0
+        self.metrics = PoolMetrics(pool)
+        """Prometheus instruments (broker/metrics.py), cached per class."""
+        self._reclaimed = [RECLAIMED.labels(lane.stream.removeprefix(self.topo.base + ":")) for lane in self.lanes]
+        IN_FLIGHT.labels(pool).set_function(lambda: len(self.running))
+        CAPACITY.labels(pool).set(concurrency)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set, then let running jobs finish within the grace period."""
@@ -170,6 +177,8 @@ class PoolWorker:
                 continue
             claimed = await lane.claimer.claim(free - taken, suspects=0 if self.running else 1)
             lane.suspects_waiting = claimed.waiting > 0
+            if claimed.entries or claimed.suspects:
+                self._reclaimed[lane.index].inc(len(claimed.entries) + len(claimed.suspects))
             for entry_id in claimed.deleted:
                 # Redis already dropped it from the pending list: nobody owns it to fence.
                 await self._dead(lane, entry_id, b"", "trimmed", "the entry was deleted while pending", None,
@@ -269,9 +278,10 @@ class PoolWorker:
                              deliveries=deliveries - 1)
             return
         if job.deadline is not None and self.clock() > job.deadline:
-            await self._publish(lane, entry_id, routed, Result(
-                id=job.id, status="expired", model=job.model, kind=job.kind, tenant=job.tenant,
-                slo=route.slo, pool=self.pool, worker=self.name, error="deadline passed before start"))
+            if await self._publish(lane, entry_id, routed, Result(
+                    id=job.id, status="expired", model=job.model, kind=job.kind, tenant=job.tenant,
+                    slo=route.slo, pool=self.pool, worker=self.name, error="deadline passed before start")):
+                self.metrics.of(route.slo).expired.inc()
             return
         tokens = None
         if job.stream and job.kind != "embedding":
@@ -291,13 +301,17 @@ class PoolWorker:
             if tokens is not None:
                 await tokens.close("expired" if isinstance(exc, BackendError) and exc.expired else "failed")
             if not isinstance(exc, BackendError):
-                log.exception("backend %s raised unexpectedly on job %s", self.backend.name, job.id)
+                log.exception("backend %s raised unexpectedly on job %s", self.backend.name, job.id,
+                              extra=job_context(job))
                 exc = BackendError(f"{type(exc).__name__}: {exc}", retryable=True)
             if exc.expired:
-                await self._publish(lane, entry_id, routed, Result(
-                    id=job.id, status="expired", model=job.model, kind=job.kind, tenant=job.tenant,
-                    slo=route.slo, pool=self.pool, worker=self.name, error=f"{type(exc).__name__}: {exc}"))
-            elif exc.retryable and deliveries < self.settings.max_deliveries:
+                if await self._publish(lane, entry_id, routed, Result(
+                        id=job.id, status="expired", model=job.model, kind=job.kind, tenant=job.tenant,
+                        slo=route.slo, pool=self.pool, worker=self.name, error=f"{type(exc).__name__}: {exc}")):
+                    self.metrics.of(route.slo).expired.inc()
+                return
+            self.metrics.of(route.slo).failed.inc()
+            if exc.retryable and deliveries < self.settings.max_deliveries:
                 # A backend that says when it can take work again (all endpoints cooling
                 # down) gets the job back then, not sooner: an earlier retry only burns a delivery.
                 delay = max(self._backoff_ms(deliveries), int((exc.retry_at - self.clock()) * 1000))
@@ -321,7 +335,10 @@ class PoolWorker:
             usage=Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens),
             timing=timing, metrics=metrics, route_reason=route.reason,
             slo_met=slo_met(route.ttft_target_ms, route.tpot_target_ms, route.e2e_target_ms, metrics))
-        await self._publish(lane, entry_id, routed, result)
+        if await self._publish(lane, entry_id, routed, result):
+            self.metrics.of(route.slo).complete(
+                metrics.queue_time_ms, metrics.time_to_first_token_ms, metrics.time_per_output_token_ms,
+                metrics.e2e_latency_ms, result.slo_met)
 
     def _backoff_ms(self, deliveries: int) -> int:
         base = self.settings.retry_backoff_ms * 2 ** (deliveries - 1)
@@ -337,26 +354,32 @@ class PoolWorker:
                 log.warning("Redis unreachable while finishing a job (%s); retrying", exc)
                 await backoff.wait()
 
-    async def _publish(self, lane: Lane, entry_id: bytes, routed: RoutedJob, result: Result) -> None:
+    async def _publish(self, lane: Lane, entry_id: bytes, routed: RoutedJob, result: Result) -> bool:
+        """Publish ``result`` and ack; True if it is the job's outcome (not a duplicate, not fenced)."""
         reply = routed.job.reply_to
         code = await self._script(
             "complete", [lane.stream, self.topo.done(result.id), self.topo.reply(reply), self.topo.replies],
             [WORKER_GROUP, entry_id, self.name, json_encode(result), self.settings.result_ttl_s * 1000, reply])
         if code == -1:
             self.fenced += 1
-            log.warning("job %s finished here after a peer took it over; result dropped", result.id)
-        else:
-            self.completed += 1
+            log.warning("job %s finished here after a peer took it over; result dropped", result.id,
+                        extra=job_context(routed.job))
+            return False
+        self.completed += 1
+        return code == 1
 
     async def _nack(self, lane: Lane, entry_id: bytes, routed: RoutedJob | None, error: str, *,
                     delay_ms: int) -> None:
         job_id = routed.job.id if routed else ""
         idle = max(0, self.settings.claim_idle_ms - delay_ms)
-        await self._script("nack", [lane.stream, lane.errors + entry_id.decode()],
-                           [WORKER_GROUP, entry_id, self.name, idle, error, self.settings.result_ttl_s * 1000])
+        code = await self._script("nack", [lane.stream, lane.errors + entry_id.decode()],
+                                  [WORKER_GROUP, entry_id, self.name, idle, error, self.settings.result_ttl_s * 1000])
         if error:
             self.retried += 1
-            log.info("job %s failed (%s); retrying in ~%d ms", job_id, error, delay_ms)
+            if code == 1 and routed is not None:
+                self.metrics.of(routed.route.slo).retried.inc()
+            log.info("job %s failed (%s); retrying in ~%d ms", job_id, error, delay_ms,
+                     extra=job_context(routed.job if routed else None))
 
     async def _dead(self, lane: Lane, entry_id: bytes, payload: bytes, reason: str, error: str,
                     routed: RoutedJob | None, *, deliveries: int = 1, fenced: bool = True) -> None:
@@ -374,7 +397,9 @@ class PoolWorker:
             args += [json_encode(failed), self.settings.result_ttl_s * 1000, job.reply_to]
         if await self._script("dead", keys, args) == 1:
             self.dead += 1
-            log.warning("dead letter %s (%s): %s", entry_id.decode(), reason, error)
+            self.metrics.dead(routed.route.slo if routed else None, reason).inc()
+            log.warning("dead letter %s (%s): %s", entry_id.decode(), reason, error,
+                        extra=job_context(routed.job if routed else None))
 
     async def renew_leases(self) -> None:
         """Renew the entries of running jobs; cancel the runs whose entries a peer took over."""
