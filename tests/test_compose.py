@@ -9,6 +9,7 @@ installed (it needs no engine).
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 import shlex
 import shutil
@@ -157,17 +158,16 @@ def test_service_command_parses(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ROLES)
-def test_healthcheck_parses_and_checks_its_own_role(name: str) -> None:
+def test_healthcheck_asks_its_own_roles_readyz(name: str) -> None:
     test = SERVICES[name]["healthcheck"]["test"]
     assert test[:2] == ["CMD", SCRIPT], f"{name}: expected [CMD, {SCRIPT}, ...], got {test}"
     check = parse(test[2:])
     assert check.info_name == "health"
     role = parse(SERVICES[name]["command"])
-    if role.info_name == "policy":
-        assert check.params["role_policy"] and check.params["pool"] is None
-    else:
-        assert role.info_name == "worker"
-        assert check.params["pool"] == role.params["pool"] and not check.params["role_policy"]
+    assert role.info_name in ("policy", "worker")
+    # /readyz on the port the role serves: Redis reachable and its groups in place.
+    assert role.params["metrics_port"], f"{name}: the role serves no metrics port"
+    assert check.params["ready_port"] == role.params["metrics_port"], name
 
 
 def test_parse_rejects_what_the_cli_does_not_know() -> None:
@@ -252,3 +252,114 @@ def test_compose_config_is_valid() -> None:
     done = subprocess.run([*cli, "-f", str(COMPOSE_FILE), "config", "-q"],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 0, f"{' '.join(cli)} config -q:\n{done.stdout}{done.stderr}"
+
+
+# --- the observability profile: Prometheus and Grafana ---------------------------------------
+
+OBSERVABILITY = ("prometheus", "grafana")
+DEPLOY = ROOT / "deploy"
+
+
+def _mounts(name: str) -> dict[str, Path]:
+    """Container path -> repository path of a service's bind mounts of files in the repo."""
+    out = {}
+    for volume in SERVICES[name].get("volumes", []):
+        source, target = str(volume).split(":")[:2]
+        if source.startswith("./"):
+            out[target] = ROOT / source
+    return out
+
+
+def test_observability_services_are_optional_and_mount_files_in_the_repo() -> None:
+    for name in OBSERVABILITY:
+        svc = SERVICES[name]
+        assert svc.get("profiles") == ["observability"], f"{name} must not start with a plain `up`"
+        mounts = _mounts(name)
+        assert mounts, name
+        for target, source in mounts.items():
+            assert source.exists(), f"{name} mounts {source} at {target}, which is not in the repository"
+        ports = [str(p) for p in svc.get("ports", [])]
+        assert all(p.startswith("127.0.0.1:") for p in ports), f"{name}: publish on loopback only"
+    for name in BROKER_SERVICES:
+        assert "profiles" not in SERVICES[name], f"{name} must run without a profile"
+
+
+def test_prometheus_scrapes_every_role_on_its_metrics_port() -> None:
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    assert _mounts("prometheus")["/etc/prometheus/prometheus.yml"] == DEPLOY / "prometheus.yml"
+    scraped: set[tuple[str, int]] = set()
+    for job in config["scrape_configs"]:
+        for sd in job.get("dns_sd_configs", []):
+            scraped |= {(host, int(sd["port"])) for host in sd["names"]}
+        for static in job.get("static_configs", []):
+            scraped |= {(t.split(":")[0], int(t.split(":")[1])) for t in static["targets"]}
+    for name in ROLES:
+        port = parse(SERVICES[name]["command"]).params["metrics_port"]
+        assert (name, port) in scraped, f"Prometheus does not scrape {name}:{port}"
+    # DNS discovery, not a static target: a static name would reach one replica of worker-gpu.
+    assert SERVICES["worker-gpu"]["deploy"]["replicas"] > 1
+    assert not any((("worker-gpu", 9100) in {(t.split(":")[0], int(t.split(":")[1])) for t in st["targets"]})
+                   for job in config["scrape_configs"] for st in job.get("static_configs", []))
+
+
+def _defined_series() -> set[str]:
+    """Every series name broker/metrics.py can expose (counters with _total, histogram parts, ...)."""
+    from prometheus_client import REGISTRY
+
+    import broker.metrics  # noqa: F401 - registers the metrics
+
+    names: set[str] = set()
+    for family in REGISTRY.collect():
+        if not family.name.startswith("inference_broker_"):
+            continue
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"], "info": ["_info"]}
+        names |= {family.name + s for s in suffixes.get(family.type, [""])}
+    return names
+
+
+def _promql_names(expr: str) -> set[str]:
+    """Metric names an expression selects: plain names, and __name__=~"a_(b|c)_d" expanded."""
+    found: set[str] = set()
+    for pattern in re.findall(r'__name__=~"([^"]+)"', expr):
+        group = re.search(r"\(([^()]+)\)", pattern)
+        assert group, f"only one (a|b) group is expanded: {pattern}"
+        found |= {pattern[:group.start()] + alt + pattern[group.end():] for alt in group.group(1).split("|")}
+    expr = re.sub(r'__name__=~"[^"]+"', "", expr)
+    return found | set(re.findall(r"\binference_broker_[a-z0-9_]+", expr))
+
+
+def test_grafana_is_provisioned_with_the_datasource_and_the_dashboard() -> None:
+    mounts = _mounts("grafana")
+    provisioning = mounts["/etc/grafana/provisioning"]
+    datasources = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert [d["url"] for d in datasources] == ["http://prometheus:9090"]
+    providers = [p for f in (provisioning / "dashboards").glob("*.yml")
+                 for p in yaml.safe_load(f.read_text())["providers"]]
+    path = providers[0]["options"]["path"]
+    assert mounts[path] == DEPLOY / "grafana" / "dashboards"
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "inference-broker.json").read_text())
+    uids = {d["uid"] for d in datasources}
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    for panel in panels:
+        assert panel["datasource"]["uid"] in uids and panel["targets"], panel["title"]
+
+
+def test_every_dashboard_query_names_metrics_the_roles_define() -> None:
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "inference-broker.json").read_text())
+    defined = _defined_series()
+    assert "inference_broker_time_to_first_token_seconds_bucket" in defined  # the helper works
+    used: set[str] = set()
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            names = _promql_names(target["expr"])
+            assert names, f"{panel['title']}: {target['expr']} names no inference_broker metric"
+            assert names <= defined, f"{panel['title']}: {sorted(names - defined)} are not defined"
+            used |= names
+    # The views of `inference-broker top`.
+    titles = " / ".join(p["title"].lower() for p in dashboard["panels"])
+    for view in ("backlog", "in flight / capacity", "throughput", "ttft", "end-to-end", "attainment",
+                 "accelerator share", "dead letters"):
+        assert view in titles, view
+    assert {"inference_broker_stream_backlog", "inference_broker_worker_in_flight", "inference_broker_slo_met_total",
+            "inference_broker_e2e_latency_seconds_bucket", "inference_broker_jobs_routed_total"} <= used
