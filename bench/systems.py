@@ -123,7 +123,7 @@ class Peer(System):
 
     worker_processes = 2
     """Worker processes: one per core, as each peer's docs advise for CPU-bound dispatch."""
-    stop_timeout = 3.0
+    stop_timeout = 1.0
     """Nothing is left to finish after a measurement (taskiq alone would wait about 18 s)."""
 
     def __init__(self, name: str, python: str) -> None:
@@ -192,8 +192,11 @@ def available(names: list[str]) -> dict[str, str]:
         python = peer_python(name)
         if python is None:
             continue
-        ok = subprocess.run([python, "-c", f"import {PEER_MODULE[name]}"], capture_output=True, timeout=60,
-                            cwd=Path(ROOT))
+        try:
+            ok = subprocess.run([python, "-c", f"import {PEER_MODULE[name]}"], capture_output=True, timeout=60,
+                                cwd=Path(ROOT))
+        except OSError:
+            continue  # a BENCH_<NAME>_PYTHON that does not exist
         if ok.returncode == 0:
             out[name] = python
     return out
