@@ -206,18 +206,23 @@ class PoolMetrics:
     def __init__(self, pool: str) -> None:
         self.pool = pool
         self._classes: dict[str, ClassMetrics] = {}
+        self._overflow: ClassMetrics | None = None
         self._dead: dict[tuple[str, str], Counter] = {}
 
     def of(self, slo: str | None) -> ClassMetrics:
         """The instruments of class ``slo`` (``none`` when unknown) on this pool."""
-        found = self._classes.get(slo or NONE)
+        key = slo or NONE
+        found = self._classes.get(key)
         if found is None:
-            key = slo or NONE
             if len(self._classes) >= MAX_CLASSES:
-                key = OTHER
-            found = self._classes.get(key) or ClassMetrics(key, self.pool)
-            self._classes[slo or NONE] = self._classes[key] = found
+                return self._other()  # not cached under the stray name: the cache stays bounded too
+            found = self._classes[key] = ClassMetrics(key, self.pool)
         return found
+
+    def _other(self) -> ClassMetrics:
+        if self._overflow is None:
+            self._overflow = ClassMetrics(OTHER, self.pool)
+        return self._overflow
 
     def dead(self, slo: str | None, reason: str) -> Counter:
         """The dead-letter counter of ``reason`` for class ``slo``."""
@@ -261,8 +266,9 @@ def dead_counter(cache: dict[tuple[str, str], Counter], slo: str | None, reason:
     key = (slo or NONE, reason)
     found = cache.get(key)
     if found is None:
-        label = key[0] if len(cache) < MAX_CLASSES * 8 else OTHER
-        found = cache[key] = DEAD.labels(label, reason)
+        if len(cache) >= MAX_CLASSES * 8:  # classes x the few reasons; beyond, a stray class name
+            return DEAD.labels(OTHER, reason)
+        found = cache[key] = DEAD.labels(key[0], reason)
     return found
 
 

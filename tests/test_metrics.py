@@ -14,17 +14,21 @@ import json
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.client import Client
 from broker.config import default_config_text
 from broker.embedded import EmbeddedRedis, free_port
+from broker.httpd import Readiness, RoleServer
+from broker.metrics import MAX_CLASSES, PoolMetrics
 from broker.topology import Topology
 from broker.wire import ChatMessage, Job
 from tests.conftest import FAST_ENV, Roles, _start
@@ -236,3 +240,32 @@ async def test_a_role_whose_redis_goes_away_is_not_ready_within_seconds_and_reco
         assert worker.poll() is None  # it rode the outage out
     finally:
         roles.stop_all()
+
+
+def test_stray_class_names_do_not_grow_the_series() -> None:
+    # A job written to a pool stream by hand can name any class: past MAX_CLASSES they are "other".
+    pool = f"unit-{uuid.uuid4().hex[:6]}"
+    metrics = PoolMetrics(pool)
+    for i in range(3 * MAX_CLASSES):
+        metrics.of(f"c{i}").complete(1.0, 2.0, None, 3.0, True)
+        metrics.dead(f"c{i}", "invalid_job").inc()
+    samples = [s for f in text_string_to_metric_families(generate_latest(REGISTRY).decode()) for s in f.samples
+               if s.labels.get("pool") == pool and s.name == "inference_broker_jobs_completed_total"]
+    assert len(samples) == MAX_CLASSES + 1
+    assert {s.labels["class"]: s.value for s in samples}["other"] == 2 * MAX_CLASSES
+
+
+async def test_the_endpoint_refuses_what_is_not_a_request(redis_url: str) -> None:
+    server = await RoleServer(Readiness(redis_url, [], role="unit"), "unit").start("127.0.0.1", 0)
+    try:
+        await eventually(lambda: is_ready(server.port), timeout=5, what="a first probe")
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"hello\r\n\r\n")
+        assert (await reader.read()).startswith(b"HTTP/1.1 400 ")
+        writer.close()
+        _reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /metr")  # and hang up: the server carries on
+        writer.close()
+        assert (await asyncio.to_thread(get, server.port, "/healthz"))[0] == 200
+    finally:
+        await server.aclose()
