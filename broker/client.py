@@ -165,8 +165,9 @@ class Client:
                       count: int = 100) -> AsyncIterator[Result]:
         """Follow a result stream through consumer group ``group`` (created at id 0 if new).
 
-        Each result is acked after the loop body that received it finishes, so a crashed
-        consumer gets its unacked results again on restart under the same ``consumer`` name.
+        Results are acked once the loop bodies of a whole read (up to ``count`` results) have
+        finished, in one ``XACK``: a consumer that crashes (or leaves the loop) mid-read gets
+        the unacked results of that read again on restart under the same ``consumer`` name.
         """
         stream = self.topo.reply(reply_to)
         await ensure_group(self.redis, stream, group)
@@ -179,10 +180,11 @@ class Client:
                 last_id = ">"
             elif last_id != ">":
                 last_id = entries[-1][0].decode()
-            for entry_id, fields in entries:
+            for _entry_id, fields in entries:
                 if b"result" in fields:
                     yield decode_result(fields[b"result"])
-                await self.redis.xack(stream, group, entry_id)
+            if entries:
+                await self.redis.xack(stream, group, *(entry_id for entry_id, _ in entries))
 
     def _waiter(self, reply_to: str) -> _ReplyWaiter:
         waiter = self._waiters.get(reply_to)

@@ -19,6 +19,7 @@ Return codes: 1 done, 0 duplicate (the job already had an outcome; only acked), 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 import redis.asyncio as aioredis
@@ -207,3 +208,58 @@ class Scripts:
     async def load(self) -> None:
         for src in self.SOURCES.values():
             await self.client.script_load(src)
+
+
+class ScriptBatcher:
+    """Runs the script calls made while a batch is in flight together, in one pipeline.
+
+    A worker finishing many jobs at once would otherwise spend a round trip and a pooled
+    connection per job. Here the first call starts a flush; calls made meanwhile wait for
+    the next one: one connection, one round trip per batch, however many jobs end. Each
+    script still checks and acts per entry, so batching changes no guarantee. Results (or
+    errors, Redis' own as well as a lost connection) go back to each caller.
+    """
+
+    def __init__(self, scripts: Scripts) -> None:
+        self.scripts = scripts
+        self.waiting: list[tuple[str, list[str], list[object], asyncio.Future[object]]] = []
+        self.flusher: asyncio.Task[None] | None = None
+        self.batches = 0
+
+    async def call(self, name: str, keys: list[str], args: list[object]) -> object:
+        """Run script ``name`` with the next batch; its result, or its error raised here."""
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self.waiting.append((name, keys, args, future))
+        if self.flusher is None:
+            self.flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        try:
+            while self.waiting:
+                batch, self.waiting = self.waiting, []
+                try:
+                    async with self.scripts.client.pipeline(transaction=False) as pipe:
+                        for name, keys, args, _ in batch:
+                            self.scripts.queue(pipe, name, keys, args)
+                        results = await self.scripts.execute(pipe, raise_on_error=False)
+                except BaseException as exc:
+                    for *_, future in batch:
+                        if not future.done():
+                            future.set_exception(exc if isinstance(exc, Exception) else ConnectionError(str(exc)))
+                    if not isinstance(exc, Exception):
+                        raise  # cancelled: stop flushing; the callers were told
+                    continue
+                self.batches += 1
+                for (*_, future), result in zip(batch, results, strict=True):
+                    if not future.done():
+                        if isinstance(result, Exception):
+                            future.set_exception(result)
+                        else:
+                            future.set_result(result)
+        finally:
+            self.flusher = None
+            for *_, future in self.waiting:  # only if cancelled with calls still waiting
+                if not future.done():
+                    future.set_exception(ConnectionError("the script batcher stopped"))
+            self.waiting = []

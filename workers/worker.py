@@ -38,7 +38,7 @@ import redis.asyncio as aioredis
 from broker.logs import job_context
 from broker.metrics import CAPACITY, IN_FLIGHT, RECLAIMED, PoolMetrics
 from broker.reclaim import Claimer
-from broker.scripts import Scripts
+from broker.scripts import ScriptBatcher, Scripts
 from broker.settings import Settings
 from broker.streams import RETRYABLE, Backoff, Entry, consumer_name, ensure_group, every, is_group_lost
 from broker.topology import RESERVED, WORKER_GROUP
@@ -93,6 +93,8 @@ class PoolWorker:
         self.name = name or consumer_name(f"worker-{pool}")
         self.clock = clock
         self.scripts = Scripts(client)
+        self.batcher = ScriptBatcher(self.scripts)
+        """Completion scripts of jobs finishing together go in one pipeline."""
         self.lanes = [Lane(i, self.topo.pool(pool, i), self.topo.errors(pool, i), Claimer(
             self.scripts, self.topo.pool(pool, i), WORKER_GROUP, self.name, idle_ms=settings.claim_idle_ms,
             interval_s=settings.claim_interval_s, error_prefix=self.topo.errors(pool, i))) for i in range(lanes)]
@@ -345,11 +347,11 @@ class PoolWorker:
         return int(min(base, self.settings.claim_idle_ms) * random.uniform(0.5, 1.0))
 
     async def _script(self, name: str, keys: list[str], args: list[object]) -> object:
-        """Run a completion script, retrying while Redis is unreachable (each is idempotent)."""
+        """Run a completion script (batched), retrying while Redis is unreachable (each is idempotent)."""
         backoff = Backoff()
         while True:
             try:
-                return await self.scripts.call(name, keys, args)
+                return await self.batcher.call(name, keys, args)
             except RETRYABLE as exc:
                 log.warning("Redis unreachable while finishing a job (%s); retrying", exc)
                 await backoff.wait()
