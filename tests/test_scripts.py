@@ -53,3 +53,18 @@ async def test_a_lost_connection_fails_every_waiting_call(prefix: str) -> None:
     with pytest.raises(aioredis.ConnectionError):
         await batcher.call("renew", [Topology(prefix).pool("gpu")], [WORKER_GROUP, "w"])
     await dead.aclose()
+
+
+async def test_renew_reports_only_entries_another_consumer_holds(client: aioredis.Redis, prefix: str) -> None:
+    stream = Topology(prefix).pool("gpu")
+    await ensure_group(client, stream, WORKER_GROUP)
+    mine, taken, done = [await client.xadd(stream, {"routed": b"x"}) for _ in range(3)]
+    await client.xreadgroup(WORKER_GROUP, "w1", {stream: ">"}, count=3)
+    await client.xclaim(stream, WORKER_GROUP, "w2", 0, [taken])  # a peer took it over
+    await client.xack(stream, WORKER_GROUP, done)  # completed while the renewal was on its way
+    await asyncio.sleep(0.05)
+    lost = await Scripts(client).call("renew", [stream], [WORKER_GROUP, "w1", mine, taken, done])
+    assert lost == [taken]
+    pending = {p["message_id"]: p for p in await client.xpending_range(stream, WORKER_GROUP, "-", "+", 10)}
+    assert pending[mine]["time_since_delivered"] < 50  # renewed: idle back to ~0
+    assert pending[mine]["times_delivered"] == 1  # without counting a delivery

@@ -415,7 +415,7 @@ class PoolWorker:
         for entry_id in lost:
             task = self.running.get((lane.index, entry_id))
             if task is not None:
-                log.warning("lost the lease on %s (this worker stalled past %d ms, or Redis lost it); "
+                log.warning("lost the lease on %s (this worker stalled past %d ms and a peer took it over); "
                             "dropping the local run", entry_id.decode(), self.settings.claim_idle_ms)
                 self.fenced += 1
                 task.cancel()
