@@ -27,7 +27,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from broker.errors import BrokerError
-from broker.runstats import STATUSES, GroupStats, busy_costs, by_key, group_stats, span_text
+from broker.runstats import STATUSES, GroupStats, busy_costs, by_key, group_stats, results_of, span_text
 from broker.wire import DECODE_ERRORS, Result, decode_result
 from policies.config import PolicyConfig
 
@@ -78,13 +78,7 @@ async def read_stream(client: aioredis.Redis, stream: str, page: int = 1000) -> 
     start = "-"
     while True:
         entries = await client.xrange(stream, start, "+", count=page)
-        for _id, fields in entries:
-            raw = fields.get(b"result")
-            if raw is not None:
-                try:
-                    results.append(decode_result(raw))
-                except DECODE_ERRORS:
-                    continue  # not ours to judge here; `results` would show it
+        results += results_of(entries)
         if len(entries) < page:
             return results
         start = "(" + entries[-1][0].decode()

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import msgspec
 
-from broker.wire import Result
+from broker.wire import DECODE_ERRORS, Result, decode_result
 
 STATUSES = ("ok", "failed", "expired", "rejected")
 
@@ -118,6 +118,19 @@ def busy_costs(results: Iterable[Result], price_per_hour: Mapping[str, float]) -
             else:
                 running.discard(job_id)
     return costs
+
+
+def results_of(entries: Iterable[tuple[bytes, Mapping[bytes, bytes]]]) -> list[Result]:
+    """The results among result-stream entries; entries without one, or undecodable, are skipped."""
+    out = []
+    for _id, fields in entries:
+        raw = fields.get(b"result")
+        if raw is not None:
+            try:
+                out.append(decode_result(raw))
+            except DECODE_ERRORS:
+                continue  # not ours to judge here; `inference-broker results` shows it
+    return out
 
 
 def span_text(p50: float | None, p99: float | None) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 import click
 import msgspec
 
+from broker.runstats import span_text
 from policies import simulator
 from policies.baselines import ROUTERS
 from policies.config import ConfigError, PolicyConfig, pool_counts
@@ -46,15 +47,6 @@ def parse_fleet(text: str | None, config: PolicyConfig) -> dict[str, int]:
         raise click.BadParameter(str(exc), param_hint="--fleet") from None
 
 
-def _span(p50: float | None, p99: float | None) -> str:
-    """``p50/p99`` in one cell, in ms or s, whichever reads better."""
-    if p50 is None or p99 is None:
-        return "-"
-    if p99 >= 1000:
-        return f"{p50 / 1000:.2f}/{p99 / 1000:.2f} s"
-    return f"{p50:.0f}/{p99:.0f} ms"
-
-
 def table_rows(metrics: dict[str, ClassMetrics]) -> list[list[str]]:
     """One row per class (then ``all``): the columns of :data:`COLUMNS` (rich markup: met targets green)."""
     rows = []
@@ -64,7 +56,7 @@ def table_rows(metrics: dict[str, ClassMetrics]) -> list[list[str]]:
             met = f"[{'green' if m.attainment >= m.target else 'red'}]{met}[/]"
         cost = "-" if m.cost_per_mtok is None else f"${m.cost_per_mtok:.2f}"
         rows.append([cls, str(m.jobs), met, str(m.rejected + m.failed),
-                     _span(m.ttft_p50_ms, m.ttft_p99_ms), _span(m.e2e_p50_ms, m.e2e_p99_ms), cost,
+                     span_text(m.ttft_p50_ms, m.ttft_p99_ms), span_text(m.e2e_p50_ms, m.e2e_p99_ms), cost,
                      f"{m.accel_share:.0%}"])
     return rows
 

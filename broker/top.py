@@ -25,10 +25,10 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from broker.runstats import GroupStats, by_key, group_stats, span_text
+from broker.runstats import GroupStats, by_key, group_stats, results_of, span_text
 from broker.settings import Settings
 from broker.streams import RETRYABLE, redacted
-from broker.wire import DECODE_ERRORS, Result, decode_result
+from broker.wire import DECODE_ERRORS
 from policies.config import PolicyConfig
 
 NOW_S = 10.0
@@ -164,7 +164,7 @@ class Collector:
                         for key, length, group in groups]
         recent, first = rest[-2], rest[-1]
         entries = recent if isinstance(recent, list) else []
-        results = _results(entries)
+        results = results_of(entries)
         now_ms = int((now - NOW_S) * 1000)
         first_ms = _entry_ms(first[0][0]) if isinstance(first, list) and first else None
         span = min(self.window_s, now - first_ms / 1000) if first_ms is not None else self.window_s
@@ -224,18 +224,6 @@ def _ts(raw: bytes) -> float:
 
 def _entry_ms(entry_id: object) -> int:
     return int(_text(entry_id).split("-", 1)[0])
-
-
-def _results(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[Result]:
-    out = []
-    for _id, fields in entries:
-        raw = fields.get(b"result")
-        if raw is not None:
-            try:
-                out.append(decode_result(raw))
-            except DECODE_ERRORS:
-                continue
-    return out
 
 
 # --------------------------------------------------------------------------- rendering

@@ -141,3 +141,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     setattr(item, f"rep_{report.when}", report)
     return report
+
+
+@pytest.fixture
+def servers() -> Iterator[list[EmbeddedRedis]]:
+    """Redis servers a test started; stopped (directories kept for tmp_path) at teardown."""
+    started: list[EmbeddedRedis] = []
+    yield started
+    for server in started:
+        server.stop()

@@ -31,15 +31,6 @@ LOSS = "Redis lost this deployment's data"
 
 
 @pytest.fixture
-def servers() -> Iterator[list[EmbeddedRedis]]:
-    """Redis servers a test started; stopped (directories kept for tmp_path) at teardown."""
-    started: list[EmbeddedRedis] = []
-    yield started
-    for server in started:
-        server.stop()
-
-
-@pytest.fixture
 def make_roles(servers: list[EmbeddedRedis], prefix: str, tmp_path: Path,
                request: pytest.FixtureRequest) -> Iterator[Callable[[str], Roles]]:
     """Roles against a test's own server; stopped before the servers are (fixture order)."""

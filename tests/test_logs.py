@@ -14,10 +14,7 @@ import logging
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from broker.client import Client
 from broker.embedded import EmbeddedRedis, free_port
@@ -52,14 +49,6 @@ def test_formatters_carry_job_and_trace_context_and_scrub() -> None:
     text = TextFormatter().format(record)
     assert "hunter2" not in text and text.endswith(f"trace_id={TRACE_ID}")
     assert job_context(None, "j-2") == {"job_id": "j-2"} and job_context(None) == {}
-
-
-@pytest.fixture
-def servers() -> Iterator[list[EmbeddedRedis]]:
-    started: list[EmbeddedRedis] = []
-    yield started
-    for server in started:
-        server.stop()
 
 
 async def test_no_credentials_in_any_log_line_or_error(servers: list[EmbeddedRedis], prefix: str,

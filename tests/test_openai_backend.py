@@ -436,22 +436,7 @@ async def test_the_official_openai_client_accepts_the_test_server(server: OpenAI
 async def test_a_chat_job_through_the_broker_to_an_openai_pool(
         server: OpenAIServer, roles: Roles, redis_url: str, prefix: str, tmp_path: Path) -> None:
     server.behaviour = Behaviour(ttft_s=0.1, tokens_per_s=200, api_key=KEY)
-    config = tmp_path / "policy.toml"
-    config.write_text(f"""
-[classes.standard]
-ttft_ms = 2000
-
-[pools.gpu]
-models = ["llama-3.1-8b"]
-backend = "openai"
-concurrency = 4
-
-[[pools.gpu.endpoints]]
-base_url = "{server.url}"
-api_key_env = "TEST_OPENAI_KEY"
-models = {{ "llama-3.1-8b" = "test-model" }}
-""")
-    env = {"IB_CONFIG": str(config), "TEST_OPENAI_KEY": KEY, "IB_BLOCK_MS": "200"}
+    env = {**_openai_pool(tmp_path, server, key_env="TEST_OPENAI_KEY"), "TEST_OPENAI_KEY": KEY}
     roles.start("policy", env=env)
     roles.start("worker", "--pool", "gpu", "--grace", "5", env=env)
     async with Client(redis_url, prefix=prefix, block_ms=200) as client:
@@ -466,7 +451,9 @@ models = {{ "llama-3.1-8b" = "test-model" }}
     assert KEY not in roles.logs()
 
 
-def _openai_pool(tmp_path: Path, server: OpenAIServer) -> dict[str, str]:
+def _openai_pool(tmp_path: Path, server: OpenAIServer, key_env: str | None = None) -> dict[str, str]:
+    """Role environment for one `gpu` pool on the test server (its key in ``key_env``, if any)."""
+    key = f'api_key_env = "{key_env}"\n' if key_env else ""
     config = tmp_path / "policy.toml"
     config.write_text(f"""
 [classes.standard]
@@ -479,7 +466,7 @@ concurrency = 4
 
 [[pools.gpu.endpoints]]
 base_url = "{server.url}"
-models = {{ "llama-3.1-8b" = "test-model" }}
+{key}models = {{ "llama-3.1-8b" = "test-model" }}
 """)
     return {"IB_CONFIG": str(config), "IB_BLOCK_MS": "200", "IB_CLAIM_IDLE_MS": "3000",
             "IB_CLAIM_INTERVAL_S": "0.1", "IB_RETRY_BACKOFF_MS": "50"}
