@@ -470,12 +470,11 @@ NOTES = [
     "profile as the simulator does); *slo_met mismatches*, the worker's own `slo_met` against "
     "`policies.simulator.meets` on the same timings.",
     "",
-    "Known difference: the simulator refreshes a lagged snapshot lazily, at the first routing decision at least "
-    "`snapshot_interval_s` after the last refresh, so that decision sees the exact state of that instant; the "
-    "live policy worker refreshes on its own clock (`_refresh_loop`: refresh, then sleep `snapshot_s`), so "
-    "every decision sees a state up to one period old. Past the knee this makes the live stack land a point or "
-    "a few below the lagged simulation; a simulator that takes snapshots on a clock (an event every "
-    "`snapshot_interval_s`) closes most of that gap.",
+    "Both sides take lagged snapshots on a clock (the simulator an event every `snapshot_interval_s`, the live "
+    "policy worker a refresh every `snapshot_s`), and both order a pool's waiting jobs by class priority (the "
+    "simulator's priority queues, the workers' priority lanes). What remains: the live clock's phase and "
+    "jitter, the driver's lag, and Python's scheduling; near the knee one flipped decision changes the rest "
+    "of a run, which the *sim spread* rows show.",
     "",
 ]
 
