@@ -122,12 +122,17 @@ def _pool_workers(settings: Settings, counts: tuple[str, ...]) -> dict[str, int]
 
 
 def _sigterm_is_interrupt() -> None:
-    """Treat SIGTERM like Ctrl-C, so `kill` stops the stack as cleanly as Ctrl-C does."""
+    """Treat SIGTERM like Ctrl-C, so `kill` stops the stack as cleanly as Ctrl-C does.
+
+    SIGINT is set explicitly too: a process started in the background by a shell (`&`,
+    `nohup`) inherits SIGINT ignored, and would otherwise never stop on Ctrl-C or `kill -INT`.
+    """
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
 
 
 @main.command(epilog=EPILOG)
