@@ -8,17 +8,33 @@ policies may evict whole streams).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
 
 from broker.errors import EmbeddedRedisError
+
+
+def die_with_parent() -> None:
+    """``preexec_fn``: the child gets SIGTERM when the parent dies, even by SIGKILL (Linux).
+
+    Only for children started from a process's main thread: Linux signals the child when
+    the *thread* that forked it exits.
+    """
+    if sys.platform != "linux":
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # best effort: without it an orphan is stopped by hand, as before
 
 
 def find_redis_server() -> str:
@@ -57,12 +73,15 @@ class EmbeddedRedis:
     """
 
     def __init__(self, *, port: int | None = None, directory: Path | None = None,
-                 appendonly: bool = True, extra_args: tuple[str, ...] = ()) -> None:
+                 appendonly: bool = True, extra_args: tuple[str, ...] = (), owned: bool = False) -> None:
+        """``owned``: the server stops when the process that started it dies, however it dies
+        (Linux; start it from the main thread). What `up` and `demo` use."""
         self.port = port or free_port()
         self._own_dir = directory is None
         self.directory = Path(directory or tempfile.mkdtemp(prefix="inference-broker-redis-"))
         self.appendonly = appendonly
         self.extra_args = extra_args
+        self.owned = owned
         self.process: subprocess.Popen[bytes] | None = None
         self._log_start = 0
 
@@ -89,7 +108,8 @@ class EmbeddedRedis:
         # A fresh session: Ctrl-C in the terminal reaches us, and we stop Redis last,
         # after the roles that use it have drained.
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, start_new_session=True)
+                                        stderr=subprocess.PIPE, start_new_session=True,
+                                        preexec_fn=die_with_parent if self.owned else None)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -19,7 +19,7 @@ from typing import IO
 import msgspec
 import redis
 
-from broker.embedded import EmbeddedRedis
+from broker.embedded import EmbeddedRedis, die_with_parent
 from broker.errors import BrokerError
 from broker.settings import Settings
 from broker.topology import Topology
@@ -55,7 +55,10 @@ class Stack:
             port = base + len(self.processes) if base else 0  # 0: each role picks a free port
             cmd += ["--metrics-port", str(port)]
             self.metrics_ports[label] = port
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log, env=env)
+        # A role outlives nothing: if this process is killed outright, its roles get SIGTERM
+        # (and drain) rather than run on orphaned.
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log, env=env,
+                                preexec_fn=die_with_parent)
         self.processes.append((label, proc))
 
     def start(self) -> Stack:
@@ -65,7 +68,7 @@ class Stack:
         ports: the policy worker on N, the workers on N+1, N+2, ... (:attr:`metrics_ports`).
         """
         if self.embedded is None and not self.settings.redis_url:
-            self.embedded = EmbeddedRedis().start()
+            self.embedded = EmbeddedRedis(owned=True).start()
             self.url = self.embedded.url
         self._spawn("policy", "policy")
         for pool, count in self.workers.items():

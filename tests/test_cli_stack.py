@@ -70,6 +70,36 @@ def test_up_submit_results_and_clean_stop(cli_env: dict[str, str], tmp_path: Pat
         socket.create_connection((host, int(port)), timeout=1).close()
 
 
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie nobody reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
+def test_a_killed_up_takes_its_redis_and_roles_with_it(cli_env: dict[str, str], tmp_path: Path) -> None:
+    up = subprocess.Popen([*CLI, "up", "--workers", "gpu=1"], env=cli_env, cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    state = tmp_path / "inference-broker" / "up.url"
+    try:
+        deadline = time.monotonic() + 30
+        # Up and working: the roles have connected and sent heartbeats.
+        while not (state.exists() and run_cli("health", "--pool", "gpu", env=cli_env).returncode == 0):
+            assert up.poll() is None and time.monotonic() < deadline, "up did not start its stack"
+            time.sleep(0.1)
+        children = [int(p) for p in Path(f"/proc/{up.pid}/task/{up.pid}/children").read_text().split()]
+        assert len(children) == 4  # redis, the policy, a gpu and an accel worker
+    finally:
+        up.kill()  # SIGKILL: no handler runs, no clean stop
+        up.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in children):
+        assert time.monotonic() < deadline, f"orphans still running: {[p for p in children if _alive(p)]}"
+        time.sleep(0.05)
+
+
 def test_submit_without_a_stack_says_what_to_do(cli_env: dict[str, str]) -> None:
     done = run_cli("submit", "--prompt", "hi", env=cli_env)
     assert done.returncode == 2
