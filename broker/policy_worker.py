@@ -107,14 +107,16 @@ class PolicyWorker:
         # claimed one at a time and routed alone (see broker.reclaim).
         self.claimer = Claimer(self.scripts, self.topo.jobs, POLICY_GROUP, self.name, idle_ms=settings.claim_idle_ms,
                                interval_s=settings.claim_interval_s, error_prefix=f"{self.topo.base}:err:policy:")
+        self.lanes = {p: [self.topo.pool(p, lane) for lane in range(config.lanes)] for p in config.pools}
+        """Each pool's streams, one per priority lane, most urgent first."""
         streams = {self.topo.jobs: (POLICY_GROUP, self.topo.policy_heartbeats),
-                   **{self.topo.pool(p, lane): (WORKER_GROUP, self.topo.heartbeats(p))
-                      for p in config.pools for lane in range(config.lanes)}}
+                   **{stream: (WORKER_GROUP, self.topo.heartbeats(p)) for p in config.pools
+                      for stream in self.lanes[p]}}
         self.janitor = Janitor(client, settings, streams)
         self.snapshot = Snapshot(now=clock())
         self.router = make_router(config)
         self.lane = {slo: config.lane(slo) for slo in config.classes}
-        """The lane of each class in the pool streams."""
+        """The lane of each class in the pool's streams."""
         self.rng = random.Random(self.name)  # seeded per worker: decisions are reproducible from logs
         self._seen: dict[bytes, int] = {}
         self._swept_at = self._beat_at = 0.0
@@ -130,9 +132,8 @@ class PolicyWorker:
     async def setup(self) -> None:
         """Create the ingress group and every pool's group (at id 0) before reading."""
         await ensure_group(self.client, self.topo.jobs, POLICY_GROUP)
-        for pool in self.config.pools:
-            for lane in range(self.config.lanes):
-                await ensure_group(self.client, self.topo.pool(pool, lane), WORKER_GROUP)
+        for stream in (s for lanes in self.lanes.values() for s in lanes):
+            await ensure_group(self.client, stream, WORKER_GROUP)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Route jobs until ``stop`` is set. Entries being routed finish first."""
@@ -238,7 +239,7 @@ class PolicyWorker:
             predicted_ttft_ms=decision.predicted_ttft_ms, policy=self.name))
         self._queue(
             pipe, "route",
-            [self.topo.jobs, self.topo.pool(decision.pool, self.lane[slo]), self.topo.routed(job.id),
+            [self.topo.jobs, self.lanes[decision.pool][self.lane[slo]], self.topo.routed(job.id),
              self.topo.done(job.id)],
             [POLICY_GROUP, entry_id, "", json_encode(routed), self.settings.result_ttl_s * 1000],
             self.metrics.routed(slo, decision.pool))
@@ -291,20 +292,26 @@ class PolicyWorker:
     async def refresh(self) -> None:
         """Read each pool's backlog (group lag + pending) and worker heartbeats."""
         now = self.clock()
+        # Every pool's lanes and heartbeats in one round trip.
+        async with self.client.pipeline(transaction=False) as pipe:
+            for name, lanes in self.lanes.items():
+                for stream in lanes:
+                    pipe.xinfo_groups(stream)
+                pipe.hgetall(self.topo.heartbeats(name))
+            replies = iter(await pipe.execute(raise_on_error=False))
         pools: dict[str, PoolState] = {}
-        for name in self.config.pools:
+        for name, lanes in self.lanes.items():
             backlog = 0
-            for lane in range(self.config.lanes):
-                try:
-                    for group in await self.client.xinfo_groups(self.topo.pool(name, lane)):
-                        if group["name"] == WORKER_GROUP.encode():
-                            # `lag` is reported by Redis 7.0+; on 6.2 only pending is known.
-                            backlog += int(group.get("lag") or 0) + int(group["pending"])
-                except aioredis.ResponseError:
-                    pass  # stream not created yet
+            for groups in (next(replies) for _ in lanes):
+                if isinstance(groups, aioredis.ResponseError):
+                    continue  # stream not created yet
+                for group in groups:
+                    if group["name"] == WORKER_GROUP.encode():
+                        # `lag` is reported by Redis 7.0+; on 6.2 only pending is known.
+                        backlog += int(group.get("lag") or 0) + int(group["pending"])
             workers = in_flight = capacity = 0
             cooling: list[float | None] = []
-            beats = await self.client.hgetall(self.topo.heartbeats(name))  # type: ignore[misc]
+            beats: dict[bytes, bytes] = next(replies)
             for worker, raw in beats.items():
                 beat = msgspec.json.decode(raw)
                 if now - beat["ts"] < 5 * self.settings.heartbeat_s:
@@ -328,8 +335,8 @@ class PolicyWorker:
         Called just before each Prometheus scrape rather than on a timer: between scrapes
         nobody reads them.
         """
-        streams = {self.topo.jobs: POLICY_GROUP, **{self.topo.pool(p, lane): WORKER_GROUP
-                                                    for p in self.config.pools for lane in range(self.config.lanes)}}
+        streams = {self.topo.jobs: POLICY_GROUP,
+                   **{stream: WORKER_GROUP for lanes in self.lanes.values() for stream in lanes}}
         await export_streams(self.client, self.topo.base, streams, self.topo.dead)
 
     def _learn(self, pool: str, worker: bytes, beat: dict[str, Any]) -> None:
