@@ -34,9 +34,13 @@ class TokenStream:
         self.pending.append(text)
         self.ready.set()
 
+    def abort(self) -> None:
+        """Stop writing (the run was cancelled): no end entry; a later attempt starts over."""
+        self.writer.cancel()
+
     async def close(self, status: Status) -> None:
         """Flush what is queued and end the attempt with ``status``."""
-        self.writer.cancel()
+        self.abort()
         await asyncio.gather(self.writer, return_exceptions=True)
         await self._send(TokenChunk(text="".join(self.pending), attempt=self.attempt, end=status))
 

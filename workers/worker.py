@@ -98,6 +98,8 @@ class PoolWorker:
         self.lanes = [Lane(i, self.topo.pool(pool, i), self.topo.errors(pool, i), Claimer(
             self.scripts, self.topo.pool(pool, i), WORKER_GROUP, self.name, idle_ms=settings.claim_idle_ms,
             interval_s=settings.claim_interval_s, error_prefix=self.topo.errors(pool, i))) for i in range(lanes)]
+        self._lane_of = {lane.stream.encode(): lane for lane in self.lanes}
+        """Lanes by stream key, as XREADGROUP names them."""
         self.running: dict[tuple[int, bytes], asyncio.Task[None]] = {}
         """Jobs taken, by (lane, entry id). Rarely one more than ``concurrency`` per lane below the
         first: a blocking read over every lane can wake with one entry from each."""
@@ -216,8 +218,7 @@ class PoolWorker:
         # most, so a wake-up takes no more than a lane's share of a peer's work.
         reply = await self.client.xreadgroup(WORKER_GROUP, self.name, {lane.stream: ">" for lane in self.lanes},
                                              count=1, block=self.settings.block_ms)
-        by_stream = {lane.stream.encode(): lane for lane in self.lanes}
-        return [(by_stream[stream], entry, 1) for stream, entries in reply or [] for entry in entries]
+        return [(self._lane_of[stream], entry, 1) for stream, entries in reply or [] for entry in entries]
 
     @property
     def suspects_waiting(self) -> bool:
@@ -297,7 +298,7 @@ class PoolWorker:
                 await tokens.close("ok")
         except asyncio.CancelledError:
             if tokens is not None:
-                tokens.writer.cancel()
+                tokens.abort()
             raise
         except Exception as exc:  # noqa: BLE001 - a backend bug must not stop the worker
             if tokens is not None:
