@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 
 import uvloop
 
-from bench.peers.loadgen import Report, cpu_seconds, parse_args, ready
+from bench.peers.loadgen import Report, cpu_seconds, next_slice, parse_args, ready
 from broker.client import Client
 from broker.errors import Backpressure, ResultTimeout
 from broker.wire import Job, Result
@@ -34,20 +34,14 @@ def job(run: str, reply: str, i: int) -> Job:
 
 async def paced(n: int, rate: float, chunk: int) -> AsyncIterator[tuple[int, int, float]]:
     """``loadgen.schedule`` for an event loop: the same slices, with sleeps that let the SDK run."""
-    if rate <= 0:
-        for start in range(0, n, chunk):
-            yield start, min(n, start + chunk), 0.0
-        return
-    begin = time.time()
-    i = 0
+    begin, i = time.time(), 0
     while i < n:
-        now = time.time()
-        due_count = min(n, int((now - begin) * rate) + 1)
-        if due_count <= i:
-            await asyncio.sleep(max(0.0, begin + i / rate - now))
+        step = next_slice(i, n, rate, chunk, begin, time.time())
+        if isinstance(step, float):
+            await asyncio.sleep(step)
             continue
-        start, i = i, min(due_count, i + chunk)
-        yield start, i, begin + start / rate
+        yield step
+        i = step[1]
 
 
 async def produce(url: str, run: str, reply: str, n: int, rate: float, chunk: int, out: str) -> None:

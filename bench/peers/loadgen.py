@@ -76,21 +76,25 @@ def schedule(n: int, rate: float, chunk: int) -> Iterator[tuple[int, int, float]
     producer that keeps up submits one job at a time and one that falls behind catches up
     in larger pipelined slices instead of falling further behind.
     """
-    if rate <= 0:
-        for start in range(0, n, chunk):
-            yield start, min(n, start + chunk), 0.0
-        return
-    begin = time.time()
-    i = 0
+    begin, i = time.time(), 0
     while i < n:
-        now = time.time()
-        due_count = min(n, int((now - begin) * rate) + 1)
-        if due_count <= i:
-            time.sleep(max(0.0, begin + i / rate - now))
+        step = next_slice(i, n, rate, chunk, begin, time.time())
+        if isinstance(step, float):
+            time.sleep(step)
             continue
-        stop = min(due_count, i + chunk)
-        yield i, stop, begin + i / rate
-        i = stop
+        yield step
+        i = step[1]
+
+
+def next_slice(i: int, n: int, rate: float, chunk: int, begin: float,
+               now: float) -> tuple[int, int, float] | float:
+    """The slice of :func:`schedule` that starts at job ``i`` at ``now``, or the seconds until it is due."""
+    if rate <= 0:
+        return i, min(n, i + chunk), 0.0
+    due_count = min(n, int((now - begin) * rate) + 1)
+    if due_count <= i:
+        return max(0.0, begin + i / rate - now)
+    return i, min(due_count, i + chunk), begin + i / rate
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
