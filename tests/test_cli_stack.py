@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,16 +30,36 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def test_up_submit_results_and_clean_stop(cli_env: dict[str, str], tmp_path: Path) -> None:
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Poll ``check`` until it is true; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.05)
+
+
+def start_up(cli_env: dict[str, str], tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
+    """``inference-broker up --workers gpu=1``, once it has recorded its Redis URL (the state file)."""
     up = subprocess.Popen([*CLI, "up", "--workers", "gpu=1"], env=cli_env, cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     state = tmp_path / "inference-broker" / "up.url"
+
+    def recorded() -> bool:
+        assert up.poll() is None, up.communicate()
+        return state.exists()
+
     try:
-        deadline = time.monotonic() + 30
-        while not state.exists():
-            assert up.poll() is None, up.communicate()
-            assert time.monotonic() < deadline, "up never recorded its Redis URL"
-            time.sleep(0.05)
+        wait_until(recorded, "up to record its Redis URL")
+    except BaseException:
+        up.kill()
+        up.wait()
+        raise
+    return up, state
+
+
+def test_up_submit_results_and_clean_stop(cli_env: dict[str, str], tmp_path: Path) -> None:
+    up, state = start_up(cli_env, tmp_path)
+    try:
         url = state.read_text()
         # No --redis-url: the commands find the stack that `up` started.
         done = run_cli("submit", "--prompt", "Hello there", "--max-tokens", "5", "--json", env=cli_env)
@@ -80,24 +101,16 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
 def test_a_killed_up_takes_its_redis_and_roles_with_it(cli_env: dict[str, str], tmp_path: Path) -> None:
-    up = subprocess.Popen([*CLI, "up", "--workers", "gpu=1"], env=cli_env, cwd=ROOT,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    state = tmp_path / "inference-broker" / "up.url"
+    up, _state = start_up(cli_env, tmp_path)
     try:
-        deadline = time.monotonic() + 30
         # Up and working: the roles have connected and sent heartbeats.
-        while not (state.exists() and run_cli("health", "--pool", "gpu", env=cli_env).returncode == 0):
-            assert up.poll() is None and time.monotonic() < deadline, "up did not start its stack"
-            time.sleep(0.1)
+        wait_until(lambda: run_cli("health", "--pool", "gpu", env=cli_env).returncode == 0, "the gpu worker")
         children = [int(p) for p in Path(f"/proc/{up.pid}/task/{up.pid}/children").read_text().split()]
         assert len(children) == 4  # redis, the policy, a gpu and an accel worker
     finally:
         up.kill()  # SIGKILL: no handler runs, no clean stop
         up.wait()
-    deadline = time.monotonic() + 30
-    while any(_alive(pid) for pid in children):
-        assert time.monotonic() < deadline, f"orphans still running: {[p for p in children if _alive(p)]}"
-        time.sleep(0.05)
+    wait_until(lambda: not any(_alive(pid) for pid in children), "the orphans to exit")
 
 
 def test_submit_without_a_stack_says_what_to_do(cli_env: dict[str, str]) -> None:
