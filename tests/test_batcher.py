@@ -87,7 +87,7 @@ async def test_a_caller_arriving_during_a_pass_joins_the_next_batch(fn: Doubler,
     first = asyncio.create_task(b.submit([1]))
     assert await asyncio.to_thread(fn.entered.wait, 5)  # the first batch is in the thread, held at the gate
     later = [asyncio.create_task(b.submit([i])) for i in (2, 3, 4)]
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)  # one loop turn: each new task runs to its first await, its items queued
     fn.gate.set()
     await asyncio.gather(first, *later)
     assert fn.batches == [[1], [2, 3, 4]]
@@ -108,7 +108,7 @@ async def test_a_cancelled_callers_items_are_not_run(fn: Doubler, executor: Thre
     assert await asyncio.to_thread(fn.entered.wait, 5)
     gone = asyncio.create_task(b.submit([2]))
     kept = asyncio.create_task(b.submit([3]))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # one loop turn: each new task runs to its first await, its items queued
     gone.cancel()
     fn.gate.set()
     assert (await first)[0] == [2] and (await kept)[0] == [6]
@@ -118,7 +118,7 @@ async def test_a_cancelled_callers_items_are_not_run(fn: Doubler, executor: Thre
 async def test_closing_fails_waiting_callers(fn: Doubler, executor: ThreadPoolExecutor) -> None:
     b = batcher(fn, executor, max_wait_s=10.0)
     waiting = asyncio.create_task(b.submit([1]))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # one loop turn: each new task runs to its first await, its items queued
     await b.aclose()
     with pytest.raises(RuntimeError, match="stopped"):
         await waiting

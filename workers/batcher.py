@@ -145,10 +145,13 @@ class DynamicBatcher(Generic[T, R]):
                     if req.remaining == 0 and not req.future.done():
                         req.future.set_result(finished)
         finally:
-            # Closing (task cancelled) or a bug: nobody may wait forever on a queued request.
-            for req in [*self._queue, *(req for req, _ in self._running)]:
-                if not req.future.done():
-                    req.future.set_exception(RuntimeError("the batcher stopped before running this request"))
+            self._fail_waiting()  # closing (task cancelled) or a bug
+
+    def _fail_waiting(self) -> None:
+        # Nobody may wait forever on a queued request.
+        for req in [*self._queue, *(req for req, _ in self._running)]:
+            if not req.future.done():
+                req.future.set_exception(RuntimeError("the batcher stopped before running this request"))
 
     async def aclose(self) -> None:
         """Stop the loop; callers still waiting get an error."""
@@ -158,3 +161,5 @@ class DynamicBatcher(Generic[T, R]):
                 await self._task
             except asyncio.CancelledError:
                 pass
+        # A loop cancelled before its first step never ran its own cleanup.
+        self._fail_waiting()
