@@ -17,6 +17,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
+from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
@@ -82,39 +83,33 @@ class Client:
     async def submit_many(self, jobs: Iterable[Job], chunk: int = 500) -> list[str]:
         """Submit many jobs, pipelined ``chunk`` at a time; returns their ids in order.
 
-        When the backlog fills up part way, :class:`Backpressure` is raised; its ``accepted``
-        lists the ids that were submitted (not always a prefix of ``jobs``: the backlog may
-        drain while a chunk is in flight).
+        Each chunk goes to Redis as one script call, which adds jobs in order while the
+        ingress backlog is under ``max_backlog``. When it fills up part way,
+        :class:`Backpressure` is raised; its ``accepted`` lists the ids that went in (a
+        prefix of ``jobs``).
         """
         accepted: list[str] = []
-        batch: list[str] = []
-        pipe = self.redis.pipeline(transaction=False)
+        ids: list[str] = []
+        data: list[bytes] = []
 
         async def flush() -> None:
-            replies = await self.scripts.execute(pipe, raise_on_error=False)
-            full: Exception | None = None
-            # Look at every reply: the backlog can drain while a chunk is in flight, so jobs
-            # after a refused one may still have gone in.
-            for job_id, reply in zip(batch, replies, strict=True):
-                if not isinstance(reply, Exception):
-                    accepted.append(job_id)
-                elif "BACKLOG" in str(reply):
-                    full = full or reply
-                else:
-                    raise reply
-            batch.clear()
-            if full is not None:
+            reply: Any = await self.scripts.call("submit", [self.topo.jobs], [self.max_backlog, *data])
+            added, backlog = reply
+            accepted.extend(ids[: len(added)])
+            ids.clear()
+            data.clear()
+            if backlog != -1:  # it found the backlog full: the rest of the chunk did not go in
                 raise Backpressure(
-                    f"the ingress backlog is full ({str(full).split()[-1]} jobs waiting, limit "
-                    f"{self.max_backlog}); retry later, or add policy workers", accepted=accepted)
+                    f"the ingress backlog is full ({backlog} jobs waiting, limit {self.max_backlog}); "
+                    "retry later, or add policy workers", accepted=accepted)
 
         for job in jobs:
-            self.scripts.queue(pipe, "submit", [self.topo.jobs], [self.max_backlog, self._prepare(job)])
+            data.append(self._prepare(job))
             self._waiter(job.reply_to)  # listen before the result can exist
-            batch.append(job.id)
-            if len(batch) >= chunk:
+            ids.append(job.id)
+            if len(ids) >= chunk:
                 await flush()
-        if batch:
+        if ids:
             await flush()
         return accepted
 

@@ -26,7 +26,7 @@ from broker.janitor import Janitor, warn_if_evicting
 from broker.logs import job_context
 from broker.metrics import POOL_WORKERS, RECLAIMED, PolicyMetrics, export_streams
 from broker.reclaim import Claimer
-from broker.scripts import Scripts
+from broker.scripts import CompleteTarget, Completion, Scripts
 from broker.settings import Settings
 from broker.streams import (
     RETRYABLE,
@@ -126,6 +126,18 @@ class PolicyWorker:
         """Prometheus instruments (broker/metrics.py), cached per class and pool."""
         self._outcomes: list[Counter | None] = []
         """The counter each script queued on the batch's pipeline adds to if it did its move."""
+        self._routes: list[object] = []
+        """ROUTE's arguments for the batch's routed entries."""
+        self._routed_to: list[Counter] = []
+        """The routed counter of each of those entries."""
+        self._finished: list[Completion] = []
+        """Results of the batch's jobs that end here (expired, shed), for one COMPLETE."""
+        self._finished_in: list[Counter] = []
+        self._finish_target = CompleteTarget(self.topo.jobs, POLICY_GROUP, "", self.topo,
+                                             settings.result_ttl_s * 1000)
+        self._route_keys = [self.topo.jobs, *(s for lanes in self.lanes.values() for s in lanes)]
+        self._route_key = {stream: i for i, stream in enumerate(self._route_keys, 1) if i > 1}
+        """ROUTE's KEYS (the ingress, then every pool lane) and each lane's index there."""
         self._reclaimed = RECLAIMED.labels("jobs")
         self._pool_workers = {pool: POOL_WORKERS.labels(pool) for pool in config.pools}
 
@@ -182,9 +194,14 @@ class PolicyWorker:
                 pass  # the entry ages out on its own
 
     async def handle(self, entries: list[tuple[Entry, int]], trimmed: Sequence[bytes] = ()) -> None:
-        """Route a batch of ingress entries (with their delivery counts) in one pipeline."""
+        """Route a batch of ingress entries (with their delivery counts) in one pipeline.
+
+        The routed entries go to Redis as one ROUTE call; the few that end here (expired,
+        shed, dead letters) as a script each, in the same round trip.
+        """
         pipe = pipeline(self.client)
         self._outcomes = []
+        self._routes, self._routed_to, self._finished, self._finished_in = [], [], [], []
         now = self.clock()
         for (entry_id, fields), deliveries in entries:
             try:
@@ -199,10 +216,20 @@ class PolicyWorker:
                 self._dead(pipe, entry_id, fields, InvalidJob("internal_error", f"{type(exc).__name__}: {exc}"), now)
         for entry_id in trimmed:
             self._dead(pipe, entry_id, {}, InvalidJob("trimmed", "the entry was deleted while pending"), now)
+        counters: list[Counter | None] = list(self._outcomes)
+        if self._finished:
+            self.scripts.queue(pipe, "complete", *self._finish_target.call(self._finished))
+            counters += self._finished_in
+        if self._routes:
+            self.scripts.queue(pipe, "route", self._route_keys,
+                               [POLICY_GROUP, self.settings.result_ttl_s * 1000, self.topo.base + ":", *self._routes])
+            counters += self._routed_to
         if len(pipe):
-            codes = await self.scripts.execute(pipe)
+            replies = await self.scripts.execute(pipe)
+            singles = len(self._outcomes)
+            codes = [*replies[:singles], *(code for batch in replies[singles:] for code in batch)]  # type: ignore[attr-defined]
             # Counted once Redis did the move: 0 is a duplicate (the job already had an outcome).
-            for counter, code in zip(self._outcomes, codes, strict=True):
+            for counter, code in zip(counters, codes, strict=True):
                 if code == 1 and counter is not None:
                     counter.inc()
 
@@ -224,11 +251,11 @@ class PolicyWorker:
                                slo_hint=job.slo)
         slo, why = classify(features, self.config)  # before the deadline: metrics count expiries per class
         if job.deadline is not None and now > job.deadline:
-            self._finish(pipe, entry_id, job, "expired", "deadline passed before routing", self.metrics.expired(slo))
+            self._finish(entry_id, job, "expired", "deadline passed before routing", self.metrics.expired(slo))
             return
         decision = self.router.decide(features, slo, self.snapshot, self.rng)
         if decision.shed:
-            self._finish(pipe, entry_id, job, "rejected", decision.reason, self.metrics.shed(slo))
+            self._finish(entry_id, job, "rejected", decision.reason, self.metrics.shed(slo))
             return
         if decision.pool is None:
             raise InvalidJob("unknown_model", decision.reason)
@@ -237,12 +264,9 @@ class PolicyWorker:
             pool=decision.pool, slo=slo, reason=f"{why}; {decision.reason}", routed_at=now,
             ttft_target_ms=target.ttft_ms, tpot_target_ms=target.tpot_ms, e2e_target_ms=target.e2e_ms,
             predicted_ttft_ms=decision.predicted_ttft_ms, policy=self.name))
-        self._queue(
-            pipe, "route",
-            [self.topo.jobs, self.lanes[decision.pool][self.lane[slo]], self.topo.routed(job.id),
-             self.topo.done(job.id)],
-            [POLICY_GROUP, entry_id, "", json_encode(routed), self.settings.result_ttl_s * 1000],
-            self.metrics.routed(slo, decision.pool))
+        self._routes += (entry_id, self._route_key[self.lanes[decision.pool][self.lane[slo]]], job.id,
+                         json_encode(routed))
+        self._routed_to.append(self.metrics.routed(slo, decision.pool))
         self._count_routed(decision.pool)
 
     def _count_routed(self, pool: str) -> None:
@@ -253,15 +277,11 @@ class PolicyWorker:
         self.snapshot = msgspec.structs.replace(self.snapshot, pools=pools)
         self.routed += 1
 
-    def _finish(self, pipe: aioredis.client.Pipeline, entry_id: bytes, job: Job, status: str, error: str,
-                counter: Counter) -> None:
+    def _finish(self, entry_id: bytes, job: Job, status: str, error: str, counter: Counter) -> None:
         result = Result(id=job.id, status=status, model=job.model, kind=job.kind,  # type: ignore[arg-type]
                         tenant=job.tenant, error=error)
-        self._queue(
-            pipe, "complete",
-            [self.topo.jobs, self.topo.done(job.id), self.topo.reply(job.reply_to), self.topo.replies],
-            [POLICY_GROUP, entry_id, "", json_encode(result), self.settings.result_ttl_s * 1000, job.reply_to],
-            counter)
+        self._finished.append(Completion(entry_id, job.id, job.reply_to, json_encode(result)))
+        self._finished_in.append(counter)
 
     def _dead(self, pipe: aioredis.client.Pipeline, entry_id: bytes, fields: dict[bytes, bytes],
               exc: InvalidJob, now: float) -> None:

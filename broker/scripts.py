@@ -1,10 +1,12 @@
 """The Lua scripts that move jobs between streams, each in one atomic step.
 
-Every move is one script, so it happens entirely or not at all: no window where a job is
-on two streams, or acked on one and absent from the next. Each move also writes a per-job
-marker with ``SET NX``, which makes it idempotent by job id: a redelivered entry (its
-consumer died after the move, before it learned of the ack) is acked again without a
-second copy downstream. Handled entries are deleted from their stream once acked, since
+Every move runs inside a script, so no other client sees a job on two streams, or acked on
+one and absent from the next. Each move also writes a per-job marker with ``SET NX``, which
+makes it idempotent by job id: a redelivered entry (its consumer died after the move,
+before it learned of the ack) is acked again without a second copy downstream. The hot
+moves (route, complete, submit) take a whole batch of entries per call; a batch cut short
+by an error leaves its unacked entries pending, and their redelivery only acks what had
+moved. Handled entries are deleted from their stream once acked, since
 only the broker's own group reads the ingress and pool streams: their length is their
 backlog, and acked work does not accumulate.
 
@@ -21,10 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
+
+from broker.topology import Topology
 
 # Shared prelude. ARGV[1] group, ARGV[2] entry id, ARGV[3] consumer ('' = not fenced).
 _PRELUDE = """
@@ -39,29 +46,76 @@ local function done_with(stream)
 end
 """
 
-# KEYS: ingress, pool stream, routed marker, done key.  ARGV[4] routed job, ARGV[5] ttl ms.
-ROUTE = _PRELUDE + """
-if redis.call('EXISTS', KEYS[4]) == 1 then done_with(KEYS[1]) return 0 end
-local fresh = redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[5])
-if fresh then redis.call('XADD', KEYS[2], '*', 'routed', ARGV[4]) end
-done_with(KEYS[1])
-if fresh then return 1 end
-return 0
+# Acks and deletes the handled entries ``ids`` of ``stream``: one XACK and one XDEL per 1,000.
+_DONE_ALL = """
+local function done_all(stream, group, ids)
+  for i = 1, #ids, 1000 do
+    local chunk = {unpack(ids, i, math.min(i + 999, #ids))}
+    redis.call('XACK', stream, group, unpack(chunk))
+    redis.call('XDEL', stream, unpack(chunk))
+  end
+end
 """
 
-# KEYS: source stream, done key, reply stream, reply-stream set.
-# ARGV[4] result, ARGV[5] ttl ms, ARGV[6] reply stream name.
-# The done key holds the result: the first writer wins and later ones only ack.
-COMPLETE = _PRELUDE + """
-if not owned(KEYS[1]) then return -1 end
-local fresh = redis.call('SET', KEYS[2], ARGV[4], 'NX', 'PX', ARGV[5])
-if fresh then
-  redis.call('XADD', KEYS[3], '*', 'result', ARGV[4])
-  redis.call('SADD', KEYS[4], ARGV[6])
+# Batch scripts (ROUTE, COMPLETE, SUBMIT) take every entry of a read in one call, so that a
+# job costs Redis a few commands rather than a script invocation of its own (a third of
+# the broker's Redis CPU went to per-job script calls: bench/PROFILE.md). Each entry is
+# still checked and moved on its own, and gets its own code. Per-job keys (markers, done
+# keys, reply streams) are built here from the deployment's key base ``<p>:{<p>}:``; they
+# share the base's hash tag, so the scripts stay in one slot on Redis Cluster.
+
+# KEYS: ingress, then the pool streams.  ARGV: group, ttl ms, key base, then per entry:
+# entry id, the index in KEYS of its pool stream, job id, routed job.
+# A job id routed before (its marker is set) or that already has an outcome is only acked.
+ROUTE = _DONE_ALL + """
+local group, ttl, base = ARGV[1], ARGV[2], ARGV[3]
+local codes, ids = {}, {}
+for i = 4, #ARGV, 4 do
+  local job = ARGV[i + 2]
+  ids[#ids + 1] = ARGV[i]
+  local code = 0
+  if redis.call('EXISTS', base .. 'done:' .. job) == 0
+      and redis.call('SET', base .. 'routed:' .. job, '1', 'NX', 'PX', ttl) then
+    redis.call('XADD', KEYS[tonumber(ARGV[i + 1])], '*', 'routed', ARGV[i + 3])
+    code = 1
+  end
+  codes[#codes + 1] = code
 end
-done_with(KEYS[1])
-if fresh then return 1 end
-return 0
+done_all(KEYS[1], group, ids)
+return codes
+"""
+
+# KEYS: source stream, reply-stream set.  ARGV: group, consumer ('' = not fenced), ttl ms,
+# key base, then per entry: entry id, job id, reply stream name, result.
+# The done key holds the result: the first writer wins and later ones only ack. A fenced
+# entry (pending under another consumer, or no longer pending) is left alone.
+COMPLETE = _DONE_ALL + """
+local function owns(stream, group, id, consumer)
+  if consumer == '' then return true end
+  local p = redis.call('XPENDING', stream, group, id, id, 1)
+  return p[1] ~= nil and p[1][2] == consumer
+end
+local group, consumer, ttl, base = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local codes, ids, told = {}, {}, {}
+for i = 5, #ARGV, 4 do
+  local id, reply, result = ARGV[i], ARGV[i + 2], ARGV[i + 3]
+  local code = -1
+  if owns(KEYS[1], group, id, consumer) then
+    ids[#ids + 1] = id
+    code = 0
+    if redis.call('SET', base .. 'done:' .. ARGV[i + 1], result, 'NX', 'PX', ttl) then
+      redis.call('XADD', base .. reply, '*', 'result', result)
+      if not told[reply] then
+        told[reply] = true
+        redis.call('SADD', KEYS[2], reply)
+      end
+      code = 1
+    end
+  end
+  codes[#codes + 1] = code
+end
+done_all(KEYS[1], group, ids)
+return codes
 """
 
 # KEYS: source stream, dead stream[, done key, reply stream, reply-stream set].
@@ -153,13 +207,19 @@ if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then retu
 return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 """
 
-# KEYS: ingress.  ARGV: max backlog, job bytes.  Refuses work once the backlog is full.
+# KEYS: ingress.  ARGV: max backlog, then jobs. Adds jobs in order while the backlog is
+# under the limit; returns the ids of those added and, if it refused the rest, the backlog
+# it found full (else -1).
 SUBMIT = """
+local limit = tonumber(ARGV[1])
 local backlog = redis.call('XLEN', KEYS[1])
-if backlog >= tonumber(ARGV[1]) then
-  return redis.error_reply('BACKLOG ' .. backlog)
+local ids = {}
+for i = 2, #ARGV do
+  if backlog >= limit then return {ids, backlog} end
+  ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 'job', ARGV[i])
+  backlog = backlog + 1
 end
-return redis.call('XADD', KEYS[1], '*', 'job', ARGV[2])
+return {ids, -1}
 """
 
 # KEYS: dead stream, ingress, done key, routed marker.  ARGV: dead entry id, job.
@@ -215,38 +275,86 @@ class Scripts:
             await self.client.script_load(src)
 
 
+class Completion(NamedTuple):
+    """One job's outcome for COMPLETE: its entry, id, reply stream name and encoded result."""
+
+    entry_id: bytes
+    job_id: str
+    reply: str
+    result: bytes
+
+
+@dataclass(frozen=True)
+class CompleteTarget:
+    """Where COMPLETE acks and publishes: ``stream`` read by ``group``, fenced on ``consumer``
+    (``''``: not fenced), results kept ``ttl_ms`` under ``topo``'s keys."""
+
+    stream: str
+    group: str
+    consumer: str
+    topo: Topology
+    ttl_ms: int
+
+    def call(self, items: Iterable[Completion]) -> tuple[list[str], list[object]]:
+        """KEYS and ARGV of one COMPLETE for ``items``."""
+        args: list[object] = [self.group, self.consumer, self.ttl_ms, self.topo.base + ":"]
+        for item in items:
+            args += item
+        return [self.stream, self.topo.replies], args
+
+
 class ScriptBatcher:
     """Runs the script calls made while a batch is in flight together, in one pipeline.
 
     A worker finishing many jobs at once would otherwise spend a round trip and a pooled
     connection per job. Here the first call starts a flush; calls made meanwhile wait for
-    the next one: one connection, one round trip per batch, however many jobs end. Each
-    script still checks and acts per entry, so batching changes no guarantee. Results (or
-    errors, Redis' own as well as a lost connection) go back to each caller.
+    the next one: one connection, one round trip per batch, however many jobs end. The
+    completions of a batch go to Redis as one COMPLETE per target stream. Each entry is
+    still checked and acted on alone, so batching changes no guarantee. Results (or errors,
+    Redis' own as well as a lost connection) go back to each caller.
     """
 
     def __init__(self, scripts: Scripts) -> None:
         self.scripts = scripts
-        self.waiting: list[tuple[str, list[str], list[object], asyncio.Future[object]]] = []
+        self.waiting: list[tuple[CompleteTarget | None, object, asyncio.Future[Any]]] = []
         self.flusher: asyncio.Task[None] | None = None
         self.batches = 0
 
     async def call(self, name: str, keys: list[str], args: list[object]) -> object:
         """Run script ``name`` with the next batch; its result, or its error raised here."""
-        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        self.waiting.append((name, keys, args, future))
+        return await self._enqueue(None, (name, keys, args))
+
+    async def complete(self, target: CompleteTarget, item: Completion) -> int:
+        """Complete one entry with the next batch: 1 done, 0 duplicate, -1 fenced (see COMPLETE)."""
+        code: int = await self._enqueue(target, item)
+        return code
+
+    def _enqueue(self, target: CompleteTarget | None, what: object) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.waiting.append((target, what, future))
         if self.flusher is None:
             self.flusher = asyncio.create_task(self._flush())
-        return await future
+        return future
 
     async def _flush(self) -> None:
         try:
             while self.waiting:
                 batch, self.waiting = self.waiting, []
+                calls: list[tuple[tuple[str, list[str], list[object]], asyncio.Future[Any]]] = []
+                groups: dict[CompleteTarget, tuple[list[Completion], list[asyncio.Future[Any]]]] = {}
+                for target, what, future in batch:
+                    if target is None:
+                        calls.append((what, future))  # type: ignore[arg-type]
+                    else:
+                        items, futures = groups.setdefault(target, ([], []))
+                        items.append(what)  # type: ignore[arg-type]
+                        futures.append(future)
                 try:
                     async with self.scripts.client.pipeline(transaction=False) as pipe:
-                        for name, keys, args, _ in batch:
+                        for (name, keys, args), _ in calls:
                             self.scripts.queue(pipe, name, keys, args)
+                        for target, (items, _) in groups.items():
+                            self.scripts.queue(pipe, "complete", *target.call(items))
                         results = await self.scripts.execute(pipe, raise_on_error=False)
                 except BaseException as exc:
                     for *_, future in batch:
@@ -256,15 +364,24 @@ class ScriptBatcher:
                         raise  # cancelled: stop flushing; the callers were told
                     continue
                 self.batches += 1
-                for (*_, future), result in zip(batch, results, strict=True):
-                    if not future.done():
-                        if isinstance(result, Exception):
-                            future.set_exception(result)
-                        else:
-                            future.set_result(result)
+                answers = iter(results)
+                for _, future in calls:
+                    _answer(future, next(answers))
+                for _, futures in groups.values():
+                    codes = next(answers)
+                    for i, future in enumerate(futures):
+                        _answer(future, codes if isinstance(codes, Exception) else codes[i])  # type: ignore[index]
         finally:
             self.flusher = None
             for *_, future in self.waiting:  # only if cancelled with calls still waiting
                 if not future.done():
                     future.set_exception(ConnectionError("the script batcher stopped"))
             self.waiting = []
+
+
+def _answer(future: asyncio.Future[Any], result: object) -> None:
+    if not future.done():
+        if isinstance(result, Exception):
+            future.set_exception(result)
+        else:
+            future.set_result(result)

@@ -15,11 +15,13 @@ import uuid
 from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import AuthenticationError, DataError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -44,13 +46,50 @@ def redacted(url: str) -> str:
     return urlunsplit(parts)
 
 
+class _HiredisPacking:
+    """Packs commands with hiredis' C encoder instead of redis-py's Python loop.
+
+    redis-py's synchronous client does this already; its asyncio connections do not, and
+    packing was a sixth of a policy worker's CPU (bench/PROFILE.md): about 5.4 µs per
+    routed job's command against 0.8 µs here.
+    """
+
+    def pack_command(self, *args: object) -> list[bytes]:
+        # As redis-py: a command name with spaces ("XINFO GROUPS") is several arguments.
+        first = args[0]
+        if isinstance(first, str):
+            args = (*first.encode().split(), *args[1:])
+        elif isinstance(first, bytes) and b" " in first:
+            args = (*first.split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]  # type: ignore[arg-type]
+        except TypeError as exc:  # None, bool, a list: what redis-py's encoder refuses too
+            raise DataError(f"{exc} (got {args!r:.200})") from None
+
+
+class _FastConnection(_HiredisPacking, Connection):
+    pass
+
+
+class _FastSSLConnection(_HiredisPacking, SSLConnection):
+    pass
+
+
+class _FastUnixConnection(_HiredisPacking, UnixDomainSocketConnection):
+    pass
+
+
+_FAST: dict[type[AbstractConnection], type[AbstractConnection]] = {
+    Connection: _FastConnection, SSLConnection: _FastSSLConnection, UnixDomainSocketConnection: _FastUnixConnection}
+
+
 def connect(url: str, block_ms: int = 1000) -> aioredis.Redis:
     """A client for ``url`` that retries dropped connections with jittered backoff.
 
     The socket timeout exceeds the longest blocking read, so a quiet ``XREADGROUP BLOCK``
-    is never mistaken for a dead connection.
+    is never mistaken for a dead connection. Commands are packed in C (hiredis).
     """
-    return aioredis.Redis.from_url(
+    client = aioredis.Redis.from_url(
         url,
         socket_timeout=block_ms / 1000 + 10,
         socket_connect_timeout=5,
@@ -59,6 +98,9 @@ def connect(url: str, block_ms: int = 1000) -> aioredis.Redis:
         retry=Retry(ExponentialWithJitterBackoff(cap=2.0, base=0.05), retries=5),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
+    pool = client.connection_pool
+    pool.connection_class = _FAST.get(pool.connection_class, pool.connection_class)
+    return client
 
 
 async def wait_ready(client: aioredis.Redis, url: str, timeout: float = 30.0) -> None:

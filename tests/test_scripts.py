@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 import pytest
 import redis.asyncio as aioredis
 
-from broker.scripts import ScriptBatcher, Scripts
+from broker.scripts import CompleteTarget, Completion, ScriptBatcher, Scripts
 from broker.streams import ensure_group
 from broker.topology import WORKER_GROUP, Topology
 
@@ -21,20 +22,24 @@ async def test_concurrent_calls_share_a_pipeline_and_get_their_own_results(
     await client.xreadgroup(WORKER_GROUP, "w1", {stream: ">"}, count=20)
     batcher = ScriptBatcher(Scripts(client))
 
-    def complete(entry_id: bytes, consumer: str) -> object:
+    def complete(entry_id: bytes, consumer: str) -> Awaitable[int]:
         job = entry_id.decode()
-        return batcher.call("complete", [stream, topo.done(job), topo.reply("results"), topo.replies],
-                            [WORKER_GROUP, entry_id, consumer, b'{"id":"%s"}' % entry_id, 60_000, "results"])
+        target = CompleteTarget(stream, WORKER_GROUP, consumer, topo, 60_000)
+        return batcher.complete(target, Completion(entry_id, job, "results", b'{"id":"%s"}' % entry_id))
 
-    # Half by their owner, half by a consumer that does not own them (fenced: -1).
-    codes = await asyncio.gather(*(complete(e, "w1" if i % 2 == 0 else "intruder") for i, e in enumerate(ids)))
-    assert codes == [1 if i % 2 == 0 else -1 for i in range(20)]
-    assert batcher.batches == 1  # one round trip for all twenty
+    # Half by their owner, half by a consumer that does not own them (fenced: -1); the last
+    # one twice in the same batch (a duplicate: 0, acked once).
+    calls = [complete(e, "w1" if i % 2 == 0 else "intruder") for i, e in enumerate(ids)]
+    codes = await asyncio.gather(*calls, complete(ids[-2], "w1"))
+    assert codes == [1 if i % 2 == 0 else -1 for i in range(20)] + [0]
+    assert batcher.batches == 1  # one round trip for all of them
     assert await client.xlen(topo.reply("results")) == 10
+    assert await client.smembers(topo.replies) == {b"results"}
     assert (await client.xpending(stream, WORKER_GROUP))["pending"] == 10  # the fenced ones stay
+    assert await client.xlen(stream) == 10  # the completed ones are deleted
 
-    # A script error reaches its caller only; the others in the batch still get results.
-    bad = batcher.call("complete", [stream], [WORKER_GROUP])  # too few keys: Redis refuses it
+    # A script error reaches its callers only; the others in the batch still get results.
+    bad = batcher.call("nack", [], [WORKER_GROUP, ids[1], "w1", 0, "", 1000])  # no stream key: Redis refuses it
     good = complete(ids[1], "w1")
     results = await asyncio.gather(bad, good, return_exceptions=True)
     assert isinstance(results[0], aioredis.ResponseError) and results[1] == 1

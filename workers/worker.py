@@ -30,7 +30,8 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
@@ -38,7 +39,7 @@ import redis.asyncio as aioredis
 from broker.logs import job_context
 from broker.metrics import CAPACITY, IN_FLIGHT, RECLAIMED, PoolMetrics
 from broker.reclaim import Claimer
-from broker.scripts import ScriptBatcher, Scripts
+from broker.scripts import CompleteTarget, Completion, ScriptBatcher, Scripts
 from broker.settings import Settings
 from broker.streams import RETRYABLE, Backoff, Entry, consumer_name, ensure_group, every, is_group_lost
 from broker.topology import RESERVED, WORKER_GROUP
@@ -47,6 +48,7 @@ from workers.backend import Backend, BackendError
 from workers.tokens import TokenStream
 
 log = logging.getLogger("inference_broker.worker")
+T = TypeVar("T")
 MAX_OBSERVATIONS = 256
 """Most job timings one heartbeat carries."""
 
@@ -67,6 +69,8 @@ class Lane(msgspec.Struct):
     stream: str
     errors: str
     claimer: Claimer
+    completes: CompleteTarget
+    """Where this worker's COMPLETE calls for the lane go (fenced on its name)."""
     cursor: str = "0-0"
     """Our own pending entries first (a restart under the same name), then ``>``: new ones."""
     suspects_waiting: bool = False
@@ -97,7 +101,9 @@ class PoolWorker:
         """Completion scripts of jobs finishing together go in one pipeline."""
         self.lanes = [Lane(i, self.topo.pool(pool, i), self.topo.errors(pool, i), Claimer(
             self.scripts, self.topo.pool(pool, i), WORKER_GROUP, self.name, idle_ms=settings.claim_idle_ms,
-            interval_s=settings.claim_interval_s, error_prefix=self.topo.errors(pool, i))) for i in range(lanes)]
+            interval_s=settings.claim_interval_s, error_prefix=self.topo.errors(pool, i)),
+            CompleteTarget(self.topo.pool(pool, i), WORKER_GROUP, self.name, self.topo, settings.result_ttl_s * 1000))
+            for i in range(lanes)]
         self._lane_of = {lane.stream.encode(): lane for lane in self.lanes}
         """Lanes by stream key, as XREADGROUP names them."""
         self.running: dict[tuple[int, bytes], asyncio.Task[None]] = {}
@@ -349,20 +355,12 @@ class PoolWorker:
 
     async def _script(self, name: str, keys: list[str], args: list[object]) -> object:
         """Run a completion script (batched), retrying while Redis is unreachable (each is idempotent)."""
-        backoff = Backoff()
-        while True:
-            try:
-                return await self.batcher.call(name, keys, args)
-            except RETRYABLE as exc:
-                log.warning("Redis unreachable while finishing a job (%s); retrying", exc)
-                await backoff.wait()
+        return await _retrying(lambda: self.batcher.call(name, keys, args))
 
     async def _publish(self, lane: Lane, entry_id: bytes, routed: RoutedJob, result: Result) -> bool:
         """Publish ``result`` and ack; True if it is the job's outcome (not a duplicate, not fenced)."""
-        reply = routed.job.reply_to
-        code = await self._script(
-            "complete", [lane.stream, self.topo.done(result.id), self.topo.reply(reply), self.topo.replies],
-            [WORKER_GROUP, entry_id, self.name, json_encode(result), self.settings.result_ttl_s * 1000, reply])
+        item = Completion(entry_id, result.id, routed.job.reply_to, json_encode(result))
+        code = await _retrying(lambda: self.batcher.complete(lane.completes, item))
         if code == -1:
             self.fenced += 1
             log.warning("job %s finished here after a peer took it over; result dropped", result.id,
@@ -439,3 +437,14 @@ class PoolWorker:
         # Only once the beat is written: a failed write keeps the timings for the next one.
         self.beat_seq += 1
         self.observations = []
+
+
+async def _retrying(call: Callable[[], Awaitable[T]]) -> T:
+    """``call()``, retried with backoff while Redis is unreachable (the scripts are idempotent)."""
+    backoff = Backoff()
+    while True:
+        try:
+            return await call()
+        except RETRYABLE as exc:
+            log.warning("Redis unreachable while finishing a job (%s); retrying", exc)
+            await backoff.wait()
