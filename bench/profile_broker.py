@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+import redis
+
 from bench.harness import ROOT, Procs, measure
 from bench.systems import InferenceBroker
 from broker.embedded import EmbeddedRedis
@@ -80,6 +82,22 @@ def render(label: str, role: str, raw: str, top: int, cpu_share: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def redis_commands(commandstats: dict[str, dict[str, float]], jobs: int) -> str:
+    """Redis' own count and time per command over the batch (``INFO commandstats``), per job.
+
+    Commands a script runs are counted on their own as well as in the script's total.
+    """
+    rows = sorted(((name.removeprefix("cmdstat_"), v["calls"], v["usec"]) for name, v in commandstats.items()),
+                  key=lambda r: -r[2])
+    total = sum(usec for name, _, usec in rows if name not in ("evalsha", "eval"))
+    lines = [f"#### redis: {total / jobs:.1f} µs of commands per job ({jobs:,} jobs; scripts' own commands "
+             "counted inside `evalsha` too)", "", "| command | calls per job | µs per call | µs per job |",
+             "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {calls / jobs:.3f} | {usec / max(calls, 1):.2f} | {usec / jobs:.2f} |"
+              for name, calls, usec in rows if calls / jobs >= 0.001]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.profile_broker", description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=15.0, help="sampling window")
@@ -110,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                 stdout=subprocess.DEVNULL, stderr=open(f"{tmp}/{r.label}.spy.log", "wb")))  # noqa: SIM115
                 for r in roles}
             cpu0 = {label: sum(r.cpu().values()) for label, (r, _) in spies.items()}
+            stats = redis.Redis.from_url(url)
+            stats.config_resetstat()
             t0 = time.monotonic()
             result: list[float] = []
             load = threading.Thread(target=lambda: result.append(measure(
@@ -130,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"py-spy wrote nothing for {label}: "
                                      + Path(f"{tmp}/{label}.spy.log").read_text(errors="replace")[-800:])
                 sections.append(render(args.label, label, raw, args.top, (cpu1[label] - cpu0[label]) / window))
+            sections.append(redis_commands(stats.info("commandstats"), n))
         finally:
             procs.stop_all()
             system.stop(procs)

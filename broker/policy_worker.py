@@ -52,9 +52,10 @@ from broker.wire import (
     decode_job,
     json_encode,
 )
-from policies import JobFeatures, PolicyConfig, PoolState, Snapshot, classify
+from policies import Decision, JobFeatures, PolicyConfig, PoolState, Snapshot, classify
 from policies.config import JOB_KINDS as KINDS
 from policies.router import Observation, Router, StaticRouter
+from policies.slo import pool_capacity
 
 log = logging.getLogger("inference_broker.policy")
 _FASTSTREAM_MAGIC = b"\x89BIN\r\n\x1a\n"
@@ -113,8 +114,15 @@ class PolicyWorker:
                    **{stream: (WORKER_GROUP, self.topo.heartbeats(p)) for p in config.pools
                       for stream in self.lanes[p]}}
         self.janitor = Janitor(client, settings, streams)
-        self.snapshot = Snapshot(now=clock())
         self.router = make_router(config)
+        self._reusable = bool(getattr(self.router, "reusable", False))
+        self._decisions: dict[JobFeatures, tuple[str, str, Decision]] = {}
+        """Decisions reused for identical jobs until the snapshot changes (see _decide)."""
+        self._unseen: dict[str, int] = {}
+        """Jobs routed to each pool since the snapshot was taken, not yet counted in it."""
+        self._steps: dict[str, int] = {}
+        """How many of those make a new snapshot."""
+        self._set_snapshot(Snapshot(now=clock()))
         self.lane = {slo: config.lane(slo) for slo in config.classes}
         """The lane of each class in the pool's streams."""
         self.rng = random.Random(self.name)  # seeded per worker: decisions are reproducible from logs
@@ -249,11 +257,10 @@ class PolicyWorker:
         features = JobFeatures(tenant=job.tenant, model=job.model, kind=job.kind,
                                prompt_tokens=job.prompt_tokens(), max_tokens=job.max_tokens,
                                slo_hint=job.slo)
-        slo, why = classify(features, self.config)  # before the deadline: metrics count expiries per class
+        slo, why, decision = self._decide(features)  # before the deadline: metrics count expiries per class
         if job.deadline is not None and now > job.deadline:
             self._finish(entry_id, job, "expired", "deadline passed before routing", self.metrics.expired(slo))
             return
-        decision = self.router.decide(features, slo, self.snapshot, self.rng)
         if decision.shed:
             self._finish(entry_id, job, "rejected", decision.reason, self.metrics.shed(slo))
             return
@@ -271,11 +278,36 @@ class PolicyWorker:
 
     def _count_routed(self, pool: str) -> None:
         # Until the next refresh, count our own routing into the backlog so that one big
-        # batch does not pile onto a pool that looked empty at the last snapshot.
-        state = self.snapshot.pools.get(pool, PoolState())
-        pools = {**self.snapshot.pools, pool: msgspec.structs.replace(state, backlog=state.backlog + 1)}
-        self.snapshot = msgspec.structs.replace(self.snapshot, pools=pools)
+        # batch does not pile onto a pool that looked empty at the last snapshot. The router
+        # sees it in steps of 1/16 of the pool's capacity (each step a new snapshot, and
+        # fresh decisions): deciding anew for every job cost more than the rest of routing.
         self.routed += 1
+        unseen = self._unseen[pool] = self._unseen[pool] + 1
+        if unseen >= self._steps[pool]:
+            state = self.snapshot.pools.get(pool, PoolState())
+            pools = {**self.snapshot.pools, pool: msgspec.structs.replace(state, backlog=state.backlog + unseen)}
+            self._set_snapshot(msgspec.structs.replace(self.snapshot, pools=pools))
+
+    def _set_snapshot(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self._unseen = dict.fromkeys(self.config.pools, 0)
+        self._steps = {pool: max(1, pool_capacity(self.config, pool, snapshot.pools.get(pool, PoolState())) // 16)
+                       for pool in self.config.pools}
+        self._decisions.clear()
+
+    def _decide(self, features: JobFeatures) -> tuple[str, str, Decision]:
+        """Class, classification reason and routing decision; reused for identical jobs while
+        the snapshot and what the router learned stay the same (if the router allows it)."""
+        hit = self._decisions.get(features)
+        if hit is not None:
+            return hit
+        slo, why = classify(features, self.config)
+        decision = self.router.decide(features, slo, self.snapshot, self.rng)
+        if self._reusable:
+            if len(self._decisions) >= 4096:  # many distinct jobs: keep the memory bounded
+                self._decisions.clear()
+            self._decisions[features] = (slo, why, decision)
+        return slo, why, decision
 
     def _finish(self, entry_id: bytes, job: Job, status: str, error: str, counter: Counter) -> None:
         result = Result(id=job.id, status=status, model=job.model, kind=job.kind,  # type: ignore[arg-type]
@@ -347,7 +379,7 @@ class PolicyWorker:
             pools[name] = PoolState(backlog=backlog, workers=workers, in_flight=in_flight, capacity=capacity,
                                     cooling_until=until)
             self._pool_workers[name].set(workers)
-        self.snapshot = Snapshot(now=now, pools=pools)
+        self._set_snapshot(Snapshot(now=now, pools=pools))
 
     async def export_gauges(self) -> None:
         """Set the stream gauges (backlog, pending, oldest pending age, dead letters) from Redis.

@@ -196,6 +196,7 @@ class OracleRouter(SloRouter):
     """
 
     name = "oracle"
+    reusable = False  # its truth is about the one job being decided
 
     def __init__(self, config: PolicyConfig, truth: TruthFn | None = None) -> None:
         super().__init__(config)

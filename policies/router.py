@@ -46,7 +46,12 @@ class Observation(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Router(Protocol):
-    """A routing policy."""
+    """A routing policy.
+
+    A router whose class sets ``reusable = True`` decides from its arguments and what it
+    learned alone (no randomness, no per-call state): the policy worker then reuses its
+    decision for identical jobs until the snapshot or what it learned changes.
+    """
 
     name: str
 
@@ -63,6 +68,7 @@ class StaticRouter:
     """The first policy: class preferences plus backlog (``policies.route.route``)."""
 
     name = "static"
+    reusable = True
 
     def __init__(self, config: PolicyConfig) -> None:
         self.config = config

@@ -91,6 +91,7 @@ class SloRouter:
     """
 
     name = "slo"
+    reusable = True
 
     def __init__(self, config: PolicyConfig, estimator: LatencyEstimator | None = None) -> None:
         self.config = config

@@ -110,6 +110,8 @@ class PoolWorker:
         """Jobs taken, by (lane, entry id). Rarely one more than ``concurrency`` per lane below the
         first: a blocking read over every lane can wake with one entry from each."""
         self.slots = asyncio.Semaphore(concurrency)
+        self._wake = asyncio.Event()
+        """Set when a job ends, and at the stop: the consume loop waits on it while it cannot read."""
         self.observations: list[dict[str, object]] = []
         """Timings of jobs finished since the last heartbeat: what the policy learns from."""
         self.beat_seq = 0
@@ -131,6 +133,8 @@ class PoolWorker:
         for lane in self.lanes:
             await ensure_group(self.client, lane.stream, WORKER_GROUP)
         beat = asyncio.create_task(every(self.settings.heartbeat_s, self.heartbeat, "heartbeat", stop))
+        stopping = asyncio.create_task(stop.wait())
+        stopping.add_done_callback(lambda _t: self._wake.set())
         # Renew three times per idle period (a missed renewal still leaves two chances), and
         # keep renewing after `stop` while running jobs drain: cancelled in _drain.
         self._leases = asyncio.create_task(
@@ -140,6 +144,7 @@ class PoolWorker:
         finally:
             await self._drain()
             beat.cancel()
+            stopping.cancel()
             if self._leases is not None:
                 self._leases.cancel()
             try:
@@ -152,12 +157,11 @@ class PoolWorker:
         while not stop.is_set():
             free = self.concurrency - len(self.running)
             if self.running and (free <= 0 or self.isolated is not None or self.suspects_waiting):
-                # Full; or a suspect runs alone; or we drain so that one can. A stop still counts.
-                stopping = asyncio.ensure_future(stop.wait())
-                try:
-                    await asyncio.wait([*self.running.values(), stopping], return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    stopping.cancel()
+                # Full; or a suspect runs alone; or we drain so that one can: wait for a job to
+                # end (or for the stop). An event rather than asyncio.wait over every running
+                # task, which cost O(concurrency) per finished job.
+                self._wake.clear()
+                await self._wake.wait()
                 continue
             try:
                 free -= await self._claim(free)
@@ -241,6 +245,7 @@ class PoolWorker:
 
     def _finished(self, key: tuple[int, bytes]) -> None:
         self.running.pop(key, None)
+        self._wake.set()
         if self.isolated == key:
             self.isolated = None
 
