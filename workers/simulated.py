@@ -67,7 +67,9 @@ class SimulatedBackend:
         self.in_flight += 1
         try:
             prompt = job.prompt_tokens()
-            await self.sleep(model.ttft(prompt, self.in_flight) / 1000)
+            ttft = model.ttft(prompt, self.in_flight)
+            if ttft > 0:  # an instant device answers without a trip through the event loop
+                await self.sleep(ttft / 1000)
             if self.faults:
                 self._inject(job)
             first = self.clock()
