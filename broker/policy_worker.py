@@ -204,8 +204,8 @@ class PolicyWorker:
     async def handle(self, entries: list[tuple[Entry, int]], trimmed: Sequence[bytes] = ()) -> None:
         """Route a batch of ingress entries (with their delivery counts) in one pipeline.
 
-        The routed entries go to Redis as one ROUTE call; the few that end here (expired,
-        shed, dead letters) as a script each, in the same round trip.
+        The routed entries go to Redis as one ROUTE call, the jobs that end here (expired,
+        shed) as one COMPLETE and each bad entry as a DEAD, all in the same round trip.
         """
         pipe = pipeline(self.client)
         self._outcomes = []
