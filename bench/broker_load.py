@@ -70,15 +70,7 @@ async def produce(url: str, run: str, reply: str, n: int, rate: float, chunk: in
 
 
 def _record(report: Report, result: Result) -> None:
-    now = time.time()
-    if result.status != "ok" or result.timing is None:
-        report.errors += 1
-    else:
-        report.latencies_ms.append((now - result.timing.created_at) * 1000)
-    if not report.count:
-        report.first = now
-    report.count += 1
-    report.last = now
+    report.result(result.timing.created_at if result.status == "ok" and result.timing else None)
 
 
 async def collect(url: str, run: str, reply: str, n: int, timeout: float, via: str, out: str) -> None:

@@ -79,12 +79,7 @@ async def collect(url: str, run: str, n: int, timeout: float, out: str) -> None:
         except Exception:  # noqa: BLE001 - arq raises ResultNotFound until the job is enqueued
             await asyncio.sleep(RESULT_POLL_S)
             continue
-        now = time.time()
-        report.latencies_ms.append((now - value) * 1000)
-        if not report.count:
-            report.first = now
-        report.count += 1
-        report.last = now
+        report.result(value)
         i += 1
     if report.count < n:
         report.note = f"timed out with {report.count} of {n} results"

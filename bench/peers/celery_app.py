@@ -65,15 +65,7 @@ def collect(run: str, n: int, timeout: float, out: str) -> None:
     cpu0 = cpu_seconds()
 
     def seen(_task_id: str, value: object) -> None:
-        now = time.time()
-        if isinstance(value, float):
-            report.latencies_ms.append((now - value) * 1000)
-        else:
-            report.errors += 1
-        if not report.count:
-            report.first = now
-        report.count += 1
-        report.last = now
+        report.result(value if isinstance(value, float) else None)
 
     try:
         results.join_native(timeout=timeout, propagate=False, callback=seen)

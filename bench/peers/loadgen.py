@@ -50,6 +50,18 @@ class Report:
     """Results that reported a failure (collector) or refused submissions (producer)."""
     note: str = ""
 
+    def result(self, submitted_at: float | None) -> None:
+        """Count one result seen now: its latency from ``submitted_at``, or ``None`` for a failure."""
+        now = time.time()
+        if submitted_at is None:
+            self.errors += 1
+        else:
+            self.latencies_ms.append((now - submitted_at) * 1000)
+        if not self.count:
+            self.first = now
+        self.count += 1
+        self.last = now
+
     def write(self, path: str) -> None:
         tmp = f"{path}.tmp"
         with open(tmp, "w") as out:

@@ -70,15 +70,7 @@ async def collect(run: str, n: int, timeout: float, out: str) -> None:
             result = await task.wait_result(check_interval=RESULT_CHECK_S, timeout=left)
         except Exception:  # noqa: BLE001 - TaskiqResultTimeoutError
             break
-        now = time.time()
-        if result.is_err:
-            report.errors += 1
-        else:
-            report.latencies_ms.append((now - result.return_value) * 1000)
-        if not report.count:
-            report.first = now
-        report.count += 1
-        report.last = now
+        report.result(None if result.is_err else result.return_value)
     if report.count < n:
         report.note = f"timed out with {report.count} of {n} results"
     report.cpu_s = cpu_seconds() - cpu0
