@@ -92,7 +92,7 @@ STREAMS: dict[str, Stream] = {
         "Jobs the policy routed to one pool, field `routed`. Each move onto it is one Lua script (dedup marker "
         "+ `XADD` + ack of the ingress entry). Entries are deleted as they are acked.",
         ("routedJob",), {"name": "pool", "lane": "lane"}, ((WORKER_GROUP, "the pool's workers"),),
-        (("policy", "send", "Route a job to the pool (one ROUTE script per job)."),
+        (("policy", "send", "Route jobs to the pool (one ROUTE script per read: dedup marker, `XADD`, ack)."),
          ("worker", "receive", "Run jobs, as many at once as the worker has free slots."))),
     "reply": Stream(
         "results", "Result stream",
@@ -100,7 +100,7 @@ STREAMS: dict[str, Stream] = {
         "names. Read it with `XREAD` or through a consumer group of your own; entries are trimmed once every "
         "group has read them and they are older than `results_retention_s`.",
         ("result",), {"name": "replyTo"}, (),
-        (("worker", "send", "Publish a job's result (one fenced COMPLETE script: done key, `XADD`, ack)."),
+        (("worker", "send", "Publish results (a fenced COMPLETE script per batch: done key, `XADD`, ack, per job)."),
          ("policy", "send", "Publish `failed`, `expired` and `rejected` results of jobs it did not route."),
          ("producer", "receive", "Wait for results (`XREAD BLOCK`, or a consumer group of your own)."))),
     "dead": Stream(
