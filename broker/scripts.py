@@ -33,13 +33,18 @@ from redis.exceptions import NoScriptError
 
 from broker.topology import Topology
 
-# Shared prelude. ARGV[1] group, ARGV[2] entry id, ARGV[3] consumer ('' = not fenced).
-_PRELUDE = """
-local function owned(stream)
-  if ARGV[3] == '' then return true end
-  local p = redis.call('XPENDING', stream, ARGV[1], ARGV[2], ARGV[2], 1)
-  return p[1] ~= nil and p[1][2] == ARGV[3]
+# The fence: whether ``consumer`` holds entry ``id`` ('' = not fenced: always).
+_OWNS = """
+local function owns(stream, group, id, consumer)
+  if consumer == '' then return true end
+  local p = redis.call('XPENDING', stream, group, id, id, 1)
+  return p[1] ~= nil and p[1][2] == consumer
 end
+"""
+
+# Prelude of the single-entry scripts. ARGV[1] group, ARGV[2] entry id, ARGV[3] consumer.
+_PRELUDE = _OWNS + """
+local function owned(stream) return owns(stream, ARGV[1], ARGV[2], ARGV[3]) end
 local function done_with(stream)
   redis.call('XACK', stream, ARGV[1], ARGV[2])
   redis.call('XDEL', stream, ARGV[2])
@@ -89,12 +94,7 @@ return codes
 # key base, then per entry: entry id, job id, reply stream name, result.
 # The done key holds the result: the first writer wins and later ones only ack. A fenced
 # entry (pending under another consumer, or no longer pending) is left alone.
-COMPLETE = _DONE_ALL + """
-local function owns(stream, group, id, consumer)
-  if consumer == '' then return true end
-  local p = redis.call('XPENDING', stream, group, id, id, 1)
-  return p[1] ~= nil and p[1][2] == consumer
-end
+COMPLETE = _OWNS + _DONE_ALL + """
 local group, consumer, ttl, base = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local codes, ids, told = {}, {}, {}
 for i = 5, #ARGV, 4 do
@@ -316,48 +316,50 @@ class ScriptBatcher:
 
     def __init__(self, scripts: Scripts) -> None:
         self.scripts = scripts
-        self.waiting: list[tuple[CompleteTarget | None, object, asyncio.Future[Any]]] = []
+        self.calls: list[tuple[str, list[str], list[object], asyncio.Future[Any]]] = []
+        self.completions: list[tuple[CompleteTarget, Completion, asyncio.Future[Any]]] = []
         self.flusher: asyncio.Task[None] | None = None
         self.batches = 0
 
     async def call(self, name: str, keys: list[str], args: list[object]) -> object:
         """Run script ``name`` with the next batch; its result, or its error raised here."""
-        return await self._enqueue(None, (name, keys, args))
+        future = self._future()
+        self.calls.append((name, keys, args, future))
+        return await future
 
     async def complete(self, target: CompleteTarget, item: Completion) -> int:
         """Complete one entry with the next batch: 1 done, 0 duplicate, -1 fenced (see COMPLETE)."""
-        code: int = await self._enqueue(target, item)
+        future = self._future()
+        self.completions.append((target, item, future))
+        code: int = await future
         return code
 
-    def _enqueue(self, target: CompleteTarget | None, what: object) -> asyncio.Future[Any]:
+    def _future(self) -> asyncio.Future[Any]:
+        """A future for a call the caller queues now; the next flush answers it."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.waiting.append((target, what, future))
         if self.flusher is None:
             self.flusher = asyncio.create_task(self._flush())
         return future
 
     async def _flush(self) -> None:
         try:
-            while self.waiting:
-                batch, self.waiting = self.waiting, []
-                calls: list[tuple[tuple[str, list[str], list[object]], asyncio.Future[Any]]] = []
+            while self.calls or self.completions:
+                calls, self.calls = self.calls, []
+                completions, self.completions = self.completions, []
                 groups: dict[CompleteTarget, tuple[list[Completion], list[asyncio.Future[Any]]]] = {}
-                for target, what, future in batch:
-                    if target is None:
-                        calls.append((what, future))  # type: ignore[arg-type]
-                    else:
-                        items, futures = groups.setdefault(target, ([], []))
-                        items.append(what)  # type: ignore[arg-type]
-                        futures.append(future)
+                for target, item, future in completions:
+                    items, futures = groups.setdefault(target, ([], []))
+                    items.append(item)
+                    futures.append(future)
                 try:
                     async with self.scripts.client.pipeline(transaction=False) as pipe:
-                        for (name, keys, args), _ in calls:
+                        for name, keys, args, _ in calls:
                             self.scripts.queue(pipe, name, keys, args)
                         for target, (items, _) in groups.items():
                             self.scripts.queue(pipe, "complete", *target.call(items))
                         results = await self.scripts.execute(pipe, raise_on_error=False)
                 except BaseException as exc:
-                    for *_, future in batch:
+                    for future in _futures(calls, completions):
                         if not future.done():
                             future.set_exception(exc if isinstance(exc, Exception) else ConnectionError(str(exc)))
                     if not isinstance(exc, Exception):
@@ -365,7 +367,7 @@ class ScriptBatcher:
                     continue
                 self.batches += 1
                 answers = iter(results)
-                for _, future in calls:
+                for *_, future in calls:
                     _answer(future, next(answers))
                 for _, futures in groups.values():
                     codes = next(answers)
@@ -373,10 +375,16 @@ class ScriptBatcher:
                         _answer(future, codes if isinstance(codes, Exception) else codes[i])  # type: ignore[index]
         finally:
             self.flusher = None
-            for *_, future in self.waiting:  # only if cancelled with calls still waiting
+            # Only if cancelled with calls still waiting.
+            for future in _futures(self.calls, self.completions):
                 if not future.done():
                     future.set_exception(ConnectionError("the script batcher stopped"))
-            self.waiting = []
+            self.calls, self.completions = [], []
+
+
+def _futures(calls: list[tuple[str, list[str], list[object], asyncio.Future[Any]]],
+             completions: list[tuple[CompleteTarget, Completion, asyncio.Future[Any]]]) -> list[asyncio.Future[Any]]:
+    return [call[-1] for call in calls] + [completion[-1] for completion in completions]
 
 
 def _answer(future: asyncio.Future[Any], result: object) -> None:

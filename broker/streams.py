@@ -64,7 +64,8 @@ class _HiredisPacking:
         try:
             return [hiredis.pack_command(args)]  # type: ignore[arg-type]
         except TypeError as exc:  # None, bool, a list: what redis-py's encoder refuses too
-            raise DataError(f"{exc} (got {args!r:.200})") from None
+            # Not the arguments themselves: they may hold a job's payload or a password.
+            raise DataError(f"cannot send {args[0]!r} to Redis: {exc}") from None
 
 
 class _FastConnection(_HiredisPacking, Connection):
