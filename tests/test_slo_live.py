@@ -13,7 +13,9 @@ from broker.client import Client
 from broker.config import default_config_text, load_config
 from broker.policy_worker import PolicyWorker
 from broker.settings import Settings
+from broker.topology import POLICY_GROUP
 from broker.wire import ChatMessage, Job
+from policies import PoolState
 from tests.conftest import FAST_ENV, Roles
 
 SLO_CONFIG = default_config_text() + '''
@@ -67,3 +69,33 @@ async def test_the_policy_sees_a_pool_cooling_only_while_every_live_worker_is(
     await policy.refresh()
     assert policy.snapshot.pools["accel"].cooling_until == pytest.approx(now + 3)  # the first back
     assert policy.snapshot.pools["accel"].cooling(now + 1) and not policy.snapshot.pools["accel"].cooling(now + 4)
+
+
+@pytest.mark.parametrize("router", ["slo", "round_robin"])
+async def test_identical_jobs_reuse_a_decision_until_the_policys_own_routing_fills_a_step(
+        router: str, redis_url: str, prefix: str, client: aioredis.Redis, tmp_path: Path) -> None:
+    config = tmp_path / "policy.toml"
+    config.write_text(default_config_text() + f'\n[routing]\npolicy = "{router}"\n')
+    settings = Settings(redis_url=redis_url, prefix=prefix)
+    policy = PolicyWorker(client, settings, load_config(config))
+    await policy.setup()
+    seen: list[int] = []  # the gpu backlog each real decision saw
+    decide = policy.router.decide
+    policy.router.decide = lambda job, slo, snap, rng: seen.append(snap.pools.get("gpu", PoolState()).backlog) or \
+        decide(job, slo, snap, rng)  # type: ignore[method-assign]
+    n = 40
+    async with Client(redis_url, prefix=prefix) as sdk:
+        await sdk.submit_many([Job(id=f"same-{i}", model="llama-3.1-8b", kind="completion", prompt="hi",
+                                   max_tokens=16) for i in range(n)])
+    reply = await client.xreadgroup(POLICY_GROUP, policy.name, {settings.topology.jobs: ">"}, count=n)
+    await policy.handle([(entry, 1) for entry in reply[0][1]])
+
+    routed = sum([await client.xlen(s) for lanes in policy.lanes.values() for s in lanes])
+    assert routed == n
+    if router == "slo":
+        # No live worker: every job waits on the default pool, gpu (concurrency 64: steps of 4).
+        step = 64 // 16
+        assert seen == list(range(0, n, step))  # decided anew once per step, seeing the jobs routed before
+        assert policy.snapshot.pools["gpu"].backlog == n
+    else:
+        assert len(seen) == n  # round robin keeps state per call: never reused
