@@ -144,7 +144,7 @@ class PolicyWorker:
         self._finish_target = CompleteTarget(self.topo.jobs, POLICY_GROUP, "", self.topo,
                                              settings.result_ttl_s * 1000)
         self._route_keys = [self.topo.jobs, *(s for lanes in self.lanes.values() for s in lanes)]
-        self._route_key = {stream: i for i, stream in enumerate(self._route_keys, 1) if i > 1}
+        self._route_key = {stream: i for i, stream in enumerate(self._route_keys[1:], 2)}
         """ROUTE's KEYS (the ingress, then every pool lane) and each lane's index there."""
         self._reclaimed = RECLAIMED.labels("jobs")
         self._pool_workers = {pool: POOL_WORKERS.labels(pool) for pool in config.pools}
