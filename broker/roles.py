@@ -8,6 +8,7 @@ point, and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -34,12 +35,27 @@ def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
             loop.add_signal_handler(sig, stop.set)
         await main(stop)
 
+    steady_gc()
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
         asyncio.run(wrapper())
     else:
         uvloop.run(wrapper())
+
+
+def steady_gc() -> None:
+    """Keep the cyclic garbage collector off the hot path of a long-running role.
+
+    Everything loaded at startup (modules, config) is moved out of the collector's reach,
+    and young collections run every 10,000 net allocations instead of 700. Per-job objects
+    are freed by reference counting; with the defaults, the collector still ran about 50
+    times a second under load, re-scanning the startup heap, and took a fifth of a pool
+    worker's CPU (bench/PROFILE.md, round 3).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
 
 
 async def serve_policy(settings: Settings, stop: asyncio.Event, name: str | None = None) -> None:
