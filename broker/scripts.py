@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
@@ -32,6 +34,8 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
 from broker.topology import Topology
+
+log = logging.getLogger("inference_broker.scripts")
 
 # The fence: whether ``consumer`` holds entry ``id`` ('' = not fenced: always).
 _OWNS = """
@@ -303,6 +307,10 @@ class CompleteTarget:
         return [self.stream, self.topo.replies], args
 
 
+Answer = Callable[[Any], None]
+"""Gets a script's result, or its error as an exception object."""
+
+
 class ScriptBatcher:
     """Runs the script calls made while a batch is in flight together, in one pipeline.
 
@@ -316,41 +324,47 @@ class ScriptBatcher:
 
     def __init__(self, scripts: Scripts) -> None:
         self.scripts = scripts
-        self.calls: list[tuple[str, list[str], list[object], asyncio.Future[Any]]] = []
-        self.completions: list[tuple[CompleteTarget, Completion, asyncio.Future[Any]]] = []
+        self.calls: list[tuple[str, list[str], list[object], Answer]] = []
+        self.completions: list[tuple[CompleteTarget, Completion, Answer]] = []
         self.flusher: asyncio.Task[None] | None = None
         self.batches = 0
 
     async def call(self, name: str, keys: list[str], args: list[object]) -> object:
         """Run script ``name`` with the next batch; its result, or its error raised here."""
-        future = self._future()
-        self.calls.append((name, keys, args, future))
+        future = asyncio.get_running_loop().create_future()
+        self.calls.append((name, keys, args, partial(_settle, future)))
+        self._flush_soon()
         return await future
 
     async def complete(self, target: CompleteTarget, item: Completion) -> int:
         """Complete one entry with the next batch: 1 done, 0 duplicate, -1 fenced (see COMPLETE)."""
-        future = self._future()
-        self.completions.append((target, item, future))
+        future = asyncio.get_running_loop().create_future()
+        self.complete_then(target, item, partial(_settle, future))
         code: int = await future
         return code
 
-    def _future(self) -> asyncio.Future[Any]:
-        """A future for a call the caller queues now; the next flush answers it."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    def complete_then(self, target: CompleteTarget, item: Completion, answer: Answer) -> None:
+        """Queue one entry for the next COMPLETE of ``target``; ``answer`` gets its code or error.
+
+        For callers with many entries in flight: no future and no task switch per entry.
+        """
+        self.completions.append((target, item, answer))
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
         if self.flusher is None:
             self.flusher = asyncio.create_task(self._flush())
-        return future
 
     async def _flush(self) -> None:
         try:
             while self.calls or self.completions:
                 calls, self.calls = self.calls, []
                 completions, self.completions = self.completions, []
-                groups: dict[CompleteTarget, tuple[list[Completion], list[asyncio.Future[Any]]]] = {}
-                for target, item, future in completions:
-                    items, futures = groups.setdefault(target, ([], []))
+                groups: dict[CompleteTarget, tuple[list[Completion], list[Answer]]] = {}
+                for target, item, answer in completions:
+                    items, answers = groups.setdefault(target, ([], []))
                     items.append(item)
-                    futures.append(future)
+                    answers.append(answer)
                 try:
                     async with self.scripts.client.pipeline(transaction=False) as pipe:
                         for name, keys, args, _ in calls:
@@ -359,35 +373,42 @@ class ScriptBatcher:
                             self.scripts.queue(pipe, "complete", *target.call(items))
                         results = await self.scripts.execute(pipe, raise_on_error=False)
                 except BaseException as exc:
-                    for future in _futures(calls, completions):
-                        if not future.done():
-                            future.set_exception(exc if isinstance(exc, Exception) else ConnectionError(str(exc)))
+                    error = exc if isinstance(exc, Exception) else ConnectionError(str(exc))
+                    for answer in _answers(calls, completions):
+                        _tell(answer, error)
                     if not isinstance(exc, Exception):
                         raise  # cancelled: stop flushing; the callers were told
                     continue
                 self.batches += 1
-                answers = iter(results)
-                for *_, future in calls:
-                    _answer(future, next(answers))
-                for _, futures in groups.values():
-                    codes = next(answers)
-                    for i, future in enumerate(futures):
-                        _answer(future, codes if isinstance(codes, Exception) else codes[i])  # type: ignore[index]
+                replies = iter(results)
+                for *_, answer in calls:
+                    _tell(answer, next(replies))
+                for _, answers in groups.values():
+                    codes = next(replies)
+                    for i, answer in enumerate(answers):
+                        _tell(answer, codes if isinstance(codes, Exception) else codes[i])  # type: ignore[index]
         finally:
             self.flusher = None
             # Only if cancelled with calls still waiting.
-            for future in _futures(self.calls, self.completions):
-                if not future.done():
-                    future.set_exception(ConnectionError("the script batcher stopped"))
+            for answer in _answers(self.calls, self.completions):
+                _tell(answer, ConnectionError("the script batcher stopped"))
             self.calls, self.completions = [], []
 
 
-def _futures(calls: list[tuple[str, list[str], list[object], asyncio.Future[Any]]],
-             completions: list[tuple[CompleteTarget, Completion, asyncio.Future[Any]]]) -> list[asyncio.Future[Any]]:
+def _answers(calls: list[tuple[str, list[str], list[object], Answer]],
+             completions: list[tuple[CompleteTarget, Completion, Answer]]) -> list[Answer]:
     return [call[-1] for call in calls] + [completion[-1] for completion in completions]
 
 
-def _answer(future: asyncio.Future[Any], result: object) -> None:
+def _tell(answer: Answer, result: object) -> None:
+    """Give ``answer`` its result; a failing answer is logged and does not stop the others."""
+    try:
+        answer(result)
+    except Exception:  # noqa: BLE001 - one caller's bug must not cost the batch its answers
+        log.exception("a script result's handler failed")
+
+
+def _settle(future: asyncio.Future[Any], result: object) -> None:
     if not future.done():
         if isinstance(result, Exception):
             future.set_exception(result)

@@ -158,9 +158,13 @@ class Backoff:
         self.cap = cap
         self.failures = 0
 
-    async def wait(self) -> None:
+    def delay(self) -> float:
+        """Seconds to wait before the next try (counts a failure)."""
         self.failures += 1
-        await asyncio.sleep(random.uniform(0, min(self.cap, self.base * 2**self.failures)))
+        return random.uniform(0, min(self.cap, self.base * 2**self.failures))
+
+    async def wait(self) -> None:
+        await asyncio.sleep(self.delay())
 
     def reset(self) -> None:
         self.failures = 0

@@ -27,10 +27,12 @@ Reliability, in the order a job meets it:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TypeVar
 
 import msgspec
@@ -43,7 +45,18 @@ from broker.scripts import CompleteTarget, Completion, ScriptBatcher, Scripts
 from broker.settings import Settings
 from broker.streams import RETRYABLE, Backoff, Entry, consumer_name, ensure_group, every, is_group_lost
 from broker.topology import RESERVED, WORKER_GROUP
-from broker.wire import DECODE_ERRORS, DeadLetter, Metrics, Result, RoutedJob, Timing, Usage, decode_routed, json_encode
+from broker.wire import (
+    DECODE_ERRORS,
+    DeadLetter,
+    Job,
+    Metrics,
+    Result,
+    RoutedJob,
+    Timing,
+    Usage,
+    decode_routed,
+    json_encode,
+)
 from workers.backend import Backend, BackendError
 from workers.tokens import TokenStream
 
@@ -107,11 +120,18 @@ class PoolWorker:
         self._lane_of = {lane.stream.encode(): lane for lane in self.lanes}
         """Lanes by stream key, as XREADGROUP names them."""
         self.running: dict[tuple[int, bytes], asyncio.Task[None]] = {}
-        """Jobs taken, by (lane, entry id). Rarely one more than ``concurrency`` per lane below the
-        first: a blocking read over every lane can wake with one entry from each."""
-        self.slots = asyncio.Semaphore(concurrency)
+        """Jobs taken, by (lane, entry id), until their outcome is in Redis. Rarely one more than
+        ``concurrency`` per lane below the first: a blocking read over every lane can wake with
+        one entry from each."""
+        self._publishing: set[tuple[int, bytes]] = set()
+        """Those whose run is over and whose result is on its way to Redis (see _publish)."""
+        self._backoffs: dict[tuple[int, bytes], Backoff] = {}
+        """Backoff of each result being sent again while Redis is unreachable."""
+        self.busy = 0
+        """Jobs on the backend now: at most ``concurrency``."""
         self._wake = asyncio.Event()
-        """Set when a job ends, and at the stop: the consume loop waits on it while it cannot read."""
+        """Set when a job ends or leaves the backend, and at the stop: the consume loop (and a job
+        over the concurrency) waits on it."""
         self.observations: list[dict[str, object]] = []
         """Timings of jobs finished since the last heartbeat: what the policy learns from."""
         self.beat_seq = 0
@@ -241,9 +261,14 @@ class PoolWorker:
             return  # already running here, or deleted while pending
         task = asyncio.create_task(self._handle(lane, entry, deliveries, self.clock()))
         self.running[key] = task
-        task.add_done_callback(lambda _t: self._finished(key))
+        task.add_done_callback(lambda _t: self._ended(key))
+
+    def _ended(self, key: tuple[int, bytes]) -> None:
+        if key not in self._publishing:  # else the answer to its result frees the slot
+            self._finished(key)
 
     def _finished(self, key: tuple[int, bytes]) -> None:
+        """The job's run is over and its outcome in Redis (or it was given up): free its slot."""
         self.running.pop(key, None)
         self._wake.set()
         if self.isolated == key:
@@ -253,15 +278,23 @@ class PoolWorker:
         if not self.running:
             return
         log.info("stopping: waiting up to %.0f s for %d running jobs", self.settings.grace_s, len(self.running))
-        _done, pending = await asyncio.wait(list(self.running.values()), timeout=self.settings.grace_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.grace_s
+        while self.running and loop.time() < deadline:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), deadline - loop.time())
         # Stop renewing first: a renewal landing after a give-back would undo it.
         if self._leases is not None:
             self._leases.cancel()
             await asyncio.gather(self._leases, return_exceptions=True)
-        leftover = [key for key, task in self.running.items() if task in pending]
-        for task in pending:
+        # Runs still going are given back; a finished job whose result is still on its way
+        # (Redis unreachable) stays pending for a peer to take over.
+        pending = {key: task for key, task in self.running.items() if not task.done()}
+        for task in pending.values():
             task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*pending.values(), return_exceptions=True)
+        leftover = list(pending)
         for index, entry_id in leftover:
             # Give it back now: a peer claims it on its next pass rather than after the idle time.
             await self._nack(self.lanes[index], entry_id, None, "", delay_ms=0)
@@ -292,19 +325,26 @@ class PoolWorker:
                              deliveries=deliveries - 1)
             return
         if job.deadline is not None and self.clock() > job.deadline:
-            if await self._publish(lane, entry_id, routed, Result(
-                    id=job.id, status="expired", model=job.model, kind=job.kind, tenant=job.tenant,
-                    slo=route.slo, pool=self.pool, worker=self.name, error="deadline passed before start")):
-                self.metrics.of(route.slo).expired.inc()
+            self._publish(lane, entry_id, routed, Result(
+                id=job.id, status="expired", model=job.model, kind=job.kind, tenant=job.tenant,
+                slo=route.slo, pool=self.pool, worker=self.name, error="deadline passed before start"),
+                self.metrics.of(route.slo).expired.inc)
             return
         tokens = None
         if job.stream and job.kind != "embedding":
             tokens = TokenStream(self.client, self.topo.tokens(job.id), deliveries, self.settings.result_ttl_s * 1000)
         try:
-            async with self.slots:
+            while self.busy >= self.concurrency:
+                self._wake.clear()
+                await self._wake.wait()
+            self.busy += 1
+            try:
                 started = self.clock()
                 concurrency = min(len(self.running), self.concurrency)
                 out = await self.backend.run(job, on_token=tokens.put if tokens else None)
+            finally:
+                self.busy -= 1
+                self._wake.set()
             if tokens is not None:
                 await tokens.close("ok")
         except asyncio.CancelledError:
@@ -319,10 +359,10 @@ class PoolWorker:
                               extra=job_context(job))
                 exc = BackendError(f"{type(exc).__name__}: {exc}", retryable=True)
             if exc.expired:
-                if await self._publish(lane, entry_id, routed, Result(
-                        id=job.id, status="expired", model=job.model, kind=job.kind, tenant=job.tenant,
-                        slo=route.slo, pool=self.pool, worker=self.name, error=f"{type(exc).__name__}: {exc}")):
-                    self.metrics.of(route.slo).expired.inc()
+                self._publish(lane, entry_id, routed, Result(
+                    id=job.id, status="expired", model=job.model, kind=job.kind, tenant=job.tenant,
+                    slo=route.slo, pool=self.pool, worker=self.name, error=f"{type(exc).__name__}: {exc}"),
+                    self.metrics.of(route.slo).expired.inc)
                 return
             self.metrics.of(route.slo).failed.inc()
             if exc.retryable and deliveries < self.settings.max_deliveries:
@@ -349,10 +389,9 @@ class PoolWorker:
             usage=Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens),
             timing=timing, metrics=metrics, route_reason=route.reason,
             slo_met=slo_met(route.ttft_target_ms, route.tpot_target_ms, route.e2e_target_ms, metrics))
-        if await self._publish(lane, entry_id, routed, result):
-            self.metrics.of(route.slo).complete(
-                metrics.queue_time_ms, metrics.time_to_first_token_ms, metrics.time_per_output_token_ms,
-                metrics.e2e_latency_ms, result.slo_met)
+        self._publish(lane, entry_id, routed, result, lambda: self.metrics.of(route.slo).complete(
+            metrics.queue_time_ms, metrics.time_to_first_token_ms, metrics.time_per_output_token_ms,
+            metrics.e2e_latency_ms, result.slo_met))
 
     def _backoff_ms(self, deliveries: int) -> int:
         base = self.settings.retry_backoff_ms * 2 ** (deliveries - 1)
@@ -362,17 +401,46 @@ class PoolWorker:
         """Run a completion script (batched), retrying while Redis is unreachable (each is idempotent)."""
         return await _retrying(lambda: self.batcher.call(name, keys, args))
 
-    async def _publish(self, lane: Lane, entry_id: bytes, routed: RoutedJob, result: Result) -> bool:
-        """Publish ``result`` and ack; True if it is the job's outcome (not a duplicate, not fenced)."""
+    def _publish(self, lane: Lane, entry_id: bytes, routed: RoutedJob, result: Result,
+                 counted: Callable[[], object]) -> None:
+        """Queue ``result`` and the ack for the next COMPLETE; ``counted()`` runs if it becomes the
+        job's outcome (not a duplicate, not fenced).
+
+        Nothing waits for Redis here: the job's run ends now, and its slot frees when Redis has
+        answered (see _finished). A task switch per job to wait for the answer was a tenth of
+        a worker's CPU with an instant backend.
+        """
+        key = (lane.index, entry_id)
         item = Completion(entry_id, result.id, routed.job.reply_to, json_encode(result))
-        code = await _retrying(lambda: self.batcher.complete(lane.completes, item))
-        if code == -1:
+        self._publishing.add(key)
+        self.batcher.complete_then(lane.completes, item, partial(self._published, lane, item, routed.job, counted))
+
+    def _published(self, lane: Lane, item: Completion, job: Job, counted: Callable[[], object],
+                   code: object) -> None:
+        """Redis' answer to a job's COMPLETE: free the job's slot, count and log its outcome."""
+        key = (lane.index, item.entry_id)
+        if isinstance(code, RETRYABLE):  # the script is idempotent: send it again, later
+            backoff = self._backoffs.setdefault(key, Backoff())
+            log.warning("Redis unreachable while finishing job %s (%s); retrying", job.id, code)
+            asyncio.get_running_loop().call_later(backoff.delay(), self.batcher.complete_then, lane.completes,
+                                                  item, partial(self._published, lane, item, job, counted))
+            return
+        self._backoffs.pop(key, None)
+        self._publishing.discard(key)
+        task = self.running.get(key)
+        if task is None or task.done():
+            self._finished(key)
+        if isinstance(code, Exception):
+            log.error("could not finish job %s: %s; it stays pending and a worker takes it over",
+                      job.id, code, extra=job_context(job))
+        elif code == -1:
             self.fenced += 1
-            log.warning("job %s finished here after a peer took it over; result dropped", result.id,
-                        extra=job_context(routed.job))
-            return False
-        self.completed += 1
-        return code == 1
+            log.warning("job %s finished here after a peer took it over; result dropped", job.id,
+                        extra=job_context(job))
+        else:
+            self.completed += 1
+            if code == 1:
+                counted()
 
     async def _nack(self, lane: Lane, entry_id: bytes, routed: RoutedJob | None, error: str, *,
                     delay_ms: int) -> None:
