@@ -142,7 +142,7 @@ class PolicyWorker:
         """Results of the batch's jobs that end here (expired, shed), for one COMPLETE."""
         self._finished_in: list[Counter] = []
         self._finish_target = CompleteTarget(self.topo.jobs, POLICY_GROUP, "", self.topo,
-                                             settings.result_ttl_s * 1000)
+                                             settings.result_ttl_s * 1000, mark=True)
         self._route_keys = [self.topo.jobs, *(s for lanes in self.lanes.values() for s in lanes)]
         self._route_key = {stream: i for i, stream in enumerate(self._route_keys[1:], 2)}
         """ROUTE's KEYS (the ingress, then every pool lane) and each lane's index there."""
@@ -334,7 +334,8 @@ class PolicyWorker:
         if job is not None:
             result = Result(id=job.id, status="failed", model=job.model, kind=job.kind,  # type: ignore[arg-type]
                             tenant=job.tenant, error=f"{exc.reason}: {exc}")
-            keys += [self.topo.done(job.id), self.topo.reply(job.reply_to), self.topo.replies]
+            keys += [self.topo.done(job.id), self.topo.reply(job.reply_to), self.topo.replies,
+                     self.topo.routed(job.id)]
             args += [json_encode(result), self.settings.result_ttl_s * 1000, job.reply_to]
         self._queue(pipe, "dead", keys, args, self.metrics.dead(None, exc.reason))
         self.dead += 1

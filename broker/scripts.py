@@ -75,7 +75,11 @@ end
 
 # KEYS: ingress, then the pool streams.  ARGV: group, ttl ms, key base, then per entry:
 # entry id, the index in KEYS of its pool stream, job id, routed job.
-# A job id routed before (its marker is set) or that already has an outcome is only acked.
+# A job id whose marker is set (routed before, or ended at the policy: COMPLETE and DEAD
+# set it there too) is only acked. The marker alone is checked, not the done key as well:
+# that was a seventh of Redis' work per job. (A marker expires before its job's done key,
+# by the job's time in the system; a duplicate submitted in between runs again, and its
+# COMPLETE finds the done key: acked, no second result.)
 ROUTE = _DONE_ALL + """
 local group, ttl, base = ARGV[1], ARGV[2], ARGV[3]
 local codes, ids = {}, {}
@@ -83,8 +87,7 @@ for i = 4, #ARGV, 4 do
   local job = ARGV[i + 2]
   ids[#ids + 1] = ARGV[i]
   local code = 0
-  if redis.call('EXISTS', base .. 'done:' .. job) == 0
-      and redis.call('SET', base .. 'routed:' .. job, '1', 'NX', 'PX', ttl) then
+  if redis.call('SET', base .. 'routed:' .. job, '1', 'NX', 'PX', ttl) then
     redis.call('XADD', KEYS[tonumber(ARGV[i + 1])], '*', 'routed', ARGV[i + 3])
     code = 1
   end
@@ -95,19 +98,21 @@ return codes
 """
 
 # KEYS: source stream, reply-stream set.  ARGV: group, consumer ('' = not fenced), ttl ms,
-# key base, then per entry: entry id, job id, reply stream name, result.
+# key base, mark ('1': also set the job's routed marker, for outcomes at the policy), then
+# per entry: entry id, job id, reply stream name, result.
 # The done key holds the result: the first writer wins and later ones only ack. A fenced
 # entry (pending under another consumer, or no longer pending) is left alone.
 COMPLETE = _OWNS + _DONE_ALL + """
-local group, consumer, ttl, base = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local group, consumer, ttl, base, mark = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5] == '1'
 local codes, ids, told = {}, {}, {}
-for i = 5, #ARGV, 4 do
+for i = 6, #ARGV, 4 do
   local id, reply, result = ARGV[i], ARGV[i + 2], ARGV[i + 3]
   local code = -1
   if owns(KEYS[1], group, id, consumer) then
     ids[#ids + 1] = id
     code = 0
     if redis.call('SET', base .. 'done:' .. ARGV[i + 1], result, 'NX', 'PX', ttl) then
+      if mark then redis.call('SET', base .. 'routed:' .. ARGV[i + 1], '1', 'PX', ttl) end
       redis.call('XADD', base .. reply, '*', 'result', result)
       if not told[reply] then
         told[reply] = true
@@ -122,14 +127,15 @@ done_all(KEYS[1], group, ids)
 return codes
 """
 
-# KEYS: source stream, dead stream[, done key, reply stream, reply-stream set].
+# KEYS: source stream, dead stream[, done key, reply stream, reply-stream set[, routed marker]].
 # ARGV[4] dead letter[, ARGV[5] failed result, ARGV[6] ttl ms, ARGV[7] reply stream name].
 # With a known job its failed result claims the done key first: a job that already has an
-# outcome gets no dead letter, only the ack.
+# outcome gets no dead letter, only the ack. The policy passes the routed marker too (see ROUTE).
 DEAD = _PRELUDE + """
 if not owned(KEYS[1]) then return -1 end
-if #KEYS == 5 then
+if #KEYS >= 5 then
   if not redis.call('SET', KEYS[3], ARGV[5], 'NX', 'PX', ARGV[6]) then done_with(KEYS[1]) return 0 end
+  if KEYS[6] then redis.call('SET', KEYS[6], '1', 'PX', ARGV[6]) end
   redis.call('XADD', KEYS[4], '*', 'result', ARGV[5])
   redis.call('SADD', KEYS[5], ARGV[7])
 end
@@ -291,17 +297,19 @@ class Completion(NamedTuple):
 @dataclass(frozen=True)
 class CompleteTarget:
     """Where COMPLETE acks and publishes: ``stream`` read by ``group``, fenced on ``consumer``
-    (``''``: not fenced), results kept ``ttl_ms`` under ``topo``'s keys."""
+    (``''``: not fenced), results kept ``ttl_ms`` under ``topo``'s keys. ``mark``: the jobs end
+    at the policy, which sets their routed markers too (see ROUTE)."""
 
     stream: str
     group: str
     consumer: str
     topo: Topology
     ttl_ms: int
+    mark: bool = False
 
     def call(self, items: Iterable[Completion]) -> tuple[list[str], list[object]]:
         """KEYS and ARGV of one COMPLETE for ``items``."""
-        args: list[object] = [self.group, self.consumer, self.ttl_ms, self.topo.base + ":"]
+        args: list[object] = [self.group, self.consumer, self.ttl_ms, self.topo.base + ":", int(self.mark)]
         for item in items:
             args += item
         return [self.stream, self.topo.replies], args

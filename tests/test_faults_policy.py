@@ -264,3 +264,36 @@ async def test_cli_submit_reports_a_full_backlog_as_a_clear_error(
     assert "error: the ingress backlog is full (3 jobs waiting, limit 3)" in proc.stderr
     assert proc.stdout == ""  # no job id printed: nothing was submitted
     assert await client.xlen(topo.jobs) == 3
+
+
+async def test_a_job_that_ended_at_the_policy_is_not_routed_when_sent_again(
+        redis_url: str, prefix: str, client: aioredis.Redis) -> None:
+    # ROUTE checks only the routed marker, so an outcome reached at the policy (expired,
+    # dead-lettered) must leave one too: a copy sent again is acked, not run.
+    from broker.config import load_config
+    from broker.policy_worker import PolicyWorker
+    from broker.settings import Settings
+
+    settings = Settings(redis_url=redis_url, prefix=prefix)
+    topo = settings.topology
+    policy = PolicyWorker(client, settings, load_config())
+    await policy.setup()
+
+    async def route(*jobs: Job) -> None:
+        async with Client(redis_url, prefix=prefix) as sdk:
+            await sdk.submit_many(list(jobs))
+        reply = await client.xreadgroup(POLICY_GROUP, policy.name, {topo.jobs: ">"}, count=10)
+        await policy.handle([(entry, 1) for entry in reply[0][1]])
+
+    late = Job(id="late", model="llama-3.1-8b", kind="completion", prompt="p", max_tokens=4, deadline=time.time() - 1)
+    odd = Job(id="odd", model="no-such-model", kind="completion", prompt="p", max_tokens=4)
+    await route(late, odd)
+    fixed = [Job(id=job.id, model="llama-3.1-8b", kind="completion", prompt="p", max_tokens=4) for job in (late, odd)]
+    await route(*fixed)
+    await route(Job(id="fresh", model="llama-3.1-8b", kind="completion", prompt="p", max_tokens=4))
+
+    routed = [entry for stream in lanes(topo, "gpu") + lanes(topo, "accel") for entry in await client.xrange(stream)]
+    assert [json.loads(fields[b"routed"])["job"]["id"] for _, fields in routed] == ["fresh"]
+    ids, statuses = await result_counts(client, topo)
+    assert ids == {"late": 1, "odd": 1} and statuses == {"expired": 1, "failed": 1}
+    assert await client.xlen(topo.jobs) == 0  # the copies were acked and deleted
