@@ -55,6 +55,29 @@ local function done_with(stream)
 end
 """
 
+# The entries of ``ids`` that ``consumer`` holds, as a set ('' = not fenced: all of them).
+# One XPENDING reads what the consumer holds, up to twice as many entries as ``ids``: all of
+# it when its jobs end together (one call instead of one per entry). A consumer holding more
+# (long jobs ending one at a time) has the rest of ``ids`` checked one by one.
+_HELD = _OWNS + """
+local function held(stream, group, ids, consumer)
+  local set = {}
+  if consumer == '' then
+    for _, id in ipairs(ids) do set[id] = true end
+    return set
+  end
+  local cap = 2 * #ids
+  local page = redis.call('XPENDING', stream, group, '-', '+', cap, consumer)
+  for _, p in ipairs(page) do set[p[1]] = true end
+  if #page == cap then
+    for _, id in ipairs(ids) do
+      if not set[id] and owns(stream, group, id, consumer) then set[id] = true end
+    end
+  end
+  return set
+end
+"""
+
 # Acks and deletes the handled entries ``ids`` of ``stream``: one XACK and one XDEL per 1,000.
 _DONE_ALL = """
 local function done_all(stream, group, ids)
@@ -102,13 +125,15 @@ return codes
 # per entry: entry id, job id, reply stream name, result.
 # The done key holds the result: the first writer wins and later ones only ack. A fenced
 # entry (pending under another consumer, or no longer pending) is left alone.
-COMPLETE = _OWNS + _DONE_ALL + """
+COMPLETE = _HELD + _DONE_ALL + """
 local group, consumer, ttl, base, mark = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5] == '1'
-local codes, ids, told = {}, {}, {}
+local codes, ids, told, all = {}, {}, {}, {}
+for i = 6, #ARGV, 4 do all[#all + 1] = ARGV[i] end
+local mine = held(KEYS[1], group, all, consumer)
 for i = 6, #ARGV, 4 do
   local id, reply, result = ARGV[i], ARGV[i + 2], ARGV[i + 3]
   local code = -1
-  if owns(KEYS[1], group, id, consumer) then
+  if mine[id] then
     ids[#ids + 1] = id
     code = 0
     if redis.call('SET', base .. 'done:' .. ARGV[i + 1], result, 'NX', 'PX', ttl) then

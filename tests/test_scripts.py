@@ -45,6 +45,25 @@ async def test_concurrent_calls_share_a_pipeline_and_get_their_own_results(
     assert isinstance(results[0], aioredis.ResponseError) and results[1] == 1
 
 
+async def test_complete_fences_each_entry_when_the_consumer_holds_many_more(
+        client: aioredis.Redis, prefix: str) -> None:
+    # COMPLETE reads what the consumer holds in one page of twice the batch; a worker holding
+    # more (long jobs ending one at a time) must still get each entry's own answer.
+    topo = Topology(prefix)
+    stream = topo.pool("gpu")
+    await ensure_group(client, stream, WORKER_GROUP)
+    ids = [await client.xadd(stream, {"routed": b"x"}) for _ in range(30)]
+    await client.xreadgroup(WORKER_GROUP, "w1", {stream: ">"}, count=20)  # w1 holds 20
+    await client.xreadgroup(WORKER_GROUP, "w2", {stream: ">"}, count=10)  # w2 the other 10
+    batcher = ScriptBatcher(Scripts(client))
+    target = CompleteTarget(stream, WORKER_GROUP, "w1", topo, 60_000)
+    ending = [ids[19], ids[3], ids[25], ids[11]]  # not in id order; ids[25] is w2's
+    codes = await asyncio.gather(*(batcher.complete(target, Completion(e, e.decode(), "results", b"{}"))
+                                   for e in ending))
+    assert codes == [1, 1, -1, 1]
+    assert (await client.xpending(stream, WORKER_GROUP))["pending"] == 30 - 3
+
+
 async def test_a_lost_connection_fails_every_waiting_call(prefix: str) -> None:
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
