@@ -78,13 +78,43 @@ local function held(stream, group, ids, consumer)
 end
 """
 
-# Acks and deletes the handled entries ``ids`` of ``stream``: one XACK and one XDEL per 1,000.
+# Acks the handled entries ``ids`` of ``stream`` and deletes them. Everything below the
+# stream's oldest pending entry (or, with none pending, up to the newest of ``ids``) has
+# been delivered and acked: XTRIM MINID drops it a stream node at a time. The rest of
+# ``ids`` (newer than an entry still pending) are deleted one by one with XDEL, which
+# scans its node for each id: that was a tenth of Redis' work per job. One XACK and one
+# XDEL per 1,000 ids.
 _DONE_ALL = """
+local function id_parts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
 local function done_all(stream, group, ids)
+  if #ids == 0 then return end
   for i = 1, #ids, 1000 do
-    local chunk = {unpack(ids, i, math.min(i + 999, #ids))}
-    redis.call('XACK', stream, group, unpack(chunk))
-    redis.call('XDEL', stream, unpack(chunk))
+    redis.call('XACK', stream, group, unpack(ids, i, math.min(i + 999, #ids)))
+  end
+  local oldest = redis.call('XPENDING', stream, group)[2]
+  local floor_ms, floor_seq
+  if oldest then
+    floor_ms, floor_seq = id_parts(oldest)
+  else
+    floor_ms, floor_seq = 0, 0
+    for _, id in ipairs(ids) do
+      local ms, seq = id_parts(id)
+      if ms > floor_ms or (ms == floor_ms and seq >= floor_seq) then floor_ms, floor_seq = ms, seq + 1 end
+    end
+  end
+  redis.call('XTRIM', stream, 'MINID', string.format('%d-%d', floor_ms, floor_seq))
+  if oldest then
+    local rest = {}
+    for _, id in ipairs(ids) do
+      local ms, seq = id_parts(id)
+      if ms > floor_ms or (ms == floor_ms and seq >= floor_seq) then rest[#rest + 1] = id end
+    end
+    for i = 1, #rest, 1000 do
+      redis.call('XDEL', stream, unpack(rest, i, math.min(i + 999, #rest)))
+    end
   end
 end
 """

@@ -64,6 +64,36 @@ async def test_complete_fences_each_entry_when_the_consumer_holds_many_more(
     assert (await client.xpending(stream, WORKER_GROUP))["pending"] == 30 - 3
 
 
+async def test_complete_deletes_what_it_handled_and_keeps_pending_and_undelivered_entries(
+        client: aioredis.Redis, prefix: str) -> None:
+    # The stream is trimmed below its oldest pending entry, and handled entries above it are
+    # deleted one by one: whatever the order, only handled entries may leave the stream.
+    topo = Topology(prefix)
+    stream = topo.pool("gpu")
+    await ensure_group(client, stream, WORKER_GROUP)
+    ids = [await client.xadd(stream, {"routed": b"x"}) for _ in range(12)]
+    await client.xreadgroup(WORKER_GROUP, "w1", {stream: ">"}, count=3)  # ids 0-2
+    await client.xreadgroup(WORKER_GROUP, "w2", {stream: ">"}, count=3)  # ids 3-5: a slow peer
+    await client.xreadgroup(WORKER_GROUP, "w1", {stream: ">"}, count=3)  # ids 6-8; 9-11 undelivered
+    batcher = ScriptBatcher(Scripts(client))
+    w1 = CompleteTarget(stream, WORKER_GROUP, "w1", topo, 60_000)
+
+    async def complete(target: CompleteTarget, *entries: bytes) -> None:
+        await asyncio.gather(*(batcher.complete(target, Completion(e, e.decode(), "results", b"{}"))
+                               for e in entries))
+
+    async def left() -> list[bytes]:
+        return [entry_id for entry_id, _ in await client.xrange(stream)]
+
+    await complete(w1, ids[7], ids[1], ids[8])
+    assert await left() == [ids[0], *ids[2:7], *ids[9:]]
+    await complete(w1, ids[0], ids[2], ids[6])  # w2's 3-5 still pending: 0-2 go below them
+    assert await left() == [*ids[3:6], *ids[9:]]
+    await complete(CompleteTarget(stream, WORKER_GROUP, "w2", topo, 60_000), *ids[3:6])  # none pending
+    assert await left() == ids[9:]
+    assert (await client.xpending(stream, WORKER_GROUP))["pending"] == 0
+
+
 async def test_a_lost_connection_fails_every_waiting_call(prefix: str) -> None:
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
