@@ -12,6 +12,7 @@ dead-lettered after ``max_deliveries``. Each policy worker also runs the janitor
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import time
@@ -237,9 +238,11 @@ class PolicyWorker:
             singles = len(self._outcomes)
             codes = [*replies[:singles], *(code for batch in replies[singles:] for code in batch)]  # type: ignore[attr-defined]
             # Counted once Redis did the move: 0 is a duplicate (the job already had an outcome).
-            for counter, code in zip(counters, codes, strict=True):
-                if code == 1 and counter is not None:
-                    counter.inc()
+            # One increment per counter and batch: each takes a lock.
+            moved = collections.Counter(counter for counter, code in zip(counters, codes, strict=True)
+                                        if code == 1 and counter is not None)
+            for counter, n in moved.items():
+                counter.inc(n)
 
     def _queue(self, pipe: aioredis.client.Pipeline, script: str, keys: list[str], args: list[object],
                counter: Counter | None) -> None:
@@ -257,7 +260,7 @@ class PolicyWorker:
         features = JobFeatures(tenant=job.tenant, model=job.model, kind=job.kind,
                                prompt_tokens=job.prompt_tokens(), max_tokens=job.max_tokens,
                                slo_hint=job.slo)
-        slo, why, decision = self._decide(features)  # before the deadline: metrics count expiries per class
+        slo, reason, decision = self._decide(features)  # before the deadline: metrics count expiries per class
         if job.deadline is not None and now > job.deadline:
             self._finish(entry_id, job, "expired", "deadline passed before routing", self.metrics.expired(slo))
             return
@@ -268,7 +271,7 @@ class PolicyWorker:
             raise InvalidJob("unknown_model", decision.reason)
         target = self.config.classes[slo]
         routed = RoutedJob(job=job, created_at=created, route=Route(
-            pool=decision.pool, slo=slo, reason=f"{why}; {decision.reason}", routed_at=now,
+            pool=decision.pool, slo=slo, reason=reason, routed_at=now,
             ttft_target_ms=target.ttft_ms, tpot_target_ms=target.tpot_ms, e2e_target_ms=target.e2e_ms,
             predicted_ttft_ms=decision.predicted_ttft_ms, policy=self.name))
         self._routes += (entry_id, self._route_key[self.lanes[decision.pool][self.lane[slo]]], job.id,
@@ -296,18 +299,19 @@ class PolicyWorker:
         self._decisions.clear()
 
     def _decide(self, features: JobFeatures) -> tuple[str, str, Decision]:
-        """Class, classification reason and routing decision; reused for identical jobs while
-        the snapshot and what the router learned stay the same (if the router allows it)."""
+        """Class, reason (classification and routing) and routing decision; reused for identical
+        jobs while the snapshot and what the router learned stay the same (if the router allows it)."""
         hit = self._decisions.get(features)
         if hit is not None:
             return hit
         slo, why = classify(features, self.config)
         decision = self.router.decide(features, slo, self.snapshot, self.rng)
+        made = (slo, f"{why}; {decision.reason}", decision)
         if self._reusable:
             if len(self._decisions) >= 4096:  # many distinct jobs: keep the memory bounded
                 self._decisions.clear()
-            self._decisions[features] = (slo, why, decision)
-        return slo, why, decision
+            self._decisions[features] = made
+        return made
 
     def _finish(self, entry_id: bytes, job: Job, status: str, error: str, counter: Counter) -> None:
         result = Result(id=job.id, status=status, model=job.model, kind=job.kind,  # type: ignore[arg-type]

@@ -255,12 +255,18 @@ class InvalidJob(ValueError):
         self.reason: DeadReason = reason
 
 
+_INPUT_OF = {"chat": "messages", "completion": "prompt", "embedding": "texts"}
+"""The one input field each kind of job has."""
+_INPUTS_OF = {"chat": (True, False, False), "completion": (False, True, False), "embedding": (False, False, True)}
+"""The same as which of (messages, prompt, texts) are set: one tuple comparison per job."""
+
+
 def _check_input(job: Job) -> None:
-    expected = {"chat": "messages", "completion": "prompt", "embedding": "texts"}[job.kind]
-    given = [name for name in ("messages", "prompt", "texts") if getattr(job, name) is not None]
-    if given != [expected]:
-        found = ", ".join(f"`$.{g}`" for g in given) or "none"
-        raise InvalidJob("invalid_job", f"a {job.kind} job needs exactly `$.{expected}`; found {found}")
+    given = (job.messages is not None, job.prompt is not None, job.texts is not None)
+    if given != _INPUTS_OF[job.kind]:
+        names = [f"`$.{name}`" for name, on in zip(("messages", "prompt", "texts"), given, strict=True) if on]
+        raise InvalidJob("invalid_job", f"a {job.kind} job needs exactly `$.{_INPUT_OF[job.kind]}`; "
+                                        f"found {', '.join(names) or 'none'}")
     if job.kind == "chat" and not job.messages:
         raise InvalidJob("invalid_job", "`$.messages` is empty")
     if job.kind == "embedding" and not job.texts:
