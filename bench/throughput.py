@@ -445,7 +445,7 @@ def report(started: dt.datetime, info: dict[str, str], binary: str, chosen: list
         "pipeline, hiredis, msgspec msgpack; producer pipelines XADDs 256 at a time; collector XREAD COUNT 1024.",
         "- inference-broker: `python -m broker policy` and `python -m broker worker --pool bench` with "
         "`bench/bench.toml` (pool `bench`, profile `instant`, concurrency 256), every setting at its default "
-        "(claims, leases, fenced completion, dedup keys, XDEL after ack, retention, janitor, heartbeats); "
+        "(claims, leases, fenced completion, dedup keys, deletion after ack, retention, janitor, heartbeats); "
         "producer: `Client.submit_many` (chunks of 256); collector: `Client.results` through a consumer group.",
         f"- celery: prefork pool, concurrency {args.peer_workers}, prefetch multiplier 64, rate limits off, "
         "without gossip/mingle/heartbeat; Redis broker and result backend; results via `ResultSet.join_native`.",
