@@ -26,18 +26,21 @@ Duplicates (a redelivered entry whose job already has an outcome) count nothing.
 (:class:`ClassMetrics`). The four timing histograms are :class:`LatencyHistogram`, not
 prometheus-client's ``Histogram``: an observation is one C bisect and two additions with
 no lock (about 0.3 us instead of 1.3 us), which is safe because a role observes and is
-scraped on the one thread of its event loop.
+scraped on the one thread of its event loop. For the same reason the per-job counters of
+completed jobs are plain integers read at scrape time (:class:`ClassCount`), and the
+policy worker adds to its counters once per batch.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY, Counter, Gauge, Info, disable_created_metrics
-from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 NONE = "none"
@@ -111,6 +114,35 @@ def _le(bound: float) -> str:
     return repr(float(bound))
 
 
+class ClassCount(Collector):
+    """A Prometheus counter labelled by class and pool, read at scrape time from an integer of
+    each :class:`ClassMetrics`: counting a completed job is one addition, without the lock a
+    prometheus-client counter takes (safe for the same reason as :class:`LatencyHistogram`)."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[ClassMetrics], int]) -> None:
+        self.name = f"{_NS}_{name}"
+        self.documentation = documentation
+        self.read = read
+        REGISTRY.register(self)
+
+    def describe(self) -> list[Metric]:
+        return [CounterMetricFamily(self.name, self.documentation, labels=["class", "pool"])]
+
+    def collect(self) -> list[Metric]:
+        totals: dict[tuple[str, str], int] = {}
+        for metrics in list(_CLASS_METRICS):
+            key = (metrics.slo, metrics.pool)
+            totals[key] = totals.get(key, 0) + self.read(metrics)
+        family = CounterMetricFamily(self.name, self.documentation, labels=["class", "pool"])
+        for (slo, pool), total in totals.items():
+            family.add_metric([slo, pool], total)
+        return [family]
+
+
+_CLASS_METRICS: weakref.WeakSet[ClassMetrics] = weakref.WeakSet()
+"""Every live :class:`ClassMetrics` of this process, for :class:`ClassCount` to read."""
+
+
 # --- per-job timings (pool workers, jobs that completed) -------------------------------------
 QUEUE_TIME = LatencyHistogram("queue_time_seconds", "Submission to start of inference (routing and queueing).",
                               LATENCY_BUCKETS)
@@ -122,10 +154,10 @@ E2E = LatencyHistogram("e2e_latency_seconds", "Submission to last output token."
 # --- outcomes ---------------------------------------------------------------------------------
 ROUTED = Counter("jobs_routed", "Jobs the policy worker put on a pool's stream.",
                  ["class", "pool"], namespace=_NS)
-COMPLETED = Counter("jobs_completed", "Jobs a pool worker ran to the end and answered with an ok result.",
-                    ["class", "pool"], namespace=_NS)
-SLO_MET = Counter("slo_met", "Completed jobs that met every target of their class (TTFT, TPOT, end-to-end).",
-                  ["class", "pool"], namespace=_NS)
+COMPLETED = ClassCount("jobs_completed", "Jobs a pool worker ran to the end and answered with an ok result.",
+                       lambda m: m.n_completed)
+SLO_MET = ClassCount("slo_met", "Completed jobs that met every target of their class (TTFT, TPOT, end-to-end).",
+                     lambda m: m.n_met)
 FAILED = Counter("jobs_failed", "Runs that failed on the backend (each attempt; it may be retried after).",
                  ["class", "pool"], namespace=_NS)
 RETRIED = Counter("jobs_retried", "Failed runs given back to the pool for another attempt after a backoff.",
@@ -166,21 +198,23 @@ ROLE = Info("role", "Which role this process runs (policy or worker) and, for a 
 class ClassMetrics:
     """The labelled children of one (class, pool): fetched once, then only incremented."""
 
-    __slots__ = ("queue", "ttft", "tpot", "e2e", "completed", "met", "failed", "retried", "expired",
-                 "n_met", "n_completed")
+    __slots__ = ("slo", "pool", "queue", "ttft", "tpot", "e2e", "failed", "retried", "expired",
+                 "n_met", "n_completed", "__weakref__")
 
     def __init__(self, slo: str, pool: str) -> None:
+        self.slo = slo
+        self.pool = pool
         self.queue = QUEUE_TIME.labels(slo, pool)
         self.ttft = TTFT.labels(slo, pool)
         self.tpot = TPOT.labels(slo, pool)
         self.e2e = E2E.labels(slo, pool)
-        self.completed = COMPLETED.labels(slo, pool)
-        self.met = SLO_MET.labels(slo, pool)
         self.failed = FAILED.labels(slo, pool)
         self.retried = RETRIED.labels(slo, pool)
         self.expired = EXPIRED.labels(slo, pool)
-        self.n_met = 0
-        self.n_completed = 0
+        self.n_met: int = 0
+        self.n_completed: int = 0
+        """Jobs completed and those that met their targets: the counters COMPLETED and SLO_MET."""
+        _CLASS_METRICS.add(self)
         # Read at scrape time: nothing to update per job beyond the two integers.
         ATTAINMENT.labels(slo, pool).set_function(
             lambda: self.n_met / self.n_completed if self.n_completed else float("nan"))
@@ -188,7 +222,6 @@ class ClassMetrics:
     def complete(self, queue_ms: float, ttft_ms: float, tpot_ms: float | None, e2e_ms: float,
                  met: bool | None) -> None:
         """Count one completed job and record its timings."""
-        self.completed.inc()
         self.n_completed += 1
         self.queue.observe(queue_ms / 1000)
         self.ttft.observe(ttft_ms / 1000)
@@ -196,7 +229,6 @@ class ClassMetrics:
             self.tpot.observe(tpot_ms / 1000)
         self.e2e.observe(e2e_ms / 1000)
         if met:
-            self.met.inc()
             self.n_met += 1
 
 
