@@ -27,6 +27,7 @@ Reliability, in the order a job meets it:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -64,6 +65,8 @@ log = logging.getLogger("inference_broker.worker")
 T = TypeVar("T")
 MAX_OBSERVATIONS = 256
 """Most job timings one heartbeat carries."""
+_OBSERVATION = ("model", "prompt_tokens", "output_tokens", "concurrency", "ttft_ms", "tpot_ms", "at")
+"""The fields of a job timing in a heartbeat (policies.Observation)."""
 
 
 def slo_met(route_ttft: float, route_tpot: float | None, route_e2e: float | None, m: Metrics) -> bool:
@@ -132,7 +135,10 @@ class PoolWorker:
         self._wake = asyncio.Event()
         """Set when a job ends or leaves the backend, and at the stop: the consume loop (and a job
         over the concurrency) waits on it."""
-        self.observations: list[dict[str, object]] = []
+        self.observations: collections.deque[tuple[str, int, int, int, float, float | None, float]] = \
+            collections.deque(maxlen=MAX_OBSERVATIONS)
+        """(model, prompt and output tokens, concurrency, TTFT, TPOT, finished at) of the jobs finished
+        since the last heartbeat, the freshest if more: a beat stays small."""
         """Timings of jobs finished since the last heartbeat: what the policy learns from."""
         self.beat_seq = 0
         self._leases: asyncio.Task[None] | None = None
@@ -493,23 +499,24 @@ class PoolWorker:
                 task.cancel()
 
     def _observe(self, model: str, prompt: int, output: int, concurrency: int, t: Timing, m: Metrics) -> None:
-        if len(self.observations) >= MAX_OBSERVATIONS:
-            del self.observations[0]  # the freshest matter most; a beat stays small
-        self.observations.append({
-            "model": model, "prompt_tokens": prompt, "output_tokens": output, "concurrency": concurrency,
-            "ttft_ms": (t.first_token_at - t.started_at) * 1000, "tpot_ms": m.time_per_output_token_ms,
-            "at": t.finished_at})
+        self.observations.append((model, prompt, output, concurrency, (t.first_token_at - t.started_at) * 1000,
+                                  m.time_per_output_token_ms, t.finished_at))
 
     async def heartbeat(self) -> None:
         """Tell the policy this worker's load, and the timings of the jobs it finished since."""
         cooldown = getattr(self.backend, "cooldown_until", None)  # backends with endpoints that can refuse
+        sent = list(self.observations)
+        self.observations.clear()
         beat = {"ts": self.clock(), "in_flight": len(self.running), "capacity": self.concurrency,
-                "seq": self.beat_seq + 1, "obs": self.observations,
+                "seq": self.beat_seq + 1, "obs": [dict(zip(_OBSERVATION, obs, strict=True)) for obs in sent],
                 "cooling_until": cooldown() if cooldown is not None else None}
-        await self.client.hset(self.topo.heartbeats(self.pool), self.name, json_encode(beat))  # type: ignore[arg-type,misc]
-        # Only once the beat is written: a failed write keeps the timings for the next one.
+        try:
+            await self.client.hset(self.topo.heartbeats(self.pool), self.name, json_encode(beat))  # type: ignore[arg-type,misc]
+        except BaseException:
+            # A failed write keeps the timings for the next beat (the freshest, if too many).
+            self.observations = collections.deque([*sent, *self.observations], maxlen=MAX_OBSERVATIONS)
+            raise
         self.beat_seq += 1
-        self.observations = []
 
 
 async def _retrying(call: Callable[[], Awaitable[T]]) -> T:
