@@ -83,3 +83,16 @@ def test_profile_summary_counts_self_and_inclusive() -> None:
     assert dict(own) == {"encode (c.py)": 6, "route (b.py)": 2, "read (d.py)": 2}
     assert dict(incl)["route (b.py)"] == 8
     assert "main (a.py)" not in dict(incl)  # in every sample: the entry chain, left out
+
+
+@pytest.mark.timeout(120)
+def test_redis_instruction_counts_come_out_per_phase(redis_binary: str) -> None:
+    import shutil
+
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed (Debian: apt install valgrind)")
+    done = subprocess.run([sys.executable, "-m", "bench.redis_instructions", "--jobs", "300"],
+                          capture_output=True, text=True, timeout=110, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = [int(line.split()[-1].replace(",", "")) for line in done.stdout.splitlines()[1:]]
+    assert len(counts) == 2 and all(count > 1000 for count in counts), done.stdout
