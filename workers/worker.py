@@ -2,8 +2,10 @@
 
 Reads only as many entries as it has free slots (its concurrency), so nothing waits in
 this process that a peer could run. Each job's result goes out with the ack in one fenced
-COMPLETE script (result key SET NX + XADD to the reply stream + XACK + XDEL): the ack never
-precedes the result, and a job whose result already exists is not published twice.
+COMPLETE script (result key SET NX + XADD to the reply stream + XACK + deletion), batched
+with the other jobs that end at the same time: the ack never precedes the result, and a
+job whose result already exists is not published twice. A job keeps its slot until Redis
+has answered for its result.
 
 Reliability, in the order a job meets it:
 
@@ -20,8 +22,9 @@ Reliability, in the order a job meets it:
 * **Retries.** A retryable backend error gives the entry back with a backoff (NACK); any
   worker claims it again after the backoff, which counts a delivery. Other errors
   dead-letter at once.
-* **Shutdown.** On stop, running jobs get ``grace_s`` to finish; the rest are given back
-  at once so peers take them without waiting out the idle time.
+* **Shutdown.** On stop, running jobs get ``grace_s`` to finish and have their results
+  written; the rest are given back at once so peers take them without waiting out the idle
+  time.
 """
 
 from __future__ import annotations
