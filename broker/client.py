@@ -161,15 +161,23 @@ class Client:
         """Follow a result stream through consumer group ``group`` (created at id 0 if new).
 
         Results are acked once the loop bodies of a whole read (up to ``count`` results) have
-        finished, in one ``XACK``: a consumer that crashes (or leaves the loop) mid-read gets
-        the unacked results of that read again on restart under the same ``consumer`` name.
+        finished, in one ``XACK`` sent with the next read: a consumer that crashes (or leaves
+        the loop) mid-read gets the unacked results of that read again on restart under the
+        same ``consumer`` name.
         """
         stream = self.topo.reply(reply_to)
         await ensure_group(self.redis, stream, group)
         last_id = "0-0"
+        done: list[bytes] = []
         while True:
-            reply = await self.redis.xreadgroup(group, consumer, {stream: last_id}, count=count,
-                                                block=None if last_id != ">" else self.block_ms)
+            block = None if last_id != ">" else self.block_ms
+            if done:  # one round trip for the ack and the next read, not two
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.xack(stream, group, *done)
+                    pipe.xreadgroup(group, consumer, {stream: last_id}, count=count, block=block)
+                    _acked, reply = await pipe.execute()
+            else:
+                reply = await self.redis.xreadgroup(group, consumer, {stream: last_id}, count=count, block=block)
             entries = reply[0][1] if reply else []
             if last_id != ">" and len(entries) < count:
                 last_id = ">"
@@ -178,8 +186,7 @@ class Client:
             for _entry_id, fields in entries:
                 if b"result" in fields:
                     yield decode_result(fields[b"result"])
-            if entries:
-                await self.redis.xack(stream, group, *(entry_id for entry_id, _ in entries))
+            done = [entry_id for entry_id, _ in entries]
 
     def _waiter(self, reply_to: str) -> _ReplyWaiter:
         waiter = self._waiters.get(reply_to)
