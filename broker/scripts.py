@@ -301,7 +301,8 @@ class Scripts:
     """The scripts by SHA. Queue calls on a pipeline, then :meth:`execute` it.
 
     A Redis that restarted empty has forgotten the scripts; :meth:`execute` then loads them
-    and runs the pipeline again. Every script is idempotent, so a rerun cannot duplicate
+    and runs again the script calls it refused, and only those: the pipeline's other
+    commands (a read) ran once. Every script is idempotent, so a rerun cannot duplicate
     work even if part of the first run went through.
     """
 
@@ -317,17 +318,21 @@ class Scripts:
         pipe.evalsha(self.sha[name], len(keys), *keys, *args)  # type: ignore[arg-type]
 
     async def execute(self, pipe: Pipeline, raise_on_error: bool = True) -> list[object]:
-        """Execute ``pipe``, loading the scripts first if Redis does not know them."""
+        """Execute ``pipe``, loading the scripts if Redis does not know them; with
+        ``raise_on_error``, the first error among the results is raised."""
         stack = list(pipe.command_stack)
-        try:
-            results = await pipe.execute(raise_on_error=raise_on_error)
-            if not any(isinstance(r, NoScriptError) for r in results):
-                return results
-        except NoScriptError:
-            pass
-        await self.load()
-        pipe.command_stack = stack
-        return await pipe.execute(raise_on_error=raise_on_error)
+        results: list[object] = await pipe.execute(raise_on_error=False)
+        unknown = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if unknown:
+            await self.load()
+            pipe.command_stack = [stack[i] for i in unknown]
+            for i, result in zip(unknown, await pipe.execute(raise_on_error=False), strict=True):
+                results[i] = result
+        if raise_on_error:
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+        return results
 
     async def call(self, name: str, keys: list[str], args: list[object]) -> object:
         """Run one script now."""

@@ -122,3 +122,21 @@ async def test_renew_reports_only_entries_another_consumer_holds(client: aioredi
     pending = {p["message_id"]: p for p in await client.xpending_range(stream, WORKER_GROUP, "-", "+", 10)}
     assert pending[mine]["time_since_delivered"] < 50  # renewed: idle back to ~0
     assert pending[mine]["times_delivered"] == 1  # without counting a delivery
+
+
+async def test_scripts_redis_forgot_are_loaded_and_only_they_run_again(client: aioredis.Redis, prefix: str) -> None:
+    # A Redis restarted without its script cache refuses EVALSHA; the calls it refused run
+    # again once the scripts are loaded, and the pipeline's other commands run once.
+    scripts = Scripts(client)
+    topo = Topology(prefix)
+    await client.script_flush()
+    pipe = client.pipeline(transaction=False)
+    scripts.queue(pipe, "submit", [topo.jobs], [100, b'{"id":"a"}'])
+    pipe.incr(f"{prefix}:counter")
+    (ids, backlog), count = await scripts.execute(pipe)
+    assert len(ids) == 1 and backlog == -1 and count == 1
+    assert await client.xlen(topo.jobs) == 1 and await client.get(f"{prefix}:counter") == b"1"
+    pipe = client.pipeline(transaction=False)
+    scripts.queue(pipe, "nack", [], [WORKER_GROUP, "0-1", "w1", 0, "", 1000])  # no stream key: refused
+    with pytest.raises(aioredis.ResponseError):
+        await scripts.execute(pipe)
