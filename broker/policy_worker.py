@@ -166,8 +166,7 @@ class PolicyWorker:
             # First our own pending entries (a restart under the same name), then new ones.
             last_id = "0"
             backoff = Backoff()
-            reply: Any = None
-            """The next read, when it came back with the last batch's moves."""
+            reply: Any = None  # the next read, when it came back with the last batch's moves
             while not stop.is_set():
                 try:
                     if self.claimer.due():

@@ -140,9 +140,8 @@ class PoolWorker:
         over the concurrency) waits on it."""
         self.observations: collections.deque[tuple[str, int, int, int, float, float | None, float]] = \
             collections.deque(maxlen=MAX_OBSERVATIONS)
-        """(model, prompt and output tokens, concurrency, TTFT, TPOT, finished at) of the jobs finished
-        since the last heartbeat, the freshest if more: a beat stays small."""
-        """Timings of jobs finished since the last heartbeat: what the policy learns from."""
+        """Timings of jobs finished since the last heartbeat, what the policy learns from: (model,
+        prompt and output tokens, concurrency, TTFT, TPOT, finished at), the freshest if more."""
         self.beat_seq = 0
         self._leases: asyncio.Task[None] | None = None
         self.isolated: tuple[int, bytes] | None = None
@@ -416,8 +415,7 @@ class PoolWorker:
         job's outcome (not a duplicate, not fenced).
 
         Nothing waits for Redis here: the job's run ends now, and its slot frees when Redis has
-        answered (see _finished). A task switch per job to wait for the answer was a tenth of
-        a worker's CPU with an instant backend.
+        answered (see _finished). Waiting cost a future and a task switch per job.
         """
         key = (lane.index, entry_id)
         item = Completion(entry_id, result.id, routed.job.reply_to, json_encode(result))
