@@ -82,7 +82,7 @@ end
 # stream's oldest pending entry (or, with none pending, up to the newest of ``ids``) has
 # been delivered and acked: XTRIM MINID drops it a stream node at a time. The rest of
 # ``ids`` (newer than an entry still pending) are deleted one by one with XDEL, which
-# scans its node for each id: that was a tenth of Redis' work per job. One XACK and one
+# scans its node for each id: up to a tenth of Redis' work per job. One XACK and one
 # XDEL per 1,000 ids.
 _DONE_ALL = """
 local function id_parts(id)
