@@ -255,16 +255,17 @@ class InvalidJob(ValueError):
         self.reason: DeadReason = reason
 
 
+_INPUTS = ("messages", "prompt", "texts")
 _INPUT_OF = {"chat": "messages", "completion": "prompt", "embedding": "texts"}
 """The one input field each kind of job has."""
-_INPUTS_OF = {"chat": (True, False, False), "completion": (False, True, False), "embedding": (False, False, True)}
-"""The same as which of (messages, prompt, texts) are set: one tuple comparison per job."""
+_SET_OF = {kind: tuple(name == field for name in _INPUTS) for kind, field in _INPUT_OF.items()}
+"""The same as which of ``_INPUTS`` are set: one tuple comparison per job."""
 
 
 def _check_input(job: Job) -> None:
     given = (job.messages is not None, job.prompt is not None, job.texts is not None)
-    if given != _INPUTS_OF[job.kind]:
-        names = [f"`$.{name}`" for name, on in zip(("messages", "prompt", "texts"), given, strict=True) if on]
+    if given != _SET_OF[job.kind]:
+        names = [f"`$.{name}`" for name, on in zip(_INPUTS, given, strict=True) if on]
         raise InvalidJob("invalid_job", f"a {job.kind} job needs exactly `$.{_INPUT_OF[job.kind]}`; "
                                         f"found {', '.join(names) or 'none'}")
     if job.kind == "chat" and not job.messages:
