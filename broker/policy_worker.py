@@ -111,6 +111,8 @@ class PolicyWorker:
                                interval_s=settings.claim_interval_s, error_prefix=f"{self.topo.base}:err:policy:")
         self.lanes = {p: [self.topo.pool(p, lane) for lane in range(config.lanes)] for p in config.pools}
         """Each pool's streams, one per priority lane, most urgent first."""
+        self._lane_streams = [stream for lanes in self.lanes.values() for stream in lanes]
+        """Every pool's lanes, in that order."""
         streams = {self.topo.jobs: (POLICY_GROUP, self.topo.policy_heartbeats),
                    **{stream: (WORKER_GROUP, self.topo.heartbeats(p)) for p in config.pools
                       for stream in self.lanes[p]}}
@@ -144,7 +146,7 @@ class PolicyWorker:
         self._finished_in: list[Counter] = []
         self._finish_target = CompleteTarget(self.topo.jobs, POLICY_GROUP, "", self.topo,
                                              settings.result_ttl_s * 1000, mark=True)
-        self._route_keys = [self.topo.jobs, *(s for lanes in self.lanes.values() for s in lanes)]
+        self._route_keys = [self.topo.jobs, *self._lane_streams]
         self._route_key = {stream: i for i, stream in enumerate(self._route_keys[1:], 2)}
         """ROUTE's KEYS (the ingress, then every pool lane) and each lane's index there."""
         self._reclaimed = RECLAIMED.labels("jobs")
@@ -153,7 +155,7 @@ class PolicyWorker:
     async def setup(self) -> None:
         """Create the ingress group and every pool's group (at id 0) before reading."""
         await ensure_group(self.client, self.topo.jobs, POLICY_GROUP)
-        for stream in (s for lanes in self.lanes.values() for s in lanes):
+        for stream in self._lane_streams:
             await ensure_group(self.client, stream, WORKER_GROUP)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -405,8 +407,7 @@ class PolicyWorker:
         Called just before each Prometheus scrape rather than on a timer: between scrapes
         nobody reads them.
         """
-        streams = {self.topo.jobs: POLICY_GROUP,
-                   **{stream: WORKER_GROUP for lanes in self.lanes.values() for stream in lanes}}
+        streams = {self.topo.jobs: POLICY_GROUP, **dict.fromkeys(self._lane_streams, WORKER_GROUP)}
         await export_streams(self.client, self.topo.base, streams, self.topo.dead)
 
     def _learn(self, pool: str, worker: bytes, beat: dict[str, Any]) -> None:
