@@ -89,6 +89,11 @@ local function id_parts(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
   return tonumber(ms), tonumber(seq)
 end
+-- Whether entry ``id`` is at or above the id (floor_ms, floor_seq).
+local function at_or_above(id, floor_ms, floor_seq)
+  local ms, seq = id_parts(id)
+  return ms > floor_ms or (ms == floor_ms and seq >= floor_seq)
+end
 local function done_all(stream, group, ids)
   if #ids == 0 then return end
   for i = 1, #ids, 1000 do
@@ -101,16 +106,17 @@ local function done_all(stream, group, ids)
   else
     floor_ms, floor_seq = 0, 0
     for _, id in ipairs(ids) do
-      local ms, seq = id_parts(id)
-      if ms > floor_ms or (ms == floor_ms and seq >= floor_seq) then floor_ms, floor_seq = ms, seq + 1 end
+      if at_or_above(id, floor_ms, floor_seq) then
+        local ms, seq = id_parts(id)
+        floor_ms, floor_seq = ms, seq + 1
+      end
     end
   end
   redis.call('XTRIM', stream, 'MINID', string.format('%d-%d', floor_ms, floor_seq))
   if oldest then
     local rest = {}
     for _, id in ipairs(ids) do
-      local ms, seq = id_parts(id)
-      if ms > floor_ms or (ms == floor_ms and seq >= floor_seq) then rest[#rest + 1] = id end
+      if at_or_above(id, floor_ms, floor_seq) then rest[#rest + 1] = id end
     end
     for i = 1, #rest, 1000 do
       redis.call('XDEL', stream, unpack(rest, i, math.min(i + 999, #rest)))
