@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,25 +67,28 @@ async def _measure(url: str, jobs: int, tree: Path, pid: int, out: Path) -> tupl
         policy = PolicyWorker(client, settings, config)
         await policy.setup()
         _instructions(pid, out, "setup")
-        stop = asyncio.Event()
-        task = asyncio.create_task(policy.run(stop))
-        while policy.routed < jobs:
-            await asyncio.sleep(0.05)
-        stop.set()
-        await task
+        await _run_until(policy.run, lambda: policy.routed >= jobs)
         routing = _instructions(pid, out, "policy")
         spec = config.pools[config.default_pool]
         worker = PoolWorker(client, settings, config.default_pool, make_backend(spec),
                             concurrency=spec.concurrency, lanes=config.lanes)
-        stop = asyncio.Event()
-        task = asyncio.create_task(worker.run(stop))
-        while worker.completed < jobs:
-            await asyncio.sleep(0.05)
-        stop.set()
-        await task
+        await _run_until(worker.run, lambda: worker.completed >= jobs)
         return routing, _instructions(pid, out, "worker")
     finally:
         await client.aclose()
+
+
+async def _run_until(run: Callable[[asyncio.Event], Awaitable[None]], done: Callable[[], bool]) -> None:
+    """Run a role until ``done()``, then stop it; a role that fails on the way fails this too."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(run(stop))
+    while not done():
+        if task.done():
+            await task  # raises what stopped it
+            raise SystemExit("error: the role stopped before it had handled every job")
+        await asyncio.sleep(0.05)
+    stop.set()
+    await task
 
 
 def main(argv: list[str] | None = None) -> None:
