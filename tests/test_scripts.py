@@ -13,12 +13,17 @@ from broker.streams import ensure_group
 from broker.topology import WORKER_GROUP, Topology
 
 
+async def pool_entries(client: aioredis.Redis, topo: Topology, n: int) -> tuple[str, list[bytes]]:
+    """A pool stream with its workers' group and ``n`` new entries: the stream and their ids."""
+    stream = topo.pool("gpu")
+    await ensure_group(client, stream, WORKER_GROUP)
+    return stream, [await client.xadd(stream, {"routed": b"x"}) for _ in range(n)]
+
+
 async def test_concurrent_calls_share_a_pipeline_and_get_their_own_results(
         client: aioredis.Redis, prefix: str) -> None:
     topo = Topology(prefix)
-    stream = topo.pool("gpu")
-    await ensure_group(client, stream, WORKER_GROUP)
-    ids = [await client.xadd(stream, {"routed": b"x"}) for _ in range(20)]
+    stream, ids = await pool_entries(client, topo, 20)
     await client.xreadgroup(WORKER_GROUP, "w1", {stream: ">"}, count=20)
     batcher = ScriptBatcher(Scripts(client))
 
@@ -50,9 +55,7 @@ async def test_complete_fences_each_entry_when_the_consumer_holds_many_more(
     # COMPLETE reads what the consumer holds in one page of twice the batch; a worker holding
     # more (long jobs ending one at a time) must still get each entry's own answer.
     topo = Topology(prefix)
-    stream = topo.pool("gpu")
-    await ensure_group(client, stream, WORKER_GROUP)
-    ids = [await client.xadd(stream, {"routed": b"x"}) for _ in range(30)]
+    stream, ids = await pool_entries(client, topo, 30)
     await client.xreadgroup(WORKER_GROUP, "w1", {stream: ">"}, count=20)  # w1 holds 20
     await client.xreadgroup(WORKER_GROUP, "w2", {stream: ">"}, count=10)  # w2 the other 10
     batcher = ScriptBatcher(Scripts(client))
@@ -69,9 +72,7 @@ async def test_complete_deletes_what_it_handled_and_keeps_pending_and_undelivere
     # The stream is trimmed below its oldest pending entry, and handled entries above it are
     # deleted one by one: whatever the order, only handled entries may leave the stream.
     topo = Topology(prefix)
-    stream = topo.pool("gpu")
-    await ensure_group(client, stream, WORKER_GROUP)
-    ids = [await client.xadd(stream, {"routed": b"x"}) for _ in range(12)]
+    stream, ids = await pool_entries(client, topo, 12)
     await client.xreadgroup(WORKER_GROUP, "w1", {stream: ">"}, count=3)  # ids 0-2
     await client.xreadgroup(WORKER_GROUP, "w2", {stream: ">"}, count=3)  # ids 3-5: a slow peer
     await client.xreadgroup(WORKER_GROUP, "w1", {stream: ">"}, count=3)  # ids 6-8; 9-11 undelivered
@@ -110,9 +111,7 @@ async def test_a_lost_connection_fails_every_waiting_call(prefix: str) -> None:
 
 
 async def test_renew_reports_only_entries_another_consumer_holds(client: aioredis.Redis, prefix: str) -> None:
-    stream = Topology(prefix).pool("gpu")
-    await ensure_group(client, stream, WORKER_GROUP)
-    mine, taken, done = [await client.xadd(stream, {"routed": b"x"}) for _ in range(3)]
+    stream, (mine, taken, done) = await pool_entries(client, Topology(prefix), 3)
     await client.xreadgroup(WORKER_GROUP, "w1", {stream: ">"}, count=3)
     await client.xclaim(stream, WORKER_GROUP, "w2", 0, [taken])  # a peer took it over
     await client.xack(stream, WORKER_GROUP, done)  # completed while the renewal was on its way
