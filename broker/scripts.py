@@ -79,20 +79,20 @@ end
 """
 
 # Acks the handled entries ``ids`` of ``stream`` and deletes them. Everything below the
-# stream's oldest pending entry (or, with none pending, up to the newest of ``ids``) has
-# been delivered and acked: XTRIM MINID drops it a stream node at a time. The rest of
-# ``ids`` (newer than an entry still pending) are deleted one by one with XDEL, which
-# scans its node for each id: up to a tenth of Redis' work per job. One XACK and one
-# XDEL per 1,000 ids.
+# stream's oldest pending entry has been delivered and acked: XTRIM MINID drops it a stream
+# node at a time. With nothing pending, that is everything up to the group's last delivered
+# entry (from XINFO GROUPS), which XDEL takes too. Otherwise the handled entries are also
+# deleted one by one with XDEL: those the trim already dropped are a quick miss, the others
+# (newer than an entry still pending) cost a scan of their node, up to 100 entries. No id
+# is parsed here: comparing ids in Lua cost a seventh of Redis' work per job.
+# One XACK and one XDEL per 1,000 ids.
 _DONE_ALL = """
-local function id_parts(id)
-  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-  return tonumber(ms), tonumber(seq)
-end
--- Whether entry ``id`` is at or above the id (floor_ms, floor_seq).
-local function at_or_above(id, floor_ms, floor_seq)
-  local ms, seq = id_parts(id)
-  return ms > floor_ms or (ms == floor_ms and seq >= floor_seq)
+local function last_delivered(stream, group)
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local info = {}
+    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+    if info['name'] == group then return info['last-delivered-id'] end
+  end
 end
 local function done_all(stream, group, ids)
   if #ids == 0 then return end
@@ -100,27 +100,15 @@ local function done_all(stream, group, ids)
     redis.call('XACK', stream, group, unpack(ids, i, math.min(i + 999, #ids)))
   end
   local oldest = redis.call('XPENDING', stream, group)[2]
-  local floor_ms, floor_seq
   if oldest then
-    floor_ms, floor_seq = id_parts(oldest)
+    redis.call('XTRIM', stream, 'MINID', oldest)
+    for i = 1, #ids, 1000 do
+      redis.call('XDEL', stream, unpack(ids, i, math.min(i + 999, #ids)))
+    end
   else
-    floor_ms, floor_seq = 0, 0
-    for _, id in ipairs(ids) do
-      if at_or_above(id, floor_ms, floor_seq) then
-        local ms, seq = id_parts(id)
-        floor_ms, floor_seq = ms, seq + 1
-      end
-    end
-  end
-  redis.call('XTRIM', stream, 'MINID', string.format('%d-%d', floor_ms, floor_seq))
-  if oldest then
-    local rest = {}
-    for _, id in ipairs(ids) do
-      if at_or_above(id, floor_ms, floor_seq) then rest[#rest + 1] = id end
-    end
-    for i = 1, #rest, 1000 do
-      redis.call('XDEL', stream, unpack(rest, i, math.min(i + 999, #rest)))
-    end
+    local last = last_delivered(stream, group)
+    redis.call('XTRIM', stream, 'MINID', last)
+    redis.call('XDEL', stream, last)
   end
 end
 """
