@@ -12,7 +12,7 @@ import os
 import random
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import hiredis
@@ -68,15 +68,39 @@ class _HiredisPacking:
             raise DataError(f"cannot send {args[0]!r} to Redis: {exc}") from None
 
 
-class _FastConnection(_HiredisPacking, Connection):
+class _CancellableSend(AbstractConnection):
+    """Sends under ``asyncio.timeout`` rather than redis-py's ``asyncio.wait_for``.
+
+    In Python 3.11, ``wait_for`` runs the send as a task of its own, and when its caller is
+    cancelled just as that task finishes, it returns as if nothing had happened (fixed in
+    3.12). The cancellation is lost: a consumer loop told to stop that way reads on forever.
+    ``wait_for`` also cost a task per command.
+    """
+
+    async def send_packed_command(self, command: bytes | str | Iterable[bytes], check_health: bool = True) -> None:
+        timeout = self.socket_timeout
+        if not timeout:
+            return await super().send_packed_command(command, check_health)
+        self.socket_timeout = None  # redis-py sends without wait_for; the timeout is this one
+        try:
+            async with asyncio.timeout(timeout):
+                await super().send_packed_command(command, check_health)
+        except TimeoutError:
+            await self.disconnect(nowait=True)
+            raise RedisTimeoutError("Timeout writing to socket") from None
+        finally:
+            self.socket_timeout = timeout
+
+
+class _FastConnection(_HiredisPacking, _CancellableSend, Connection):
     pass
 
 
-class _FastSSLConnection(_HiredisPacking, SSLConnection):
+class _FastSSLConnection(_HiredisPacking, _CancellableSend, SSLConnection):
     pass
 
 
-class _FastUnixConnection(_HiredisPacking, UnixDomainSocketConnection):
+class _FastUnixConnection(_HiredisPacking, _CancellableSend, UnixDomainSocketConnection):
     pass
 
 
@@ -88,7 +112,8 @@ def connect(url: str, block_ms: int = 1000) -> aioredis.Redis:
     """A client for ``url`` that retries dropped connections with jittered backoff.
 
     The socket timeout exceeds the longest blocking read, so a quiet ``XREADGROUP BLOCK``
-    is never mistaken for a dead connection. Commands are packed in C (hiredis).
+    is never mistaken for a dead connection. Commands are packed in C (hiredis), and a
+    cancelled caller is never left running (see ``_CancellableSend``).
     """
     client = aioredis.Redis.from_url(
         url,
