@@ -13,10 +13,11 @@ from broker.client import Client
 from broker.config import default_config_text, load_config
 from broker.policy_worker import PolicyWorker
 from broker.settings import Settings
-from broker.topology import POLICY_GROUP
+from broker.topology import POLICY_GROUP, Topology
 from broker.wire import ChatMessage, Job
 from policies import PoolState
 from tests.conftest import FAST_ENV, Roles
+from tests.helpers import eventually
 
 SLO_CONFIG = default_config_text() + '''
 [routing]
@@ -28,13 +29,37 @@ on_unattainable = "shed"
 '''
 
 
-async def test_slo_router_routes_and_sheds_live(roles: Roles, redis_url: str, prefix: str, tmp_path: Path) -> None:
+async def wait_until_policy_sees(client: aioredis.Redis, topo: Topology, pools: list[str]) -> None:
+    """Wait until the policy worker has refreshed its view since every pool had a live worker.
+
+    The policy writes its heartbeat right after a refresh, and refreshes every snapshot
+    period: its first heartbeat a heartbeat period after all the pools had workers beating
+    follows a refresh that saw them.
+    """
+    async def pools_beating() -> bool:
+        return all([await client.hlen(topo.heartbeats(pool)) for pool in pools])
+
+    await eventually(pools_beating, timeout=30, what=f"heartbeats from pools {pools}")
+    seen_at = time.time() + float(FAST_ENV["IB_HEARTBEAT_S"])
+
+    async def policy_refreshed() -> bool:
+        beats = (await client.hgetall(topo.policy_heartbeats)).values()
+        return any(json.loads(v)["ts"] > seen_at for v in beats)
+
+    await eventually(policy_refreshed, timeout=30, what="a policy heartbeat after the pools' first ones")
+
+
+async def test_slo_router_routes_and_sheds_live(roles: Roles, redis_url: str, prefix: str, tmp_path: Path,
+                                               client: aioredis.Redis) -> None:
     config = tmp_path / "policy.toml"
     config.write_text(SLO_CONFIG)
     env = {**FAST_ENV, "IB_CONFIG": str(config)}
     roles.start("policy", env=env)
     roles.start("worker", "--pool", "gpu", env=env)
     roles.start("worker", "--pool", "accel", env=env)
+    # Route only once the policy has seen both pools live: a job routed before the GPU
+    # worker's first heartbeat goes to the accelerator, as it should (no live GPU worker).
+    await wait_until_policy_sees(client, Topology(prefix), ["gpu", "accel"])
     chat = [ChatMessage("user", "hello " * 50)]
     async with Client(redis_url, prefix=prefix) as sdk:
         served = [await sdk.run(Job(id=f"slo-{i}", model="llama-3.1-8b", messages=chat, max_tokens=32), timeout=30)
