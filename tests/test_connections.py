@@ -37,9 +37,9 @@ async def test_a_cancelled_command_always_stops_its_caller(redis_url: str) -> No
 def deaf_server() -> Iterator[int]:
     """A TCP port that accepts connections and never reads from them."""
     with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before listen: connections inherit it
         server.bind(("127.0.0.1", 0))
         server.listen()
-        server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         yield server.getsockname()[1]
 
 
