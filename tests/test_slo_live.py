@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from broker.client import Client
 from broker.config import default_config_text, load_config
 from broker.policy_worker import PolicyWorker
 from broker.settings import Settings
+from broker.stack import wait_for_roles
 from broker.topology import POLICY_GROUP, Topology
 from broker.wire import ChatMessage, Job
 from policies import PoolState
@@ -29,17 +31,13 @@ on_unattainable = "shed"
 '''
 
 
-async def wait_until_policy_sees(client: aioredis.Redis, topo: Topology, pools: list[str]) -> None:
+async def wait_until_policy_sees(redis_url: str, client: aioredis.Redis, topo: Topology, pools: list[str]) -> None:
     """Wait until the policy worker has refreshed its view since every pool had a live worker.
 
-    The policy writes its heartbeat right after a refresh, and refreshes every snapshot
-    period: its first heartbeat a heartbeat period after all the pools had workers beating
-    follows a refresh that saw them.
+    The policy worker writes its heartbeat right after a refresh, so a heartbeat stamped a
+    heartbeat period after the pools' workers were all beating follows a refresh that saw them.
     """
-    async def pools_beating() -> bool:
-        return all([await client.hlen(topo.heartbeats(pool)) for pool in pools])
-
-    await eventually(pools_beating, timeout=30, what=f"heartbeats from pools {pools}")
+    await asyncio.to_thread(wait_for_roles, redis_url, topo, dict.fromkeys(pools, 1))
     seen_at = time.time() + float(FAST_ENV["IB_HEARTBEAT_S"])
 
     async def policy_refreshed() -> bool:
@@ -59,7 +57,7 @@ async def test_slo_router_routes_and_sheds_live(roles: Roles, redis_url: str, pr
     roles.start("worker", "--pool", "accel", env=env)
     # Route only once the policy has seen both pools live: a job routed before the GPU
     # worker's first heartbeat goes to the accelerator, as it should (no live GPU worker).
-    await wait_until_policy_sees(client, Topology(prefix), ["gpu", "accel"])
+    await wait_until_policy_sees(redis_url, client, Topology(prefix), ["gpu", "accel"])
     chat = [ChatMessage("user", "hello " * 50)]
     async with Client(redis_url, prefix=prefix) as sdk:
         served = [await sdk.run(Job(id=f"slo-{i}", model="llama-3.1-8b", messages=chat, max_tokens=32), timeout=30)
