@@ -56,3 +56,22 @@ async def test_documented_xadd_commands_get_their_documented_outcome(
         assert result["status"] == ("failed" if "bad" in job_id else "ok"), result
         entries = await client.xrange(topo.reply(reply_to))
         assert [json.loads(f[b"result"])["id"] for _i, f in entries].count(job_id) == 1
+
+
+def readme_command(title: str) -> str:
+    """The command under ``title`` in the README's "Two commands" section."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = lines.index(title)
+    fence = next(i for i in range(start, len(lines)) if lines[i].startswith("```"))
+    return lines[fence + 1].strip()
+
+
+def test_ci_runs_the_readme_test_command_exactly_as_written() -> None:
+    # CI once installed more extras than the README's command and so never ran what a new
+    # user runs (a test that assumed torch failed only on a fresh machine).
+    command = readme_command("Run the tests:")
+    assert command.startswith("python3 -m venv .venv && ") and command.endswith("python -m pytest")
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert command in ci
+    first_pytest = next(line for line in ci if "pytest" in line and not line.startswith(("#", "echo")))
+    assert first_pytest == command, "the README's command must be the first test run in .ci/run"

@@ -1,9 +1,10 @@
 """The in-process MiniLM backend with the real model: embeddings, dynamic batching, refusals.
 
 These need the ``model`` extra (torch, tokenizers, safetensors and the package that ships
-the weights). Like a missing redis-server, its absence skips locally and fails in CI, which
-installs the extra: a CI run that silently skipped the only real-model tests would prove
-nothing about them.
+the weights). Without it they skip, as on a fresh machine running the README's test command;
+with ``IB_REQUIRE_MODEL`` set (``.ci/run`` sets it for its second pass, after installing the
+extra) they fail instead: a CI run that silently skipped the only real-model tests would
+prove nothing about them.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from workers.minilm import INSTALL_HINT, MiniLMBackend
 def model() -> None:
     if missing := minilm.missing_modules():
         message = f"the model extra is not installed (missing {', '.join(missing)}): {INSTALL_HINT}"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must install the model extra: {message}")
+        if os.environ.get("IB_REQUIRE_MODEL"):
+            pytest.fail(f"IB_REQUIRE_MODEL is set but {message}")
         pytest.skip(message)
 
 
@@ -136,7 +137,8 @@ async def test_other_kinds_are_refused_for_good_without_loading_the_model(job: J
 
 
 def test_without_the_extra_the_backend_is_not_built_and_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(minilm, "REQUIRED", ("torch", "no_such_module_for_the_test"))
+    # Only the missing module: the test must hold whether or not the real extra is installed.
+    monkeypatch.setattr(minilm, "REQUIRED", ("json", "no_such_module_for_the_test"))
     with pytest.raises(ModuleNotFoundError, match=r"needs no_such_module_for_the_test: pip install") as caught:
         MiniLMBackend()
     assert caught.value.name == "no_such_module_for_the_test"
