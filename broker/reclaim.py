@@ -10,8 +10,11 @@ own, so a job that keeps killing its worker is counted even though no process su
 to count it.
 
 A worker can refuse *suspects*: jobs delivered at least twice whose runs left no error,
-i.e. whose workers died under them. It takes them one at a time and runs them alone, so
-a job that crashes its process stops taking innocent neighbours' deliveries with it.
+i.e. whose workers died under them, or whose last run killed the sandbox it ran in. It
+takes only as many as it has sandboxes free and runs each in a process of its own
+(:mod:`workers.sandbox`), so a job that crashes its process takes no innocent neighbour's
+delivery with it, and a pool full of innocent suspects after a burst of crashes keeps
+serving everything else. The rest are left for a worker with a sandbox free.
 
 Entries trimmed while pending come back as deleted ids (Redis 7.0+); they are reported so
 the caller can dead-letter them instead of losing them silently.
@@ -28,6 +31,10 @@ import msgspec
 from broker.scripts import Scripts
 from broker.streams import Entry
 
+CRASHED = "crashed: "
+"""How the error of a run that killed its sandbox begins: the job stays a suspect, so its
+next delivery runs in a sandbox again, never among other jobs."""
+
 
 class Claimed(msgspec.Struct, frozen=True):
     """What one claim pass took over."""
@@ -35,11 +42,11 @@ class Claimed(msgspec.Struct, frozen=True):
     entries: list[tuple[Entry, int]]
     """Entries to run, with their delivery counts (this delivery included)."""
     suspects: list[tuple[Entry, int]]
-    """Suspects taken to run alone (no more than asked for)."""
+    """Suspects taken to run in a sandbox (no more than asked for)."""
     deleted: list[bytes]
     """Ids that were pending but whose entries no longer exist (trimmed or deleted)."""
     waiting: int = 0
-    """Suspects seen but left for a consumer that can run them alone."""
+    """Suspects seen but left for a consumer with a sandbox free."""
 
 
 def _entry(raw: list[object]) -> Entry:
@@ -52,7 +59,8 @@ class Claimer:
     """Claims idle entries of ``stream`` for ``consumer`` in group ``group``.
 
     ``error_prefix + entry_id`` names the key where a failed run recorded its error; with
-    it, redelivered entries without one are suspects. Without it there are no suspects.
+    it, redelivered entries without one, or with one that starts with :data:`CRASHED`, are
+    suspects. Without it there are no suspects.
     """
 
     def __init__(self, scripts: Scripts, stream: str, group: str, consumer: str, *, idle_ms: int,
@@ -76,7 +84,7 @@ class Claimer:
     async def claim(self, count: int, suspects: int = 0) -> Claimed:
         """Take over up to ``count`` idle entries, and up to ``suspects`` suspects to run alone."""
         reply: list[Any] = await self.scripts.call("claim", [self.stream], [  # type: ignore[assignment]
-            self.group, self.consumer, self.idle_ms, self.cursor, count, suspects, self.error_prefix])
+            self.group, self.consumer, self.idle_ms, self.cursor, count, suspects, self.error_prefix, CRASHED])
         cursor, entries, isolated, deleted, counts, isolated_counts, waiting = reply
         self.cursor = cursor
         if cursor in (b"0-0", "0-0") or not (entries or isolated):

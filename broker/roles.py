@@ -83,6 +83,7 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, pool: str, *,
                        concurrency: int | None = None, name: str | None = None) -> None:
     """A pool worker role with the pool's configured backend (simulated, OpenAI-compatible HTTP, ...)."""
     from workers.factory import BackendUnavailable, make_backend
+    from workers.sandbox import Sandboxes
     from workers.worker import PoolWorker
 
     assert settings.redis_url is not None
@@ -100,6 +101,9 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, pool: str, *,
     ROLE.info({"role": "worker", "pool": pool})
     COST_RATE.labels(pool).set(spec.cost_per_hour)
     groups = [(settings.topology.pool(pool, lane), WORKER_GROUP) for lane in range(config.lanes)]
+    # Processes start only when a suspect needs one (see workers.sandbox).
+    sandboxes = Sandboxes(spec, slots=settings.sandboxes, faults=settings.fault_injection) \
+        if settings.sandboxes > 0 else None
     client = connect(settings.redis_url, settings.block_ms)
     try:
         async with role_endpoint(settings, f"worker {pool}", groups, stop):
@@ -112,11 +116,13 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, pool: str, *,
                 log.info("pool %s: loading %s", pool, backend.name)
                 await warm_up()
             worker = PoolWorker(client, settings, pool, backend, concurrency=concurrency or spec.concurrency,
-                                lanes=config.lanes, name=name)
+                                lanes=config.lanes, name=name, sandboxes=sandboxes)
             log.info("worker %s: pool %s, %s, concurrency %d", worker.name, pool, backend.name,
                      worker.concurrency)
             await worker.run(stop)
             log.info("worker %s stopped after %d jobs", worker.name, worker.completed)
     finally:
+        if sandboxes is not None:
+            await sandboxes.aclose()
         await backend.aclose()
         await client.aclose()

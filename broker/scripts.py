@@ -225,11 +225,13 @@ return lost
 """
 
 # KEYS: stream.  ARGV: group, consumer, idle ms, cursor, count, suspects wanted, error-key
-# prefix ('' = no suspects). One claim pass (see broker.reclaim): XAUTOCLAIM JUSTID takes
-# ids without counting a delivery; redelivered ids whose runs left no error key are
-# suspects: up to `wanted` are taken to run alone, the rest given straight back (idle, so
-# claimable at once, count unchanged). The others are taken with XCLAIM, which counts the
-# delivery and returns their fields. (The error keys share the stream's hash tag.)
+# prefix ('' = no suspects), crash mark. One claim pass (see broker.reclaim): XAUTOCLAIM
+# JUSTID takes ids without counting a delivery. A redelivered id is a suspect when its last
+# run left no error key (its worker died or stalled under it), or an error key that starts
+# with the crash mark (it killed the sandbox that ran it alone): up to `wanted` are taken to
+# run in a sandbox, the rest given straight back (idle, so claimable at once, count
+# unchanged). The others are taken with XCLAIM, which counts the delivery and returns their
+# fields. (The error keys share the stream's hash tag.)
 # Returns {cursor, entries, suspect entries, deleted ids, counts, suspect counts, suspects given back}.
 CLAIM = """
 local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5], 'JUSTID')
@@ -237,12 +239,16 @@ local wanted = tonumber(ARGV[6])
 local given_back = 0
 local out = {{}, {}}
 local counts = {{}, {}}
+local function suspect(id)
+  local err = redis.call('GET', ARGV[7] .. id)
+  return not err or string.sub(err, 1, #ARGV[8]) == ARGV[8]
+end
 for _, id in ipairs(r[2]) do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
   local prior = 1
   if p[1] then prior = p[1][4] end
   local kind = 1
-  if ARGV[7] ~= '' and prior >= 2 and redis.call('EXISTS', ARGV[7] .. id) == 0 then
+  if ARGV[7] ~= '' and prior >= 2 and suspect(id) then
     if wanted > 0 then wanted = wanted - 1; kind = 2 else kind = 0 end
   end
   if kind == 0 then

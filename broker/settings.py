@@ -51,6 +51,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """How often each consumer looks for entries to take over."""
     max_deliveries: int = 5
     """Deliveries after which a job that keeps failing (or killing its worker) is dead-lettered."""
+    sandboxes: int = 2
+    """Suspects (jobs whose worker died under them) a pool worker runs at once, each alone in a
+    process of its own beside its other jobs [IB_SANDBOXES]; 0 runs them in-process like any job."""
     retry_backoff_ms: int = 500
     """First retry delay of a failed job; it doubles with each delivery (with jitter)."""
     max_backlog: int = 100_000

@@ -13,8 +13,12 @@ Reliability, in the order a job meets it:
   (:mod:`broker.reclaim`), with Redis' delivery count. Past ``max_deliveries`` the job is
   dead-lettered with its last error instead of being run again.
 * **Quarantine.** A job delivered before whose earlier run left no error (its worker died
-  or stalled) may be what killed it. It runs alone: nothing else starts while it runs, so
-  if it crashes the process again it takes no innocent neighbour's delivery with it.
+  or stalled) may be what killed it, or may have been an innocent bystander. It runs in a
+  sandbox (:mod:`workers.sandbox`), a process of its own, beside the worker's other jobs: if
+  it kills that process, it takes no innocent neighbour's delivery with it, and the death
+  is recorded against it alone (it stays a suspect until ``max_deliveries``). The worker
+  takes only as many suspects as it has sandboxes free, so a burst of innocent suspects
+  after a crash wave never stops the pool taking new work.
 * **Leases.** While jobs run, their entries are renewed every third of ``claim_idle_ms``
   without raising the delivery count, so a long job is not taken over while its worker
   lives. A lease found lost (this process was paused and a peer took the job) cancels
@@ -44,7 +48,7 @@ import redis.asyncio as aioredis
 
 from broker.logs import job_context
 from broker.metrics import CAPACITY, IN_FLIGHT, RECLAIMED, PoolMetrics
-from broker.reclaim import Claimer
+from broker.reclaim import CRASHED, Claimer
 from broker.scripts import CompleteTarget, Completion, ScriptBatcher, Scripts
 from broker.settings import Settings
 from broker.streams import RETRYABLE, Backoff, Entry, consumer_name, ensure_group, every, is_group_lost
@@ -62,6 +66,7 @@ from broker.wire import (
     json_encode,
 )
 from workers.backend import Backend, BackendError
+from workers.sandbox import SandboxCrashed, Sandboxes
 from workers.tokens import TokenStream
 
 log = logging.getLogger("inference_broker.worker")
@@ -93,7 +98,7 @@ class Lane(msgspec.Struct):
     cursor: str = "0-0"
     """Our own pending entries first (a restart under the same name), then ``>``: new ones."""
     suspects_waiting: bool = False
-    """Its last claim pass saw suspects it left for when this worker is idle."""
+    """Its last claim pass saw suspects it left for when a sandbox is free."""
 
 
 class PoolWorker:
@@ -106,12 +111,14 @@ class PoolWorker:
 
     def __init__(self, client: aioredis.Redis, settings: Settings, pool: str, backend: Backend, *,
                  concurrency: int, lanes: int = 1, name: str | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 sandboxes: Sandboxes | None = None, clock: Callable[[], float] = time.time) -> None:
         self.client = client
         self.settings = settings
         self.topo = settings.topology
         self.pool = pool
         self.backend = backend
+        self.sandboxes = sandboxes
+        """Where suspects run; without them there are no suspects (every job runs in-process)."""
         self.concurrency = concurrency
         self.name = name or consumer_name(f"worker-{pool}")
         self.clock = clock
@@ -120,7 +127,7 @@ class PoolWorker:
         """Completion scripts of jobs finishing together go in one pipeline."""
         self.lanes = [Lane(i, self.topo.pool(pool, i), self.topo.errors(pool, i), Claimer(
             self.scripts, self.topo.pool(pool, i), WORKER_GROUP, self.name, idle_ms=settings.claim_idle_ms,
-            interval_s=settings.claim_interval_s, error_prefix=self.topo.errors(pool, i)),
+            interval_s=settings.claim_interval_s, error_prefix=self.topo.errors(pool, i) if sandboxes else ""),
             CompleteTarget(self.topo.pool(pool, i), WORKER_GROUP, self.name, self.topo, settings.result_ttl_s * 1000))
             for i in range(lanes)]
         self._lane_of = {lane.stream.encode(): lane for lane in self.lanes}
@@ -144,8 +151,6 @@ class PoolWorker:
         prompt and output tokens, concurrency, TTFT, TPOT, finished at), the freshest if more."""
         self.beat_seq = 0
         self._leases: asyncio.Task[None] | None = None
-        self.isolated: tuple[int, bytes] | None = None
-        """The suspect running alone now."""
         self.completed = 0
         self.retried = 0
         self.dead = 0
@@ -184,16 +189,15 @@ class PoolWorker:
         backoff = Backoff()
         while not stop.is_set():
             free = self.concurrency - len(self.running)
-            if self.running and (free <= 0 or self.isolated is not None or self.suspects_waiting):
-                # Full; or a suspect runs alone; or we drain so that one can: wait for a job to
-                # end (or for the stop). An event rather than asyncio.wait over every running
-                # task, which cost O(concurrency) per finished job.
+            if free <= 0:
+                # Full: wait for a job to end (or for the stop). An event rather than
+                # asyncio.wait over every running task, which cost O(concurrency) per finished job.
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             try:
                 free -= await self._claim(free)
-                if free <= 0 or self.isolated is not None or self.suspects_waiting:
+                if free <= 0:
                     continue
                 for lane, entry, deliveries in await self._read(free):
                     self._start(lane, entry, deliveries)
@@ -213,11 +217,12 @@ class PoolWorker:
         """Take over abandoned entries, most urgent lane first; returns how many were taken."""
         taken = 0
         for lane in self.lanes:
-            if taken >= free or self.isolated is not None:
+            if taken >= free:
                 break
-            if not (lane.claimer.due() or lane.suspects_waiting):
+            sandboxes = min(self.sandboxes.free if self.sandboxes else 0, free - taken)
+            if not (lane.claimer.due() or (lane.suspects_waiting and sandboxes > 0)):
                 continue
-            claimed = await lane.claimer.claim(free - taken, suspects=0 if self.running else 1)
+            claimed = await lane.claimer.claim(free - taken, suspects=sandboxes)
             lane.suspects_waiting = claimed.waiting > 0
             if claimed.entries or claimed.suspects:
                 self._reclaimed[lane.index].inc(len(claimed.entries) + len(claimed.suspects))
@@ -226,10 +231,9 @@ class PoolWorker:
                 await self._dead(lane, entry_id, b"", "trimmed", "the entry was deleted while pending", None,
                                  fenced=False)
             for entry, deliveries in claimed.suspects:
-                self.isolated = (lane.index, entry[0])
-                log.warning("job in %s was delivered %d times and its workers died: running it alone",
-                            entry[0].decode(), deliveries)
-                self._start(lane, entry, deliveries)
+                log.warning("entry %s of %s is on delivery %d and its last run died with its process: "
+                            "running it in a sandbox", entry[0].decode(), lane.stream, deliveries)
+                self._start(lane, entry, deliveries, sandboxed=True)
             for entry, deliveries in claimed.entries:
                 self._start(lane, entry, deliveries)
             taken += len(claimed.entries) + len(claimed.suspects)
@@ -258,16 +262,11 @@ class PoolWorker:
                                              count=1, block=self.settings.block_ms)
         return [(self._lane_of[stream], entry, 1) for stream, entries in reply or [] for entry in entries]
 
-    @property
-    def suspects_waiting(self) -> bool:
-        """A claim pass saw suspects: take no new work until idle, then take one."""
-        return any(lane.suspects_waiting for lane in self.lanes)
-
-    def _start(self, lane: Lane, entry: Entry, deliveries: int) -> None:
+    def _start(self, lane: Lane, entry: Entry, deliveries: int, *, sandboxed: bool = False) -> None:
         key = (lane.index, entry[0])
         if key in self.running or not entry[1]:
             return  # already running here, or deleted while pending
-        task = asyncio.create_task(self._handle(lane, entry, deliveries, self.clock()))
+        task = asyncio.create_task(self._handle(lane, entry, deliveries, self.clock(), sandboxed))
         self.running[key] = task
         task.add_done_callback(lambda _t: self._ended(key))
 
@@ -279,8 +278,6 @@ class PoolWorker:
         """The job's run is over and its outcome in Redis (or it was given up): free its slot."""
         self.running.pop(key, None)
         self._wake.set()
-        if self.isolated == key:
-            self.isolated = None
 
     async def _drain(self) -> None:
         if not self.running:
@@ -309,7 +306,7 @@ class PoolWorker:
         if leftover:
             log.warning("gave back %d unfinished jobs to the pool", len(leftover))
 
-    async def _handle(self, lane: Lane, entry: Entry, deliveries: int, dequeued: float) -> None:
+    async def _handle(self, lane: Lane, entry: Entry, deliveries: int, dequeued: float, sandboxed: bool) -> None:
         entry_id, fields = entry
         raw = fields.get(b"routed", b"")
         if len(raw) > self.settings.max_job_bytes + 65536:
@@ -349,7 +346,8 @@ class PoolWorker:
             try:
                 started = self.clock()
                 concurrency = min(len(self.running), self.concurrency)
-                out = await self.backend.run(job, on_token=tokens.put if tokens else None)
+                backend: Backend = self.sandboxes if sandboxed and self.sandboxes is not None else self.backend
+                out = await backend.run(job, on_token=tokens.put if tokens else None)
             finally:
                 self.busy -= 1
                 self._wake.set()
@@ -373,24 +371,26 @@ class PoolWorker:
                     self.metrics.of(route.slo).expired.inc)
                 return
             self.metrics.of(route.slo).failed.inc()
+            # A sandbox's death is marked as such: the job stays a suspect (broker.reclaim).
+            error = CRASHED + str(exc) if isinstance(exc, SandboxCrashed) else f"{type(exc).__name__}: {exc}"
             if exc.retryable and deliveries < self.settings.max_deliveries:
                 # A backend that says when it can take work again (all endpoints cooling
                 # down) gets the job back then, not sooner: an earlier retry only burns a delivery.
                 delay = max(self._backoff_ms(deliveries), int((exc.retry_at - self.clock()) * 1000))
                 delay = min(delay, self.settings.claim_idle_ms)
-                await self._nack(lane, entry_id, routed, f"{type(exc).__name__}: {exc}", delay_ms=delay)
+                await self._nack(lane, entry_id, routed, error, delay_ms=delay)
             elif exc.retryable:
                 await self._dead(lane, entry_id, raw, "max_deliveries", f"delivered {deliveries} times without "
-                                 f"success; last error: {type(exc).__name__}: {exc}", routed, deliveries=deliveries)
+                                 f"success; last error: {error}", routed, deliveries=deliveries)
             else:
-                await self._dead(lane, entry_id, raw, "backend_error", f"{type(exc).__name__}: {exc}", routed,
-                                 deliveries=deliveries)
+                await self._dead(lane, entry_id, raw, "backend_error", error, routed, deliveries=deliveries)
             return
         timing = Timing(created_at=routed.created_at, routed_at=route.routed_at, dequeued_at=dequeued,
                         started_at=started, first_token_at=out.first_token_at, finished_at=out.finished_at,
                         attempt=deliveries)
         metrics = Metrics.of(timing, out.completion_tokens)
-        self._observe(job.model, out.prompt_tokens, out.completion_tokens, concurrency, timing, metrics)
+        if not sandboxed:  # a run alone in another process says nothing of this device's load
+            self._observe(job.model, out.prompt_tokens, out.completion_tokens, concurrency, timing, metrics)
         result = Result(
             id=job.id, status="ok", model=job.model, kind=job.kind, tenant=job.tenant, slo=route.slo,
             pool=self.pool, worker=self.name, output=out.output, embeddings=out.embeddings,
