@@ -193,14 +193,20 @@ done_with(KEYS[1])
 return 1
 """
 
-# KEYS: stream, error key.  ARGV[4] idle ms to set, ARGV[5] error ('' = none), ARGV[6] ttl ms.
-# Gives an entry back for a later delivery: marking it idle for `idle` ms makes it
-# claimable by any consumer after (claim_idle - idle) ms. JUSTID leaves the delivery
-# count alone: it rises when the entry is claimed, i.e. when it is really delivered again.
+# KEYS: stream, error key.  ARGV[4] idle ms to set, ARGV[5] error ('' = none), ARGV[6] ttl ms,
+# ARGV[7] the delivery that failed. Gives an entry back for a later delivery: marking it
+# idle for `idle` ms makes it claimable by any consumer after (claim_idle - idle) ms. JUSTID
+# leaves the delivery count alone: it rises when the entry is claimed, i.e. when it is
+# really delivered again. The error key (a hash) says which delivery failed and how: a
+# delivery with no error there ended with its worker's death, which is no evidence against
+# the job (see broker.reclaim).
 NACK = _PRELUDE + """
 if not owned(KEYS[1]) then return -1 end
 redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2], 'IDLE', ARGV[4], 'JUSTID')
-if ARGV[5] ~= '' then redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[6]) end
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[2], 'error', ARGV[5], 'delivery', ARGV[7])
+  redis.call('PEXPIRE', KEYS[2], ARGV[6])
+end
 return 1
 """
 
@@ -227,7 +233,7 @@ return lost
 # KEYS: stream.  ARGV: group, consumer, idle ms, cursor, count, suspects wanted, error-key
 # prefix ('' = no suspects), crash mark. One claim pass (see broker.reclaim): XAUTOCLAIM
 # JUSTID takes ids without counting a delivery. A redelivered id is a suspect when its last
-# run left no error key (its worker died or stalled under it), or an error key that starts
+# delivery left no error (its worker died or stalled under it), or an error that starts
 # with the crash mark (it killed the sandbox that ran it alone): up to `wanted` are taken to
 # run in a sandbox, the rest given straight back (idle, so claimable at once, count
 # unchanged). The others are taken with XCLAIM, which counts the delivery and returns their
@@ -239,16 +245,16 @@ local wanted = tonumber(ARGV[6])
 local given_back = 0
 local out = {{}, {}}
 local counts = {{}, {}}
-local function suspect(id)
-  local err = redis.call('GET', ARGV[7] .. id)
-  return not err or string.sub(err, 1, #ARGV[8]) == ARGV[8]
+local function suspect(id, last)
+  local err = redis.call('HMGET', ARGV[7] .. id, 'error', 'delivery')
+  return not err[1] or err[2] ~= tostring(last) or string.sub(err[1], 1, #ARGV[8]) == ARGV[8]
 end
 for _, id in ipairs(r[2]) do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
   local prior = 1
   if p[1] then prior = p[1][4] end
   local kind = 1
-  if ARGV[7] ~= '' and prior >= 2 and suspect(id) then
+  if ARGV[7] ~= '' and prior >= 2 and suspect(id, prior) then
     if wanted > 0 then wanted = wanted - 1; kind = 2 else kind = 0 end
   end
   if kind == 0 then

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -150,3 +150,24 @@ def servers() -> Iterator[list[EmbeddedRedis]]:
     yield started
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def make_roles(servers: list[EmbeddedRedis], prefix: str, tmp_path: Path,
+               request: pytest.FixtureRequest) -> Iterator[Callable[[str], Roles]]:
+    """Roles against a test's own server; stopped before the servers are (fixture order)."""
+    made: list[Roles] = []
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    def make(url: str) -> Roles:
+        made.append(Roles(url, prefix, logs))
+        return made[-1]
+
+    yield make
+    for roles in made:
+        roles.stop_all()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        for roles in made:
+            print(roles.logs())

@@ -11,7 +11,7 @@ import asyncio
 import socket
 import subprocess
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,27 +28,6 @@ from tests.conftest import FAST_ENV, Roles, _start
 from tests.helpers import eventually, lane, lanes, result_counts
 
 LOSS = "Redis lost this deployment's data"
-
-
-@pytest.fixture
-def make_roles(servers: list[EmbeddedRedis], prefix: str, tmp_path: Path,
-               request: pytest.FixtureRequest) -> Iterator[Callable[[str], Roles]]:
-    """Roles against a test's own server; stopped before the servers are (fixture order)."""
-    made: list[Roles] = []
-    logs = tmp_path / "logs"
-    logs.mkdir()
-
-    def make(url: str) -> Roles:
-        made.append(Roles(url, prefix, logs))
-        return made[-1]
-
-    yield make
-    for roles in made:
-        roles.stop_all()
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        for roles in made:
-            print(roles.logs())
 
 
 def launch(servers: list[EmbeddedRedis], directory: Path, **kwargs: object) -> EmbeddedRedis:

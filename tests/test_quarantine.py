@@ -14,10 +14,42 @@ import signal
 import redis.asyncio as aioredis
 
 from broker.client import Client
+from broker.reclaim import CRASHED, Claimer
+from broker.scripts import Scripts
+from broker.streams import ensure_group
 from broker.topology import WORKER_GROUP, Topology
 from broker.wire import Job, decode_dead
 from tests.conftest import FAST_ENV, Roles
 from tests.helpers import eventually, lanes
+
+
+async def test_a_job_is_a_suspect_when_its_last_delivery_left_no_error_or_crashed_its_sandbox(
+        client: aioredis.Redis, prefix: str) -> None:
+    topo = Topology(prefix)
+    stream, errors = topo.pool("gpu"), topo.errors("gpu")
+    await ensure_group(client, stream, WORKER_GROUP)
+    entry_id = await client.xadd(stream, {"routed": b"x"})
+    await client.xreadgroup(WORKER_GROUP, "w1", {stream: ">"})  # delivery 1; w1 dies
+    scripts = Scripts(client)
+
+    async def claim(consumer: str) -> tuple[int, int]:
+        """A claim pass by ``consumer``: (entries taken to run in-process, suspects taken)."""
+        claimed = await Claimer(scripts, stream, WORKER_GROUP, consumer, idle_ms=0, interval_s=0,
+                                error_prefix=errors).claim(10, suspects=1)
+        return len(claimed.entries), len(claimed.suspects)
+
+    async def nack(consumer: str, error: str, delivery: int) -> None:
+        await scripts.call("nack", [stream, errors + entry_id.decode()],
+                           [WORKER_GROUP, entry_id, consumer, 0, error, 60_000, delivery])
+
+    assert await claim("w2") == (1, 0)  # one death is not enough to suspect it: delivery 2
+    await nack("w2", "BackendError: 503", 2)  # it failed there: evidence, but not of a crash
+    assert await claim("w3") == (1, 0)  # delivery 3, in-process; w3 dies under it
+    assert await claim("w4") == (0, 1)  # its last delivery left no error: a suspect
+    await nack("w4", CRASHED + "the process running it alone died (exit code 70)", 4)
+    assert await claim("w5") == (0, 1)  # it killed its sandbox: still a suspect
+    await nack("w5", "BackendError: 503", 5)
+    assert await claim("w6") == (1, 0)  # a plain failure in the sandbox clears it
 
 
 def completion(job_id: str, tokens: int, **metadata: str) -> Job:

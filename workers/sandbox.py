@@ -10,7 +10,7 @@ worker and its other jobs carry on, and the death is evidence against that job a
 hop, while the rest of the pool keeps serving new work.
 
 Children are kept between jobs (starting one costs a Python start-up and the backend's
-imports) and die with the worker (``PR_SET_PDEATHSIG`` on Linux, else at the next read).
+imports) and die with the worker (``PR_SET_PDEATHSIG`` on Linux, else at their next read).
 The worker and a child speak length-prefixed msgpack frames over the child's stdin and
 stdout; the spec travels on stdin, never in argv (it may name endpoints).
 """
@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
-import signal
 import struct
 import sys
 from typing import BinaryIO
 
 import msgspec
 
+from broker.embedded import die_with_parent
 from broker.wire import Job
 from policies.config import PoolSpec
 from workers.backend import BackendError, InferenceOutput, TokenSink
@@ -115,17 +114,16 @@ class Sandboxes:
         self.faults = faults
         self.name = f"sandbox:{spec.backend}"
         self.busy = 0
+        """Sandboxes running a job now."""
         self._idle: list[_Child] = []
         self.crashes = 0
         """Jobs that killed their sandbox."""
 
-    @property
-    def free(self) -> int:
-        return self.slots - self.busy
-
     async def _spawn(self) -> _Child:
+        # A sandbox must not outlive its worker: the job it runs belongs to whoever claims it next.
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "workers.sandbox", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+            sys.executable, "-m", "workers.sandbox", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            preexec_fn=die_with_parent)
         child = _Child(process)
         assert process.stdin is not None
         process.stdin.write(_frame(Start(spec=self.spec, faults=self.faults)))
@@ -165,12 +163,6 @@ class Sandboxes:
 # ---------------------------------------------------------------------------------- the child
 
 
-def _die_with_parent() -> None:
-    # A sandbox must not outlive its worker: the job it runs belongs to whoever claims it next.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def _read(stream: BinaryIO) -> bytes | None:
     header = stream.read(_LENGTH.size)
     if len(header) < _LENGTH.size:
@@ -182,7 +174,6 @@ def main() -> None:
     """The child: build the backend from the first frame, then run each job it is sent."""
     from workers.factory import make_backend
 
-    _die_with_parent()
     # Frames go to the original stdout; anything the backend prints goes to stderr instead.
     stdin, stdout = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)

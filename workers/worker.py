@@ -11,7 +11,9 @@ Reliability, in the order a job meets it:
 
 * **Takeover.** Besides new entries, the worker claims entries other consumers abandoned
   (:mod:`broker.reclaim`), with Redis' delivery count. Past ``max_deliveries`` the job is
-  dead-lettered with its last error instead of being run again.
+  dead-lettered with its last error instead of being run again, unless its last run only
+  died with its worker: that is no evidence against it, and it runs again in a sandbox,
+  up to ``delivery_cap``.
 * **Quarantine.** A job delivered before whose earlier run left no error (its worker died
   or stalled) may be what killed it, or may have been an innocent bystander. It runs in a
   sandbox (:mod:`workers.sandbox`), a process of its own, beside the worker's other jobs: if
@@ -136,6 +138,8 @@ class PoolWorker:
         """Jobs taken, by (lane, entry id), until their outcome is in Redis. Rarely one more than
         ``concurrency`` per lane below the first: a blocking read over every lane can wake with
         one entry from each."""
+        self._sandboxed: set[tuple[int, bytes]] = set()
+        """Suspects taken, until their outcome is in Redis: each holds one of the sandboxes."""
         self._publishing: set[tuple[int, bytes]] = set()
         """Those whose run is over and whose result is on its way to Redis (see _publish)."""
         self._backoffs: dict[tuple[int, bytes], Backoff] = {}
@@ -219,7 +223,7 @@ class PoolWorker:
         for lane in self.lanes:
             if taken >= free:
                 break
-            sandboxes = min(self.sandboxes.free if self.sandboxes else 0, free - taken)
+            sandboxes = min(self.sandboxes.slots - len(self._sandboxed) if self.sandboxes else 0, free - taken)
             if not (lane.claimer.due() or (lane.suspects_waiting and sandboxes > 0)):
                 continue
             claimed = await lane.claimer.claim(free - taken, suspects=sandboxes)
@@ -266,6 +270,8 @@ class PoolWorker:
         key = (lane.index, entry[0])
         if key in self.running or not entry[1]:
             return  # already running here, or deleted while pending
+        if sandboxed:
+            self._sandboxed.add(key)
         task = asyncio.create_task(self._handle(lane, entry, deliveries, self.clock(), sandboxed))
         self.running[key] = task
         task.add_done_callback(lambda _t: self._ended(key))
@@ -277,6 +283,7 @@ class PoolWorker:
     def _finished(self, key: tuple[int, bytes]) -> None:
         """The job's run is over and its outcome in Redis (or it was given up): free its slot."""
         self.running.pop(key, None)
+        self._sandboxed.discard(key)
         self._wake.set()
 
     async def _drain(self) -> None:
@@ -323,12 +330,17 @@ class PoolWorker:
             await self._dead(lane, entry_id, raw, "invalid_job", f"reply_to {job.reply_to!r} is reserved", None)
             return
         if deliveries > self.settings.max_deliveries:
-            last = await self.client.get(lane.errors + entry_id.decode())
-            error = last.decode(errors="replace") if last else "its worker died or stalled while running it"
-            await self._dead(lane, entry_id, raw, "max_deliveries",
-                             f"delivered {deliveries - 1} times without success; last error: {error}", routed,
-                             deliveries=deliveries - 1)
-            return
+            last, at = await self.client.hmget(lane.errors + entry_id.decode(), ["error", "delivery"])  # type: ignore[misc]
+            # Past the limit, a run that only died with its worker (no evidence against the
+            # job, which runs in a sandbox now) earns another try, up to delivery_cap.
+            evidence = at == str(deliveries - 1).encode()  # the last run failed, or crashed its sandbox
+            if not sandboxed or evidence or deliveries > self.settings.delivery_cap:
+                error = last.decode(errors="replace") if evidence and last else \
+                    "its worker died or stalled while running it"
+                await self._dead(lane, entry_id, raw, "max_deliveries",
+                                 f"delivered {deliveries - 1} times without success; last error: {error}", routed,
+                                 deliveries=deliveries - 1)
+                return
         if job.deadline is not None and self.clock() > job.deadline:
             self._publish(lane, entry_id, routed, Result(
                 id=job.id, status="expired", model=job.model, kind=job.kind, tenant=job.tenant,
@@ -378,7 +390,7 @@ class PoolWorker:
                 # down) gets the job back then, not sooner: an earlier retry only burns a delivery.
                 delay = max(self._backoff_ms(deliveries), int((exc.retry_at - self.clock()) * 1000))
                 delay = min(delay, self.settings.claim_idle_ms)
-                await self._nack(lane, entry_id, routed, error, delay_ms=delay)
+                await self._nack(lane, entry_id, routed, error, delay_ms=delay, delivery=deliveries)
             elif exc.retryable:
                 await self._dead(lane, entry_id, raw, "max_deliveries", f"delivered {deliveries} times without "
                                  f"success; last error: {error}", routed, deliveries=deliveries)
@@ -450,11 +462,12 @@ class PoolWorker:
                 counted()
 
     async def _nack(self, lane: Lane, entry_id: bytes, routed: RoutedJob | None, error: str, *,
-                    delay_ms: int) -> None:
+                    delay_ms: int, delivery: int = 0) -> None:
         job_id = routed.job.id if routed else ""
         idle = max(0, self.settings.claim_idle_ms - delay_ms)
         code = await self._script("nack", [lane.stream, lane.errors + entry_id.decode()],
-                                  [WORKER_GROUP, entry_id, self.name, idle, error, self.settings.result_ttl_s * 1000])
+                                  [WORKER_GROUP, entry_id, self.name, idle, error, self.settings.result_ttl_s * 1000,
+                                   delivery])
         if error:
             self.retried += 1
             if code == 1 and routed is not None:
