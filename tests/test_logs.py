@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import subprocess
 import sys
 import uuid
@@ -49,6 +50,39 @@ def test_formatters_carry_job_and_trace_context_and_scrub() -> None:
     text = TextFormatter().format(record)
     assert "hunter2" not in text and text.endswith(f"trace_id={TRACE_ID}")
     assert job_context(None, "j-2") == {"job_id": "j-2"} and job_context(None) == {}
+
+
+FORGED = "2026-01-01 00:00:00,000 WARNING inference_broker.policy: forged"
+EVIL = f"\n{FORGED}\r\x1b[31m\x9b31m\u2028{FORGED}\x00"
+"""Job data that, written raw, starts a log line of its own and sends terminal escapes (C0 and C1)."""
+RECORD = re.compile(
+    r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) inference_broker[\w.]*: ")
+"""The start of a text log record (TEXT_FORMAT)."""
+
+
+def _raw_controls(text: str) -> list[str]:
+    return sorted({c for c in text if not c.isprintable() and c != "\n"})
+
+
+def test_formatters_escape_control_characters_in_messages_arguments_and_tracebacks() -> None:
+    try:
+        raise ValueError(f"bad{EVIL}")
+    except ValueError:
+        record = logging.LogRecord("inference_broker.policy", logging.WARNING, __file__, 1,
+                                   f"entry{EVIL} %s", (f"field{EVIL}",), exc_info=sys.exc_info())
+    record.__dict__.update(job_context(None, f"j{EVIL}"))
+    text = TextFormatter().format(record)
+    assert not _raw_controls(text), _raw_controls(text)
+    first, *rest = text.split("\n")
+    assert RECORD.match(first) and "\\n2026-01-01" in first and "\\x1b[31m\\x9b31m\\u2028" in first
+    # The traceback keeps its lines, each indented: none can pass for a record of its own.
+    assert rest and all(line.startswith("    ") for line in rest), text
+    assert "    ValueError: bad" in rest and f"    {FORGED}\\r\\x1b[31m\\x9b31m\\u2028{FORGED}\\x00" in rest
+    line = JsonFormatter().format(record)
+    assert "\n" not in line and not _raw_controls(line)
+    out = json.loads(line)
+    assert all(value.isprintable() for key, value in out.items() if key != "exc")
+    assert not _raw_controls(out["exc"]) and f"ValueError: bad\n{FORGED}\\r\\x1b[31m" in out["exc"]
 
 
 async def test_no_credentials_in_any_log_line_or_error(servers: list[EmbeddedRedis], prefix: str,
