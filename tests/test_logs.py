@@ -17,10 +17,15 @@ import sys
 import uuid
 from pathlib import Path
 
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+
 from broker.client import Client
 from broker.embedded import EmbeddedRedis, free_port
 from broker.logs import JsonFormatter, TextFormatter, job_context, scrub
-from broker.wire import Job
+from broker.topology import Topology
+from broker.wire import Job, decode_dead
 from tests.conftest import FAST_ENV, ROOT, Roles, _start
 from tests.helpers import eventually
 from tests.test_metrics import get, is_ready
@@ -83,6 +88,48 @@ def test_formatters_escape_control_characters_in_messages_arguments_and_tracebac
     out = json.loads(line)
     assert all(value.isprintable() for key, value in out.items() if key != "exc")
     assert not _raw_controls(out["exc"]) and f"ValueError: bad\n{FORGED}\\r\\x1b[31m" in out["exc"]
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+async def test_job_data_cannot_forge_log_lines_or_send_terminal_escapes(roles: Roles, client: aioredis.Redis,
+                                                                         prefix: str, fmt: str) -> None:
+    # Regression: an unknown field's name, an entry's field names, a bad `kind` went into
+    # the policy worker's dead-letter warning raw: a newline forged a record, ESC and CSI
+    # (C1, which JSON leaves as is) reached the operator's terminal.
+    topo = Topology(prefix)
+    good = {"id": "fine", "model": "llama-3.1-8b", "kind": "completion", "prompt": "p"}
+    entries: list[dict[str, bytes]] = [
+        {"job": json.dumps({**good, "id": "json-field", f"zz{EVIL}": 1}).encode()},
+        {"job": msgspec.msgpack.encode({**good, "id": "msgpack-field", f"zz{EVIL}": 1})},
+        {f"x{EVIL}": b"{}", f"y{EVIL}": b"1"},
+        {"job": json.dumps({**good, "id": "kind", "kind": f"k{EVIL}"}).encode()},
+        {"job": json.dumps({**good, "id": "model", "model": f"m\n{FORGED}\r\x1b[31m\x9b"}).encode()},
+        {"job": json.dumps({**good, "id": f"i{EVIL}"}).encode()},
+        {"job": json.dumps({**good, "id": "reply", "reply_to": f"r{EVIL}"}).encode()},
+    ]
+    ids = [(await client.xadd(topo.jobs, fields)).decode() for fields in entries]  # type: ignore[arg-type]
+    policy = roles.start("policy", env={**FAST_ENV, "IB_LOG_FORMAT": fmt})
+
+    async def all_dead() -> bool:
+        return len(await client.xrange(topo.dead)) == len(entries)
+
+    await eventually(all_dead, timeout=20, what="a dead letter per crafted entry")
+    assert roles.stop_all() == [0] and policy.returncode == 0
+    output = (roles.log_dir / "policy-0.log").read_bytes().decode()  # not read_text: it turns \r into \n
+    assert not _raw_controls(output), _raw_controls(output)
+    lines = output.removesuffix("\n").split("\n")
+    if fmt == "json":
+        messages = [json.loads(line)["msg"] for line in lines]
+    else:
+        assert all(RECORD.match(line) for line in lines), output
+        messages = lines
+    assert not [line for line in lines if line.startswith(FORGED) or line.startswith("{") != (fmt == "json")]
+    for entry_id in ids:  # one record per dead letter, with the crafted text escaped in it
+        assert len([m for m in messages if f"dead letter {entry_id} " in m]) == 1, output
+    assert "forged" in output and all("dead letter" in m for m in messages if "forged" in m), output
+    # Dead letters quote the same text escaped: `inference-broker dead list` prints them.
+    letters = [decode_dead(f[b"dead"]) for _id, f in await client.xrange(topo.dead)]
+    assert all(letter.error.isprintable() for letter in letters), [d.error for d in letters]
 
 
 async def test_no_credentials_in_any_log_line_or_error(servers: list[EmbeddedRedis], prefix: str,
