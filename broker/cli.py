@@ -591,8 +591,10 @@ def dead_list(reason: str | None, limit: int, as_json: bool, **opts: Any) -> Non
     """List dead letters, oldest first."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from broker.dead import read_dead
+    from broker.logs import printable
     from broker.streams import connect
 
     settings = _need_url(_settings(**opts))
@@ -613,8 +615,9 @@ def dead_list(reason: str | None, limit: int, as_json: bool, **opts: Any) -> Non
     for col in ("entry", "reason", "job", "deliveries", "from", "error"):
         table.add_column(col, overflow="fold")
     for entry_id, letter in letters:
-        table.add_row(entry_id, letter.reason, letter.job_id or "-", str(letter.delivery_count),
-                      letter.stream.rsplit(":", 1)[-1], letter.error[:200])
+        # Text, not str: rich would read `[...]` in what a job or a backend wrote as markup.
+        table.add_row(entry_id, letter.reason, Text(printable(letter.job_id or "-")), str(letter.delivery_count),
+                      letter.stream.rsplit(":", 1)[-1], Text(printable(letter.error[:200])))
     Console().print(table)
 
 

@@ -14,6 +14,13 @@ put one in ``metadata["traceparent"]``: code that logs about a job passes
 :func:`scrub`, which masks the password of any URL (``redis://:secret@host`` becomes
 ``redis://:***@host``), ``password=`` query values and ``AUTH`` arguments. Code should
 still log :func:`broker.streams.redacted` URLs; this is the net under it.
+
+**No raw job data.** Messages and their arguments carry what producers sent (field names,
+models, error text quoting them). Every line, text or JSON, goes through :func:`printable`,
+which escapes control and other non-printable characters the way ``repr`` does (a newline
+becomes ``\\n``, ESC ``\\x1b``): a record is one line, and no job can forge a record of its
+own or send the operator's terminal an escape sequence. A traceback keeps its lines; in
+text, each is indented, so only a record starts at the beginning of a line.
 """
 
 from __future__ import annotations
@@ -33,6 +40,19 @@ _QUERY_PASSWORD = re.compile(r"(?P<head>\bpassword=)[^&\s'\"]+", re.IGNORECASE)
 # AUTH [user] password, as redis-py quotes a failed command; over-masking a word is fine.
 _AUTH = re.compile(r"(?P<head>\bAUTH\s+)[^\s)'\"]+(?:\s+[^\s)'\"]+)?", re.IGNORECASE)
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
+
+
+def printable(text: str) -> str:
+    """``text`` with every non-printable character (C0 and C1 controls, line and paragraph
+    separators, ...) written as ``repr`` writes it: ``\\n``, ``\\r``, ``\\x1b``, ``\\u2028``."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _printable_lines(text: str) -> list[str]:
+    """A multi-line text (a traceback) as lines, each :func:`printable`."""
+    return [printable(line) for line in text.split("\n")]
 
 
 def scrub(text: str) -> str:
@@ -75,32 +95,43 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         out: dict[str, Any] = {"ts": f"{ts}.{int(record.msecs):03d}Z", "level": record.levelname,
-                               "logger": record.name, "msg": scrub(record.getMessage())}
+                               "logger": record.name, "msg": scrub(printable(record.getMessage()))}
         job_id = getattr(record, "job_id", None)
         if job_id:
-            out["job_id"] = str(job_id)
+            out["job_id"] = printable(str(job_id))
         ids = _trace_ids(record)
         if ids is not None:
             out["trace_id"], out["span_id"] = ids
         if record.exc_info:
-            out["exc"] = scrub(self.formatException(record.exc_info))
+            out["exc"] = scrub("\n".join(_printable_lines(self.formatException(record.exc_info))))
         if record.stack_info:
-            out["stack"] = scrub(self.formatStack(record.stack_info))
+            out["stack"] = scrub("\n".join(_printable_lines(self.formatStack(record.stack_info))))
+        # json.dumps escapes C0 controls but not C1 ones (CSI is \x9b) with ensure_ascii off:
+        # printable above took care of both.
         return json.dumps(out, ensure_ascii=False)
 
 
 class TextFormatter(logging.Formatter):
-    """The classic ``time LEVEL logger: message`` line, scrubbed, with the trace id when a job has one."""
+    """The classic ``time LEVEL logger: message`` line, scrubbed, with the trace id when a job has one.
+
+    A traceback or stack follows on lines of its own, indented by four spaces.
+    """
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        record.message = printable(record.getMessage())
+        record.asctime = self.formatTime(record, self.datefmt)
+        lines = [self.formatMessage(record)]
         ids = _trace_ids(record)
         if ids is not None:
-            line += f" trace_id={ids[0]}"
-        return scrub(line)
+            lines[0] += f" trace_id={ids[0]}"
+        if record.exc_info:
+            lines += ("    " + line for line in _printable_lines(self.formatException(record.exc_info)))
+        if record.stack_info:
+            lines += ("    " + line for line in _printable_lines(self.formatStack(record.stack_info)))
+        return scrub("\n".join(lines))
 
 
 def setup(level: str = "INFO", fmt: LogFormat = "text") -> None:

@@ -15,6 +15,7 @@ import asyncio
 import collections
 import logging
 import random
+import struct
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,7 +25,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter
 
 from broker.janitor import Janitor, warn_if_evicting
-from broker.logs import job_context
+from broker.logs import job_context, printable
 from broker.metrics import POOL_WORKERS, RECLAIMED, PolicyMetrics, export_streams
 from broker.reclaim import Claimer
 from broker.scripts import CompleteTarget, Completion, Scripts
@@ -60,6 +61,9 @@ from policies.slo import pool_capacity
 
 log = logging.getLogger("inference_broker.policy")
 _FASTSTREAM_MAGIC = b"\x89BIN\r\n\x1a\n"
+_FASTSTREAM_HEAD = struct.Struct(">HII")
+"""What follows the magic: the envelope's version, where its header table starts, where the body starts."""
+_U16 = struct.Struct(">H")
 
 
 def make_router(config: PolicyConfig) -> Router:
@@ -77,15 +81,39 @@ def entry_payload(fields: dict[bytes, bytes]) -> bytes:
         return fields[b"job"]
     if b"__data__" in fields:
         data = fields[b"__data__"]
-        if data.startswith(_FASTSTREAM_MAGIC):
-            # Imported lazily: only FastStream producers pay for it.
-            from faststream.redis.parser.binary import BinaryMessageFormatV1
-
-            body, _headers = BinaryMessageFormatV1.parse(data)
-            return body
-        return data
-    names = ", ".join(sorted(f.decode(errors="replace") for f in fields)) or "none"
+        return faststream_body(data) if data.startswith(_FASTSTREAM_MAGIC) else data
+    names = ", ".join(sorted(repr(f.decode(errors="replace")) for f in fields)) or "none"
     raise InvalidJob("decode_error", f"entry has no `job` field (fields: {names})")
+
+
+def faststream_body(data: bytes) -> bytes:
+    """The job in FastStream's binary envelope (version 1), whose headers are skipped.
+
+    The envelope is checked here, not by FastStream's parser: that one hands back its input
+    when the envelope does not parse, and the job decoder would then report the envelope's
+    bytes as a bad job.
+    """
+    head = len(_FASTSTREAM_MAGIC) + _FASTSTREAM_HEAD.size
+    if len(data) < head + _U16.size:
+        raise _bad_envelope(f"{len(data)} bytes, too short for its header")
+    version, table, body = _FASTSTREAM_HEAD.unpack_from(data, len(_FASTSTREAM_MAGIC))
+    if version != 1:
+        raise _bad_envelope(f"version {version}")
+    end = table + _U16.size
+    if not head <= table or end > len(data):
+        raise _bad_envelope(f"its header table starts at byte {table} of {len(data)}")
+    for _ in range(2 * _U16.unpack_from(data, table)[0]):  # a name and a value per header
+        if end + _U16.size > len(data):
+            raise _bad_envelope(f"its header table runs past the end ({len(data)} bytes)")
+        end += _U16.size + _U16.unpack_from(data, end)[0]
+    if not end <= body <= len(data):
+        raise _bad_envelope(f"its body starts at byte {body}, its header table ends at {end}, of {len(data)}")
+    return data[body:]
+
+
+def _bad_envelope(what: str) -> InvalidJob:
+    return InvalidJob("decode_error", f"bad FastStream envelope: {what}; expected FastStream's binary "
+                                      "envelope (version 1) around a JSON object or a msgpack map")
 
 
 def entry_time(entry_id: bytes) -> float:
@@ -231,7 +259,8 @@ class PolicyWorker:
                 self._dead(pipe, entry_id, fields, exc, now)
             except Exception as exc:  # noqa: BLE001 - one entry must not stop the loop
                 log.exception("could not route entry %s", entry_id.decode())
-                self._dead(pipe, entry_id, fields, InvalidJob("internal_error", f"{type(exc).__name__}: {exc}"), now)
+                self._dead(pipe, entry_id, fields,
+                           InvalidJob("internal_error", printable(f"{type(exc).__name__}: {exc}")), now)
         for entry_id in trimmed:
             self._dead(pipe, entry_id, {}, InvalidJob("trimmed", "the entry was deleted while pending"), now)
         counters: list[Counter | None] = list(self._outcomes)
@@ -340,7 +369,9 @@ class PolicyWorker:
             {k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()})
         limit = self.settings.max_job_bytes
         job = None
-        if exc.reason != "too_large":
+        # An entry whose bytes were not read as a job (docs/wire-format.md) gets no result,
+        # even when an id can be picked out of them: one outcome, the dead letter.
+        if exc.reason not in ("decode_error", "too_large"):
             try:
                 job = _salvage(entry_payload(fields))  # unwraps a FastStream envelope
             except InvalidJob:

@@ -23,10 +23,12 @@ A pool has one stream per class priority (``pool:<n>`` for the most urgent, then
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 import msgspec
 
+from broker.logs import printable
 from broker.topology import RESERVED
 
 VERSION = 1
@@ -276,28 +278,50 @@ def _check_input(job: Job) -> None:
         raise InvalidJob("invalid_job", f"`$.reply_to` {job.reply_to!r} is a reserved stream name")
 
 
+def _undecodable(what: str) -> InvalidJob:
+    """The ``decode_error`` of a body that is not a job at all: ``what`` it is, and what was expected."""
+    return InvalidJob("decode_error", f"not a job: {what}; expected a UTF-8 JSON object or a msgpack map")
+
+
 def decode_job(data: bytes) -> Job:
     """Decode and validate a job from JSON or msgpack bytes.
 
-    Raises :class:`InvalidJob` with a message naming the path of the first problem.
+    Bytes that cannot be decoded at all (not JSON or msgpack, malformed, not UTF-8, nested
+    too deeply) raise :class:`InvalidJob` ``decode_error``; a document that decodes but
+    breaks the schema raises ``invalid_job``, naming the path of the first problem.
+    Messages hold no raw job data (:func:`broker.logs.printable`).
     """
-    stripped = data.lstrip()
-    first = stripped[:1]
-    if first != b"{" and not (first and (0x80 <= first[0] <= 0x8F or first[0] in (0xDE, 0xDF))):
-        raise InvalidJob("decode_error", "not a job: expected a JSON object or a msgpack map")
+    first = data.lstrip()[:1]
+    typed: Callable[[bytes], Job]
+    untyped: Callable[[bytes], object]
+    if first == b"{":
+        typed, untyped, fmt = _job_json.decode, msgspec.json.decode, "JSON"
+    elif first and (0x80 <= first[0] <= 0x8F or first[0] in (0xDE, 0xDF)):
+        typed, untyped, fmt = _job_msgpack.decode, msgspec.msgpack.decode, "msgpack"
+    else:
+        raise _undecodable(f"it starts with byte 0x{first[0]:02x}" if first else "the body is empty")
     try:
-        if first == b"{":
-            job = _job_json.decode(data)
-        else:
-            job = _job_msgpack.decode(data)
+        job = typed(data)
     except msgspec.ValidationError as exc:
-        raise InvalidJob("invalid_job", str(exc)) from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise InvalidJob("decode_error", f"not a JSON or msgpack job: {exc}") from None
-    except RecursionError:
-        raise InvalidJob("decode_error", "not a job: nested too deeply") from None
+        # msgspec validates as it decodes: a schema error can come before the bytes that
+        # would not decode at all (bad UTF-8, trailing junk). Those are decode errors.
+        try:
+            untyped(data)
+        except DECODE_ERRORS as junk:
+            raise _not_decoded(data, fmt, junk) from None
+        raise InvalidJob("invalid_job", printable(str(exc))) from None
+    except DECODE_ERRORS as exc:
+        raise _not_decoded(data, fmt, exc) from None
     _check_input(job)
     return job
+
+
+def _not_decoded(data: bytes, fmt: str, exc: Exception) -> InvalidJob:
+    if data[:1] == b"\x80" and data[1:2] and 2 <= data[1] <= 5:  # pickle's PROTO opcode; 0x80 is an empty map
+        return _undecodable(f"what looks like a Python pickle (protocol {data[1]}), which is never read")
+    if isinstance(exc, RecursionError):
+        return _undecodable(f"{fmt} nested too deeply")
+    return _undecodable(f"malformed {fmt} ({printable(str(exc))})")
 
 
 def encode_job(job: Job) -> bytes:

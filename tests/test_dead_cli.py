@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 
 from broker.client import Client
 from broker.topology import Topology
-from broker.wire import Job
+from broker.wire import DeadLetter, Job, json_encode
 from tests.conftest import FAST_ENV, ROOT, Roles
 from tests.helpers import eventually
 
@@ -72,3 +72,16 @@ def test_replay_needs_ids_or_all(redis_url: str, prefix: str) -> None:
     assert done.returncode == 2 and "--all" in done.stderr
     unknown = cli("dead", "replay", "1-1", url=redis_url, prefix=prefix)
     assert unknown.returncode == 2 and "no dead letter 1-1" in unknown.stderr
+
+
+async def test_list_shows_job_text_as_text(redis_url: str, prefix: str, client: aioredis.Redis) -> None:
+    # Regression: the table parsed an error's `[...]` as rich markup and passed ESC and CSI
+    # to the terminal. A backend's error (quoting the job) reaches a dead letter as it is.
+    topo = Topology(prefix)
+    letter = DeadLetter(reason="backend_error", error="model [bold]m[/bold] said \x1b[31mno\x9b2J\r!", stream=topo.jobs,
+                        entry_id="1-1", payload=b"{}", job_id="j-1")
+    await client.xadd(topo.dead, {"dead": json_encode(letter)})
+    table = cli("dead", "list", url=redis_url, prefix=prefix)
+    assert table.returncode == 0, table.stderr
+    assert not [c for c in table.stdout if not c.isprintable() and c != "\n"], repr(table.stdout)
+    assert "[bold]m[/bold]" in table.stdout and "\\x1b[31mno\\x9b2J" in table.stdout, table.stdout

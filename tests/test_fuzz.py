@@ -45,6 +45,8 @@ FASTSTREAM_MAGIC = b"\x89BIN\r\n\x1a\n"
 UID = "\x00uid\x00"
 """Placeholder for a fresh, valid job id, filled in when the entry is added."""
 INGRESS_REASONS = frozenset({"decode_error", "invalid_job"})
+UNANSWERED = frozenset({"decode_error", "too_large"})
+"""Dead-letter reasons of entries whose bytes were never read as a job: no result, even if an id is in them."""
 _runs = itertools.count()
 
 
@@ -77,13 +79,56 @@ class Big:
         return self.byte * self.size
 
 
+def bad_utf8_job(uid: str) -> bytes:
+    """A job whose id and schema are fine but whose JSON is not UTF-8 (a Latin-1 prompt)."""
+    return json.dumps(good_job(id=uid)).encode().replace(b'"p"', b'"\xff"')
+
+
+@dataclass(frozen=True)
+class BadUtf8:
+    """:func:`bad_utf8_job` with the entry's fresh id."""
+
+    def encode(self, uid: str) -> bytes:
+        return bad_utf8_job(uid)
+
+
+def envelope(body: bytes, headers: dict[bytes, bytes], *, version: int = 1, count: int | None = None,
+             headers_start: int | None = None, body_start: int | None = None) -> bytes:
+    """FastStream's binary envelope (v1) around ``body``; the keyword arguments break it."""
+    table = b"".join(len(x).to_bytes(2, "big") + x for kv in headers.items() for x in kv)
+    start = len(FASTSTREAM_MAGIC) + 10 if headers_start is None else headers_start
+    data_start = len(FASTSTREAM_MAGIC) + 12 + len(table) if body_start is None else body_start
+    return (FASTSTREAM_MAGIC + version.to_bytes(2, "big") + start.to_bytes(4, "big") + data_start.to_bytes(4, "big")
+            + (len(headers) if count is None else count).to_bytes(2, "big") + table + body)
+
+
+BROKEN_ENVELOPES: dict[str, dict[str, int]] = {
+    "version": {"version": 2}, "headers_start": {"headers_start": 1 << 20}, "body_start": {"body_start": 1 << 20},
+    "body_in_headers": {"body_start": len(FASTSTREAM_MAGIC) + 12}, "count": {"count": 1000}}
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A :class:`Doc` in a FastStream envelope; ``broken`` names a key of :data:`BROKEN_ENVELOPES`."""
+
+    doc: Doc | BadUtf8
+    broken: str = ""
+
+    def encode(self, uid: str) -> bytes:
+        headers = {b"correlation_id": uid.encode()}
+        return envelope(self.doc.encode(uid), headers, **BROKEN_ENVELOPES.get(self.broken, {}))
+
+
+Value = bytes | Doc | Big | BadUtf8 | Envelope
+
+
 @dataclass(frozen=True)
 class Entry:
     """One stream entry. ``reasons`` empty: a good job that must get an ``ok`` result."""
 
     label: str
     where: str  # "ingress" or "pool"
-    fields: tuple[tuple[str, bytes | Doc | Big], ...]
+    fields: tuple[tuple[str, Value], ...]
     reasons: frozenset[str] = frozenset()
 
     def encode(self, uid: str) -> dict[bytes, bytes]:
@@ -188,11 +233,11 @@ bad_ingress_job = bad_job_doc(WRONG_JOB_FIELDS, ("id", "model", "prompt"))
 bad_routed_job = bad_job_doc(STRUCTURAL, ("id", "model"))  # a routed job without a prompt still runs
 
 
-def ingress(label: str, fields: dict[str, bytes | Doc | Big], reasons: frozenset[str] | set[str]) -> Entry:
+def ingress(label: str, fields: dict[str, Value], reasons: frozenset[str] | set[str]) -> Entry:
     return Entry(label, "ingress", tuple(fields.items()), frozenset(reasons))
 
 
-def pool(label: str, fields: dict[str, bytes | Doc | Big], reasons: frozenset[str] | set[str]) -> Entry:
+def pool(label: str, fields: dict[str, Value], reasons: frozenset[str] | set[str]) -> Entry:
     return Entry(label, "pool", tuple(fields.items()), frozenset(reasons))
 
 
@@ -216,7 +261,7 @@ bad_ingress = st.one_of(
     st.builds(lambda b: ingress("msgpack-prefix-junk", {"job": b}, INGRESS_REASONS),
               st.builds(lambda head, tail: bytes([head]) + tail, st.sampled_from([*range(0x80, 0x90), 0xDE, 0xDF]),
                         st.binary(max_size=64))),
-    st.builds(lambda b: ingress("msgpack-bad-utf8", {"job": b}, INGRESS_REASONS),
+    st.builds(lambda b: ingress("msgpack-bad-utf8", {"job": b}, {"decode_error"}),
               st.binary(min_size=1, max_size=8).filter(lambda b: not _utf8(b))
               .map(lambda b: bytes([0x81, 0xA0 | len(b)]) + b + b"\x01")),
     st.builds(lambda n: ingress("huge-valid-job", {"job": Doc(good_job(prompt="x" * n))}, {"too_large"}),
@@ -227,8 +272,13 @@ bad_ingress = st.one_of(
               st.sampled_from(["jobs", "routed", "data", "Job", "payload"]), st.binary(max_size=64)),
     st.builds(lambda d, extra: ingress("junk-job-with-extra-fields", {"job": Doc(d), **extra}, {"invalid_job"}),
               bad_ingress_job, some_extra_fields),
-    st.builds(lambda b: ingress("faststream-junk", {"__data__": b}, INGRESS_REASONS),
-              st.binary(max_size=64) | st.binary(max_size=64).map(lambda b: FASTSTREAM_MAGIC + b)),
+    st.builds(lambda b: ingress("data-junk", {"__data__": b}, INGRESS_REASONS), st.binary(max_size=64)),
+    st.builds(lambda b: ingress("faststream-junk", {"__data__": FASTSTREAM_MAGIC + b}, {"decode_error"}),
+              st.binary(max_size=64)),
+    st.builds(lambda d, how: ingress("faststream-broken-envelope", {"__data__": Envelope(Doc(d), how)},
+                                     {"decode_error"}),
+              st.just(good_job()), st.sampled_from(sorted(BROKEN_ENVELOPES))),
+    st.builds(lambda: ingress("json-bad-utf8-with-id", {"job": BadUtf8()}, {"decode_error"})),
     st.builds(lambda m: ingress("unknown-model", {"job": Doc(good_job(model=m))}, {"unknown_model"}),
               st.text(min_size=1, max_size=20).filter(lambda m: m not in ("llama-3.1-8b", "llama-3.3-70b",
                                                                             "minilm-l6"))),
@@ -264,6 +314,8 @@ good = st.one_of(
     st.builds(lambda extra: ingress("good-with-extra-fields", {"job": Doc(good_job()), **extra}, set()),
               extra_fields),
     st.builds(lambda: ingress("good-faststream-data", {"__data__": Doc(good_job())}, set())),
+    st.builds(lambda fmt: ingress("good-faststream-envelope", {"__data__": Envelope(Doc(good_job(), fmt))}, set()),
+              st.sampled_from(["json", "msgpack"])),
     st.builds(lambda: pool("good-routed", {"routed": Doc(routed(good_job()))}, set())),
     st.builds(lambda extra: pool("good-routed-extra-fields", {"routed": Doc(routed(good_job())), **extra}, set()),
               extra_fields),
@@ -278,12 +330,14 @@ EVERY_KIND = [
     ingress("json-not-an-object", {"job": Doc([1, 2])}, {"decode_error"}),
     ingress("msgpack-not-a-map", {"job": Doc("job", "msgpack")}, {"decode_error"}),
     ingress("msgpack-junk-map", {"job": Doc({1: b"\xff"}, "msgpack")}, INGRESS_REASONS),
-    ingress("msgpack-bad-utf8", {"job": b"\x81\xa2\xff\xfe\x01"}, INGRESS_REASONS),
+    ingress("msgpack-bad-utf8", {"job": b"\x81\xa2\xff\xfe\x01"}, {"decode_error"}),
+    ingress("json-bad-utf8-with-id", {"job": BadUtf8()}, {"decode_error"}),
     ingress("huge-valid-job", {"job": Doc(good_job(prompt="x" * LIMIT))}, {"too_large"}),
     ingress("huge-junk", {"job": Big(LIMIT + 1, b"\xff")}, {"too_large"}),
     ingress("no-job-field", {"payload": b"{}"}, {"decode_error"}),
     ingress("junk-job-with-extra-fields", {"job": Doc(good_job(kind="nope")), "extra": b"x"}, {"invalid_job"}),
-    ingress("faststream-junk", {"__data__": FASTSTREAM_MAGIC + b"\x00\x01junk"}, INGRESS_REASONS),
+    ingress("faststream-junk", {"__data__": FASTSTREAM_MAGIC + b"\x00\x01junk"}, {"decode_error"}),
+    ingress("faststream-broken-envelope", {"__data__": Envelope(Doc(good_job()), "body_start")}, {"decode_error"}),
     ingress("unknown-model", {"job": Doc(good_job(model="gpt-9"))}, {"unknown_model"}),
     ingress("good-json", {"job": Doc(good_job())}, set()),
     pool("routed-bytes", {"routed": b"\x00\xff"}, {"decode_error"}),
@@ -372,6 +426,8 @@ async def check_batch(url: str, topo: Topology, roles: Roles, entries: list[Entr
             assert letter.delivery_count == 1, letter  # on first delivery, not after retries
             if letter.reason == "too_large":
                 assert len(letter.payload) <= LIMIT  # the oversized payload is not kept whole
+            if letter.reason in UNANSWERED:  # one outcome: the dead letter, no result
+                assert not await client.exists(topo.done(a.uid)), (a.entry.label, letter)
         for a in goods:
             result = decode_result(await client.get(topo.done(a.uid)))
             assert result.status == "ok", (a.entry.label, result)
@@ -424,6 +480,54 @@ def test_malformed_and_oversized_entries_become_dead_letters_while_good_jobs_flo
     assert roles.stop_all() == [0, 0]
 
 
+async def test_an_undecodable_body_is_a_decode_error_with_no_result_even_when_its_id_is_readable(
+        roles: Roles, redis_url: str, prefix: str) -> None:
+    # Regression: JSON that is not UTF-8 got a dead letter *and* a `failed` result (the id
+    # was read anyway); a pickle was `invalid_job` ("Object missing required field `id`");
+    # a broken FastStream envelope reached the job decoder whole, or as an empty body.
+    topo = Topology(prefix)
+    bad: dict[str, tuple[dict[str, bytes], str]] = {
+        "utf8": ({"job": bad_utf8_job("utf8")}, "malformed JSON"),
+        "msgpack-junk": ({"job": msgspec.msgpack.encode(good_job(id="msgpack-junk")) + b"\xc1junk"}, "msgpack"),
+        "msgpack-id-junk": ({"job": msgspec.msgpack.encode({"id": "msgpack-id-junk"}) + b"\xc1"}, "msgpack"),
+        "pickle": ({"job": b"\x80\x02}(X\x02\x00\x00\x00idX\x06\x00\x00\x00pickleu."}, "a Python pickle"),
+        "envelope-utf8": ({"__data__": envelope(bad_utf8_job("envelope-utf8"), {})}, "malformed JSON"),
+        "envelope-body-start": ({"__data__": envelope(json.dumps(good_job(id="envelope-body-start")).encode(), {},
+                                                      body_start=1 << 20)}, "FastStream envelope"),
+        "envelope-version": ({"__data__": envelope(json.dumps(good_job(id="envelope-version")).encode(), {},
+                                                   version=7)}, "FastStream envelope"),
+        "magic-then-json": ({"__data__": FASTSTREAM_MAGIC + json.dumps(good_job(id="magic-then-json")).encode()},
+                            "FastStream envelope"),
+    }
+    roles.start("policy", env=ENV)
+    roles.start("worker", "--pool", "gpu", "--grace", "5", env=ENV)
+    await wait_for_stack(redis_url, topo)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        entry_ids = {(await client.xadd(topo.jobs, fields)).decode(): name  # type: ignore[arg-type]
+                     for name, (fields, _why) in bad.items()}
+        await client.xadd(topo.jobs, {"job": json.dumps(good_job(id="good"))})
+
+        async def settled() -> bool:
+            alive(roles)
+            return len(await client.xrange(topo.dead)) >= len(bad) and bool(await client.exists(topo.done("good")))
+
+        await eventually(settled, timeout=20, what="dead letters and the good job's result")
+        letters = await new_dead_letters(client, topo, "0-0")
+        assert sorted(entry_ids[d.entry_id] for d in letters) == sorted(bad)  # one each
+        for letter in letters:
+            name = entry_ids[letter.entry_id]
+            assert letter.reason == "decode_error", (name, letter)
+            assert not await client.exists(topo.done(name)), f"{name} got a result as well as a dead letter"
+            assert bad[name][1] in letter.error and "expected" in letter.error, (name, letter.error)
+            assert letter.error.isprintable(), (name, letter.error)
+        results = [decode_result(f[b"result"]).id for _id, f in await client.xrange(topo.reply("results"))]
+        assert results == ["good"]
+        alive(roles)
+    finally:
+        await client.aclose()
+
+
 GADGET_COMMAND = "touch {path}"
 
 
@@ -452,9 +556,9 @@ async def test_pickle_gadget_is_dead_lettered_and_runs_nothing(roles: Roles, red
     canary = tmp_path / "canary"
     entries = []
     for i, gadget in enumerate(pickle_gadgets(canary)):
-        entries += [ingress(f"gadget-{i}-job", {"job": gadget}, INGRESS_REASONS),
-                    ingress(f"gadget-{i}-data", {"__data__": gadget}, INGRESS_REASONS),
-                    ingress(f"gadget-{i}-data-faststream", {"__data__": FASTSTREAM_MAGIC + gadget}, INGRESS_REASONS),
+        entries += [ingress(f"gadget-{i}-job", {"job": gadget}, {"decode_error"}),
+                    ingress(f"gadget-{i}-data", {"__data__": gadget}, {"decode_error"}),
+                    ingress(f"gadget-{i}-data-faststream", {"__data__": FASTSTREAM_MAGIC + gadget}, {"decode_error"}),
                     pool(f"gadget-{i}-routed", {"routed": gadget}, {"decode_error"})]
     entries.append(ingress("good", {"job": Doc(good_job())}, set()))
     await wait_for_stack(redis_url, topo)
@@ -522,7 +626,8 @@ async def test_deeply_nested_junk_on_ingress_is_dead_lettered(roles: Roles, redi
     # nested value; uncaught in _salvage it killed every policy worker that read the entry.
     bomb = b'{"id":"deep","model":"llama-3.1-8b","' + field.encode() + b'":' + b"[" * DEEP + b"]" * DEEP + b"}"
     assert len(bomb) < LIMIT
-    await _single_bad_entry(roles, redis_url, prefix, ingress("nested", {"job": bomb}, {"invalid_job"}), 8)
+    # Nested past what the decoder reads: a decode error, even if a schema error came first.
+    await _single_bad_entry(roles, redis_url, prefix, ingress("nested", {"job": bomb}, {"decode_error"}), 8)
 
 
 async def test_deeply_nested_junk_on_a_pool_stream_is_dead_lettered(roles: Roles, redis_url: str,

@@ -11,15 +11,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+
 from broker.client import Client
 from broker.embedded import EmbeddedRedis, free_port
 from broker.logs import JsonFormatter, TextFormatter, job_context, scrub
-from broker.wire import Job
+from broker.topology import Topology
+from broker.wire import Job, decode_dead
 from tests.conftest import FAST_ENV, ROOT, Roles, _start
 from tests.helpers import eventually
 from tests.test_metrics import get, is_ready
@@ -49,6 +55,81 @@ def test_formatters_carry_job_and_trace_context_and_scrub() -> None:
     text = TextFormatter().format(record)
     assert "hunter2" not in text and text.endswith(f"trace_id={TRACE_ID}")
     assert job_context(None, "j-2") == {"job_id": "j-2"} and job_context(None) == {}
+
+
+FORGED = "2026-01-01 00:00:00,000 WARNING inference_broker.policy: forged"
+EVIL = f"\n{FORGED}\r\x1b[31m\x9b31m\u2028{FORGED}\x00"
+"""Job data that, written raw, starts a log line of its own and sends terminal escapes (C0 and C1)."""
+RECORD = re.compile(
+    r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) inference_broker[\w.]*: ")
+"""The start of a text log record (TEXT_FORMAT)."""
+
+
+def _raw_controls(text: str) -> list[str]:
+    return sorted({c for c in text if not c.isprintable() and c != "\n"})
+
+
+def test_formatters_escape_control_characters_in_messages_arguments_and_tracebacks() -> None:
+    try:
+        raise ValueError(f"bad{EVIL}")
+    except ValueError:
+        record = logging.LogRecord("inference_broker.policy", logging.WARNING, __file__, 1,
+                                   f"entry{EVIL} %s", (f"field{EVIL}",), exc_info=sys.exc_info())
+    record.__dict__.update(job_context(None, f"j{EVIL}"))
+    text = TextFormatter().format(record)
+    assert not _raw_controls(text), _raw_controls(text)
+    first, *rest = text.split("\n")
+    assert RECORD.match(first) and "\\n2026-01-01" in first and "\\x1b[31m\\x9b31m\\u2028" in first
+    # The traceback keeps its lines, each indented: none can pass for a record of its own.
+    assert rest and all(line.startswith("    ") for line in rest), text
+    assert "    ValueError: bad" in rest and f"    {FORGED}\\r\\x1b[31m\\x9b31m\\u2028{FORGED}\\x00" in rest
+    line = JsonFormatter().format(record)
+    assert "\n" not in line and not _raw_controls(line)
+    out = json.loads(line)
+    assert all(value.isprintable() for key, value in out.items() if key != "exc")
+    assert not _raw_controls(out["exc"]) and f"ValueError: bad\n{FORGED}\\r\\x1b[31m" in out["exc"]
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+async def test_job_data_cannot_forge_log_lines_or_send_terminal_escapes(roles: Roles, client: aioredis.Redis,
+                                                                         prefix: str, fmt: str) -> None:
+    # Regression: an unknown field's name, an entry's field names, a bad `kind` went into
+    # the policy worker's dead-letter warning raw: a newline forged a record, ESC and CSI
+    # (C1, which JSON leaves as is) reached the operator's terminal.
+    topo = Topology(prefix)
+    good = {"id": "fine", "model": "llama-3.1-8b", "kind": "completion", "prompt": "p"}
+    entries: list[dict[str, bytes]] = [
+        {"job": json.dumps({**good, "id": "json-field", f"zz{EVIL}": 1}).encode()},
+        {"job": msgspec.msgpack.encode({**good, "id": "msgpack-field", f"zz{EVIL}": 1})},
+        {f"x{EVIL}": b"{}", f"y{EVIL}": b"1"},
+        {"job": json.dumps({**good, "id": "kind", "kind": f"k{EVIL}"}).encode()},
+        {"job": json.dumps({**good, "id": "model", "model": f"m\n{FORGED}\r\x1b[31m\x9b"}).encode()},
+        {"job": json.dumps({**good, "id": f"i{EVIL}"}).encode()},
+        {"job": json.dumps({**good, "id": "reply", "reply_to": f"r{EVIL}"}).encode()},
+    ]
+    ids = [(await client.xadd(topo.jobs, fields)).decode() for fields in entries]  # type: ignore[arg-type]
+    policy = roles.start("policy", env={**FAST_ENV, "IB_LOG_FORMAT": fmt})
+
+    async def all_dead() -> bool:
+        return len(await client.xrange(topo.dead)) == len(entries)
+
+    await eventually(all_dead, timeout=20, what="a dead letter per crafted entry")
+    assert roles.stop_all() == [0] and policy.returncode == 0
+    output = (roles.log_dir / "policy-0.log").read_bytes().decode()  # not read_text: it turns \r into \n
+    assert not _raw_controls(output), _raw_controls(output)
+    lines = output.removesuffix("\n").split("\n")
+    if fmt == "json":
+        messages = [json.loads(line)["msg"] for line in lines]
+    else:
+        assert all(RECORD.match(line) for line in lines), output
+        messages = lines
+    assert not [line for line in lines if line.startswith(FORGED) or line.startswith("{") != (fmt == "json")]
+    for entry_id in ids:  # one record per dead letter, with the crafted text escaped in it
+        assert len([m for m in messages if f"dead letter {entry_id} " in m]) == 1, output
+    assert "forged" in output and all("dead letter" in m for m in messages if "forged" in m), output
+    # Dead letters quote the same text escaped: `inference-broker dead list` prints them.
+    letters = [decode_dead(f[b"dead"]) for _id, f in await client.xrange(topo.dead)]
+    assert all(letter.error.isprintable() for letter in letters), [d.error for d in letters]
 
 
 async def test_no_credentials_in_any_log_line_or_error(servers: list[EmbeddedRedis], prefix: str,

@@ -241,6 +241,38 @@ def test_a_body_that_is_not_an_object_or_map_is_a_decode_error(data: bytes) -> N
     assert "got `int`" not in msg  # JSON `[...]` must not be reported as a msgpack int
 
 
+@pytest.mark.parametrize("data", [
+    b'{"id": "j", "model": "m", "prompt": "\xff", "kind": "completion"}',  # bad UTF-8, id readable
+    b'{"id": 7, "model": "m", "zz": "\xff"}',                      # bad UTF-8 after a schema error
+    b"\x81\xa2id\xc1",                                              # msgpack with an invalid opcode
+    msgspec.msgpack.encode({**CHAT}) + b"junk",                     # a whole msgpack job, then junk
+    msgspec.msgpack.encode({"id": 1}) + b"junk",                    # a schema error, then junk
+    b"\x80\x02junk",                                                # an empty map, then junk
+    b"\x81\x81\x01\x02\x03",                                          # a map as a map key
+])
+def test_a_body_that_cannot_be_decoded_is_a_decode_error_whatever_its_schema(data: bytes) -> None:
+    # Regression: a msgspec ValidationError raised before the decoder reached the broken
+    # bytes made these `invalid_job` ("Object missing required field `id`").
+    msg = rejects(data, "decode_error")
+    assert "expected a UTF-8 JSON object or a msgpack map" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_a_pickle_is_a_decode_error_that_says_so(protocol: int) -> None:
+    import pickle  # only to make the bytes: nothing here unpickles
+
+    data = pickle.dumps({"id": "j", "model": "m"}, protocol=protocol)
+    assert f"a Python pickle (protocol {protocol})" in rejects(data, "decode_error")
+
+
+def test_job_data_in_error_messages_is_escaped() -> None:
+    # msgspec quotes an unknown field's name as it is: a newline or an ANSI escape in it
+    # must not reach a log line or a terminal (`dead list`) raw.
+    msg = rejects(raw(**{"zz\n2026-01-01 INFO forged\x1b[31m\x9b\u2028": 1}))
+    assert msg.isprintable()
+    assert "zz\\n2026-01-01 INFO forged\\x1b[31m\\x9b\\u2028" in msg
+
+
 def test_an_empty_map_is_an_invalid_job() -> None:
     assert "`id`" in rejects(b"\x80", "invalid_job")
     assert "`id`" in rejects(b"{}", "invalid_job")
@@ -440,3 +472,22 @@ def test_invalid_prefixes_rejected(prefix: str) -> None:
 def test_prefix_with_trailing_newline_rejected() -> None:
     with pytest.raises(ValueError, match="prefix"):
         Topology("ib\n")
+
+
+# --------------------------------------------------------------------------- FastStream envelopes
+
+
+async def test_faststream_envelopes_unwrap_and_broken_ones_are_decode_errors() -> None:
+    from faststream.redis.parser.binary import BinaryMessageFormatV1
+
+    from broker.policy_worker import entry_payload
+
+    body = json_encode(Job.chat("llama-3.1-8b", "hi", id="fs"))
+    for headers in ({}, {"traceparent": "00-ab-cd-01", "x" * 300: "y"}):
+        data = await BinaryMessageFormatV1.encode(message=body, reply_to="r", headers=headers, correlation_id="c")
+        assert decode_job(entry_payload({b"__data__": data})).id == "fs"
+        # FastStream's own parser hands these back whole; they must be decode errors saying why.
+        for broken in (data[:8] + b"\x00\x02" + data[10:], data[:30], data[:14], data[:8] + body):
+            with pytest.raises(InvalidJob) as info:
+                entry_payload({b"__data__": broken})
+            assert info.value.reason == "decode_error" and "bad FastStream envelope" in str(info.value)
