@@ -41,6 +41,10 @@ class Start(msgspec.Struct, frozen=True, tag=True):
     faults: bool
 
 
+class Ready(msgspec.Struct, frozen=True, tag=True):
+    """The child built its backend: from now on, its death is the running job's doing."""
+
+
 class Token(msgspec.Struct, frozen=True, tag=True):
     """Output text of the running job, as generated."""
 
@@ -60,7 +64,7 @@ class Failed(msgspec.Struct, frozen=True, tag=True):
     expired: bool
 
 
-Reply = Token | Done | Failed
+Reply = Ready | Token | Done | Failed
 _encoder = msgspec.msgpack.Encoder()
 _replies = msgspec.msgpack.Decoder(Reply)
 
@@ -83,19 +87,23 @@ class _Child:
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         self.process = process
 
+    async def read(self) -> Reply:
+        assert self.process.stdout is not None
+        header = await self.process.stdout.readexactly(_LENGTH.size)
+        return _replies.decode(await self.process.stdout.readexactly(_LENGTH.unpack(header)[0]))
+
     async def run(self, job: Job, on_token: TokenSink | None) -> InferenceOutput:
-        assert self.process.stdin is not None and self.process.stdout is not None
+        assert self.process.stdin is not None
         self.process.stdin.write(_frame(job))
         await self.process.stdin.drain()
         while True:
-            header = await self.process.stdout.readexactly(_LENGTH.size)
-            reply = _replies.decode(await self.process.stdout.readexactly(_LENGTH.unpack(header)[0]))
+            reply = await self.read()
             if isinstance(reply, Token):
                 if on_token is not None:
                     on_token(reply.text)
             elif isinstance(reply, Done):
                 return reply.output
-            else:
+            elif isinstance(reply, Failed):
                 raise BackendError(reply.message, retryable=reply.retryable, retry_at=reply.retry_at,
                                    expired=reply.expired)
 
@@ -116,8 +124,6 @@ class Sandboxes:
         self.busy = 0
         """Sandboxes running a job now."""
         self._idle: list[_Child] = []
-        self.crashes = 0
-        """Jobs that killed their sandbox."""
 
     async def _spawn(self) -> _Child:
         # A sandbox must not outlive its worker: the job it runs belongs to whoever claims it next.
@@ -127,6 +133,15 @@ class Sandboxes:
         child = _Child(process)
         assert process.stdin is not None
         process.stdin.write(_frame(Start(spec=self.spec, faults=self.faults)))
+        try:
+            await child.read()  # Ready
+        except (asyncio.IncompleteReadError, ConnectionError):
+            # Not the job's doing (it was not sent yet): a plain retryable failure.
+            raise BackendError(f"a sandbox did not start (exit code {await child.kill()}); "
+                               "see the worker's log", retryable=True) from None
+        except BaseException:
+            await child.kill()
+            raise
         return child
 
     async def run(self, job: Job, on_token: TokenSink | None = None) -> InferenceOutput:
@@ -134,26 +149,26 @@ class Sandboxes:
         if self.busy >= self.slots:
             raise RuntimeError("no sandbox free: the worker takes only as many suspects as it has sandboxes")
         self.busy += 1
-        # A child that died while idle (killed from outside) is not this job's doing.
-        self._idle = [c for c in self._idle if c.process.returncode is None]
-        child = self._idle.pop() if self._idle else await self._spawn()
         try:
-            output = await child.run(job, on_token)
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            code = await child.kill()
-            self.crashes += 1
-            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-            raise SandboxCrashed(f"the process running it alone died ({how})") from exc
-        except BackendError:
-            self._idle.append(child)  # the job failed, the process is fine
-            raise
-        except BaseException:
-            await child.kill()  # cancelled mid-job (lease lost, shutdown): the run must stop
-            raise
+            # A child that died while idle (killed from outside) is not this job's doing.
+            self._idle = [c for c in self._idle if c.process.returncode is None]
+            child = self._idle.pop() if self._idle else await self._spawn()
+            try:
+                output = await child.run(job, on_token)
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                code = await child.kill()
+                how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+                raise SandboxCrashed(f"the process running it alone died ({how})") from exc
+            except BackendError:
+                self._idle.append(child)  # the job failed, the process is fine
+                raise
+            except BaseException:
+                await child.kill()  # cancelled mid-job (lease lost, shutdown): the run must stop
+                raise
+            self._idle.append(child)
+            return output
         finally:
             self.busy -= 1
-        self._idle.append(child)
-        return output
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
@@ -191,6 +206,7 @@ def main() -> None:
     warm_up = getattr(backend, "load", None)
     if warm_up is not None:
         loop.run_until_complete(warm_up())
+    send(Ready())
     while (raw := _read(stdin)) is not None:
         job = msgspec.msgpack.decode(raw, type=Job)
         try:
