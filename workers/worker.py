@@ -35,9 +35,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
@@ -45,14 +45,13 @@ import redis.asyncio as aioredis
 from broker.logs import job_context
 from broker.metrics import CAPACITY, IN_FLIGHT, RECLAIMED, PoolMetrics
 from broker.reclaim import Claimer
-from broker.scripts import CompleteTarget, Completion, ScriptBatcher, Scripts
+from broker.scripts import CompleteTarget, Completion, ScriptBatcher, Scripts, not_a_stream, unanswerable
 from broker.settings import Settings
 from broker.streams import RETRYABLE, Backoff, Entry, consumer_name, ensure_group, every, is_group_lost
 from broker.topology import RESERVED, WORKER_GROUP
 from broker.wire import (
     DECODE_ERRORS,
     DeadLetter,
-    Job,
     Metrics,
     Result,
     RoutedJob,
@@ -267,11 +266,18 @@ class PoolWorker:
         key = (lane.index, entry[0])
         if key in self.running or not entry[1]:
             return  # already running here, or deleted while pending
-        task = asyncio.create_task(self._handle(lane, entry, deliveries, self.clock()))
-        self.running[key] = task
-        task.add_done_callback(lambda _t: self._ended(key))
+        self._track(lane, entry, deliveries, self._handle(lane, entry, deliveries, self.clock()))
 
-    def _ended(self, key: tuple[int, bytes]) -> None:
+    def _track(self, lane: Lane, entry: Entry, deliveries: int, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` for a job in the job's slot (see ``running``), in place of what ran there."""
+        key = (lane.index, entry[0])
+        task = asyncio.create_task(work)
+        self.running[key] = task
+        task.add_done_callback(lambda done: self._ended(key, done))
+
+    def _ended(self, key: tuple[int, bytes], task: asyncio.Task[None]) -> None:
+        if self.running.get(key) is not task:
+            return  # another task took the slot over (see _published)
         if key not in self._publishing:  # else the answer to its result frees the slot
             self._finished(key)
 
@@ -333,7 +339,7 @@ class PoolWorker:
                              deliveries=deliveries - 1)
             return
         if job.deadline is not None and self.clock() > job.deadline:
-            self._publish(lane, entry_id, routed, Result(
+            self._publish(lane, entry_id, routed, deliveries, Result(
                 id=job.id, status="expired", model=job.model, kind=job.kind, tenant=job.tenant,
                 slo=route.slo, pool=self.pool, worker=self.name, error="deadline passed before start"),
                 self.metrics.of(route.slo).expired.inc)
@@ -367,7 +373,7 @@ class PoolWorker:
                               extra=job_context(job))
                 exc = BackendError(f"{type(exc).__name__}: {exc}", retryable=True)
             if exc.expired:
-                self._publish(lane, entry_id, routed, Result(
+                self._publish(lane, entry_id, routed, deliveries, Result(
                     id=job.id, status="expired", model=job.model, kind=job.kind, tenant=job.tenant,
                     slo=route.slo, pool=self.pool, worker=self.name, error=f"{type(exc).__name__}: {exc}"),
                     self.metrics.of(route.slo).expired.inc)
@@ -397,7 +403,7 @@ class PoolWorker:
             usage=Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens),
             timing=timing, metrics=metrics, route_reason=route.reason,
             slo_met=slo_met(route.ttft_target_ms, route.tpot_target_ms, route.e2e_target_ms, metrics))
-        self._publish(lane, entry_id, routed, result, lambda: self.metrics.of(route.slo).complete(
+        self._publish(lane, entry_id, routed, deliveries, result, lambda: self.metrics.of(route.slo).complete(
             metrics.queue_time_ms, metrics.time_to_first_token_ms, metrics.time_per_output_token_ms,
             metrics.e2e_latency_ms, result.slo_met))
 
@@ -409,7 +415,7 @@ class PoolWorker:
         """Run a completion script (batched), retrying while Redis is unreachable (each is idempotent)."""
         return await _retrying(lambda: self.batcher.call(name, keys, args))
 
-    def _publish(self, lane: Lane, entry_id: bytes, routed: RoutedJob, result: Result,
+    def _publish(self, lane: Lane, entry_id: bytes, routed: RoutedJob, deliveries: int, result: Result,
                  counted: Callable[[], object]) -> None:
         """Queue ``result`` and the ack for the next COMPLETE; ``counted()`` runs if it becomes the
         job's outcome (not a duplicate, not fenced).
@@ -420,20 +426,32 @@ class PoolWorker:
         key = (lane.index, entry_id)
         item = Completion(entry_id, result.id, routed.job.reply_to, json_encode(result))
         self._publishing.add(key)
-        self.batcher.complete_then(lane.completes, item, partial(self._published, lane, item, routed.job, counted))
+        self.batcher.complete_then(lane.completes, item,
+                                   partial(self._published, lane, item, routed, deliveries, counted))
 
-    def _published(self, lane: Lane, item: Completion, job: Job, counted: Callable[[], object],
-                   code: object) -> None:
+    def _published(self, lane: Lane, item: Completion, routed: RoutedJob, deliveries: int,
+                   counted: Callable[[], object], code: object) -> None:
         """Redis' answer to a job's COMPLETE: free the job's slot, count and log its outcome."""
         key = (lane.index, item.entry_id)
+        job = routed.job
         if isinstance(code, RETRYABLE):  # the script is idempotent: send it again, later
             backoff = self._backoffs.setdefault(key, Backoff())
             log.warning("Redis unreachable while finishing job %s (%s); retrying", job.id, code)
-            asyncio.get_running_loop().call_later(backoff.delay(), self.batcher.complete_then, lane.completes,
-                                                  item, partial(self._published, lane, item, job, counted))
+            asyncio.get_running_loop().call_later(
+                backoff.delay(), self.batcher.complete_then, lane.completes, item,
+                partial(self._published, lane, item, routed, deliveries, counted))
             return
         self._backoffs.pop(key, None)
         self._publishing.discard(key)
+        kind = unanswerable(code)
+        if kind is not None:
+            # COMPLETE wrote nothing and left the entry ours: the job's outcome is a dead letter,
+            # written in the job's slot.
+            raw = json_encode(routed)
+            self._track(lane, (item.entry_id, {b"routed": raw}), deliveries, self._dead(
+                lane, item.entry_id, raw, "invalid_job", not_a_stream(self.topo.reply(job.reply_to), kind), routed,
+                deliveries=deliveries))
+            return
         task = self.running.get(key)
         if task is None or task.done():
             self._finished(key)
