@@ -21,9 +21,11 @@ from broker.scripts import CompleteTarget, Completion, ScriptBatcher, Scripts
 from broker.settings import Settings
 from broker.streams import ensure_group
 from broker.topology import POLICY_GROUP, WORKER_GROUP, Topology
-from broker.wire import Job, decode_dead
+from broker.wire import Job, Route, RoutedJob, decode_dead, json_encode
 from tests.conftest import FAST_ENV, Roles
 from tests.helpers import eventually, lanes
+from workers.backend import InferenceOutput, TokenSink
+from workers.worker import PoolWorker
 
 NOT_A_STREAM = b"a string, not a stream"
 
@@ -185,3 +187,46 @@ async def test_a_reply_to_that_stops_being_a_stream_after_routing_ends_in_one_de
     assert done["status"] == "failed" and "not a stream" in done["error"]
     assert [await client.xlen(stream) for stream in pools[pool]] == [0] * len(pools[pool])  # nothing to run again
     assert worker.poll() is None
+
+
+class _BuggyBackend:
+    """A backend with a bug the worker does not foresee: what it returns is no output."""
+
+    name = "buggy"
+
+    async def run(self, job: Job, on_token: TokenSink | None = None) -> InferenceOutput:
+        return None  # type: ignore[return-value]
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_job_task_that_fails_is_logged_and_retried_and_dead_letters_with_its_error(
+        redis_url: str, prefix: str, client: aioredis.Redis, caplog: pytest.LogCaptureFixture) -> None:
+    # The task's exception was never retrieved (only asyncio's "never retrieved" message
+    # showed it); the job waited out its lease, ran alone as a suspect, and its dead letter
+    # said its worker had died.
+    settings = Settings(redis_url=redis_url, prefix=prefix, block_ms=200, claim_idle_ms=1000, claim_interval_s=0.2,
+                        max_deliveries=3, retry_backoff_ms=50, heartbeat_s=0.2)
+    topo = settings.topology
+    job = completion("buggy")
+    routed = RoutedJob(job=job, created_at=time.time(), route=Route(
+        pool="gpu", slo="standard", reason="test", routed_at=time.time(), ttft_target_ms=1000.0))
+    await ensure_group(client, topo.pool("gpu"), WORKER_GROUP)
+    await client.xadd(topo.pool("gpu"), {"routed": json_encode(routed)})
+    worker = PoolWorker(client, settings, "gpu", _BuggyBackend(), concurrency=4)
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop))
+    try:
+        await eventually(lambda: client.xlen(topo.dead), what="the job's dead letter")
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 10)
+    (letter,) = [decode_dead(f[b"dead"]) for _, f in await client.xrange(topo.dead)]
+    assert (letter.job_id, letter.reason) == ("buggy", "max_deliveries")
+    assert "AttributeError in the worker" in letter.error  # the error itself, not "its worker died"
+    failures = [r for r in caplog.records
+                if r.name == "inference_broker.worker" and "failed in the worker" in r.getMessage()]
+    assert len(failures) == 3 and all(getattr(r, "job_id", None) == "buggy" and r.exc_info for r in failures)
+    assert not worker.running and worker.busy == 0  # no slot leaked
+    assert await pending(client, topo.pool("gpu"), WORKER_GROUP) == []

@@ -21,7 +21,8 @@ Reliability, in the order a job meets it:
   the local run: the peer owns the job now.
 * **Retries.** A retryable backend error gives the entry back with a backoff (NACK); any
   worker claims it again after the backoff, which counts a delivery. Other errors
-  dead-letter at once.
+  dead-letter at once. A failure of the worker's own (a bug, or Redis refusing a script)
+  is logged and retried the same way, so its dead letter carries that error.
 * **Shutdown.** On stop, running jobs get ``grace_s`` to finish and have their results
   written; the rest are given back at once so peers take them without waiting out the idle
   time.
@@ -271,9 +272,25 @@ class PoolWorker:
     def _track(self, lane: Lane, entry: Entry, deliveries: int, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` for a job in the job's slot (see ``running``), in place of what ran there."""
         key = (lane.index, entry[0])
-        task = asyncio.create_task(work)
+        task = asyncio.create_task(self._guarded(lane, entry, deliveries, work))
         self.running[key] = task
         task.add_done_callback(lambda done: self._ended(key, done))
+
+    async def _guarded(self, lane: Lane, entry: Entry, deliveries: int, work: Coroutine[Any, Any, None]) -> None:
+        """``work``; should it fail (a bug here, or Redis refusing a script), the job is given back
+        with the error, so it is retried and dead-lettered with that error after ``max_deliveries``."""
+        try:
+            await work
+        except Exception as exc:  # noqa: BLE001 - one job's failure must not be lost, nor stop the worker
+            routed = _routed_of(entry)
+            log.exception("job %s (entry %s of %s) failed in the worker; giving it back",
+                          routed.job.id if routed else "?", entry[0].decode(), lane.stream,
+                          extra=job_context(routed.job if routed else None))
+            try:
+                await self._nack(lane, entry[0], routed, f"{type(exc).__name__} in the worker: {exc}",
+                                 delay_ms=self._backoff_ms(deliveries))
+            except Exception:  # noqa: BLE001 - its lease lapses and a worker takes it over
+                log.exception("could not give back entry %s of %s", entry[0].decode(), lane.stream)
 
     def _ended(self, key: tuple[int, bytes], task: asyncio.Task[None]) -> None:
         if self.running.get(key) is not task:
@@ -536,6 +553,14 @@ class PoolWorker:
             self.observations = collections.deque([*sent, *self.observations], maxlen=MAX_OBSERVATIONS)
             raise
         self.beat_seq += 1
+
+
+def _routed_of(entry: Entry) -> RoutedJob | None:
+    """The routed job of a pool entry, if it decodes."""
+    try:
+        return decode_routed(entry[1].get(b"routed", b""))
+    except DECODE_ERRORS:
+        return None
 
 
 async def _retrying(call: Callable[[], Awaitable[T]]) -> T:
