@@ -261,11 +261,11 @@ class PolicyWorker:
         refused = [(*job, kind) for job, code in zip(moving, codes, strict=True)
                    if job is not None and (kind := unanswerable(code)) is not None]
         if refused:
-            await self._unanswerable(entries, refused, now)
+            await self._dead_unanswerable(entries, refused, now)
         return read
 
-    async def _unanswerable(self, entries: list[tuple[Entry, int]], refused: list[tuple[bytes, str, str]],
-                            now: float) -> None:
+    async def _dead_unanswerable(self, entries: list[tuple[Entry, int]], refused: list[tuple[bytes, str, str]],
+                                 now: float) -> None:
         """Dead-letter the jobs whose reply stream is a key of another type (``kind``): ROUTE and
         COMPLETE left them pending with nothing written. Rare: a round trip of their own."""
         fields = {entry_id: entry_fields for (entry_id, entry_fields), _ in entries}

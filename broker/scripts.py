@@ -168,7 +168,10 @@ local codes, ids, pools = {}, {}, {}
 need(KEYS[1], 'stream')
 for i = 4, #ARGV, 5 do
   local pool = ARGV[i + 1]
-  if not pools[pool] then pools[pool] = true need(KEYS[tonumber(pool)], 'stream') end
+  if not pools[pool] then
+    pools[pool] = true
+    need(KEYS[tonumber(pool)], 'stream')
+  end
 end
 for i = 4, #ARGV, 5 do
   local job = ARGV[i + 2]
@@ -399,8 +402,8 @@ class Scripts:
 
 
 def unanswerable(code: object) -> str | None:
-    """For a ROUTE, COMPLETE code: the type of the key the job's ``reply_to`` names, when it
-    is no stream (nothing was written for the job and its entry is still pending), else None."""
+    """For a code of ROUTE or COMPLETE: the type of the key the job's ``reply_to`` names, when
+    it is no stream (nothing was written for the job and its entry is still pending), else None."""
     return code.decode() if isinstance(code, bytes) else None
 
 
