@@ -14,6 +14,7 @@ the one result of a job however often it was delivered.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
@@ -26,12 +27,16 @@ from broker.errors import Backpressure, JobFailed, JobRejected, ResultTimeout
 from broker.scripts import Scripts
 from broker.streams import RETRYABLE, Backoff, connect, ensure_group
 from broker.topology import Topology
-from broker.wire import InvalidJob, Job, Result, TokenChunk, decode_result, encode_job
+from broker.wire import DECODE_ERRORS, InvalidJob, Job, Result, TokenChunk, decode_result, encode_job
 
+log = logging.getLogger("inference_broker.client")
 _decode_chunk = msgspec.json.Decoder(TokenChunk).decode
 
 LISTEN_BLOCK_MS = 200
 """Longest blocking read of a result listener: bounds how long closing a client takes."""
+RECHECK_S = (0.5, 5.0)
+"""A waiting caller looks up the done key again after the first of these, then twice as long
+each time up to the second: a result its listener missed is still found."""
 
 
 class Client:
@@ -105,7 +110,6 @@ class Client:
 
         for job in jobs:
             data.append(self._prepare(job))
-            self._waiter(job.reply_to)  # listen before the result can exist
             ids.append(job.id)
             if len(ids) >= chunk:
                 await flush()
@@ -183,9 +187,14 @@ class Client:
                 last_id = ">"
             elif last_id != ">":
                 last_id = entries[-1][0].decode()
-            for _entry_id, fields in entries:
+            for entry_id, fields in entries:
                 if b"result" in fields:
-                    yield decode_result(fields[b"result"])
+                    try:
+                        result = decode_result(fields[b"result"])
+                    except DECODE_ERRORS as exc:  # acked with the rest: it would fail on every read
+                        log.warning("skipping entry %s of %s: not a result (%s)", entry_id.decode(), stream, exc)
+                        continue
+                    yield result
             done = [entry_id for entry_id, _ in entries]
 
     def _waiter(self, reply_to: str) -> _ReplyWaiter:
@@ -198,58 +207,88 @@ class Client:
 class _ReplyWaiter:
     """Reads one reply stream (plain XREAD, no group) and hands results to waiting callers.
 
-    It starts reading at the instant it is created; a result written before that is found
-    by its done key. A caller registers first and then checks the done key, so a result is
-    either in the key when checked or on the stream after the listener's start.
+    A caller registers, then checks the done key: a result written before that check is in
+    the key (the scripts write both at once), and one written after it has a later stream id
+    than the listener's start, an id of Redis' clock (TIME) read before the first caller's
+    check: the client's own clock may be off. While it waits, a caller checks the done key
+    again now and then (``RECHECK_S``), for a result the listener could not read.
     """
 
     def __init__(self, client: Client, stream: str) -> None:
         self.client = client
         self.stream = stream
         self.futures: dict[str, asyncio.Future[Result]] = {}
-        self.start_id = f"{int(time.time() * 1000) - 1}-0"
+        self.position: str | None = None
+        """The id the listener reads after: its start, then the last entry it read."""
         self.task: asyncio.Task[None] | None = None
         self.closing = False
 
     async def wait(self, job_id: str, timeout: float) -> Result:
-        if self.task is None or self.task.done():
-            self.task = asyncio.create_task(self._listen())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        await self._start()
         future = self.futures.get(job_id)
         if future is None:
-            future = self.futures[job_id] = asyncio.get_running_loop().create_future()
+            future = self.futures[job_id] = loop.create_future()
+        pause = RECHECK_S[0]
         try:
             done = await self.client.redis.get(self.client.topo.done(job_id))
-            if done is not None and not future.done():
-                future.set_result(decode_result(done))
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
+            while done is None:
+                try:
+                    return await asyncio.wait_for(asyncio.shield(future), min(pause, deadline - loop.time()))
+                except TimeoutError:
+                    if loop.time() >= deadline:
+                        raise
+                pause = min(2 * pause, RECHECK_S[1])
+                try:
+                    done = await self.client.redis.get(self.client.topo.done(job_id))
+                except RETRYABLE:
+                    pass  # Redis is away: the listener resumes when it is back
+            return decode_result(done)
         except TimeoutError:
             raise ResultTimeout(f"no result for job {job_id} within {timeout} s; it may still finish: "
                                 f"check later with `inference-broker result {job_id}`") from None
         finally:
             self.futures.pop(job_id, None)
 
+    async def _start(self) -> None:
+        if self.position is None:
+            seconds, micros = await self.client.redis.time()
+            if self.position is None:  # else a caller who read TIME before us started it
+                self.position = f"{seconds * 1000 + micros // 1000 - 1}-0"
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._listen())
+
     async def _listen(self) -> None:
-        last = self.start_id
-        redis = self.client.redis
         backoff = Backoff()
         while not self.closing:
             try:
-                reply = await redis.xread({self.stream: last}, count=500, block=LISTEN_BLOCK_MS)
+                await self._read()
                 backoff.reset()
             except RETRYABLE:
-                # Redis is away: keep waiting and resume from the last result seen.
+                await backoff.wait()  # Redis is away: keep waiting, then go on from where we were
+            except Exception as exc:  # noqa: BLE001 - e.g. the reply key is no stream: callers still check done keys
+                log.exception("reading results from %s failed (%s); retrying from entry %s",
+                              self.stream, exc, self.position)
                 await backoff.wait()
-                continue
-            for _stream, entries in reply or ():
-                for entry_id, fields in entries:
-                    last = entry_id.decode()
-                    raw = fields.get(b"result")
-                    if raw is None:
-                        continue
+
+    async def _read(self) -> None:
+        assert self.position is not None
+        reply = await self.client.redis.xread({self.stream: self.position}, count=500, block=LISTEN_BLOCK_MS)
+        for _stream, entries in reply or ():
+            for entry_id, fields in entries:
+                self.position = entry_id.decode()
+                raw = fields.get(b"result")
+                if raw is None:
+                    continue
+                try:
                     result = decode_result(raw)
-                    future = self.futures.get(result.id)
-                    if future is not None and not future.done():
-                        future.set_result(result)
+                except DECODE_ERRORS as exc:
+                    log.warning("skipping entry %s of %s: not a result (%s)", self.position, self.stream, exc)
+                    continue
+                future = self.futures.get(result.id)
+                if future is not None and not future.done():
+                    future.set_result(result)
 
     async def aclose(self) -> None:
         # Let the blocking read return rather than cancel it: a cancel that lands inside

@@ -28,7 +28,7 @@ from broker.janitor import Janitor, warn_if_evicting
 from broker.logs import job_context, printable
 from broker.metrics import POOL_WORKERS, RECLAIMED, PolicyMetrics, export_streams
 from broker.reclaim import Claimer
-from broker.scripts import CompleteTarget, Completion, Scripts
+from broker.scripts import CompleteTarget, Completion, Scripts, not_a_stream, unanswerable
 from broker.settings import Settings
 from broker.streams import (
     RETRYABLE,
@@ -169,6 +169,8 @@ class PolicyWorker:
         """ROUTE's arguments for the batch's routed entries."""
         self._routed_to: list[Counter] = []
         """The routed counter of each of those entries."""
+        self._routing: list[tuple[bytes, str]] = []
+        """The entry id and reply stream name of each of those entries."""
         self._finished: list[Completion] = []
         """Results of the batch's jobs that end here (expired, shed), for one COMPLETE."""
         self._finished_in: list[Counter] = []
@@ -247,7 +249,7 @@ class PolicyWorker:
         """
         pipe = pipeline(self.client)
         self._outcomes = []
-        self._routes, self._routed_to, self._finished, self._finished_in = [], [], [], []
+        self._routes, self._routed_to, self._routing, self._finished, self._finished_in = [], [], [], [], []
         now = self.clock()
         for (entry_id, fields), deliveries in entries:
             try:
@@ -264,13 +266,17 @@ class PolicyWorker:
         for entry_id in trimmed:
             self._dead(pipe, entry_id, {}, InvalidJob("trimmed", "the entry was deleted while pending"), now)
         counters: list[Counter | None] = list(self._outcomes)
+        # The entry and reply stream of each job ROUTE or COMPLETE moves, for a refusal (see below).
+        moving: list[tuple[bytes, str] | None] = [None] * len(counters)
         if self._finished:
             self.scripts.queue(pipe, "complete", *self._finish_target.call(self._finished))
             counters += self._finished_in
+            moving += [(item.entry_id, item.reply) for item in self._finished]
         if self._routes:
             self.scripts.queue(pipe, "route", self._route_keys,
                                [POLICY_GROUP, self.settings.result_ttl_s * 1000, self.topo.base + ":", *self._routes])
             counters += self._routed_to
+            moving += self._routing
         if read_next:
             pipe.xreadgroup(POLICY_GROUP, self.name, {self.topo.jobs: ">"}, count=self.settings.batch,
                             block=self.settings.block_ms)
@@ -280,13 +286,24 @@ class PolicyWorker:
         read = replies.pop() if read_next else None
         singles = len(self._outcomes)
         codes = [*replies[:singles], *(code for batch in replies[singles:] for code in batch)]  # type: ignore[attr-defined]
-        # Counted once Redis did the move: 0 is a duplicate (the job already had an outcome).
-        # One increment per counter and batch: each takes a lock.
-        moved = collections.Counter(counter for counter, code in zip(counters, codes, strict=True)
-                                    if code == 1 and counter is not None)
-        for counter, n in moved.items():
-            counter.inc(n)
+        _count(counters, codes)
+        refused = [(*job, kind) for job, code in zip(moving, codes, strict=True)
+                   if job is not None and (kind := unanswerable(code)) is not None]
+        if refused:
+            await self._dead_unanswerable(entries, refused, now)
         return read
+
+    async def _dead_unanswerable(self, entries: list[tuple[Entry, int]], refused: list[tuple[bytes, str, str]],
+                                 now: float) -> None:
+        """Dead-letter the jobs whose reply stream is a key of another type (``kind``): ROUTE and
+        COMPLETE left them pending with nothing written. Rare: a round trip of their own."""
+        fields = {entry_id: entry_fields for (entry_id, entry_fields), _ in entries}
+        pipe = pipeline(self.client)
+        self._outcomes = []
+        for entry_id, reply, kind in refused:
+            self._dead(pipe, entry_id, fields[entry_id],
+                       InvalidJob("invalid_job", not_a_stream(self.topo.reply(reply), kind)), now)
+        _count(self._outcomes, await self.scripts.execute(pipe))
 
     def _queue(self, pipe: aioredis.client.Pipeline, script: str, keys: list[str], args: list[object],
                counter: Counter | None) -> None:
@@ -319,8 +336,9 @@ class PolicyWorker:
             ttft_target_ms=target.ttft_ms, tpot_target_ms=target.tpot_ms, e2e_target_ms=target.e2e_ms,
             predicted_ttft_ms=decision.predicted_ttft_ms, policy=self.name))
         self._routes += (entry_id, self._route_key[self.lanes[decision.pool][self.lane[slo]]], job.id,
-                         json_encode(routed))
+                         json_encode(routed), job.reply_to)
         self._routed_to.append(self.metrics.routed(slo, decision.pool))
+        self._routing.append((entry_id, job.reply_to))
         self._count_routed(decision.pool)
 
     def _count_routed(self, pool: str) -> None:
@@ -464,6 +482,15 @@ class PolicyWorker:
             self._beat_at = self.clock()
             beat = {"ts": self._beat_at, "routed": self.routed, "dead": self.dead}
             await self.client.hset(self.topo.policy_heartbeats, self.name, json_encode(beat))  # type: ignore[arg-type, misc]
+
+
+def _count(counters: Sequence[Counter | None], codes: Sequence[object]) -> None:
+    """Count each move Redis did (code 1; 0 is a duplicate: the job already had an outcome).
+    One increment per counter and batch: each takes a lock."""
+    moved = collections.Counter(counter for counter, code in zip(counters, codes, strict=True)
+                                if code == 1 and counter is not None)
+    for counter, n in moved.items():
+        counter.inc(n)
 
 
 class _Salvaged(msgspec.Struct):

@@ -17,6 +17,11 @@ lease, and whose job a peer took over, could still ack and publish.
 
 Return codes: 1 done, 0 duplicate (the job already had an outcome; only acked), -1 fenced
 (the caller lost the entry; nothing was written).
+
+Redis does not roll back a script that fails part way: what it wrote before the error stays.
+So no script writes before it has checked the keys it writes to (see ``_TYPES``), and a job
+whose ``reply_to`` names a key that is no stream is left pending for its caller to
+dead-letter, with nothing written for it.
 """
 
 from __future__ import annotations
@@ -113,6 +118,34 @@ local function done_all(stream, group, ids)
 end
 """
 
+# Checks for the keys a script writes to, made before its first write. A write in a script
+# meets one error that checking can foresee: WRONGTYPE, a key of another type in its place.
+# (Redis refuses a script for low memory, a failed disk write or a read-only replica at its
+# first write, before anything is written.) `need` raises for a key of the broker's own:
+# nothing can be done for the job until an operator fixes it, and the entry stays pending.
+# A reply stream is named by the job, so `unanswerable` only reports it (cached per call):
+# the job's outcome is then a dead letter. SET never fails (NX on a key of another type is
+# a refusal, not an error), so done keys and markers need no check.
+_TYPES = """
+local function type_of(key) return redis.call('TYPE', key)['ok'] end
+local function need(key, kind)
+  local t = type_of(key)
+  if t ~= kind and t ~= 'none' then
+    error({err = 'WRONGTYPE ' .. key .. ' is a ' .. t .. ', not a ' .. kind .. '; nothing was written'})
+  end
+end
+local refused = {}
+local function unanswerable(key)
+  local t = refused[key]
+  if t == nil then
+    t = type_of(key)
+    if t == 'stream' or t == 'none' then t = false end
+    refused[key] = t
+  end
+  return t
+end
+"""
+
 # Batch scripts (ROUTE, COMPLETE, SUBMIT) take every entry of a read in one call, so that a
 # job costs Redis a few commands rather than a script invocation of its own (a third of
 # the broker's Redis CPU went to per-job script calls: bench/PROFILE.md). Each entry is
@@ -121,22 +154,35 @@ end
 # share the base's hash tag, so the scripts stay in one slot on Redis Cluster.
 
 # KEYS: ingress, then the pool streams.  ARGV: group, ttl ms, key base, then per entry:
-# entry id, the index in KEYS of its pool stream, job id, routed job.
+# entry id, the index in KEYS of its pool stream, job id, routed job, reply stream name.
+# A job whose reply stream is a key of another type gets that type's name as its code and
+# is neither moved nor acked: the policy dead-letters it before it costs a run.
 # A job id whose marker is set (routed before, or ended at the policy: COMPLETE and DEAD
 # set it there too) is only acked. The marker alone is checked, not the done key as well:
 # that was a seventh of Redis' work per job. (A marker expires before its job's done key,
 # by the job's time in the system; a duplicate submitted in between runs again, and its
 # COMPLETE finds the done key: acked, no second result.)
-ROUTE = _DONE_ALL + """
+ROUTE = _TYPES + _DONE_ALL + """
 local group, ttl, base = ARGV[1], ARGV[2], ARGV[3]
-local codes, ids = {}, {}
-for i = 4, #ARGV, 4 do
+local codes, ids, pools = {}, {}, {}
+need(KEYS[1], 'stream')
+for i = 4, #ARGV, 5 do
+  local pool = ARGV[i + 1]
+  if not pools[pool] then
+    pools[pool] = true
+    need(KEYS[tonumber(pool)], 'stream')
+  end
+end
+for i = 4, #ARGV, 5 do
   local job = ARGV[i + 2]
-  ids[#ids + 1] = ARGV[i]
-  local code = 0
-  if redis.call('SET', base .. 'routed:' .. job, '1', 'NX', 'PX', ttl) then
-    redis.call('XADD', KEYS[tonumber(ARGV[i + 1])], '*', 'routed', ARGV[i + 3])
-    code = 1
+  local code = unanswerable(base .. ARGV[i + 4])
+  if not code then
+    ids[#ids + 1] = ARGV[i]
+    code = 0
+    if redis.call('SET', base .. 'routed:' .. job, '1', 'NX', 'PX', ttl) then
+      redis.call('XADD', KEYS[tonumber(ARGV[i + 1])], '*', 'routed', ARGV[i + 3])
+      code = 1
+    end
   end
   codes[#codes + 1] = code
 end
@@ -148,26 +194,34 @@ return codes
 # key base, mark ('1': also set the job's routed marker, for outcomes at the policy), then
 # per entry: entry id, job id, reply stream name, result.
 # The done key holds the result: the first writer wins and later ones only ack. A fenced
-# entry (pending under another consumer, or no longer pending) is left alone.
-COMPLETE = _HELD + _DONE_ALL + """
+# entry (pending under another consumer, or no longer pending) is left alone. An entry whose
+# reply stream is a key of another type gets that type's name as its code, with nothing
+# written and the entry left pending: its caller dead-letters it (DEAD). The check comes
+# before the done key's: a duplicate is then only acked by DEAD.
+COMPLETE = _HELD + _TYPES + _DONE_ALL + """
 local group, consumer, ttl, base, mark = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5] == '1'
 local codes, ids, told, all = {}, {}, {}, {}
 for i = 6, #ARGV, 4 do all[#all + 1] = ARGV[i] end
 local mine = held(KEYS[1], group, all, consumer)
+need(KEYS[1], 'stream')
+need(KEYS[2], 'set')
 for i = 6, #ARGV, 4 do
   local id, reply, result = ARGV[i], ARGV[i + 2], ARGV[i + 3]
   local code = -1
   if mine[id] then
-    ids[#ids + 1] = id
-    code = 0
-    if redis.call('SET', base .. 'done:' .. ARGV[i + 1], result, 'NX', 'PX', ttl) then
-      if mark then redis.call('SET', base .. 'routed:' .. ARGV[i + 1], '1', 'PX', ttl) end
-      redis.call('XADD', base .. reply, '*', 'result', result)
-      if not told[reply] then
-        told[reply] = true
-        redis.call('SADD', KEYS[2], reply)
+    code = unanswerable(base .. reply)
+    if not code then
+      ids[#ids + 1] = id
+      code = 0
+      if redis.call('SET', base .. 'done:' .. ARGV[i + 1], result, 'NX', 'PX', ttl) then
+        if mark then redis.call('SET', base .. 'routed:' .. ARGV[i + 1], '1', 'PX', ttl) end
+        redis.call('XADD', base .. reply, '*', 'result', result)
+        if not told[reply] then
+          told[reply] = true
+          redis.call('SADD', KEYS[2], reply)
+        end
+        code = 1
       end
-      code = 1
     end
   end
   codes[#codes + 1] = code
@@ -180,13 +234,20 @@ return codes
 # ARGV[4] dead letter[, ARGV[5] failed result, ARGV[6] ttl ms, ARGV[7] reply stream name].
 # With a known job its failed result claims the done key first: a job that already has an
 # outcome gets no dead letter, only the ack. The policy passes the routed marker too (see ROUTE).
-DEAD = _PRELUDE + """
+# A reply stream that is a key of another type gets no result (the done key still does): the
+# dead letter is the job's outcome.
+DEAD = _PRELUDE + _TYPES + """
 if not owned(KEYS[1]) then return -1 end
+need(KEYS[1], 'stream')
+need(KEYS[2], 'stream')
 if #KEYS >= 5 then
+  need(KEYS[5], 'set')
   if not redis.call('SET', KEYS[3], ARGV[5], 'NX', 'PX', ARGV[6]) then done_with(KEYS[1]) return 0 end
   if KEYS[6] then redis.call('SET', KEYS[6], '1', 'PX', ARGV[6]) end
-  redis.call('XADD', KEYS[4], '*', 'result', ARGV[5])
-  redis.call('SADD', KEYS[5], ARGV[7])
+  if not unanswerable(KEYS[4]) then
+    redis.call('XADD', KEYS[4], '*', 'result', ARGV[5])
+    redis.call('SADD', KEYS[5], ARGV[7])
+  end
 end
 redis.call('XADD', KEYS[2], '*', 'dead', ARGV[4])
 done_with(KEYS[1])
@@ -204,6 +265,7 @@ NACK = _PRELUDE + """
 if not owned(KEYS[1]) then return -1 end
 redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2], 'IDLE', ARGV[4], 'JUSTID')
 if ARGV[5] ~= '' then
+  redis.call('DEL', KEYS[2])  -- it may be a plain string, as earlier versions wrote it
   redis.call('HSET', KEYS[2], 'error', ARGV[5], 'delivery', ARGV[7])
   redis.call('PEXPIRE', KEYS[2], ARGV[6])
 end
@@ -246,6 +308,8 @@ local given_back = 0
 local out = {{}, {}}
 local counts = {{}, {}}
 local function suspect(id, last)
+  local kind = redis.call('TYPE', ARGV[7] .. id).ok
+  if kind ~= 'hash' then return kind == 'none' end  -- a string: an error, as earlier versions wrote it
   local err = redis.call('HMGET', ARGV[7] .. id, 'error', 'delivery')
   return not err[1] or err[2] ~= tostring(last) or string.sub(err[1], 1, #ARGV[8]) == ARGV[8]
 end
@@ -280,7 +344,7 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 
 # KEYS: ingress.  ARGV: max backlog, then jobs. Adds jobs in order while the backlog is
 # under the limit; returns the ids of those added and, if it refused the rest, the backlog
-# it found full (else -1).
+# it found full (else -1). (XLEN fails on an ingress of another type before any write.)
 SUBMIT = """
 local limit = tonumber(ARGV[1])
 local backlog = redis.call('XLEN', KEYS[1])
@@ -295,7 +359,8 @@ return {ids, -1}
 
 # KEYS: dead stream, ingress, done key, routed marker.  ARGV: dead entry id, job.
 # Puts a dead job back on the ingress under its id, forgetting its earlier outcome.
-REPLAY = """
+REPLAY = _TYPES + """
+need(KEYS[2], 'stream')
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('DEL', KEYS[3], KEYS[4])
 redis.call('XADD', KEYS[2], '*', 'job', ARGV[2])
@@ -349,6 +414,17 @@ class Scripts:
     async def load(self) -> None:
         for src in self.SOURCES.values():
             await self.client.script_load(src)
+
+
+def unanswerable(code: object) -> str | None:
+    """For a code of ROUTE or COMPLETE: the type of the key the job's ``reply_to`` names, when
+    it is no stream (nothing was written for the job and its entry is still pending), else None."""
+    return code.decode() if isinstance(code, bytes) else None
+
+
+def not_a_stream(key: str, kind: str) -> str:
+    """The error of the dead letter of a job whose ``reply_to`` names ``key``, a ``kind``."""
+    return f"`$.reply_to` names key {key}, which is a {kind}, not a stream: there is nowhere to put its result"
 
 
 class Completion(NamedTuple):
@@ -410,11 +486,12 @@ class ScriptBatcher:
         self._flush_soon()
         return await future
 
-    async def complete(self, target: CompleteTarget, item: Completion) -> int:
-        """Complete one entry with the next batch: 1 done, 0 duplicate, -1 fenced (see COMPLETE)."""
+    async def complete(self, target: CompleteTarget, item: Completion) -> int | bytes:
+        """Complete one entry with the next batch: 1 done, 0 duplicate, -1 fenced, or the type
+        of the key its reply stream is (see COMPLETE and :func:`unanswerable`)."""
         future = asyncio.get_running_loop().create_future()
         self.complete_then(target, item, partial(_settle, future))
-        code: int = await future
+        code: int | bytes = await future
         return code
 
     def complete_then(self, target: CompleteTarget, item: Completion, answer: Answer) -> None:

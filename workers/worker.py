@@ -27,7 +27,8 @@ Reliability, in the order a job meets it:
   the local run: the peer owns the job now.
 * **Retries.** A retryable backend error gives the entry back with a backoff (NACK); any
   worker claims it again after the backoff, which counts a delivery. Other errors
-  dead-letter at once.
+  dead-letter at once. A failure of the worker's own (a bug, or Redis refusing a script)
+  is logged and retried the same way, so its dead letter carries that error.
 * **Shutdown.** On stop, running jobs get ``grace_s`` to finish and have their results
   written; the rest are given back at once so peers take them without waiting out the idle
   time.
@@ -41,9 +42,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
@@ -51,14 +52,13 @@ import redis.asyncio as aioredis
 from broker.logs import job_context
 from broker.metrics import CAPACITY, IN_FLIGHT, RECLAIMED, PoolMetrics
 from broker.reclaim import CRASHED, Claimer
-from broker.scripts import CompleteTarget, Completion, ScriptBatcher, Scripts
+from broker.scripts import CompleteTarget, Completion, ScriptBatcher, Scripts, not_a_stream, unanswerable
 from broker.settings import Settings
 from broker.streams import RETRYABLE, Backoff, Entry, consumer_name, ensure_group, every, is_group_lost
 from broker.topology import RESERVED, WORKER_GROUP
 from broker.wire import (
     DECODE_ERRORS,
     DeadLetter,
-    Job,
     Metrics,
     Result,
     RoutedJob,
@@ -272,11 +272,34 @@ class PoolWorker:
             return  # already running here, or deleted while pending
         if sandboxed:
             self._sandboxed.add(key)
-        task = asyncio.create_task(self._handle(lane, entry, deliveries, self.clock(), sandboxed))
-        self.running[key] = task
-        task.add_done_callback(lambda _t: self._ended(key))
+        self._track(lane, entry, deliveries, self._handle(lane, entry, deliveries, self.clock(), sandboxed))
 
-    def _ended(self, key: tuple[int, bytes]) -> None:
+    def _track(self, lane: Lane, entry: Entry, deliveries: int, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` for a job in the job's slot (see ``running``), in place of what ran there."""
+        key = (lane.index, entry[0])
+        task = asyncio.create_task(self._guarded(lane, entry, deliveries, work))
+        self.running[key] = task
+        task.add_done_callback(lambda done: self._ended(key, done))
+
+    async def _guarded(self, lane: Lane, entry: Entry, deliveries: int, work: Coroutine[Any, Any, None]) -> None:
+        """``work``; should it fail (a bug here, or Redis refusing a script), the job is given back
+        with the error, so it is retried and dead-lettered with that error after ``max_deliveries``."""
+        try:
+            await work
+        except Exception as exc:  # noqa: BLE001 - one job's failure must not be lost, nor stop the worker
+            routed = _routed_of(entry)
+            log.exception("job %s (entry %s of %s) failed in the worker; giving it back",
+                          routed.job.id if routed else "?", entry[0].decode(), lane.stream,
+                          extra=job_context(routed.job if routed else None))
+            try:
+                await self._nack(lane, entry[0], routed, f"{type(exc).__name__} in the worker: {exc}",
+                                 delay_ms=self._backoff_ms(deliveries), delivery=deliveries)
+            except Exception:  # noqa: BLE001 - its lease lapses and a worker takes it over
+                log.exception("could not give back entry %s of %s", entry[0].decode(), lane.stream)
+
+    def _ended(self, key: tuple[int, bytes], task: asyncio.Task[None]) -> None:
+        if self.running.get(key) is not task:
+            return  # another task took the slot over (see _published)
         if key not in self._publishing:  # else the answer to its result frees the slot
             self._finished(key)
 
@@ -342,7 +365,7 @@ class PoolWorker:
                                  deliveries=deliveries - 1)
                 return
         if job.deadline is not None and self.clock() > job.deadline:
-            self._publish(lane, entry_id, routed, Result(
+            self._publish(lane, entry_id, routed, deliveries, Result(
                 id=job.id, status="expired", model=job.model, kind=job.kind, tenant=job.tenant,
                 slo=route.slo, pool=self.pool, worker=self.name, error="deadline passed before start"),
                 self.metrics.of(route.slo).expired.inc)
@@ -377,7 +400,7 @@ class PoolWorker:
                               extra=job_context(job))
                 exc = BackendError(f"{type(exc).__name__}: {exc}", retryable=True)
             if exc.expired:
-                self._publish(lane, entry_id, routed, Result(
+                self._publish(lane, entry_id, routed, deliveries, Result(
                     id=job.id, status="expired", model=job.model, kind=job.kind, tenant=job.tenant,
                     slo=route.slo, pool=self.pool, worker=self.name, error=f"{type(exc).__name__}: {exc}"),
                     self.metrics.of(route.slo).expired.inc)
@@ -409,7 +432,7 @@ class PoolWorker:
             usage=Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens),
             timing=timing, metrics=metrics, route_reason=route.reason,
             slo_met=slo_met(route.ttft_target_ms, route.tpot_target_ms, route.e2e_target_ms, metrics))
-        self._publish(lane, entry_id, routed, result, lambda: self.metrics.of(route.slo).complete(
+        self._publish(lane, entry_id, routed, deliveries, result, lambda: self.metrics.of(route.slo).complete(
             metrics.queue_time_ms, metrics.time_to_first_token_ms, metrics.time_per_output_token_ms,
             metrics.e2e_latency_ms, result.slo_met))
 
@@ -421,7 +444,7 @@ class PoolWorker:
         """Run a completion script (batched), retrying while Redis is unreachable (each is idempotent)."""
         return await _retrying(lambda: self.batcher.call(name, keys, args))
 
-    def _publish(self, lane: Lane, entry_id: bytes, routed: RoutedJob, result: Result,
+    def _publish(self, lane: Lane, entry_id: bytes, routed: RoutedJob, deliveries: int, result: Result,
                  counted: Callable[[], object]) -> None:
         """Queue ``result`` and the ack for the next COMPLETE; ``counted()`` runs if it becomes the
         job's outcome (not a duplicate, not fenced).
@@ -432,20 +455,32 @@ class PoolWorker:
         key = (lane.index, entry_id)
         item = Completion(entry_id, result.id, routed.job.reply_to, json_encode(result))
         self._publishing.add(key)
-        self.batcher.complete_then(lane.completes, item, partial(self._published, lane, item, routed.job, counted))
+        self.batcher.complete_then(lane.completes, item,
+                                   partial(self._published, lane, item, routed, deliveries, counted))
 
-    def _published(self, lane: Lane, item: Completion, job: Job, counted: Callable[[], object],
-                   code: object) -> None:
+    def _published(self, lane: Lane, item: Completion, routed: RoutedJob, deliveries: int,
+                   counted: Callable[[], object], code: object) -> None:
         """Redis' answer to a job's COMPLETE: free the job's slot, count and log its outcome."""
         key = (lane.index, item.entry_id)
+        job = routed.job
         if isinstance(code, RETRYABLE):  # the script is idempotent: send it again, later
             backoff = self._backoffs.setdefault(key, Backoff())
             log.warning("Redis unreachable while finishing job %s (%s); retrying", job.id, code)
-            asyncio.get_running_loop().call_later(backoff.delay(), self.batcher.complete_then, lane.completes,
-                                                  item, partial(self._published, lane, item, job, counted))
+            asyncio.get_running_loop().call_later(
+                backoff.delay(), self.batcher.complete_then, lane.completes, item,
+                partial(self._published, lane, item, routed, deliveries, counted))
             return
         self._backoffs.pop(key, None)
         self._publishing.discard(key)
+        kind = unanswerable(code)
+        if kind is not None:
+            # COMPLETE wrote nothing and left the entry ours: the job's outcome is a dead letter,
+            # written in the job's slot.
+            raw = json_encode(routed)
+            self._track(lane, (item.entry_id, {b"routed": raw}), deliveries, self._dead(
+                lane, item.entry_id, raw, "invalid_job", not_a_stream(self.topo.reply(job.reply_to), kind), routed,
+                deliveries=deliveries))
+            return
         task = self.running.get(key)
         if task is None or task.done():
             self._finished(key)
@@ -531,6 +566,14 @@ class PoolWorker:
             self.observations = collections.deque([*sent, *self.observations], maxlen=MAX_OBSERVATIONS)
             raise
         self.beat_seq += 1
+
+
+def _routed_of(entry: Entry) -> RoutedJob | None:
+    """The routed job of a pool entry, if it decodes."""
+    try:
+        return decode_routed(entry[1].get(b"routed", b""))
+    except DECODE_ERRORS:
+        return None
 
 
 async def _retrying(call: Callable[[], Awaitable[T]]) -> T:
