@@ -55,7 +55,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     again in a sandbox, up to ``delivery_cap`` (docs/reliability.md)."""
     delivery_cap: int = 20
     """Deliveries after which a job is dead-lettered even if its runs only ever died with their
-    workers: every job ends [IB_DELIVERY_CAP]."""
+    workers: every job ends [IB_DELIVERY_CAP]. Below ``max_deliveries`` it changes nothing."""
     sandboxes: int = 2
     """Suspects (jobs whose worker died under them) a pool worker runs at once, each alone in a
     process of its own beside its other jobs [IB_SANDBOXES]; 0 runs them in-process like any job."""
@@ -80,9 +80,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         Topology(self.prefix)  # raises ValueError for an invalid prefix, before anything runs
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port {self.metrics_port} is not a TCP port (0-65535)")
-        if self.delivery_cap < self.max_deliveries:
-            raise ValueError(f"delivery_cap ({self.delivery_cap}) must be at least max_deliveries "
-                             f"({self.max_deliveries})")
         if self.claim_idle_ms < 3 * self.block_ms // 2:
             raise ValueError(f"claim_idle_ms ({self.claim_idle_ms}) must be at least 1.5 x block_ms "
                              f"({self.block_ms}): leases are renewed between reads")
