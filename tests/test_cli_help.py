@@ -356,3 +356,18 @@ def test_simulate_fits_80_columns() -> None:
     assert "…" not in res.output and max(map(len, res.output.splitlines())) <= 80
     for name in ("slo", "lowest_latency", "cheapest_first", "interactive", "standard", "goodput"):
         assert re.search(rf"\b{name}\b", res.output), name
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["submit", "-p", "x", "--timeout", "0"], "--timeout"),
+    (["results", "--limit", "0"], "--limit"),
+    (["health", "--max-age", "0"], "--max-age"),
+    (["worker", "--pool", "gpu", "--grace", "-1"], "--grace"),
+    (["dead", "list", "--reason", "bored"], "--reason"),
+    # Checked before the run, not after a minute of it.
+    (["demo", "--json", "/nonexistent-dir/results.jsonl"], "--json"),
+], ids=lambda a: " ".join(a[:2]) if isinstance(a, list) else a)
+def test_values_that_cannot_work_are_usage_errors(args: list[str], message: str) -> None:
+    res = invoke(*args, "--redis-url", NOWHERE)
+    assert res.exit_code == 2, res.output
+    assert message in res.output
