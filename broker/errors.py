@@ -4,6 +4,7 @@
 
     BrokerError
     ├── RedisUnavailable     Redis cannot be reached (the message says where and what to do)
+    │   └── RedisMisconfigured   it never will be as configured (TLS on one side only, an untrusted certificate)
     ├── EmbeddedRedisError   the embedded redis-server could not start
     ├── JobRejected          a job was refused before it reached the stream (bad or too large)
     │   └── Backpressure     the ingress backlog is full; ``.accepted`` lists what went in
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import redis.exceptions
+
 if TYPE_CHECKING:
     from broker.wire import Result
 
@@ -27,6 +30,15 @@ class BrokerError(Exception):
 
 class RedisUnavailable(BrokerError):
     """Redis could not be reached."""
+
+
+class RedisMisconfigured(RedisUnavailable, redis.exceptions.ConnectionError):
+    """The URL cannot work against the server there (TLS mismatch, untrusted certificate): retrying will not help.
+
+    A ``redis.exceptions.ConnectionError`` too, so that code which rides out a lost connection
+    handles it alike; :func:`broker.streams.connect` clients do not retry it. Callers may get
+    it as the cause of another ``ConnectionError``: :func:`broker.streams.misconfigured` finds it.
+    """
 
 
 class EmbeddedRedisError(BrokerError):

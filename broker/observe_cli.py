@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from broker.cli import EPILOG, _need_url, _settings, common, friendly, main
+from broker.cli import EPILOG, _need_url, _settings, common, main
 
 
 @main.command("asyncapi", epilog=EPILOG)
@@ -23,7 +23,6 @@ from broker.cli import EPILOG, _need_url, _settings, common, friendly, main
               help="Write the document to this file instead of printing it.")
 @click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True,
               help="Output format.")
-@friendly
 def asyncapi_cmd(out: Path | None, fmt: str) -> None:
     """Print the AsyncAPI 3.0 document of every stream, consumer group and message.
 
@@ -49,7 +48,6 @@ def asyncapi_cmd(out: Path | None, fmt: str) -> None:
 @click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("report"),
               show_default=True, help="Folder for the PNGs and index.html (created if missing).")
 @click.option("--title", help="Title of the page [default: the source of the results].")
-@friendly
 def report_cmd(input_file: Path | None, reply_to: str, out_dir: Path, title: str | None, **opts: Any) -> None:
     """Write PNG plots and one self-contained HTML page about a run's results.
 
@@ -99,7 +97,6 @@ def report_cmd(input_file: Path | None, reply_to: str, out_dir: Path, title: str
               help="Seconds of recent results that throughput, latency and attainment cover.")
 @click.option("--reply-to", default="results", show_default=True, help="Result stream to watch.")
 @click.option("--once", is_flag=True, help="Print one frame and exit (for scripts and tests).")
-@friendly
 def top_cmd(interval: float, window: float, reply_to: str, once: bool, **opts: Any) -> None:
     """Live dashboard of a running stack: pools, backlogs, throughput, latency, SLO attainment.
 
@@ -127,8 +124,8 @@ def top_cmd(interval: float, window: float, reply_to: str, once: bool, **opts: A
         client = connect(settings.redis_url or "")
         collector = Collector(client, settings, config, reply_to=reply_to, window_s=window)
         try:
-            if once:
-                console.print(render(await collector.collect()))
+            if once:  # nothing to retry: Redis being away is an error, not a frame
+                console.print(render(await collector.frame()))
                 return
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()

@@ -73,7 +73,8 @@ COLUMNS = ("class", "jobs", "SLO met", "lost", "TTFT p50/p99", "e2e p50/p99", "$
 @click.option("--duration", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
               help="Seconds of arrivals (simulated; jobs then run to completion).")
 @click.option("--seed", type=int, default=1, show_default=True, help="Same seed, same jobs, same results.")
-@click.option("--fleet", metavar="POOL=N,...", help="Workers per pool [default: 4 on the default pool, 1 on others].")
+@click.option("--fleet", metavar="POOL=N[,POOL=N]",
+              help="Workers per pool [default: 4 on the default pool, 1 on others].")
 @click.option("--priority/--fifo", default=True, show_default=True,
               help="Order pool queues by class priority, as the live priority lanes do; --fifo: by arrival.")
 @click.option("--snapshot-interval", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
@@ -83,7 +84,7 @@ COLUMNS = ("class", "jobs", "SLO met", "lost", "TTFT p50/p99", "e2e p50/p99", "$
                    "live: 1, the heartbeat).")
 @click.option("--goodput", "with_goodput", is_flag=True,
               help="Also search each policy's interactive goodput (several runs per policy).")
-@click.option("--config", type=click.Path(dir_okay=False, path_type=Path), envvar="IB_CONFIG",
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), envvar="IB_CONFIG",
               help="Policy TOML (SLO classes, rules, pools) [env IB_CONFIG; default: built-in].")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of tables.")
 def simulate_cmd(workload: str, policy: str, rate: float | None, duration: float, seed: int, fleet: str | None,
@@ -93,8 +94,8 @@ def simulate_cmd(workload: str, policy: str, rate: float | None, duration: float
 
     Each policy routes the same generated jobs; the table shows per SLO class the share that
     met its target, latency percentiles from submission, the cost per million output tokens
-    (the provisioned fleet over the run; "busy": only worker-time with jobs in flight) and the
-    share served by accelerators.
+    (the provisioned fleet over the run; --json adds busy_cost_per_mtok, the worker-time with
+    jobs in flight only) and the share served by accelerators.
     """
     from broker.config import load_config
 
@@ -140,23 +141,24 @@ def _print(runs: list[dict[str, Any]], description: str) -> None:
                   caption=f"{description}. SLO met: share of all the class's jobs (green: target met); lost: shed or "
                           "failed; latencies from submission; $/M tok: provisioned fleet cost per million "
                           "output tokens; accel: share served by accelerators.")
-    table.add_column("policy", no_wrap=True)
-    for col in COLUMNS:
-        table.add_column(col, justify="left" if col == "class" else "right", no_wrap=True)
-    with_goodput = any("goodput" in run for run in runs)
-    if with_goodput:
-        table.add_column("goodput", justify="right", no_wrap=True)
+    # The policy heads its rows rather than taking a column, and goodput goes below: the
+    # table fits 80 columns (the width of a pipe) without cutting a number.
+    table.add_column("policy, class", no_wrap=True)
+    for col in COLUMNS[1:]:
+        table.add_column(col, justify="right", no_wrap=True)
     for run in runs:
-        g: Goodput | None = run.get("goodput")
-        rows = table_rows(run["classes"])
-        for i, row in enumerate(rows):
-            extra = []
-            if with_goodput:
-                extra = [f"{g.rate:.1f}{'+' if g.capped else ''}/s" if g is not None and row[0] == g.cls else ""]
-            table.add_row(run["policy"] if i == 0 else "", *row, *extra,
-                          style="bold" if row[0] == "all" else None)
+        table.add_row(f"[bold]{run['policy']}[/]")
+        for row in table_rows(run["classes"]):
+            table.add_row(f"  {row[0]}", *row[1:], style="bold" if row[0] == "all" else None)
         table.add_section()
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    goodputs: list[tuple[str, Goodput]] = [(run["policy"], run["goodput"]) for run in runs if "goodput" in run]
+    if goodputs:
+        console.print("\n[bold]goodput[/]: the highest arrival rate at which the class still met its target "
+                      "(+: at least that; the highest rate tried still met it)")
+        for name, g in goodputs:
+            console.print(f"  {name:<16} {g.cls:<12} {g.rate:8.1f}{'+' if g.capped else ' '} jobs/s")
 
 
 simulate = simulate_cmd

@@ -11,8 +11,10 @@ import logging
 import os
 import random
 import socket
+import ssl
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import hiredis
@@ -21,14 +23,15 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import AuthenticationError, DataError, ResponseError
+from redis.exceptions import AuthenticationError, AuthorizationError, BusyLoadingError, DataError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from broker.errors import RedisUnavailable
+from broker.errors import RedisMisconfigured, RedisUnavailable
 
 log = logging.getLogger("inference_broker")
 
+T = TypeVar("T")
 Entry = tuple[bytes, dict[bytes, bytes]]
 """A stream entry as redis-py returns it: (id, fields)."""
 
@@ -92,11 +95,144 @@ class _CancellableSend(AbstractConnection):
             self.socket_timeout = timeout
 
 
-class _FastConnection(_HiredisPacking, _CancellableSend, Connection):
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or during, innermost last."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _find(exc: BaseException, kind: type[BaseException] | tuple[type[BaseException], ...]) -> BaseException | None:
+    return next((e for e in _causes(exc) if isinstance(e, kind)), None)
+
+
+def misconfigured(exc: BaseException) -> RedisMisconfigured | None:
+    """The :class:`RedisMisconfigured` behind ``exc``, if a connection attempt proved one."""
+    found = _find(exc, RedisMisconfigured)
+    return found if isinstance(found, RedisMisconfigured) else None
+
+
+SERVER_REPLIES = (AuthenticationError, AuthorizationError, BusyLoadingError)
+"""``ConnectionError`` classes redis-py raises for an error *reply* of the server."""
+
+PROBE_S = 2.0
+"""Seconds a probe of the other protocol (TLS or plaintext) may take."""
+
+
+async def _speaks_tls(host: str, port: int) -> bool:
+    """Whether a TLS handshake (certificate unchecked) succeeds on ``host:port``."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        async with asyncio.timeout(PROBE_S):
+            _reader, writer = await asyncio.open_connection(host, port, ssl=context)
+    except (OSError, TimeoutError):
+        return False
+    writer.transport.abort()
+    return True
+
+
+async def _speaks_plaintext(host: str, port: int) -> bool:
+    """Whether ``host:port`` answers a plaintext PING as Redis does (``+PONG``, or an error reply)."""
+    writer = None
+    try:
+        async with asyncio.timeout(PROBE_S):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"PING\r\n")
+            # A TLS server answers with a TLS alert record or closes; never with "+" or "-".
+            return (await reader.read(1)) in (b"+", b"-")
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        if writer is not None:
+            writer.transport.abort()
+
+
+async def misconfiguration(exc: BaseException, host: str, port: int, *, tls: bool, connected: bool) -> str | None:
+    """Why connecting to ``host:port`` can never work, when ``exc`` (and a probe) prove it; else None.
+
+    ``connected``: the TCP (and TLS) connection was made and the first command failed.
+    Only positive evidence counts (a certificate refused, the other protocol answering):
+    a server that is down or restarting is not misconfigured, and is waited for as before.
+    """
+    where = f"Redis at {host}:{port}"
+    ssl_error = _find(exc, ssl.SSLError)
+    if isinstance(ssl_error, ssl.SSLCertVerificationError):
+        return (f"{where} presented a TLS certificate this client does not trust ({ssl_error.verify_message}); "
+                "try: give the CA that signed it with ?ssl_ca_certs=/path/to/ca.pem in the URL")
+    if _find(exc, (ConnectionRefusedError, socket.gaierror)) is not None:
+        return None  # nothing listens there, or no such host: the usual "unreachable"
+    if tls:
+        if (ssl_error is not None or not connected) and await _speaks_plaintext(host, port):
+            return f"{where} does not speak TLS; try: a redis:// URL instead of rediss://"
+        if isinstance(ssl_error, ssl.SSLError) and not isinstance(ssl_error, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+            hint = ("give this client's certificate with ?ssl_certfile=...&ssl_keyfile=... in the URL"
+                    if "CERTIFICATE_REQUIRED" in (ssl_error.reason or "") else "check the TLS settings of both sides")
+            return f"the TLS handshake with {where} failed ({ssl_error.reason or ssl_error}); try: {hint}"
+        return None
+    if connected and await _speaks_tls(host, port):
+        return f"{where} accepts only TLS connections; try: a rediss:// URL instead of redis://"
+    return None
+
+
+class _FailFast(AbstractConnection):
+    """Fails a connection that can never work at its first attempt, saying why.
+
+    A TLS client on a plaintext port, a plaintext client on a TLS port and an untrusted
+    certificate fail the same way on every attempt; redis-py retried them with backoff for
+    up to 30 s before a bare "connection reset" or "timeout". When :func:`misconfiguration`
+    proves such a mismatch, the attempt raises :class:`RedisMisconfigured`, which
+    :class:`_Retry` does not retry.
+    """
+
+    host: str
+    port: int
+
+    async def _diagnose(self, exc: BaseException, *, connected: bool) -> None:
+        reason = await misconfiguration(exc, self.host, int(self.port), tls=isinstance(self, SSLConnection),
+                                        connected=connected)
+        if reason:
+            raise RedisMisconfigured(reason) from exc
+
+    async def _connect(self) -> None:
+        try:
+            await super()._connect()  # type: ignore[no-untyped-call, safe-super]
+        except (OSError, TimeoutError) as exc:
+            await self._diagnose(exc, connected=False)
+            raise
+
+    async def on_connect_check_health(self, check_health: bool = True) -> None:
+        try:
+            await super().on_connect_check_health(check_health)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            # A reply (wrong password, loading, too many clients) proves the protocols match.
+            if not isinstance(exc, SERVER_REPLIES):
+                await self._diagnose(exc, connected=True)
+            raise
+
+
+class _Retry(Retry):
+    """Retries what may pass (a lost connection, a timeout), never a :class:`RedisMisconfigured`."""
+
+    async def call_with_retry(self, do: Callable[[], Awaitable[T]], fail: Callable[..., Any],
+                              is_retryable: Callable[[Exception], bool] | None = None,
+                              with_failure_count: bool = False) -> T:
+        def retryable(error: Exception) -> bool:
+            # redis-py wraps what a connect raises in another ConnectionError: look at the causes.
+            return misconfigured(error) is None and (is_retryable is None or is_retryable(error))
+
+        return await super().call_with_retry(do, fail, retryable, with_failure_count)
+
+
+class _FastConnection(_HiredisPacking, _CancellableSend, _FailFast, Connection):
     pass
 
 
-class _FastSSLConnection(_HiredisPacking, _CancellableSend, SSLConnection):
+class _FastSSLConnection(_HiredisPacking, _CancellableSend, _FailFast, SSLConnection):
     pass
 
 
@@ -121,7 +257,7 @@ def connect(url: str, block_ms: int = 1000) -> aioredis.Redis:
         socket_connect_timeout=5,
         socket_keepalive=True,
         health_check_interval=30,
-        retry=Retry(ExponentialWithJitterBackoff(cap=2.0, base=0.05), retries=5),
+        retry=_Retry(ExponentialWithJitterBackoff(cap=2.0, base=0.05), retries=5),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
     pool = client.connection_pool
@@ -129,11 +265,34 @@ def connect(url: str, block_ms: int = 1000) -> aioredis.Redis:
     return client
 
 
+def unreachable(url: str, exc: BaseException, after_s: float | None = None) -> str:
+    """One line: why Redis at ``url`` cannot be reached (``exc``), and what to try."""
+    if found := misconfigured(exc):
+        return str(found)
+    if _find(exc, ConnectionRefusedError) is not None:
+        why = "connection refused: nothing listens there"
+    elif _find(exc, socket.gaierror) is not None:
+        why = "its host name does not resolve"
+    elif _find(exc, (TimeoutError, RedisTimeoutError)) is not None:
+        why = "no answer in time"
+    else:
+        why = str(exc)
+    state = f"was unreachable for {after_s:.0f} s" if after_s is not None else "is unreachable"
+    return (f"Redis at {redacted(url)} {state} ({why}); try: start Redis there "
+            "(or `inference-broker up` for a local one), or fix --redis-url / REDIS_URL")
+
+
 async def wait_ready(client: aioredis.Redis, url: str, timeout: float = 30.0) -> None:
-    """Wait until Redis answers PING, or raise :class:`RedisUnavailable` saying what to do."""
+    """Wait until Redis answers PING, or raise :class:`RedisUnavailable` saying what to do.
+
+    A server that is down or still starting is waited for (saying so once, at once); a
+    wrong password or a URL that can never work against the server (TLS on one side
+    only, an untrusted certificate) fails at once.
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     delay = 0.05
+    warned = False
     while True:
         try:
             await client.ping()  # type: ignore[misc]
@@ -144,12 +303,11 @@ async def wait_ready(client: aioredis.Redis, url: str, timeout: float = 30.0) ->
                 f"Redis at {redacted(url)} refused the credentials ({exc}). Check the user and password "
                 "in --redis-url / REDIS_URL.") from None
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            if loop.time() + delay > deadline:
-                raise RedisUnavailable(
-                    f"cannot reach Redis at {redacted(url)} after {timeout:.0f} s ({exc}). "
-                    "Start Redis there, fix --redis-url / REDIS_URL, or leave both unset "
-                    "to use an embedded server."
-                ) from None
+            if misconfigured(exc) is not None or loop.time() + delay > deadline:
+                raise RedisUnavailable(unreachable(url, exc, None if misconfigured(exc) else timeout)) from None
+            if not warned:
+                log.warning("waiting up to %.0f s for Redis: %s", timeout, unreachable(url, exc))
+                warned = True
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 

@@ -27,7 +27,7 @@ from rich.text import Text
 
 from broker.runstats import GroupStats, by_key, group_stats, results_of, span_text
 from broker.settings import Settings
-from broker.streams import RETRYABLE, redacted
+from broker.streams import RETRYABLE, redacted, unreachable
 from broker.wire import DECODE_ERRORS
 from policies.config import PolicyConfig
 
@@ -99,7 +99,8 @@ class Collector:
                  window_s: float = 60.0, stale_s: float = 5.0) -> None:
         self.client = client
         self.topo = settings.topology
-        self.where = f"{redacted(settings.redis_url or '')}  prefix {settings.prefix}"
+        self.url = settings.redis_url or ""
+        self.where = f"{redacted(self.url)}  prefix {settings.prefix}"
         self.config = config
         self.results = self.topo.reply(reply_to)
         self.window_s = window_s
@@ -121,14 +122,18 @@ class Collector:
             self._scanned_at = now
         return self._streams
 
+    async def frame(self) -> TopState:
+        """One frame; raises when Redis is away."""
+        return await self._collect(time.time())
+
     async def collect(self) -> TopState:
-        """One frame; Redis being away is reported in the frame, not raised."""
+        """One frame; Redis being away is reported in the frame, not raised (the live view retries)."""
         now = time.time()
         try:
             return await self._collect(now)
         except RETRYABLE as exc:
             return TopState(at=now, where=self.where, window_s=self.window_s, span_s=0.0,
-                            error=f"Redis unreachable ({exc}); retrying")
+                            error=f"retrying: {unreachable(self.url, exc)}")
 
     async def _collect(self, now: float) -> TopState:
         streams = await self._stream_keys(now)

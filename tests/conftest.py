@@ -9,6 +9,7 @@ A missing redis-server skips locally and fails in CI (``CI`` set).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,12 +17,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 import uvloop
 
-from broker.embedded import EmbeddedRedis
+from broker.embedded import EmbeddedRedis, free_port
 from broker.errors import EmbeddedRedisError
 from broker.settings import Settings
 
@@ -171,3 +173,49 @@ def make_roles(servers: list[EmbeddedRedis], prefix: str, tmp_path: Path,
     if report is not None and report.failed:
         for roles in made:
             print(roles.logs())
+
+
+class TlsRedis(msgspec.Struct, frozen=True):
+    """A redis-server that speaks only TLS, and the CA that signed its certificate."""
+
+    port: int
+    ca: Path
+
+    @property
+    def url(self) -> str:
+        """A ``rediss://`` URL that trusts the server (its CA given, as a user would)."""
+        return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.ca}"
+
+
+def _openssl(*args: str | Path, cwd: Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
+    """A TLS-only redis-server on a free port, with a private CA and a certificate for 127.0.0.1.
+
+    Skipped where there is no ``openssl`` or the redis-server was built without TLS.
+    """
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make certificates")
+    certs = tmp_path_factory.mktemp("tls")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test CA",
+             "-keyout", "ca.key", "-out", "ca.pem", cwd=certs)
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+             "-keyout", "server.key", "-out", "server.csr", cwd=certs)
+    (certs / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+             "-days", "2", "-extfile", "san.ext", "-out", "server.pem", cwd=certs)
+    port = free_port()
+    # --port 0: no plaintext listener; the TLS port is the only way in.
+    server = EmbeddedRedis(port=port, extra_args=(
+        "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(certs / "server.pem"),
+        "--tls-key-file", str(certs / "server.key"), "--tls-ca-cert-file", str(certs / "ca.pem"),
+        "--tls-auth-clients", "no"))
+    try:
+        server.start()
+    except EmbeddedRedisError as exc:
+        pytest.skip(f"redis-server without TLS: {exc}")
+    yield TlsRedis(port=port, ca=certs / "ca.pem")
+    server.stop()

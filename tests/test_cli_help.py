@@ -7,6 +7,7 @@ config, or fails on its arguments before connecting.
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 import tomllib
@@ -43,7 +44,9 @@ def invoke(*args: str, input: str | None = None) -> Result:
 
 def option_names(cmd: click.Command) -> list[str]:
     """Every visible option flag (``--help`` included) and argument name of ``cmd``."""
-    ctx = click.Context(cmd, info_name=cmd.name)
+    # With the root group's context settings, which every command inherits: click caches the
+    # help option a context makes (`-h` went missing from later invocations without them).
+    ctx = click.Context(cmd, info_name=cmd.name, **main.context_settings)
     names: list[str] = []
     for param in cmd.get_params(ctx):
         if isinstance(param, click.Option):
@@ -227,3 +230,146 @@ def test_reserved_reply_to_is_a_clean_error() -> None:
     res = invoke("results", "--redis-url", NOWHERE, "--reply-to", "jobs")
     assert isinstance(res.exception, SystemExit) and res.exit_code != 0
     assert "reserved" in res.output
+
+
+# --------------------------------------------------------------------------- help at 80 columns
+
+
+def command_paths() -> list[tuple[str, ...]]:
+    """Every command, subcommands of groups included: ("up",), ("dead", "list"), ..."""
+    paths: list[tuple[str, ...]] = []
+    for name, cmd in sorted(main.commands.items()):
+        if isinstance(cmd, click.Group):
+            paths += [(name, sub) for sub in sorted(cmd.commands)]
+        paths.append((name,))
+    return paths
+
+
+def command_at(path: tuple[str, ...]) -> click.Command:
+    cmd: click.Command = main
+    for name in path:
+        assert isinstance(cmd, click.Group)
+        cmd = cmd.commands[name]
+    return cmd
+
+
+def first_sentence(cmd: click.Command) -> str:
+    """The first sentence of a command's docstring, whitespace collapsed (what the command list shows)."""
+    words = (cmd.help or "").partition("\n\n")[0].split()
+    for i, word in enumerate(words):
+        if word.endswith(".") and (i == len(words) - 1 or not words[i + 1][0].islower()):
+            return " ".join(words[: i + 1])
+    return " ".join(words)
+
+
+def flat(text: str) -> str:
+    """``text`` on one line, as written before wrapping (which may break after a hyphen)."""
+    return re.sub(r"-\s+", "-", " ".join(text.split()))
+
+
+def help_at_80(*path: str) -> str:
+    """``--help`` of a command as a pipe shows it: 80 columns."""
+    res = CliRunner().invoke(main, [*path, "--help"], prog_name="inference-broker", env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+@pytest.mark.parametrize("path", [(), *(p for p in command_paths() if isinstance(command_at(p), click.Group))],
+                         ids=lambda p: " ".join(p) or "main")
+def test_command_lists_show_whole_sentences_at_80_columns(path: tuple[str, ...]) -> None:
+    # Click cut each description to one line with "...", mid-phrase.
+    text = flat(help_at_80(*path))
+    group = command_at(path)
+    assert isinstance(group, click.Group)
+    for name, cmd in group.commands.items():
+        assert first_sentence(cmd) in text, f"{name}: {first_sentence(cmd)!r} not whole in the list"
+
+
+@pytest.mark.parametrize("path", [(), *command_paths()], ids=lambda p: " ".join(p) or "main")
+def test_help_at_80_columns_cuts_nothing(path: tuple[str, ...]) -> None:
+    out = help_at_80(*path)
+    body = [line for line in out.splitlines() if not line.startswith("Usage:")]  # "[ARGS]..." is click's notation
+    cut = [line for line in body if "..." in line or "…" in line]
+    assert not cut, f"{' '.join(path)}: {cut}"
+    assert max(map(len, out.splitlines())) <= 80
+
+
+@pytest.mark.parametrize("path", command_paths(), ids=" ".join)
+def test_every_option_says_what_it_does(path: tuple[str, ...]) -> None:
+    cmd = command_at(path)
+    ctx = click.Context(cmd, info_name=path[-1], **main.context_settings)
+    bare = [p.opts[0] for p in cmd.get_params(ctx) if isinstance(p, click.Option) and not p.hidden and not p.help]
+    assert not bare, f"{' '.join(path)}: options without help: {bare}"
+
+
+def readme() -> str:
+    return (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize(("command", "phrases"), [
+    ("up", ["every configured pool", "SIGTERM"]),
+    ("worker", ["simulated device", "OpenAI-compatible", "in-process model"]),
+])
+def test_help_and_readme_say_the_same(command: str, phrases: list[str]) -> None:
+    row = next(line for line in readme().splitlines() if line.startswith(f"| `{command}"))
+    text = flat(help_at_80(command))
+    for phrase in phrases:
+        assert phrase in row and phrase in text, phrase
+
+
+def test_demo_help_and_readme_give_the_same_duration() -> None:
+    match = re.search(r"It takes about (\d+ s)\.", readme())
+    assert match is not None
+    assert f"Takes about {match.group(1)} by default" in flat(help_at_80("demo"))
+
+
+# --------------------------------------------------------------------------- options checked before any I/O
+
+
+@pytest.mark.parametrize("text", ["[classes.standard\n", 'default_pool = "tpu"\n'], ids=["not-toml", "invalid"])
+def test_a_malformed_config_fails_every_command(tmp_path: Path, text: str) -> None:
+    # `submit --config` with a bad file used to be ignored: only the roles read it.
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    for args in (["submit", "-p", "x"], ["result", "some-job"], ["dead", "list"], ["health"]):
+        res = invoke(*args, "--redis-url", NOWHERE, "--config", str(path))
+        assert res.exit_code == 2, (args, res.output)
+        assert "--config" in res.output and str(path) in res.output
+
+
+def test_a_missing_config_fails_every_command(tmp_path: Path) -> None:
+    for args in (["submit", "-p", "x"], ["top", "--once"], ["simulate"]):
+        res = invoke(*args, "--redis-url", NOWHERE, "--config", str(tmp_path / "absent.toml")) \
+            if args[0] != "simulate" else invoke(*args, "--config", str(tmp_path / "absent.toml"))
+        assert res.exit_code == 2, (args, res.output)
+        assert "absent.toml" in res.output and "does not exist" in res.output
+
+
+def test_an_unreadable_url_file_is_a_usage_error(tmp_path: Path) -> None:
+    res = invoke("submit", "-p", "x", "--redis-url", f"@{tmp_path / 'absent-url'}")
+    assert res.exit_code == 2
+    assert "cannot read the URL file" in res.output and "absent-url" in res.output
+
+
+def test_simulate_fits_80_columns() -> None:
+    res = CliRunner().invoke(main, ["simulate", "--duration", "2", "--policy", "slo,lowest_latency,cheapest_first",
+                                    "--goodput"], prog_name="inference-broker", env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    assert "…" not in res.output and max(map(len, res.output.splitlines())) <= 80
+    for name in ("slo", "lowest_latency", "cheapest_first", "interactive", "standard", "goodput"):
+        assert re.search(rf"\b{name}\b", res.output), name
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["submit", "-p", "x", "--timeout", "0"], "--timeout"),
+    (["results", "--limit", "0"], "--limit"),
+    (["health", "--max-age", "0"], "--max-age"),
+    (["worker", "--pool", "gpu", "--grace", "-1"], "--grace"),
+    (["dead", "list", "--reason", "bored"], "--reason"),
+    # Checked before the run, not after a minute of it.
+    (["demo", "--json", "/nonexistent-dir/results.jsonl"], "--json"),
+], ids=lambda a: " ".join(a[:2]) if isinstance(a, list) else a)
+def test_values_that_cannot_work_are_usage_errors(args: list[str], message: str) -> None:
+    res = invoke(*args, "--redis-url", NOWHERE)
+    assert res.exit_code == 2, res.output
+    assert message in res.output

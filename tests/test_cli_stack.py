@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, Roles
+from tests.conftest import ROOT, Roles, TlsRedis
 
 CLI = [sys.executable, "-m", "broker"]
 
@@ -169,3 +169,86 @@ def test_up_stops_cleanly_on_sigterm(cli_env: dict[str, str], tmp_path: Path) ->
     _out, err = up.communicate(timeout=40)
     assert up.returncode == 0, err
     assert not state.exists()
+
+
+@pytest.fixture
+def nowhere() -> str:
+    """A Redis URL on a loopback port nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"redis://127.0.0.1:{s.getsockname()[1]}/0"
+
+
+def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
+    """The error a command printed: one ``error: ...; try: ...`` line on stderr, never a traceback."""
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = [line for line in done.stderr.splitlines() if " WARNING " not in line]  # log lines
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "; try: " in lines[0], done.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args", [
+    ["submit", "-p", "hi"],
+    ["result", "some-job"],
+    ["results"],
+    ["top", "--once"],
+    ["health"],
+    ["dead", "list"],
+    ["report", "--out", "unused"],
+    ["up"],
+], ids=lambda a: " ".join(a))
+def test_unreachable_redis_is_one_line_and_a_failure(args: list[str], nowhere: str,
+                                                     cli_env: dict[str, str]) -> None:
+    # submit and result printed redis-py's traceback; top --once printed a frame and exited 0.
+    done = run_cli(*args, "--redis-url", nowhere, env=cli_env)
+    assert done.returncode == 1, done.stdout + done.stderr
+    line = one_line_error(done)
+    assert "unreachable" in line and "connection refused" in line and nowhere in line
+
+
+@pytest.mark.parametrize(("url_of", "says"), [
+    (lambda tls, plain: f"rediss://127.0.0.1:{tls.port}/0", ["does not trust", "ssl_ca_certs"]),
+    (lambda tls, plain: f"redis://127.0.0.1:{tls.port}/0", ["accepts only TLS", "rediss://"]),
+    (lambda tls, plain: plain.replace("redis://", "rediss://", 1), ["does not speak TLS", "redis://"]),
+], ids=["untrusted-certificate", "plaintext-to-tls", "tls-to-plaintext"])
+@pytest.mark.parametrize("args", [["submit", "-p", "hi"], ["policy"]], ids=["submit", "policy"])
+def test_a_tls_mismatch_says_what_is_wrong_at_once(
+        tls_redis: TlsRedis, redis_url: str, cli_env: dict[str, str], args: list[str],
+        url_of: Callable[[TlsRedis, str], str], says: list[str]) -> None:
+    # These were retried in silence (30 s for a role), then reported as "connection reset" or
+    # "timeout", or as a traceback.
+    started = time.monotonic()
+    done = run_cli(*args, "--redis-url", url_of(tls_redis, redis_url), env=cli_env)
+    assert time.monotonic() - started < 15  # the TLS handshake against plaintext waits its 5 s once
+    assert done.returncode == 1, done.stdout + done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in done.stderr and line.startswith("error: ")
+    for words in says:
+        assert words in line
+
+
+def test_a_tls_url_with_its_ca_works(tls_redis: TlsRedis, cli_env: dict[str, str]) -> None:
+    done = run_cli("health", "--redis-url", tls_redis.url, env=cli_env)
+    assert done.returncode == 0 and "redis ok" in done.stdout, done.stderr
+
+
+def test_a_password_on_the_command_line_is_warned_about_and_never_shown(
+        nowhere: str, cli_env: dict[str, str], tmp_path: Path) -> None:
+    secret_url = nowhere.replace("redis://", "redis://:hunter2@")
+    warning = "WARNING inference_broker: the password in --redis-url shows in `ps`"
+    typed = run_cli("submit", "-p", "hi", "--redis-url", secret_url, env=cli_env)
+    assert warning in typed.stderr.splitlines()[0]
+    assert "try: REDIS_URL in the environment, or --redis-url @FILE" in typed.stderr
+    one_line_error(typed)
+    # The same URL from the environment, or from a file: no warning.
+    from_env = run_cli("submit", "-p", "hi", env={**cli_env, "REDIS_URL": secret_url})
+    url_file = tmp_path / "redis-url"
+    url_file.write_text(secret_url + "\n")
+    from_file = run_cli("submit", "-p", "hi", "--redis-url", f"@{url_file}", env=cli_env)
+    for done in (typed, from_env, from_file):
+        assert done.returncode == 1
+        assert "hunter2" not in done.stdout + done.stderr
+        assert "***@127.0.0.1" in done.stderr
+    for done in (from_env, from_file):
+        assert "--redis-url shows in `ps`" not in done.stderr
+        one_line_error(done)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from broker.streams import _FastConnection, connect
+from broker.errors import RedisUnavailable
+from broker.streams import _FastConnection, connect, wait_ready
+from tests.conftest import TlsRedis
 
 
 async def test_a_cancelled_command_always_stops_its_caller(redis_url: str) -> None:
@@ -53,3 +55,69 @@ async def test_a_send_that_cannot_finish_times_out(deaf_server: int) -> None:
         await conn.send_packed_command(b"x" * (64 << 20), check_health=False)
     assert 0.25 < loop.time() - started < 5
     assert not conn.is_connected  # dropped: half a command may be on the wire
+
+
+def _plaintext_url(tls: TlsRedis) -> str:
+    return f"redis://127.0.0.1:{tls.port}/0"
+
+
+def _untrusted_url(tls: TlsRedis) -> str:
+    return f"rediss://127.0.0.1:{tls.port}/0"
+
+
+def _tls_to_plaintext_url(redis_url: str) -> str:
+    return redis_url.replace("redis://", "rediss://", 1)
+
+
+@pytest.mark.parametrize(("make_url", "says", "within_s"), [
+    # The TLS server's certificate, without its CA: nothing will change on retry.
+    (lambda tls, plain: _untrusted_url(tls), ["does not trust", "ssl_ca_certs"], 4),
+    # Plaintext against the TLS port: the server drops the connection at the first command.
+    (lambda tls, plain: _plaintext_url(tls), ["accepts only TLS", "rediss://"], 4),
+    # TLS against a plaintext server: the handshake waits out the 5 s connect timeout once.
+    (lambda tls, plain: _tls_to_plaintext_url(plain), ["does not speak TLS", "redis://"], 12),
+], ids=["untrusted-certificate", "plaintext-to-tls", "tls-to-plaintext"])
+async def test_a_url_that_cannot_work_fails_at_once_saying_why(
+        tls_redis: TlsRedis, redis_url: str, make_url: Callable[[TlsRedis, str], str], says: list[str],
+        within_s: float) -> None:
+    # It used to be retried for wait_ready's 30 s (and each command's retries), then reported
+    # as a bare "connection reset" or "timeout".
+    url = make_url(tls_redis, redis_url)
+    client = connect(url)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        with pytest.raises(RedisUnavailable) as caught:
+            await wait_ready(client, url, timeout=30)
+    finally:
+        await client.aclose()
+    assert loop.time() - started < within_s
+    for words in says:
+        assert words in str(caught.value)
+
+
+async def test_a_tls_url_with_its_ca_works(tls_redis: TlsRedis) -> None:
+    client = connect(tls_redis.url)
+    try:
+        await wait_ready(client, tls_redis.url, timeout=10)
+        assert await client.set("tls-check", b"1") and await client.get("tls-check") == b"1"
+    finally:
+        await client.aclose()
+
+
+async def test_a_server_that_is_down_is_still_waited_for() -> None:
+    # Not a misconfiguration: a role started before Redis waits for it, as before.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"redis://127.0.0.1:{port}/0"
+    client = connect(url)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        with pytest.raises(RedisUnavailable, match="connection refused") as caught:
+            await wait_ready(client, url, timeout=2)
+    finally:
+        await client.aclose()
+    assert loop.time() - started >= 1.5
+    assert "was unreachable for 2 s" in str(caught.value) and "try:" in str(caught.value)

@@ -16,8 +16,11 @@ from tests.conftest import FAST_ENV, ROOT, Roles
 from tests.helpers import eventually
 
 
-def cli(*args: str, url: str, prefix: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, url: str, prefix: str, stdin: str | None = None,
+        columns: int | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IB_")}
+    if columns is not None:
+        env["COLUMNS"] = str(columns)
     return subprocess.run([sys.executable, "-m", "broker", *args, "--redis-url", url, "--prefix", prefix],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, input=stdin)
 
@@ -85,3 +88,34 @@ async def test_list_shows_job_text_as_text(redis_url: str, prefix: str, client: 
     assert table.returncode == 0, table.stderr
     assert not [c for c in table.stdout if not c.isprintable() and c != "\n"], repr(table.stdout)
     assert "[bold]m[/bold]" in table.stdout and "\\x1b[31mno\\x9b2J" in table.stdout, table.stdout
+
+
+async def test_list_keeps_ids_whole_at_80_columns(roles: Roles, redis_url: str, prefix: str,
+                                                  client: aioredis.Redis) -> None:
+    # At 80 columns (a pipe's width) the table folded entry and job ids mid-token.
+    roles.start("policy", env=FAST_ENV)
+    roles.start("worker", "--pool", "gpu", env=FAST_ENV)
+    job = Job(id="a7f3c2e9b14d4e6f8a0b2c4d6e8f0a1b-retry", model="llama-3.1-8b", kind="completion", prompt="p",
+              max_tokens=3, metadata={"fault": "permanent"})
+    async with Client(redis_url, prefix=prefix) as sdk:
+        assert (await sdk.run(job, timeout=20)).status == "failed"
+    await client.xadd(Topology(prefix).jobs, {"job": b"not json"})
+
+    async def two_letters() -> bool:
+        return await client.xlen(Topology(prefix).dead) == 2
+
+    await eventually(two_letters, what="two dead letters")
+    as_json = cli("dead", "list", "--json", url=redis_url, prefix=prefix)
+    letters = [json.loads(line) for line in as_json.stdout.splitlines()]
+    listed = cli("dead", "list", url=redis_url, prefix=prefix, columns=80)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert max(map(len, lines)) <= 80
+    for letter in letters:
+        # The entry id, its reason and the job id whole on one line, ready to copy into `dead replay`.
+        head = next(line for line in lines if letter["dead_entry_id"] in line.split())
+        assert letter["reason"] in head.split() and (letter["job_id"] or "-") in head.split()
+    # The id that --json gives is the one `dead replay` takes (it gave the source entry's id).
+    failed = next(letter for letter in letters if letter["reason"] == "backend_error")
+    replayed = cli("dead", "replay", failed["dead_entry_id"], url=redis_url, prefix=prefix)
+    assert replayed.returncode == 0 and "replayed 1 job(s)" in replayed.stdout, replayed.stderr

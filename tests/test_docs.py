@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shlex
+import subprocess
+import sys
 
+import click
 import redis.asyncio as aioredis
 
+from broker.cli import main
+from broker.stack import wait_for_roles
 from broker.topology import Topology
 from tests.conftest import ROOT, Roles
 from tests.helpers import eventually
+from tests.test_cli_help import option_names
 
 DOCS = [ROOT / "README.md", ROOT / "docs" / "wire-format.md"]
 
@@ -75,3 +83,102 @@ def test_ci_runs_the_readme_test_command_exactly_as_written() -> None:
     assert command in ci
     first_pytest = next(line for line in ci if "pytest" in line and not line.startswith(("#", "echo")))
     assert first_pytest == command, "the README's command must be the first test run in .ci/run"
+
+
+# --------------------------------------------------------------------------- the CLI as documented
+
+DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+CALL = re.compile(r"inference-broker((?:[ \t]+[^\s`|;&)#]+)+)")
+
+
+def command_for(words: list[str]) -> tuple[click.Command, list[str]]:
+    """The command that ``words`` (after ``inference-broker``) name, and the words after it."""
+    cmd: click.Command = main
+    while words and isinstance(cmd, click.Group) and words[0] in cmd.commands:
+        cmd = cmd.commands[words[0]]
+        words = words[1:]
+    return cmd, words
+
+
+def documented_calls() -> list[tuple[str, str, list[str]]]:
+    """(file, line, words after ``inference-broker``) of every command line the docs show."""
+    calls = []
+    for doc in DOC_FILES:
+        for line in doc.read_text().splitlines():
+            for match in CALL.finditer(line):
+                calls.append((doc.name, line.strip(), match.group(1).split()))
+    return calls
+
+
+def test_the_docs_show_cli_calls() -> None:
+    assert len(documented_calls()) >= 30
+
+
+def test_documented_commands_and_options_exist() -> None:
+    wrong = []
+    for doc, line, words in documented_calls():
+        cmd, rest = command_for(words)
+        known = set(option_names(cmd))
+        wrong += [f"{doc}: {line}: {w}" for w in rest if w.startswith("--") and w.split("=")[0] not in known]
+    assert not wrong, "\n".join(wrong)
+
+
+def cli_table() -> dict[str, str]:
+    """The README's table of commands: the command's first words to the row's description."""
+    rows = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if match := re.match(r"\| `([a-z][^`]*)` \| (.*) \|$", line):
+            rows[match.group(1)] = match.group(2)
+    return rows
+
+
+def test_the_cli_table_lists_every_command_and_only_real_options() -> None:
+    rows = cli_table()
+    named = {row.split()[0] for row in rows}
+    assert named == set(main.commands), named ^ set(main.commands)
+    for row, description in rows.items():
+        words = row.replace("/", " ").split()
+        cmds = [command_for([words[0], w])[0] for w in words[1:] if w.isalpha()] or [command_for(words)[0]]
+        known = set().union(*(option_names(c) for c in cmds))
+        for option in re.findall(r"`(--[a-z-]+)", description):
+            assert option in known, f"{row}: {option}"
+
+
+def test_the_commands_said_to_take_the_shared_options_do() -> None:
+    text = " ".join((ROOT / "README.md").read_text().split())
+    match = re.search(r"Every command except (.+?) takes `--redis-url`, `--prefix`", text)
+    assert match is not None
+    excepted = set(re.findall(r"`([a-z]+)`", match.group(1)))
+    without = {name for name, cmd in main.commands.items()
+               if not isinstance(cmd, click.Group) and not {"--redis-url", "--prefix"} <= set(option_names(cmd))}
+    assert excepted == without
+
+
+def readme_submit_examples() -> list[str]:
+    """The shell lines of the README's `submit`/`result` examples that run against the local stack."""
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines()]
+    return [line for line in lines if line.startswith(("ID=", ".venv/bin/inference-broker submit", "echo"))
+            and "inference-broker submit" in line and "--redis-url" not in line]
+
+
+def test_the_readme_submit_examples_run_as_written(roles: Roles, redis_url: str, prefix: str) -> None:
+    roles.policy()
+    roles.worker("gpu")
+    roles.worker("accel")
+    # As on a fresh `up`: every pool's worker has reported, so routing sees the idle fleet.
+    wait_for_roles(redis_url, Topology(prefix), {"gpu": 1, "accel": 1}, timeout=30)
+    examples = readme_submit_examples()
+    assert len(examples) >= 5
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("IB_")}, "REDIS_URL": redis_url,
+           "IB_PREFIX": prefix}
+    cli = f"{shlex.quote(sys.executable)} -m broker"
+    for example in examples:
+        done = subprocess.run(["bash", "-c", example.replace(".venv/bin/inference-broker", cli)], env=env,
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"{example}\n{done.stdout}{done.stderr}"
+        assert ": ok" in done.stdout, f"{example}\n{done.stdout}"
+        if claim := re.search(r"# -> (\w+), (\w+)", example):  # the class and pool the comment promises
+            cls, pool = claim.groups()
+            assert f"class   {cls}\n" in done.stdout and f"pool    {pool}\n" in done.stdout, \
+                f"{example}\n{done.stdout}"
