@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 
 from broker.errors import Backpressure, JobFailed, JobRejected, ResultTimeout
 from broker.scripts import Scripts
-from broker.streams import RETRYABLE, Backoff, connect, ensure_group
+from broker.streams import RETRYABLE, STOP_TIMEOUT_S, Backoff, briefly, connect, ensure_group
 from broker.topology import Topology
 from broker.wire import DECODE_ERRORS, InvalidJob, Job, Result, TokenChunk, decode_result, encode_job
 
@@ -60,11 +60,13 @@ class Client:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Stop result listeners and close the connection pool."""
-        for waiter in self._waiters.values():
-            await waiter.aclose()
+        """Stop result listeners and close the connection pool.
+
+        Returns within ``LISTEN_BLOCK_MS`` + 2 x :data:`STOP_TIMEOUT_S` whatever Redis does.
+        """
+        await asyncio.gather(*(waiter.aclose() for waiter in self._waiters.values()))
         self._waiters.clear()
-        await self.redis.aclose()
+        await briefly(self.redis.aclose(), "close the connections")
 
     def _prepare(self, job: Job) -> bytes:
         if job.created_at is None:
@@ -144,11 +146,18 @@ class Client:
         key, done = self.topo.tokens(job_id), self.topo.done(job_id)
         deadline = time.monotonic() + timeout
         last = "0-0"
+        late = ResultTimeout(f"no end of the token stream of {job_id} within {timeout:g} s")
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise ResultTimeout(f"no end of the token stream of {job_id} within {timeout:g} s")
-            reply = await self.redis.xread({key: last}, block=max(1, int(min(left, LISTEN_BLOCK_MS / 1000) * 1000)))
+                raise late
+            block_ms = max(1, int(min(left, LISTEN_BLOCK_MS / 1000) * 1000))
+            try:
+                async with asyncio.timeout(left):  # a Redis that stopped answering holds a read far longer
+                    reply = await self.redis.xread({key: last}, block=block_ms)
+                    finished = not reply and await self.redis.exists(done)
+            except TimeoutError:
+                raise late from None
             entries = reply[0][1] if reply else []
             for entry_id, fields in entries:
                 last = entry_id.decode()
@@ -157,7 +166,7 @@ class Client:
                     yield chunk
                 if chunk.end == "ok":
                     return
-            if not entries and await self.redis.exists(done):
+            if finished:
                 return  # finished without (more) tokens: a failure, or a result without streaming
 
     async def results(self, group: str, consumer: str = "sdk", *, reply_to: str = "results",
@@ -226,25 +235,28 @@ class _ReplyWaiter:
     async def wait(self, job_id: str, timeout: float) -> Result:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        await self._start()
-        future = self.futures.get(job_id)
-        if future is None:
-            future = self.futures[job_id] = loop.create_future()
-        pause = RECHECK_S[0]
         try:
-            done = await self.client.redis.get(self.client.topo.done(job_id))
-            while done is None:
-                try:
-                    return await asyncio.wait_for(asyncio.shield(future), min(pause, deadline - loop.time()))
-                except TimeoutError:
-                    if loop.time() >= deadline:
-                        raise
-                pause = min(2 * pause, RECHECK_S[1])
-                try:
-                    done = await self.client.redis.get(self.client.topo.done(job_id))
-                except RETRYABLE:
-                    pass  # Redis is away: the listener resumes when it is back
-            return decode_result(done)
+            # The deadline covers each look-up too: a Redis that stopped answering would hold
+            # a command for the socket timeout once per connection retry.
+            async with asyncio.timeout_at(deadline):
+                await self._start()
+                future = self.futures.get(job_id)
+                if future is None:
+                    future = self.futures[job_id] = loop.create_future()
+                pause = RECHECK_S[0]
+                done = await self.client.redis.get(self.client.topo.done(job_id))
+                while done is None:
+                    try:
+                        return await asyncio.wait_for(asyncio.shield(future), min(pause, deadline - loop.time()))
+                    except TimeoutError:
+                        if loop.time() >= deadline:
+                            raise
+                    pause = min(2 * pause, RECHECK_S[1])
+                    try:
+                        done = await self.client.redis.get(self.client.topo.done(job_id))
+                    except RETRYABLE:
+                        pass  # Redis is away: the listener resumes when it is back
+                return decode_result(done)
         except TimeoutError:
             raise ResultTimeout(f"no result for job {job_id} within {timeout} s; it may still finish: "
                                 f"check later with `inference-broker result {job_id}`") from None
@@ -291,14 +303,13 @@ class _ReplyWaiter:
                     future.set_result(result)
 
     async def aclose(self) -> None:
-        # Let the blocking read return rather than cancel it: a cancel that lands inside
-        # redis-py's read can be swallowed and leave the task waiting on the socket.
+        # Let the blocking read return rather than cancel it (a read cut short leaves its
+        # connection to be torn down); cancel it only if Redis does not answer in time.
         self.closing = True
         if self.task is not None:
-            try:
-                await asyncio.wait_for(self.task, LISTEN_BLOCK_MS / 1000 + 5)
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - closing
-                pass
+            await asyncio.wait({self.task}, timeout=LISTEN_BLOCK_MS / 1000 + STOP_TIMEOUT_S)
+            self.task.cancel()
+            await asyncio.wait({self.task}, timeout=STOP_TIMEOUT_S)
 
 
 def run_job(job: Job, *, redis_url: str, prefix: str = "ib", timeout: float = 60.0) -> Result:

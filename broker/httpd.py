@@ -20,6 +20,7 @@ never waits on Redis.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -36,6 +37,7 @@ from broker import metrics
 from broker.errors import BrokerError
 from broker.logs import scrub
 from broker.settings import Settings
+from broker.streams import STOP_TIMEOUT_S
 
 log = logging.getLogger("inference_broker.http")
 
@@ -162,7 +164,9 @@ class RoleServer:
             await asyncio.gather(self._prober, return_exceptions=True)
         if self.server is not None:
             self.server.close()
-            await self.server.wait_closed()
+            # Python 3.12+ waits here for open connections, and a silent one has 10 s to speak.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.server.wait_closed(), STOP_TIMEOUT_S)
         await self.readiness.aclose()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -32,13 +32,17 @@ from broker.scripts import CompleteTarget, Completion, Scripts, not_a_stream, un
 from broker.settings import Settings
 from broker.streams import (
     RETRYABLE,
+    STOP_TIMEOUT_S,
     Backoff,
     Entry,
+    briefly,
     consumer_name,
     ensure_group,
     every,
     is_group_lost,
     pipeline,
+    unavailable,
+    until_stopped,
 )
 from broker.topology import POLICY_GROUP, RESERVED, WORKER_GROUP
 from broker.wire import (
@@ -189,53 +193,63 @@ class PolicyWorker:
             await ensure_group(self.client, stream, WORKER_GROUP)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Route jobs until ``stop`` is set. Entries being routed finish first."""
+        """Route jobs until ``stop`` is set. Entries being routed finish first.
+
+        Returns within ``block_ms`` + 2 x :data:`STOP_TIMEOUT_S` of the stop whatever Redis
+        does: a batch still on its way then stays pending, and is taken over like any other.
+        """
         await self.setup()
         await self.janitor.start()
         await warn_if_evicting(self.client)
         refresher = asyncio.create_task(every(self.settings.snapshot_s, self._tick, "pool snapshot refresh", stop))
         try:
-            # First our own pending entries (a restart under the same name), then new ones.
-            last_id = "0"
-            backoff = Backoff()
-            reply: Any = None  # the next read, when it came back with the last batch's moves
-            while not stop.is_set():
-                try:
-                    if self.claimer.due():
-                        claimed = await self.claimer.claim(self.settings.batch, suspects=1)
-                        if claimed.entries or claimed.suspects:
-                            self._reclaimed.inc(len(claimed.entries) + len(claimed.suspects))
-                        await self.handle(claimed.entries, trimmed=claimed.deleted)
-                        for suspect in claimed.suspects:
-                            await self.handle([suspect])
-                    if reply is None:
-                        reply = await self.client.xreadgroup(
-                            POLICY_GROUP, self.name, {self.topo.jobs: last_id},
-                            count=self.settings.batch, block=None if last_id == "0" else self.settings.block_ms,
-                        )
-                    entries: list[Entry] = reply[0][1] if reply else []
-                    reply = None
-                    if last_id == "0" and not entries:
-                        last_id = ">"
-                        continue
-                    if entries:
-                        reply = await self.handle([(e, 1) for e in entries], read_next=last_id == ">")
-                    backoff.reset()
-                except aioredis.ResponseError as exc:
-                    if not is_group_lost(exc):
-                        raise
-                    log.error("the ingress stream or its group is gone (Redis restarted empty, or the key "
-                              "was deleted): jobs not yet routed may be lost; recreating groups at 0")
-                    await self.setup()
-                except RETRYABLE as exc:
-                    log.warning("Redis unreachable (%s); retrying", exc)
-                    await backoff.wait()
+            await until_stopped(self._route(stop), stop, self.settings.block_ms / 1000 + STOP_TIMEOUT_S)
         finally:
             refresher.cancel()
+            await briefly(self.client.hdel(self.topo.policy_heartbeats, self.name),  # type: ignore[arg-type]
+                          "remove the heartbeat")
+
+    async def _route(self, stop: asyncio.Event) -> None:
+        # First our own pending entries (a restart under the same name), then new ones.
+        last_id = "0"
+        backoff = Backoff()
+        reply: Any = None  # the next read, when it came back with the last batch's moves
+        while not stop.is_set():
             try:
-                await self.client.hdel(self.topo.policy_heartbeats, self.name)  # type: ignore[misc]
-            except aioredis.RedisError:
-                pass  # the entry ages out on its own
+                if self.claimer.due():
+                    claimed = await self.claimer.claim(self.settings.batch, suspects=1)
+                    if claimed.entries or claimed.suspects:
+                        self._reclaimed.inc(len(claimed.entries) + len(claimed.suspects))
+                    await self.handle(claimed.entries, trimmed=claimed.deleted)
+                    for suspect in claimed.suspects:
+                        await self.handle([suspect])
+                if reply is None:
+                    reply = await self.client.xreadgroup(
+                        POLICY_GROUP, self.name, {self.topo.jobs: last_id},
+                        count=self.settings.batch, block=None if last_id == "0" else self.settings.block_ms,
+                    )
+                entries: list[Entry] = reply[0][1] if reply else []
+                reply = None
+                if last_id == "0" and not entries:
+                    last_id = ">"
+                    continue
+                if entries:
+                    reply = await self.handle([(e, 1) for e in entries], read_next=last_id == ">")
+                backoff.reset()
+            except RETRYABLE as exc:
+                # Out of memory, or unreachable: what we read stays pending under our name.
+                # Read it again from our own pending list: that restarts its idle time, so no
+                # claim pass takes it while we live (a claim judges it by its delivery count,
+                # which every try raises, and would dead-letter it after a long outage).
+                log.warning("could not route: %s; retrying", unavailable(exc))
+                last_id, reply = "0", None
+                await backoff.wait()
+            except aioredis.ResponseError as exc:
+                if not is_group_lost(exc):
+                    raise
+                log.error("the ingress stream or its group is gone (Redis restarted empty, or the key "
+                          "was deleted): jobs not yet routed may be lost; recreating groups at 0")
+                await self.setup()
 
     async def handle(self, entries: list[tuple[Entry, int]], trimmed: Sequence[bytes] = (),
                      read_next: bool = False) -> Any:

@@ -1,7 +1,8 @@
 """Entry points of the long-running roles: connect, run until a signal, exit cleanly.
 
 SIGTERM and SIGINT set a stop event: a role stops reading, lets running work finish
-(within the grace period for workers) and exits 0. uvloop is installed here, in the entry
+(within the grace period for workers) and exits 0, in a bounded time whatever Redis does
+(``broker.streams.STOP_TIMEOUT_S``). uvloop is installed here, in the entry
 point, and nowhere else.
 """
 
@@ -18,7 +19,7 @@ from broker.httpd import role_endpoint
 from broker.metrics import COST_RATE, ROLE
 from broker.policy_worker import PolicyWorker
 from broker.settings import Settings
-from broker.streams import connect, redacted, wait_ready
+from broker.streams import briefly, connect, redacted, wait_ready
 from broker.topology import POLICY_GROUP, WORKER_GROUP
 from policies.profiles import PROFILES
 
@@ -76,7 +77,7 @@ async def serve_policy(settings: Settings, stop: asyncio.Event, name: str | None
             await worker.run(stop)
             log.info("policy worker %s stopped after routing %d jobs", worker.name, worker.routed)
     finally:
-        await client.aclose()
+        await briefly(client.aclose(), "close the connections to Redis")
 
 
 async def serve_worker(settings: Settings, stop: asyncio.Event, pool: str, *,
@@ -125,4 +126,4 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, pool: str, *,
         if sandboxes is not None:
             await sandboxes.aclose()
         await backend.aclose()
-        await client.aclose()
+        await briefly(client.aclose(), "close the connections to Redis")

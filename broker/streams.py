@@ -13,7 +13,7 @@ import random
 import socket
 import ssl
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -23,7 +23,19 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import AuthenticationError, AuthorizationError, BusyLoadingError, DataError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    BusyLoadingError,
+    ClusterDownError,
+    DataError,
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -353,8 +365,25 @@ class Backoff:
         self.failures = 0
 
 
-RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+TRANSIENT = (OutOfMemoryError, ReadOnlyError, MasterDownError, TryAgainError, ClusterDownError)
+"""Refusals that pass by themselves or once an operator acts: out of memory (``maxmemory`` with
+``noeviction``), a replica during a failover, a cluster resharding or down."""
+RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError, *TRANSIENT)
 """Errors after which a role waits and tries again rather than exiting."""
+
+OUT_OF_MEMORY = ("Redis is out of memory (used_memory over maxmemory, with noeviction) and refuses "
+                 "writes; free memory (drain or purge backlogs, lower the retention settings) or raise "
+                 "maxmemory")
+"""What to tell an operator when Redis refuses a write for want of memory."""
+
+
+def unavailable(exc: BaseException) -> str:
+    """What a retryable error means, for a log line."""
+    if isinstance(exc, OutOfMemoryError):
+        return OUT_OF_MEMORY
+    if isinstance(exc, TRANSIENT):
+        return f"Redis refuses the command for now ({type(exc).__name__}: {exc})"
+    return f"Redis unreachable ({exc})"
 
 
 async def every(period_s: float, action: Callable[[], Awaitable[object]], what: str,
@@ -367,10 +396,58 @@ async def every(period_s: float, action: Callable[[], Awaitable[object]], what: 
         try:
             await action()
         except RETRYABLE as exc:
-            log.warning("%s failed: Redis unreachable (%s)", what, exc)
+            log.warning("%s failed: %s", what, unavailable(exc))
         except Exception:  # noqa: BLE001 - one failed round must not end the loop
             log.exception("%s failed", what)
         await asyncio.sleep(period_s)
+
+
+STOP_TIMEOUT_S = 2.0
+"""How long a stopping role, or a closing client, waits on Redis for each step of leaving:
+its last read, giving back unfinished work and removing its heartbeat, closing its
+connections. Redis may be down, or frozen (it accepts connections and never answers): a
+call would then wait out the socket timeout once per connection retry, over a minute.
+What is not done in time stays pending and is taken over after ``claim_idle_ms``, or
+expires with the heartbeat expiry."""
+
+
+async def until_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event, leave_s: float) -> bool:
+    """Await ``work``, a loop that ends by itself once ``stop`` is set, but once ``stop`` is set
+    give it only ``leave_s`` more seconds: then cancel it. False if it had to be cancelled.
+
+    A loop checks ``stop`` between Redis calls, and one of them may never be answered.
+    Cancelling it is safe: whatever it read and did not start stays pending in its group.
+    """
+    task = asyncio.create_task(work)
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            await asyncio.wait({task}, timeout=leave_s)
+        if task.done():
+            task.result()  # its own exception, if it failed
+            return True
+        task.cancel()
+        await asyncio.wait({task}, timeout=STOP_TIMEOUT_S)
+        return False
+    finally:
+        stopping.cancel()
+        task.cancel()  # when we were cancelled ourselves
+
+
+async def briefly(call: Awaitable[object], what: str) -> bool:
+    """Await ``call``, a stopping role's last word to Redis, for :data:`STOP_TIMEOUT_S` at most.
+
+    False, with a warning naming ``what``, when Redis failed or did not answer in time.
+    """
+    try:
+        async with asyncio.timeout(STOP_TIMEOUT_S):
+            await call
+        return True
+    except (TimeoutError, RedisError, OSError) as exc:
+        why = f"no answer within {STOP_TIMEOUT_S:g} s" if isinstance(exc, TimeoutError) else unavailable(exc)
+        log.warning("while stopping, could not %s: %s", what, why)
+        return False
 
 
 def consumer_name(role: str) -> str:

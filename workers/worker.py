@@ -31,7 +31,8 @@ Reliability, in the order a job meets it:
   is logged and retried the same way, so its dead letter carries that error.
 * **Shutdown.** On stop, running jobs get ``grace_s`` to finish and have their results
   written; the rest are given back at once so peers take them without waiting out the idle
-  time.
+  time. No step of it waits on Redis for long: if Redis is down or frozen, what could not be
+  given back stays pending and peers take it over after the idle time.
 """
 
 from __future__ import annotations
@@ -54,7 +55,18 @@ from broker.metrics import CAPACITY, IN_FLIGHT, RECLAIMED, PoolMetrics
 from broker.reclaim import CRASHED, Claimer
 from broker.scripts import CompleteTarget, Completion, ScriptBatcher, Scripts, not_a_stream, unanswerable
 from broker.settings import Settings
-from broker.streams import RETRYABLE, Backoff, Entry, consumer_name, ensure_group, every, is_group_lost
+from broker.streams import (
+    RETRYABLE,
+    STOP_TIMEOUT_S,
+    Backoff,
+    Entry,
+    briefly,
+    consumer_name,
+    ensure_group,
+    every,
+    is_group_lost,
+    until_stopped,
+)
 from broker.topology import RESERVED, WORKER_GROUP
 from broker.wire import (
     DECODE_ERRORS,
@@ -155,6 +167,8 @@ class PoolWorker:
         prompt and output tokens, concurrency, TTFT, TPOT, finished at), the freshest if more."""
         self.beat_seq = 0
         self._leases: asyncio.Task[None] | None = None
+        self._stopped_at: float | None = None
+        """When ``stop`` was set (event loop time): the grace period counts from there."""
         self.completed = 0
         self.retried = 0
         self.dead = 0
@@ -166,28 +180,32 @@ class PoolWorker:
         CAPACITY.labels(pool).set(concurrency)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Work until ``stop`` is set, then let running jobs finish within the grace period."""
+        """Work until ``stop`` is set, then let running jobs finish within the grace period.
+
+        Returns within ``grace_s`` of the stop, plus :data:`STOP_TIMEOUT_S` for the last words
+        (or ``block_ms`` + that to leave a read, if longer), whatever Redis does.
+        """
         for lane in self.lanes:
             await ensure_group(self.client, lane.stream, WORKER_GROUP)
         beat = asyncio.create_task(every(self.settings.heartbeat_s, self.heartbeat, "heartbeat", stop))
         stopping = asyncio.create_task(stop.wait())
-        stopping.add_done_callback(lambda _t: self._wake.set())
+        stopping.add_done_callback(self._stopping)
         # Renew three times per idle period (a missed renewal still leaves two chances), and
         # keep renewing after `stop` while running jobs drain: cancelled in _drain.
         self._leases = asyncio.create_task(
             every(self.settings.claim_idle_ms / 3000, self.renew_leases, "lease renewal"))
         try:
-            await self._consume(stop)
+            await until_stopped(self._consume(stop), stop, self.settings.block_ms / 1000 + STOP_TIMEOUT_S)
         finally:
-            await self._drain()
+            loop = asyncio.get_running_loop()
+            unfinished = await self._drain((self._stopped_at or loop.time()) + self.settings.grace_s)
             beat.cancel()
             stopping.cancel()
-            if self._leases is not None:
-                self._leases.cancel()
-            try:
-                await self.client.hdel(self.topo.heartbeats(self.pool), self.name)  # type: ignore[misc]
-            except aioredis.RedisError:
-                pass  # the entry ages out of the policy's view on its own
+            await self._leave(unfinished)
+
+    def _stopping(self, _stop: asyncio.Task[object]) -> None:
+        self._stopped_at = asyncio.get_running_loop().time()
+        self._wake.set()
 
     async def _consume(self, stop: asyncio.Event) -> None:
         backoff = Backoff()
@@ -309,12 +327,13 @@ class PoolWorker:
         self._sandboxed.discard(key)
         self._wake.set()
 
-    async def _drain(self) -> None:
-        if not self.running:
-            return
-        log.info("stopping: waiting up to %.0f s for %d running jobs", self.settings.grace_s, len(self.running))
+    async def _drain(self, deadline: float) -> list[tuple[int, bytes]]:
+        """Let running jobs finish until ``deadline`` (event loop time); cancel the rest and
+        return their keys."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.grace_s
+        if self.running:
+            log.info("stopping: waiting up to %.0f s for %d running jobs", max(0.0, deadline - loop.time()),
+                     len(self.running))
         while self.running and loop.time() < deadline:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -322,19 +341,38 @@ class PoolWorker:
         # Stop renewing first: a renewal landing after a give-back would undo it.
         if self._leases is not None:
             self._leases.cancel()
-            await asyncio.gather(self._leases, return_exceptions=True)
+            await asyncio.wait({self._leases}, timeout=STOP_TIMEOUT_S)
         # Runs still going are given back; a finished job whose result is still on its way
         # (Redis unreachable) stays pending for a peer to take over.
         pending = {key: task for key, task in self.running.items() if not task.done()}
         for task in pending.values():
             task.cancel()
-        await asyncio.gather(*pending.values(), return_exceptions=True)
-        leftover = list(pending)
-        for index, entry_id in leftover:
-            # Give it back now: a peer claims it on its next pass rather than after the idle time.
-            await self._nack(self.lanes[index], entry_id, None, "", delay_ms=0)
-        if leftover:
-            log.warning("gave back %d unfinished jobs to the pool", len(leftover))
+        if pending:  # a run stuck on Redis ends at once; a backend that ignores the cancel is not waited for
+            await asyncio.wait(pending.values(), timeout=STOP_TIMEOUT_S)
+        return list(pending)
+
+    async def _leave(self, unfinished: list[tuple[int, bytes]]) -> None:
+        """Give the unfinished jobs back and remove our heartbeat, within :data:`STOP_TIMEOUT_S`.
+
+        Given back, a job is claimed by a peer on its next pass rather than after the idle
+        time. If Redis does not answer in time, the jobs stay pending under our name and are
+        taken over after ``claim_idle_ms``, and the heartbeat expires (the janitor).
+        """
+        given: list[object] = []
+
+        async def last_words() -> None:
+            # Each give-back is retried by itself while Redis is away; one failing ends no other.
+            given.extend(await asyncio.gather(*(self._nack(self.lanes[index], entry_id, None, "", delay_ms=0)
+                                                for index, entry_id in unfinished), return_exceptions=True))
+            await self.client.hdel(self.topo.heartbeats(self.pool), self.name)  # type: ignore[misc]
+
+        await briefly(last_words(), "give back unfinished jobs and remove the heartbeat")
+        back = sum(not isinstance(outcome, BaseException) for outcome in given)
+        if back:
+            log.warning("gave back %d unfinished jobs to the pool", back)
+        if len(unfinished) > back:
+            log.warning("%d unfinished jobs stay pending: a peer takes them over after %d ms",
+                        len(unfinished) - back, self.settings.claim_idle_ms)
 
     async def _handle(self, lane: Lane, entry: Entry, deliveries: int, dequeued: float, sandboxed: bool) -> None:
         entry_id, fields = entry
