@@ -28,9 +28,7 @@ from broker.streams import STOP_TIMEOUT_S, connect
 from broker.topology import Topology
 from tests.conftest import FAST_ENV, Roles
 from tests.helpers import eventually, lanes
-from tests.test_faults_redis import blocked_in_xread, launch, make_roles, ready, slow_job
-
-__all__ = ["make_roles"]  # a fixture, imported for the tests here
+from tests.test_faults_redis import blocked_in_xread, launch, ready, slow_job
 
 GRACE_S = 1.0
 BLOCK_S = int(FAST_ENV["IB_BLOCK_MS"]) / 1000
