@@ -22,10 +22,20 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.exceptions import OutOfMemoryError, ResponseError
 
-from broker.errors import Backpressure, JobFailed, JobRejected, ResultTimeout
+from broker.errors import Backpressure, JobFailed, JobRejected, RedisOutOfMemory, ResultTimeout
 from broker.scripts import Scripts
-from broker.streams import RETRYABLE, STOP_TIMEOUT_S, Backoff, briefly, connect, ensure_group
+from broker.streams import (
+    OUT_OF_MEMORY,
+    RETRYABLE,
+    STOP_TIMEOUT_S,
+    Backoff,
+    briefly,
+    connect,
+    ensure_group,
+    is_group_lost,
+)
 from broker.topology import Topology
 from broker.wire import DECODE_ERRORS, InvalidJob, Job, Result, TokenChunk, decode_result, encode_job
 
@@ -83,7 +93,8 @@ class Client:
         """Put one job on the ingress stream; returns the job id.
 
         Raises :class:`JobRejected` for a bad or oversized job, and :class:`Backpressure` when
-        the ingress backlog is full (nothing was submitted; retry later).
+        the ingress backlog is full, or :class:`RedisOutOfMemory` when Redis is (nothing was
+        submitted; retry later).
         """
         return (await self.submit_many([job]))[0]
 
@@ -100,7 +111,12 @@ class Client:
         data: list[bytes] = []
 
         async def flush() -> None:
-            reply: Any = await self.scripts.call("submit", [self.topo.jobs], [self.max_backlog, *data])
+            try:
+                reply: Any = await self.scripts.call("submit", [self.topo.jobs], [self.max_backlog, *data])
+            except OutOfMemoryError:
+                # SUBMIT writes nothing when refused: Redis checks memory before a script's first write.
+                raise RedisOutOfMemory(f"{OUT_OF_MEMORY}; the jobs were not submitted, retry later",
+                                       accepted=accepted) from None
             added, backlog = reply
             accepted.extend(ids[: len(added)])
             ids.clear()

@@ -8,6 +8,7 @@
     ├── EmbeddedRedisError   the embedded redis-server could not start
     ├── JobRejected          a job was refused before it reached the stream (bad or too large)
     │   └── Backpressure     the ingress backlog is full; ``.accepted`` lists what went in
+    │       └── RedisOutOfMemory  Redis is at ``maxmemory`` and refuses writes (retry later)
     ├── ResultTimeout        no result arrived in time (the job may still finish later)
     └── JobFailed            the job ended without output; ``.result`` holds its status and error
 
@@ -55,6 +56,11 @@ class Backpressure(JobRejected):
     def __init__(self, message: str, *, accepted: list[str]) -> None:
         super().__init__(message)
         self.accepted = list(accepted)
+
+
+class RedisOutOfMemory(Backpressure):
+    """Redis is at ``maxmemory`` (with ``noeviction``) and refused the jobs; retry later.
+    ``accepted``: ids submitted before it filled."""
 
 
 class ResultTimeout(BrokerError, TimeoutError):

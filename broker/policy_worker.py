@@ -220,9 +220,9 @@ class PolicyWorker:
                     claimed = await self.claimer.claim(self.settings.batch, suspects=1)
                     if claimed.entries or claimed.suspects:
                         self._reclaimed.inc(len(claimed.entries) + len(claimed.suspects))
-                    await self.handle(claimed.entries, trimmed=claimed.deleted)
+                    await self._handle_surely(claimed.entries, trimmed=claimed.deleted)
                     for suspect in claimed.suspects:
-                        await self.handle([suspect])
+                        await self._handle_surely([suspect])
                 if reply is None:
                     reply = await self.client.xreadgroup(
                         POLICY_GROUP, self.name, {self.topo.jobs: last_id},
@@ -234,15 +234,11 @@ class PolicyWorker:
                     last_id = ">"
                     continue
                 if entries:
-                    reply = await self.handle([(e, 1) for e in entries], read_next=last_id == ">")
+                    reply = await self._handle_surely([(e, 1) for e in entries], read_next=last_id == ">")
                 backoff.reset()
             except RETRYABLE as exc:
-                # Out of memory, or unreachable: what we read stays pending under our name.
-                # Read it again from our own pending list: that restarts its idle time, so no
-                # claim pass takes it while we live (a claim judges it by its delivery count,
-                # which every try raises, and would dead-letter it after a long outage).
-                log.warning("could not route: %s; retrying", unavailable(exc))
-                last_id, reply = "0", None
+                log.warning("Redis unavailable: %s; retrying", unavailable(exc))
+                reply = None
                 await backoff.wait()
             except aioredis.ResponseError as exc:
                 if not is_group_lost(exc):
@@ -250,6 +246,36 @@ class PolicyWorker:
                 log.error("the ingress stream or its group is gone (Redis restarted empty, or the key "
                           "was deleted): jobs not yet routed may be lost; recreating groups at 0")
                 await self.setup()
+
+    async def _handle_surely(self, entries: list[tuple[Entry, int]], trimmed: Sequence[bytes] = (),
+                             read_next: bool = False) -> Any:
+        """:meth:`handle`, tried again as it was while Redis refuses writes (out of memory) or
+        cannot be reached; returns the next read, as ``handle`` does.
+
+        Meanwhile the entries stay ours: they are renewed before each new try, so no claim
+        pass takes them. A claim would count a delivery each time, and a long outage would
+        end with innocent jobs dead-lettered for ``max_deliveries``; a renewal leaves the
+        count alone.
+        """
+        backoff = Backoff(cap=min(5.0, self.settings.claim_idle_ms / 3000))
+        lost_read = False
+        while True:
+            try:
+                if backoff.failures and entries:
+                    await self.scripts.call("renew", [self.topo.jobs],
+                                            [POLICY_GROUP, self.name, *(entry_id for (entry_id, _f), _n in entries)])
+                read = await self.handle(entries, trimmed, read_next=read_next and not lost_read)
+                break
+            except RETRYABLE as exc:
+                log.warning("could not route %d entries: %s; trying again", len(entries) + len(trimmed),
+                            unavailable(exc))
+                lost_read = lost_read or read_next  # that round trip's read may have taken entries
+                await backoff.wait()
+        if lost_read:
+            # Entries the failed round trip read are pending under our name: read them there.
+            read = await self.client.xreadgroup(POLICY_GROUP, self.name, {self.topo.jobs: "0"},
+                                                count=self.settings.batch)
+        return read
 
     async def handle(self, entries: list[tuple[Entry, int]], trimmed: Sequence[bytes] = (),
                      read_next: bool = False) -> Any:
