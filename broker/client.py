@@ -193,6 +193,10 @@ class Client:
         finished, in one ``XACK`` sent with the next read: a consumer that crashes (or leaves
         the loop) mid-read gets the unacked results of that read again on restart under the
         same ``consumer`` name.
+
+        A group none of whose consumers read for ``results_group_idle_s`` while it held back
+        the stream's trimming is destroyed by the janitor as abandoned; when its consumer
+        comes back, the group is created again at 0: it gets the results still retained.
         """
         stream = self.topo.reply(reply_to)
         await ensure_group(self.redis, stream, group)
@@ -200,13 +204,20 @@ class Client:
         done: list[bytes] = []
         while True:
             block = None if last_id != ">" else self.block_ms
-            if done:  # one round trip for the ack and the next read, not two
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.xack(stream, group, *done)
-                    pipe.xreadgroup(group, consumer, {stream: last_id}, count=count, block=block)
-                    _acked, reply = await pipe.execute()
-            else:
-                reply = await self.redis.xreadgroup(group, consumer, {stream: last_id}, count=count, block=block)
+            try:
+                if done:  # one round trip for the ack and the next read, not two
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        pipe.xack(stream, group, *done)
+                        pipe.xreadgroup(group, consumer, {stream: last_id}, count=count, block=block)
+                        _acked, reply = await pipe.execute()
+                else:
+                    reply = await self.redis.xreadgroup(group, consumer, {stream: last_id}, count=count, block=block)
+            except ResponseError as exc:
+                if not is_group_lost(exc):
+                    raise
+                await ensure_group(self.redis, stream, group)
+                last_id, done = "0-0", []
+                continue
             entries = reply[0][1] if reply else []
             if last_id != ">" and len(entries) < count:
                 last_id = ">"

@@ -35,6 +35,9 @@ async def read_dead(client: aioredis.Redis, topo: Topology, *, reason: str | Non
 
 def replayable_job(letter: DeadLetter, topo: Topology) -> bytes:
     """The job bytes to submit again; raises ``InvalidJob`` when there is no job to replay."""
+    if letter.truncated:
+        raise InvalidJob("decode_error", f"its payload was cut to {len(letter.payload)} bytes "
+                                         f"(dead_payload_bytes; {letter.truncated} more were not kept)")
     if letter.stream == topo.jobs:
         # `__data__` unwraps a FastStream envelope and passes anything else through.
         job = decode_job(entry_payload({b"__data__": letter.payload}))

@@ -4,9 +4,17 @@ Run periodically by every policy worker (running it from several is harmless):
 
 * **Result retention.** Result streams are trimmed (XTRIM MINID) below the oldest entry any
   consumer group still needs (its oldest pending entry, or the first it has not read) and
-  below the retention age, never above either: unread and unacked results stay.
+  below the retention age, never above either: unread and unacked results stay. A group
+  that holds trimming back and none of whose consumers has read for
+  ``results_group_idle_s`` was abandoned: it is destroyed, with a log line. A result stream
+  left empty, unread by any group and idle past the retention age is deleted, and its name
+  forgotten, in one step with the writers (a result arriving meanwhile is kept).
+* **Dead-letter retention.** Dead letters older than ``dead_retention_s``, and the oldest
+  beyond ``dead_max_len``, are deleted.
 * **Consumer hygiene.** Consumers that hold no pending entries and have not read for twice
   the claim idle time (dead processes; live ones read every ``block_ms``) are removed.
+* **Heartbeat expiry.** Heartbeats older than ``heartbeat_expiry_s`` (roles that died
+  without removing theirs) are deleted.
 * **Empty-restart detection.** An epoch key is written at start; if it disappears, Redis
   restarted without its data (or was flushed). That is logged loudly, counted, and the
   groups are recreated at 0 so the roles keep working.
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
@@ -45,6 +54,14 @@ class Janitor:
         self.data_losses = 0
         self.trimmed = 0
         self.removed_consumers = 0
+        self.expired_beats = 0
+        self.dropped_groups = 0
+        self.reaped = 0
+        self.dead_trimmed = 0
+        self.beats = sorted({heartbeats for _group, heartbeats in streams.values()})
+        """Every heartbeat hash of the deployment's roles."""
+        self._unread_since: dict[tuple[str, bytes], int] = {}
+        """When this janitor first saw each consumerless group holding a result stream's trimming back (ms)."""
 
     async def start(self) -> None:
         """Record (or adopt) the epoch marker of this Redis."""
@@ -83,31 +100,93 @@ class Janitor:
                     self.removed_consumers += 1
 
     async def trim_results(self, now_ms: int) -> None:
+        """Trim every result stream; delete those left empty for good, and forget their names."""
+        oldest_ms = now_ms - self.settings.results_retention_s * 1000
         names = await self.client.smembers(self.topo.replies)  # type: ignore[misc]
+        seen: set[tuple[str, bytes]] = set()
         for name in names:
-            await self.trim_stream(self.topo.reply(name.decode()), now_ms - self.settings.results_retention_s * 1000)
+            stream = self.topo.reply(name.decode())
+            await self.trim_stream(stream, oldest_ms, now_ms, seen)
+            if await self.scripts.call("reap", [stream, self.topo.replies], [name, oldest_ms]) == 1:
+                self.reaped += 1
+        self._unread_since = {key: at for key, at in self._unread_since.items() if key in seen}
 
-    async def trim_stream(self, stream: str, oldest_ms: int) -> None:
-        """Trim ``stream`` below ``oldest_ms`` and below what every group still needs."""
+    async def trim_stream(self, stream: str, oldest_ms: int, now_ms: int, seen: set[tuple[str, bytes]]) -> None:
+        """Trim ``stream`` below ``oldest_ms`` and below what every group still needs, but for
+        groups abandoned for ``results_group_idle_s``: those are destroyed. Consumerless groups
+        that hold trimming back are added to ``seen``."""
         floor = (oldest_ms, 0)
         try:
             groups = await self.client.xinfo_groups(stream)
         except aioredis.ResponseError:
             return
+        newest: tuple[int, int] | None = None
         for g in groups:
             last = _id_tuple(g["last-delivered-id"])
-            floor = min(floor, (last[0], last[1] + 1))
+            need = (last[0], last[1] + 1)
             if g["pending"]:
                 summary = await self.client.xpending(stream, g["name"])
-                floor = min(floor, _id_tuple(summary["min"]))
+                need = min(need, _id_tuple(summary["min"]))
+            if need < floor:
+                # It holds trimming back if it has entries to read or ack (a caught-up group
+                # whose reader waits for the next result does not, however long it waits).
+                if newest is None:
+                    tip = await self.client.xrevrange(stream, count=1)
+                    newest = _id_tuple(tip[0][0]) if tip else (0, 0)
+                if need <= newest and await self._abandoned(stream, g, now_ms, seen):
+                    continue
+            floor = min(floor, need)
         removed = await self.client.xtrim(stream, minid=f"{floor[0]}-{floor[1]}", approximate=False)
         self.trimmed += int(removed)
+
+    async def _abandoned(self, stream: str, group: dict[str, Any], now_ms: int, seen: set[tuple[str, bytes]]) -> bool:
+        """Destroy ``group``, which holds back the trimming of ``stream``, if none of its consumers
+        has read for ``results_group_idle_s``; True if it was.
+
+        A group without consumers (created, never read) has no idle time in Redis: it counts
+        from when this janitor first saw it so, lest a reader that just created it lose it.
+        """
+        idle_ms = self.settings.results_group_idle_s * 1000
+        if not group["consumers"]:
+            key = (stream, group["name"])
+            seen.add(key)
+            if now_ms - self._unread_since.setdefault(key, now_ms) < idle_ms:
+                return False
+        if await self.scripts.call("dropgroup", [stream], [group["name"], idle_ms]) != 1:
+            return False
+        self.dropped_groups += 1
+        log.warning("destroyed consumer group %r of result stream %s: none of its consumers read for %d s "
+                    "(abandoned), and it held back trimming with %s results unread and %d read but not acked",
+                    group["name"].decode(errors="replace"), stream, self.settings.results_group_idle_s,
+                    group.get("lag", "?"), group["pending"])
+        return True
+
+    async def trim_dead(self, now_ms: int) -> None:
+        """Delete dead letters past ``dead_retention_s`` and the oldest beyond ``dead_max_len``."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.xtrim(self.topo.dead, minid=now_ms - self.settings.dead_retention_s * 1000, approximate=False)
+            pipe.xtrim(self.topo.dead, maxlen=self.settings.dead_max_len, approximate=False)
+            removed = sum(int(n) for n in await pipe.execute())
+        if removed:
+            self.dead_trimmed += removed
+            log.info("deleted %d dead letters past their retention (dead_retention_s %d, dead_max_len %d)",
+                     removed, self.settings.dead_retention_s, self.settings.dead_max_len)
+
+    async def expire_heartbeats(self, now: float) -> None:
+        """Delete heartbeats older than ``heartbeat_expiry_s``: their roles died without saying so."""
+        removed: Any = await self.scripts.call("expire_beats", self.beats, [now - self.settings.heartbeat_expiry_s])
+        if removed:
+            self.expired_beats += removed
+            log.info("removed the heartbeats of %d roles silent for over %g s", removed,
+                     self.settings.heartbeat_expiry_s)
 
     async def sweep(self, now: float) -> bool:
         """One round of housekeeping at ``now`` (epoch seconds). True if a data loss was detected."""
         lost = await self.data_lost()
+        await self.expire_heartbeats(now)
         await self.remove_dead_consumers(now)
         await self.trim_results(int(now * 1000))
+        await self.trim_dead(int(now * 1000))
         return lost
 
 

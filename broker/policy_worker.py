@@ -162,6 +162,7 @@ class PolicyWorker:
         """The lane of each class in the pool's streams."""
         self.rng = random.Random(self.name)  # seeded per worker: decisions are reproducible from logs
         self._seen: dict[bytes, int] = {}
+        """The last heartbeat (seq) learnt from, of each worker with a heartbeat in Redis."""
         self._swept_at = self._beat_at = 0.0
         self.routed = 0
         self.dead = 0
@@ -425,7 +426,6 @@ class PolicyWorker:
               exc: InvalidJob, now: float) -> None:
         raw = fields.get(b"job") or fields.get(b"__data__") or json_encode(
             {k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()})
-        limit = self.settings.max_job_bytes
         job = None
         # An entry whose bytes were not read as a job (docs/wire-format.md) gets no result,
         # even when an id can be picked out of them: one outcome, the dead letter.
@@ -435,8 +435,8 @@ class PolicyWorker:
             except InvalidJob:
                 job = None
         letter = DeadLetter(reason=exc.reason, error=str(exc), stream=self.topo.jobs,
-                            entry_id=entry_id.decode(), payload=raw[:limit],
-                            job_id=job.id if job else None, consumer=self.name, failed_at=now)
+                            entry_id=entry_id.decode(), payload=raw, job_id=job.id if job else None,
+                            consumer=self.name, failed_at=now).clipped(self.settings.dead_payload_bytes)
         keys = [self.topo.jobs, self.topo.dead]
         args: list[object] = [POLICY_GROUP, entry_id, "", json_encode(letter)]
         if job is not None:
@@ -461,6 +461,7 @@ class PolicyWorker:
                 pipe.hgetall(self.topo.heartbeats(name))
             replies = iter(await pipe.execute(raise_on_error=False))
         pools: dict[str, PoolState] = {}
+        beating: set[bytes] = set()
         for name, lanes in self.lanes.items():
             backlog = 0
             for groups in (next(replies) for _ in lanes):
@@ -473,6 +474,7 @@ class PolicyWorker:
             workers = in_flight = capacity = 0
             cooling: list[float | None] = []
             beats: dict[bytes, bytes] = next(replies)
+            beating.update(beats)
             for worker, raw in beats.items():
                 beat = msgspec.json.decode(raw)
                 if now - beat["ts"] < 5 * self.settings.heartbeat_s:
@@ -488,6 +490,8 @@ class PolicyWorker:
             pools[name] = PoolState(backlog=backlog, workers=workers, in_flight=in_flight, capacity=capacity,
                                     cooling_until=until)
             self._pool_workers[name].set(workers)
+        for gone in self._seen.keys() - beating:  # its heartbeat expired (see the janitor)
+            del self._seen[gone]
         self._set_snapshot(Snapshot(now=now, pools=pools))
 
     async def export_gauges(self) -> None:

@@ -342,6 +342,56 @@ if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then retu
 return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 """
 
+# KEYS: heartbeat hashes.  ARGV: oldest beat time kept (epoch seconds). Deletes the fields
+# whose beat is older, or not a beat at all, and returns how many. Read and deleted in one
+# step: a role that beats again meanwhile keeps its fresh beat.
+EXPIRE_BEATS = """
+local removed = 0
+for _, key in ipairs(KEYS) do
+  local flat = redis.call('HGETALL', key)
+  for i = 1, #flat, 2 do
+    local ok, beat = pcall(cjson.decode, flat[i + 1])
+    local ts = ok and type(beat) == 'table' and tonumber(beat['ts'])
+    if not ts or ts < tonumber(ARGV[1]) then
+      redis.call('HDEL', key, flat[i])
+      removed = removed + 1
+    end
+  end
+end
+return removed
+"""
+
+# KEYS: stream.  ARGV: group, idle ms. Destroys the group if none of its consumers has read
+# for `idle` ms (or it has none): checked and done in one step, so a consumer that reads
+# meanwhile keeps its group. Returns 1 if destroyed.
+DROPGROUP = """
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  for i = 1, #c, 2 do
+    if c[i] == 'idle' and c[i + 1] < tonumber(ARGV[2]) then return 0 end
+  end
+end
+return redis.call('XGROUP', 'DESTROY', KEYS[1], ARGV[1])
+"""
+
+# KEYS: reply stream, reply-stream set.  ARGV: its name, a time (ms). Deletes the reply
+# stream if it is empty, no group reads it, and nothing was added to it since that time;
+# then forgets its name. In one step with COMPLETE and DEAD, which add a result and the name
+# together: a result that arrives meanwhile is kept, and so is the name.
+REAP = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if redis.call('XLEN', KEYS[1]) > 0 or #redis.call('XINFO', 'GROUPS', KEYS[1]) > 0 then return 0 end
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' and tonumber(string.match(info[i + 1], '^%d+')) >= tonumber(ARGV[2]) then
+      return 0
+    end
+  end
+  redis.call('DEL', KEYS[1])
+end
+redis.call('SREM', KEYS[2], ARGV[1])
+return 1
+"""
+
 # KEYS: ingress.  ARGV: max backlog, then jobs. Adds jobs in order while the backlog is
 # under the limit; returns the ids of those added and, if it refused the rest, the backlog
 # it found full (else -1). (XLEN fails on an ingress of another type before any write.)
@@ -378,7 +428,8 @@ class Scripts:
     """
 
     SOURCES = {"route": ROUTE, "complete": COMPLETE, "dead": DEAD, "nack": NACK, "renew": RENEW,
-               "submit": SUBMIT, "replay": REPLAY, "claim": CLAIM, "delconsumer": DELCONSUMER}
+               "submit": SUBMIT, "replay": REPLAY, "claim": CLAIM, "delconsumer": DELCONSUMER,
+               "expire_beats": EXPIRE_BEATS, "dropgroup": DROPGROUP, "reap": REAP}
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client

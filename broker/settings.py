@@ -40,7 +40,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """How long a job's result stays retrievable by id, and duplicates of it are suppressed."""
     results_retention_s: int = 3600
     """Result stream entries younger than this are kept even when every group has read them."""
+    results_group_idle_s: int = 86_400
+    """A consumer group on a result stream that holds back its trimming, and none of whose
+    consumers has read for this long, is destroyed: it was abandoned."""
     heartbeat_s: float = 1.0
+    heartbeat_expiry_s: float = 60.0
+    """A role's heartbeat this old is deleted (the role died without removing it); at least 5 x
+    ``heartbeat_s``, the age past which the policy ignores a beat anyway."""
     snapshot_s: float = 0.25
     """How often the policy worker refreshes its view of the pools."""
     grace_s: float = 30.0
@@ -65,8 +71,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Submissions fail fast once this many jobs wait on the ingress stream."""
     max_job_bytes: int = 1 << 20
     """Larger jobs are refused by the SDK and dead-lettered unread by the policy worker."""
+    dead_retention_s: int = 7 * 86_400
+    """Dead letters older than this are deleted."""
+    dead_max_len: int = 10_000
+    """Most dead letters kept; the oldest go first."""
+    dead_payload_bytes: int = 16_384
+    """Most bytes of the failed entry a dead letter keeps; a longer one is cut (and marked so:
+    it cannot be replayed), its reason, error and job id kept."""
     janitor_s: float = 5.0
-    """How often result streams are trimmed and dead consumers removed."""
+    """How often result and dead-letter streams are trimmed, and dead consumers and heartbeats removed."""
     fault_injection: bool = False
     """Let job metadata make the simulated device fail or crash (tests and drills only)."""
     metrics_port: int | None = None
@@ -80,6 +93,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         Topology(self.prefix)  # raises ValueError for an invalid prefix, before anything runs
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port {self.metrics_port} is not a TCP port (0-65535)")
+        if self.heartbeat_expiry_s < 5 * self.heartbeat_s:
+            raise ValueError(f"heartbeat_expiry_s ({self.heartbeat_expiry_s}) must be at least 5 x heartbeat_s "
+                             f"({self.heartbeat_s}): a live role's heartbeat must not expire between its beats")
         if self.claim_idle_ms < 3 * self.block_ms // 2:
             raise ValueError(f"claim_idle_ms ({self.claim_idle_ms}) must be at least 1.5 x block_ms "
                              f"({self.block_ms}): leases are renewed between reads")

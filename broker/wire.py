@@ -235,6 +235,16 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     consumer: str = ""
     failed_at: float = 0.0
     v: int = VERSION
+    truncated: int = 0
+    """Bytes cut from the end of ``payload`` to keep the letter small (0: it is whole). A cut
+    letter still says why and which job, but cannot be replayed."""
+
+    def clipped(self, limit: int) -> DeadLetter:
+        """This letter with at most ``limit`` bytes of payload (``dead_payload_bytes``)."""
+        if len(self.payload) <= limit:
+            return self
+        return msgspec.structs.replace(self, payload=self.payload[:limit],
+                                       truncated=self.truncated + len(self.payload) - limit)
 
 
 DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)

@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,14 +29,17 @@ import pytest
 import redis.asyncio as aioredis
 
 from broker.client import Client
+from broker.config import load_config
+from broker.dead import read_dead, replayable_job
 from broker.embedded import EmbeddedRedis, find_redis_server
 from broker.errors import EmbeddedRedisError
 from broker.janitor import Janitor
+from broker.policy_worker import PolicyWorker
 from broker.settings import Settings
-from broker.streams import ensure_group
+from broker.streams import connect, ensure_group
 from broker.topology import POLICY_GROUP, WORKER_GROUP, Topology
-from broker.wire import Job, decode_dead
-from tests.conftest import FAST_ENV, Roles
+from broker.wire import InvalidJob, Job, Result, decode_dead, json_encode
+from tests.conftest import FAST_ENV, ROOT, Roles
 from tests.helpers import eventually, lanes
 
 RETENTION_ENV = {**FAST_ENV, "IB_RESULT_TTL_S": "2", "IB_RESULTS_RETENTION_S": "1", "IB_JANITOR_S": "0.2"}
@@ -423,3 +428,302 @@ async def test_an_entry_trimmed_while_pending_becomes_a_dead_letter(
     (letter,) = [decode_dead(f[b"dead"]) for _i, f in await client.xrange(topo.dead)]
     assert letter.reason == "trimmed" and letter.stream == stream
     assert await pending(client, stream, group) == 0
+
+
+# -- State that would otherwise grow with every role, reply stream and failure ------------------
+
+STATE_ENV = {**FAST_ENV, "IB_HEARTBEAT_EXPIRY_S": "2", "IB_JANITOR_S": "0.2"}
+"""Heartbeats expire after 2 s (the default is 60 s; 5 x the 0.2 s heartbeat is the floor)."""
+KILLS = 100
+
+
+@pytest.mark.timeout(120)
+async def test_after_100_role_kills_the_heartbeats_name_only_live_roles(
+        roles: Roles, redis_url: str, prefix: str, client: aioredis.Redis) -> None:
+    topo = Topology(prefix)
+    policy = roles.start("policy", env=STATE_ENV)
+    worker = roles.start("worker", "--pool", "gpu", env=STATE_ENV)
+
+    async def beats(key: str) -> set[str]:
+        return {name.decode() for name in await client.hkeys(key)}  # type: ignore[misc]
+
+    async def up() -> bool:
+        assert policy.poll() is None and worker.poll() is None, roles.logs()
+        return (any(f"-{policy.pid}-" in n for n in await beats(topo.policy_heartbeats))
+                and any(f"-{worker.pid}-" in n for n in await beats(topo.heartbeats("gpu"))))
+
+    await eventually(up, timeout=30, what="the live roles' heartbeats")
+    live = {key: await beats(key) for key in (topo.policy_heartbeats, topo.heartbeats("gpu"))}
+
+    # 100 real roles (90 workers, 10 policy workers), each SIGKILLed after its first heartbeat.
+    farm = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.role_farm", redis_url, prefix, str(KILLS),
+        env={**os.environ, **STATE_ENV}, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await asyncio.wait_for(farm.communicate(), 90)
+    assert farm.returncode == 0, err.decode(errors="replace")[-3000:]
+    killed = set(out.decode().split())
+    assert len(killed) == KILLS
+    done_at = time.monotonic()
+
+    # Within heartbeat_expiry_s + janitor_s (+ slack) of the last kill, only the live roles
+    # are left; theirs are never removed meanwhile.
+    bound = float(STATE_ENV["IB_HEARTBEAT_EXPIRY_S"]) + float(STATE_ENV["IB_JANITOR_S"]) + 1.0
+
+    async def only_live() -> bool:
+        now = {key: await beats(key) for key in live}
+        assert all(now[key] >= names for key, names in live.items()), ("a live role's heartbeat was removed", now)
+        return now == live
+
+    await eventually(only_live, timeout=bound + 10, what="the killed roles' heartbeats to expire")
+    took = time.monotonic() - done_at
+    assert took <= bound, f"the heartbeats of killed roles were removed after {took:.1f} s (bound {bound} s)"
+    # And their consumers leave the groups (twice the claim idle time without a read).
+    consumers_bound = 2 * int(STATE_ENV["IB_CLAIM_IDLE_MS"]) / 1000 + 1.0
+
+    async def groups_clean() -> bool:
+        names = {c["name"].decode() for stream, group in ((topo.jobs, POLICY_GROUP), (topo.pool("gpu"), WORKER_GROUP))
+                 for c in await client.xinfo_consumers(stream, group)}
+        return not names & killed
+
+    await eventually(groups_clean, timeout=consumers_bound + 10, what="the killed roles' consumers to be removed")
+    assert policy.poll() is None and worker.poll() is None
+
+
+async def test_the_policy_forgets_workers_whose_heartbeats_expired(redis_url: str, prefix: str,
+                                                                   client: aioredis.Redis) -> None:
+    settings = Settings(redis_url=redis_url, prefix=prefix, heartbeat_s=0.2, heartbeat_expiry_s=1.0)
+    topo = settings.topology
+    redis = connect(redis_url)
+    try:
+        policy = PolicyWorker(redis, settings, load_config())
+        await policy.janitor.start()
+        now = time.time()
+
+        def beat(age: float) -> bytes:
+            return json_encode({"ts": now - age, "in_flight": 0, "capacity": 4, "seq": 1, "obs": []})
+
+        await client.hset(topo.heartbeats("gpu"), mapping={"gone-1": beat(30), "gone-2": beat(1.5), "live": beat(0)})
+        await client.hset(topo.policy_heartbeats, mapping={"gone-policy": beat(30), "garbled": b"{not json"})
+        await policy.refresh()
+        assert set(policy._seen) == {b"gone-1", b"gone-2", b"live"}
+        await policy.janitor.sweep(time.time())
+        assert await client.hkeys(topo.heartbeats("gpu")) == [b"live"]
+        assert await client.hlen(topo.policy_heartbeats) == 0
+        await policy.refresh()
+        assert set(policy._seen) == {b"live"}
+    finally:
+        await redis.aclose()
+
+
+async def test_an_abandoned_group_stops_holding_back_its_result_stream_which_then_goes(
+        redis_url: str, prefix: str, client: aioredis.Redis) -> None:
+    """A group none of whose consumers read for ``results_group_idle_s`` while it held back
+    trimming is destroyed (one without consumers, that long after the janitor first saw it);
+    a caught-up live group is not, however idle; a consumer that comes back to a destroyed
+    group gets it again. An empty stream that no group reads is deleted and its name
+    forgotten."""
+    settings = Settings(redis_url=redis_url, prefix=prefix, results_retention_s=0, results_group_idle_s=1)
+    topo = settings.topology
+    stream = topo.reply("r")
+    janitor = Janitor(client, settings, {})
+    await janitor.start()
+
+    async def publish(n: int, tag: str) -> None:  # as COMPLETE does
+        for i in range(n):
+            result = Result(id=f"{tag}-{i}", status="ok", model="m", kind="chat", tenant="t")
+            await client.xadd(stream, {"result": json_encode(result)})
+        await client.sadd(topo.replies, "r")
+
+    await ensure_group(client, stream, "gone")
+    await ensure_group(client, stream, "never")  # created, never read: no consumer, no idle time
+    await publish(5, "a")
+    await client.xreadgroup("gone", "ghost", {stream: ">"}, count=2)  # reads two, acks nothing, leaves
+    async with Client(redis_url, prefix=prefix) as sdk:
+        live = sdk.results("live", reply_to="r")  # a live reader: caught up, then blocked
+        slow = sdk.results("slow", reply_to="r")  # reads a batch, then stalls before acking it
+        assert [(await anext(live)).id for _ in range(5)] == [f"a-{i}" for i in range(5)]
+        assert (await anext(slow)).id == "a-0"
+        reading = asyncio.create_task(anext(live))  # blocked: nothing new
+
+        async def groups() -> set[str]:
+            return {g["name"].decode() for g in await client.xinfo_groups(stream)}
+
+        await janitor.sweep(time.time())  # nobody idle for 1 s yet: nothing destroyed, nothing trimmed
+        assert await groups() == {"gone", "never", "live", "slow"} and await client.xlen(stream) == 5
+
+        async def abandoned_gone() -> bool:
+            await janitor.sweep(time.time())
+            return await groups() == {"live"}
+
+        await eventually(abandoned_gone, timeout=10, what="the abandoned groups to be destroyed")
+        assert await client.xlen(stream) == 0  # trimmed: the live group had read and acked everything
+        assert await client.sismember(topo.replies, "r")  # still read by a group: kept
+
+        # The stalled consumer comes back: it finishes its batch, then its group is there again (at 0).
+        assert [(await anext(slow)).id for _ in range(4)] == [f"a-{i}" for i in range(1, 5)]
+        await publish(1, "b")
+        assert (await anext(slow)).id == "b-0"
+        assert (await reading).id == "b-0"
+        await live.aclose()
+        await slow.aclose()
+
+    for group in await groups():
+        await client.xgroup_destroy(stream, group)
+
+    async def reaped() -> bool:
+        await janitor.sweep(time.time())
+        return not await client.exists(stream, topo.replies)
+
+    await eventually(reaped, timeout=10, what="the emptied result stream to be deleted and forgotten")
+
+
+async def test_dead_letters_are_cut_to_size_capped_in_number_and_expire(
+        roles: Roles, prefix: str, client: aioredis.Redis) -> None:
+    env = {**FAST_ENV, "IB_DEAD_PAYLOAD_BYTES": "1024", "IB_DEAD_MAX_LEN": "5", "IB_DEAD_RETENTION_S": "4",
+           "IB_JANITOR_S": "0.2"}
+    topo = Topology(prefix)
+    roles.start("policy", env=env)
+    # Eight jobs that fail validation (a field of the wrong type), each ~100 KB: the producer
+    # gets a failed result, the dead letter keeps why and which job, and not the 100 KB.
+    bodies = {f"bad-{i}": json.dumps({"id": f"bad-{i}", "model": "llama-3.1-8b", "kind": "completion",
+                                      "prompt": "p" * 100_000, "max_tokens": "many"}).encode() for i in range(8)}
+    for body in bodies.values():
+        await client.xadd(topo.jobs, {"job": body})
+
+    async def failed() -> bool:
+        return await client.exists(*(topo.done(job_id) for job_id in bodies)) == len(bodies)
+
+    await eventually(failed, timeout=20, what="a failed result for every bad job")
+
+    async def capped() -> bool:
+        return await client.xlen(topo.dead) == 5
+
+    await eventually(capped, timeout=10, what="the dead-letter stream cut to dead_max_len")
+    letters = [letter for _id, letter in await read_dead(client, topo)]
+    assert [letter.job_id for letter in letters] == [f"bad-{i}" for i in range(3, 8)]  # the oldest went first
+    for letter in letters:
+        body = bodies[letter.job_id or ""]
+        assert letter.reason == "invalid_job" and "max_tokens" in letter.error
+        assert letter.payload == body[:1024] and letter.truncated == len(body) - 1024
+    with pytest.raises(InvalidJob, match="cut to 1024 bytes"):
+        replayable_job(letters[0], topo)
+
+    async def expired() -> bool:
+        return await client.xlen(topo.dead) == 0
+
+    await eventually(expired, timeout=15, what="dead letters past dead_retention_s deleted")
+
+
+SCALED_ENV = {**FAST_ENV, "IB_RESULT_TTL_S": "2", "IB_RESULTS_RETENTION_S": "1", "IB_RESULTS_GROUP_IDLE_S": "2",
+              "IB_HEARTBEAT_EXPIRY_S": "2", "IB_DEAD_RETENTION_S": "2", "IB_DEAD_MAX_LEN": "20",
+              "IB_DEAD_PAYLOAD_BYTES": "1024", "IB_JANITOR_S": "0.2"}
+"""Every retention setting at its default scaled down: results 3600 s -> 1-2 s, abandoned groups
+1 day -> 2 s, heartbeats 60 s -> 2 s, dead letters 7 days / 10,000 / 64 KiB -> 2 s / 20 / 1 KiB."""
+REPLY_STREAMS = 20
+
+
+async def run_workload(client: aioredis.Redis, url: str, prefix: str, tag: str, n: int) -> None:
+    """``n`` jobs answered on 20 reply streams, 30 bad jobs (dead letters, ~20 KB each), a group
+    abandoned half-read on one reply stream and one never read on another; returns once every
+    job has its outcome."""
+    topo = Topology(prefix)
+    jobs = [Job(id=f"{tag}-{i}", model="m", kind="completion", prompt="p", max_tokens=1,
+                reply_to=f"{tag}-r{i % REPLY_STREAMS}") for i in range(n)]
+    bad = {f"{tag}-bad-{i}": json.dumps({"id": f"{tag}-bad-{i}", "model": "m", "kind": "completion",
+                                         "prompt": "p" * 20_000, "max_tokens": "many", "reply_to": f"{tag}-bad"})
+           for i in range(30)}
+    await ensure_group(client, topo.reply(f"{tag}-r0"), "gone")
+    await ensure_group(client, topo.reply(f"{tag}-r1"), "never")
+    async with Client(url, prefix=prefix) as sdk:
+        await sdk.submit_many(jobs)
+        waits = [sdk.result(j.id, timeout=60, reply_to=j.reply_to) for j in jobs]
+        waits += [sdk.result(job_id, timeout=60, reply_to=f"{tag}-bad") for job_id in bad]
+        for body in bad.values():
+            await client.xadd(topo.jobs, {"job": body})
+        # A reader that takes ten results and is never seen again.
+        await eventually(lambda: _has(client, topo.reply(f"{tag}-r0"), 10), what="results on the first stream")
+        await client.xreadgroup("gone", "ghost", {topo.reply(f"{tag}-r0"): ">"}, count=10)
+        results = await asyncio.gather(*waits)
+    assert [r.status for r in results] == ["ok"] * n + ["failed"] * len(bad)
+
+
+async def _has(client: aioredis.Redis, stream: str, n: int) -> bool:
+    return await client.xlen(stream) >= n
+
+
+async def inventory(client: aioredis.Redis, topo: Topology) -> dict[str, object]:
+    """The deployment's keys (with their type and size), its heartbeats and group consumers."""
+    keys: dict[str, object] = {}
+    async for key in client.scan_iter(match=f"{topo.base}:*", count=10_000):
+        kind = (await client.type(key)).decode()
+        size = {"stream": client.xlen, "hash": client.hlen, "set": client.scard}.get(kind)
+        keys[key.decode().removeprefix(topo.base + ":")] = (kind, await size(key) if size else None)  # type: ignore[operator]
+    consumers = {stream: sorted(c["name"].decode() for c in await client.xinfo_consumers(stream, group))
+                 for stream, group in ((topo.jobs, POLICY_GROUP), (topo.pool("gpu"), WORKER_GROUP))}
+    return {"keys": keys, "consumers": consumers}
+
+
+@pytest.mark.timeout(240)
+async def test_memory_returns_to_its_baseline_after_a_drain_with_every_retention_scaled_down(
+        tmp_path: Path, prefix: str, record_property: pytest.RecordProperty) -> None:
+    config = tmp_path / "instant.toml"
+    config.write_text(INSTANT_TOML)
+    env = {**SCALED_ENV, "IB_CONFIG": str(config)}
+    log_dir = tmp_path / "roles"
+    log_dir.mkdir()
+    topo = Topology(prefix)
+    # No AOF, a server of its own: the measurement is of this deployment's data set.
+    with EmbeddedRedis(appendonly=False) as server:
+        roles = Roles(server.url, prefix, log_dir)
+        client = aioredis.Redis.from_url(server.url)
+        try:
+            roles.start("policy", env=env)
+            roles.start("worker", "--pool", "gpu", "--grace", "5", env=env)
+            before: dict[str, object] = {}
+
+            async def settled() -> bool:
+                # Only what the live roles need: no reply stream, no per-job key, no letter
+                # left, no heartbeat or consumer of a dead role. (`before` is empty at first.)
+                now = await inventory(client, topo)
+                keys = now["keys"]
+                assert isinstance(keys, dict)
+                quiet = not any(k.startswith(("done:", "routed:", "err:", "replies")) or "-r" in k or "-bad" in k
+                                for k in keys) and keys.get("dead", ("stream", 0))[1] == 0
+                return quiet and (not before or now == before)
+
+            # Warm up (scripts loaded, every kind of key made once), drain: the baseline.
+            await run_workload(client, server.url, prefix, "warm", 200)
+            await eventually(settled, timeout=30, what="the warm-up drained")
+            before.update(await inventory(client, topo))
+            base = await settled_memory(client)
+
+            # A worker that dies mid-run, as well.
+            doomed = roles.start("worker", "--pool", "gpu", "--grace", "5", env=env)
+
+            async def doomed_up() -> bool:
+                return any(f"-{doomed.pid}-".encode() in n for n in await client.hkeys(topo.heartbeats("gpu")))
+
+            await eventually(doomed_up, timeout=30, what="the second worker's heartbeat")
+            run = asyncio.create_task(run_workload(client, server.url, prefix, "run", 2_000))
+            await eventually(lambda: _has(client, topo.reply("run-r0"), 1), timeout=30, what="the run to start")
+            doomed.send_signal(signal.SIGKILL)
+            doomed.wait()
+            await run
+            started = time.monotonic()
+            await eventually(settled, timeout=30, what="everything the run left to be trimmed, expired or removed")
+            drained = time.monotonic() - started
+            after = await settled_memory(client)
+            growth, data_growth = after[0] - base[0], after[1] - base[1]
+            summary = (f"after 2,000 jobs on {REPLY_STREAMS} reply streams, 30 dead letters, an abandoned group "
+                       f"and a killed worker: settled {drained:.1f} s after the last outcome; used_memory "
+                       f"{base[0]} -> {after[0]} ({growth:+d} bytes; without client connections {data_growth:+d})")
+            print(summary)
+            record_property("retention_scaled", summary)
+            assert data_growth < DATA_BOUND, summary
+            assert growth < MEMORY_BOUND, summary
+        except BaseException:
+            print(roles.logs())
+            raise
+        finally:
+            await client.aclose()
+            roles.stop_all()

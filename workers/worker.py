@@ -182,8 +182,8 @@ class PoolWorker:
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set, then let running jobs finish within the grace period.
 
-        Returns within ``grace_s`` of the stop, plus :data:`STOP_TIMEOUT_S` for the last words
-        (or ``block_ms`` + that to leave a read, if longer), whatever Redis does.
+        Returns within max(``grace_s``, ``block_ms`` + :data:`STOP_TIMEOUT_S`) of the stop, plus
+        ``STOP_TIMEOUT_S`` for the last words, whatever Redis does.
         """
         for lane in self.lanes:
             await ensure_group(self.client, lane.stream, WORKER_GROUP)
@@ -553,7 +553,7 @@ class PoolWorker:
         letter = DeadLetter(reason=reason, error=error, stream=lane.stream,  # type: ignore[arg-type]
                             entry_id=entry_id.decode(), payload=payload, delivery_count=deliveries,
                             job_id=routed.job.id if routed else None, consumer=self.name,
-                            failed_at=self.clock())
+                            failed_at=self.clock()).clipped(self.settings.dead_payload_bytes)
         keys = [lane.stream, self.topo.dead]
         args: list[object] = [WORKER_GROUP, entry_id, self.name if fenced else "", json_encode(letter)]
         if routed is not None:
