@@ -635,9 +635,16 @@ async def run_workload(client: aioredis.Redis, url: str, prefix: str, tag: str, 
     await ensure_group(client, topo.reply(f"{tag}-r0"), "gone")
     await ensure_group(client, topo.reply(f"{tag}-r1"), "never")
     async with Client(url, prefix=prefix) as sdk:
+        # Callers wait before the jobs go in: a result that comes first is found only by its
+        # done key, which lives 2 s here.
+        waits = [asyncio.create_task(sdk.result(j.id, timeout=60, reply_to=j.reply_to)) for j in jobs]
+        waits += [asyncio.create_task(sdk.result(job_id, timeout=60, reply_to=f"{tag}-bad")) for job_id in bad]
+
+        async def waiting() -> bool:
+            return sum(len(w.futures) for w in sdk._waiters.values()) == len(waits)
+
+        await eventually(waiting, what="the callers to wait")
         await sdk.submit_many(jobs)
-        waits = [sdk.result(j.id, timeout=60, reply_to=j.reply_to) for j in jobs]
-        waits += [sdk.result(job_id, timeout=60, reply_to=f"{tag}-bad") for job_id in bad]
         for body in bad.values():
             await client.xadd(topo.jobs, {"job": body})
         # A reader that takes ten results and is never seen again.
