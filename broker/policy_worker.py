@@ -436,7 +436,9 @@ class PolicyWorker:
                 job = None
         letter = DeadLetter(reason=exc.reason, error=str(exc), stream=self.topo.jobs,
                             entry_id=entry_id.decode(), payload=raw, job_id=job.id if job else None,
-                            consumer=self.name, failed_at=now).clipped(self.settings.dead_payload_bytes)
+                            consumer=self.name, failed_at=now)
+        # More than max_job_bytes is never a job: a too_large entry keeps no more than that.
+        letter = letter.clipped(min(self.settings.max_job_bytes, self.settings.dead_payload_bytes))
         keys = [self.topo.jobs, self.topo.dead]
         args: list[object] = [POLICY_GROUP, entry_id, "", json_encode(letter)]
         if job is not None:
