@@ -20,7 +20,13 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
-from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    DefaultParser,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import (
@@ -271,6 +277,7 @@ def connect(url: str, block_ms: int = 1000) -> aioredis.Redis:
         health_check_interval=30,
         retry=_Retry(ExponentialWithJitterBackoff(cap=2.0, base=0.05), retries=5),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        parser_class=_Parser,
     )
     pool = client.connection_pool
     pool.connection_class = _FAST.get(pool.connection_class, pool.connection_class)
@@ -365,9 +372,22 @@ class Backoff:
         self.failures = 0
 
 
-TRANSIENT = (OutOfMemoryError, ReadOnlyError, MasterDownError, TryAgainError, ClusterDownError)
+class Refused(ResponseError):
+    """Redis refused a command for now: a blocked read cut short by a change of role
+    (``UNBLOCKED``), a script running too long (``BUSY``), a disk it cannot persist to
+    (``MISCONF``), too few replicas (``NOREPLICAS``)."""
+
+
+class _Parser(DefaultParser):  # type: ignore[valid-type,misc]
+    """The reply parser, with the refusals above as :class:`Refused` (redis-py: plain ResponseError)."""
+
+    EXCEPTION_CLASSES = {**DefaultParser.EXCEPTION_CLASSES,
+                         **dict.fromkeys(("UNBLOCKED", "BUSY", "MISCONF", "NOREPLICAS"), Refused)}
+
+
+TRANSIENT = (OutOfMemoryError, ReadOnlyError, MasterDownError, TryAgainError, ClusterDownError, Refused)
 """Refusals that pass by themselves or once an operator acts: out of memory (``maxmemory`` with
-``noeviction``), a replica during a failover, a cluster resharding or down."""
+``noeviction``), a replica during a failover, a cluster resharding or down, and :class:`Refused`."""
 RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError, *TRANSIENT)
 """Errors after which a role waits and tries again rather than exiting."""
 

@@ -1,10 +1,13 @@
-"""Memory pressure: Redis at ``maxmemory`` with ``noeviction`` refuses writes.
+"""Redis refusing writes for a while: memory pressure, and a failover.
 
-Producers get a clear error (:class:`broker.errors.RedisOutOfMemory`, a ``Backpressure``);
-the roles keep running and retry what they could not write (a routing, a result) without
-counting it against the job; once memory is freed, work flows again and every job ends
-with exactly one result. The test runs its own redis-server with a small ``maxmemory``
-and fills it for real.
+* Redis at ``maxmemory`` with ``noeviction`` refuses writes. Producers get a clear error
+  (:class:`broker.errors.RedisOutOfMemory`, a ``Backpressure``); the roles keep running and
+  retry what they could not write (a routing, a result) without counting it against the
+  job; once memory is freed, work flows again and every job ends with exactly one result.
+  The test runs its own redis-server with a small ``maxmemory`` and fills it for real.
+* The roles' Redis turns replica (a failover elsewhere): blocked reads are cut short
+  (``UNBLOCKED``) and writes refused (``READONLY``). The roles log it and keep trying;
+  once it is a primary again, work flows.
 """
 
 from __future__ import annotations
@@ -119,6 +122,40 @@ async def test_redis_out_of_memory_refuses_producers_clearly_and_the_roles_ride_
         attempts = {json.loads(raw)["id"]: json.loads(raw)["timing"]["attempt"]
                     for raw in await client.mget([topo.done(j.id) for j in running])}
         assert attempts == {j.id: 1 for j in running}
+        assert all(p.poll() is None for p in procs), roles.logs()
+    finally:
+        await client.aclose()
+
+
+async def test_the_roles_ride_out_their_redis_turning_replica_for_a_while(
+        servers: list[EmbeddedRedis], make_roles: Callable[[str], Roles], tmp_path: Path, prefix: str) -> None:
+    other = launch(servers, tmp_path / "other", port=free_port(), appendonly=False)
+    server = launch(servers, tmp_path / "data", port=free_port(), appendonly=False)
+    topo = Topology(prefix)
+    client = connect(server.url)
+    roles = make_roles(server.url)
+    procs = [roles.start("policy", env=FAST_ENV), roles.start("worker", "--pool", "gpu", env=FAST_ENV)]
+    try:
+        await ready(client, topo, procs, gpu_workers=1)
+        async with Client(server.url, prefix=prefix) as sdk:
+            before = [embedding(f"before-{i}") for i in range(5)]
+            await sdk.submit_many(before)
+            await eventually(lambda: all_done(client, topo, [j.id for j in before]), what="results before")
+
+            await client.replicaof("127.0.0.1", other.port)  # it takes the other node's (empty) data
+
+            async def both_refused() -> bool:
+                assert all(p.poll() is None for p in procs), roles.logs()
+                return (logged(roles, "policy", "ReadOnlyError") and logged(roles, "worker", "ReadOnlyError")
+                        and logged(roles, "worker", "Refused"))  # its blocked read, cut short
+
+            await eventually(both_refused, timeout=20, what="both roles to meet the refusals")
+            await client.replicaof("NO", "ONE")
+            after = [embedding(f"after-{i}") for i in range(5)]
+            await sdk.submit_many(after)
+            ids = [j.id for j in after]
+            await eventually(lambda: all_done(client, topo, ids), timeout=30, what="results after the failover")
+        await assert_exactly_one_ok_result(client, topo, ids)
         assert all(p.poll() is None for p in procs), roles.logs()
     finally:
         await client.aclose()

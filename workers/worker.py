@@ -65,6 +65,7 @@ from broker.streams import (
     ensure_group,
     every,
     is_group_lost,
+    unavailable,
     until_stopped,
 )
 from broker.topology import RESERVED, WORKER_GROUP
@@ -224,6 +225,9 @@ class PoolWorker:
                 for lane, entry, deliveries in await self._read(free):
                     self._start(lane, entry, deliveries)
                 backoff.reset()
+            except RETRYABLE as exc:  # first: out of memory and failovers are ResponseErrors too
+                log.warning("%s; retrying", unavailable(exc))
+                await backoff.wait()
             except aioredis.ResponseError as exc:
                 if not is_group_lost(exc):
                     raise
@@ -231,9 +235,6 @@ class PoolWorker:
                           "deleted): jobs queued there may be lost; recreating the groups at 0", self.pool)
                 for lane in self.lanes:
                     await ensure_group(self.client, lane.stream, WORKER_GROUP)
-            except RETRYABLE as exc:
-                log.warning("Redis unreachable (%s); retrying", exc)
-                await backoff.wait()
 
     async def _claim(self, free: int) -> int:
         """Take over abandoned entries, most urgent lane first; returns how many were taken."""
