@@ -153,8 +153,8 @@ class PolicyWorker:
         self._reusable = bool(getattr(self.router, "reusable", False))
         self._decisions: dict[JobFeatures, tuple[str, str, Decision]] = {}
         """Decisions reused for identical jobs until the snapshot changes (see _decide)."""
-        self._unseen: dict[str, int] = {}
-        """Jobs routed to each pool since the snapshot was taken, not yet counted in it."""
+        self._unseen: dict[str, list[int]] = {}
+        """Jobs routed to each pool's lanes since the snapshot was taken, not yet counted in it."""
         self._steps: dict[str, int] = {}
         """How many of those make a new snapshot."""
         self._set_snapshot(Snapshot(now=clock()))
@@ -380,23 +380,25 @@ class PolicyWorker:
                          json_encode(routed), job.reply_to)
         self._routed_to.append(self.metrics.routed(slo, decision.pool))
         self._routing.append((entry_id, job.reply_to))
-        self._count_routed(decision.pool)
+        self._count_routed(decision.pool, self.lane[slo])
 
-    def _count_routed(self, pool: str) -> None:
+    def _count_routed(self, pool: str, lane: int) -> None:
         # Until the next refresh, count our own routing into the backlog so that one big
         # batch does not pile onto a pool that looked empty at the last snapshot. The router
         # sees it in steps of 1/16 of the pool's capacity (each step a new snapshot, and
         # fresh decisions): deciding anew for every job cost more than the rest of routing.
         self.routed += 1
-        unseen = self._unseen[pool] = self._unseen[pool] + 1
-        if unseen >= self._steps[pool]:
+        unseen = self._unseen[pool]
+        unseen[lane] += 1
+        if sum(unseen) >= self._steps[pool]:
             state = self.snapshot.pools.get(pool, PoolState())
-            pools = {**self.snapshot.pools, pool: msgspec.structs.replace(state, backlog=state.backlog + unseen)}
-            self._set_snapshot(msgspec.structs.replace(self.snapshot, pools=pools))
+            for i, n in enumerate(unseen):
+                state = state.routed(i, n) if n else state
+            self._set_snapshot(msgspec.structs.replace(self.snapshot, pools={**self.snapshot.pools, pool: state}))
 
     def _set_snapshot(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
-        self._unseen = dict.fromkeys(self.config.pools, 0)
+        self._unseen = {pool: [0] * len(lanes) for pool, lanes in self.lanes.items()}
         self._steps = {pool: max(1, pool_capacity(self.config, pool, snapshot.pools.get(pool, PoolState())) // 16)
                        for pool in self.config.pools}
         self._decisions.clear()
@@ -453,26 +455,22 @@ class PolicyWorker:
                     extra=job_context(None, job.id if job else None))
 
     async def refresh(self) -> None:
-        """Read each pool's backlog (group lag + pending) and worker heartbeats."""
+        """Read each pool's backlog by lane (group lag + pending) and worker heartbeats."""
         now = self.clock()
         # Every pool's lanes and heartbeats in one round trip.
         async with self.client.pipeline(transaction=False) as pipe:
             for name, lanes in self.lanes.items():
                 for stream in lanes:
                     pipe.xinfo_groups(stream)
+                    pipe.xlen(stream)
                 pipe.hgetall(self.topo.heartbeats(name))
             replies = iter(await pipe.execute(raise_on_error=False))
         pools: dict[str, PoolState] = {}
         beating: set[bytes] = set()
         for name, lanes in self.lanes.items():
-            backlog = 0
-            for groups in (next(replies) for _ in lanes):
-                if isinstance(groups, aioredis.ResponseError):
-                    continue  # stream not created yet
-                for group in groups:
-                    if group["name"] == WORKER_GROUP.encode():
-                        # `lag` is reported by Redis 7.0+; on 6.2 only pending is known.
-                        backlog += int(group.get("lag") or 0) + int(group["pending"])
+            waiting = [_lane_backlog(next(replies), next(replies)) for _ in lanes]
+            queued = tuple(lag for lag, _ in waiting)
+            backlog = sum(queued) + sum(pending for _, pending in waiting)
             workers = in_flight = capacity = 0
             cooling: list[float | None] = []
             beats: dict[bytes, bytes] = next(replies)
@@ -489,8 +487,8 @@ class PolicyWorker:
             # The pool is cooling only while every live worker is: then the first back ends it.
             untils = [u for u in cooling if u is not None]
             until = min(untils) if cooling and len(untils) == len(cooling) else None
-            pools[name] = PoolState(backlog=backlog, workers=workers, in_flight=in_flight, capacity=capacity,
-                                    cooling_until=until)
+            pools[name] = PoolState(backlog=backlog, queued=queued, workers=workers, in_flight=in_flight,
+                                    capacity=capacity, cooling_until=until)
             self._pool_workers[name].set(workers)
         for gone in self._seen.keys() - beating:  # its heartbeat expired (see the janitor)
             del self._seen[gone]
@@ -528,6 +526,27 @@ class PolicyWorker:
             self._beat_at = self.clock()
             beat = {"ts": self._beat_at, "routed": self.routed, "dead": self.dead}
             await self.client.hset(self.topo.policy_heartbeats, self.name, json_encode(beat))  # type: ignore[arg-type, misc]
+
+
+def _lane_backlog(groups: object, length: object) -> tuple[int, int]:
+    """(queued, running) of one pool lane from its XINFO GROUPS and XLEN replies.
+
+    Queued is the workers' group lag: entries no worker has read yet. Running is the group's
+    pending entries: read by a worker and not yet acked (workers read only what they have
+    slots for). Without a lag (Redis 6.2, or a deletion after the group's last read hides
+    it), the queued entries are the stream's length less the pending ones: handled entries
+    are deleted, so what is left is pending or unread. A missing stream (no job routed there
+    yet) has neither.
+    """
+    if not isinstance(groups, list):
+        return 0, 0  # an error reply: the stream does not exist yet
+    for group in groups:
+        if group["name"] == WORKER_GROUP.encode():
+            pending, lag = int(group["pending"]), group.get("lag")
+            if lag is None:
+                lag = length - pending if isinstance(length, int) else 0
+            return max(0, int(lag)), pending
+    return (length if isinstance(length, int) else 0), 0  # no group yet: nothing was read
 
 
 def _count(counters: Sequence[Counter | None], codes: Sequence[object]) -> None:

@@ -47,7 +47,8 @@ class _Baseline:
         if not serving:
             return Decision(pool=None, reason=f"no pool serves {job.kind} on model {job.model!r}")
         pool, why = self.choose(job, serving, snapshot, rng)
-        pred = self.estimator.predict(job, pool, snapshot.pools.get(pool, PoolState()), snapshot.now)
+        pred = self.estimator.predict(job, pool, snapshot.pools.get(pool, PoolState()), snapshot.now,
+                                      lane=self.config.lane(slo) if slo in self.config.classes else None)
         return Decision(pool=pool, reason=f"{self.name}: {why}",
                         predicted_ttft_ms=pred.ttft_ms if pred else None,
                         predicted_e2e_ms=pred.e2e_ms if pred else None)
@@ -202,13 +203,13 @@ class OracleRouter(SloRouter):
         super().__init__(config)
         self.truth = truth
 
-    def predict(self, job: JobFeatures, pool: str, snapshot: Snapshot) -> Prediction | None:
+    def predict(self, job: JobFeatures, pool: str, snapshot: Snapshot, lane: int | None = None) -> Prediction | None:
         """The SLO router's prediction with the truth substituted where the simulator supplies it."""
         known = self.truth(job, pool, snapshot) if self.truth is not None else None
         if known is None:
-            return super().predict(job, pool, snapshot)
+            return super().predict(job, pool, snapshot, lane)
         state = snapshot.pools.get(pool, PoolState())
-        base = self.estimator.predict(job, pool, state, snapshot.now, output_tokens=known.output_tokens)
+        base = self.estimator.predict(job, pool, state, snapshot.now, output_tokens=known.output_tokens, lane=lane)
         if base is None:
             return None
         wait = base.queue_wait_ms if known.queue_wait_ms is None else known.queue_wait_ms

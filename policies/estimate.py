@@ -14,8 +14,12 @@ learned fully, since repeated steps converge on the new ratio. The first few obs
 weigh more (the profile counts as one prior observation) so a freshly started pool learns
 quickly. A bucket with few observations borrows from the whole model's factor.
 
-Queue wait: jobs beyond the pool's capacity wait for slots. With ``excess`` jobs ahead of
-this one beyond capacity, the wait is ``excess x S / capacity`` where ``S`` is the pool's mean
+Queue wait: jobs beyond the pool's capacity wait for slots. Ahead of a job are the pool's
+running jobs and the queued jobs of its own and more urgent priority lanes
+(:meth:`~policies.route.PoolState.ahead`): workers fill free slots from the most urgent lane
+first, so queued work of less urgent lanes never delays it. Charging an interactive job for
+queued batch work made every saturated pool look like a miss under overload. With ``excess``
+jobs ahead of this one beyond capacity, the wait is ``excess x S / capacity`` where ``S`` is the pool's mean
 observed service time (start to last token; the profile's prediction for this job at full
 load until something has been observed). When recent observations show the pool running at
 full concurrency, its observed drain rate (completions per second over the last
@@ -200,11 +204,13 @@ class LatencyEstimator:
         return state.service_ms if state.service_count else None
 
     def predict(self, job: JobFeatures, pool: str, state: PoolState, now: float,
-                output_tokens: int | None = None) -> Prediction | None:
+                output_tokens: int | None = None, *, lane: int | None = None) -> Prediction | None:
         """What ``job`` would see on ``pool`` given its live ``state``; ``None`` if it cannot run there.
 
         ``output_tokens`` defaults to ``job.max_tokens``: the router cannot know how many
         tokens a job will produce, and the upper bound keeps e2e and cost conservative.
+        ``lane`` is the job's priority lane (``PolicyConfig.lane``); ``None``: it waits behind
+        the whole backlog.
         """
         profile = self.profile(pool, job.model)
         if profile is None:
@@ -212,7 +218,8 @@ class LatencyEstimator:
         spec = self.config.pools[pool]
         workers = max(1, state.workers)  # no heartbeat yet: assume the pool is starting one worker
         capacity = max(1, state.capacity or spec.concurrency * workers)
-        # This job joins ``backlog`` others (queued or running), spread over the workers.
+        # This job joins ``backlog`` others (queued or running), spread over the workers: the
+        # whole backlog, less urgent lanes included, since their jobs take every slot it leaves.
         concurrency = max(1, min(spec.concurrency, -(-(state.backlog + 1) // workers)))
         ttft_factor, itl_factor = self.factors(pool, job.model, concurrency)
         prefill = profile.ttft(job.prompt_tokens, concurrency) * ttft_factor
@@ -221,7 +228,7 @@ class LatencyEstimator:
         service = prefill + max(0, tokens - 1) * tpot
 
         wait = 0.0
-        excess = state.backlog + 1 - capacity
+        excess = state.ahead(lane) + 1 - capacity
         if excess > 0:
             rate = self.drain_rate(pool, now)
             if rate is not None:

@@ -30,7 +30,10 @@ class PoolState(msgspec.Struct, frozen=True, kw_only=True):
     """Live view of one pool, from Redis (backlog) and worker heartbeats."""
 
     backlog: int = 0
-    """Entries routed to the pool and not yet acked (unread plus in progress)."""
+    """Entries routed to the pool and not yet acked (unread plus in progress), every lane."""
+    queued: tuple[int, ...] = ()
+    """Of those, the entries no worker has taken yet, by priority lane (``PolicyConfig.lane``),
+    most urgent first; the rest of ``backlog`` is running. Empty: not known by lane."""
     workers: int = 0
     """Workers that sent a heartbeat recently."""
     in_flight: int = 0
@@ -39,6 +42,23 @@ class PoolState(msgspec.Struct, frozen=True, kw_only=True):
     cooling_until: float | None = None
     """While every live worker's backend is cooling down (its endpoints answered 429 or 5xx):
     when the first is usable again. ``None``: some worker can take a job now."""
+
+    def ahead(self, lane: int | None) -> int:
+        """Jobs a new job of ``lane`` would wait behind: all running work plus what is queued
+        in its own and more urgent lanes. Workers fill free slots from lane 0 first, so queued
+        work of less urgent lanes is overtaken. ``None``, or no counts by lane: the whole backlog."""
+        if lane is None or not self.queued:
+            return self.backlog
+        waiting = sum(self.queued)
+        return max(0, self.backlog - waiting) + sum(self.queued[: lane + 1])
+
+    def routed(self, lane: int, n: int = 1) -> PoolState:
+        """This state with ``n`` more jobs queued on ``lane`` (a router counting its own moves)."""
+        queued = self.queued
+        if queued:
+            queued = queued + (0,) * (lane + 1 - len(queued))
+            queued = (*queued[:lane], queued[lane] + n, *queued[lane + 1:])
+        return msgspec.structs.replace(self, backlog=self.backlog + n, queued=queued)
 
     def cooling(self, now: float) -> bool:
         """Whether the pool can take no job before ``cooling_until``."""
@@ -66,7 +86,8 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     shed: bool = False
 
 
-def _predicted_ttft(config: PolicyConfig, pool: str, job: JobFeatures, state: PoolState) -> float | None:
+def _predicted_ttft(config: PolicyConfig, pool: str, job: JobFeatures, state: PoolState,
+                    lane: int | None) -> float | None:
     spec = config.pools[pool]
     model = PROFILES[spec.profile].model(job.model)
     if model is None:
@@ -74,9 +95,9 @@ def _predicted_ttft(config: PolicyConfig, pool: str, job: JobFeatures, state: Po
     workers = max(1, state.workers)
     concurrency = min(spec.concurrency, 1 + state.backlog // workers)
     # Jobs beyond what the workers run at once wait for a slot: roughly one service time per
-    # wave of ``capacity`` jobs ahead of this one.
+    # wave of ``capacity`` jobs ahead of this one (on its lane, see PoolState.ahead).
     capacity = max(1, state.capacity or spec.concurrency * workers)
-    waves = max(0, state.backlog - capacity) / capacity
+    waves = max(0, state.ahead(lane) - capacity) / capacity
     service = model.service_ms(job.prompt_tokens, job.max_tokens, concurrency)
     return model.ttft(job.prompt_tokens, concurrency) + waves * service
 
@@ -89,6 +110,7 @@ def route(job: JobFeatures, slo: str, config: PolicyConfig, snapshot: Snapshot) 
     serving = config.serving(job.model, job.kind)
     if not serving:
         return Decision(pool=None, reason=f"no pool serves {job.kind} on model {job.model!r}")
+    lane = config.lane(slo) if slo in config.classes else None
     notes: list[str] = []
     for name in serving:
         spec = config.pools[name]
@@ -97,11 +119,11 @@ def route(job: JobFeatures, slo: str, config: PolicyConfig, snapshot: Snapshot) 
         state = snapshot.pools.get(name, PoolState())
         if state.backlog < spec.max_backlog:
             reason = f"{slo} prefers {name}; backlog {state.backlog} < {spec.max_backlog}"
-            return Decision(pool=name, reason=reason, predicted_ttft_ms=_predicted_ttft(config, name, job, state))
+            return Decision(pool=name, reason=reason, predicted_ttft_ms=_predicted_ttft(config, name, job, state, lane))
         notes.append(f"{name} backlog {state.backlog} >= {spec.max_backlog}")
     preferring = [n for n, p in config.pools.items() if slo in p.prefer_for and n not in serving]
     notes += [f"{n} does not serve {job.kind} on {job.model}" for n in preferring]
     target = serving[0]
     reason = "; ".join(notes + [f"{target} (default)" if target == config.default_pool else target])
     state = snapshot.pools.get(target, PoolState())
-    return Decision(pool=target, reason=reason, predicted_ttft_ms=_predicted_ttft(config, target, job, state))
+    return Decision(pool=target, reason=reason, predicted_ttft_ms=_predicted_ttft(config, target, job, state, lane))

@@ -15,8 +15,13 @@ runs agree:
   of every chunk: jobs slow down as others join and speed up as they leave;
 * a job produces ``max(1, max_tokens)`` tokens; an embedding none, finishing at its first token.
 
-The snapshot mirrors the policy worker's: ``backlog`` is queued plus running (a pool
-stream's lag plus pending), ``capacity`` is workers times slots. It is exact at every
+Each pool has one FIFO queue per priority lane (``PolicyConfig.lane``: one per distinct class
+priority), and a free slot takes the head of the most urgent non-empty lane, as the live
+workers read lane 0 first and a lane only while every lane above it is empty.
+
+The snapshot mirrors the policy worker's: ``backlog`` is queued plus running (the pool
+streams' lag plus pending), ``queued`` the waiting jobs by lane (each lane stream's lag),
+``capacity`` is workers times slots. It is exact at every
 decision by default; with ``snapshot_interval_s`` it is refreshed on a clock that often and,
 between refreshes, counts the simulator's own routing into the backlog, as the live worker does.
 The router learns from an :class:`Observation` the moment a job finishes, or, with
@@ -63,8 +68,8 @@ class SimOptions(msgspec.Struct, frozen=True, kw_only=True):
     """How the simulated broker behaves where the live one has choices."""
 
     priority_queues: bool = True
-    """Order each pool's queue by class priority, then arrival (``policies.slo.queue_key``), as the
-    live workers' priority lanes do; False: one FIFO queue per pool."""
+    """One queue per priority lane, most urgent first, as the live workers' lanes (the order of
+    ``policies.slo.queue_key``); False: one FIFO queue per pool, and snapshots without counts by lane."""
     snapshot_interval_s: float = 0.0
     """0: the router sees exact pool state; else a snapshot taken on a clock this often (live: 0.25)."""
     observation_interval_s: float = 0.0
@@ -212,10 +217,10 @@ class _Worker:
 
 class _Job:
     __slots__ = ("acc0", "arrival", "chunk", "cls", "concurrency", "cost", "first", "first_due", "i", "job",
-                 "key", "last", "model", "own", "predicted", "remaining", "start", "worker")
+                 "lane", "last", "model", "own", "predicted", "remaining", "start", "worker")
 
-    def __init__(self, i: int, arrival: float, job: JobFeatures, cls: str, priority: int) -> None:
-        self.i, self.arrival, self.job, self.cls, self.key = i, arrival, job, cls, (priority, i)
+    def __init__(self, i: int, arrival: float, job: JobFeatures, cls: str, lane: int) -> None:
+        self.i, self.arrival, self.job, self.cls, self.lane = i, arrival, job, cls, lane
         self.worker: _Worker | None = None
         self.model: ModelProfile | None = None
         self.start = self.first_due = self.last = self.acc0 = self.cost = 0.0
@@ -226,7 +231,7 @@ class _Job:
         """Made for a look-ahead copy (the job being decided): the copy may start it in place."""
 
     def clone(self, workers: Mapping[int, _Worker]) -> _Job:
-        j = _Job(self.i, self.arrival, self.job, self.cls, self.key[0])
+        j = _Job(self.i, self.arrival, self.job, self.cls, self.lane)
         j.worker = None if self.worker is None else workers[self.worker.index]
         j.model, j.start, j.first_due, j.last, j.acc0 = self.model, self.start, self.first_due, self.last, self.acc0
         j.first, j.remaining, j.chunk, j.concurrency = self.first, self.remaining, self.chunk, self.concurrency
@@ -239,14 +244,14 @@ Finished = Callable[[_Job, float, int], None]
 class _Pool:
     """One pool's workers, queue and events: the device model in one place (runs and look-aheads)."""
 
-    def __init__(self, name: str, spec: PoolSpec, workers: int, priority: bool, chunk: int) -> None:
+    def __init__(self, name: str, spec: PoolSpec, workers: int, lanes: int, priority: bool, chunk: int) -> None:
         self.name, self.spec, self.profile = name, spec, PROFILES[spec.profile]
         cap = self.profile.max_concurrency
         self.slots = spec.concurrency if cap is None else min(spec.concurrency, cap)
         self.workers = [_Worker(i, self.slots, spec.cost_per_hour) for i in range(workers)]
         self.priority, self.chunk = priority, chunk
-        self.fifo: deque[_Job] = deque()
-        self.heap: list[tuple[tuple[int, int], _Job]] = []
+        self.lanes: list[deque[_Job]] = [deque() for _ in range(lanes if priority else 1)]
+        """Waiting jobs by priority lane, most urgent first (one FIFO without ``priority``)."""
         self.queued = self.in_flight = self.seq = 0
         self.events: list[tuple[float, int, int, _Job]] = []
         self.busy_cost: dict[str, float] = {}
@@ -263,7 +268,7 @@ class _Pool:
             self.name, self.spec, self.profile, self.slots, self.priority, self.chunk, self.itl_ms)
         p.workers = [w.clone() for w in self.workers]
         p.borrowed = {w.index: w for w in p.workers}
-        p.fifo, p.heap = deque(self.fifo), list(self.heap)
+        p.lanes = [deque(lane) for lane in self.lanes]
         p.queued, p.in_flight, p.seq = self.queued, self.in_flight, self.seq
         p.events = [(t, seq, kind, job.clone(p.borrowed)) for t, seq, kind, job in self.events]
         p.busy_cost = {}
@@ -271,21 +276,19 @@ class _Pool:
         return p
 
     def push(self, job: _Job) -> None:
-        if self.priority:
-            heapq.heappush(self.heap, (job.key, job))
-        else:
-            self.fifo.append(job)
+        self.lanes[job.lane if self.priority else 0].append(job)
         self.queued += 1
 
     def pop(self) -> _Job:
         self.queued -= 1
-        job = heapq.heappop(self.heap)[1] if self.priority else self.fifo.popleft()
+        job = next(lane for lane in self.lanes if lane).popleft()
         # A copy must not start (mutate) the original run's queued jobs.
         return job.clone(self.borrowed) if self.borrowed is not None and not job.own else job
 
     def state(self) -> PoolState:
         n = len(self.workers)
-        return PoolState(backlog=self.queued + self.in_flight, workers=n, in_flight=self.in_flight,
+        queued = tuple(len(lane) for lane in self.lanes) if self.priority else ()
+        return PoolState(backlog=self.queued + self.in_flight, queued=queued, workers=n, in_flight=self.in_flight,
                          capacity=n * self.slots)
 
     def next_time(self) -> float:
@@ -356,7 +359,8 @@ class _Run:
         if any(n < 0 for n in fleet.values()):
             raise ValueError(f"fleet sizes must be >= 0: {dict(fleet)}")
         self.config, self.router, self.options, self.rng = config, router, options, rng
-        self.pools = {name: _Pool(name, spec, fleet.get(name, 0), options.priority_queues, options.decode_chunk)
+        self.pools = {name: _Pool(name, spec, fleet.get(name, 0), config.lanes, options.priority_queues,
+                                   options.decode_chunk)
                       for name, spec in config.pools.items()}
         for pool in self.pools.values():
             pool.on_finish = self._finished(pool)
@@ -386,11 +390,11 @@ class _Run:
         self.snapshot = Snapshot(now=self.now, pools={n: p.state() for n, p in self.pools.items()})
         self.snapshot_at = self.now
 
-    def _count_routed(self, pool: str) -> None:
+    def _count_routed(self, pool: str, lane: int) -> None:
         # Between refreshes the live policy worker adds its own routing to the backlog.
         if self.options.snapshot_interval_s > 0 and self.snapshot is not None:
             state = self.snapshot.pools.get(pool, PoolState())
-            pools = {**self.snapshot.pools, pool: msgspec.structs.replace(state, backlog=state.backlog + 1)}
+            pools = {**self.snapshot.pools, pool: state.routed(lane)}
             self.snapshot = msgspec.structs.replace(self.snapshot, pools=pools)
 
     def arrive(self, i: int, arrival: Arrival) -> None:
@@ -398,7 +402,7 @@ class _Run:
         if arrival.hint is not None and job.slo_hint != arrival.hint:
             job = msgspec.structs.replace(job, slo_hint=arrival.hint)
         cls, _why = classify(job, self.config)
-        run = _Job(i, arrival.at, job, cls, self.config.classes[cls].priority)
+        run = _Job(i, arrival.at, job, cls, self.config.lane(cls))
         self.current = run
         decision = self.router.decide(job, cls, self._snapshot(), self.rng)
         self.current = None
@@ -415,7 +419,7 @@ class _Run:
             # Live, the worker's backend refuses it (a permanent error): a failed result.
             self._close(run, "failed", f"{pool.name} cannot run {job.kind} on {job.model}", pool=pool.name)
             return
-        self._count_routed(pool.name)
+        self._count_routed(pool.name, run.lane)
         pool.push(run)
         pool.dispatch(self.now)
 
@@ -499,7 +503,7 @@ class _Run:
             return None
         tokens = 0 if features.kind == "embedding" else max(1, features.max_tokens)
         fork = pool.clone()
-        job = _Job(cur.i, cur.arrival, features, cur.cls, cur.key[0])
+        job = _Job(cur.i, cur.arrival, features, cur.cls, cur.lane)
         job.model, job.own = model, True
         done = False
 

@@ -2,22 +2,25 @@
 
 For a job of class ``C`` the router predicts, on every pool that serves the job's model and
 kind (:class:`~policies.estimate.LatencyEstimator`): TTFT (queue wait plus prefill at the load
-the job would join), time per output token and end-to-end time (with ``max_tokens`` output,
-an upper bound). A pool *meets* ``C`` when every target ``C`` sets holds with the safety
-margin: ``prediction <= routing.safety_margin x target``. Pools that cannot take a job now
-are left out first: no live worker (no recent heartbeat), or every worker's endpoints cooling
-down after 429s; when that leaves nothing, the job waits on the default pool. Then:
+the job would join; the wait counts the running jobs and the queued jobs of ``C``'s own and
+more urgent priority lanes, which are all a pool's workers run before it), time per output
+token and end-to-end time (with ``max_tokens`` output, an upper bound). A pool *meets* ``C``
+when every target ``C`` sets holds with the safety margin:
+``prediction <= routing.safety_margin x target``. Pools that cannot take a job now are left
+out first: no live worker (no recent heartbeat), or every worker's endpoints cooling down
+after 429s; when that leaves nothing, the job waits on the default pool. Then:
 
 1. **Cheapest meeting pool**, by :func:`~policies.estimate.job_cost` (the job's share of its
    worker's hourly cost for as long as it would run). Ties keep the configured order (default
    pool first).
-2. **Spill-over.** A pool whose backlog has reached its capacity (the job would queue) is taken
-   only when no unsaturated pool meets the target: queue-wait predictions are the least
-   certain part of the estimate, and an idle pool that meets the target is the safer bet.
+2. **Spill-over.** A pool where the job would queue (the work ahead of it on its lane, as in
+   the wait above, has reached the pool's capacity) is taken only when no pool where it
+   starts at once meets the target: queue-wait predictions are the least certain part of
+   the estimate, and a pool with a free slot for the job that meets the target is the safer bet.
 3. **Priority: less urgent work fills idle capacity.** A pool with ``prefer_for`` classes is
    reserved for them: a class not listed there whose ``priority`` is numerically greater
-   (less urgent) than every listed class may use the pool only while its backlog is under
-   ``IDLE_SHARE`` of its capacity, so the scarce accelerator always has free slots for the
+   (less urgent) than every listed class may use the pool only while its whole backlog (every
+   lane) is under ``IDLE_SHARE`` of its capacity, so the scarce accelerator always has free slots for the
    interactive work it is there for. If the job's model runs nowhere else, the reservation
    yields.
 4. **Admission.** When no pool meets the target, a class with ``on_unattainable = "shed"`` is
@@ -101,9 +104,10 @@ class SloRouter:
         """Learn from a finished job."""
         self.estimator.observe(obs)
 
-    def predict(self, job: JobFeatures, pool: str, snapshot: Snapshot) -> Prediction | None:
-        """What ``job`` would see on ``pool`` now (``None``: the pool cannot run its model)."""
-        return self.estimator.predict(job, pool, snapshot.pools.get(pool, PoolState()), snapshot.now)
+    def predict(self, job: JobFeatures, pool: str, snapshot: Snapshot, lane: int | None = None) -> Prediction | None:
+        """What ``job`` of priority ``lane`` would see on ``pool`` now (``None``: the pool cannot
+        run its model; ``lane=None``: it waits behind the whole backlog)."""
+        return self.estimator.predict(job, pool, snapshot.pools.get(pool, PoolState()), snapshot.now, lane=lane)
 
     def decide(self, job: JobFeatures, slo: str, snapshot: Snapshot, rng: RandomSource) -> Decision:
         """Choose a pool for ``job`` of class ``slo`` (see the module docs for the rules)."""
@@ -112,8 +116,9 @@ class SloRouter:
         if slo not in config.classes:  # classify() never does this; a stale caller might
             note = f"unknown class {slo!r}, using {config.default_class}; "
             slo = config.default_class
-        cls = config.classes[slo]
-        preds = [p for n in config.serving(job.model, job.kind) if (p := self.predict(job, n, snapshot)) is not None]
+        cls, lane = config.classes[slo], config.lane(slo)
+        preds = [p for n in config.serving(job.model, job.kind)
+                 if (p := self.predict(job, n, snapshot, lane)) is not None]
         if not preds:
             return Decision(pool=None, reason=f"no pool serves {job.kind} on model {job.model!r}")
 
@@ -142,6 +147,8 @@ class SloRouter:
         candidates: list[Prediction] = []
         for p in preds:
             cap = pool_capacity(config, p.pool, state(p.pool))
+            # The whole backlog, not the job's lane: the rule keeps slots free for urgent work,
+            # and queued work of any lane takes slots as they free up.
             if reserved_against(config, p.pool, cls, slo) and state(p.pool).backlog >= IDLE_SHARE * cap:
                 notes.append(f"{p.pool} kept for more urgent classes (backlog {state(p.pool).backlog}/{cap})")
             else:
@@ -155,7 +162,10 @@ class SloRouter:
         notes += [f"{p.pool} misses {', '.join(missed[p.pool])}" for p in candidates if missed[p.pool]]
 
         if meeting:
-            free = [p for p in meeting if state(p.pool).backlog < pool_capacity(config, p.pool, state(p.pool))]
+            # Would the job queue? Only the work ahead of it on its lane says: queued work of
+            # less urgent lanes waits for it, so a pool full of batch backlog still starts it
+            # at the next free slot.
+            free = [p for p in meeting if state(p.pool).ahead(lane) < pool_capacity(config, p.pool, state(p.pool))]
             best = min(free or meeting, key=lambda p: p.cost)
             if free and best.cost > min(p.cost for p in meeting):
                 full = [p.pool for p in meeting if p not in free and p.cost < best.cost]

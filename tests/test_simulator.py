@@ -262,6 +262,34 @@ def test_priority_queues_put_interactive_work_ahead_of_batch() -> None:
     assert batch_starts and (last_prio.start or 0) <= batch_starts[0]
 
 
+def test_snapshots_count_queued_jobs_by_lane() -> None:
+    jobs = [(0.001 * i, features(prompt=500, out=500, hint="batch")) for i in range(12)]
+    jobs += [(0.02, features(out=50, hint="standard")), (0.03, features(out=50, hint="interactive"))]
+    seen = To("accel")
+    run(seen, arrivals(*jobs), fleet={"gpu": 0, "accel": 1})
+    last = seen.snapshots[-1].pools["accel"]  # before the interactive job: 8 running, 4 + 1 waiting
+    assert (last.backlog, last.queued, last.ahead(0), last.ahead(1)) == (13, (0, 1, 4), 8, 9)
+    fifo = To("accel")
+    run(fifo, arrivals(*jobs), fleet={"gpu": 0, "accel": 1}, priority_queues=False)
+    assert fifo.snapshots[-1].pools["accel"].queued == () and fifo.snapshots[-1].pools["accel"].ahead(0) == 13
+
+
+@pytest.mark.parametrize("rate", [155.0, 180.0])
+def test_under_overload_slo_holds_at_or_above_static_on_interactive_work(rate: float) -> None:
+    # ``mixed`` (40% interactive, 20% standard, 40% batch) at about 1.3x and 1.5x the rate
+    # where slo meets the interactive target on 4 GPUs + 1 accelerator (bench/POLICY.md):
+    # standard and batch work queues up on the GPUs. Charged for that queue (one backlog for
+    # every lane), interactive jobs looked like misses on the GPUs and piled onto the 8-slot
+    # accelerator: 71% and 65% against static's 82%.
+    fleet = {"gpu": 4, "accel": 1}
+    results = {name: run(ROUTERS[name](CONFIG), WORKLOADS["mixed"].at_rate(rate), fleet=fleet, seed=1,
+                         duration=30.0) for name in ("slo", "static")}
+    got = {name: summarize(r, CONFIG)["interactive"] for name, r in results.items()}
+    assert got["static"].attainment < 0.9  # overload: the target is out of reach
+    assert max(r.end for r in results.values()) > 35.0  # and work queued past the arrivals
+    assert got["slo"].attainment >= got["static"].attainment
+
+
 class VirtualTime:
     """A virtual clock for asyncio: ``sleep`` parks on a timer heap, ``drive`` fires the earliest."""
 

@@ -15,7 +15,7 @@ from broker.config import default_config_text, load_config
 from broker.policy_worker import PolicyWorker
 from broker.settings import Settings
 from broker.stack import wait_for_roles
-from broker.topology import POLICY_GROUP, Topology
+from broker.topology import POLICY_GROUP, WORKER_GROUP, Topology
 from broker.wire import ChatMessage, Job
 from policies import PoolState
 from tests.conftest import FAST_ENV, Roles
@@ -122,3 +122,38 @@ async def test_identical_jobs_reuse_a_decision_until_the_policys_own_routing_fil
         assert policy.snapshot.pools["gpu"].backlog == n
     else:
         assert len(seen) == n  # round robin keeps state per call: never reused
+
+
+async def test_the_snapshot_counts_each_lanes_queue_and_the_running_work(
+        redis_url: str, prefix: str, client: aioredis.Redis) -> None:
+    settings = Settings(redis_url=redis_url, prefix=prefix)
+    policy = PolicyWorker(client, settings, load_config())
+    await policy.setup()
+    lanes = policy.lanes["gpu"]  # interactive, standard, batch
+    hints = ["batch"] * 6 + ["standard"] * 3 + ["interactive"] * 2
+    async with Client(redis_url, prefix=prefix) as sdk:
+        await sdk.submit_many([Job(id=f"j{i}", model="llama-3.1-8b", kind="completion", prompt="hi", max_tokens=16,
+                                   slo=hint) for i, hint in enumerate(hints)])  # type: ignore[arg-type]
+    await policy.refresh()  # nothing routed yet: every lane empty
+    assert policy.snapshot.pools["gpu"].queued == (0, 0, 0)
+    reply = await client.xreadgroup(POLICY_GROUP, policy.name, {settings.topology.jobs: ">"}, count=len(hints))
+    await policy.handle([(entry, 1) for entry in reply[0][1]])
+    # Its own routing, counted on each job's lane until the next refresh (no worker: all on gpu),
+    # in steps of 4 jobs (64 slots / 16): the first 8, six batch and two standard.
+    assert policy.snapshot.pools["gpu"].queued == (0, 2, 6) and policy.snapshot.pools["gpu"].backlog == 8
+
+    # A worker takes two batch jobs (its slots are free): they run, the rest wait.
+    await client.xreadgroup(WORKER_GROUP, "w", {lanes[2]: ">"}, count=2)
+    await policy.refresh()
+    gpu = policy.snapshot.pools["gpu"]
+    assert (gpu.backlog, gpu.queued) == (11, (2, 3, 4))
+    assert (gpu.ahead(0), gpu.ahead(1), gpu.ahead(2)) == (4, 7, 11)
+
+    # A deleted unread entry hides the group's lag (Redis answers nil): the stream's length
+    # less the pending entries is what waits.
+    newest = (await client.xrevrange(lanes[2], count=1))[0][0]
+    await client.xdel(lanes[2], newest)
+    assert (await client.xinfo_groups(lanes[2]))[0]["lag"] is None
+    await policy.refresh()
+    gpu = policy.snapshot.pools["gpu"]
+    assert (gpu.backlog, gpu.queued) == (10, (2, 3, 3))

@@ -214,6 +214,61 @@ def test_unknown_class_uses_the_default_class_and_says_so() -> None:
     assert "unknown class 'no-such-class'" in d.reason
 
 
+def lanes(running: int, *queued: int) -> PoolState:
+    """One worker with ``running`` jobs in flight and ``queued`` waiting by lane (0 = interactive)."""
+    return PoolState(backlog=running + sum(queued), queued=queued, workers=1, in_flight=running)
+
+
+def test_a_job_waits_only_behind_running_work_and_its_own_and_more_urgent_lanes() -> None:
+    state = lanes(64, 3, 5, 500)
+    assert (state.ahead(0), state.ahead(1), state.ahead(2)) == (67, 72, 572)
+    assert state.ahead(None) == 572 == PoolState(backlog=572).ahead(0)  # not known by lane: all of it
+    est = LatencyEstimator(DEFAULT)
+    inter, batch = (est.predict(job(), "gpu", state, 0.0, lane=lane) for lane in (0, 2))
+    assert inter is not None and batch is not None
+    # Itself and the jobs ahead, beyond the 64 slots: 4 for interactive work, 509 for batch work.
+    assert batch.queue_wait_ms == pytest.approx(inter.queue_wait_ms * 509 / 4)
+    # The job runs at the load of the whole backlog: queued batch work takes every slot it leaves.
+    assert inter.concurrency == batch.concurrency == 64
+
+
+def test_queued_batch_work_does_not_drive_interactive_work_off_a_saturated_gpu() -> None:
+    # A GPU full of running work with 500 batch jobs queued behind: an interactive job takes
+    # the next free slot. Charged for the batch queue, it looked like a miss and piled onto
+    # the 8-slot accelerator (the collapse under overload, bench/POLICY.md).
+    s = Snapshot(now=1000.0, pools={"gpu": lanes(64, 0, 0, 500), "accel": lanes(8, 2, 0, 0)})
+    d = decide(SloRouter(DEFAULT), job(), "interactive", s)
+    assert d.pool == "gpu" and "meets" in d.reason and d.predicted_ttft_ms is not None
+    assert d.predicted_ttft_ms < 0.8 * DEFAULT.classes["interactive"].ttft_ms
+    # A batch job would wait behind the whole queue, and it is told so.
+    batch = SloRouter(DEFAULT).predict(job(), "gpu", s, lane=2)
+    assert batch is not None and batch.queue_wait_ms > 100 * d.predicted_ttft_ms
+
+
+def test_spill_over_counts_only_the_work_ahead_of_the_job() -> None:
+    router = SloRouter(DEFAULT)
+    # 58 running and 12 batch jobs queued: an interactive job starts at once on the cheap GPU.
+    s = Snapshot(now=1000.0, pools={"gpu": lanes(58, 0, 0, 12), "accel": lanes(0)})
+    assert decide(router, job(), "interactive", s).pool == "gpu"
+    # Six interactive jobs queued beyond the 64 slots: it would queue, so it spills.
+    s = Snapshot(now=1000.0, pools={"gpu": lanes(64, 6, 0, 0), "accel": lanes(0)})
+    assert "spill from saturated gpu" in decide(router, job(), "interactive", s).reason
+
+
+def test_the_accelerator_reservation_counts_every_lane() -> None:
+    # Two running and two interactive jobs queued: half the accelerator is taken, whatever the
+    # lanes, so batch work keeps off it (the slots are for interactive work).
+    s = Snapshot(now=1000.0, pools={"gpu": lanes(64, 0, 0, 200), "accel": lanes(2, 2, 0, 0)})
+    d = decide(SloRouter(DEFAULT), job(), "batch", s)
+    assert d.pool == "gpu" and "accel kept for more urgent classes (backlog 4/8)" in d.reason
+
+
+def test_a_router_counts_its_own_routing_on_the_jobs_lane() -> None:
+    state = lanes(10, 1, 2, 3).routed(1, 4)
+    assert state.backlog == 20 and state.queued == (1, 6, 3)
+    assert PoolState(backlog=5).routed(2) == PoolState(backlog=6)  # not known by lane: the total only
+
+
 # --------------------------------------------------------------------------- priority
 
 
