@@ -182,3 +182,12 @@ def test_the_readme_submit_examples_run_as_written(roles: Roles, redis_url: str,
             cls, pool = claim.groups()
             assert f"class   {cls}\n" in done.stdout and f"pool    {pool}\n" in done.stdout, \
                 f"{example}\n{done.stdout}"
+
+
+def test_the_readme_layout_names_every_module() -> None:
+    # The layout once left out six modules: a reader could not find them from the README.
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("\nbroker/ "):readme.index("\ntests/ ")]
+    named = set(re.findall(r"[\w]+\.py", layout))
+    modules = {p.name for pkg in ("broker", "workers", "policies") for p in (ROOT / pkg).glob("*.py")}
+    assert modules - {"__init__.py", "__main__.py"} - named == set()
