@@ -6,8 +6,9 @@ here; reading the file is the caller's business (``broker.config``).
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, get_args
 
 import msgspec
@@ -33,6 +34,10 @@ class SLOClass(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Submission to last token."""
     priority: int = 0
     """Lower runs first when pools are contended."""
+    min_share: float = 0.1
+    """Share of each worker's slots kept for this class's lane whenever it has work queued, so
+    that more urgent work cannot starve it (:func:`reserved_slots`). Ignored in the most urgent
+    lane, which is read first anyway."""
     attainment: float = 0.9
     """Share of the class's jobs that should meet the target."""
     on_unattainable: Literal["best_effort", "shed"] = "best_effort"
@@ -139,6 +144,15 @@ class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         """The lane of class ``slo``: the rank of its priority among the classes' (0 is the most urgent)."""
         return sorted({c.priority for c in self.classes.values()}).index(self.classes[slo].priority)
 
+    @property
+    def lane_shares(self) -> tuple[float, ...]:
+        """The slot share each lane keeps (its classes' ``min_share`` summed); 0 for lane 0."""
+        shares = [0.0] * self.lanes
+        for name, cls in self.classes.items():
+            if (lane := self.lane(name)) > 0:
+                shares[lane] += cls.min_share
+        return tuple(shares)
+
     def serving(self, model: str, kind: str) -> list[str]:
         """Names of the pools that can run ``model`` jobs of ``kind``, default pool first."""
         names = sorted(self.pools, key=lambda n: n != self.default_pool)
@@ -150,6 +164,12 @@ def _check(cfg: PolicyConfig) -> PolicyConfig:
         raise ConfigError(f"default_class {cfg.default_class!r} is not one of classes {sorted(cfg.classes)}")
     if cfg.default_pool not in cfg.pools:
         raise ConfigError(f"default_pool {cfg.default_pool!r} is not one of pools {sorted(cfg.pools)}")
+    for name, cls in cfg.classes.items():
+        if not 0 <= cls.min_share < 1:
+            raise ConfigError(f"classes.{name}.min_share must be at least 0 and below 1")
+    if sum(cfg.lane_shares) >= 1:
+        raise ConfigError(f"the min_share of the classes below the most urgent priority sum to "
+                          f"{sum(cfg.lane_shares):g}; they must leave the most urgent ones a share (sum below 1)")
     for i, rule in enumerate(cfg.rules):
         if rule.slo not in cfg.classes:
             raise ConfigError(f"rules[{i}].slo {rule.slo!r} is not one of classes {sorted(cfg.classes)}")
@@ -229,6 +249,19 @@ def pool_counts(config: PolicyConfig, items: Iterable[str], base: Mapping[str, i
             raise ConfigError(f"{item!r}: expected POOL=N with POOL one of {', '.join(counts)}")
         counts[pool] = int(n)
     return counts
+
+
+def reserved_slots(shares: Sequence[float], concurrency: int) -> tuple[int, ...]:
+    """Slots of a worker that each lane keeps for its own work: ``ceil(share * concurrency)``.
+
+    Rounded up so that a share holds on small workers too (0.1 of 8 slots is 1), unless that
+    would leave the most urgent lane no slot: then rounded down (0.1 of 2 slots is none).
+    The same rule for live workers (``workers.worker``) and the simulator.
+    """
+    up = tuple(math.ceil(share * concurrency - 1e-9) for share in shares)
+    if sum(up) < concurrency:
+        return up
+    return tuple(math.floor(share * concurrency + 1e-9) for share in shares)
 
 
 def config_from_dict(data: dict[str, Any]) -> PolicyConfig:

@@ -16,8 +16,9 @@ runs agree:
 * a job produces ``max(1, max_tokens)`` tokens; an embedding none, finishing at its first token.
 
 Each pool has one FIFO queue per priority lane (``PolicyConfig.lane``: one per distinct class
-priority), and a free slot takes the head of the most urgent non-empty lane, as the live
-workers read lane 0 first and a lane only while every lane above it is empty.
+priority), and a free slot takes, as the live workers read: the head of a lane below the first
+that runs fewer jobs on that worker than its reserved slots (``policies.config.reserved_slots``
+of its classes' ``min_share``), else the head of the most urgent non-empty lane.
 
 The snapshot mirrors the policy worker's: ``backlog`` is queued plus running (the pool
 streams' lag plus pending), ``queued`` the waiting jobs by lane (each lane stream's lag),
@@ -51,7 +52,7 @@ import msgspec
 
 from policies.baselines import OracleRouter, OracleTruth
 from policies.classify import classify
-from policies.config import PolicyConfig, PoolSpec, SLOClass
+from policies.config import PolicyConfig, PoolSpec, SLOClass, reserved_slots
 from policies.profiles import PROFILES, ModelProfile
 from policies.route import JobFeatures, PoolState, Snapshot
 from policies.router import Observation, Router
@@ -182,16 +183,19 @@ class SimResult(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class _Worker:
-    __slots__ = ("acc", "busy_s", "busy_since", "in_flight", "index", "last", "max_in_flight", "rate", "slots")
+    __slots__ = ("acc", "busy_s", "busy_since", "by_lane", "in_flight", "index", "last", "max_in_flight", "rate",
+                 "slots")
 
-    def __init__(self, index: int, slots: int, cost_per_hour: float) -> None:
+    def __init__(self, index: int, slots: int, cost_per_hour: float, lanes: int) -> None:
         self.index, self.slots, self.rate = index, slots, cost_per_hour / 3600
         self.in_flight = self.max_in_flight = 0
+        self.by_lane = [0] * lanes
+        """Jobs in flight by priority lane (what a lane's reserved slots are counted against)."""
         self.busy_since = self.busy_s = self.last = self.acc = 0.0
 
     def clone(self) -> _Worker:
-        w = _Worker(self.index, self.slots, 0.0)
-        w.rate, w.in_flight, w.max_in_flight = self.rate, self.in_flight, self.max_in_flight
+        w = _Worker(self.index, self.slots, 0.0, 0)
+        w.rate, w.in_flight, w.max_in_flight, w.by_lane = self.rate, self.in_flight, self.max_in_flight, [*self.by_lane]
         w.busy_since, w.busy_s, w.last, w.acc = self.busy_since, self.busy_s, self.last, self.acc
         return w
 
@@ -201,16 +205,18 @@ class _Worker:
             self.acc += self.rate * (now - self.last) / self.in_flight
         self.last = now
 
-    def join(self, now: float) -> None:
+    def join(self, now: float, lane: int) -> None:
         self._accrue(now)
         if self.in_flight == 0:
             self.busy_since = now
         self.in_flight += 1
+        self.by_lane[lane] += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
 
-    def leave(self, now: float) -> None:
+    def leave(self, now: float, lane: int) -> None:
         self._accrue(now)
         self.in_flight -= 1
+        self.by_lane[lane] -= 1
         if self.in_flight == 0:
             self.busy_s += now - self.busy_since
 
@@ -244,14 +250,18 @@ Finished = Callable[[_Job, float, int], None]
 class _Pool:
     """One pool's workers, queue and events: the device model in one place (runs and look-aheads)."""
 
-    def __init__(self, name: str, spec: PoolSpec, workers: int, lanes: int, priority: bool, chunk: int) -> None:
+    def __init__(self, name: str, spec: PoolSpec, workers: int, shares: Sequence[float], priority: bool,
+                 chunk: int) -> None:
         self.name, self.spec, self.profile = name, spec, PROFILES[spec.profile]
         cap = self.profile.max_concurrency
         self.slots = spec.concurrency if cap is None else min(spec.concurrency, cap)
-        self.workers = [_Worker(i, self.slots, spec.cost_per_hour) for i in range(workers)]
+        lanes = len(shares) if priority else 1
+        self.workers = [_Worker(i, self.slots, spec.cost_per_hour, lanes) for i in range(workers)]
         self.priority, self.chunk = priority, chunk
-        self.lanes: list[deque[_Job]] = [deque() for _ in range(lanes if priority else 1)]
+        self.lanes: list[deque[_Job]] = [deque() for _ in range(lanes)]
         """Waiting jobs by priority lane, most urgent first (one FIFO without ``priority``)."""
+        self.reserved = reserved_slots(shares, self.slots) if priority else (0,)
+        """Slots of each worker that each lane keeps for its own work, as the live workers'."""
         self.queued = self.in_flight = self.seq = 0
         self.events: list[tuple[float, int, int, _Job]] = []
         self.busy_cost: dict[str, float] = {}
@@ -264,8 +274,8 @@ class _Pool:
     def clone(self) -> _Pool:
         """A copy to run forward without touching this one."""
         p = _Pool.__new__(_Pool)
-        p.name, p.spec, p.profile, p.slots, p.priority, p.chunk, p.itl_ms = (
-            self.name, self.spec, self.profile, self.slots, self.priority, self.chunk, self.itl_ms)
+        p.name, p.spec, p.profile, p.slots, p.priority, p.chunk, p.itl_ms, p.reserved = (
+            self.name, self.spec, self.profile, self.slots, self.priority, self.chunk, self.itl_ms, self.reserved)
         p.workers = [w.clone() for w in self.workers]
         p.borrowed = {w.index: w for w in p.workers}
         p.lanes = [deque(lane) for lane in self.lanes]
@@ -279,9 +289,13 @@ class _Pool:
         self.lanes[job.lane if self.priority else 0].append(job)
         self.queued += 1
 
-    def pop(self) -> _Job:
+    def pop(self, worker: _Worker | None = None) -> _Job:
+        """The next job for a free slot of ``worker``: first from a lane below the first that has
+        fewer jobs on it than its reserved slots, else from the most urgent non-empty lane."""
         self.queued -= 1
-        job = next(lane for lane in self.lanes if lane).popleft()
+        short = (i for i in range(1, len(self.lanes)) if self.lanes[i] and worker is not None
+                 and worker.by_lane[i] < self.reserved[i])
+        job = self.lanes[next(short, None) or next(i for i, lane in enumerate(self.lanes) if lane)].popleft()
         # A copy must not start (mutate) the original run's queued jobs.
         return job.clone(self.borrowed) if self.borrowed is not None and not job.own else job
 
@@ -307,8 +321,8 @@ class _Pool:
                     worker = w
             if worker is None:
                 return
-            job = self.pop()
-            worker.join(now)
+            job = self.pop(worker)
+            worker.join(now, job.lane if self.priority else 0)
             self.in_flight += 1
             job.worker, job.start, job.concurrency, job.acc0 = worker, now, worker.in_flight, worker.acc
             assert job.model is not None
@@ -336,7 +350,7 @@ class _Pool:
             return now
         worker = job.worker
         assert worker is not None
-        worker.leave(now)
+        worker.leave(now, job.lane if self.priority else 0)
         self.in_flight -= 1
         job.cost = worker.acc - job.acc0
         self.busy_cost[job.cls] = self.busy_cost.get(job.cls, 0.0) + job.cost
@@ -359,7 +373,7 @@ class _Run:
         if any(n < 0 for n in fleet.values()):
             raise ValueError(f"fleet sizes must be >= 0: {dict(fleet)}")
         self.config, self.router, self.options, self.rng = config, router, options, rng
-        self.pools = {name: _Pool(name, spec, fleet.get(name, 0), config.lanes, options.priority_queues,
+        self.pools = {name: _Pool(name, spec, fleet.get(name, 0), config.lane_shares, options.priority_queues,
                                    options.decode_chunk)
                       for name, spec in config.pools.items()}
         for pool in self.pools.values():

@@ -13,7 +13,7 @@ from broker.config import default_config_text, load_config
 from broker.settings import Settings
 from broker.streams import redacted
 from broker.topology import Topology
-from policies.config import ConfigError, PolicyConfig, config_from_dict
+from policies.config import ConfigError, PolicyConfig, config_from_dict, reserved_slots
 
 VALID: dict[str, Any] = {
     "default_class": "standard",
@@ -69,6 +69,21 @@ def test_lanes_rank_class_priorities() -> None:
     assert same.lanes == 1 and same.lane("standard") == 0
     gap = config_from_dict(doc(classes__interactive__priority=-3, classes__standard__priority=40))
     assert gap.lanes == 2 and gap.lane("standard") == 1
+
+
+def test_lanes_below_the_first_keep_their_min_share_of_slots() -> None:
+    cfg = load_config()
+    assert cfg.lane_shares == (0.0, 0.1, 0.1)  # the most urgent lane's share is moot: it is read first
+    assert [reserved_slots(cfg.lane_shares, n) for n in (64, 8, 2)] == [(0, 7, 7), (0, 1, 1), (0, 0, 0)]
+    # Rounded up unless that leaves the most urgent lane no slot; then rounded down.
+    assert reserved_slots((0.0, 0.5), 4) == (0, 2) and reserved_slots((0.0, 0.3, 0.3), 2) == (0, 0, 0)
+    shared = config_from_dict(doc(classes__standard__priority=1, classes__interactive__min_share=0.2,
+                                  classes__batch={"ttft_ms": 60000, "priority": 1, "min_share": 0.25}))
+    assert shared.lane_shares == (0.0, 0.35)  # classes of one lane add up
+    assert "classes.standard.min_share" in error(doc(classes__standard__min_share=-0.1))
+    too_much = doc(classes__standard__priority=1, classes__standard__min_share=0.6,
+                   classes__batch={"ttft_ms": 60000, "priority": 2, "min_share": 0.4})
+    assert "sum to 1" in error(too_much)
 
 
 def test_pool_names_must_be_key_safe() -> None:

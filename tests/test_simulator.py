@@ -274,6 +274,37 @@ def test_snapshots_count_queued_jobs_by_lane() -> None:
     assert fifo.snapshots[-1].pools["accel"].queued == () and fifo.snapshots[-1].pools["accel"].ahead(0) == 13
 
 
+def _overload(batch_rate: float, duration: float) -> list[Arrival]:
+    """Interactive chat at 1.5x one GPU worker's capacity, and a steady stream of batch jobs."""
+    slots = CONFIG.pools["gpu"].concurrency
+    interactive = 1.5 * slots / ((H100_8B.ttft(1000, slots) + 100 * H100_8B.itl(slots)) / 1000)
+    times = [(i / interactive, features(out=101)) for i in range(int(duration * interactive))]
+    times += [(i / batch_rate, features(prompt=500, out=400, hint="batch")) for i in range(int(duration * batch_rate))]
+    return arrivals(*sorted(times, key=lambda t: t[0]))
+
+
+@pytest.mark.parametrize("batch_rate", [2.0, 6.0])
+def test_batch_keeps_its_min_share_under_sustained_interactive_overload(batch_rate: float) -> None:
+    # One 64-slot worker; batch keeps ceil(0.1 * 64) = 7 slots. At 2 batch jobs/s (about 5
+    # slots of work) every batch job starts within seconds; at 6/s (about 16 slots) batch
+    # runs on at least its share. With strict priority batch waited for the interactive
+    # queue, which under a sustained overload never empties: almost none of it ran.
+    duration, slots, share = 40.0, CONFIG.pools["gpu"].concurrency, CONFIG.classes["batch"].min_share
+    result = run(To("gpu"), _overload(batch_rate, duration), fleet={"gpu": 1, "accel": 0}, duration=duration,
+                 drain_s=0.0)
+    batch = [r for r in result.records if r.cls == "batch"]
+    busy = sum(min(r.finish or duration, duration) - r.start for r in batch if r.start is not None)
+    if batch_rate * 2.65 < share * slots:  # demand under its share: all of it served, each job soon
+        waits = [r.start - r.arrival for r in batch if r.start is not None]
+        assert len(waits) == len(batch) and max(waits) < 3.0, (len(waits), len(batch), max(waits, default=None))
+        assert sum(r.status == "ok" for r in batch) >= 0.9 * len(batch)
+    else:  # demand over its share: it runs on its reserved slots, no fewer
+        assert busy / (slots * duration) >= share, busy / (slots * duration)
+    # Interactive work keeps flowing on the rest of the slots: over 80% of the worker's capacity.
+    served = sum(r.status == "ok" for r in result.records if r.cls == "interactive")
+    assert served >= 0.8 * sum(r.cls == "interactive" for r in result.records) / 1.5
+
+
 @pytest.mark.parametrize("rate", [155.0, 180.0])
 def test_under_overload_slo_holds_at_or_above_static_on_interactive_work(rate: float) -> None:
     # ``mixed`` (40% interactive, 20% standard, 40% batch) at about 1.3x and 1.5x the rate
