@@ -117,7 +117,7 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, pool: str, *,
                 log.info("pool %s: loading %s", pool, backend.name)
                 await warm_up()
             worker = PoolWorker(client, settings, pool, backend, concurrency=concurrency or spec.concurrency,
-                                lanes=config.lanes, name=name, sandboxes=sandboxes)
+                                lanes=config.lanes, shares=config.lane_shares, name=name, sandboxes=sandboxes)
             log.info("worker %s: pool %s, %s, concurrency %d", worker.name, pool, backend.name,
                      worker.concurrency)
             await worker.run(stop)

@@ -67,3 +67,58 @@ async def test_interactive_jobs_overtake_a_batch_backlog(roles: Roles, redis_url
     assert queued >= BATCH // 2, "the backlog drained before the interactive jobs came"
     assert len(overtaken) >= queued - 2 * URGENT, (queued, sorted(started.items(), key=lambda kv: kv[1]))
     assert {r.slo for r in results} == {"batch", "interactive"}
+
+
+# One 4-slot worker; batch keeps a quarter of its slots. Static routing: every job is
+# admitted to the one pool, whatever the classes' admission settings.
+SHARED = """
+default_class = "batch"
+default_pool = "gpu"
+
+[routing]
+policy = "static"
+
+[classes.interactive]
+ttft_ms = 500
+priority = 0
+
+[classes.batch]
+ttft_ms = 60000
+priority = 1
+min_share = 0.25
+
+[pools.gpu]
+models = ["llama-3.1-8b"]
+profile = "h100"
+concurrency = 4
+"""
+FLOOD, STEADY = 120, 60
+
+
+async def test_batch_keeps_its_share_of_a_worker_under_an_interactive_flood(roles: Roles, redis_url: str,
+                                                                            prefix: str, tmp_path: Path) -> None:
+    config = tmp_path / "policy.toml"
+    config.write_text(SHARED)
+    env = {**FAST_ENV, "IB_CONFIG": str(config)}
+    roles.start("policy", env=env)
+    roles.start("worker", "--pool", "gpu", env=env)
+
+    def job(i: int, slo: str) -> Job:
+        return Job(id=f"{slo}-{i}", model="llama-3.1-8b", kind="completion", prompt="p", max_tokens=16, slo=slo)
+
+    async with Client(redis_url, prefix=prefix) as sdk:
+        # Interactive work first: with strict priority none of the batch jobs would start
+        # before the last interactive one, the flood standing for a load that never ends.
+        await sdk.submit_many([job(i, "interactive") for i in range(FLOOD)])
+        await sdk.submit_many([job(i, "batch") for i in range(STEADY)])
+        results = [await sdk.result(j, timeout=60) for j in
+                   [f"interactive-{i}" for i in range(FLOOD)] + [f"batch-{i}" for i in range(STEADY)]]
+
+    assert all(r.status == "ok" and r.timing for r in results), results
+    started = sorted((r.timing.started_at, r.slo) for r in results if r.timing)
+    flood_end = max(t for t, slo in started if slo == "interactive")
+    during = [slo for t, slo in started if t < flood_end]
+    batch = during.count("batch") / len(during)
+    # Its reserved slot runs batch jobs while interactive ones keep queuing on the other three.
+    assert batch >= 0.25 * 0.8, (batch, started)
+    assert during.count("interactive") >= 0.6 * len(during), started

@@ -43,7 +43,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
@@ -80,6 +80,7 @@ from broker.wire import (
     decode_routed,
     json_encode,
 )
+from policies.config import reserved_slots
 from workers.backend import Backend, BackendError
 from workers.sandbox import SandboxCrashed, Sandboxes
 from workers.tokens import TokenStream
@@ -119,13 +120,15 @@ class Lane(msgspec.Struct):
 class PoolWorker:
     """One worker of pool ``pool``, running up to ``concurrency`` jobs at once.
 
-    The pool has ``lanes`` streams, one per class priority. The worker fills its free slots
-    from lane 0 (the most urgent) first and reads a lane only while every lane above it is
-    empty: interactive work goes ahead of batch work, and batch work fills idle capacity.
+    The pool has ``lanes`` streams, one per class priority. Each lane below the first keeps
+    its share of the slots (``shares``, a class's ``min_share``) whenever it has work queued;
+    the worker fills the other free slots from lane 0 (the most urgent) first and reads a
+    lane only while every lane above it is empty: interactive work goes ahead of batch work,
+    batch work fills idle capacity, and no sustained interactive load starves it.
     """
 
     def __init__(self, client: aioredis.Redis, settings: Settings, pool: str, backend: Backend, *,
-                 concurrency: int, lanes: int = 1, name: str | None = None,
+                 concurrency: int, lanes: int = 1, shares: Sequence[float] = (), name: str | None = None,
                  sandboxes: Sandboxes | None = None, clock: Callable[[], float] = time.time) -> None:
         self.client = client
         self.settings = settings
@@ -145,6 +148,8 @@ class PoolWorker:
             interval_s=settings.claim_interval_s, error_prefix=self.topo.errors(pool, i) if sandboxes else ""),
             CompleteTarget(self.topo.pool(pool, i), WORKER_GROUP, self.name, self.topo, settings.result_ttl_s * 1000))
             for i in range(lanes)]
+        self.reserved = reserved_slots((*shares, *[0.0] * lanes)[:lanes], concurrency)
+        """Slots each lane keeps for its own work (``PolicyConfig.lane_shares``, ``reserved_slots``)."""
         self._lane_of = {lane.stream.encode(): lane for lane in self.lanes}
         """Lanes by stream key, as XREADGROUP names them."""
         self.running: dict[tuple[int, bytes], asyncio.Task[None]] = {}
@@ -263,20 +268,27 @@ class PoolWorker:
         return taken
 
     async def _read(self, free: int) -> list[tuple[Lane, Entry, int]]:
-        """Up to ``free`` entries, most urgent lane first; blocks while every lane is empty."""
+        """Up to ``free`` entries; blocks while every lane is empty.
+
+        First each lane below the first up to its reserved slots (``reserved``, counting its
+        jobs here), then most urgent lane first: more urgent work cannot starve a lane, and
+        reserved slots that a lane leaves unused go to the others.
+        """
         got: list[tuple[Lane, Entry, int]] = []
+        held = collections.Counter(index for index, _ in self.running)
+        drained: set[int] = set()
+        for lane in self.lanes[1:]:
+            want = min(self.reserved[lane.index] - held[lane.index], free - len(got))
+            if want > 0:
+                taken = await self._take(lane, want)
+                if len(taken) < want:
+                    drained.add(lane.index)
+                got += taken
         for lane in self.lanes:
             if len(got) >= free:
                 return got
-            want = free - len(got)
-            own = lane.cursor != ">"
-            reply = await self.client.xreadgroup(WORKER_GROUP, self.name, {lane.stream: lane.cursor}, count=want,
-                                                 block=None if own or len(self.lanes) > 1 else self.settings.block_ms)
-            entries: list[Entry] = reply[0][1] if reply else []
-            if own:
-                # Walk our own pending list past what we have taken, then switch to new entries.
-                lane.cursor = entries[-1][0].decode() if len(entries) == want else ">"
-            got += [(lane, entry, 2 if own else 1) for entry in entries]
+            if lane.index not in drained:
+                got += await self._take(lane, free - len(got))
         if got or len(self.lanes) == 1 or any(lane.cursor != ">" for lane in self.lanes):
             return got
         # Every lane is empty: wait for the first entry on any of them. One entry per lane at
@@ -284,6 +296,17 @@ class PoolWorker:
         reply = await self.client.xreadgroup(WORKER_GROUP, self.name, {lane.stream: ">" for lane in self.lanes},
                                              count=1, block=self.settings.block_ms)
         return [(self._lane_of[stream], entry, 1) for stream, entries in reply or [] for entry in entries]
+
+    async def _take(self, lane: Lane, want: int) -> list[tuple[Lane, Entry, int]]:
+        """Up to ``want`` entries of ``lane``: our own pending ones first (see ``Lane.cursor``), then new ones."""
+        own = lane.cursor != ">"
+        reply = await self.client.xreadgroup(WORKER_GROUP, self.name, {lane.stream: lane.cursor}, count=want,
+                                             block=None if own or len(self.lanes) > 1 else self.settings.block_ms)
+        entries: list[Entry] = reply[0][1] if reply else []
+        if own:
+            # Walk our own pending list past what we have taken, then switch to new entries.
+            lane.cursor = entries[-1][0].decode() if len(entries) == want else ">"
+        return [(lane, entry, 2 if own else 1) for entry in entries]
 
     def _start(self, lane: Lane, entry: Entry, deliveries: int, *, sandboxed: bool = False) -> None:
         key = (lane.index, entry[0])
