@@ -496,9 +496,10 @@ CAVEATS = [
     "- Devices follow `workers/simulated.py` exactly (a test drives both on one virtual clock and compares "
     "every first-token and finish time): TTFT from the profile at the worker's in-flight count when the job "
     "starts, decode in 32-token chunks at the ITL of the in-flight count at each chunk's start.",
-    "- A pool has one FIFO queue per priority lane, and a free slot takes the most urgent waiting job (as "
-    "the workers read the pool's lanes, most urgent first); a queued job goes to the worker with the most "
-    "free slots. Routing is instant and the router sees exact pool state (backlog = queued + running, and "
+    "- A pool has one FIFO queue per priority lane, and a free slot takes the head of a lower lane that runs "
+    "fewer jobs on that worker than its reserved slots (`min_share`), else the most urgent waiting job (as "
+    "the workers read the pool's lanes); a queued job goes to the worker with the most free slots. Routing "
+    "is instant and the router sees exact pool state (backlog = queued + running, and "
     "the queued jobs by lane, as the policy worker reads each lane's lag and pending): a job's predicted "
     "wait counts the running jobs and those queued on its own and more urgent lanes. "
     "`--snapshot-interval 0.25` mimics the live refresh.",

@@ -47,7 +47,8 @@ class Topology(msgspec.Struct, frozen=True):
         """Stream of jobs routed to pool ``name`` in priority lane ``lane``.
 
         A pool has one stream per class priority; its workers read lane 0 (the most urgent)
-        first. Lane 0 has no suffix, so a config with a single priority has one plain stream.
+        first, after each lower lane's reserved slots (``min_share``). Lane 0 has no suffix,
+        so a config with a single priority has one plain stream.
         """
         return f"{self.base}:pool:{name}" + (f":{lane}" if lane else "")
 
