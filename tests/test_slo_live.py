@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -70,6 +73,48 @@ async def test_slo_router_routes_and_sheds_live(roles: Roles, redis_url: str, pr
         assert r.route_reason and "ttft" in r.route_reason
     assert shed.status == "rejected" and shed.error and shed.error.startswith("slo_unattainable")
     assert shed.timing is None
+
+
+# No on_unattainable anywhere: admission is the default. A 1 ms TTFT is out of reach of every pool.
+ADMISSION_CONFIG = default_config_text() + '''
+[classes.instant]
+ttft_ms = 1
+
+[classes.patient]
+ttft_ms = 1
+on_unattainable = "best_effort"
+'''
+
+
+async def test_a_job_no_pool_can_serve_in_time_is_rejected_at_once_with_a_retry_hint(
+        roles: Roles, redis_url: str, prefix: str, tmp_path: Path, client: aioredis.Redis) -> None:
+    config = tmp_path / "policy.toml"
+    config.write_text(ADMISSION_CONFIG)
+    env = {**FAST_ENV, "IB_CONFIG": str(config)}
+    roles.start("policy", env=env)
+    roles.start("worker", "--pool", "gpu", env=env)
+    roles.start("worker", "--pool", "accel", env=env)
+    await wait_until_policy_sees(redis_url, client, Topology(prefix), ["gpu", "accel"])
+    chat = [ChatMessage("user", "hello " * 50)]
+    async with Client(redis_url, prefix=prefix) as sdk:
+        refused = await sdk.run(Job(id="too-fast", model="llama-3.1-8b", messages=chat, slo="instant"), timeout=30)
+        admitted = await sdk.run(Job(id="best-effort", model="llama-3.1-8b", messages=chat, slo="patient",
+                                     max_tokens=8), timeout=30)
+    # Refused by the policy worker itself: it never reached a pool, and says why and when to retry.
+    assert refused.status == "rejected" and refused.slo == "instant"
+    assert refused.timing is None and refused.pool is None
+    assert refused.error and refused.error.startswith("slo_unattainable: no pool can serve instant in time: best ")
+    assert "ttft" in refused.error and "retry after 1 s" in refused.error
+    assert refused.retry_after_s == 1.0
+    # An explicit best_effort class still runs, and misses.
+    assert admitted.status == "ok" and admitted.slo_met is False, admitted.route_reason
+    # The CLI shows it and exits 2, as for any job that did not end ok.
+    cli = subprocess.run([sys.executable, "-m", "broker", "submit", "--redis-url", redis_url, "--prefix", prefix,
+                          "--slo", "instant", "--prompt", "hi", "--timeout", "30"],
+                         env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 2, cli.stderr
+    assert ": rejected" in cli.stdout and "slo_unattainable" in cli.stdout
+    assert "retry   after 1 s" in cli.stdout
 
 
 async def test_the_policy_sees_a_pool_cooling_only_while_every_live_worker_is(
