@@ -38,7 +38,8 @@ class SLOClass(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     on_unattainable: Literal["best_effort", "shed"] = "shed"
     """Admission: ``shed`` (the default) refuses a job at once (``rejected``, reason
     ``slo_unattainable: ...``, a retry-after hint) when even the best pool is predicted to miss
-    its TTFT target by more than ``routing.shed_margin``; ``best_effort`` runs every job anyway,
+    its TTFT target by more than ``routing.shed_margin`` and the job would queue everywhere (or
+    miss even on an idle pool; see ``policies.slo``); ``best_effort`` runs every job anyway,
     on the pool with the lowest predicted TTFT."""
 
 

@@ -26,11 +26,14 @@ after 429s; when that leaves nothing, the job waits on the default pool. Then:
 4. **Admission.** When no pool meets the target, the job goes best-effort to the pool with
    the lowest predicted TTFT, unless its class has ``on_unattainable = "shed"`` (the default)
    and even that pool misses the TTFT (or e2e) target by more than ``routing.shed_margin``
-   times it (:func:`unattainable`; 1.25 by default): the job could only make the queue longer,
-   so it is refused at once (``shed=True``, reason ``slo_unattainable: ...`` with the
-   prediction, and :func:`retry_after_s`). Between the safety margin and the shed margin
-   the estimate is too close to call, so the job runs. No job is refused while no pool has a
-   live worker (the predictions then say nothing).
+   times it (:func:`unattainable`; 1.0 by default), and either it would queue on every pool
+   (the work ahead of it on its lane fills the pool's slots: it could only make the queues
+   longer) or it would miss even on an idle pool (no device meets the target). It is then
+   refused at once (``shed=True``, reason ``slo_unattainable: ...`` with the prediction;
+   when waiting is the cause, :func:`retry_after_s`). A job that starts at once somewhere
+   adds no queue and runs. Between the safety margin and the shed margin the estimate is
+   too close to call, so the job runs. No job is refused while no pool has a live worker
+   (the predictions then say nothing).
 
 A job whose model or kind no pool serves gets ``pool=None`` and a reason ``no pool serves ...``.
 Every decision carries a short reason with the predicted numbers, and
@@ -44,6 +47,8 @@ and the live workers' priority lanes do.
 from __future__ import annotations
 
 import math
+
+import msgspec
 
 from policies.config import PolicyConfig, SLOClass
 from policies.estimate import LatencyEstimator, Prediction
@@ -198,15 +203,39 @@ class SloRouter:
                 notes.append(f"spill from saturated {', '.join(full)}")
             return self._decision(best, f"{note}{slo}: {describe(best)} meets, cheapest", notes)
         best = min(candidates, key=lambda p: p.ttft_ms)
-        late = unattainable(cls, best, config.routing.shed_margin)
         # With no live worker anywhere the predictions say nothing: never refuse on them.
-        if cls.on_unattainable == "shed" and late and staffed:
-            retry = retry_after_s(cls, best)
-            reason = (f"slo_unattainable: {note}no pool can serve {slo} in time: best {describe(best)}, "
-                      f"{', '.join(late)}; retry after {retry:.0f} s ({'; '.join(notes)})")
-            return Decision(pool=None, reason=reason, shed=True, predicted_ttft_ms=best.ttft_ms,
-                            predicted_e2e_ms=best.e2e_ms, retry_after_s=retry)
+        late = unattainable(cls, best, config.routing.shed_margin) if staffed and cls.on_unattainable == "shed" else []
+        if late:
+            shed = self._admission(job, slo, cls, lane, best, candidates, snapshot)
+            if shed is not None:
+                head = f"slo_unattainable: {note}no pool can serve {slo} in time: best {describe(best)}, {', '.join(late)}"
+                return msgspec.structs.replace(shed, reason="; ".join([f"{head}{shed.reason}", *notes]))
         return self._decision(best, f"{note}{slo}: best effort, {describe(best)} lowest ttft", notes)
+
+    def _admission(self, job: JobFeatures, slo: str, cls: SLOClass, lane: int, best: Prediction,
+                   candidates: list[Prediction], snapshot: Snapshot) -> Decision | None:
+        """Refuse ``job`` (its best pool misses by the shed margin) if it would queue on every
+        pool, or miss even on idle ones; ``None``: let it run best-effort. The reason returned
+        is only the tail that says which."""
+        def refuse(tail: str, retry: float | None) -> Decision:
+            return Decision(pool=None, reason=tail, shed=True, predicted_ttft_ms=best.ttft_ms,
+                            predicted_e2e_ms=best.e2e_ms, retry_after_s=retry)
+
+        config = self.config
+        pools = snapshot.pools
+        # A job that would wait everywhere can only make the queues longer: refuse it, and say
+        # when they are predicted to have drained enough.
+        if all(pools.get(p.pool, PoolState()).ahead(lane) >= pool_capacity(config, p.pool, pools.get(p.pool, PoolState()))
+               for p in candidates):
+            retry = retry_after_s(cls, best)
+            return refuse(f"; retry after {retry:.0f} s", retry)
+        # One that starts at once somewhere adds no queue; it is refused only if no idle pool
+        # could serve it in time either (a target no device meets: a retry would not help).
+        idle = [p for c in candidates
+                if (p := self.estimator.predict(job, c.pool, PoolState(workers=1), snapshot.now, lane=lane)) is not None]
+        if idle and all(unattainable(cls, p, config.routing.shed_margin) for p in idle):
+            return refuse(" even on an idle pool", None)
+        return None
 
     @staticmethod
     def _decision(pred: Prediction, head: str, notes: list[str]) -> Decision:
