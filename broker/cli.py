@@ -373,8 +373,9 @@ def submit(model: str, prompt: str | None, kind: str, max_tokens: int, slo: str 
            job_file: Any, timeout: float, no_wait: bool, as_json: bool, stream: bool, **opts: Any) -> None:
     """Submit one job, wait for its result and print it with its timings.
 
-    Exit status: 0 if the job is ok; 2 if it ended otherwise (failed, expired, rejected:
-    refused by admission, with a retry-after hint) or the arguments are wrong; 1 on other errors, such as a timeout or an unreachable Redis.
+    Exit status: 0 if the job is ok; 2 if it ended otherwise (failed, expired, rejected by
+    admission) or the arguments are wrong; 1 on other errors, such as a timeout or an
+    unreachable Redis.
     """
     from broker.client import Client
     from broker.wire import InvalidJob, decode_job

@@ -62,7 +62,7 @@ def table_rows(metrics: dict[str, ClassMetrics]) -> list[list[str]]:
     return rows
 
 
-COLUMNS = ("class", "jobs", "met", "admitted", "shed/fail", "TTFT p50/p99", "$/M tok", "accel")
+COLUMNS = ("class", "jobs", "met", "admitted", "shed/fail", "TTFT p50/p99", "$/Mtok", "accel")
 
 
 @click.command("simulate", epilog=EPILOG)
@@ -141,7 +141,7 @@ def _print(runs: list[dict[str, Any]], description: str) -> None:
                   box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True,
                   caption=f"{description}. met: share of all the class's jobs that met the SLO (green: "
                           "attainment target met); admitted: of those not shed; shed/fail: jobs refused by "
-                          "admission / failed or unfinished; TTFT from submission (--json adds e2e); $/M tok: "
+                          "admission / failed or unfinished; TTFT from submission (--json adds e2e); $/Mtok: "
                           "provisioned fleet cost per million output tokens; accel: share served by accelerators.")
     # The policy heads its rows rather than taking a column, and goodput goes below: the
     # table fits 80 columns (the width of a pipe) without cutting a number.

@@ -48,8 +48,6 @@ from __future__ import annotations
 
 import math
 
-import msgspec
-
 from policies.config import PolicyConfig, SLOClass
 from policies.estimate import LatencyEstimator, Prediction
 from policies.route import Decision, JobFeatures, PoolState, Snapshot
@@ -205,36 +203,34 @@ class SloRouter:
         best = min(candidates, key=lambda p: p.ttft_ms)
         # With no live worker anywhere the predictions say nothing: never refuse on them.
         late = unattainable(cls, best, config.routing.shed_margin) if staffed and cls.on_unattainable == "shed" else []
-        if late:
-            shed = self._admission(job, slo, cls, lane, best, candidates, snapshot)
-            if shed is not None:
-                head = f"slo_unattainable: {note}no pool can serve {slo} in time: best {describe(best)}, {', '.join(late)}"
-                return msgspec.structs.replace(shed, reason="; ".join([f"{head}{shed.reason}", *notes]))
+        refusal = self._refusal(job, cls, lane, best, candidates, snapshot) if late else None
+        if refusal is not None:
+            why, retry = refusal
+            head = f"slo_unattainable: {note}no pool can serve {slo} in time: best {describe(best)}, {', '.join(late)}"
+            return Decision(pool=None, reason="; ".join([f"{head}{why}", *notes]), shed=True,
+                            predicted_ttft_ms=best.ttft_ms, predicted_e2e_ms=best.e2e_ms, retry_after_s=retry)
         return self._decision(best, f"{note}{slo}: best effort, {describe(best)} lowest ttft", notes)
 
-    def _admission(self, job: JobFeatures, slo: str, cls: SLOClass, lane: int, best: Prediction,
-                   candidates: list[Prediction], snapshot: Snapshot) -> Decision | None:
-        """Refuse ``job`` (its best pool misses by the shed margin) if it would queue on every
-        pool, or miss even on idle ones; ``None``: let it run best-effort. The reason returned
-        is only the tail that says which."""
-        def refuse(tail: str, retry: float | None) -> Decision:
-            return Decision(pool=None, reason=tail, shed=True, predicted_ttft_ms=best.ttft_ms,
-                            predicted_e2e_ms=best.e2e_ms, retry_after_s=retry)
-
+    def _refusal(self, job: JobFeatures, cls: SLOClass, lane: int, best: Prediction, candidates: list[Prediction],
+                 snapshot: Snapshot) -> tuple[str, float | None] | None:
+        """Why ``job``, whose best pool misses by the shed margin, is refused, and the retry-after
+        hint; ``None``: it runs best-effort (see the module docs)."""
         config = self.config
-        pools = snapshot.pools
+
+        def state(pool: str) -> PoolState:
+            return snapshot.pools.get(pool, PoolState())
+
         # A job that would wait everywhere can only make the queues longer: refuse it, and say
         # when they are predicted to have drained enough.
-        if all(pools.get(p.pool, PoolState()).ahead(lane) >= pool_capacity(config, p.pool, pools.get(p.pool, PoolState()))
-               for p in candidates):
+        if all(state(p.pool).ahead(lane) >= pool_capacity(config, p.pool, state(p.pool)) for p in candidates):
             retry = retry_after_s(cls, best)
-            return refuse(f"; retry after {retry:.0f} s", retry)
+            return f"; retry after {retry:.0f} s", retry
         # One that starts at once somewhere adds no queue; it is refused only if no idle pool
         # could serve it in time either (a target no device meets: a retry would not help).
         idle = [p for c in candidates
-                if (p := self.estimator.predict(job, c.pool, PoolState(workers=1), snapshot.now, lane=lane)) is not None]
+                if (p := self.estimator.predict(job, c.pool, PoolState(workers=1), snapshot.now, lane=lane))]
         if idle and all(unattainable(cls, p, config.routing.shed_margin) for p in idle):
-            return refuse(" even on an idle pool", None)
+            return " even on an idle pool", None
         return None
 
     @staticmethod
