@@ -25,6 +25,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
+
 HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # run as a script: python bench/policy_report.py
     sys.path.insert(0, str(HERE.parent))
@@ -364,7 +366,10 @@ def setup_section(s: Settings) -> list[str]:
         "`max_tokens`.", "",
         "Definitions:", "",
         "- **SLO attainment**: share of *all* the class's jobs (shed and failed ones count as misses) whose "
-        "TTFT from submission, time per output token and end-to-end time all met the class targets.",
+        "TTFT from submission, time per output token and end-to-end time all met the class targets. "
+        "*Met of admitted*: the same share over the jobs not shed. *Shed*: jobs the router refused at "
+        "once because no pool could serve them in time (`slo` admission, on by default: "
+        "docs/configuration.md); *failed*: failed or unfinished.",
         "- **Goodput**: the highest arrival rate (grid of multipliers of the base rate, then 3 bisection "
         "steps) at which the interactive class still meets its attainment target; the grid stops at the "
         "first miss.",
@@ -423,16 +428,57 @@ def load_section(loads: dict[str, dict[str, LoadRun]]) -> list[str]:
         rows = []
         for policy in POLICIES:
             for cls, m in runs[policy].classes.items():
-                met = f"{m.attainment:.1%}"
+                met, admitted = f"{m.attainment:.1%}", f"{m.admitted_attainment:.1%}"
                 if m.target is not None and m.attainment >= m.target:
                     met = f"**{met}**"
+                if m.target is not None and m.admitted_attainment >= m.target:
+                    admitted = f"**{admitted}**"
                 rows.append([policy if cls == next(iter(runs[policy].classes)) else "", cls, str(m.jobs), met,
-                             str(m.rejected + m.failed), f"{_ms(m.ttft_p50_ms)} / {_ms(m.ttft_p99_ms)}",
+                             admitted, str(m.rejected), str(m.failed), f"{_ms(m.ttft_p50_ms)} / {_ms(m.ttft_p99_ms)}",
                              f"{_ms(m.e2e_p50_ms)} / {_ms(m.e2e_p99_ms)}", _usd(m.cost_per_mtok),
                              _usd(m.busy_cost_per_mtok), f"{m.accel_share:.0%}"])
-        lines += _table(["policy", "class", "jobs", "SLO met", "shed+failed", "TTFT p50 / p99", "e2e p50 / p99",
+        lines += _table(["policy", "class", "jobs", "SLO met", "met of admitted", "shed", "failed", "TTFT p50 / p99",
+                         "e2e p50 / p99",
                          "$/1M tok", "$/1M tok busy", "accel share"], rows)
     lines += ["![latency CDFs](policy_latency_cdf.png)", ""]
+    return lines
+
+
+OVERLOAD_RATES = (155.0, 180.0)
+"""``mixed`` at about 1.3x and 1.5x the rate where slo meets the interactive target on ``FLEET``."""
+OVERLOAD_S = 30.0
+
+
+def best_effort_config() -> PolicyConfig:
+    """The default policy with admission off: every class ``on_unattainable = "best_effort"``."""
+    cfg = config()
+    return msgspec.structs.replace(cfg, classes={
+        name: msgspec.structs.replace(cls, on_unattainable="best_effort") for name, cls in cfg.classes.items()})
+
+
+def admission_section() -> list[str]:
+    """Past capacity: slo with its default admission, slo best-effort and static, every class."""
+    variants = (("slo", "slo", config()), ("slo, best effort", "slo", best_effort_config()),
+                ("static", "static", config()))
+    lines = ["## Overload: admission", "",
+             f"`mixed` at {' and '.join(f'{r:.0f}' for r in OVERLOAD_RATES)} jobs/s (about 1.3x and 1.5x the "
+             f"rate where slo meets the interactive target) on {FLEET['gpu']} GPU workers + {FLEET['accel']} "
+             f"accelerator, {OVERLOAD_S:.0f} s of arrivals, seed {SEED}. `slo` refuses, by default, a job "
+             "that no pool is predicted to serve in time (docs/configuration.md, admission); `slo, best effort` "
+             "is the same router with every class `on_unattainable = \"best_effort\"`. *SLO met* counts shed "
+             "jobs as misses; *met of admitted* leaves them out.", ""]
+    rows = []
+    for rate in OVERLOAD_RATES:
+        for label, policy, cfg in variants:
+            result = simulate(cfg, ROUTERS[policy](cfg), WORKLOADS["mixed"].at_rate(rate), FLEET, SEED, OVERLOAD_S,
+                              options=OPTIONS)
+            for cls, m in summarize(result, cfg).items():
+                first = cls == next(iter(cfg.classes))
+                rows.append([f"{rate:.0f}" if first and label == variants[0][0] else "", label if first else "",
+                             cls, str(m.jobs), f"{m.attainment:.1%}", f"{m.admitted_attainment:.1%}", str(m.rejected),
+                             f"{_ms(m.ttft_p50_ms)} / {_ms(m.ttft_p99_ms)}"])
+    lines += _table(["jobs/s", "policy", "class", "jobs", "SLO met", "met of admitted", "shed", "TTFT p50 / p99"],
+                    rows)
     return lines
 
 
@@ -534,6 +580,7 @@ def write_report(path: Path, s: Settings, sweeps: dict[str, dict[str, Goodput]],
     lines += setup_section(s)
     lines += goodput_section(sweeps)
     lines += load_section(loads)
+    lines += admission_section()
     lines += cost_section(fleets, s)
     lines += CAVEATS
     path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")

@@ -336,6 +336,8 @@ def _print_result(result: Result, as_json: bool) -> None:
                          ("route", result.route_reason), ("error", result.error)):
         if value:
             click.echo(f"  {label:<8}{value}")
+    if result.retry_after_s is not None:
+        click.echo(f"  retry   after {result.retry_after_s:.0f} s (no pool can serve it in time now)")
     if result.output:
         click.echo(f"  output  {result.output}")
     if result.embeddings:
@@ -371,8 +373,9 @@ def submit(model: str, prompt: str | None, kind: str, max_tokens: int, slo: str 
            job_file: Any, timeout: float, no_wait: bool, as_json: bool, stream: bool, **opts: Any) -> None:
     """Submit one job, wait for its result and print it with its timings.
 
-    Exit status: 0 if the job is ok; 2 if it ended otherwise (failed, expired) or the
-    arguments are wrong; 1 on other errors, such as a timeout or an unreachable Redis.
+    Exit status: 0 if the job is ok; 2 if it ended otherwise (failed, expired, rejected by
+    admission) or the arguments are wrong; 1 on other errors, such as a timeout or an
+    unreachable Redis.
     """
     from broker.client import Client
     from broker.wire import InvalidJob, decode_job

@@ -73,3 +73,5 @@ class JobFailed(BrokerError):
     def __init__(self, result: Result) -> None:
         super().__init__(f"job {result.id} {result.status}: {result.error or 'no detail'}")
         self.result = result
+        self.retry_after_s = result.retry_after_s
+        """Set when admission refused the job (``rejected``): when sending it again may succeed."""

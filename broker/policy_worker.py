@@ -367,7 +367,8 @@ class PolicyWorker:
             self._finish(entry_id, job, "expired", "deadline passed before routing", self.metrics.expired(slo))
             return
         if decision.shed:
-            self._finish(entry_id, job, "rejected", decision.reason, self.metrics.shed(slo))
+            self._finish(entry_id, job, "rejected", decision.reason, self.metrics.shed(slo),
+                         slo=slo, retry_after_s=decision.retry_after_s)
             return
         if decision.pool is None:
             raise InvalidJob("unknown_model", decision.reason)
@@ -418,9 +419,10 @@ class PolicyWorker:
             self._decisions[features] = made
         return made
 
-    def _finish(self, entry_id: bytes, job: Job, status: str, error: str, counter: Counter) -> None:
+    def _finish(self, entry_id: bytes, job: Job, status: str, error: str, counter: Counter, *,
+                slo: str | None = None, retry_after_s: float | None = None) -> None:
         result = Result(id=job.id, status=status, model=job.model, kind=job.kind,  # type: ignore[arg-type]
-                        tenant=job.tenant, error=error)
+                        tenant=job.tenant, slo=slo, error=error, retry_after_s=retry_after_s)
         self._finished.append(Completion(entry_id, job.id, job.reply_to, json_encode(result)))
         self._finished_in.append(counter)
 

@@ -212,6 +212,9 @@ class Result(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     route_reason: str | None = None
     error: str | None = None
     v: int = VERSION
+    retry_after_s: float | None = None
+    """``rejected`` by admission (``slo_unattainable: ...``): seconds after which the pools are
+    predicted to have drained enough for the job to be served in time."""
 
 
 DeadReason = Literal[

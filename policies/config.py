@@ -40,8 +40,12 @@ class SLOClass(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     lane, which is read first anyway."""
     attainment: float = 0.9
     """Share of the class's jobs that should meet the target."""
-    on_unattainable: Literal["best_effort", "shed"] = "best_effort"
-    """When no pool is predicted to meet the target: run anyway, or refuse at once (``rejected``)."""
+    on_unattainable: Literal["best_effort", "shed"] = "shed"
+    """Admission: ``shed`` (the default) refuses a job at once (``rejected``, reason
+    ``slo_unattainable: ...``, a retry-after hint) when even the best pool is predicted to miss
+    its TTFT target by more than ``routing.shed_margin`` and the job would queue everywhere (or
+    miss even on an idle pool; see ``policies.slo``); ``best_effort`` runs every job anyway,
+    on the pool with the lowest predicted TTFT."""
 
 
 class ClassRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -122,6 +126,10 @@ class RoutingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     preferences plus backlog; the others are the baselines of ``policies.baselines``."""
     safety_margin: float = 0.8
     """A pool counts as meeting a target when its prediction is within this share of it."""
+    shed_margin: float = 1.0
+    """Admission: a job of a ``shed`` class is refused only when the lowest TTFT predicted on any
+    pool exceeds this multiple of its target (or an e2e target likewise); between the safety
+    margin and this it runs best-effort, so estimate noise does not refuse jobs that would meet it."""
 
 
 class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -160,6 +168,9 @@ class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
 
 def _check(cfg: PolicyConfig) -> PolicyConfig:
+    if not 0 < cfg.routing.safety_margin <= cfg.routing.shed_margin:
+        raise ConfigError(f"routing: need 0 < safety_margin ({cfg.routing.safety_margin}) <= shed_margin "
+                          f"({cfg.routing.shed_margin})")
     if cfg.default_class not in cfg.classes:
         raise ConfigError(f"default_class {cfg.default_class!r} is not one of classes {sorted(cfg.classes)}")
     if cfg.default_pool not in cfg.pools:

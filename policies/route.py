@@ -84,6 +84,8 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     predicted_ttft_ms: float | None = None
     predicted_e2e_ms: float | None = None
     shed: bool = False
+    retry_after_s: float | None = None
+    """Shed jobs: when sending it again may be worth it (see :func:`policies.slo.retry_after_s`)."""
 
 
 def _predicted_ttft(config: PolicyConfig, pool: str, job: JobFeatures, state: PoolState,

@@ -599,6 +599,9 @@ class ClassMetrics(msgspec.Struct, frozen=True, kw_only=True):
     """Failed or unfinished."""
     attainment: float
     """Share of *all* the class's jobs that met its target (rejected and failed ones did not)."""
+    admitted_attainment: float
+    """Share of the jobs admitted (all but the ``rejected``) that met the target: what admission
+    control protects (1.0 when every job was shed)."""
     target: float | None
     ttft_p50_ms: float | None
     ttft_p99_ms: float | None
@@ -659,6 +662,7 @@ def summarize(result: SimResult, config: PolicyConfig, accel: set[str] | None = 
 
     def metrics(cls: str, recs: list[JobRecord], target: float | None) -> ClassMetrics:
         served = [r for r in recs if r.status == "ok"]
+        admitted = [r for r in recs if r.status != "rejected"]
         ttft = [r.ttft_ms for r in served if r.ttft_ms is not None]
         e2e = [r.e2e_ms for r in served if r.e2e_ms is not None]
         out = sum(r.output_tokens for r in recs)
@@ -667,7 +671,8 @@ def summarize(result: SimResult, config: PolicyConfig, accel: set[str] | None = 
         return ClassMetrics(
             cls=cls, jobs=len(recs), served=len(served), rejected=sum(r.status == "rejected" for r in recs),
             failed=sum(r.status in ("failed", "unfinished") for r in recs),
-            attainment=sum(r.slo_met for r in recs) / len(recs) if recs else 0.0, target=target,
+            attainment=sum(r.slo_met for r in recs) / len(recs) if recs else 0.0,
+            admitted_attainment=sum(r.slo_met for r in admitted) / len(admitted) if admitted else 1.0, target=target,
             ttft_p50_ms=percentile(ttft, 0.5), ttft_p99_ms=percentile(ttft, 0.99),
             e2e_p50_ms=percentile(e2e, 0.5), e2e_p99_ms=percentile(e2e, 0.99), output_tokens=out,
             cost_usd=cost, cost_per_mtok=cost / out * 1e6 if out else None,

@@ -23,9 +23,17 @@ after 429s; when that leaves nothing, the job waits on the default pool. Then:
    lane) is under ``IDLE_SHARE`` of its capacity, so the scarce accelerator always has free slots for the
    interactive work it is there for. If the job's model runs nowhere else, the reservation
    yields.
-4. **Admission.** When no pool meets the target, a class with ``on_unattainable = "shed"`` is
-   refused at once (``shed=True``, reason ``slo_unattainable: ...``); any other class goes
-   best-effort to the pool with the lowest predicted TTFT.
+4. **Admission.** When no pool meets the target, the job goes best-effort to the pool with
+   the lowest predicted TTFT, unless its class has ``on_unattainable = "shed"`` (the default)
+   and even that pool misses the TTFT (or e2e) target by more than ``routing.shed_margin``
+   times it (:func:`unattainable`; 1.0 by default), and either it would queue on every pool
+   (the work ahead of it on its lane fills the pool's slots: it could only make the queues
+   longer) or it would miss even on an idle pool (no device meets the target). It is then
+   refused at once (``shed=True``, reason ``slo_unattainable: ...`` with the prediction;
+   when waiting is the cause, :func:`retry_after_s`). A job that starts at once somewhere
+   adds no queue and runs. Between the safety margin and the shed margin the estimate is
+   too close to call, so the job runs. No job is refused while no pool has a live worker
+   (the predictions then say nothing).
 
 A job whose model or kind no pool serves gets ``pool=None`` and a reason ``no pool serves ...``.
 Every decision carries a short reason with the predicted numbers, and
@@ -37,6 +45,8 @@ and the live workers' priority lanes do.
 """
 
 from __future__ import annotations
+
+import math
 
 from policies.config import PolicyConfig, SLOClass
 from policies.estimate import LatencyEstimator, Prediction
@@ -77,6 +87,25 @@ def misses(cls: SLOClass, pred: Prediction, margin: float) -> list[str]:
     if cls.e2e_ms is not None and pred.e2e_ms > margin * cls.e2e_ms:
         out.append(f"e2e {pred.e2e_ms:.0f}>{margin * cls.e2e_ms:.0f}ms")
     return out
+
+
+def unattainable(cls: SLOClass, pred: Prediction, shed_margin: float) -> list[str]:
+    """The deadlines of ``cls`` (TTFT, e2e) that ``pred`` misses by more than ``shed_margin``
+    times the target, as short notes (empty: admit). TPOT is left out: it does not grow with
+    the queue, so refusing now would not help a later retry."""
+    out: list[str] = []
+    if pred.ttft_ms > shed_margin * cls.ttft_ms:
+        out.append(f"ttft {pred.ttft_ms:.0f}>{shed_margin * cls.ttft_ms:.0f}ms")
+    if cls.e2e_ms is not None and pred.e2e_ms > shed_margin * cls.e2e_ms:
+        out.append(f"e2e {pred.e2e_ms:.0f}>{shed_margin * cls.e2e_ms:.0f}ms")
+    return out
+
+
+def retry_after_s(cls: SLOClass, pred: Prediction) -> float:
+    """When a refused job is worth sending again, in whole seconds (at least 1): the time for
+    the queue ahead of it to drain by the excess of its predicted TTFT over the target."""
+    excess_ms = max(pred.ttft_ms - cls.ttft_ms, (pred.e2e_ms - cls.e2e_ms) if cls.e2e_ms is not None else 0.0)
+    return float(max(1, math.ceil(excess_ms / 1000)))
 
 
 def describe(pred: Prediction) -> str:
@@ -172,11 +201,37 @@ class SloRouter:
                 notes.append(f"spill from saturated {', '.join(full)}")
             return self._decision(best, f"{note}{slo}: {describe(best)} meets, cheapest", notes)
         best = min(candidates, key=lambda p: p.ttft_ms)
-        if cls.on_unattainable == "shed":
-            reason = f"slo_unattainable: {note}no pool meets {slo} ({'; '.join(notes)})"
-            return Decision(pool=None, reason=reason, shed=True, predicted_ttft_ms=best.ttft_ms,
-                            predicted_e2e_ms=best.e2e_ms)
+        # With no live worker anywhere the predictions say nothing: never refuse on them.
+        late = unattainable(cls, best, config.routing.shed_margin) if staffed and cls.on_unattainable == "shed" else []
+        refusal = self._refusal(job, cls, lane, best, candidates, snapshot) if late else None
+        if refusal is not None:
+            why, retry = refusal
+            head = f"slo_unattainable: {note}no pool can serve {slo} in time: best {describe(best)}, {', '.join(late)}"
+            return Decision(pool=None, reason="; ".join([f"{head}{why}", *notes]), shed=True,
+                            predicted_ttft_ms=best.ttft_ms, predicted_e2e_ms=best.e2e_ms, retry_after_s=retry)
         return self._decision(best, f"{note}{slo}: best effort, {describe(best)} lowest ttft", notes)
+
+    def _refusal(self, job: JobFeatures, cls: SLOClass, lane: int, best: Prediction, candidates: list[Prediction],
+                 snapshot: Snapshot) -> tuple[str, float | None] | None:
+        """Why ``job``, whose best pool misses by the shed margin, is refused, and the retry-after
+        hint; ``None``: it runs best-effort (see the module docs)."""
+        config = self.config
+
+        def state(pool: str) -> PoolState:
+            return snapshot.pools.get(pool, PoolState())
+
+        # A job that would wait everywhere can only make the queues longer: refuse it, and say
+        # when they are predicted to have drained enough.
+        if all(state(p.pool).ahead(lane) >= pool_capacity(config, p.pool, state(p.pool)) for p in candidates):
+            retry = retry_after_s(cls, best)
+            return f"; retry after {retry:.0f} s", retry
+        # One that starts at once somewhere adds no queue; it is refused only if no idle pool
+        # could serve it in time either (a target no device meets: a retry would not help).
+        idle = [p for c in candidates
+                if (p := self.estimator.predict(job, c.pool, PoolState(workers=1), snapshot.now, lane=lane))]
+        if idle and all(unattainable(cls, p, config.routing.shed_margin) for p in idle):
+            return " even on an idle pool", None
+        return None
 
     @staticmethod
     def _decision(pred: Prediction, head: str, notes: list[str]) -> Decision:

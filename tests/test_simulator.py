@@ -321,6 +321,25 @@ def test_under_overload_slo_holds_at_or_above_static_on_interactive_work(rate: f
     assert got["slo"].attainment >= got["static"].attainment
 
 
+def test_admission_by_default_keeps_admitted_interactive_jobs_on_target_at_1_5x() -> None:
+    # The fleet and workload of the overload test above at ~1.5x capacity. Best-effort lets
+    # every job join queues it can only make longer (82.8% interactive attainment); the
+    # default admission refuses the jobs no pool can serve in time, and those it admits meet
+    # the target.
+    fleet = {"gpu": 4, "accel": 1}
+    best_effort = msgspec.structs.replace(CONFIG, classes={
+        name: msgspec.structs.replace(cls, on_unattainable="best_effort") for name, cls in CONFIG.classes.items()})
+    results = {name: summarize(run(ROUTERS["slo"](cfg), WORKLOADS["mixed"].at_rate(180.0), fleet=fleet, seed=1,
+                                   duration=30.0, config=cfg), cfg)
+               for name, cfg in (("default", CONFIG), ("best_effort", best_effort))}
+    default, unguarded = results["default"]["interactive"], results["best_effort"]["interactive"]
+    assert unguarded.rejected == 0 and unguarded.attainment < 0.9  # the overload is real
+    assert default.rejected > 0  # shedding is visible
+    assert default.admitted_attainment >= 0.9
+    assert default.attainment > unguarded.attainment  # refusing early also serves more of all jobs in time
+    assert results["default"]["batch"].rejected == 0  # the long batch target is still attainable
+
+
 class VirtualTime:
     """A virtual clock for asyncio: ``sleep`` parks on a timer heap, ``drive`` fires the earliest."""
 

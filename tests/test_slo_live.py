@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -70,6 +73,69 @@ async def test_slo_router_routes_and_sheds_live(roles: Roles, redis_url: str, pr
         assert r.route_reason and "ttft" in r.route_reason
     assert shed.status == "rejected" and shed.error and shed.error.startswith("slo_unattainable")
     assert shed.timing is None
+
+
+# No on_unattainable anywhere but on `patient`: admission is the default. One pool of one slot,
+# so two long jobs make a queue; a 1 ms TTFT is out of reach of any device.
+ADMISSION_CONFIG = '''
+default_class = "interactive"
+default_pool = "gpu"
+
+[classes.interactive]
+ttft_ms = 500
+
+[classes.instant]
+ttft_ms = 1
+
+[classes.patient]
+ttft_ms = 1
+on_unattainable = "best_effort"
+
+[pools.gpu]
+models = ["llama-3.1-8b"]
+concurrency = 1
+'''
+
+
+async def test_admission_refuses_at_once_what_no_pool_can_serve_in_time(
+        roles: Roles, redis_url: str, prefix: str, tmp_path: Path, client: aioredis.Redis) -> None:
+    config = tmp_path / "policy.toml"
+    config.write_text(ADMISSION_CONFIG)
+    env = {**FAST_ENV, "IB_CONFIG": str(config)}
+    roles.start("policy", env=env)
+    roles.start("worker", "--pool", "gpu", env=env)
+    await wait_until_policy_sees(redis_url, client, Topology(prefix), ["gpu"])
+    chat = [ChatMessage("user", "hello " * 50)]
+    async with Client(redis_url, prefix=prefix) as sdk:
+        # A target no device meets: refused even on the idle pool, with no retry hint.
+        impossible = await sdk.run(Job(id="too-fast", model="llama-3.1-8b", messages=chat, slo="instant"), timeout=30)
+        # Two long best-effort jobs (about 2.3 s each on the one slot): one runs, one queues.
+        blockers = [Job(id=f"long-{i}", model="llama-3.1-8b", messages=chat, slo="patient", max_tokens=500)
+                    for i in range(2)]
+        await sdk.submit_many(blockers)
+        # An interactive job behind them would wait seconds for a 500 ms target: refused at once,
+        # with when to come back, while the queue it would have joined still runs.
+        overloaded = await sdk.run(Job(id="behind", model="llama-3.1-8b", messages=chat, max_tokens=500), timeout=30)
+        running = await client.exists(Topology(prefix).done("long-1"))
+        first = await sdk.result("long-0", timeout=30)
+        cli = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "broker", "submit", "--redis-url", redis_url, "--prefix", prefix,
+                             "--slo", "instant", "--prompt", "hi", "--timeout", "30"],
+            env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    assert impossible.status == "rejected" and impossible.slo == "instant"
+    assert impossible.timing is None and impossible.pool is None and impossible.retry_after_s is None
+    assert impossible.error and impossible.error.startswith("slo_unattainable: no pool can serve instant in time: ")
+    assert "even on an idle pool" in impossible.error
+    assert overloaded.status == "rejected" and overloaded.slo == "interactive" and overloaded.timing is None
+    assert overloaded.error and overloaded.error.startswith("slo_unattainable: no pool can serve interactive in time")
+    assert overloaded.retry_after_s is not None and overloaded.retry_after_s >= 1
+    assert f"retry after {overloaded.retry_after_s:.0f} s" in overloaded.error
+    assert not running  # refused before the queue it would have joined had drained
+    # An explicit best_effort class is admitted however late it will be.
+    assert first.status == "ok" and first.slo == "patient" and first.slo_met is False
+    # The CLI shows the refusal and exits 2, as for any job that did not end ok.
+    assert cli.returncode == 2, cli.stderr
+    assert ": rejected" in cli.stdout and "slo_unattainable" in cli.stdout, cli.stdout
 
 
 async def test_the_policy_sees_a_pool_cooling_only_while_every_live_worker_is(
