@@ -368,8 +368,8 @@ def setup_section(s: Settings) -> list[str]:
         "- **SLO attainment**: share of *all* the class's jobs (shed and failed ones count as misses) whose "
         "TTFT from submission, time per output token and end-to-end time all met the class targets. "
         "*Met of admitted*: the same share over the jobs not shed. *Shed*: jobs the router refused at "
-        "once because no pool could serve them in time (`slo` admission, on by default: "
-        "docs/configuration.md); *failed*: failed or unfinished.",
+        "once because no pool could serve them in time (`slo` admission, for classes with "
+        "`on_unattainable = \"shed\"`: docs/configuration.md); *failed*: failed or unfinished.",
         "- **Goodput**: the highest arrival rate (grid of multipliers of the base rate, then 3 bisection "
         "steps) at which the interactive class still meets its attainment target; the grid stops at the "
         "first miss.",
@@ -449,24 +449,24 @@ OVERLOAD_RATES = (155.0, 180.0)
 OVERLOAD_S = 30.0
 
 
-def best_effort_config() -> PolicyConfig:
-    """The default policy with admission off: every class ``on_unattainable = "best_effort"``."""
+def admission_config() -> PolicyConfig:
+    """The default policy with admission on: every class ``on_unattainable = "shed"``."""
     cfg = config()
     return msgspec.structs.replace(cfg, classes={
-        name: msgspec.structs.replace(cls, on_unattainable="best_effort") for name, cls in cfg.classes.items()})
+        name: msgspec.structs.replace(cls, on_unattainable="shed") for name, cls in cfg.classes.items()})
 
 
 def admission_section() -> list[str]:
-    """Past capacity: slo with its default admission, slo best-effort and static, every class."""
-    variants = (("slo", "slo", config()), ("slo, best effort", "slo", best_effort_config()),
+    """Past capacity: slo with admission, slo best-effort (the default) and static, every class."""
+    variants = (("slo, admission", "slo", admission_config()), ("slo", "slo", config()),
                 ("static", "static", config()))
     lines = ["## Overload: admission", "",
              f"`mixed` at {' and '.join(f'{r:.0f}' for r in OVERLOAD_RATES)} jobs/s (about 1.3x and 1.5x the "
              f"rate where slo meets the interactive target) on {FLEET['gpu']} GPU workers + {FLEET['accel']} "
-             f"accelerator, {OVERLOAD_S:.0f} s of arrivals, seed {SEED}. `slo` refuses, by default, a job "
-             "that no pool is predicted to serve in time (docs/configuration.md, admission); `slo, best effort` "
-             "is the same router with every class `on_unattainable = \"best_effort\"`. *SLO met* counts shed "
-             "jobs as misses; *met of admitted* leaves them out.", ""]
+             f"accelerator, {OVERLOAD_S:.0f} s of arrivals, seed {SEED}. `slo, admission` is the `slo` router "
+             "with every class `on_unattainable = \"shed\"`: it refuses a job that no pool is predicted to "
+             "serve in time (docs/configuration.md, admission); `slo` is the default, best-effort for every "
+             "class. *SLO met* counts shed jobs as misses; *met of admitted* leaves them out.", ""]
     rows = []
     for rate in OVERLOAD_RATES:
         for label, policy, cfg in variants:

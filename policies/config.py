@@ -40,12 +40,13 @@ class SLOClass(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     lane, which is read first anyway."""
     attainment: float = 0.9
     """Share of the class's jobs that should meet the target."""
-    on_unattainable: Literal["best_effort", "shed"] = "shed"
-    """Admission: ``shed`` (the default) refuses a job at once (``rejected``, reason
+    on_unattainable: Literal["best_effort", "shed"] = "best_effort"
+    """Admission: ``shed`` refuses a job at once (``rejected``, reason
     ``slo_unattainable: ...``, a retry-after hint) when even the best pool is predicted to miss
     its TTFT target by more than ``routing.shed_margin`` and the job would queue everywhere (or
     miss even on an idle pool; see ``policies.slo``); ``best_effort`` runs every job anyway,
-    on the pool with the lowest predicted TTFT."""
+    on the pool with the lowest predicted TTFT (the default, until admission by default lands:
+    issue 15)."""
 
 
 class ClassRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -24,7 +24,7 @@ after 429s; when that leaves nothing, the job waits on the default pool. Then:
    interactive work it is there for. If the job's model runs nowhere else, the reservation
    yields.
 4. **Admission.** When no pool meets the target, the job goes best-effort to the pool with
-   the lowest predicted TTFT, unless its class has ``on_unattainable = "shed"`` (the default)
+   the lowest predicted TTFT, unless its class has ``on_unattainable = "shed"``
    and even that pool misses the TTFT (or e2e) target by more than ``routing.shed_margin``
    times it (:func:`unattainable`; 1.0 by default), and either it would queue on every pool
    (the work ahead of it on its lane fills the pool's slots: it could only make the queues

@@ -43,22 +43,9 @@ async def test_500_mixed_jobs_each_get_exactly_one_result(roles: Roles, redis_ur
     assert await client.xlen(topo.dead) == 0
 
     by_id = {j.id: j for j in jobs}
-    # 500 jobs at once on three workers queue up: admission (on by default) may refuse those
-    # no pool can serve in time. Each is refused at once with the reason, and most of the
-    # burst runs.
-    refused = [r for r in results if r.status == "rejected"]
-    assert len(refused) < N // 2  # 0 to 67 on the 2-core dev box; more when the CPU is contended
-    for r in refused:
-        assert r.error and r.error.startswith("slo_unattainable: ")
-        # Queues too long: a retry hint. Or, where the estimates learned a slow (CPU-starved)
-        # device, a miss even on an idle pool, which no retry would cure.
-        assert (r.retry_after_s or 0) >= 1 or (r.retry_after_s is None and "even on an idle pool" in r.error), r
-        assert r.timing is None and r.pool is None
     for r in results:
-        job = by_id[r.id]
-        if r.status == "rejected":
-            continue
         assert_consistent(r)
+        job = by_id[r.id]
         assert r.kind == job.kind and r.model == job.model
         if job.slo is not None:
             assert r.slo == job.slo  # an explicit hint wins

@@ -75,17 +75,19 @@ async def test_slo_router_routes_and_sheds_live(roles: Roles, redis_url: str, pr
     assert shed.timing is None
 
 
-# No on_unattainable anywhere but on `patient`: admission is the default. One pool of one slot,
-# so two long jobs make a queue; a 1 ms TTFT is out of reach of any device.
+# Admission on (`shed`) for `interactive` and `instant`; `patient` runs best-effort. One pool
+# of one slot, so two long jobs make a queue; a 1 ms TTFT is out of reach of any device.
 ADMISSION_CONFIG = '''
 default_class = "interactive"
 default_pool = "gpu"
 
 [classes.interactive]
 ttft_ms = 500
+on_unattainable = "shed"
 
 [classes.instant]
 ttft_ms = 1
+on_unattainable = "shed"
 
 [classes.patient]
 ttft_ms = 1

@@ -40,6 +40,8 @@ RAW: dict[str, Any] = tomllib.loads(default_config_text())
 H100_8B = PROFILES["h100"].models["llama-3.1-8b"]
 H100_70B = PROFILES["h100"].models["llama-3.3-70b"]
 M8, M70 = "llama-3.1-8b", "llama-3.3-70b"
+SHED = {name: {**cls, "on_unattainable": "shed"} for name, cls in RAW["classes"].items()}
+"""The default classes with admission on."""
 
 
 def job(**kw: Any) -> JobFeatures:
@@ -182,27 +184,28 @@ def test_a_shed_class_is_shed_with_reason_slo_unattainable() -> None:
     assert d.predicted_ttft_ms == pytest.approx(H100_8B.ttft(100, 1))  # the best there was
 
 
-def test_admission_is_the_default_and_sheds_only_past_the_shed_margin() -> None:
-    # No on_unattainable: admission. The best prediction (idle H100: ttft(100, 1)) against
+def test_admission_sheds_only_past_the_shed_margin() -> None:
+    # A `shed` class. The best prediction (idle H100: ttft(100, 1)) against
     # targets that put it inside the safety margin's miss but within the target itself (too
     # close to call: best effort), and past the target (refused: no device meets it, so no
     # retry hint).
     best = H100_8B.ttft(100, 1)
-    close = config(classes={"x": {"ttft_ms": best / 0.9}})
-    assert close.classes["x"].on_unattainable == "shed"
+    assert config(classes={"x": {"ttft_ms": 1}}).classes["x"].on_unattainable == "best_effort"  # the default
+    close = config(classes={"x": {"ttft_ms": best / 0.9, "on_unattainable": "shed"}})
     d = decide(SloRouter(close), job(), "x", snap(gpu=0, accel=0))
     assert d.pool == "gpu" and not d.shed and "best effort" in d.reason
-    far = config(classes={"x": {"ttft_ms": best / 2}})
+    far = config(classes={"x": {"ttft_ms": best / 2, "on_unattainable": "shed"}})
     d = decide(SloRouter(far), job(), "x", snap(gpu=0, accel=0))
     assert d.shed and d.pool is None and d.retry_after_s is None
     assert d.reason.startswith("slo_unattainable: no pool can serve x in time: best gpu ttft ")
     assert "even on an idle pool" in d.reason and "accel misses ttft" in d.reason
-    loose = config(classes={"x": {"ttft_ms": best / 2}}, routing={"policy": "slo", "shed_margin": 2.5})
+    loose = config(classes={"x": {"ttft_ms": best / 2, "on_unattainable": "shed"}},
+                   routing={"policy": "slo", "shed_margin": 2.5})
     assert not decide(SloRouter(loose), job(), "x", snap(gpu=0, accel=0)).shed
 
 
 def test_a_job_that_would_queue_everywhere_is_refused_with_the_time_to_drain() -> None:
-    cfg = config(pools={"accel": {**RAW["pools"]["accel"], "models": [M70]}})
+    cfg = config(pools={"accel": {**RAW["pools"]["accel"], "models": [M70]}}, classes=SHED)
     s = snap(gpu=2000, accel=0)
     d = decide(SloRouter(cfg), job(), "interactive", s)
     pred = SloRouter(cfg).predict(job(), "gpu", s, cfg.lane("interactive"))
@@ -214,7 +217,7 @@ def test_a_job_that_would_queue_everywhere_is_refused_with_the_time_to_drain() -
 def test_a_job_that_starts_at_once_somewhere_is_not_refused_for_the_load() -> None:
     # 70B interactive on GPUs running 60 of 64 jobs: prefill at that load misses 500 ms, but a
     # slot is free (no queue to make longer) and an idle GPU would meet it: best effort.
-    cfg = config(pools={"accel": {**RAW["pools"]["accel"], "models": [M8]}})
+    cfg = config(pools={"accel": {**RAW["pools"]["accel"], "models": [M8]}}, classes=SHED)
     s = snap(gpu=60, accel=0)
     pred = SloRouter(cfg).predict(job(model=M70), "gpu", s, 0)
     assert pred is not None and pred.ttft_ms > 500
@@ -223,7 +226,7 @@ def test_a_job_that_starts_at_once_somewhere_is_not_refused_for_the_load() -> No
 
 
 def test_nothing_is_shed_while_no_pool_has_a_live_worker() -> None:
-    cfg = config(classes={"strict": {"ttft_ms": 1}})
+    cfg = config(classes={"strict": {"ttft_ms": 1, "on_unattainable": "shed"}})
     cold = Snapshot(now=1000.0, pools={n: PoolState(backlog=5000, workers=0) for n in ("gpu", "accel")})
     d = decide(SloRouter(cfg), job(), "strict", cold)
     assert d.pool == "gpu" and not d.shed
