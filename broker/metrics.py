@@ -43,6 +43,8 @@ from prometheus_client import REGISTRY, Counter, Gauge, Info, disable_created_me
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from broker.streams import group_backlog
+
 NONE = "none"
 """Label value for "no such thing": a job that expired before it had a pool, or was never classified."""
 OTHER = "other"
@@ -314,9 +316,8 @@ async def export_streams(client: aioredis.Redis, base: str, streams: Mapping[str
     """Set the stream gauges from Redis, in one round trip.
 
     ``streams`` maps each stream key to the broker's group on it; the ``stream`` label is
-    the key without ``base`` (``jobs``, ``pool:gpu``, ``pool:gpu:1``). Without ``lag``
-    (Redis 6.2, or a stream whose deleted entries hide it) the backlog is the stream's
-    length: handled entries are deleted, so what is left is the backlog.
+    the key without ``base`` (``jobs``, ``pool:gpu``, ``pool:gpu:1``). The backlog is the
+    group's unread and pending entries (:func:`broker.streams.group_backlog`).
     """
     pipe = client.pipeline(transaction=False)
     for key, group in streams.items():
@@ -328,12 +329,10 @@ async def export_streams(client: aioredis.Redis, base: str, streams: Mapping[str
     now = time.time()
     for i, (key, group) in enumerate(streams.items()):
         length, info, summary = replies[3 * i: 3 * i + 3]
-        found = [g for g in info if g.get("name") == group.encode()] if isinstance(info, list) else []
-        lag = found[0].get("lag") if found else None
-        pending = int(found[0].get("pending") or 0) if found else 0
+        queued, pending = group_backlog(info, length, group)
         name = key.removeprefix(base + ":")
         size = length if isinstance(length, int) else 0
-        BACKLOG.labels(name).set(lag + pending if isinstance(lag, int) else size)
+        BACKLOG.labels(name).set(queued + pending)
         PENDING.labels(name).set(pending)
         LENGTH.labels(name).set(size)
         oldest = _entry_s(summary.get("min")) if isinstance(summary, dict) and summary.get("min") else None

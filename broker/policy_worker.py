@@ -39,6 +39,7 @@ from broker.streams import (
     consumer_name,
     ensure_group,
     every,
+    group_backlog,
     is_group_lost,
     pipeline,
     unavailable,
@@ -470,7 +471,7 @@ class PolicyWorker:
         pools: dict[str, PoolState] = {}
         beating: set[bytes] = set()
         for name, lanes in self.lanes.items():
-            waiting = [_lane_backlog(next(replies), next(replies)) for _ in lanes]
+            waiting = [group_backlog(next(replies), next(replies), WORKER_GROUP) for _ in lanes]
             queued = tuple(lag for lag, _ in waiting)
             backlog = sum(queued) + sum(pending for _, pending in waiting)
             workers = in_flight = capacity = 0
@@ -528,27 +529,6 @@ class PolicyWorker:
             self._beat_at = self.clock()
             beat = {"ts": self._beat_at, "routed": self.routed, "dead": self.dead}
             await self.client.hset(self.topo.policy_heartbeats, self.name, json_encode(beat))  # type: ignore[arg-type, misc]
-
-
-def _lane_backlog(groups: object, length: object) -> tuple[int, int]:
-    """(queued, running) of one pool lane from its XINFO GROUPS and XLEN replies.
-
-    Queued is the workers' group lag: entries no worker has read yet. Running is the group's
-    pending entries: read by a worker and not yet acked (workers read only what they have
-    slots for). Without a lag (Redis 6.2, or a deletion after the group's last read hides
-    it), the queued entries are the stream's length less the pending ones: handled entries
-    are deleted, so what is left is pending or unread. A missing stream (no job routed there
-    yet) has neither.
-    """
-    if not isinstance(groups, list):
-        return 0, 0  # an error reply: the stream does not exist yet
-    for group in groups:
-        if group["name"] == WORKER_GROUP.encode():
-            pending, lag = int(group["pending"]), group.get("lag")
-            if lag is None:
-                lag = length - pending if isinstance(length, int) else 0
-            return max(0, int(lag)), pending
-    return (length if isinstance(length, int) else 0), 0  # no group yet: nothing was read
 
 
 def _count(counters: Sequence[Counter | None], codes: Sequence[object]) -> None:

@@ -470,6 +470,26 @@ async def briefly(call: Awaitable[object], what: str) -> bool:
         return False
 
 
+def group_backlog(groups: object, length: object, group: str) -> tuple[int, int]:
+    """(queued, pending) of ``group`` on a stream, from its XINFO GROUPS and XLEN replies.
+
+    Queued is the group's lag: entries none of its consumers has read yet. Pending: read and
+    not yet acked. Without a lag (Redis 6.2, or a deletion after the group's last read hides
+    it), the queued entries are the stream's length less the pending ones: the broker
+    deletes handled entries, so what is left is pending or unread. A missing stream (an
+    error reply: nothing was sent there yet) has neither; a stream without the group has
+    only unread entries.
+    """
+    size = length if isinstance(length, int) else 0
+    if not isinstance(groups, list):
+        return 0, 0
+    for found in groups:
+        if found["name"] == group.encode():
+            pending, lag = int(found["pending"] or 0), found.get("lag")
+            return max(0, int(lag) if lag is not None else size - pending), pending
+    return size, 0
+
+
 def consumer_name(role: str) -> str:
     """A consumer name unique to this process: role, host, pid and a random suffix."""
     return f"{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
