@@ -82,7 +82,7 @@ class Claimer:
         return self.clock() >= self.next_at
 
     async def claim(self, count: int, suspects: int = 0) -> Claimed:
-        """Take over up to ``count`` idle entries, and up to ``suspects`` suspects to run alone."""
+        """Take over up to ``count`` idle entries, and up to ``suspects`` suspects to run in sandboxes."""
         reply: list[Any] = await self.scripts.call("claim", [self.stream], [  # type: ignore[assignment]
             self.group, self.consumer, self.idle_ms, self.cursor, count, suspects, self.error_prefix, CRASHED])
         cursor, entries, isolated, deleted, counts, isolated_counts, waiting = reply

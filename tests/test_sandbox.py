@@ -8,6 +8,7 @@ import pytest
 
 from broker.config import load_config
 from broker.wire import Job
+from tests.helpers import eventually
 from workers.backend import BackendError
 from workers.sandbox import SandboxCrashed, Sandboxes
 
@@ -61,8 +62,11 @@ async def test_a_cancelled_run_kills_its_child_and_frees_the_slot() -> None:
     await sandboxes.run(completion(1))  # started and idle
     child = sandboxes._idle[0]
     run = asyncio.create_task(sandboxes.run(completion(5000)))  # ~25 s on the simulated device
-    while sandboxes.busy == 0 or sandboxes._idle:
-        await asyncio.sleep(0.01)
+
+    async def running() -> bool:
+        return sandboxes.busy == 1 and not sandboxes._idle
+
+    await eventually(running, timeout=10, what="the long job to run in the child")
     run.cancel()
     with pytest.raises(asyncio.CancelledError):
         await run
