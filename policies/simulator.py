@@ -109,10 +109,12 @@ class DeviceTruth(msgspec.Struct, frozen=True, kw_only=True):
         return m
 
     def mean_factor(self, workers: int) -> float:
-        """The expected multiplier of a job on a pool of ``workers`` (slow nodes weighted by
-        their share of the workers): what a router that knew the truth would believe."""
+        """The slow-down a router that knew the truth would believe of a pool of ``workers``:
+        ``speed`` times the mean of the per-job luck, times, for slow nodes, that of a uniform
+        pool with the same capacity (``workers`` over the sum of the workers' speeds: the
+        workers take jobs as slots free up, so a slow node also takes fewer of them)."""
         slow = min(self.slow_workers, workers)
-        nodes = 1.0 if workers <= 0 else (slow * self.slow_factor + workers - slow) / workers
+        nodes = 1.0 if workers <= 0 else workers / (workers - slow + slow / self.slow_factor)
         return self.speed * nodes * (1 + self.heavy_tail * (self.tail_factor - 1))
 
 
