@@ -28,16 +28,27 @@ between refreshes, counts the simulator's own routing into the backlog, as the l
 The router learns from an :class:`Observation` the moment a job finishes, or, with
 ``observation_interval_s``, in batches that often (live: with each worker heartbeat).
 
+**Truth and belief.** By default the devices follow the very profiles the routers plan with.
+``SimOptions.truth`` makes a pool's devices differ (:class:`DeviceTruth`: slower or faster,
+per-job lognormal noise, a heavy tail, slow nodes), multiplying each job's TTFT and inter-token
+times; the router keeps believing the profile and must learn the difference from its
+observations (:mod:`policies.scenarios` names the usual cases). ``SimOptions.failures`` kills
+workers (:class:`Failure`) as the live stack loses them: their running jobs stay pending and are
+run again from the start by a live peer of the pool ``reclaim_s`` later (the live claim timeout),
+the snapshot keeps counting the dead workers for ``heartbeat_lag_s`` (until their heartbeats are
+too old), queued jobs wait for a live worker, and a recovery brings the same workers back empty.
+
 The offline reference (:class:`~policies.baselines.OracleRouter`) gets the truth through its
 ``truth`` hook: for the job being decided and a candidate pool, the simulator copies that
 pool (workers, running jobs, queue), adds the job and runs the copy forward with no further
-arrivals: the job's real queue wait, TTFT and time per output token on that pool, as far as
-they do not depend on jobs not yet arrived.
+arrivals: the job's real queue wait, TTFT and time per output token on that pool (its true
+devices, without failures to come), as far as they do not depend on jobs not yet arrived.
 
 Events live in one heap per pool keyed by (time, sequence), so a minute of thousands of
 jobs takes a fraction of a second per policy. Randomness: the workload draws from
 ``SeededRandom(seed)``, the router from ``SeededRandom(seed, stream=1)``, so every router sees
-the same jobs.
+the same jobs; the devices' per-job luck (``DeviceTruth``) comes from ``stream=2``, drawn at
+arrival, so every router and pool sees the same luck for the same job.
 """
 
 from __future__ import annotations
@@ -763,7 +774,9 @@ def simulate(config: PolicyConfig, router: Router, workload: Workload | Sequence
 
     Every arrival gets exactly one record: ``ok``, ``rejected`` (shed by the router),
     ``failed`` (no pool serves it, or the pool chosen cannot run it) or ``unfinished``
-    (queued on a pool with no workers, or cut off by ``options.drain_s``).
+    (queued on a pool with no live workers, lost with a dead worker and not reclaimed by the
+    end, or cut off by ``options.drain_s``). A job run again after its worker died is one
+    record with ``attempts`` > 1.
     """
     arrivals = generate(workload, seed, duration) if isinstance(workload, Workload) else list(workload)
     luck = SeededRandom(seed, stream=2) if any(t.random for t in options.truth.values()) else None
