@@ -549,8 +549,9 @@ class _Run:
         if any(n < 0 for n in fleet.values()):
             raise ValueError(f"fleet sizes must be >= 0: {dict(fleet)}")
         self.config, self.router, self.options, self.rng = config, router, options, rng
-        for name in sorted({*options.truth, *(f.pool for f in options.failures)} - set(config.pools)):
-            raise ValueError(f"SimOptions names pool {name!r} that the config lacks (pools: {sorted(config.pools)})")
+        named = sorted({*options.truth, *(f.pool for f in options.failures)} - set(config.pools))
+        if named:
+            raise ValueError(f"SimOptions names pools {named} that the config lacks (pools: {sorted(config.pools)})")
         self.pools = {name: _Pool(name, spec, fleet.get(name, 0), config.lane_shares, options.priority_queues,
                                    options.decode_chunk, options.truth.get(name), options.heartbeat_lag_s)
                       for name, spec in config.pools.items()}
