@@ -18,12 +18,16 @@ from broker.runstats import span_text
 from policies import simulator
 from policies.baselines import ROUTERS
 from policies.config import ConfigError, PolicyConfig, pool_counts
+from policies.router import Router
+from policies.scenarios import SCENARIOS, believing, routed_to_dead
 from policies.simulator import ClassMetrics, Goodput, SimOptions, goodput, summarize
 from policies.workloads import WORKLOADS
 
 EPILOG = "Docs: README.md, docs/ and bench/POLICY.md in the project repository."
 ORDER = ("slo", "oracle", "gpu_only", "accel_only", "round_robin", "jsq", "lowest_latency", "cheapest_first", "static")
 """Policies in report order: the SLO router, its offline reference, then the baselines."""
+TRUE_PROFILE = "true_profile"
+"""The SLO router told the scenario's truth (:func:`policies.scenarios.believing`): not in ``all``."""
 
 
 def policy_names(choice: str) -> list[str]:
@@ -31,9 +35,9 @@ def policy_names(choice: str) -> list[str]:
     if choice == "all":
         return [n for n in ORDER if n in ROUTERS] + sorted(set(ROUTERS) - set(ORDER))
     names = [n.strip() for n in choice.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ROUTERS]
+    unknown = [n for n in names if n not in ROUTERS and n != TRUE_PROFILE]
     if unknown or not names:
-        raise click.BadParameter(f"{choice!r}: expected 'all' or names from {', '.join(ROUTERS)}",
+        raise click.BadParameter(f"{choice!r}: expected 'all' or names from {', '.join([*ROUTERS, TRUE_PROFILE])}",
                                  param_hint="--policy")
     return names
 
@@ -62,6 +66,12 @@ def table_rows(metrics: dict[str, ClassMetrics]) -> list[list[str]]:
     return rows
 
 
+class UnknownScenario(click.ClickException):
+    """A usage error (exit 2) on one line, without click's usage block: the names are what helps."""
+
+    exit_code = 2
+
+
 COLUMNS = ("class", "jobs", "met", "admitted", "shed/fail", "TTFT p50/p99", "$/Mtok", "accel")
 
 
@@ -69,7 +79,8 @@ COLUMNS = ("class", "jobs", "met", "admitted", "shed/fail", "TTFT p50/p99", "$/M
 @click.option("--workload", type=click.Choice(sorted(WORKLOADS)), default="chat", show_default=True,
               help="Trace-shaped workload (chat, code, mixed, diurnal).")
 @click.option("--policy", "policy", default="all", show_default=True, metavar="NAME[,NAME]|all",
-              help=f"Routing policies to compare: {', '.join(ROUTERS)}.")
+              help=f"Routing policies to compare: {', '.join(ROUTERS)}; also {TRUE_PROFILE} (slo believing "
+                   "the --scenario's truth, not in all).")
 @click.option("--rate", type=click.FloatRange(min=0.01), help="Mean arrivals per second [default: the workload's].")
 @click.option("--duration", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
               help="Seconds of arrivals (simulated; jobs then run to completion).")
@@ -83,14 +94,17 @@ COLUMNS = ("class", "jobs", "met", "admitted", "shed/fail", "TTFT p50/p99", "$/M
 @click.option("--observation-interval", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
               help="Seconds between batches of job timings the router learns from (0: each job at once; "
                    "live: 1, the heartbeat).")
+@click.option("--scenario", metavar="NAME",
+              help=f"Make the simulated hardware differ from the profiles the routers believe: "
+                   f"{', '.join(SCENARIOS)} (docs/architecture.md).")
 @click.option("--goodput", "with_goodput", is_flag=True,
               help="Also search each policy's interactive goodput (several runs per policy).")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), envvar="IB_CONFIG",
               help="Policy TOML (SLO classes, rules, pools) [env IB_CONFIG; default: built-in].")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of tables.")
 def simulate_cmd(workload: str, policy: str, rate: float | None, duration: float, seed: int, fleet: str | None,
-                 priority: bool, snapshot_interval: float, observation_interval: float, with_goodput: bool,
-                 config: Path | None, as_json: bool) -> None:
+                 priority: bool, snapshot_interval: float, observation_interval: float, scenario: str | None,
+                 with_goodput: bool, config: Path | None, as_json: bool) -> None:
     """Compare routing policies on a simulated fleet (virtual clock, seeded, no Redis).
 
     Each policy routes the same generated jobs; the table shows per SLO class the share that
@@ -100,6 +114,8 @@ def simulate_cmd(workload: str, policy: str, rate: float | None, duration: float
     """
     from broker.config import load_config
 
+    if scenario is not None and scenario not in SCENARIOS:
+        raise UnknownScenario(f"unknown scenario {scenario!r}; known: {', '.join(SCENARIOS)}")
     try:
         cfg = load_config(config)
     except ConfigError as exc:
@@ -111,15 +127,23 @@ def simulate_cmd(workload: str, policy: str, rate: float | None, duration: float
         work = work.at_rate(rate)
     options = SimOptions(priority_queues=priority, snapshot_interval_s=snapshot_interval,
                          observation_interval_s=observation_interval)
+    if scenario is not None:
+        options = SCENARIOS[scenario].options(cfg, duration, options)
+
+    def make(name: str) -> Router:
+        return believing(cfg, options, sizes) if name == TRUE_PROFILE else ROUTERS[name](cfg)
+
     out: list[dict[str, Any]] = []
     for name in names:
-        result = simulator.simulate(cfg, ROUTERS[name](cfg), work, sizes, seed, duration, options=options)
+        result = simulator.simulate(cfg, make(name), work, sizes, seed, duration, options=options)
         entry: dict[str, Any] = {
             "policy": name, "workload": workload, "rate": work.rate, "duration": duration, "seed": seed,
-            "fleet": sizes, "end": result.end, "classes": summarize(result, cfg)}
+            "fleet": sizes, "scenario": scenario, "end": result.end, "classes": summarize(result, cfg)}
+        if options.failures:
+            entry["routed_to_dead_pool"] = routed_to_dead(result, options)
         if with_goodput:
-            def factory(name: str = name) -> Any:
-                return ROUTERS[name](cfg)
+            def factory(name: str = name) -> Router:
+                return make(name)
 
             entry["goodput"] = goodput(cfg, factory, work, sizes, seed, duration, options=options)
         out.append(entry)
@@ -136,8 +160,9 @@ def _print(runs: list[dict[str, Any]], description: str) -> None:
 
     first = runs[0]
     fleet = ", ".join(f"{p}={n}" for p, n in first["fleet"].items())
+    scenario = f", scenario {first['scenario']}" if first["scenario"] else ""
     table = Table(title=f"{first['workload']} at {first['rate']:.1f} jobs/s for {first['duration']:.0f} s, "
-                        f"fleet {fleet}, seed {first['seed']}", header_style="bold", padding=(0, 1),
+                        f"fleet {fleet}, seed {first['seed']}{scenario}", header_style="bold", padding=(0, 1),
                   box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True,
                   caption=f"{description}. met: share of all the class's jobs that met the SLO (green: "
                           "attainment target met); admitted: of those not shed; shed/fail: jobs refused by "
@@ -155,6 +180,12 @@ def _print(runs: list[dict[str, Any]], description: str) -> None:
         table.add_section()
     console = Console()
     console.print(table)
+    if first["scenario"]:
+        console.print(f"\n[bold]scenario {first['scenario']}[/]: {SCENARIOS[first['scenario']].description}")
+    dead = [(run["policy"], run["routed_to_dead_pool"]) for run in runs if "routed_to_dead_pool" in run]
+    if dead:
+        console.print("jobs routed to a pool with no live worker after its heartbeats ran out: "
+                      + ", ".join(f"{name} {n}" for name, n in dead))
     goodputs: list[tuple[str, Goodput]] = [(run["policy"], run["goodput"]) for run in runs if "goodput" in run]
     if goodputs:
         console.print("\n[bold]goodput[/]: the highest arrival rate at which the class still met its target "

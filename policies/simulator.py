@@ -28,16 +28,27 @@ between refreshes, counts the simulator's own routing into the backlog, as the l
 The router learns from an :class:`Observation` the moment a job finishes, or, with
 ``observation_interval_s``, in batches that often (live: with each worker heartbeat).
 
+**Truth and belief.** By default the devices follow the very profiles the routers plan with.
+``SimOptions.truth`` makes a pool's devices differ (:class:`DeviceTruth`: slower or faster,
+per-job lognormal noise, a heavy tail, slow nodes), multiplying each job's TTFT and inter-token
+times; the router keeps believing the profile and must learn the difference from its
+observations (:mod:`policies.scenarios` names the usual cases). ``SimOptions.failures`` kills
+workers (:class:`Failure`) as the live stack loses them: their running jobs stay pending and are
+run again from the start by a live peer of the pool ``reclaim_s`` later (the live claim timeout),
+the snapshot keeps counting the dead workers for ``heartbeat_lag_s`` (until their heartbeats are
+too old), queued jobs wait for a live worker, and a recovery brings the same workers back empty.
+
 The offline reference (:class:`~policies.baselines.OracleRouter`) gets the truth through its
 ``truth`` hook: for the job being decided and a candidate pool, the simulator copies that
 pool (workers, running jobs, queue), adds the job and runs the copy forward with no further
-arrivals: the job's real queue wait, TTFT and time per output token on that pool, as far as
-they do not depend on jobs not yet arrived.
+arrivals: the job's real queue wait, TTFT and time per output token on that pool (its true
+devices, without failures to come), as far as they do not depend on jobs not yet arrived.
 
 Events live in one heap per pool keyed by (time, sequence), so a minute of thousands of
 jobs takes a fraction of a second per policy. Randomness: the workload draws from
 ``SeededRandom(seed)``, the router from ``SeededRandom(seed, stream=1)``, so every router sees
-the same jobs.
+the same jobs; the devices' per-job luck (``DeviceTruth``) comes from ``stream=2``, drawn at
+arrival, so every router and pool sees the same luck for the same job.
 """
 
 from __future__ import annotations
@@ -65,6 +76,82 @@ Status = Literal["ok", "rejected", "failed", "unfinished"]
 _FIRST, _CHUNK = 0, 1
 
 
+class DeviceTruth(msgspec.Struct, frozen=True, kw_only=True):
+    """How one pool's devices really behave, against the profile the router believes.
+
+    Every job's TTFT and time per output token are the profile's times this many times over:
+    ``speed`` x (``slow_factor`` on the first ``slow_workers`` workers) x a lognormal noise of
+    mean 1 and coefficient of variation ``noise_cv`` x (``tail_factor`` with probability
+    ``heavy_tail``). The draws for a job are made when it arrives, from the run's own stream
+    (``SeededRandom(seed, stream=2)``), so every router and every pool sees the same luck.
+    The default is the profile exactly.
+    """
+
+    speed: float = 1.0
+    """Multiplier on TTFT and ITL: 2.0 is twice as slow as the profile, 0.5 twice as fast."""
+    noise_cv: float = 0.0
+    """Coefficient of variation of a per-job lognormal multiplier of mean 1 (0: none)."""
+    heavy_tail: float = 0.0
+    """Probability that a job takes ``tail_factor`` times longer (a GC pause, a retried kernel)."""
+    tail_factor: float = 10.0
+    slow_workers: int = 0
+    """Workers of the pool (the lowest indices) that run ``slow_factor`` times slower: slow nodes."""
+    slow_factor: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.speed <= 0 or self.tail_factor <= 0 or self.slow_factor <= 0:
+            raise ValueError(f"speed, tail_factor and slow_factor must be > 0: {self}")
+        if self.noise_cv < 0 or not 0 <= self.heavy_tail <= 1 or self.slow_workers < 0:
+            raise ValueError(f"noise_cv and slow_workers must be >= 0, heavy_tail in [0, 1]: {self}")
+
+    @property
+    def random(self) -> bool:
+        """Whether jobs draw per-job luck (noise or a heavy tail)."""
+        return self.noise_cv > 0 or self.heavy_tail > 0
+
+    def luck(self, z: float, u: float) -> float:
+        """The per-job multiplier for a standard normal draw ``z`` and a uniform one ``u``."""
+        m = 1.0
+        if self.noise_cv > 0:
+            sigma2 = math.log1p(self.noise_cv**2)
+            m = math.exp(math.sqrt(sigma2) * z - sigma2 / 2)  # mean 1: the device's capacity holds
+        if u < self.heavy_tail:
+            m *= self.tail_factor
+        return m
+
+    def mean_factor(self, workers: int) -> float:
+        """The slow-down a router that knew the truth would believe of a pool of ``workers``:
+        ``speed`` times the mean of the per-job luck, times, for slow nodes, that of a uniform
+        pool with the same capacity (``workers`` over the sum of the workers' speeds: the
+        workers take jobs as slots free up, so a slow node also takes fewer of them)."""
+        slow = min(self.slow_workers, workers)
+        nodes = 1.0 if workers <= 0 else workers / (workers - slow + slow / self.slow_factor)
+        return self.speed * nodes * (1 + self.heavy_tail * (self.tail_factor - 1))
+
+
+class Failure(msgspec.Struct, frozen=True, kw_only=True):
+    """Workers of one pool die at ``at_s`` and, with ``recover_at_s``, come back then.
+
+    As live: the jobs they were running stay pending on the pool's stream until a live peer
+    claims them ``SimOptions.reclaim_s`` later and runs them again from the start; their
+    heartbeats stop, so the router's snapshot counts them ``SimOptions.heartbeat_lag_s``
+    longer. Queued jobs wait for a live worker of the pool.
+    """
+
+    pool: str
+    at_s: float
+    workers: int | None = None
+    """How many die (the highest-indexed live ones); None: all of them."""
+    recover_at_s: float | None = None
+    """When the same workers are back (a fresh worker beats at once); None: never."""
+
+    def __post_init__(self) -> None:
+        if self.at_s < 0 or (self.workers is not None and self.workers < 1):
+            raise ValueError(f"a failure needs at_s >= 0 and workers >= 1 (or None for all): {self}")
+        if self.recover_at_s is not None and self.recover_at_s <= self.at_s:
+            raise ValueError(f"recover_at_s must be after at_s: {self}")
+
+
 class SimOptions(msgspec.Struct, frozen=True, kw_only=True):
     """How the simulated broker behaves where the live one has choices."""
 
@@ -85,6 +172,17 @@ class SimOptions(msgspec.Struct, frozen=True, kw_only=True):
     """... and follows its decoding this long, at least one chunk (or to its end), for time per token."""
     oracle_events: int = 5000
     """... and runs at most this many events per candidate pool (then what it saw is a lower bound)."""
+    truth: dict[str, DeviceTruth] = {}
+    """How each pool's devices really behave; a pool not named follows its profile exactly.
+    The router still believes the profile (``PROFILES[spec.profile]``) and has to learn the rest."""
+    failures: tuple[Failure, ...] = ()
+    """Workers that die (and maybe come back) during the run."""
+    reclaim_s: float = 30.0
+    """How long a dead worker's jobs stay pending before a live peer takes them over (live:
+    ``Settings.claim_idle_ms``, 30 s)."""
+    heartbeat_lag_s: float = 5.0
+    """How long a dead worker still counts in the snapshot (live: the policy ignores beats older
+    than 5 x ``heartbeat_s`` = 5 s)."""
 
 
 DEFAULT_OPTIONS = SimOptions()
@@ -116,6 +214,8 @@ class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
     flight at each instant (``policies.estimate.job_cost``, integrated exactly)."""
     predicted_ttft_ms: float | None = None
     slo_met: bool = False
+    attempts: int = 1
+    """Runs started: more than one when a worker died under it and a peer ran it again."""
 
     @property
     def rejected(self) -> bool:
@@ -183,20 +283,23 @@ class SimResult(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class _Worker:
-    __slots__ = ("acc", "busy_s", "busy_since", "by_lane", "in_flight", "index", "last", "max_in_flight", "rate",
-                 "slots")
+    __slots__ = ("acc", "busy_s", "busy_since", "by_lane", "died", "factor", "in_flight", "index", "last",
+                 "max_in_flight", "rate", "slots")
 
-    def __init__(self, index: int, slots: int, cost_per_hour: float, lanes: int) -> None:
-        self.index, self.slots, self.rate = index, slots, cost_per_hour / 3600
+    def __init__(self, index: int, slots: int, cost_per_hour: float, lanes: int, factor: float = 1.0) -> None:
+        self.index, self.slots, self.rate, self.factor = index, slots, cost_per_hour / 3600, factor
+        """``factor``: how much slower than its pool's truth this worker runs (a slow node)."""
         self.in_flight = self.max_in_flight = 0
         self.by_lane = [0] * lanes
         """Jobs in flight by priority lane (what a lane's reserved slots are counted against)."""
         self.busy_since = self.busy_s = self.last = self.acc = 0.0
+        self.died: float | None = None
+        """When it died (None: alive): its last heartbeat still counts for a while after."""
 
     def clone(self) -> _Worker:
-        w = _Worker(self.index, self.slots, 0.0, 0)
+        w = _Worker(self.index, self.slots, 0.0, 0, self.factor)
         w.rate, w.in_flight, w.max_in_flight, w.by_lane = self.rate, self.in_flight, self.max_in_flight, [*self.by_lane]
-        w.busy_since, w.busy_s, w.last, w.acc = self.busy_since, self.busy_s, self.last, self.acc
+        w.busy_since, w.busy_s, w.last, w.acc, w.died = self.busy_since, self.busy_s, self.last, self.acc, self.died
         return w
 
     def _accrue(self, now: float) -> None:
@@ -222,25 +325,31 @@ class _Worker:
 
 
 class _Job:
-    __slots__ = ("acc0", "arrival", "chunk", "cls", "concurrency", "cost", "first", "first_due", "i", "job",
-                 "lane", "last", "model", "own", "predicted", "remaining", "start", "worker")
+    __slots__ = ("acc0", "arrival", "attempts", "chunk", "cls", "concurrency", "cost", "first", "first_due", "i",
+                 "job", "lane", "last", "luck", "model", "own", "predicted", "remaining", "slow", "start", "worker")
 
-    def __init__(self, i: int, arrival: float, job: JobFeatures, cls: str, lane: int) -> None:
-        self.i, self.arrival, self.job, self.cls, self.lane = i, arrival, job, cls, lane
+    def __init__(self, i: int, arrival: float, job: JobFeatures, cls: str, lane: int,
+                 luck: tuple[float, float] = (0.0, 1.0)) -> None:
+        self.i, self.arrival, self.job, self.cls, self.lane, self.luck = i, arrival, job, cls, lane, luck
+        """``luck``: the job's (normal, uniform) draws for its device's noise and tail (``DeviceTruth.luck``)."""
         self.worker: _Worker | None = None
         self.model: ModelProfile | None = None
         self.start = self.first_due = self.last = self.acc0 = self.cost = 0.0
+        self.slow = 1.0
+        """The truth's multiplier on this run's profile times (set when it starts)."""
         self.first: float | None = None
         self.remaining = self.chunk = self.concurrency = 0
+        self.attempts = 0
         self.predicted: float | None = None
         self.own = False
         """Made for a look-ahead copy (the job being decided): the copy may start it in place."""
 
     def clone(self, workers: Mapping[int, _Worker]) -> _Job:
-        j = _Job(self.i, self.arrival, self.job, self.cls, self.lane)
+        j = _Job(self.i, self.arrival, self.job, self.cls, self.lane, self.luck)
         j.worker = None if self.worker is None else workers[self.worker.index]
         j.model, j.start, j.first_due, j.last, j.acc0 = self.model, self.start, self.first_due, self.last, self.acc0
         j.first, j.remaining, j.chunk, j.concurrency = self.first, self.remaining, self.chunk, self.concurrency
+        j.slow, j.attempts, j.cost = self.slow, self.attempts, self.cost
         return j
 
 
@@ -251,12 +360,20 @@ class _Pool:
     """One pool's workers, queue and events: the device model in one place (runs and look-aheads)."""
 
     def __init__(self, name: str, spec: PoolSpec, workers: int, shares: Sequence[float], priority: bool,
-                 chunk: int) -> None:
+                 chunk: int, truth: DeviceTruth | None = None, heartbeat_lag_s: float = 0.0) -> None:
         self.name, self.spec, self.profile = name, spec, PROFILES[spec.profile]
         cap = self.profile.max_concurrency
         self.slots = spec.concurrency if cap is None else min(spec.concurrency, cap)
         lanes = len(shares) if priority else 1
-        self.workers = [_Worker(i, self.slots, spec.cost_per_hour, lanes) for i in range(workers)]
+        self.truth = truth or DeviceTruth()
+        slow = self.truth.slow_workers
+        self.workers = [_Worker(i, self.slots, spec.cost_per_hour, lanes, self.truth.slow_factor if i < slow else 1.0)
+                        for i in range(workers)]
+        self.live = list(self.workers)
+        """The workers running now, by index (all of them unless ``SimOptions.failures``)."""
+        self.lag = heartbeat_lag_s
+        self.lost: list[_Job] = []
+        """Jobs of dead workers, pending on the stream until a peer reclaims them."""
         self.priority, self.chunk = priority, chunk
         self.lanes: list[deque[_Job]] = [deque() for _ in range(lanes)]
         """Waiting jobs by priority lane, most urgent first (one FIFO without ``priority``)."""
@@ -276,8 +393,10 @@ class _Pool:
         p = _Pool.__new__(_Pool)
         p.name, p.spec, p.profile, p.slots, p.priority, p.chunk, p.itl_ms, p.reserved = (
             self.name, self.spec, self.profile, self.slots, self.priority, self.chunk, self.itl_ms, self.reserved)
+        p.truth, p.lag, p.lost = self.truth, self.lag, []  # the look-ahead runs without further failures
         p.workers = [w.clone() for w in self.workers]
         p.borrowed = {w.index: w for w in p.workers}
+        p.live = [p.borrowed[w.index] for w in self.live]
         p.lanes = [deque(lane) for lane in self.lanes]
         p.queued, p.in_flight, p.seq = self.queued, self.in_flight, self.seq
         p.events = [(t, seq, kind, job.clone(p.borrowed)) for t, seq, kind, job in self.events]
@@ -299,11 +418,15 @@ class _Pool:
         # A copy must not start (mutate) the original run's queued jobs.
         return job.clone(self.borrowed) if self.borrowed is not None and not job.own else job
 
-    def state(self) -> PoolState:
-        n = len(self.workers)
+    def state(self, now: float) -> PoolState:
+        """As the policy worker reads it: a dead worker's last heartbeat counts until it is
+        ``lag`` old, and its jobs stay in the backlog (pending) until they are reclaimed."""
+        n = len(self.live)
+        if n < len(self.workers):
+            n += sum(w.died is not None and now < w.died + self.lag for w in self.workers)
         queued = tuple(len(lane) for lane in self.lanes) if self.priority else ()
-        return PoolState(backlog=self.queued + self.in_flight, queued=queued, workers=n, in_flight=self.in_flight,
-                         capacity=n * self.slots)
+        return PoolState(backlog=self.queued + self.in_flight + len(self.lost), queued=queued, workers=n,
+                         in_flight=self.in_flight, capacity=n * self.slots)
 
     def next_time(self) -> float:
         return self.events[0][0] if self.events else math.inf
@@ -316,7 +439,7 @@ class _Pool:
         """Start queued jobs while a worker has a free slot (the one with the most free slots first)."""
         while self.queued:
             worker: _Worker | None = None
-            for w in self.workers:
+            for w in self.live:
                 if w.in_flight < w.slots and (worker is None or w.in_flight < worker.in_flight):
                     worker = w
             if worker is None:
@@ -325,8 +448,13 @@ class _Pool:
             worker.join(now, job.lane if self.priority else 0)
             self.in_flight += 1
             job.worker, job.start, job.concurrency, job.acc0 = worker, now, worker.in_flight, worker.acc
+            job.attempts += 1
+            truth = self.truth
+            job.slow = truth.speed * worker.factor
+            if truth.random:
+                job.slow *= truth.luck(*job.luck)
             assert job.model is not None
-            job.first_due = now + job.model.ttft(job.job.prompt_tokens, worker.in_flight) / 1000
+            job.first_due = now + job.model.ttft(job.job.prompt_tokens, worker.in_flight) * job.slow / 1000
             self._at(job.first_due, _FIRST, job)
 
     def step(self) -> float:
@@ -346,17 +474,65 @@ class _Pool:
             if itl is None:
                 itl = self.itl_ms[key] = model.itl(worker.in_flight)
             job.chunk = min(self.chunk, job.remaining)
-            self._at(now + job.chunk * itl / 1000, _CHUNK, job)
+            self._at(now + job.chunk * itl * job.slow / 1000, _CHUNK, job)
             return now
         worker = job.worker
         assert worker is not None
         worker.leave(now, job.lane if self.priority else 0)
         self.in_flight -= 1
-        job.cost = worker.acc - job.acc0
-        self.busy_cost[job.cls] = self.busy_cost.get(job.cls, 0.0) + job.cost
+        self._charge(job, worker)
         self.on_finish(job, now, 0 if job.job.kind == "embedding" else max(1, job.job.max_tokens))
         self.dispatch(now)
         return now
+
+    def _charge(self, job: _Job, worker: _Worker) -> None:
+        # A run cut short by its worker's death was paid for too: the job's cost is all its runs.
+        spent = worker.acc - job.acc0
+        job.cost += spent
+        self.busy_cost[job.cls] = self.busy_cost.get(job.cls, 0.0) + spent
+
+    def kill(self, now: float, count: int | None) -> list[_Worker]:
+        """The ``count`` highest-indexed live workers (None: all) die now; their running jobs are
+        lost (pending until :meth:`reclaim`). Returns the dead, for :meth:`revive`."""
+        dead = self.live[len(self.live) - count:] if count is not None and count < len(self.live) else self.live
+        if not dead:
+            return []
+        self.live = [w for w in self.live if w not in dead]
+        gone = {id(w) for w in dead}
+        kept: list[tuple[float, int, int, _Job]] = []
+        for event in self.events:
+            job = event[3]
+            if job.worker is not None and id(job.worker) in gone:
+                job.worker.leave(now, job.lane if self.priority else 0)
+                self.in_flight -= 1
+                self._charge(job, job.worker)
+                job.worker, job.first, job.remaining, job.chunk = None, None, 0, 0
+                self.lost.append(job)
+            else:
+                kept.append(event)
+        heapq.heapify(kept)
+        self.events = kept
+        for w in dead:
+            w.died = now
+        return dead
+
+    def reclaim(self, now: float, jobs: Sequence[_Job]) -> None:
+        """A live peer takes over the lost ``jobs`` (still lost ones only): ahead of their lanes'
+        queues, as a worker runs what it claims before it reads new entries."""
+        back = [j for j in jobs if j in self.lost]
+        self.lost = [j for j in self.lost if j not in back]
+        for job in reversed(back):
+            self.lanes[job.lane if self.priority else 0].appendleft(job)
+        self.queued += len(back)
+        self.dispatch(now)
+
+    def revive(self, now: float, workers: Sequence[_Worker]) -> None:
+        """``workers`` start again, empty (a fresh process beats at once)."""
+        for w in workers:
+            w.died, w.in_flight, w.by_lane = None, 0, [0] * len(w.by_lane)
+            w.last = now
+        self.live = sorted({*self.live, *workers}, key=lambda w: w.index)
+        self.dispatch(now)
 
 
 # --------------------------------------------------------------------------- a run
@@ -366,16 +542,26 @@ class _Run:
     """The state of one simulation; :func:`simulate` is the way in."""
 
     def __init__(self, config: PolicyConfig, router: Router, fleet: Mapping[str, int], options: SimOptions,
-                 rng: SeededRandom) -> None:
+                 rng: SeededRandom, luck: SeededRandom | None = None) -> None:
         unknown = sorted(set(fleet) - set(config.pools))
         if unknown:
             raise ValueError(f"fleet names pools {unknown} that the config lacks (pools: {sorted(config.pools)})")
         if any(n < 0 for n in fleet.values()):
             raise ValueError(f"fleet sizes must be >= 0: {dict(fleet)}")
         self.config, self.router, self.options, self.rng = config, router, options, rng
+        named = sorted({*options.truth, *(f.pool for f in options.failures)} - set(config.pools))
+        if named:
+            raise ValueError(f"SimOptions names pools {named} that the config lacks (pools: {sorted(config.pools)})")
         self.pools = {name: _Pool(name, spec, fleet.get(name, 0), config.lane_shares, options.priority_queues,
-                                   options.decode_chunk)
+                                   options.decode_chunk, options.truth.get(name), options.heartbeat_lag_s)
                       for name, spec in config.pools.items()}
+        self.luck = luck
+        """Per-job draws for the devices' noise and tails; None when no pool's truth has any."""
+        self.faults: list[tuple[float, int, Callable[[], None]]] = []
+        """Failures, recoveries and reclaims to come, by (time, sequence)."""
+        self.fault_seq = 0
+        for failure in options.failures:
+            self._fault(failure.at_s, self._failure(failure))
         for pool in self.pools.values():
             pool.on_finish = self._finished(pool)
         self.records: dict[int, JobRecord] = {}
@@ -389,6 +575,27 @@ class _Run:
         if isinstance(router, OracleRouter):
             router.truth = self.truth
 
+    def _fault(self, at: float, action: Callable[[], None]) -> None:
+        self.fault_seq += 1
+        heapq.heappush(self.faults, (at, self.fault_seq, action))
+
+    def _failure(self, failure: Failure) -> Callable[[], None]:
+        pool = self.pools[failure.pool]
+
+        def fail() -> None:
+            lost = [*pool.lost]
+            dead = pool.kill(self.now, failure.workers)
+            taken = [j for j in pool.lost if j not in lost]
+            if taken:
+                self._fault(self.now + self.options.reclaim_s, lambda: pool.reclaim(self.now, taken))
+            if dead and failure.recover_at_s is not None:
+                self._fault(failure.recover_at_s, lambda: pool.revive(self.now, dead))
+        return fail
+
+    def _stranded(self) -> bool:
+        """Whether jobs wait on something only a fault event brings (a reclaim, a recovery)."""
+        return any(p.queued or p.lost for p in self.pools.values())
+
     def _snapshot(self) -> Snapshot:
         if self.pending and self.now - self.observed_at >= self.options.observation_interval_s:
             for obs in self.pending:
@@ -401,7 +608,7 @@ class _Run:
         return self.snapshot
 
     def _refresh(self) -> None:
-        self.snapshot = Snapshot(now=self.now, pools={n: p.state() for n, p in self.pools.items()})
+        self.snapshot = Snapshot(now=self.now, pools={n: p.state(self.now) for n, p in self.pools.items()})
         self.snapshot_at = self.now
 
     def _count_routed(self, pool: str, lane: int) -> None:
@@ -416,7 +623,8 @@ class _Run:
         if arrival.hint is not None and job.slo_hint != arrival.hint:
             job = msgspec.structs.replace(job, slo_hint=arrival.hint)
         cls, _why = classify(job, self.config)
-        run = _Job(i, arrival.at, job, cls, self.config.lane(cls))
+        luck = (0.0, 1.0) if self.luck is None else (self.luck.gauss(0.0, 1.0), self.luck.random())
+        run = _Job(i, arrival.at, job, cls, self.config.lane(cls), luck)
         self.current = run
         decision = self.router.decide(job, cls, self._snapshot(), self.rng)
         self.current = None
@@ -459,7 +667,8 @@ class _Run:
             max_tokens=f.max_tokens, arrival=job.arrival, status=status, reason=reason, pool=pool,
             worker=job.worker.index if job.worker is not None else None, start=job.start if started else None,
             first_token=job.first, finish=now if status == "ok" else None, output_tokens=tokens,
-            concurrency=job.concurrency, cost_usd=job.cost, predicted_ttft_ms=job.predicted)
+            concurrency=job.concurrency, cost_usd=job.cost, predicted_ttft_ms=job.predicted,
+            attempts=max(1, job.attempts))
         self.records[job.i] = msgspec.structs.replace(rec, slo_met=meets(self.config.classes[job.cls], rec))
 
     def run(self, arrivals: Sequence[Arrival], stop: float) -> float:
@@ -476,7 +685,13 @@ class _Run:
             # A lagged snapshot is refreshed on a clock, as the live policy worker's is: a
             # decision sees the pools as they were at the last tick, not at its own instant.
             tick = self.snapshot_at + interval if interval > 0 and self.snapshot is not None else math.inf
-            if tick < min(t, at) < math.inf and tick <= stop:
+            fault = self.faults[0][0] if self.faults else math.inf
+            # A fault goes first at its instant; once nothing else is due it still matters
+            # while jobs wait for it (a reclaim, a recovery), and not after.
+            if fault < math.inf and fault <= min(t, at, tick, stop) and (min(t, at) < math.inf or self._stranded()):
+                self.now = fault
+                heapq.heappop(self.faults)[2]()
+            elif tick < min(t, at) < math.inf and tick <= stop:
                 self.now = tick
                 self._refresh()
             elif nxt is not None and t <= at:
@@ -501,6 +716,9 @@ class _Run:
             for _, _, _, job in pool.events:
                 if job.i not in self.records:
                     self._close(job, "unfinished", "still running at the end", pool=pool.name)
+            for job in pool.lost:
+                self._close(job, "unfinished", f"lost with its worker on {pool.name}, not reclaimed by the end",
+                            pool=pool.name)
             for w in pool.workers:
                 if w.in_flight:
                     w.busy_s += self.now - w.busy_since
@@ -517,7 +735,7 @@ class _Run:
             return None
         tokens = 0 if features.kind == "embedding" else max(1, features.max_tokens)
         fork = pool.clone()
-        job = _Job(cur.i, cur.arrival, features, cur.cls, cur.lane)
+        job = _Job(cur.i, cur.arrival, features, cur.cls, cur.lane, cur.luck)
         job.model, job.own = model, True
         done = False
 
@@ -540,7 +758,7 @@ class _Run:
             seen = fork.step()
             steps += 1
         if job.worker is None:  # not started within the look-ahead: it waits at least this long
-            if not fork.workers:
+            if not fork.live:
                 return OracleTruth(output_tokens=tokens, queue_wait_ms=math.inf)
             waited = start_by if steps < opts.oracle_events else seen
             return OracleTruth(output_tokens=tokens, queue_wait_ms=(waited - self.now) * 1000)
@@ -557,10 +775,13 @@ def simulate(config: PolicyConfig, router: Router, workload: Workload | Sequence
 
     Every arrival gets exactly one record: ``ok``, ``rejected`` (shed by the router),
     ``failed`` (no pool serves it, or the pool chosen cannot run it) or ``unfinished``
-    (queued on a pool with no workers, or cut off by ``options.drain_s``).
+    (queued on a pool with no live workers, lost with a dead worker and not reclaimed by the
+    end, or cut off by ``options.drain_s``). A job run again after its worker died is one
+    record with ``attempts`` > 1.
     """
     arrivals = generate(workload, seed, duration) if isinstance(workload, Workload) else list(workload)
-    run = _Run(config, router, fleet, options, SeededRandom(seed, stream=1))
+    luck = SeededRandom(seed, stream=2) if any(t.random for t in options.truth.values()) else None
+    run = _Run(config, router, fleet, options, SeededRandom(seed, stream=1), luck)
     end = run.run(arrivals, math.inf if options.drain_s is None else duration + options.drain_s)
     run.leftovers()
     usage = {name: PoolUsage(workers=len(p.workers), slots=p.slots, cost_per_hour=p.spec.cost_per_hour,
