@@ -155,11 +155,22 @@ def load_task(args: tuple[str, str, str, float, float]) -> LoadRun:
                    [r.ttft_ms if r.ttft_ms is not None and r.status == "ok" else math.inf for r in inter], seconds)
 
 
-def bound_task(args: tuple[str, str, float, float]) -> tuple[str, str, float]:
-    """The fluid upper bound on interactive attainment for one workload at one load."""
+@dataclass(frozen=True)
+class BoundRun:
+    workload: str
+    point: str
+    interactive: float
+    """The fluid upper bound on interactive attainment."""
+    tokens_per_s: float
+    """... and on all-class goodput (weighted met tokens per second of arrivals)."""
+
+
+def bound_task(args: tuple[str, str, float, float]) -> BoundRun:
+    """The fluid upper bounds (``policies.bound``) for one workload at one load."""
     workload, point, multiplier, duration = args
     trace = generate(WORKLOADS[workload].scaled(multiplier), SEED, duration)
-    return workload, point, fluid_bound(config(), trace, FLEET).attainment
+    goodput = fluid_bound(config(), trace, FLEET, weights=WEIGHTS, per_token=True)
+    return BoundRun(workload, point, fluid_bound(config(), trace, FLEET).fraction, goodput.met / duration)
 
 
 @dataclass(frozen=True)
@@ -471,8 +482,8 @@ def goodput_section(sweeps: dict[str, dict[str, Goodput]]) -> list[str]:
 
 Loads = dict[str, dict[tuple[str, str], LoadRun]]
 """Workload: (label, load point): the run."""
-Bounds = dict[str, dict[str, float]]
-"""Workload: load point: the fluid bound on interactive attainment."""
+Bounds = dict[str, dict[str, BoundRun]]
+"""Workload: load point: the fluid bounds."""
 
 
 def _attained(m: ClassMetrics) -> str:
@@ -496,11 +507,12 @@ def loads_section(loads: Loads, bounds: Bounds) -> list[str]:
         lines += [f"### {wl}", "", "Interactive SLO attainment:", ""]
         rows = [[label, *(_attained(runs[label, p].classes["interactive"]) for p, _ in LOAD_POINTS)]
                 for label in LABELS]
-        rows.append(["*upper bound*", *(f"{bounds[wl][p]:.1%}" for p, _ in LOAD_POINTS)])
+        rows.append(["*upper bound*", *(f"{bounds[wl][p].interactive:.1%}" for p, _ in LOAD_POINTS)])
         lines += _table(header, rows)
         lines += ["All-class goodput (weighted met tokens/s; $ per 1M met tokens):", ""]
         rows = [[label, *(f"{runs[label, p].goodput.tokens_per_s:,.0f}; {_usd(runs[label, p].goodput.cost_per_mtok)}"
                           for p, _ in LOAD_POINTS)] for label in LABELS]
+        rows.append(["*upper bound*", *(f"{bounds[wl][p].tokens_per_s:,.0f}" for p, _ in LOAD_POINTS)])
         lines += _table(header, rows)
     return lines
 
@@ -597,12 +609,14 @@ def findings(sweeps: dict[str, dict[str, Goodput]], loads: Loads, bounds: Bounds
         best_p = max(BASELINES, key=lambda p: sweeps[wl][p].rate)
         best = sweeps[wl][best_p].rate
         verdict = "higher than" if slo > best else ("equal to" if slo == best else "LOWER than")
-        knee = runs["slo", "knee"].classes["interactive"].attainment
-        gap = 100 * (bounds[wl]["knee"] - knee)
+        knee, bound = runs["slo", "knee"], bounds[wl]["knee"]
+        inter = knee.classes["interactive"].attainment
+        share = knee.goodput.tokens_per_s / bound.tokens_per_s if bound.tokens_per_s else 1.0
         late = f" Behind: {'; '.join(lagging[wl])}." if lagging[wl] else ""
         lines.append(f"- **{wl}**: slo goodput {slo:.1f} jobs/s, {verdict} the best baseline ({best_p}, "
-                     f"{best:.1f}). At the knee ({WORKLOADS[wl].rate * runs['slo', 'knee'].multiplier:.0f} jobs/s) "
-                     f"slo attains {knee:.1%}, {gap:.1f} points under the upper bound ({bounds[wl]['knee']:.1%})."
+                     f"{best:.1f}). At the knee ({WORKLOADS[wl].rate * knee.multiplier:.0f} jobs/s) slo attains "
+                     f"{inter:.1%} of interactive jobs, {100 * (bound.interactive - inter):.1f} points under the "
+                     f"upper bound ({bound.interactive:.1%}), and {share:.1%} of the bound on all-class goodput."
                      f"{late}")
     return [*lines, ""]
 
@@ -692,9 +706,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for run in parallel(load_task, tasks, args.jobs):
         loads[run.workload][run.label, run.point] = run
     bounds: Bounds = {wl: {} for wl in WORKLOAD_NAMES}
-    for wl, p, b in parallel(bound_task, [(wl, p, knee[wl] * m, s.duration) for wl in WORKLOAD_NAMES
-                                           for p, m in LOAD_POINTS], args.jobs):
-        bounds[wl][p] = b
+    for b in parallel(bound_task, [(wl, p, knee[wl] * m, s.duration) for wl in WORKLOAD_NAMES
+                                   for p, m in LOAD_POINTS], args.jobs):
+        bounds[b.workload][b.point] = b
     phase("load points and bounds")
     cost_mult = dict(LOAD_POINTS)[COST_POINT]
     fleet_tasks = [(wl, p, g, a, knee[wl] * cost_mult, s.duration) for wl in WORKLOAD_NAMES

@@ -16,7 +16,8 @@ ever make the real optimum lower:
   (the lower convex envelope of the points ``(itl(c), itl(c) / c)``, ``c`` up to the pool's
   slots). A job no concurrency can serve in time on ``p`` cannot meet there.
 * **Windows.** A job meeting its targets does all that work between its arrival ``a`` and
-  ``a + ttft + (n - 1) x tpot`` (or ``a + e2e``; with neither, the end of the run), so for every
+  ``a + ttft + (n - 1) x tpot`` (or ``a + e2e``; with neither, only its prefill, by ``a + ttft``:
+  its decode may wait past the run), so for every
   pool and interval ``I`` the work of the jobs whose windows lie inside ``I`` is at most the
   pool's workers times ``|I|``. The intervals are a dyadic family (lengths from a quarter of
   a second to the whole run, each length on a grid of a quarter of itself): every window lies
@@ -26,7 +27,8 @@ ever make the real optimum lower:
   through ``[a + ttft, a + s]``. At every instant, the jobs that must be holding a slot on a
   pool are at most its slots (workers times slots per worker): the scarce accelerator's limit.
 * **Choice.** Each job meets on at most one pool: variables ``x[j, p]`` in ``[0, 1]`` with
-  ``sum_p x[j, p] <= 1``; the objective is ``sum x``.
+  ``sum_p x[j, p] <= 1``; the objective is ``sum v[j] x[j, p]``, ``v`` a job's worth: 1 for
+  attainment, or its class's weight times its output tokens for a weighted goodput.
 
 The relaxation is of the *fluid* device: each token takes one concurrency's time and share. The
 simulator reads a worker's concurrency once per prefill and once per 32-token decode chunk
@@ -34,10 +36,9 @@ simulator reads a worker's concurrency once per prefill and once per 32-token de
 the fluid model charges; a policy could in principle exploit that by a hair. bench/POLICY.md
 checks the bound against every policy's result on every run.
 
-**How tight.** The bound drops every other class: it may defer their work past the run, so it
-is tight only where the class's own work fills the fleet. With a small interactive share (the
-built-in workloads) it stays near 100% until the whole fleet is past capacity, and the gap
-between a policy and the bound says little about the policy there.
+**How tight.** The bound counts only the classes it is asked about and may drop or defer the
+rest (a policy could), so a bound on interactive attainment is tight only where interactive
+work alone fills the fleet; bounding the weighted goodput of every class counts them all.
 """
 
 from __future__ import annotations
@@ -58,22 +59,23 @@ MIN_INTERVAL_S = 0.25
 
 
 class Bound(msgspec.Struct, frozen=True, kw_only=True):
-    """The fluid bound on one class over one trace."""
+    """The fluid bound over one trace: on how much of the counted classes' value can meet its targets."""
 
-    cls: str
     jobs: int
-    """Jobs of the class in the trace."""
+    """Jobs of the counted classes in the trace."""
+    total: float
+    """Their value if every one met its target (``jobs`` when each job is worth 1)."""
     met: float
-    """At most this many of them can meet the class's targets (the LP optimum)."""
+    """At most this much of it can (the LP optimum)."""
     feasible: int
     """Jobs some pool could serve in time if it were idle: the bound with no capacity limit."""
     share: dict[int, dict[str, float]]
     """The optimum: for each job (its index in the trace) served at all, the share on each pool."""
 
     @property
-    def attainment(self) -> float:
-        """The bound on the class's attainment (1.0 with no jobs)."""
-        return self.met / self.jobs if self.jobs else 1.0
+    def fraction(self) -> float:
+        """``met / total``: with each job worth 1, the bound on the attainment (1.0 with no jobs)."""
+        return self.met / self.total if self.total else 1.0
 
 
 def _lower_envelope(points: Sequence[tuple[float, float]], x: float) -> float:
@@ -103,15 +105,17 @@ def _prefill_cost(model: ModelProfile, slots: int, prompt: int, ttft_ms: float, 
                default=math.inf)
 
 
-def _work_ms(cls: SLOClass, model: ModelProfile, slots: int, prompt: int, tokens: int, slowdown: float) -> float:
-    """Least worker-milliseconds for a job to meet ``cls`` on a worker; ``inf`` when it cannot."""
+def _work_ms(cls: SLOClass, model: ModelProfile, slots: int, prompt: int, tokens: int,
+             slowdown: float) -> tuple[float, float]:
+    """Least worker-milliseconds of prefill and of decode for a job to meet ``cls`` on a worker;
+    ``inf`` when it cannot."""
     if model.ttft(prompt, 1) * slowdown > cls.ttft_ms:
-        return math.inf
-    tpot = cls.tpot_ms if tokens > 1 else None
-    decode = _decode_cost(model, slots, tpot, slowdown) * max(0, tokens - 1)
+        return math.inf, math.inf
     if cls.e2e_ms is not None and model.service_ms(prompt, tokens, 1) * slowdown > cls.e2e_ms:
-        return math.inf
-    return _prefill_cost(model, slots, prompt, cls.ttft_ms, slowdown) + decode
+        return math.inf, math.inf
+    tpot = cls.tpot_ms if tokens > 1 else None
+    return (_prefill_cost(model, slots, prompt, cls.ttft_ms, slowdown),
+            _decode_cost(model, slots, tpot, slowdown) * max(0, tokens - 1))
 
 
 def _intervals(end: float) -> list[tuple[float, float]]:
@@ -127,27 +131,37 @@ def _intervals(end: float) -> list[tuple[float, float]]:
 
 
 def fluid_bound(config: PolicyConfig, arrivals: Sequence[Arrival], fleet: Mapping[str, int], *,
-                cls: str = "interactive", slowdown: Mapping[str, float] | None = None) -> Bound:
-    """The fluid LP bound on how many of ``cls``'s jobs in ``arrivals`` can meet its targets on
-    ``fleet`` (see the module docs); ``slowdown``: each pool's true device time over its profile's."""
+                weights: Mapping[str, float] | None = None, per_token: bool = False,
+                slowdown: Mapping[str, float] | None = None) -> Bound:
+    """The fluid LP bound (see the module docs) on the jobs in ``arrivals`` that can meet their
+    class's targets on ``fleet``, counting the classes in ``weights`` (default: interactive only),
+    each job worth its class's weight, times its output tokens with ``per_token``.
+    ``slowdown``: each pool's true device time over its profile's."""
     import numpy as np
     from scipy.optimize import linprog
     from scipy.sparse import coo_array
 
-    target = config.classes[cls]
+    worth = {"interactive": 1.0} if weights is None else weights
     slow = slowdown or {}
     jobs: list[tuple[int, float, float, dict[str, float]]] = []  # (index, start, end, work per pool)
+    value: list[float] = []
     held: dict[str, list[tuple[int, float, float]]] = {}  # pool: (job, from, to) it must hold a slot
-    count = 0
+    count, total = 0, 0.0
     horizon = max((a.at for a in arrivals), default=0.0)
     for i, arrival in enumerate(arrivals):
         job = arrival.job
         if arrival.hint is not None and job.slo_hint != arrival.hint:
             job = msgspec.structs.replace(job, slo_hint=arrival.hint)
-        if classify(job, config)[0] != cls:
+        cls = classify(job, config)[0]
+        if cls not in worth:
             continue
-        count += 1
+        target = config.classes[cls]
         tokens = 0 if job.kind == "embedding" else max(1, job.max_tokens)
+        count += 1
+        v = worth[cls] * (tokens if per_token else 1)
+        total += v
+        window = min(target.ttft_ms + (tokens - 1) * target.tpot_ms if target.tpot_ms is not None and tokens > 1
+                     else math.inf, math.inf if target.e2e_ms is None else target.e2e_ms)
         work: dict[str, float] = {}
         for name in config.serving(job.model, job.kind):
             spec, profile = config.pools[name], PROFILES[config.pools[name].profile]
@@ -155,23 +169,23 @@ def fluid_bound(config: PolicyConfig, arrivals: Sequence[Arrival], fleet: Mappin
             if model is None or fleet.get(name, 0) <= 0:
                 continue
             slots = min(spec.concurrency, profile.max_concurrency or spec.concurrency)
-            w = _work_ms(target, model, slots, job.prompt_tokens, tokens, slow.get(name, 1.0))
-            if math.isfinite(w):
-                work[name] = w / 1000
+            prefill, decode = _work_ms(target, model, slots, job.prompt_tokens, tokens, slow.get(name, 1.0))
+            if math.isfinite(prefill + decode):
+                # A job with no deadline on its last token may decode any time later: only its
+                # prefill is bound to a window (its TTFT's).
+                work[name] = (prefill + decode if math.isfinite(window) else prefill) / 1000
                 idle_s = model.service_ms(job.prompt_tokens, tokens, 1) * slow.get(name, 1.0) / 1000
                 if idle_s > target.ttft_ms / 1000:
                     held.setdefault(name, []).append(
                         (len(jobs), arrival.at + target.ttft_ms / 1000, arrival.at + idle_s))
         if not work:
             continue
-        window = min(target.ttft_ms + (tokens - 1) * target.tpot_ms if target.tpot_ms is not None and tokens > 1
-                     else math.inf, math.inf if target.e2e_ms is None else target.e2e_ms)
-        end = arrival.at + window / 1000
-        horizon = max(horizon, end if math.isfinite(end) else arrival.at)
+        end = arrival.at + (window if math.isfinite(window) else target.ttft_ms) / 1000
+        horizon = max(horizon, end)
         jobs.append((i, arrival.at, end, work))
-    horizon += 1.0
+        value.append(v)
     if not jobs:
-        return Bound(cls=cls, jobs=count, met=0.0, feasible=0, share={})
+        return Bound(jobs=count, total=total, met=0.0, feasible=0, share={})
 
     pools = sorted({p for _, _, _, w in jobs for p in w})
     var: dict[tuple[int, str], int] = {}
@@ -189,7 +203,7 @@ def fluid_bound(config: PolicyConfig, arrivals: Sequence[Arrival], fleet: Mappin
             vals.append(1.0)
         rhs.append(1.0)
     starts = np.array([s for _, s, _, _ in jobs])
-    ends = np.array([min(e, horizon) for _, _, e, _ in jobs])
+    ends = np.array([e for _, _, e, _ in jobs])
     order = np.argsort(starts)
     for lo, hi in _intervals(horizon):
         # The jobs whose windows lie inside [lo, hi], by a binary search on the sorted starts.
@@ -224,11 +238,12 @@ def fluid_bound(config: PolicyConfig, arrivals: Sequence[Arrival], fleet: Mappin
                     vals.append(1.0)
                 rhs.append(float(slots))
     matrix = coo_array((vals, (rows, cols)), shape=(len(rhs), len(var))).tocsr()
-    solved = linprog(-np.ones(len(var)), A_ub=matrix, b_ub=np.array(rhs), bounds=(0.0, 1.0), method="highs")
+    objective = -np.array([value[k] for k, _ in var])  # var's insertion order is its column order
+    solved = linprog(objective, A_ub=matrix, b_ub=np.array(rhs), bounds=(0.0, 1.0), method="highs")
     if solved.status != 0:
         raise RuntimeError(f"the bound's LP did not solve: {solved.message}")
     share: dict[int, dict[str, float]] = {}
     for (k, p), v in var.items():
         if solved.x[v] > 1e-9:
             share.setdefault(jobs[k][0], {})[p] = float(solved.x[v])
-    return Bound(cls=cls, jobs=count, met=float(-solved.fun), feasible=len(jobs), share=share)
+    return Bound(jobs=count, total=total, met=float(-solved.fun), feasible=len(jobs), share=share)

@@ -27,10 +27,14 @@ def job(prompt: int = 1000, out: int = 200, model: str = "llama-3.1-8b") -> JobF
 def test_no_policy_beats_the_bound(workload: str, multiplier: float, fleet: dict[str, int]) -> None:
     trace = generate(WORKLOADS[workload].scaled(multiplier), 2, 8.0)
     bound = fluid_bound(CONFIG, trace, fleet)
-    assert bound.jobs == sum(a.hint == "interactive" for a in trace) > 100
+    weights = {"interactive": 4.0, "standard": 2.0, "batch": 1.0}
+    tokens = fluid_bound(CONFIG, trace, fleet, weights=weights, per_token=True)
+    assert bound.jobs == sum(a.hint == "interactive" for a in trace) > 100 and tokens.jobs == len(trace)
     for name in ("slo", "static", "gpu_only", "accel_only", "jsq", "oracle"):
-        got = attainment(simulate(CONFIG, ROUTERS[name](CONFIG), trace, fleet, 2, 8.0), "interactive")
-        assert got <= bound.attainment + 1e-9, name
+        result = simulate(CONFIG, ROUTERS[name](CONFIG), trace, fleet, 2, 8.0)
+        assert attainment(result, "interactive") <= bound.fraction + 1e-9, name
+        met = sum(weights[r.cls] * r.output_tokens for r in result.records if r.slo_met)
+        assert met <= tokens.met + 1e-6, name
 
 
 def test_the_bound_binds_when_the_class_alone_fills_the_fleet() -> None:
@@ -42,7 +46,7 @@ def test_the_bound_binds_when_the_class_alone_fills_the_fleet() -> None:
     assert 0 < one.met < two.met < 1200 and one.feasible == 1200
     best = attainment(simulate(CONFIG, ROUTERS["slo"](CONFIG), trace, {"gpu": 1, "accel": 0}, 1, 1.0),
                       "interactive")
-    assert best <= one.attainment
+    assert best <= one.fraction
 
 
 def test_a_job_no_idle_pool_serves_in_time_never_counts() -> None:
