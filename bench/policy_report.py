@@ -443,12 +443,14 @@ def setup_section(s: Settings) -> list[str]:
         "arrivals), giving the job's real queue wait, TTFT and time per token there. It knows the present "
         "exactly, not the future, so in overload it can do worse than the SLO router.",
         "- **upper bound**: `policies/bound.py`, a linear program over the whole trace (future arrivals, true "
-        "output lengths and device times) that no policy can beat: the most interactive jobs that could meet "
-        "their targets if each pool's worker-time and slots could be divided among them at will (a fluid "
-        "relaxation, solved exactly by HiGHS). It leaves the other classes' work out (they could wait past "
-        "the run), so it is loose wherever interactive work alone does not fill the fleet: a gap to it is "
-        "room a policy *might* find, not room that exists. It relaxes the fluid device; the simulator's "
-        "32-token decode chunks read concurrency at their start, a difference no run here came near.",
+        "output lengths and device times) that no policy can beat: the most interactive jobs (or, for "
+        "all-class goodput, the most weighted output tokens of every class) that could meet their targets "
+        "if each pool's worker-time and slots could be divided among the jobs' windows at will (a fluid "
+        "relaxation, solved exactly by HiGHS). The interactive bound may leave the other classes' work out "
+        "(a policy could shed it), so it is loose wherever interactive work alone does not fill the fleet. "
+        "Either way a gap to the bound is room a policy *might* find, not room shown to exist. It relaxes "
+        "the fluid device; the simulator's 32-token decode chunks read concurrency at their start, a "
+        "difference no run here came near.",
         "",
     ]
     return lines
