@@ -34,6 +34,7 @@ if str(HERE.parent) not in sys.path:  # run as a script: python bench/policy_rep
 from broker.config import load_config  # noqa: E402
 from broker.simulate_cli import ORDER  # noqa: E402
 from policies.baselines import ROUTERS  # noqa: E402
+from policies.bound import fluid_bound  # noqa: E402
 from policies.config import PolicyConfig  # noqa: E402
 from policies.profiles import PROFILES  # noqa: E402
 from policies.simulator import (  # noqa: E402
@@ -41,19 +42,29 @@ from policies.simulator import (  # noqa: E402
     ClassMetrics,
     Goodput,
     SimOptions,
+    SimResult,
     goodput,
     simulate,
     summarize,
 )
-from policies.workloads import WORKLOADS, Bursty, Diurnal, Poisson  # noqa: E402
+from policies.workloads import WORKLOADS, Bursty, Diurnal, Poisson, Ramp, generate  # noqa: E402
 
 SEED = 1
 FLEET = {"gpu": 4, "accel": 1}
-WORKLOAD_NAMES = ("chat", "code", "mixed", "diurnal")
+WORKLOAD_NAMES = ("chat", "code", "mixed", "diurnal", "rag", "ramp")
 POLICIES = tuple(n for n in ORDER if n in ROUTERS)
 REFERENCE = ("slo", "oracle")
 BASELINES = tuple(n for n in POLICIES if n not in REFERENCE)
-GPU_GRID = (1, 2, 3, 4, 6, 8, 12)
+BEST_EFFORT = "slo best-effort"
+"""The slo router with admission off (every class ``on_unattainable = "best_effort"``)."""
+LABELS = (POLICIES[0], BEST_EFFORT, *POLICIES[1:])
+"""Every policy run at the load points: the policies of ``ROUTERS`` and the best-effort variant."""
+LOAD_POINTS = (("low", 0.5), ("knee", 1.0), ("1.3x", 1.3), ("1.5x", 1.5))
+"""Loads as multiples of each workload's knee (:func:`knee_multiplier`)."""
+DETAIL = "1.5x"
+WEIGHTS = {"interactive": 4.0, "standard": 2.0, "batch": 1.0}
+"""All-class goodput: a met output token of each class is worth this much (others: 1)."""
+GPU_GRID = (1, 2, 4, 6, 8)
 ACCEL_GRID = (0, 1, 2, 4)
 ACCEL_ONLY_GRID = (1, 2, 3, 4, 6, 8, 10, 12)
 OPTIONS = SimOptions()
@@ -82,6 +93,18 @@ def config() -> PolicyConfig:
 # --------------------------------------------------------------------------- tasks (run in worker processes)
 
 
+def best_effort_config() -> PolicyConfig:
+    """The default policy with admission off: every class ``on_unattainable = "best_effort"``."""
+    cfg = config()
+    return msgspec.structs.replace(cfg, classes={
+        name: msgspec.structs.replace(cls, on_unattainable="best_effort") for name, cls in cfg.classes.items()})
+
+
+def variant(label: str) -> tuple[str, PolicyConfig]:
+    """The router name and the config of a label of :data:`LABELS`."""
+    return ("slo", best_effort_config()) if label == BEST_EFFORT else (label, config())
+
+
 def sweep_task(args: tuple[str, str, float, int]) -> tuple[str, str, Goodput]:
     """Interactive goodput of one policy on one workload, with the attainment-vs-load points."""
     workload, policy, duration, refine = args
@@ -91,30 +114,63 @@ def sweep_task(args: tuple[str, str, float, int]) -> tuple[str, str, Goodput]:
     return workload, policy, g
 
 
+class AllClassGoodput(msgspec.Struct, frozen=True):
+    tokens_per_s: float
+    """Output tokens of jobs that met their class's targets, weighted by :data:`WEIGHTS`, per second of arrivals."""
+    cost_per_mtok: float | None
+    """Provisioned fleet cost of the run per 1M met output tokens (unweighted); None: none met."""
+
+
+def all_class_goodput(result: SimResult, cfg: PolicyConfig) -> AllClassGoodput:
+    met = [r for r in result.records if r.slo_met]
+    weighted = sum(WEIGHTS.get(r.cls, 1.0) * r.output_tokens for r in met)
+    tokens = sum(r.output_tokens for r in met)
+    cost = sum(u.workers * u.cost_per_hour for u in result.usage.values()) * result.end / 3600
+    return AllClassGoodput(weighted / result.duration, cost / tokens * 1e6 if tokens else None)
+
+
 @dataclass(frozen=True)
 class LoadRun:
     workload: str
-    policy: str
+    label: str
+    point: str
     multiplier: float
     classes: dict[str, ClassMetrics]
+    goodput: AllClassGoodput
     ttft_ms: list[float]
     """Interactive jobs' TTFT; jobs not served count as infinite."""
-    e2e_ms: list[float]
     seconds: float
 
 
-def load_task(args: tuple[str, str, float, float]) -> LoadRun:
-    """Every class's metrics for one policy at one load, and the interactive latencies for CDFs."""
-    workload, policy, multiplier, duration = args
-    cfg = config()
+def load_task(args: tuple[str, str, str, float, float]) -> LoadRun:
+    """Every class's metrics for one policy at one load, and the interactive TTFTs for CDFs."""
+    workload, label, point, multiplier, duration = args
+    policy, cfg = variant(label)
     started = time.perf_counter()
     result = simulate(cfg, ROUTERS[policy](cfg), WORKLOADS[workload].scaled(multiplier), FLEET, SEED, duration,
                       options=OPTIONS)
     seconds = time.perf_counter() - started
     inter = [r for r in result.records if r.cls == "interactive"]
-    return LoadRun(workload, policy, multiplier, summarize(result, cfg),
-                   [r.ttft_ms if r.ttft_ms is not None and r.status == "ok" else math.inf for r in inter],
-                   [r.e2e_ms if r.e2e_ms is not None and r.status == "ok" else math.inf for r in inter], seconds)
+    return LoadRun(workload, label, point, multiplier, summarize(result, cfg), all_class_goodput(result, cfg),
+                   [r.ttft_ms if r.ttft_ms is not None and r.status == "ok" else math.inf for r in inter], seconds)
+
+
+@dataclass(frozen=True)
+class BoundRun:
+    workload: str
+    point: str
+    interactive: float
+    """The fluid upper bound on interactive attainment."""
+    tokens_per_s: float
+    """... and on all-class goodput (weighted met tokens per second of arrivals)."""
+
+
+def bound_task(args: tuple[str, str, float, float]) -> BoundRun:
+    """The fluid upper bounds (``policies.bound``) for one workload at one load."""
+    workload, point, multiplier, duration = args
+    trace = generate(WORKLOADS[workload].scaled(multiplier), SEED, duration)
+    goodput = fluid_bound(config(), trace, FLEET, weights=WEIGHTS, per_token=True)
+    return BoundRun(workload, point, fluid_bound(config(), trace, FLEET).fraction, goodput.met / duration)
 
 
 @dataclass(frozen=True)
@@ -145,6 +201,7 @@ def fleet_task(args: tuple[str, str, int, int, float, float]) -> FleetRun:
 
 
 COST_POLICIES = tuple(p for p in POLICIES if p != "oracle")
+COST_POINT = "1.3x"
 """The oracle's look-ahead makes overloaded fleets slow, and its costs track the SLO router's."""
 
 
@@ -167,11 +224,10 @@ def parallel(fn: Callable[[Any], T], tasks: Iterable[Any], jobs: int) -> list[T]
 # --------------------------------------------------------------------------- analysis
 
 
-def break_multiplier(sweeps: dict[str, Goodput]) -> float:
-    """The lowest grid load above the best baseline's goodput: where every baseline has broken."""
-    best = max(sweeps[p].multiplier for p in BASELINES if p in sweeps)
-    above = [m for m in MULTIPLIERS if m > best]
-    return above[0] if above else MULTIPLIERS[-1]
+def knee_multiplier(sweeps: dict[str, Goodput]) -> float:
+    """The knee: the highest load at which any policy still meets the interactive target (its
+    goodput), or the lowest grid load if none does."""
+    return max((g.multiplier for g in sweeps.values()), default=0.0) or MULTIPLIERS[0]
 
 
 def cheapest(runs: Sequence[FleetRun], target: float) -> FleetRun | None:
@@ -192,7 +248,8 @@ def frontier(runs: Sequence[FleetRun]) -> list[FleetRun]:
 # --------------------------------------------------------------------------- plots
 
 
-STYLE = {"slo": dict(color="black", lw=2.4), "oracle": dict(color="black", lw=1.2, ls="--")}
+STYLE = {"slo": dict(color="black", lw=2.4), "oracle": dict(color="black", lw=1.2, ls="--"),
+         BEST_EFFORT: dict(color="grey", lw=1.6)}
 
 
 def _style(policy: str, i: int) -> dict[str, Any]:
@@ -204,7 +261,7 @@ def _style(policy: str, i: int) -> dict[str, Any]:
 def plot_attainment(sweeps: dict[str, dict[str, Goodput]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), sharey=True)
+    fig, axes = plt.subplots(2, 3, figsize=(17, 8.5), sharey=True)
     for ax, wl in zip(axes.flat, WORKLOAD_NAMES, strict=True):
         for i, policy in enumerate(POLICIES):
             g = sweeps[wl][policy]
@@ -228,7 +285,7 @@ def plot_attainment(sweeps: dict[str, dict[str, Goodput]], path: Path) -> None:
 def plot_cost(fleets: dict[str, dict[str, list[FleetRun]]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), sharey=True)
+    fig, axes = plt.subplots(2, 3, figsize=(17, 8.5), sharey=True)
     for ax, wl in zip(axes.flat, WORKLOAD_NAMES, strict=True):
         for i, policy in enumerate(POLICIES):
             if policy not in fleets[wl]:
@@ -244,8 +301,7 @@ def plot_cost(fleets: dict[str, dict[str, list[FleetRun]]], path: Path) -> None:
         ax.axhline(config().classes["interactive"].attainment, color="grey", lw=0.8, ls=":")
         ax.set_xscale("log")
         rate = WORKLOADS[wl].rate * fleets[wl]["slo"][0].multiplier
-        ax.set_title(f"{wl} at {rate:.0f} jobs/s, fleets {min(GPU_GRID)}-{max(GPU_GRID)} GPU x "
-                     f"{min(ACCEL_GRID)}-{max(ACCEL_GRID)} accel")
+        ax.set_title(f"{wl} at {rate:.0f} jobs/s ({COST_POINT} the knee)")
         ax.set_xlabel("provisioned cost per 1M output tokens ($, log)")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3, which="both")
@@ -259,33 +315,30 @@ def plot_cost(fleets: dict[str, dict[str, list[FleetRun]]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_cdf(loads: dict[str, dict[str, LoadRun]], path: Path) -> None:
+def plot_cdf(loads: dict[str, dict[tuple[str, str], LoadRun]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 4, figsize=(18, 8.5), sharey=True)
+    fig, axes = plt.subplots(2, 3, figsize=(17, 8.5), sharey=True)
     target = config().classes["interactive"]
-    for col, wl in enumerate(WORKLOAD_NAMES):
-        for row, (field, label, limit) in enumerate((("ttft_ms", "TTFT", target.ttft_ms),
-                                                     ("e2e_ms", "end-to-end", None))):
-            ax = axes[row, col]
-            for i, policy in enumerate(POLICIES):
-                run = loads[wl][policy]
-                values = sorted(getattr(run, field))
-                n = len(values)
-                finite = [v for v in values if math.isfinite(v)]
-                ax.plot([max(v, 1.0) for v in finite], [(k + 1) / n for k in range(len(finite))], label=policy,
-                        **_style(policy, i))
-            if limit is not None:
-                ax.axvline(limit, color="grey", lw=0.8, ls=":")
-            ax.set_xscale("log")
-            mult = loads[wl][POLICIES[0]].multiplier
-            ax.set_title(f"{wl} at {WORKLOADS[wl].rate * mult:.0f} jobs/s: interactive {label}")
-            ax.set_xlabel(f"{label} (ms, log)")
-            ax.grid(alpha=0.3, which="both")
+    for ax, wl in zip(axes.flat, WORKLOAD_NAMES, strict=True):
+        for i, label in enumerate(LABELS):
+            run = loads[wl][label, DETAIL]
+            values = sorted(run.ttft_ms)
+            n = len(values)
+            finite = [v for v in values if math.isfinite(v)]
+            ax.plot([max(v, 1.0) for v in finite], [(k + 1) / n for k in range(len(finite))], label=label,
+                    **_style(label, i))
+        ax.axvline(target.ttft_ms, color="grey", lw=0.8, ls=":")
+        ax.set_xscale("log")
+        run = loads[wl][LABELS[0], DETAIL]
+        ax.set_title(f"{wl} at {WORKLOADS[wl].rate * run.multiplier:.0f} jobs/s ({DETAIL} the knee)")
+        ax.set_xlabel("TTFT (ms, log)")
+        ax.grid(alpha=0.3, which="both")
     for ax in axes[:, 0]:
-        ax.set_ylabel("share of interactive jobs")
+        ax.set_ylabel("share of interactive jobs served by then")
     axes[0, 0].legend(fontsize=8, loc="upper left")
-    fig.suptitle("Interactive latency CDFs at the load where the baselines break (dotted: TTFT target)")
+    fig.suptitle(f"Interactive TTFT CDFs at {DETAIL} the knee (shed and failed jobs never arrive: the curve "
+                 "tops out below 1; dotted: TTFT target)")
     fig.tight_layout()
     fig.savefig(path, dpi=100, metadata={"Software": None})
     plt.close(fig)
@@ -346,22 +399,25 @@ def setup_section(s: Settings) -> list[str]:
             how = f"hyperexponential, CV {arr.cv:g}"
         elif isinstance(arr, Diurnal):
             how = f"Poisson x (1 - {arr.amplitude:g} cos 2 pi t/T), T = run"
+        elif isinstance(arr, Ramp):
+            how = f"Poisson, rate rising {arr.start:g}x to {arr.end:g}x over the run"
         else:
             assert isinstance(arr, Poisson)
             how = "Poisson"
         rows.append([name, f"{w.rate:g}", how, w.description])
     lines += _table(["workload", "base rate (jobs/s)", "arrivals", "mix"], rows)
-    from policies.workloads import CODE, CONVERSATION
+    from policies.workloads import CODE, CONVERSATION, RETRIEVAL
 
     rows = []
-    for shape in (CONVERSATION, CODE):
+    for shape in (CONVERSATION, CODE, RETRIEVAL):
         for part, d in (("input", shape.prompt), ("output", shape.output)):
             rows.append([shape.name, part, f"{d.mu:.3f}", f"{d.sigma:.3f}", f"{d.quantile(0.5):,.0f}",
                          f"{d.quantile(0.9):,.0f}", f"{d.quantile(0.99):,.0f}"])
     lines += _table(["trace shape", "tokens", "mu", "sigma", "p50", "p90", "p99"], rows)
     lines += [
         "Conversation fitted on p50/p90 (1,020/2,700 in, 130/420 out); code on p50/p99 of the released "
-        "2023 CSV (1,470/7,436 in, 13/249 out; its means 2,048 and 28 against the fit's ~1,870 and ~29). "
+        "2023 CSV (1,470/7,436 in, 13/249 out; its means 2,048 and 28 against the fit's ~1,870 and ~29); "
+        "retrieval is our own design on p50/p90 (3,000/9,000 in, 150/500 out), with no public trace behind it. "
         "Every job's `max_tokens` is its output length, as the live simulated backend produces exactly "
         "`max_tokens`.", "",
         "Definitions:", "",
@@ -372,15 +428,29 @@ def setup_section(s: Settings) -> list[str]:
         "`on_unattainable = \"shed\"`: docs/configuration.md); *failed*: failed or unfinished.",
         "- **Goodput**: the highest arrival rate (grid of multipliers of the base rate, then 3 bisection "
         "steps) at which the interactive class still meets its attainment target; the grid stops at the "
-        "first miss.",
+        "first miss. The *knee* of a workload is the highest goodput of any policy.",
+        "- **All-class goodput**: output tokens of the jobs that met their class's targets, per second of "
+        f"arrivals, weighted by class ({', '.join(f'{c} {w:g}' for c, w in WEIGHTS.items())}): a batch job "
+        "that meets its hour-scale deadline counts, a late interactive answer does not. Its cost: the "
+        "provisioned fleet for the whole run per 1M met output tokens.",
         "- **Cost per 1M output tokens**: the *provisioned* fleet (every worker, busy or idle, at its pool's "
         "$/h, for the whole run) divided by the output tokens served. Per class, each pool's cost is split "
         "by the classes' busy share of it (each job pays its worker's $/h divided by the jobs in flight, "
         "integrated over its life). *Busy* cost counts only worker-time with jobs in flight.",
         "- **Accel share**: share of served jobs that ran on a pool whose device has a hard cap.",
-        "- **oracle**: the SLO router's rules fed the truth: for the job being decided and each pool, the "
-        "simulator copies the pool and runs it forward (no future arrivals), giving the job's real queue wait, "
-        "TTFT and time per token there. It knows the present exactly, not the future.",
+        "- **oracle** (a lookahead heuristic, *not* a bound): the SLO router's rules fed the truth: for the "
+        "job being decided and each pool, the simulator copies the pool and runs it forward (no future "
+        "arrivals), giving the job's real queue wait, TTFT and time per token there. It knows the present "
+        "exactly, not the future, so in overload it can do worse than the SLO router.",
+        "- **upper bound**: `policies/bound.py`, a linear program over the whole trace (future arrivals, true "
+        "output lengths and device times) that no policy can beat: the most interactive jobs (or, for "
+        "all-class goodput, the most weighted output tokens of every class) that could meet their targets "
+        "if each pool's worker-time and slots could be divided among the jobs' windows at will (a fluid "
+        "relaxation, solved exactly by HiGHS). The interactive bound may leave the other classes' work out "
+        "(a policy could shed it), so it is loose wherever interactive work alone does not fill the fleet. "
+        "Either way a gap to the bound is room a policy *might* find, not room shown to exist. It relaxes "
+        "the fluid device; the simulator's 32-token decode chunks read concurrency at their start, a "
+        "difference no run here came near.",
         "",
     ]
     return lines
@@ -412,85 +482,82 @@ def goodput_section(sweeps: dict[str, dict[str, Goodput]]) -> list[str]:
     return lines
 
 
-def load_section(loads: dict[str, dict[str, LoadRun]]) -> list[str]:
-    lines = ["## Per class at the load where the baselines break", "",
-             "For each workload, the lowest grid load above the best baseline's goodput (so every baseline "
-             "misses the interactive target there). Latencies p50 / p99 from submission.", ""]
+Loads = dict[str, dict[tuple[str, str], LoadRun]]
+"""Workload: (label, load point): the run."""
+Bounds = dict[str, dict[str, BoundRun]]
+"""Workload: load point: the fluid bounds."""
+
+
+def _attained(m: ClassMetrics) -> str:
+    text = f"{m.attainment:.1%}"
+    return f"{text} ({m.admitted_attainment:.1%} of admitted, {m.rejected} shed)" if m.rejected else text
+
+
+def loads_section(loads: Loads, bounds: Bounds) -> list[str]:
+    lines = ["## Every policy from low load to 1.5x the knee", "",
+             "Each workload at four loads, as multiples of its *knee*: the highest rate at which any policy "
+             "still meets the interactive target (the goodput sweep above). For each: interactive SLO "
+             "attainment over all its jobs (shed ones count as misses; with shedding, the share met of the "
+             "admitted and the jobs shed), then the all-class goodput (met output tokens per second, "
+             f"weighted {', '.join(f'{c} {w:g}' for c, w in WEIGHTS.items())}) and the provisioned cost per "
+             "1M met tokens. *upper bound*: the fluid LP bound (definitions above): no policy can do better.",
+             ""]
     for wl in WORKLOAD_NAMES:
         runs = loads[wl]
-        mult = runs[POLICIES[0]].multiplier
-        inter = {p: runs[p].classes["interactive"].attainment for p in POLICIES}
-        best_base = max(BASELINES, key=lambda p: inter[p])
-        lines += [f"### {wl} at {WORKLOADS[wl].rate * mult:.1f} jobs/s (x{mult:g})", "",
-                  f"Interactive attainment: slo {inter['slo']:.1%}, oracle {inter['oracle']:.1%} "
-                  f"(gap {100 * (inter['oracle'] - inter['slo']):+.1f} points), best baseline {best_base} "
-                  f"{inter[best_base]:.1%}.", ""]
+        mults = {p: runs[LABELS[0], p].multiplier for p, _ in LOAD_POINTS}
+        header = ["policy", *(f"{p} ({WORKLOADS[wl].rate * mults[p]:.0f}/s)" for p, _ in LOAD_POINTS)]
+        lines += [f"### {wl}", "", "Interactive SLO attainment:", ""]
+        rows = [[label, *(_attained(runs[label, p].classes["interactive"]) for p, _ in LOAD_POINTS)]
+                for label in LABELS]
+        rows.append(["*upper bound*", *(f"{bounds[wl][p].interactive:.1%}" for p, _ in LOAD_POINTS)])
+        lines += _table(header, rows)
+        lines += ["All-class goodput (weighted met tokens/s; $ per 1M met tokens):", ""]
+        rows = [[label, *(f"{runs[label, p].goodput.tokens_per_s:,.0f}; {_usd(runs[label, p].goodput.cost_per_mtok)}"
+                          for p, _ in LOAD_POINTS)] for label in LABELS]
+        rows.append(["*upper bound*", *(f"{bounds[wl][p].tokens_per_s:,.0f}" for p, _ in LOAD_POINTS)])
+        lines += _table(header, rows)
+    return lines
+
+
+def detail_section(loads: Loads) -> list[str]:
+    lines = [f"## Per class at {DETAIL} the knee", "",
+             "The admitting `slo` router, the same with admission off, the lookahead oracle, the static rule "
+             "and the best other baseline (by interactive attainment there). Latencies p50 / p99 from "
+             "submission over the jobs served.", ""]
+    for wl in WORKLOAD_NAMES:
+        runs = loads[wl]
+        others = [p for p in BASELINES if p != "static"]
+        best = max(others, key=lambda p: runs[p, DETAIL].classes["interactive"].attainment)
+        shown = ("slo", BEST_EFFORT, "oracle", "static", best)
+        mult = runs[LABELS[0], DETAIL].multiplier
+        lines += [f"### {wl} at {WORKLOADS[wl].rate * mult:.1f} jobs/s", ""]
         rows = []
-        for policy in POLICIES:
-            for cls, m in runs[policy].classes.items():
+        for label in shown:
+            classes = runs[label, DETAIL].classes
+            for cls, m in classes.items():
                 met, admitted = f"{m.attainment:.1%}", f"{m.admitted_attainment:.1%}"
                 if m.target is not None and m.attainment >= m.target:
                     met = f"**{met}**"
                 if m.target is not None and m.admitted_attainment >= m.target:
                     admitted = f"**{admitted}**"
-                rows.append([policy if cls == next(iter(runs[policy].classes)) else "", cls, str(m.jobs), met,
-                             admitted, str(m.rejected), str(m.failed), f"{_ms(m.ttft_p50_ms)} / {_ms(m.ttft_p99_ms)}",
-                             f"{_ms(m.e2e_p50_ms)} / {_ms(m.e2e_p99_ms)}", _usd(m.cost_per_mtok),
-                             _usd(m.busy_cost_per_mtok), f"{m.accel_share:.0%}"])
-        lines += _table(["policy", "class", "jobs", "SLO met", "met of admitted", "shed", "failed", "TTFT p50 / p99",
-                         "e2e p50 / p99",
-                         "$/1M tok", "$/1M tok busy", "accel share"], rows)
+                rows.append([label if cls == next(iter(classes)) else "", cls, str(m.jobs), met, admitted,
+                             str(m.rejected), str(m.failed), f"{_ms(m.ttft_p50_ms)} / {_ms(m.ttft_p99_ms)}",
+                             _usd(m.cost_per_mtok), f"{m.accel_share:.0%}"])
+        lines += _table(["policy", "class", "jobs", "SLO met", "met of admitted", "shed", "failed",
+                         "TTFT p50 / p99", "$/1M tok", "accel share"], rows)
     lines += ["![latency CDFs](policy_latency_cdf.png)", ""]
-    return lines
-
-
-OVERLOAD_RATES = (155.0, 180.0)
-"""``mixed`` at about 1.3x and 1.5x the rate where slo meets the interactive target on ``FLEET``."""
-OVERLOAD_S = 30.0
-
-
-def admission_config() -> PolicyConfig:
-    """The default policy with admission on: every class ``on_unattainable = "shed"``."""
-    cfg = config()
-    return msgspec.structs.replace(cfg, classes={
-        name: msgspec.structs.replace(cls, on_unattainable="shed") for name, cls in cfg.classes.items()})
-
-
-def admission_section() -> list[str]:
-    """Past capacity: slo with admission, slo best-effort (the default) and static, every class."""
-    variants = (("slo, admission", "slo", admission_config()), ("slo", "slo", config()),
-                ("static", "static", config()))
-    lines = ["## Overload: admission", "",
-             f"`mixed` at {' and '.join(f'{r:.0f}' for r in OVERLOAD_RATES)} jobs/s (about 1.3x and 1.5x the "
-             f"rate where slo meets the interactive target) on {FLEET['gpu']} GPU workers + {FLEET['accel']} "
-             f"accelerator, {OVERLOAD_S:.0f} s of arrivals, seed {SEED}. `slo, admission` is the `slo` router "
-             "with every class `on_unattainable = \"shed\"`: it refuses a job that no pool is predicted to "
-             "serve in time (docs/configuration.md, admission); `slo` is the default, best-effort for every "
-             "class. *SLO met* counts shed jobs as misses; *met of admitted* leaves them out.", ""]
-    rows = []
-    for rate in OVERLOAD_RATES:
-        for label, policy, cfg in variants:
-            result = simulate(cfg, ROUTERS[policy](cfg), WORKLOADS["mixed"].at_rate(rate), FLEET, SEED, OVERLOAD_S,
-                              options=OPTIONS)
-            for cls, m in summarize(result, cfg).items():
-                first = cls == next(iter(cfg.classes))
-                rows.append([f"{rate:.0f}" if first and label == variants[0][0] else "", label if first else "",
-                             cls, str(m.jobs), f"{m.attainment:.1%}", f"{m.admitted_attainment:.1%}", str(m.rejected),
-                             f"{_ms(m.ttft_p50_ms)} / {_ms(m.ttft_p99_ms)}"])
-    lines += _table(["jobs/s", "policy", "class", "jobs", "SLO met", "met of admitted", "shed", "TTFT p50 / p99"],
-                    rows)
     return lines
 
 
 def cost_section(fleets: dict[str, dict[str, list[FleetRun]]], s: Settings) -> list[str]:
     target = config().classes["interactive"].attainment
-    lines = ["## Cost to meet the interactive target at the break load", "",
-             "Each policy at each workload's break load (the rates of the per-class tables above) on fleets of "
+    lines = [f"## Cost to meet the interactive target at {COST_POINT} the knee", "",
+             f"Each policy at {COST_POINT} each workload's knee (the rates of the tables above) on fleets of "
              f"{', '.join(map(str, s.fleets_gpu))} GPU "
              f"workers x {', '.join(map(str, s.fleets_accel))} accelerators (accelerator-only also on "
              f"{', '.join(map(str, ACCEL_ONLY_GRID))} accelerators without GPUs): the cheapest fleet whose "
              f"interactive attainment reaches {target:.0%}, and its provisioned cost per 1M output tokens. "
-             "(The oracle is left out: its look-ahead is slow on overloaded fleets.) A router that sends "
+             "(The oracle is left out: its lookahead is slow on overloaded fleets.) A router that sends "
              "jobs to a pool with no workers strands them: they count as misses.", ""]
     rows = []
     for policy in COST_POLICIES:
@@ -508,32 +575,51 @@ def cost_section(fleets: dict[str, dict[str, list[FleetRun]]], s: Settings) -> l
     return lines
 
 
-def findings(sweeps: dict[str, dict[str, Goodput]], loads: dict[str, dict[str, LoadRun]],
-             fleets: dict[str, dict[str, list[FleetRun]]]) -> list[str]:
-    target = config().classes["interactive"].attainment
+def behind(runs: dict[tuple[str, str], LoadRun]) -> list[str]:
+    """Where slo is below a baseline, on interactive attainment or all-class goodput, at any load point."""
+    out = []
+    for point, _ in LOAD_POINTS:
+        slo = runs["slo", point]
+        for p in BASELINES:
+            other = runs[p, point]
+            a, b = slo.classes["interactive"].attainment, other.classes["interactive"].attainment
+            if round(a, 3) < round(b, 3):
+                out.append(f"interactive at {point} below {p} ({a:.1%} vs {b:.1%})")
+            g, h = slo.goodput.tokens_per_s, other.goodput.tokens_per_s
+            if g < 0.999 * h:
+                out.append(f"goodput at {point} below {p} ({g:,.0f} vs {h:,.0f} tok/s)")
+    return out
+
+
+def findings(sweeps: dict[str, dict[str, Goodput]], loads: Loads, bounds: Bounds) -> list[str]:
     lines = ["## Findings", ""]
+    lagging = {wl: behind(loads[wl]) for wl in WORKLOAD_NAMES}
+    if not any(lagging.values()):
+        lines.append("- **slo is at or above every baseline** on interactive attainment and on all-class goodput "
+                     f"at every load ({', '.join(p for p, _ in LOAD_POINTS)} the knee) of every workload.")
+    admitted = [loads[wl]["slo", DETAIL].classes["interactive"] for wl in WORKLOAD_NAMES]
+    met = [m.admitted_attainment for m in admitted]
+    shed = [m.rejected / m.jobs for m in admitted]
+    plain = [loads[wl][BEST_EFFORT, DETAIL].classes["interactive"].attainment for wl in WORKLOAD_NAMES]
+    lines.append(f"- **At {DETAIL} the knee** slo's admitted interactive jobs met their target "
+                 f"{min(met):.1%}-{max(met):.1%} of the time, shedding {min(shed):.0%}-{max(shed):.0%} of them "
+                 "at once with a retry-after hint; with admission off (best-effort) the same router met "
+                 f"{min(plain):.1%}-{max(plain):.1%} of all of them.")
     for wl in WORKLOAD_NAMES:
+        runs = loads[wl]
         slo = sweeps[wl]["slo"].rate
         best_p = max(BASELINES, key=lambda p: sweeps[wl][p].rate)
         best = sweeps[wl][best_p].rate
         verdict = "higher than" if slo > best else ("equal to" if slo == best else "LOWER than")
-        run = loads[wl]
-        o, r = run["oracle"].classes["interactive"].attainment, run["slo"].classes["interactive"].attainment
-        c_slo, c_acc = cheapest(fleets[wl]["slo"], target), cheapest(fleets[wl]["accel_only"], target)
-        if c_slo is not None and c_acc is not None:
-            cost = (f"meets the target at {_usd(c_slo.cost_per_mtok)}/1M tokens (fleet {c_slo.gpu}+{c_slo.accel}) "
-                    f"vs accelerator-only {_usd(c_acc.cost_per_mtok)}/1M ({c_acc.gpu}+{c_acc.accel})")
-        else:
-            cost = (f"has {'no' if c_slo is None else f'a {c_slo.gpu}+{c_slo.accel}'} fleet meeting the target, "
-                    f"accelerator-only {'none' if c_acc is None else f'{c_acc.gpu}+{c_acc.accel}'}")
-        cheap = min((c for p in COST_POLICIES if (c := cheapest(fleets[wl][p], target)) is not None),
-                    key=lambda c: (c.per_hour, c.cost_per_mtok or math.inf), default=None)
-        overall = "" if cheap is None else (f" The cheapest fleet meeting the target at that load is "
-                                            f"{cheap.policy}'s {cheap.gpu}+{cheap.accel} "
-                                            f"({_usd(cheap.cost_per_mtok)}/1M).")
+        knee, bound = runs["slo", "knee"], bounds[wl]["knee"]
+        inter = knee.classes["interactive"].attainment
+        share = knee.goodput.tokens_per_s / bound.tokens_per_s if bound.tokens_per_s else 1.0
+        late = f" Behind: {'; '.join(lagging[wl])}." if lagging[wl] else ""
         lines.append(f"- **{wl}**: slo goodput {slo:.1f} jobs/s, {verdict} the best baseline ({best_p}, "
-                     f"{best:.1f}). At the break load slo attains {r:.1%} and the oracle {o:.1%} "
-                     f"({100 * (o - r):+.1f} points). There, slo {cost}.{overall}")
+                     f"{best:.1f}). At the knee ({WORKLOADS[wl].rate * knee.multiplier:.0f} jobs/s) slo attains "
+                     f"{inter:.1%} of interactive jobs, {100 * (bound.interactive - inter):.1f} points under the "
+                     f"upper bound ({bound.interactive:.1%}), and {share:.1%} of the bound on all-class goodput."
+                     f"{late}")
     return [*lines, ""]
 
 
@@ -549,38 +635,38 @@ CAVEATS = [
     "the queued jobs by lane, as the policy worker reads each lane's lag and pending): a job's predicted "
     "wait counts the running jobs and those queued on its own and more urgent lanes. "
     "`--snapshot-interval 0.25` mimics the live refresh.",
-    "- Workers never fail; no retries, no network; the accelerator's cap is enforced by its slots (the "
-    "config refuses concurrency above the device cap), so it never answers 429 here.",
+    "- Here the devices are exactly as the router believes and never fail; no retries, no network; the "
+    "accelerator's cap is enforced by its slots (the config refuses concurrency above the device cap), so "
+    "it never answers 429 here.",
     "- One seed per point: attainment near the target moves by about a point between seeds, so goodput "
     "differences under ~5% are noise.",
-    "- The oracle knows the present, not the future: jobs arriving after a decision can still slow the "
-    "job it placed, so in overload it can do worse than the SLO router.",
     "",
 ]
 
 
-def write_report(path: Path, s: Settings, sweeps: dict[str, dict[str, Goodput]],
-                 loads: dict[str, dict[str, LoadRun]], fleets: dict[str, dict[str, list[FleetRun]]],
-                 timing: dict[str, float]) -> None:
+def write_report(path: Path, s: Settings, sweeps: dict[str, dict[str, Goodput]], loads: Loads, bounds: Bounds,
+                 fleets: dict[str, dict[str, list[FleetRun]]], timing: dict[str, float]) -> None:
     import matplotlib
 
-    per_min = [r.seconds * 60 / s.duration for wl in loads.values() for p, r in wl.items() if p != "oracle"]
-    oracle_min = [wl["oracle"].seconds * 60 / s.duration for wl in loads.values()]
-    jobs = [sum(m.jobs for c, m in r.classes.items() if c != "all") for wl in loads.values() for r in wl.values()]
+    per_min = [r.seconds * 60 / s.duration for wl in loads.values() for (label, p), r in wl.items()
+               if label != "oracle" and p == "knee"]
+    oracle_min = [wl["oracle", "knee"].seconds * 60 / s.duration for wl in loads.values()]
+    jobs = [sum(m.jobs for c, m in r.classes.items() if c != "all") for wl in loads.values()
+            for (_, p), r in wl.items() if p == "knee"]
     lines = [
         "# Routing policies in simulation", "",
-        "Generated by `python -m bench.policy_report` from `policies/simulator.py` and `policies/workloads.py` "
-        "(do not edit by hand; regenerate). Same seed, same numbers.", "",
+        "Generated by `python -m bench.policy_report` from `policies/simulator.py`, `policies/workloads.py` "
+        "and `policies/bound.py` (do not edit by hand; regenerate). Same seed, same numbers.", "",
         f"Generated in {timing['total']:.0f} s on {os.cpu_count()} CPU cores (Python "
-        f"{platform.python_version()}, matplotlib {matplotlib.__version__}). A simulated minute at the break "
-        f"loads ({min(jobs):,}-{max(jobs):,} jobs per run) took {min(per_min):.2f}-{max(per_min):.2f} s per "
-        f"policy, {min(oracle_min):.1f}-{max(oracle_min):.1f} s for the oracle (its look-ahead).", "",
+        f"{platform.python_version()}, matplotlib {matplotlib.__version__}). A simulated minute at the knee "
+        f"({min(jobs):,}-{max(jobs):,} jobs per run) took {min(per_min):.2f}-{max(per_min):.2f} s per "
+        f"policy, {min(oracle_min):.1f}-{max(oracle_min):.1f} s for the oracle (its lookahead).", "",
     ]
-    lines += findings(sweeps, loads, fleets)
+    lines += findings(sweeps, loads, bounds)
     lines += setup_section(s)
     lines += goodput_section(sweeps)
-    lines += load_section(loads)
-    lines += admission_section()
+    lines += loads_section(loads, bounds)
+    lines += detail_section(loads)
     lines += cost_section(fleets, s)
     lines += CAVEATS
     path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
@@ -597,8 +683,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         import matplotlib
-    except ImportError:
-        print("the report needs matplotlib: pip install 'inference-broker[report]'", file=sys.stderr)
+        import scipy  # noqa: F401  (the upper bound's LP)
+    except ImportError as exc:
+        print(f"the report needs {exc.name}: pip install 'inference-broker[report]'", file=sys.stderr)
         return 1
     matplotlib.use("Agg")
     s = QUICK if args.quick else FULL
@@ -614,12 +701,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                for p in POLICIES], args.jobs):
         sweeps[wl][policy] = g
     phase("goodput sweeps")
-    tasks = [(wl, p, break_multiplier(sweeps[wl]), s.duration) for wl in WORKLOAD_NAMES for p in POLICIES]
-    loads: dict[str, dict[str, LoadRun]] = {wl: {} for wl in WORKLOAD_NAMES}
+    knee = {wl: knee_multiplier(sweeps[wl]) for wl in WORKLOAD_NAMES}
+    tasks = [(wl, label, p, knee[wl] * m, s.duration) for wl in WORKLOAD_NAMES for p, m in LOAD_POINTS
+             for label in LABELS]
+    loads: Loads = {wl: {} for wl in WORKLOAD_NAMES}
     for run in parallel(load_task, tasks, args.jobs):
-        loads[run.workload][run.policy] = run
-    phase("break-load runs")
-    fleet_tasks = [(wl, p, g, a, break_multiplier(sweeps[wl]), s.duration) for wl in WORKLOAD_NAMES
+        loads[run.workload][run.label, run.point] = run
+    bounds: Bounds = {wl: {} for wl in WORKLOAD_NAMES}
+    for b in parallel(bound_task, [(wl, p, knee[wl] * m, s.duration) for wl in WORKLOAD_NAMES
+                                   for p, m in LOAD_POINTS], args.jobs):
+        bounds[b.workload][b.point] = b
+    phase("load points and bounds")
+    cost_mult = dict(LOAD_POINTS)[COST_POINT]
+    fleet_tasks = [(wl, p, g, a, knee[wl] * cost_mult, s.duration) for wl in WORKLOAD_NAMES
                    for p in COST_POLICIES for g, a in fleets_for(p, s)]
     fleets: dict[str, dict[str, list[FleetRun]]] = {wl: {p: [] for p in COST_POLICIES} for wl in WORKLOAD_NAMES}
     for fr in parallel(fleet_task, fleet_tasks, args.jobs):
@@ -630,7 +724,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot_cost(fleets, args.out / "policy_cost_vs_attainment.png")
     plot_cdf(loads, args.out / "policy_latency_cdf.png")
     timing["total"] = time.perf_counter() - started
-    write_report(args.out / "POLICY.md", s, sweeps, loads, fleets, timing)
+    write_report(args.out / "POLICY.md", s, sweeps, loads, bounds, fleets, timing)
     phase("report written")
     print(args.out / "POLICY.md")
     return 0

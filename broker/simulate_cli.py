@@ -77,7 +77,7 @@ COLUMNS = ("class", "jobs", "met", "admitted", "shed/fail", "TTFT p50/p99", "$/M
 
 @click.command("simulate", epilog=EPILOG)
 @click.option("--workload", type=click.Choice(sorted(WORKLOADS)), default="chat", show_default=True,
-              help="Trace-shaped workload (chat, code, mixed, diurnal).")
+              help="Trace-shaped workload (policies/workloads.py).")
 @click.option("--policy", "policy", default="all", show_default=True, metavar="NAME[,NAME]|all",
               help=f"Routing policies to compare: {', '.join(ROUTERS)}; also {TRUE_PROFILE} (slo believing "
                    "the --scenario's truth, not in all).")

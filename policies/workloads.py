@@ -13,6 +13,11 @@ Token counts are lognormal, fitted to published percentiles (``mu = ln p50``,
 * **Diurnal swing**: the rate follows ``rate * (1 - A cos(2 pi t / period))``, one compressed
   "day" per run by default, with A = 0.565 (peak/trough 3.6x, the hourly swing of Azure's
   2024 conversation trace).
+* **Retrieval-augmented chat** (our own design, no public trace): long prompts of retrieved
+  context, input p50 3,000 and p90 9,000 (clamped at 16,000), short answers, output p50 150
+  and p90 500; arrivals bursty (CV 4), as agents and batch indexers send in bursts.
+* **Ramp**: the rate climbs linearly from ``start`` to ``end`` times the base rate over the
+  run (0.25x to 1.75x by default): a load that passes capacity part-way and keeps rising.
 
 Class mixes (hints) make the named workloads of :data:`WORKLOADS`. Nothing here reads a
 clock or global state: randomness comes from a :class:`SeededRandom` (or any object with
@@ -140,6 +145,8 @@ CONVERSATION = Shape(name="azure-2023-conversation",
                      prompt=LogNormal.fit(1020, 2700), output=LogNormal.fit(130, 420, hi=4096))
 CODE = Shape(name="azure-2023-code",
              prompt=LogNormal.fit(1470, 7436, Z99), output=LogNormal.fit(13, 249, Z99, hi=4096))
+RETRIEVAL = Shape(name="retrieval",
+                  prompt=LogNormal.fit(3000, 9000, hi=16_000), output=LogNormal.fit(150, 500, hi=4096))
 
 
 # --------------------------------------------------------------------------- arrival processes
@@ -201,7 +208,23 @@ class Diurnal(msgspec.Struct, frozen=True, tag="diurnal"):
             t += rng.expovariate(peak)
 
 
-ArrivalProcess = Poisson | Bursty | Diurnal
+class Ramp(msgspec.Struct, frozen=True, tag="ramp"):
+    """Poisson arrivals at a rate rising linearly from ``start`` to ``end`` times ``rate`` over
+    the run (thinning); the mean over the run is ``(start + end) / 2`` times ``rate``."""
+
+    start: float = 0.25
+    end: float = 1.75
+
+    def times(self, rate: float, duration: float, rng: Draws) -> Iterator[float]:
+        peak = rate * max(self.start, self.end)
+        t = rng.expovariate(peak)
+        while t < duration:
+            if rng.random() * peak < rate * (self.start + (self.end - self.start) * t / duration):
+                yield t
+            t += rng.expovariate(peak)
+
+
+ArrivalProcess = Poisson | Bursty | Diurnal | Ramp
 T = TypeVar("T")
 
 
@@ -294,5 +317,24 @@ WORKLOADS: dict[str, Workload] = {
         description="the chat mix under a diurnal swing (peak/trough 3.6x, one period per run)",
         components=(Component(share=0.7, shape=CONVERSATION, hint="interactive", tenant="chat", models=_MODELS),
                     Component(share=0.3, shape=CONVERSATION, hint="standard", tenant="chat", models=_MODELS)),
+    ),
+    "rag": Workload(
+        name="rag", rate=40.0, arrivals=Bursty(cv=4.0),
+        description="retrieval-augmented chat, bursty (CV 4): long prompts (p50 3,000, p90 9,000 tokens), "
+                    "short answers; 60% interactive, 30% standard, 10% batch; 80% 8B, 20% 70B",
+        components=(Component(share=0.6, shape=RETRIEVAL, hint="interactive", tenant="rag", models=_MODELS),
+                    Component(share=0.3, shape=RETRIEVAL, hint="standard", tenant="rag", models=_MODELS),
+                    Component(share=0.1, shape=RETRIEVAL, hint="batch", kind="completion", tenant="index",
+                              models=_MODELS)),
+    ),
+    "ramp": Workload(
+        name="ramp", rate=50.0, arrivals=Ramp(),
+        description="the mixed mix on a ramp: the rate climbs linearly from 0.25x to 1.75x the base rate "
+                    "over the run, past capacity",
+        components=(Component(share=0.4, shape=CONVERSATION, hint="interactive", tenant="chat", models=_MODELS),
+                    Component(share=0.2, shape=CODE, hint="standard", kind="completion", tenant="ide",
+                              models=_MODELS),
+                    Component(share=0.4, shape=CONVERSATION, hint="batch", kind="completion", tenant="reports",
+                              models=_MODELS)),
     ),
 }

@@ -43,6 +43,7 @@ from policies.workloads import (
     Diurnal,
     LogNormal,
     Poisson,
+    Ramp,
     SeededRandom,
     generate,
 )
@@ -128,6 +129,23 @@ def test_diurnal_rate_swings_from_trough_to_peak() -> None:
     trough = sum(t < 100 or t >= 900 for t in times)  # around the start and end of the period
     peak = sum(400 <= t < 600 for t in times)
     assert 2.5 < peak / trough < 4.5
+
+
+def test_ramp_rate_climbs_from_start_to_end_across_the_run() -> None:
+    times = list(Ramp(start=0.25, end=1.75).times(100.0, 1000.0, SeededRandom(5)))
+    assert len(times) / 1000.0 == pytest.approx(100.0, rel=0.03)  # the mean of 0.25x and 1.75x
+    first, last = sum(t < 100 for t in times), sum(t >= 900 for t in times)
+    assert first / 100 == pytest.approx(100 * (0.25 + 0.075), rel=0.15)  # mean rate over the first tenth
+    assert last / 100 == pytest.approx(100 * (1.75 - 0.075), rel=0.1)
+
+
+def test_rag_prompts_are_long_and_its_arrivals_bursty() -> None:
+    jobs = generate(WORKLOADS["rag"], 6, 600.0)
+    prompts = sorted(a.job.prompt_tokens for a in jobs)
+    assert 2500 < prompts[len(prompts) // 2] < 3500 and 7000 < prompts[int(0.9 * len(prompts))] < 11000
+    gaps = [b.at - a.at for a, b in zip(jobs, jobs[1:], strict=False)]
+    assert 3.0 < _cv(gaps) < 5.0
+    assert {a.hint for a in jobs} == {"interactive", "standard", "batch"}
 
 
 def test_workloads_are_seeded_and_carry_their_hints() -> None:
