@@ -31,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # run as a script: python bench/policy_report.py
     sys.path.insert(0, str(HERE.parent))
 
+from bench.misbelief import misbelief_section  # noqa: E402
 from broker.config import load_config  # noqa: E402
 from broker.simulate_cli import ORDER  # noqa: E402
 from policies.baselines import ROUTERS  # noqa: E402
@@ -635,7 +636,8 @@ CAVEATS = [
     "the queued jobs by lane, as the policy worker reads each lane's lag and pending): a job's predicted "
     "wait counts the running jobs and those queued on its own and more urgent lanes. "
     "`--snapshot-interval 0.25` mimics the live refresh.",
-    "- Here the devices are exactly as the router believes and never fail; no retries, no network; the "
+    "- Outside the misbelief section the devices are exactly as the router believes and never fail; no "
+    "retries, no network; the "
     "accelerator's cap is enforced by its slots (the config refuses concurrency above the device cap), so "
     "it never answers 429 here.",
     "- One seed per point: attainment near the target moves by about a point between seeds, so goodput "
@@ -645,7 +647,7 @@ CAVEATS = [
 
 
 def write_report(path: Path, s: Settings, sweeps: dict[str, dict[str, Goodput]], loads: Loads, bounds: Bounds,
-                 fleets: dict[str, dict[str, list[FleetRun]]], timing: dict[str, float]) -> None:
+                 fleets: dict[str, dict[str, list[FleetRun]]], misbelief: str, timing: dict[str, float]) -> None:
     import matplotlib
 
     per_min = [r.seconds * 60 / s.duration for wl in loads.values() for (label, p), r in wl.items()
@@ -668,6 +670,7 @@ def write_report(path: Path, s: Settings, sweeps: dict[str, dict[str, Goodput]],
     lines += loads_section(loads, bounds)
     lines += detail_section(loads)
     lines += cost_section(fleets, s)
+    lines += [misbelief, ""]
     lines += CAVEATS
     path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
 
@@ -719,12 +722,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for fr in parallel(fleet_task, fleet_tasks, args.jobs):
         fleets[fr.workload][fr.policy].append(fr)
     phase("fleet sweeps")
+    misbelief = misbelief_section(quick=args.quick)
+    phase("misbelief scenarios")
     args.out.mkdir(parents=True, exist_ok=True)
     plot_attainment(sweeps, args.out / "policy_attainment_vs_load.png")
     plot_cost(fleets, args.out / "policy_cost_vs_attainment.png")
     plot_cdf(loads, args.out / "policy_latency_cdf.png")
     timing["total"] = time.perf_counter() - started
-    write_report(args.out / "POLICY.md", s, sweeps, loads, bounds, fleets, timing)
+    write_report(args.out / "POLICY.md", s, sweeps, loads, bounds, fleets, misbelief, timing)
     phase("report written")
     print(args.out / "POLICY.md")
     return 0
