@@ -22,7 +22,7 @@ from broker.topology import POLICY_GROUP, WORKER_GROUP, Topology
 from broker.wire import ChatMessage, Job
 from policies import PoolState
 from tests.conftest import FAST_ENV, Roles
-from tests.helpers import eventually
+from tests.helpers import ACCEL_JOB, policy_refreshed_after, warm_up
 
 SLO_CONFIG = default_config_text() + '''
 [routing]
@@ -34,57 +34,10 @@ on_unattainable = "shed"
 '''
 
 
-async def policy_refreshed_after(client: aioredis.Redis, topo: Topology, at: float, what: str) -> None:
-    """Wait until the policy worker has refreshed its view of the pools since ``at``.
-
-    The policy worker writes its heartbeat right after a refresh, so a heartbeat stamped a
-    heartbeat period after ``at`` follows a refresh that read what was there at ``at``.
-    """
-    seen_at = at + float(FAST_ENV["IB_HEARTBEAT_S"])
-
-    async def refreshed() -> bool:
-        beats = (await client.hgetall(topo.policy_heartbeats)).values()
-        return any(json.loads(v)["ts"] > seen_at for v in beats)
-
-    await eventually(refreshed, timeout=30, what=what)
-
-
 async def wait_until_policy_sees(redis_url: str, client: aioredis.Redis, topo: Topology, pools: list[str]) -> None:
     """Wait until the policy worker has refreshed its view since every pool had a live worker."""
     await asyncio.to_thread(wait_for_roles, redis_url, topo, dict.fromkeys(pools, 1))
     await policy_refreshed_after(client, topo, time.time(), "a policy heartbeat after the pools' first ones")
-
-
-async def warm_up(sdk: Client, client: aioredis.Redis, topo: Topology, jobs: dict[str, Job]) -> None:
-    """Run ``jobs`` (pool -> a job the router sends there) one by one, then wait until the policy
-    has learned their timings. Admission refuses nothing on a pool that has finished no job
-    (its predictions are profile guesses: policies/slo.py), so a test of refusals starts here.
-    """
-    for pool, job in jobs.items():
-        done = await sdk.run(job, timeout=30)
-        assert done.status == "ok" and done.pool == pool, done.route_reason
-    # A worker reports the timings of its finished jobs in its next heartbeat (they are
-    # recorded before the result is published): wait for a beat of every pool sent since.
-    since, latest = time.time(), 0.0
-
-    async def every_pool_reported() -> bool:
-        nonlocal latest
-        for pool in jobs:
-            beats = (await client.hgetall(topo.heartbeats(pool))).values()
-            ts = max((json.loads(v)["ts"] for v in beats), default=0.0)
-            if ts <= since:
-                return False
-            latest = max(latest, ts)
-        return True
-
-    await eventually(every_pool_reported, timeout=30, what="a heartbeat of every pool after the warm-up jobs")
-    await policy_refreshed_after(client, topo, latest, "a policy refresh after the warm-up jobs' timings")
-
-
-ACCEL_JOB = Job(id="warm-accel", model="llama-3.3-70b", messages=[ChatMessage("user", "x" * 20_000)], max_tokens=16,
-                slo="interactive")
-"""An interactive job only the accelerator meets: 5,000 prompt tokens of 70B take 410 ms to prefill on
-an idle H100, over 80% of the 500 ms target, and 240 ms on the accelerator."""
 
 
 async def test_slo_router_routes_and_sheds_live(roles: Roles, redis_url: str, prefix: str, tmp_path: Path,
