@@ -35,10 +35,10 @@ after 429s; when that leaves nothing, the job waits on the default pool. Then:
      predicted to have drained enough;
    - it would miss **even on an idle pool** (no device meets the target): no retry hint, a
      retry would not help;
-   - it could start at once somewhere, but every pool misses by the shed margin **at the
-     load it would join** (prefill and decode slowed by the jobs running beside it): running
-     it would slow those jobs too; the retry hint is the time for the load to fall by the
-     excess (:func:`retry_after_s` again).
+   - it could start at once somewhere, but misses by more than the shed margin on every pool
+     **at the load it would join** (its prefill, and its e2e when the class sets one, slowed
+     by the jobs running beside it): running it would slow those jobs too; the retry hint is
+     the time for the load to fall by the excess (:func:`retry_after_s` again).
 
    Between the safety margin and the shed margin the estimate is too close to call, so the
    job runs. **Cold start:** a pool that has reported no finished job
@@ -250,8 +250,8 @@ class SloRouter:
         if all(state(p.pool).ahead(lane) >= pool_capacity(config, p.pool, state(p.pool)) for p in candidates):
             retry = retry_after_s(cls, best)
             return f"; retry after {retry:.0f} s", retry
-        # One that starts at once somewhere adds no queue; it is refused only if no idle pool
-        # could serve it in time either (a target no device meets: a retry would not help).
+        # One that starts at once somewhere adds no queue. If no idle pool could serve it in
+        # time either, no device meets the target: refused, and a retry would not help.
         idle = [p for c in candidates
                 if (p := self.estimator.predict(job, c.pool, PoolState(workers=1), snapshot.now, lane=lane))]
         if idle and all(unattainable(cls, p, config.routing.shed_margin) for p in idle):
