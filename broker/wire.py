@@ -214,7 +214,7 @@ class Result(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     v: int = VERSION
     retry_after_s: float | None = None
     """``rejected`` by admission (``slo_unattainable: ...``): seconds after which the pools are
-    predicted to have drained enough for the job to be served in time."""
+    predicted to have drained (or their load fallen) enough for the job to be served in time."""
 
 
 DeadReason = Literal[

@@ -40,13 +40,14 @@ class SLOClass(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     lane, which is read first anyway."""
     attainment: float = 0.9
     """Share of the class's jobs that should meet the target."""
-    on_unattainable: Literal["best_effort", "shed"] = "best_effort"
-    """Admission: ``shed`` refuses a job at once (``rejected``, reason
-    ``slo_unattainable: ...``, a retry-after hint) when even the best pool is predicted to miss
-    its TTFT target by more than ``routing.shed_margin`` and the job would queue everywhere (or
-    miss even on an idle pool; see ``policies.slo``); ``best_effort`` runs every job anyway,
-    on the pool with the lowest predicted TTFT (the default, until admission by default lands:
-    issue 15)."""
+    on_unattainable: Literal["best_effort", "shed"] = "shed"
+    """Admission (the ``slo`` router): ``shed``, the default, refuses a job at once
+    (``rejected``, reason ``slo_unattainable: ...``, a retry-after hint when waiting is the
+    cause) when no pool is predicted to serve it within ``routing.shed_margin`` times its TTFT
+    (or e2e) target: because it would queue everywhere, or miss even on an idle pool, or miss
+    everywhere at the load it would join (see ``policies.slo``). Never before the pools it
+    would be refused on have finished a job: until then the predictions are profile guesses.
+    ``best_effort`` runs every job anyway, on the pool with the lowest predicted TTFT."""
 
 
 class ClassRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -27,6 +27,11 @@ full concurrency, its observed drain rate (completions per second over the last
 it is not trusted otherwise, because a lightly loaded pool drains only as fast as work
 arrives, which says nothing about its capacity.
 
+Cold start also bounds what the predictions may be used for. A pool that has reported no
+finished job (:meth:`LatencyEstimator.observed`) is predicted from its profile alone, which
+may be wrong about the hardware by any factor; the SLO router therefore refuses no job on
+such a prediction (``policies.slo``), and while no pool has reported one it refuses nothing.
+
 Everything here is deterministic: time comes from ``Observation.at`` and the ``now`` passed in.
 """
 
@@ -197,6 +202,12 @@ class LatencyEstimator:
         # Up to ``now``, not the last completion: a pool that stopped finishing work drains slower.
         span = max(now, done[-1][0]) - done[0][0]
         return (len(done) - 1) / span if span > 0 else None
+
+    def observed(self, pool: str) -> bool:
+        """Whether ``pool`` has reported a finished job (of a model its profile knows): before
+        that, its predictions are the profile's guesses."""
+        state = self._pools.get(pool)
+        return state is not None and state.service_count > 0
 
     def mean_service_ms(self, pool: str) -> float | None:
         """The pool's mean observed service time (start to last token), or ``None`` before any."""

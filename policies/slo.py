@@ -24,16 +24,30 @@ after 429s; when that leaves nothing, the job waits on the default pool. Then:
    interactive work it is there for. If the job's model runs nowhere else, the reservation
    yields.
 4. **Admission.** When no pool meets the target, the job goes best-effort to the pool with
-   the lowest predicted TTFT, unless its class has ``on_unattainable = "shed"``
-   and even that pool misses the TTFT (or e2e) target by more than ``routing.shed_margin``
-   times it (:func:`unattainable`; 1.0 by default), and either it would queue on every pool
-   (the work ahead of it on its lane fills the pool's slots: it could only make the queues
-   longer) or it would miss even on an idle pool (no device meets the target). It is then
-   refused at once (``shed=True``, reason ``slo_unattainable: ...`` with the prediction;
-   when waiting is the cause, :func:`retry_after_s`). A job that starts at once somewhere
-   adds no queue and runs. Between the safety margin and the shed margin the estimate is
-   too close to call, so the job runs. No job is refused while no pool has a live worker
-   (the predictions then say nothing).
+   the lowest predicted TTFT, unless its class has ``on_unattainable = "shed"`` (the
+   default) and even that pool misses the TTFT (or e2e) target by more than
+   ``routing.shed_margin`` times it (:func:`unattainable`; 1.0 by default). It is then
+   refused at once (``shed=True``, reason ``slo_unattainable: ...`` with the prediction) in
+   three cases:
+
+   - it would **queue on every pool** (the work ahead of it on its lane fills the pool's
+     slots): it could only make the queues longer; :func:`retry_after_s` says when they are
+     predicted to have drained enough;
+   - it would miss **even on an idle pool** (no device meets the target): no retry hint, a
+     retry would not help;
+   - it could start at once somewhere, but misses by more than the shed margin on every pool
+     **at the load it would join** (its prefill, and its e2e when the class sets one, slowed
+     by the jobs running beside it): running it would slow those jobs too; the retry hint is
+     the time for the load to fall by the excess (:func:`retry_after_s` again).
+
+   Between the safety margin and the shed margin the estimate is too close to call, so the
+   job runs. **Cold start:** a pool that has reported no finished job
+   (:meth:`~policies.estimate.LatencyEstimator.observed`) is predicted from its device
+   profile alone, which may be wrong about the hardware; so a job is never refused when its
+   best pool, or any pool it would be predicted late on, has finished nothing yet: it runs
+   best-effort, and the reason says why. In particular nothing is refused before some pool
+   has reported a finished job, nor while no pool has a live worker (the predictions then
+   say nothing).
 
 A job whose model or kind no pool serves gets ``pool=None`` and a reason ``no pool serves ...``.
 Every decision carries a short reason with the predicted numbers, and
@@ -103,7 +117,8 @@ def unattainable(cls: SLOClass, pred: Prediction, shed_margin: float) -> list[st
 
 def retry_after_s(cls: SLOClass, pred: Prediction) -> float:
     """When a refused job is worth sending again, in whole seconds (at least 1): the time for
-    the queue ahead of it to drain by the excess of its predicted TTFT over the target."""
+    the queue ahead of it to drain (or the load it would join to fall) by the excess of its
+    predicted TTFT (or e2e) over the target."""
     excess_ms = max(pred.ttft_ms - cls.ttft_ms, (pred.e2e_ms - cls.e2e_ms) if cls.e2e_ms is not None else 0.0)
     return float(max(1, math.ceil(excess_ms / 1000)))
 
@@ -203,7 +218,10 @@ class SloRouter:
         best = min(candidates, key=lambda p: p.ttft_ms)
         # With no live worker anywhere the predictions say nothing: never refuse on them.
         late = unattainable(cls, best, config.routing.shed_margin) if staffed and cls.on_unattainable == "shed" else []
-        refusal = self._refusal(job, cls, lane, best, candidates, snapshot) if late else None
+        guessed = self._guessed(cls, best, candidates) if late else []
+        if guessed:
+            notes.append(f"not refused: {', '.join(guessed)} finished no job yet (profile guesses)")
+        refusal = self._refusal(job, cls, lane, best, candidates, snapshot) if late and not guessed else None
         if refusal is not None:
             why, retry = refusal
             head = f"slo_unattainable: {note}no pool can serve {slo} in time: best {describe(best)}, {', '.join(late)}"
@@ -211,10 +229,17 @@ class SloRouter:
                             predicted_ttft_ms=best.ttft_ms, predicted_e2e_ms=best.e2e_ms, retry_after_s=retry)
         return self._decision(best, f"{note}{slo}: best effort, {describe(best)} lowest ttft", notes)
 
+    def _guessed(self, cls: SLOClass, best: Prediction, candidates: list[Prediction]) -> list[str]:
+        """The pools a refusal of a job would rest on that have finished no job yet: its best
+        pool and every pool it is predicted late on (see the module docs)."""
+        margin = self.config.routing.shed_margin
+        return [p.pool for p in candidates if (p is best or unattainable(cls, p, margin))
+                and not self.estimator.observed(p.pool)]
+
     def _refusal(self, job: JobFeatures, cls: SLOClass, lane: int, best: Prediction, candidates: list[Prediction],
                  snapshot: Snapshot) -> tuple[str, float | None] | None:
         """Why ``job``, whose best pool misses by the shed margin, is refused, and the retry-after
-        hint; ``None``: it runs best-effort (see the module docs)."""
+        hint; ``None``: it runs best-effort (see the module docs, cases in that order)."""
         config = self.config
 
         def state(pool: str) -> PoolState:
@@ -225,12 +250,17 @@ class SloRouter:
         if all(state(p.pool).ahead(lane) >= pool_capacity(config, p.pool, state(p.pool)) for p in candidates):
             retry = retry_after_s(cls, best)
             return f"; retry after {retry:.0f} s", retry
-        # One that starts at once somewhere adds no queue; it is refused only if no idle pool
-        # could serve it in time either (a target no device meets: a retry would not help).
+        # One that starts at once somewhere adds no queue. If no idle pool could serve it in
+        # time either, no device meets the target: refused, and a retry would not help.
         idle = [p for c in candidates
                 if (p := self.estimator.predict(job, c.pool, PoolState(workers=1), snapshot.now, lane=lane))]
         if idle and all(unattainable(cls, p, config.routing.shed_margin) for p in idle):
             return " even on an idle pool", None
+        # An idle pool would serve it in time, but every pool it could join now is too loaded:
+        # running it anyway slows the jobs beside it for a miss. Come back when the load falls.
+        if all(unattainable(cls, p, config.routing.shed_margin) for p in candidates):
+            retry = retry_after_s(cls, best)
+            return f" at the load it would join; retry after {retry:.0f} s", retry
         return None
 
     @staticmethod

@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 
+from broker.client import Client
 from broker.config import load_config
 from broker.topology import Topology
-from broker.wire import ChatMessage, Job
+from broker.wire import ChatMessage, Job, Result
+from tests.conftest import FAST_ENV
 
 
 def lane(topo: Topology, pool: str, slo: str = "standard") -> str:
@@ -33,6 +37,64 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def policy_refreshed_after(client: aioredis.Redis, topo: Topology, at: float, what: str) -> None:
+    """Wait until the policy worker has refreshed its view of the pools since ``at``.
+
+    The policy worker writes its heartbeat right after a refresh, so a heartbeat stamped a
+    heartbeat period after ``at`` follows a refresh that read what was there at ``at``.
+    """
+    seen_at = at + float(FAST_ENV["IB_HEARTBEAT_S"])
+
+    async def refreshed() -> bool:
+        beats = (await client.hgetall(topo.policy_heartbeats)).values()  # type: ignore[misc]
+        return any(json.loads(v)["ts"] > seen_at for v in beats)
+
+    await eventually(refreshed, timeout=30, what=what)
+
+
+async def warm_up(sdk: Client, client: aioredis.Redis, topo: Topology, jobs: dict[str, Job]) -> list[Result]:
+    """Run ``jobs`` (pool -> a job the router sends there) one by one, then wait until the policy
+    has learned their timings. Admission refuses nothing on a pool that has finished no job
+    (its predictions are profile guesses: policies/slo.py), so a test of refusals starts here.
+    Returns the jobs' results.
+    """
+    results = []
+    for pool, job in jobs.items():
+        done = await sdk.run(job, timeout=30)
+        assert done.status == "ok" and done.pool == pool, done.route_reason
+        results.append(done)
+    # A worker reports the timings of its finished jobs in its next heartbeat (they are
+    # recorded before the result is published): wait for a beat of every pool sent since.
+    since, latest = time.time(), 0.0
+
+    async def every_pool_reported() -> bool:
+        nonlocal latest
+        for pool in jobs:
+            beats = (await client.hgetall(topo.heartbeats(pool))).values()  # type: ignore[misc]
+            ts = max((json.loads(v)["ts"] for v in beats), default=0.0)
+            if ts <= since:
+                return False
+            latest = max(latest, ts)
+        return True
+
+    await eventually(every_pool_reported, timeout=30, what="a heartbeat of every pool after the warm-up jobs")
+    await policy_refreshed_after(client, topo, latest, "a policy refresh after the warm-up jobs' timings")
+    return results
+
+
+ACCEL_JOB = Job(id="warm-accel", model="llama-3.3-70b", messages=[ChatMessage("user", "x" * 20_000)], max_tokens=16,
+                slo="interactive")
+"""An interactive job only the accelerator meets: 5,000 prompt tokens of 70B take 410 ms to prefill on
+an idle H100, over 80% of the 500 ms target, and 240 ms on the accelerator."""
+
+
+def admitting_all(config_text: str) -> str:
+    """Policy TOML ``config_text`` with admission off (``on_unattainable = "best_effort"``) in
+    every class it defines: for tests that flood on purpose to test something else than
+    admission, and must see every job run."""
+    return re.sub(r"^(\[classes\.[^\]]+\])$", r'\1\non_unattainable = "best_effort"', config_text, flags=re.M)
 
 
 def mixed_jobs(n: int, seed: int = 1, tag: str = "j") -> list[Job]:

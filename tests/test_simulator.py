@@ -13,7 +13,7 @@ import json
 import math
 import statistics
 from collections.abc import Awaitable
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 import pytest
@@ -339,27 +339,46 @@ def test_under_overload_slo_holds_at_or_above_static_on_interactive_work(rate: f
     assert got["slo"].attainment >= got["static"].attainment
 
 
+def admitting_all(config: PolicyConfig) -> PolicyConfig:
+    """``config`` with admission off for every class (``on_unattainable = "best_effort"``)."""
+    classes = {name: msgspec.structs.replace(cls, on_unattainable="best_effort")
+               for name, cls in config.classes.items()}
+    return msgspec.structs.replace(config, classes=classes)
+
+
 def test_admission_keeps_admitted_interactive_jobs_on_target_at_1_5x() -> None:
     # The fleet and workload of the overload test above at ~1.5x capacity. Best-effort lets
     # every job join queues it can only make longer (82.8% interactive attainment); admission
-    # (`on_unattainable = "shed"`) refuses the jobs no pool can serve in time, and those it
-    # admits meet the target.
+    # (`on_unattainable = "shed"`, the default) refuses the jobs no pool can serve in time,
+    # and those it admits meet the target.
     fleet = {"gpu": 4, "accel": 1}
-
-    def every_class(on_unattainable: Literal["best_effort", "shed"]) -> PolicyConfig:
-        classes = {name: msgspec.structs.replace(cls, on_unattainable=on_unattainable)
-                   for name, cls in CONFIG.classes.items()}
-        return msgspec.structs.replace(CONFIG, classes=classes)
-
     results = {name: summarize(run(ROUTERS["slo"](cfg), WORKLOADS["mixed"].at_rate(180.0), fleet=fleet, seed=1,
                                    duration=30.0, config=cfg), cfg)
-               for name, cfg in (("shed", every_class("shed")), ("best_effort", every_class("best_effort")))}
+               for name, cfg in (("shed", CONFIG), ("best_effort", admitting_all(CONFIG)))}
     admitted, unguarded = results["shed"]["interactive"], results["best_effort"]["interactive"]
     assert unguarded.rejected == 0 and unguarded.attainment < 0.9  # the overload is real
     assert admitted.rejected > 0  # shedding is visible
     assert admitted.admitted_attainment >= 0.9
     assert admitted.attainment > unguarded.attainment  # refusing early also serves more of all jobs in time
     assert results["shed"]["batch"].rejected == 0  # the long batch target is still attainable
+
+
+def test_the_default_config_at_1_5x_the_knee_sheds_and_keeps_admitted_interactive_jobs_on_target() -> None:
+    # The knee: the highest rate of `mixed` at which slo, admitting every job, still meets the
+    # interactive target on 4 GPUs + 1 accelerator (admission off, so that the knee is the
+    # fleet's capacity, not an effect of the shedding under test). At 1.5x that, the default
+    # config, with nothing overridden, refuses some jobs and serves those it admits in time.
+    fleet, workload = {"gpu": 4, "accel": 1}, WORKLOADS["mixed"]
+    unguarded = admitting_all(CONFIG)
+    knee = goodput(unguarded, lambda: ROUTERS["slo"](unguarded), workload, fleet, 1, 30.0,
+                   multipliers=(1.0, 2.0, 3.0, 4.0), refine=3)
+    assert not knee.capped and knee.rate > 0
+    table = summarize(run(ROUTERS["slo"](CONFIG), workload.at_rate(1.5 * knee.rate), fleet=fleet, seed=1,
+                          duration=30.0), CONFIG)
+    interactive = table["interactive"]
+    assert interactive.rejected > 0  # shedding is visible
+    assert interactive.admitted_attainment >= 0.9, interactive
+    assert table["all"].rejected < 0.2 * table["all"].jobs  # it refuses the excess, not the traffic
 
 
 class VirtualTime:

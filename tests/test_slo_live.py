@@ -22,7 +22,7 @@ from broker.topology import POLICY_GROUP, WORKER_GROUP, Topology
 from broker.wire import ChatMessage, Job
 from policies import PoolState
 from tests.conftest import FAST_ENV, Roles
-from tests.helpers import eventually
+from tests.helpers import ACCEL_JOB, policy_refreshed_after, warm_up
 
 SLO_CONFIG = default_config_text() + '''
 [routing]
@@ -35,19 +35,9 @@ on_unattainable = "shed"
 
 
 async def wait_until_policy_sees(redis_url: str, client: aioredis.Redis, topo: Topology, pools: list[str]) -> None:
-    """Wait until the policy worker has refreshed its view since every pool had a live worker.
-
-    The policy worker writes its heartbeat right after a refresh, so a heartbeat stamped a
-    heartbeat period after the pools' workers were all beating follows a refresh that saw them.
-    """
+    """Wait until the policy worker has refreshed its view since every pool had a live worker."""
     await asyncio.to_thread(wait_for_roles, redis_url, topo, dict.fromkeys(pools, 1))
-    seen_at = time.time() + float(FAST_ENV["IB_HEARTBEAT_S"])
-
-    async def policy_refreshed() -> bool:
-        beats = (await client.hgetall(topo.policy_heartbeats)).values()
-        return any(json.loads(v)["ts"] > seen_at for v in beats)
-
-    await eventually(policy_refreshed, timeout=30, what="a policy heartbeat after the pools' first ones")
+    await policy_refreshed_after(client, topo, time.time(), "a policy heartbeat after the pools' first ones")
 
 
 async def test_slo_router_routes_and_sheds_live(roles: Roles, redis_url: str, prefix: str, tmp_path: Path,
@@ -65,6 +55,10 @@ async def test_slo_router_routes_and_sheds_live(roles: Roles, redis_url: str, pr
     async with Client(redis_url, prefix=prefix) as sdk:
         served = [await sdk.run(Job(id=f"slo-{i}", model="llama-3.1-8b", messages=chat, max_tokens=32), timeout=30)
                   for i in range(5)]
+        # The 1 ms target misses on both pools: both must have finished a job before it is refused.
+        await warm_up(sdk, client, Topology(prefix),
+                      {"gpu": Job(id="warm-gpu", model="llama-3.1-8b", messages=chat, max_tokens=32),
+                       "accel": ACCEL_JOB})
         shed = await sdk.run(Job(id="too-fast", model="llama-3.1-8b", messages=chat, slo="instant"), timeout=30)
     for r in served:
         assert r.status == "ok" and r.slo == "interactive"
@@ -109,6 +103,10 @@ async def test_admission_refuses_at_once_what_no_pool_can_serve_in_time(
     await wait_until_policy_sees(redis_url, client, Topology(prefix), ["gpu"])
     chat = [ChatMessage("user", "hello " * 50)]
     async with Client(redis_url, prefix=prefix) as sdk:
+        # One job like the blockers below (about 2.3 s on the one slot): the pool has finished a
+        # job, and its mean service time is theirs, so the wait behind them is predicted right.
+        await warm_up(sdk, client, Topology(prefix),
+                      {"gpu": Job(id="warm", model="llama-3.1-8b", messages=chat, slo="patient", max_tokens=500)})
         # A target no device meets: refused even on the idle pool, with no retry hint.
         impossible = await sdk.run(Job(id="too-fast", model="llama-3.1-8b", messages=chat, slo="instant"), timeout=30)
         # Two long best-effort jobs (about 2.3 s each on the one slot): one runs, one queues.
@@ -138,6 +136,43 @@ async def test_admission_refuses_at_once_what_no_pool_can_serve_in_time(
     # The CLI shows the refusal and exits 2, as for any job that did not end ok.
     assert cli.returncode == 2, cli.stderr
     assert ": rejected" in cli.stdout and "slo_unattainable" in cli.stdout, cli.stdout
+
+
+FLOOD = 300
+
+
+async def test_the_default_config_sheds_a_flood_with_a_retry_hint(
+        roles: Roles, redis_url: str, prefix: str, client: aioredis.Redis) -> None:
+    # The built-in config, nothing overridden: admission is on for every class. One GPU worker
+    # (64 slots) and one accelerator (8) get 300 interactive jobs at once, each about 1.3 s of
+    # decoding at full load: a few hundred milliseconds of queue is all a 500 ms target allows.
+    roles.start("policy", env=FAST_ENV)
+    roles.start("worker", "--pool", "gpu", env=FAST_ENV)
+    roles.start("worker", "--pool", "accel", env=FAST_ENV)
+    topo = Topology(prefix)
+    await wait_until_policy_sees(redis_url, client, topo, ["gpu", "accel"])
+    chat = [ChatMessage("user", "hello " * 50)]
+
+    def flood_job(name: str) -> Job:
+        return Job(id=name, model="llama-3.1-8b", messages=chat, max_tokens=200)
+
+    async with Client(redis_url, prefix=prefix) as sdk:
+        # Jobs like the flood's, so that each pool's learned service time is theirs.
+        await warm_up(sdk, client, topo, {"gpu": flood_job("warm-gpu"), "accel": ACCEL_JOB})
+        jobs = [flood_job(f"flood-{i}") for i in range(FLOOD)]
+        await sdk.submit_many(jobs)
+        results = await asyncio.gather(*(sdk.result(j.id, timeout=60) for j in jobs))
+    refused = [r for r in results if r.status == "rejected"]
+    served = [r for r in results if r.status == "ok"]
+    assert len(refused) + len(served) == FLOOD
+    assert served and refused, (len(served), len(refused))
+    for r in refused:  # refused at once, and the producer is told why and when to come back
+        assert r.slo == "interactive" and r.timing is None and r.pool is None
+        assert r.error and r.error.startswith("slo_unattainable: no pool can serve interactive in time: "), r.error
+        assert r.retry_after_s is not None and r.retry_after_s >= 1, r.error
+        assert f"retry after {r.retry_after_s:.0f} s" in r.error
+    # The flood's first jobs run: refusals start only once the queue is long.
+    assert all(r.status == "ok" for r in results[:64]), [r.error for r in results[:64] if r.status != "ok"]
 
 
 async def test_the_policy_sees_a_pool_cooling_only_while_every_live_worker_is(

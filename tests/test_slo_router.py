@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 import tomllib
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import pytest
@@ -40,8 +40,8 @@ RAW: dict[str, Any] = tomllib.loads(default_config_text())
 H100_8B = PROFILES["h100"].models["llama-3.1-8b"]
 H100_70B = PROFILES["h100"].models["llama-3.3-70b"]
 M8, M70 = "llama-3.1-8b", "llama-3.3-70b"
-SHED = {name: {**cls, "on_unattainable": "shed"} for name, cls in RAW["classes"].items()}
-"""The default classes with admission on."""
+BEST_EFFORT = {name: {**cls, "on_unattainable": "best_effort"} for name, cls in RAW["classes"].items()}
+"""The default classes with admission off."""
 
 
 def job(**kw: Any) -> JobFeatures:
@@ -73,6 +73,19 @@ def obs(pool: str, model: str, *, c: int = 1, ttft: float, tpot: float | None, a
         prompt: int = 1000, out: int = 100) -> Observation:
     return Observation(pool=pool, model=model, prompt_tokens=prompt, output_tokens=out, concurrency=c,
                        ttft_ms=ttft, tpot_ms=tpot, at=at)
+
+
+R = TypeVar("R", bound=SloRouter)
+
+
+def warm(router: R, *pools: str) -> R:
+    """``router`` once ``pools`` (default: gpu and accel) have each reported one finished 8B job
+    that took what the profile predicts, so that it may refuse jobs there (before, it refuses
+    nothing). The factors stay 1; the job's service time becomes the pool's mean."""
+    for pool in pools or ("gpu", "accel"):
+        profile = PROFILES[router.config.pools[pool].profile].models[M8]
+        router.observe(obs(pool, M8, ttft=profile.ttft(1000, 1), tpot=profile.itl(1)))
+    return router
 
 
 # --------------------------------------------------------------------------- decision tables
@@ -172,12 +185,21 @@ def test_no_pool_serves_an_unknown_model_or_kind() -> None:
             assert d.reason.startswith("no pool serves"), (name, d.reason)
 
 
-STRICT = {"ttft_ms": 1, "on_unattainable": "shed"}
+STRICT = {"ttft_ms": 1}
+"""A TTFT target no device meets (admission left at its default)."""
+
+
+def test_admission_is_on_by_default() -> None:
+    assert {cls.on_unattainable for cls in DEFAULT.classes.values()} == {"shed"}
+    assert config(classes={"x": {"ttft_ms": 1}}).classes["x"].on_unattainable == "shed"
+    # The default config as shipped: an interactive job that would queue on every pool is refused.
+    d = decide(warm(SloRouter(DEFAULT)), job(), "interactive", snap(gpu=2000, accel=100))
+    assert d.shed and d.pool is None and d.retry_after_s is not None
 
 
 def test_a_shed_class_is_shed_with_reason_slo_unattainable() -> None:
     cfg = config(classes={"strict": STRICT})
-    d = decide(SloRouter(cfg), job(), "strict", snap(gpu=0, accel=0))
+    d = decide(warm(SloRouter(cfg)), job(), "strict", snap(gpu=0, accel=0))
     assert d.shed and d.pool is None
     assert d.reason.startswith("slo_unattainable: ")
     assert "gpu misses ttft" in d.reason and "accel misses ttft" in d.reason
@@ -185,50 +207,92 @@ def test_a_shed_class_is_shed_with_reason_slo_unattainable() -> None:
 
 
 def test_admission_sheds_only_past_the_shed_margin() -> None:
-    # A `shed` class. The best prediction (idle H100: ttft(100, 1)) against
-    # targets that put it inside the safety margin's miss but within the target itself (too
-    # close to call: best effort), and past the target (refused: no device meets it, so no
-    # retry hint).
+    # The best prediction (idle H100: ttft(100, 1)) against targets that put it inside the
+    # safety margin's miss but within the target itself (too close to call: best effort), and
+    # past the target (refused: no device meets it, so no retry hint).
     best = H100_8B.ttft(100, 1)
-    assert config(classes={"x": {"ttft_ms": 1}}).classes["x"].on_unattainable == "best_effort"  # the default
-    close = config(classes={"x": {"ttft_ms": best / 0.9, "on_unattainable": "shed"}})
-    d = decide(SloRouter(close), job(), "x", snap(gpu=0, accel=0))
+    close = config(classes={"x": {"ttft_ms": best / 0.9}})
+    d = decide(warm(SloRouter(close)), job(), "x", snap(gpu=0, accel=0))
     assert d.pool == "gpu" and not d.shed and "best effort" in d.reason
-    far = config(classes={"x": {"ttft_ms": best / 2, "on_unattainable": "shed"}})
-    d = decide(SloRouter(far), job(), "x", snap(gpu=0, accel=0))
+    far = config(classes={"x": {"ttft_ms": best / 2}})
+    d = decide(warm(SloRouter(far)), job(), "x", snap(gpu=0, accel=0))
     assert d.shed and d.pool is None and d.retry_after_s is None
     assert d.reason.startswith("slo_unattainable: no pool can serve x in time: best gpu ttft ")
     assert "even on an idle pool" in d.reason and "accel misses ttft" in d.reason
-    loose = config(classes={"x": {"ttft_ms": best / 2, "on_unattainable": "shed"}},
-                   routing={"policy": "slo", "shed_margin": 2.5})
-    assert not decide(SloRouter(loose), job(), "x", snap(gpu=0, accel=0)).shed
+    loose = config(classes={"x": {"ttft_ms": best / 2}}, routing={"policy": "slo", "shed_margin": 2.5})
+    assert not decide(warm(SloRouter(loose)), job(), "x", snap(gpu=0, accel=0)).shed
 
 
 def test_a_job_that_would_queue_everywhere_is_refused_with_the_time_to_drain() -> None:
-    cfg = config(pools={"accel": {**RAW["pools"]["accel"], "models": [M70]}}, classes=SHED)
+    cfg = config(pools={"accel": {**RAW["pools"]["accel"], "models": [M70]}})
+    router = warm(SloRouter(cfg))
     s = snap(gpu=2000, accel=0)
-    d = decide(SloRouter(cfg), job(), "interactive", s)
-    pred = SloRouter(cfg).predict(job(), "gpu", s, cfg.lane("interactive"))
+    d = decide(router, job(), "interactive", s)
+    pred = router.predict(job(), "gpu", s, cfg.lane("interactive"))
     assert pred is not None and pred.ttft_ms > 10_000
     assert d.shed and d.retry_after_s == math.ceil((pred.ttft_ms - 500) / 1000)
     assert f"retry after {d.retry_after_s:.0f} s" in d.reason
 
 
-def test_a_job_that_starts_at_once_somewhere_is_not_refused_for_the_load() -> None:
-    # 70B interactive on GPUs running 60 of 64 jobs: prefill at that load misses 500 ms, but a
-    # slot is free (no queue to make longer) and an idle GPU would meet it: best effort.
-    cfg = config(pools={"accel": {**RAW["pools"]["accel"], "models": [M8]}}, classes=SHED)
+def test_a_job_that_misses_everywhere_at_the_load_it_would_join_is_refused() -> None:
+    # 70B interactive on GPUs running 60 of 64 jobs (the accelerator serves only 8B here): a
+    # slot is free, so it adds no queue, and an idle GPU would meet 500 ms, but prefill at the
+    # load it would join (61 jobs) takes about 664 ms. Running it would only slow the jobs
+    # beside it for a miss: refused, with the time for the load to fall by the excess.
+    cfg = config(pools={"accel": {**RAW["pools"]["accel"], "models": [M8]}})
+    router = warm(SloRouter(cfg))
     s = snap(gpu=60, accel=0)
-    pred = SloRouter(cfg).predict(job(model=M70), "gpu", s, 0)
-    assert pred is not None and pred.ttft_ms > 500
-    d = decide(SloRouter(cfg), job(model=M70), "interactive", s)
+    for prompt, retry in ((100, 1), (5000, 3)):  # 664 ms (at least 1 s), then 3,320 ms
+        j = job(model=M70, prompt_tokens=prompt)
+        pred = router.predict(j, "gpu", s, 0)
+        assert pred is not None and pred.queue_wait_ms == 0
+        assert pred.ttft_ms == pytest.approx(H100_70B.ttft(prompt, 61)) and pred.ttft_ms > 500
+        d = decide(router, j, "interactive", s)
+        assert d.shed and d.pool is None and d.retry_after_s == retry == max(1, math.ceil((pred.ttft_ms - 500) / 1000))
+        assert d.reason.startswith("slo_unattainable: no pool can serve interactive in time: best gpu ttft ")
+        assert f"at the load it would join; retry after {retry} s" in d.reason
+    # At a lighter load it meets the TTFT target (only the TPOT misses, no reason to refuse).
+    d = decide(router, job(model=M70), "interactive", snap(gpu=40, accel=0))
+    assert d.pool == "gpu" and not d.shed and "best effort" in d.reason
+    # With admission off it runs however loaded the pool.
+    off = config(pools={"accel": {**RAW["pools"]["accel"], "models": [M8]}}, classes=BEST_EFFORT)
+    d = decide(warm(SloRouter(off)), job(model=M70), "interactive", s)
     assert d.pool == "gpu" and not d.shed and "best effort" in d.reason
 
 
+def test_cold_start_refuses_nothing() -> None:
+    # Every pool saturated, and a target no device meets: a router whose pools have reported
+    # no finished job refuses neither (its predictions are the profiles' guesses)...
+    cfg = config(classes={"strict": STRICT})
+    router = SloRouter(cfg)
+    cases = [("interactive", snap(gpu=2000, accel=100)), ("strict", snap(gpu=0, accel=0))]
+    for slo, s in cases:
+        d = decide(router, job(), slo, s)
+        assert not d.shed and d.pool is not None and "best effort" in d.reason
+        assert "not refused: gpu, accel finished no job yet (profile guesses)" in d.reason
+    # ...and refuses both once each pool has finished one.
+    warm(router)
+    assert all(decide(router, job(), slo, s).shed for slo, s in cases)
+
+
+def test_a_pool_that_has_finished_no_job_refuses_nothing_queued_on_it() -> None:
+    s = snap(gpu=2000, accel=100)  # an interactive 8B job would queue on both
+    for seen, unseen in (("gpu", "accel"), ("accel", "gpu")):  # accel is the best pool (shorter wait)
+        router = warm(SloRouter(DEFAULT), seen)
+        d = decide(router, job(), "interactive", s)
+        assert not d.shed and d.pool is not None
+        assert f"not refused: {unseen} finished no job yet (profile guesses)" in d.reason
+        assert decide(warm(router, unseen), job(), "interactive", s).shed
+    # A pool that cannot run the job (the accelerator serves 8B only here) is no reason to admit it.
+    cfg = config(pools={"accel": {**RAW["pools"]["accel"], "models": [M8]}})
+    d = decide(warm(SloRouter(cfg), "gpu"), job(model=M70), "interactive", s)
+    assert d.shed and "not refused" not in d.reason
+
+
 def test_nothing_is_shed_while_no_pool_has_a_live_worker() -> None:
-    cfg = config(classes={"strict": {"ttft_ms": 1, "on_unattainable": "shed"}})
+    cfg = config(classes={"strict": STRICT})
     cold = Snapshot(now=1000.0, pools={n: PoolState(backlog=5000, workers=0) for n in ("gpu", "accel")})
-    d = decide(SloRouter(cfg), job(), "strict", cold)
+    d = decide(warm(SloRouter(cfg)), job(), "strict", cold)
     assert d.pool == "gpu" and not d.shed
 
 
@@ -518,10 +582,10 @@ def test_cheapest_first_ignores_load() -> None:
 
 
 def test_the_oracle_uses_the_true_output_length() -> None:
-    cfg = config(classes={"quick": {"ttft_ms": 500, "e2e_ms": 2000, "on_unattainable": "shed"}})
+    cfg = config(classes={"quick": {"ttft_ms": 500, "e2e_ms": 2000}})
     long = job(max_tokens=4096)  # at most 4096 tokens: neither pool can promise 1.6 s
-    assert decide(SloRouter(cfg), long, "quick", snap(gpu=0, accel=0)).shed
-    oracle = OracleRouter(cfg)
+    assert decide(warm(SloRouter(cfg)), long, "quick", snap(gpu=0, accel=0)).shed
+    oracle = warm(OracleRouter(cfg))
     assert decide(oracle, long, "quick", snap(gpu=0, accel=0)).shed  # no truth: the SLO router
     oracle.truth = lambda j, pool, s: OracleTruth(output_tokens=50)
     d = decide(oracle, long, "quick", snap(gpu=0, accel=0))
@@ -565,7 +629,12 @@ def test_properties_of_every_router(target: dict[str, Any], j: JobFeatures, s: S
                                     seed: int) -> None:
     cfg = config(classes={"x": target})
     slo = "x"
-    d = decide(ROUTERS[name](cfg), j, slo, s, seed)
+
+    def fresh() -> Any:  # the SLO routers having seen a job on each pool, so that they may refuse
+        router = ROUTERS[name](cfg)
+        return warm(router) if isinstance(router, SloRouter) else router
+
+    d = decide(fresh(), j, slo, s, seed)
     serving = cfg.serving(j.model, j.kind)
     # Never a pool that cannot serve the model and kind; always one when some pool can (unless shed).
     assert d.pool is None or d.pool in serving
@@ -575,7 +644,9 @@ def test_properties_of_every_router(target: dict[str, Any], j: JobFeatures, s: S
         assert target["on_unattainable"] == "shed" and d.reason.startswith("slo_unattainable: ")
         assert name in ("slo", "oracle")
     # Deterministic for a given seed and snapshot.
-    assert decide(ROUTERS[name](cfg), j, slo, s, seed) == d
+    assert decide(fresh(), j, slo, s, seed) == d
+    # Before any pool has finished a job, nothing is refused.
+    assert not decide(ROUTERS[name](cfg), j, slo, s, seed).shed
 
 
 @settings(max_examples=150, deadline=None)
@@ -583,7 +654,7 @@ def test_properties_of_every_router(target: dict[str, Any], j: JobFeatures, s: S
 def test_the_slo_router_picks_a_meeting_pool_whenever_it_says_so(target: dict[str, Any], j: JobFeatures,
                                                                  s: Snapshot) -> None:
     cfg = config(classes={"x": target})
-    router = SloRouter(cfg)
+    router = warm(SloRouter(cfg))
     d = decide(router, j, "x", s)
     if d.pool is None or "best effort" in d.reason:
         return
