@@ -191,10 +191,12 @@ def test_a_pool_failure_shifts_routing_within_the_heartbeat_window_and_loses_not
     assert routed_to_dead(result, options) == to_accel(at + lag, back) == 0  # nothing after the window
     assert sum(r.pool == "gpu" for r in result.records if at + lag <= r.arrival < back) > 100  # it went to the GPUs
     assert to_accel(back, 30.0) > 10  # and back once the accelerator is
-    # Every job ends in exactly one outcome, served: those in flight at the failure were run
-    # again after the claim timeout, those sent in the window waited for the recovery.
+    # Every job ends in exactly one outcome, served or refused at once by admission (the fleet
+    # is smaller while the accelerator is down), none lost: those in flight at the failure were
+    # run again after the claim timeout, those sent in the window waited for the recovery.
     assert [r.id for r in result.records] == list(range(len(arrivals)))
-    assert {r.status for r in result.records} == {"ok"}
+    assert {r.status for r in result.records} <= {"ok", "rejected"}
+    assert all(r.reason.startswith("slo_unattainable: ") for r in result.records if r.status == "rejected")
     rerun = [r for r in result.records if r.attempts > 1]
     assert rerun and all(r.pool == "accel" and (r.start or 0) >= at + options.reclaim_s for r in rerun)
     late = [r for r in result.records if r.pool == "accel" and at <= r.arrival < at + lag]
@@ -233,7 +235,9 @@ def test_every_scenario_maps_to_options_that_run() -> None:
         assert msgspec.json.decode(msgspec.json.encode(options), type=SimOptions) == options
         result = simulate(CONFIG, SloRouter(CONFIG), WORKLOADS["chat"], {"gpu": 2, "accel": 1}, 1, 9.0,
                           options=options)
-        assert {r.status for r in result.records} == {"ok"}, name
+        # Served, or refused at once by admission where the scenario leaves too little capacity: none lost.
+        assert {r.status for r in result.records} <= {"ok", "rejected"}, name
+        assert sum(r.status == "ok" for r in result.records) > 0.5 * len(result.records), name
 
 
 def test_the_misbelief_section_has_a_row_per_scenario() -> None:
