@@ -284,14 +284,19 @@ def generate(workload: Workload, seed: int, duration: float) -> list[Arrival]:
 
 
 _MODELS = (("llama-3.1-8b", 0.8), ("llama-3.3-70b", 0.2))
+_CHAT = (Component(share=0.7, shape=CONVERSATION, hint="interactive", tenant="chat", models=_MODELS),
+         Component(share=0.3, shape=CONVERSATION, hint="standard", tenant="chat", models=_MODELS))
+_MIXED = (Component(share=0.4, shape=CONVERSATION, hint="interactive", tenant="chat", models=_MODELS),
+          Component(share=0.2, shape=CODE, hint="standard", kind="completion", tenant="ide", models=_MODELS),
+          Component(share=0.4, shape=CONVERSATION, hint="batch", kind="completion", tenant="reports",
+                    models=_MODELS))
 
 WORKLOADS: dict[str, Workload] = {
     "chat": Workload(
         name="chat", rate=40.0, arrivals=Poisson(),
         description="chat-heavy: Azure 2023 conversation shape, Poisson; 70% interactive, 30% standard; "
                     "80% Llama-3.1-8B, 20% Llama-3.3-70B",
-        components=(Component(share=0.7, shape=CONVERSATION, hint="interactive", tenant="chat", models=_MODELS),
-                    Component(share=0.3, shape=CONVERSATION, hint="standard", tenant="chat", models=_MODELS)),
+        components=_CHAT,
     ),
     "code": Workload(
         name="code", rate=150.0, arrivals=Bursty(cv=10.0),
@@ -306,17 +311,12 @@ WORKLOADS: dict[str, Workload] = {
         name="mixed", rate=50.0, arrivals=Poisson(),
         description="mixed with a batch class: 40% interactive chat, 20% standard code completions, "
                     "40% batch (conversation shape); Poisson; 80% 8B, 20% 70B",
-        components=(Component(share=0.4, shape=CONVERSATION, hint="interactive", tenant="chat", models=_MODELS),
-                    Component(share=0.2, shape=CODE, hint="standard", kind="completion", tenant="ide",
-                              models=_MODELS),
-                    Component(share=0.4, shape=CONVERSATION, hint="batch", kind="completion", tenant="reports",
-                              models=_MODELS)),
+        components=_MIXED,
     ),
     "diurnal": Workload(
         name="diurnal", rate=40.0, arrivals=Diurnal(),
         description="the chat mix under a diurnal swing (peak/trough 3.6x, one period per run)",
-        components=(Component(share=0.7, shape=CONVERSATION, hint="interactive", tenant="chat", models=_MODELS),
-                    Component(share=0.3, shape=CONVERSATION, hint="standard", tenant="chat", models=_MODELS)),
+        components=_CHAT,
     ),
     "rag": Workload(
         name="rag", rate=40.0, arrivals=Bursty(cv=4.0),
@@ -331,10 +331,6 @@ WORKLOADS: dict[str, Workload] = {
         name="ramp", rate=50.0, arrivals=Ramp(),
         description="the mixed mix on a ramp: the rate climbs linearly from 0.25x to 1.75x the base rate "
                     "over the run, past capacity",
-        components=(Component(share=0.4, shape=CONVERSATION, hint="interactive", tenant="chat", models=_MODELS),
-                    Component(share=0.2, shape=CODE, hint="standard", kind="completion", tenant="ide",
-                              models=_MODELS),
-                    Component(share=0.4, shape=CONVERSATION, hint="batch", kind="completion", tenant="reports",
-                              models=_MODELS)),
+        components=_MIXED,
     ),
 }
