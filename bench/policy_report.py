@@ -250,7 +250,7 @@ def frontier(runs: Sequence[FleetRun]) -> list[FleetRun]:
 
 
 STYLE = {"slo": dict(color="black", lw=2.4), "oracle": dict(color="black", lw=1.2, ls="--"),
-         BEST_EFFORT: dict(color="grey", lw=1.6)}
+         BEST_EFFORT: dict(color="black", lw=1.6, ls=":")}
 
 
 def _style(policy: str, i: int) -> dict[str, Any]:
@@ -432,7 +432,7 @@ def setup_section(s: Settings) -> list[str]:
         "first miss. The *knee* of a workload is the highest goodput of any policy.",
         "- **All-class goodput**: output tokens of the jobs that met their class's targets, per second of "
         f"arrivals, weighted by class ({', '.join(f'{c} {w:g}' for c, w in WEIGHTS.items())}): a batch job "
-        "that meets its hour-scale deadline counts, a late interactive answer does not. Its cost: the "
+        "that meets its deadline counts, a late interactive answer does not. Its cost: the "
         "provisioned fleet for the whole run per 1M met output tokens.",
         "- **Cost per 1M output tokens**: the *provisioned* fleet (every worker, busy or idle, at its pool's "
         "$/h, for the whole run) divided by the output tokens served. Per class, each pool's cost is split "
@@ -570,7 +570,7 @@ def cost_section(fleets: dict[str, dict[str, list[FleetRun]]], s: Settings) -> l
                          f"({best.interactive:.1%})")
         rows.append(cells)
     rates = {wl: WORKLOADS[wl].rate * fleets[wl]["slo"][0].multiplier for wl in WORKLOAD_NAMES}
-    lines += _table(["policy", *(f"{wl} ({rates[wl]:g}/s)" for wl in WORKLOAD_NAMES)], rows)
+    lines += _table(["policy", *(f"{wl} ({rates[wl]:.0f}/s)" for wl in WORKLOAD_NAMES)], rows)
     lines += ["Cells: GPU workers + accelerators, fleet cost per hour, cost per 1M output tokens (interactive "
               "attainment).", "", "![cost vs attainment](policy_cost_vs_attainment.png)", ""]
     return lines
