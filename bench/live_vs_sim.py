@@ -400,7 +400,8 @@ def _intro(c: Comparison, command: str) -> list[str]:
         "driver share it.",
         f"- Date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- Command: `{command}`",
-        f"- Policy `{c.policy}`: the built-in `broker/default.toml` + `[routing] policy = \"{c.policy}\"`. Live "
+        f"- Policy `{c.policy}`: the built-in `broker/default.toml` + `[routing] policy = \"{c.policy}\"`, "
+        "admission on (every class `on_unattainable = \"shed\"`, the default: a shed job is a miss). Live "
         f"policy worker: snapshot every {c.snapshot_s:g} s (`IB_SNAPSHOT_S`), worker heartbeats carrying job "
         f"timings every {c.heartbeat_s:g} s (`IB_HEARTBEAT_S`).",
         f"- **sim**: the simulator with these lags (`SimOptions(snapshot_interval_s={c.snapshot_s:g}, "
@@ -421,11 +422,11 @@ def _section(c: Comparison) -> list[str]:
     lines = [
         f"## {c.workload} at {c.rate:g} jobs/s, {c.duration:g} s, seed {c.seed}, fleet {fleet}",
         "",
-        f"{c.jobs} jobs; {n} live run{'s' if n > 1 else ''} (latencies and accelerator shares: run 1).",
+        f"{c.jobs} jobs; {n} live run{'s' if n > 1 else ''} (latencies, accelerator shares and jobs shed: run 1).",
         "",
         "| class | jobs | live mean (lowest..highest) | sim | live - sim (points) | sim spread | sim exact "
-        "| TTFT p50/p99 live (ms) | TTFT p50/p99 sim (ms) | accel share live / sim |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| TTFT p50/p99 live (ms) | TTFT p50/p99 sim (ms) | accel share live / sim | shed live / sim |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     first = c.live[0]
     for k in classes:
@@ -438,7 +439,7 @@ def _section(c: Comparison) -> list[str]:
         lines.append(f"| {k} | {sm.jobs} | {live_cell} | {_pct(sm.attainment)} | "
                      f"{100 * (mean - sm.attainment):+.1f} | {spread} | {_pct(ex.attainment)} | "
                      f"{_ms(lv.ttft_p50_ms)} / {_ms(lv.ttft_p99_ms)} | {_ms(sm.ttft_p50_ms)} / {_ms(sm.ttft_p99_ms)} | "
-                     f"{lv.accel_share:.0%} / {sm.accel_share:.0%} |")
+                     f"{lv.accel_share:.0%} / {sm.accel_share:.0%} | {lv.rejected} / {sm.rejected} |")
     lines += ["", "| run | " + " | ".join(f"{k}: live (live - sim)" for k in classes) +
               " | driver lag p99 | broker overhead p50/p99 | same pool | service TTFT / TPOT live/sim "
               "| slo_met mismatches | unfinished | wall s |",
