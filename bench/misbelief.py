@@ -35,7 +35,7 @@ from policies.slo import SloRouter  # noqa: E402
 from policies.workloads import WORKLOADS  # noqa: E402
 
 FLEET = {"gpu": 4, "accel": 1}
-"""The default fleet (``inference-broker simulate`` and bench/POLICY.md)."""
+"""The default fleet (``inference-broker simulate``): every section of bench/POLICY.md runs on it."""
 WORKLOAD = "mixed"
 RATE = 160.0
 """Jobs/s: about ``mixed``'s interactive goodput for slo on ``FLEET`` in bench/POLICY.md (162.5

@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # run as a script: python bench/policy_report.py
     sys.path.insert(0, str(HERE.parent))
 
-from bench.misbelief import misbelief_section  # noqa: E402
+from bench.misbelief import FLEET, misbelief_section  # noqa: E402
 from broker.config import load_config  # noqa: E402
 from broker.simulate_cli import ORDER  # noqa: E402
 from policies.baselines import ROUTERS  # noqa: E402
@@ -51,7 +51,6 @@ from policies.simulator import (  # noqa: E402
 from policies.workloads import WORKLOADS, Bursty, Diurnal, Poisson, Ramp, generate  # noqa: E402
 
 SEED = 1
-FLEET = {"gpu": 4, "accel": 1}
 WORKLOAD_NAMES = ("chat", "code", "mixed", "diurnal", "rag", "ramp")
 POLICIES = tuple(n for n in ORDER if n in ROUTERS)
 REFERENCE = ("slo", "oracle")

@@ -23,6 +23,7 @@ after the policy could have known.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping
 from typing import Literal
 
@@ -152,10 +153,8 @@ class Watch:
 
     def model(self) -> str | None:
         """The model observed most often on the pool (its factors are the ones worth reading)."""
-        counts: dict[str, int] = {}
-        for _, model, _, _ in self.factors:
-            counts[model] = counts.get(model, 0) + 1
-        return max(counts, key=lambda m: counts[m]) if counts else None
+        counts = Counter(model for _, model, _, _ in self.factors).most_common(1)
+        return counts[0][0] if counts else None
 
     def series(self, model: str | None = None) -> list[tuple[float, float, float]]:
         """(at, TTFT factor, TPOT factor) for ``model`` (default: :meth:`model`)."""
