@@ -21,11 +21,13 @@ COPY README.md /tmp/src/
 COPY broker /tmp/src/broker
 COPY workers /tmp/src/workers
 COPY policies /tmp/src/policies
+COPY evaluation /tmp/src/evaluation
+COPY cli /tmp/src/cli
 RUN pip install --no-deps /tmp/src && rm -rf /tmp/src
 
 RUN useradd --system --create-home --uid 10001 --user-group broker
 USER broker
-# Not the source tree: `python -m broker` (how the roles spawn each other) must import the
+# Not the source tree: `python -m cli` (how the roles spawn each other) must import the
 # installed package.
 WORKDIR /home/broker
 

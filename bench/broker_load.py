@@ -105,7 +105,7 @@ def main() -> None:
     elif args.mode == "collect":
         uvloop.run(collect(args.redis_url, args.run, args.reply, args.n, args.timeout, args.via, args.out))
     else:
-        raise SystemExit("the broker's workers run as `python -m broker worker`")
+        raise SystemExit("the broker's workers run as `python -m cli worker`")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from rich.console import Console
 
 from bench.harness import Procs, Role, measure
 from bench.systems import InferenceBroker
-from broker.embedded import EmbeddedRedis
+from cli.embedded import EmbeddedRedis
 
 RETENTION = {"IB_RESULT_TTL_S": "10", "IB_RESULTS_RETENTION_S": "10", "IB_JANITOR_S": "1"}
 MB = 2**20

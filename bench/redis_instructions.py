@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(args.tree.resolve()))
     import uvloop
 
-    from broker.embedded import find_redis_server, free_port
+    from cli.embedded import find_redis_server, free_port
 
     with tempfile.TemporaryDirectory(prefix="ib-callgrind-") as tmp:
         out = Path(tmp)

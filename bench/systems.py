@@ -1,7 +1,7 @@
 """The systems under test: how to start each one's roles and run its clients.
 
 * ``raw``: the raw ceiling (:mod:`bench.raw_chain`), two hop processes per stage count.
-* ``inference-broker``: the real ``python -m broker policy`` and ``python -m broker worker
+* ``inference-broker``: the real ``python -m cli policy`` and ``python -m cli worker
   --pool bench`` processes with ``bench/bench.toml`` (one pool on the instant device) and
   every reliability feature at its default (claims, leases, fenced completion, dedup,
   deletion after ack, retention); clients through the SDK (:mod:`bench.broker_load`).
@@ -21,8 +21,8 @@ from pathlib import Path
 import psutil
 
 from bench.harness import ROOT, Procs, Role
-from broker.stack import wait_for_roles
 from broker.topology import Topology
+from cli.stack import wait_for_roles
 
 CONFIG = ROOT / "bench" / "bench.toml"
 VENVS = ROOT / "bench" / ".venvs"
@@ -104,9 +104,9 @@ class InferenceBroker(System):
 
     def start(self, procs: Procs, url: str, run: str, *, policy: int = 1, workers: int = 1) -> list[Role]:
         common = ["--redis-url", url, "--prefix", run, "--config", str(CONFIG), "--log-level", "WARNING"]
-        roles = [self._role(procs, "policy", [self.python, "-m", "broker", "policy", *common], self.settings)
+        roles = [self._role(procs, "policy", [self.python, "-m", "cli", "policy", *common], self.settings)
                  for _ in range(policy)]
-        roles += [self._role(procs, "worker", [self.python, "-m", "broker", "worker", "--pool", "bench", *common],
+        roles += [self._role(procs, "worker", [self.python, "-m", "cli", "worker", "--pool", "bench", *common],
                              self.settings) for _ in range(workers)]
         return roles
 

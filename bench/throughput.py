@@ -7,7 +7,7 @@
     python -m bench.throughput --quick              # smoke run, seconds (what CI runs)
     python -m bench.throughput --setup-peers        # once: venvs for Celery, arq and taskiq
 
-One run starts one fresh ``redis-server`` (:class:`broker.embedded.EmbeddedRedis`: loopback,
+One run starts one fresh ``redis-server`` (:class:`cli.embedded.EmbeddedRedis`: loopback,
 append-only file with ``everysec``, ``noeviction``: the broker's shipped setting, for every
 system alike) and measures, in turn and for each repeat: the raw three-hop redis-py chain,
 inference-broker through its SDK with its real role processes, and each installed peer.
@@ -56,7 +56,7 @@ from bench.systems import (
     setup_peers,
     versions,
 )
-from broker.embedded import EmbeddedRedis, find_redis_server
+from cli.embedded import EmbeddedRedis, find_redis_server
 
 console = Console(stderr=True, highlight=False)
 FIXED_RATE = 1000.0
@@ -443,7 +443,7 @@ def report(started: dt.datetime, info: dict[str, str], binary: str, chosen: list
         "",
         "- raw: 2 hop processes (ingress -> pool -> results), XREADGROUP COUNT 256, XADD + XACK in one "
         "pipeline, hiredis, msgspec msgpack; producer pipelines XADDs 256 at a time; collector XREAD COUNT 1024.",
-        "- inference-broker: `python -m broker policy` and `python -m broker worker --pool bench` with "
+        "- inference-broker: `python -m cli policy` and `python -m cli worker --pool bench` with "
         "`bench/bench.toml` (pool `bench`, profile `instant`, concurrency 256), every setting at its default "
         "(claims, leases, fenced completion, dedup keys, deletion after ack, retention, janitor, heartbeats); "
         "producer: `Client.submit_many` (chunks of 256); collector: `Client.results` through a consumer group.",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
-from broker.policy_worker import entry_payload
+from broker.ingress import entry_payload
 from broker.scripts import Scripts
 from broker.topology import Topology
 from broker.wire import DECODE_ERRORS, DeadLetter, InvalidJob, decode_dead, decode_job, decode_routed, json_encode

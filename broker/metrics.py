@@ -2,7 +2,7 @@
 
 Every metric is defined here, once per process, on prometheus-client's default registry
 (which also carries the ``process_*`` and ``python_*`` collectors). A role serves them
-over HTTP when it has a metrics port (:mod:`broker.httpd`). docs/observability.md lists
+over HTTP when it has a metrics port (:mod:`cli.httpd`). docs/observability.md lists
 them with their meaning; the Grafana dashboard in deploy/grafana/ is built on them.
 
 Labels stay bounded: ``class`` (SLO classes of the policy file), ``pool`` (its pools),

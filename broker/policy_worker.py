@@ -15,7 +15,6 @@ import asyncio
 import collections
 import logging
 import random
-import struct
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,6 +23,7 @@ import msgspec
 import redis.asyncio as aioredis
 from prometheus_client import Counter
 
+from broker.ingress import entry_payload
 from broker.janitor import Janitor, warn_if_evicting
 from broker.logs import job_context, printable
 from broker.metrics import POOL_WORKERS, RECLAIMED, PolicyMetrics, export_streams
@@ -62,63 +62,12 @@ from broker.wire import (
 from policies import Decision, JobFeatures, PolicyConfig, PoolState, Snapshot, classify
 from policies.config import JOB_KINDS as KINDS
 from policies.router import Observation, Router, StaticRouter
-from policies.slo import pool_capacity
+from policies.slo import SloRouter, pool_capacity
 
 log = logging.getLogger("inference_broker.policy")
-_FASTSTREAM_MAGIC = b"\x89BIN\r\n\x1a\n"
-_FASTSTREAM_HEAD = struct.Struct(">HII")
-"""What follows the magic: the envelope's version, where its header table starts, where the body starts."""
-_U16 = struct.Struct(">H")
-
-
 def make_router(config: PolicyConfig) -> Router:
-    """The router named by ``[routing] policy`` in the configuration."""
-    if config.routing.policy == "static":
-        return StaticRouter(config)
-    from policies.baselines import ROUTERS  # the SLO-aware router and the baselines
-
-    return ROUTERS[config.routing.policy](config)
-
-
-def entry_payload(fields: dict[bytes, bytes]) -> bytes:
-    """The job bytes of an ingress entry: field ``job``, or a FastStream ``__data__`` envelope."""
-    if b"job" in fields:
-        return fields[b"job"]
-    if b"__data__" in fields:
-        data = fields[b"__data__"]
-        return faststream_body(data) if data.startswith(_FASTSTREAM_MAGIC) else data
-    names = ", ".join(sorted(repr(f.decode(errors="replace")) for f in fields)) or "none"
-    raise InvalidJob("decode_error", f"entry has no `job` field (fields: {names})")
-
-
-def faststream_body(data: bytes) -> bytes:
-    """The job in FastStream's binary envelope (version 1), whose headers are skipped.
-
-    The envelope is checked here, not by FastStream's parser: that one hands back its input
-    when the envelope does not parse, and the job decoder would then report the envelope's
-    bytes as a bad job.
-    """
-    head = len(_FASTSTREAM_MAGIC) + _FASTSTREAM_HEAD.size
-    if len(data) < head + _U16.size:
-        raise _bad_envelope(f"{len(data)} bytes, too short for its header")
-    version, table, body = _FASTSTREAM_HEAD.unpack_from(data, len(_FASTSTREAM_MAGIC))
-    if version != 1:
-        raise _bad_envelope(f"version {version}")
-    end = table + _U16.size
-    if not head <= table or end > len(data):
-        raise _bad_envelope(f"its header table starts at byte {table} of {len(data)}")
-    for _ in range(2 * _U16.unpack_from(data, table)[0]):  # a name and a value per header
-        if end + _U16.size > len(data):
-            raise _bad_envelope(f"its header table runs past the end ({len(data)} bytes)")
-        end += _U16.size + _U16.unpack_from(data, end)[0]
-    if not end <= body <= len(data):
-        raise _bad_envelope(f"its body starts at byte {body}, its header table ends at {end}, of {len(data)}")
-    return data[body:]
-
-
-def _bad_envelope(what: str) -> InvalidJob:
-    return InvalidJob("decode_error", f"bad FastStream envelope: {what}; expected FastStream's binary "
-                                      "envelope (version 1) around a JSON object or a msgpack map")
+    """The live router named by ``[routing] policy`` (the config admits live routers only)."""
+    return StaticRouter(config) if config.routing.policy == "static" else SloRouter(config)
 
 
 def entry_time(entry_id: bytes) -> float:
@@ -151,7 +100,6 @@ class PolicyWorker:
                       for stream in self.lanes[p]}}
         self.janitor = Janitor(client, settings, streams)
         self.router = make_router(config)
-        self._reusable = bool(getattr(self.router, "reusable", False))
         self._decisions: dict[JobFeatures, tuple[str, str, Decision]] = {}
         """Decisions reused for identical jobs until the snapshot changes (see _decide)."""
         self._unseen: dict[str, list[int]] = {}
@@ -414,7 +362,7 @@ class PolicyWorker:
         slo, why = classify(features, self.config)
         decision = self.router.decide(features, slo, self.snapshot, self.rng)
         made = (slo, f"{why}; {decision.reason}", decision)
-        if self._reusable:
+        if getattr(self.router, "reusable", False):  # a stateful router must see every job
             if len(self._decisions) >= 4096:  # many distinct jobs: keep the memory bounded
                 self._decisions.clear()
             self._decisions[features] = made

@@ -16,6 +16,10 @@ import msgspec
 from policies.profiles import PROFILES
 
 JOB_KINDS = ("chat", "completion", "embedding")
+LIVE_ROUTERS = ("slo", "static")
+EVALUATION_ROUTERS = ("oracle", "gpu_only", "accel_only", "round_robin", "jsq", "lowest_latency", "cheapest_first")
+"""Routers that exist only to be compared with in the simulator (``evaluation.baselines``): the
+oracle reads the simulator's truth, and the others are reference points, not policies to run."""
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 
@@ -122,10 +126,10 @@ class PoolSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 class RoutingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Which router decides, and how cautiously."""
 
-    policy: Literal["static", "slo", "oracle", "gpu_only", "accel_only", "round_robin", "jsq", "lowest_latency",
-                    "cheapest_first"] = "slo"
+    policy: str = "slo"
     """``slo``: the cheapest pool predicted to meet the class's target; ``static``: class
-    preferences plus backlog; the others are the baselines of ``policies.baselines``."""
+    preferences plus backlog. The routers of ``evaluation.baselines`` (``EVALUATION_ROUTERS``)
+    run only in the simulator."""
     safety_margin: float = 0.8
     """A pool counts as meeting a target when its prediction is within this share of it."""
     shed_margin: float = 1.0
@@ -170,6 +174,11 @@ class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
 
 def _check(cfg: PolicyConfig) -> PolicyConfig:
+    if (policy := cfg.routing.policy) not in LIVE_ROUTERS:
+        kind = "an evaluation-only router" if policy in EVALUATION_ROUTERS else "not a router"
+        raise ConfigError(f"routing.policy {policy!r} is {kind}: live routing takes {' or '.join(LIVE_ROUTERS)}; "
+                          f"the evaluation-only routers ({', '.join(EVALUATION_ROUTERS)}) run in "
+                          "`inference-broker simulate --policy NAME`")
     if not 0 < cfg.routing.safety_margin <= cfg.routing.shed_margin:
         raise ConfigError(f"routing: need 0 < safety_margin ({cfg.routing.safety_margin}) <= shed_margin "
                           f"({cfg.routing.shed_margin})")

@@ -23,9 +23,9 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 import uvloop
 
-from broker.embedded import EmbeddedRedis, free_port
 from broker.errors import EmbeddedRedisError
 from broker.settings import Settings
+from cli.embedded import EmbeddedRedis, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,10 +94,10 @@ class Roles:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        """``python -m broker <args> --redis-url URL --prefix P`` with output in a log file."""
+        """``python -m cli <args> --redis-url URL --prefix P`` with output in a log file."""
         log = open(self.log_dir / f"{args[0]}-{len(self.procs)}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(
-            [sys.executable, "-m", "broker", *args, "--redis-url", self.url, "--prefix", self.prefix],
+            [sys.executable, "-m", "cli", *args, "--redis-url", self.url, "--prefix", self.prefix],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})}, cwd=ROOT)
         log.close()

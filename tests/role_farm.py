@@ -21,9 +21,9 @@ import uvloop  # noqa: F401 - imported once here, not in every child
 
 import workers.factory  # noqa: F401 - as above (serve_worker imports them when it starts)
 import workers.worker  # noqa: F401
-from broker.embedded import die_with_parent
-from broker.roles import run, serve_policy, serve_worker
+from broker.process import die_with_parent
 from broker.settings import Settings
+from cli.roles import run, serve_policy, serve_worker
 
 TIMEOUT_S = 15.0
 """Longest a role may take to send its first heartbeat."""

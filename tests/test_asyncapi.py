@@ -22,8 +22,9 @@ import msgspec
 import pytest
 import yaml
 
-from broker import asyncapi, wire
+from broker import wire
 from broker.topology import POLICY_GROUP, WORKER_GROUP, Topology
+from cli import asyncapi
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "asyncapi.yaml"
@@ -161,10 +162,10 @@ def test_an_undescribed_topology_key_is_an_error(monkeypatch: pytest.MonkeyPatch
 
 def test_cli_prints_and_writes_the_document(tmp_path: Path) -> None:
     out = tmp_path / "api.json"
-    done = subprocess.run([sys.executable, "-m", "broker", "asyncapi", "--format", "json", "--out", str(out)],
+    done = subprocess.run([sys.executable, "-m", "cli", "asyncapi", "--format", "json", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(out.read_text()) == json.loads(asyncapi.render("json"))
-    printed = subprocess.run([sys.executable, "-m", "broker", "asyncapi"], cwd=ROOT, capture_output=True,
+    printed = subprocess.run([sys.executable, "-m", "cli", "asyncapi"], cwd=ROOT, capture_output=True,
                              text=True, timeout=60)
     assert printed.returncode == 0 and printed.stdout == asyncapi.render("yaml")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.embedded import find_redis_server
 from broker.errors import EmbeddedRedisError
+from cli.embedded import find_redis_server
 
 ROOT = Path(__file__).resolve().parent.parent
 psutil = pytest.importorskip("psutil", reason="the bench extra is not installed: pip install -e '.[bench]'")

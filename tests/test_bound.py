@@ -1,4 +1,4 @@
-"""The fluid LP bound (policies/bound.py): no policy beats it, and it binds where capacity does."""
+"""The fluid LP bound (evaluation/bound.py): no policy beats it, and it binds where capacity does."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import msgspec
 import pytest
 
 from broker.config import load_config
-from policies.baselines import ROUTERS
-from policies.bound import fluid_bound
+from evaluation.baselines import ROUTERS
+from evaluation.bound import fluid_bound
+from evaluation.simulator import attainment, simulate
+from evaluation.workloads import WORKLOADS, Arrival, generate
 from policies.route import JobFeatures
-from policies.simulator import attainment, simulate
-from policies.workloads import WORKLOADS, Arrival, generate
 
 pytest.importorskip("scipy", reason="the bound needs scipy (the report extra)")
 

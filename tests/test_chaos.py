@@ -19,10 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from broker.client import Client
-from broker.embedded import EmbeddedRedis, free_port
 from broker.streams import connect
 from broker.topology import WORKER_GROUP, Topology
 from broker.wire import ChatMessage, Job, decode_dead, decode_result
+from cli.embedded import EmbeddedRedis, free_port
 from tests.conftest import FAST_ENV, Roles
 from tests.helpers import eventually, lane, result_counts
 from tests.test_faults_redis import launch, restart, submit_until_accepted

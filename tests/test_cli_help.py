@@ -17,9 +17,9 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from broker.cli import main
 from broker.config import default_config_text
-from policies.config import config_from_dict
+from cli.main import main
+from policies.config import EVALUATION_ROUTERS, config_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = sorted(main.commands)
@@ -104,7 +104,7 @@ def test_version() -> None:
 
 
 def test_python_dash_m_broker_help() -> None:
-    proc = subprocess.run([sys.executable, "-m", "broker", "--help"], cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "cli", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "submit" in proc.stdout
@@ -144,6 +144,17 @@ def test_config_bad_file_exits_nonzero_naming_file_and_problem(tmp_path: Path, t
     assert isinstance(res.exception, SystemExit)  # a clean error, not a traceback
     assert str(path) in res.output
     assert problem in res.output
+
+
+def test_config_refuses_an_evaluation_only_router_naming_them_all(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(invoke("config").stdout + '\n[routing]\npolicy = "oracle"\n')
+    res = invoke("config", str(path))
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit)
+    assert "'oracle' is an evaluation-only router" in res.output
+    for name in EVALUATION_ROUTERS:
+        assert name in res.output
+    assert "inference-broker simulate --policy" in res.output  # where they do run
 
 
 def test_config_missing_file_is_a_usage_error(tmp_path: Path) -> None:

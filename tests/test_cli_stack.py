@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import ROOT, Roles, TlsRedis
 
-CLI = [sys.executable, "-m", "broker"]
+CLI = [sys.executable, "-m", "cli"]
 
 
 def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -12,9 +12,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from broker.client import Client
-from broker.stack import wait_for_roles
 from broker.topology import Topology
 from broker.wire import Job, Result, json_encode
+from cli.stack import wait_for_roles
 from tests.conftest import FAST_ENV, Roles
 from tests.helpers import eventually
 

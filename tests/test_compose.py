@@ -23,8 +23,8 @@ import click
 import pytest
 import yaml
 
-from broker.cli import main
 from broker.config import load_config
+from cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "compose.yaml"

@@ -21,7 +21,7 @@ def cli(*args: str, url: str, prefix: str, stdin: str | None = None,
     env = {k: v for k, v in os.environ.items() if not k.startswith("IB_")}
     if columns is not None:
         env["COLUMNS"] = str(columns)
-    return subprocess.run([sys.executable, "-m", "broker", *args, "--redis-url", url, "--prefix", prefix],
+    return subprocess.run([sys.executable, "-m", "cli", *args, "--redis-url", url, "--prefix", prefix],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, input=stdin)
 
 

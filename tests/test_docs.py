@@ -12,9 +12,9 @@ import sys
 import click
 import redis.asyncio as aioredis
 
-from broker.cli import main
-from broker.stack import wait_for_roles
 from broker.topology import Topology
+from cli.main import main
+from cli.stack import wait_for_roles
 from tests.conftest import ROOT, Roles
 from tests.helpers import eventually
 from tests.test_cli_help import option_names
@@ -172,7 +172,7 @@ def test_the_readme_submit_examples_run_as_written(roles: Roles, redis_url: str,
     assert len(examples) >= 5
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("IB_")}, "REDIS_URL": redis_url,
            "IB_PREFIX": prefix}
-    cli = f"{shlex.quote(sys.executable)} -m broker"
+    cli = f"{shlex.quote(sys.executable)} -m cli"
     for example in examples:
         done = subprocess.run(["bash", "-c", example.replace(".venv/bin/inference-broker", cli)], env=env,
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -184,10 +184,40 @@ def test_the_readme_submit_examples_run_as_written(roles: Roles, redis_url: str,
                 f"{example}\n{done.stdout}"
 
 
-def test_the_readme_layout_names_every_module() -> None:
-    # The layout once left out six modules: a reader could not find them from the README.
+PACKAGES = ("policies", "evaluation", "broker", "workers", "cli")
+
+
+def readme_layout() -> dict[str, set[str]]:
+    """The modules the README's layout lists under each package heading (``pkg/`` at column 0)."""
     readme = (ROOT / "README.md").read_text()
-    layout = readme[readme.index("\nbroker/ "):readme.index("\ntests/ ")]
-    named = set(re.findall(r"[\w]+\.py", layout))
-    modules = {p.name for pkg in ("broker", "workers", "policies") for p in (ROOT / pkg).glob("*.py")}
-    assert modules - {"__init__.py", "__main__.py"} - named == set()
+    block = readme[readme.index("## Project layout"):readme.index("## Status and what is next")]
+    listed: dict[str, set[str]] = {}
+    package = None
+    for line in block.splitlines():
+        if m := re.match(r"(\w+)/ ", line):
+            package = m.group(1) if m.group(1) in PACKAGES else None
+            listed.setdefault(m.group(1), set())
+        elif package and (m := re.match(r"  ([\w.]+\.py(?:, [\w.]+\.py)*) ", line)):
+            listed[package] |= set(m.group(1).split(", "))
+    return listed
+
+
+def test_the_readme_layout_matches_the_tree() -> None:
+    # The layout once left out six modules and listed ones that had moved.
+    listed = readme_layout()
+    assert [p for p in listed if p in PACKAGES] == list(PACKAGES)  # bottom layer first
+    for package in PACKAGES:
+        on_disk = {p.name for p in (ROOT / package).glob("*.py")} - {"__init__.py", "__main__.py"}
+        assert listed[package] == on_disk, f"{package}/: missing {on_disk - listed[package]}, " \
+                                           f"gone {listed[package] - on_disk}"
+
+
+def test_the_architecture_map_states_the_layers_the_import_test_enforces() -> None:
+    from tests.test_imports import MAY_IMPORT
+
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    assert doc.index("## The map") < doc.index("## The shape")  # the page opens with it
+    rows = dict(re.findall(r"^\| `(\w+)/` \|.*\| ([^|]+) \|$", doc, flags=re.M))
+    assert list(rows) == list(MAY_IMPORT)
+    for package, may in rows.items():
+        assert set(re.findall(r"`(\w+)`", may)) == MAY_IMPORT[package] - {package}, package

@@ -23,11 +23,11 @@ import redis.asyncio as aioredis
 from redis.exceptions import OutOfMemoryError
 
 from broker.client import Client
-from broker.embedded import EmbeddedRedis, free_port
 from broker.errors import Backpressure, RedisOutOfMemory
 from broker.streams import connect
 from broker.topology import Topology
 from broker.wire import Job
+from cli.embedded import EmbeddedRedis, free_port
 from tests.conftest import FAST_ENV, Roles
 from tests.helpers import eventually, lanes
 from tests.test_faults_redis import all_done, assert_exactly_one_ok_result, launch, ready, slow_job

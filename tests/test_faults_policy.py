@@ -256,7 +256,7 @@ async def test_cli_submit_reports_a_full_backlog_as_a_clear_error(
     env = {**os.environ, "IB_MAX_BACKLOG": "3"}
     proc = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "broker", "submit", "--redis-url", redis_url, "--prefix", prefix,
+        [sys.executable, "-m", "cli", "submit", "--redis-url", redis_url, "--prefix", prefix,
          "--prompt", "Hello", "--no-wait"],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=30)
     assert proc.returncode == 1, (proc.stdout, proc.stderr)

@@ -19,11 +19,11 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from broker.client import Client
-from broker.embedded import EmbeddedRedis, free_port
 from broker.errors import EmbeddedRedisError
 from broker.streams import connect, wait_ready
 from broker.topology import POLICY_GROUP, WORKER_GROUP, Topology
 from broker.wire import Job
+from cli.embedded import EmbeddedRedis, free_port
 from tests.conftest import FAST_ENV, Roles, _start
 from tests.helpers import eventually, lane, lanes, result_counts
 

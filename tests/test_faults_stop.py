@@ -22,10 +22,10 @@ import pytest
 from redis.exceptions import RedisError
 
 from broker.client import LISTEN_BLOCK_MS, Client
-from broker.embedded import EmbeddedRedis, free_port
 from broker.errors import ResultTimeout
 from broker.streams import STOP_TIMEOUT_S, connect
 from broker.topology import Topology
+from cli.embedded import EmbeddedRedis, free_port
 from tests.conftest import FAST_ENV, Roles
 from tests.helpers import eventually, lanes
 from tests.test_faults_redis import blocked_in_xread, launch, ready, slow_job

@@ -1,6 +1,6 @@
 """Fault injection on pool workers: SIGKILL, SIGSTOP/SIGCONT and SIGTERM on real processes.
 
-Every role is a separate ``python -m broker`` process on the session's real redis-server
+Every role is a separate ``python -m cli`` process on the session's real redis-server
 (see ``tests/conftest.py``); faults are real signals. Time is read on one host, so the
 ``time.time()`` of this test process and the timestamps the workers put into results
 share a clock. Nothing sleeps where a condition can be awaited; the only sleeps are the

@@ -1,8 +1,11 @@
-"""The import rules from the design: policies is pure, and imports flow one way.
+"""The import rules from the design: one-way layers, pure policies, evaluation apart from live routing.
 
-``broker`` and ``workers`` may import ``policies``; ``policies`` imports neither, nor redis
-nor faststream, and reads no clock, does no I/O and uses no global random (those come in as
-arguments). ``broker`` imports ``workers`` only lazily, inside the functions that run a worker.
+Each package may import only the packages below it (``MAY_IMPORT``), lazily or not: ``policies``
+(pure live decisions) and ``evaluation`` (simulator, workloads, baselines, bounds, which may use
+``policies``) import no I/O layer, read no clock, do no I/O and use no global random (those come
+in as arguments); ``broker`` (the core library) imports ``policies`` only; ``workers`` imports
+``broker`` and ``policies``; ``cli`` (the command line and its tools, which starts the roles)
+may import everything. No two modules import each other, directly or around a loop.
 
 Runtime checks use a fresh interpreter (this test process has already imported everything);
 static checks read the source with ``ast`` so that an import hidden in a rarely-run branch is
@@ -15,13 +18,25 @@ import ast
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY_FILES = sorted((ROOT / "policies").glob("*.py"))
-BROKER_FILES = sorted((ROOT / "broker").glob("*.py"))
+PURE_FILES = POLICY_FILES + sorted((ROOT / "evaluation").glob("*.py"))
+
+MAY_IMPORT = {
+    "policies": {"policies"},
+    "evaluation": {"evaluation", "policies"},
+    "broker": {"broker", "policies"},
+    "workers": {"workers", "broker", "policies"},
+    "cli": {"cli", "broker", "workers", "policies", "evaluation"},
+}
+"""Each package of the project and the project packages it may import: the layers, bottom up."""
+PACKAGES = set(MAY_IMPORT)
+SOURCE_FILES = sorted(path for pkg in PACKAGES for path in (ROOT / pkg).glob("*.py"))
 
 LAYERS = {"broker", "workers", "redis", "faststream"}
 # No clock, no I/O, no global randomness in policies.
@@ -100,27 +115,29 @@ def test_there_are_policy_files() -> None:
     assert {"__init__.py", "config.py", "classify.py", "route.py", "profiles.py"} <= names
 
 
-@pytest.mark.parametrize("path", POLICY_FILES, ids=lambda p: p.name)
-def test_policies_import_no_layer_above_and_nothing_impure(path: Path) -> None:
+@pytest.mark.parametrize("path", PURE_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_policies_and_evaluation_import_no_layer_above_and_nothing_impure(path: Path) -> None:
     bad = [(line, name) for line, name in imported_names(parse(path))
            if name.split(".")[0] in LAYERS | IMPURE]
     assert not bad, f"{path.name} imports {bad}"
 
 
-@pytest.mark.parametrize("path", POLICY_FILES, ids=lambda p: p.name)
-def test_policies_call_no_io_builtins(path: Path) -> None:
+@pytest.mark.parametrize("path", PURE_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_policies_and_evaluation_call_no_io_builtins(path: Path) -> None:
     bad = [(node.lineno, node.func.id) for node in ast.walk(parse(path))
            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in IMPURE_CALLS]
     assert not bad, f"{path.name} calls {bad}"
 
 
-@pytest.mark.parametrize("path", POLICY_FILES, ids=lambda p: p.name)
-def test_policies_imports_are_only_stdlib_typing_msgspec_or_policies(path: Path) -> None:
+@pytest.mark.parametrize("path", PURE_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_pure_imports_are_only_stdlib_typing_msgspec_or_the_pure_packages(path: Path) -> None:
     allowed = {"__future__", "typing", "collections", "dataclasses", "math", "bisect", "functools",
-               "itertools", "enum", "abc", "msgspec", "policies", "heapq", "statistics", "operator", "re",
-               # Pure numerics: only the offline bound (policies/bound.py, the report extra) uses
-               # them, imported inside its function so the live policy never needs them.
-               "numpy", "scipy"}
+               "itertools", "enum", "abc", "msgspec", "heapq", "statistics", "operator", "re",
+               *MAY_IMPORT[path.parent.name]}
+    if path.parent.name == "evaluation":
+        # Pure numerics: only the offline bound (evaluation/bound.py, the report extra) uses them,
+        # imported inside its function so that the simulator never needs them.
+        allowed |= {"numpy", "scipy"}
     bad = [(line, name) for line, name in imported_names(parse(path))
            if name.split(".")[0] not in allowed and not name.startswith("<relative>")]
     assert not bad, f"{path.name} imports {bad}: extend the allow-list only for pure modules"
@@ -134,26 +151,96 @@ def test_the_static_scan_sees_imports() -> None:
     assert {n for _, n in imported_names(sample)} == {"time", "os", "random"}
 
 
-# --------------------------------------------------------------------------- broker and workers
+# --------------------------------------------------------------------------- layers and cycles
 
 
-def test_broker_entry_points_do_not_import_workers() -> None:
-    loaded = modules_after("import broker.cli, broker.client")
-    assert "broker" in loaded and "policies" in loaded
-    assert "workers" not in loaded
+def project_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import of a project package in ``path``, lazy ones included.
+
+    ``from pkg import name`` counts as an import of ``pkg.name`` when that is a module, so that
+    ``from broker import logs`` is an edge to ``broker.logs`` and not to the package.
+    """
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(parse(path)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names if alias.name.split(".")[0] in PACKAGES]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
+            subs = [f"{node.module}.{a.name}" for a in node.names
+                    if (ROOT / node.module.replace(".", "/") / f"{a.name}.py").exists()]
+            found += [(node.lineno, name) for name in subs or [node.module]]
+    return found
 
 
-def test_no_broker_module_imports_workers_at_import_time() -> None:
-    names = sorted(p.stem for p in BROKER_FILES if p.stem not in ("__init__", "__main__"))
-    assert {"cli", "client", "roles", "wire"} <= set(names)
-    loaded = modules_after("\n".join(f"import broker.{n}" for n in names))
-    assert "workers" not in loaded
+def module_name(path: Path) -> str:
+    return path.parent.name if path.stem == "__init__" else f"{path.parent.name}.{path.stem}"
 
 
-@pytest.mark.parametrize("path", BROKER_FILES, ids=lambda p: p.name)
-def test_broker_imports_workers_only_lazily(path: Path) -> None:
-    bad = [(line, name) for line, name in module_level_imports(parse(path)) if name.split(".")[0] == "workers"]
-    assert not bad, f"{path.name} imports workers at module level: {bad}; import it inside the function"
+def test_every_package_of_the_project_has_a_layer() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert set(pyproject["tool"]["setuptools"]["packages"]["find"]["include"]) == {f"{p}*" for p in PACKAGES}
+    assert set(pyproject["tool"]["mypy"]["packages"]) == PACKAGES
+    on_disk = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests", "bench"}
+    assert on_disk == PACKAGES
+
+
+@pytest.mark.parametrize("path", SOURCE_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_each_module_imports_only_its_own_layer_and_those_below(path: Path) -> None:
+    allowed = MAY_IMPORT[path.parent.name]
+    bad = [(line, name) for line, name in project_imports(path) if name.split(".")[0] not in allowed]
+    assert not bad, f"{path.parent.name}/{path.name} imports {bad}; it may import only {sorted(allowed)}"
+
+
+def import_cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def test_no_two_modules_import_each_other_even_lazily() -> None:
+    edges = {module_name(p): {name for _, name in project_imports(p)} - {module_name(p)} for p in SOURCE_FILES}
+    assert "workers.worker" in edges["cli.roles"]  # the roles start workers, from the top layer
+    assert not import_cycles(edges), import_cycles(edges)
+
+
+def test_the_cycle_and_layer_checks_can_fail() -> None:
+    """Guard against vacuous checks: a loop is found, and a lazy upward import is seen."""
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+    lazy_upward = [name for _, name in project_imports(ROOT / "cli" / "roles.py")]
+    assert any(name.startswith("workers") for name in lazy_upward)
+
+
+def test_importing_the_core_and_live_policy_loads_no_tool_worker_or_evaluation_module() -> None:
+    core = sorted(module_name(p) for p in SOURCE_FILES if p.parent.name in ("broker", "policies"))
+    loaded = modules_after("\n".join(f"import {name}" for name in core))
+    assert {"broker", "policies"} <= loaded
+    assert not loaded & {"cli", "workers", "evaluation"}, sorted(loaded & {"cli", "workers", "evaluation"})
 
 
 def test_module_level_scan_skips_functions_and_type_checking() -> None:

@@ -2,7 +2,7 @@
 
 One short workload (chat, 15 s of arrivals at 38 jobs/s, seed 1) runs through a live stack
 (real Redis, a policy worker process routing with the SLO router, one GPU and one accelerator
-worker process on simulated devices) and through ``policies.simulator`` with the same seed,
+worker process on simulated devices) and through ``evaluation.simulator`` with the same seed,
 config, fleet and the live policy worker's snapshot and heartbeat lags (``bench/live_vs_sim.py``
 does both). At this load the fleet sits just below the interactive class's knee (the
 simulator puts its attainment at 95.7%, the target is 90%), so a live stack that routed,

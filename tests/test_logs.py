@@ -22,10 +22,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from broker.client import Client
-from broker.embedded import EmbeddedRedis, free_port
 from broker.logs import JsonFormatter, TextFormatter, job_context, scrub
 from broker.topology import Topology
 from broker.wire import Job, decode_dead
+from cli.embedded import EmbeddedRedis, free_port
 from tests.conftest import FAST_ENV, ROOT, Roles, _start
 from tests.helpers import eventually
 from tests.test_metrics import get, is_ready
@@ -177,10 +177,10 @@ async def test_no_credentials_in_any_log_line_or_error(servers: list[EmbeddedRed
     # A wrong password: the role stops at once and says why, without either password.
     wrong = f"wrong-{uuid.uuid4().hex}"
     bad_url = f"redis://:{wrong}@127.0.0.1:{server.port}/0"
-    refused = subprocess.run([sys.executable, "-m", "broker", "policy", "--redis-url", bad_url, "--prefix", prefix,
+    refused = subprocess.run([sys.executable, "-m", "cli", "policy", "--redis-url", bad_url, "--prefix", prefix,
                               "--log-format", "json"], capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert refused.returncode == 1 and "refused the credentials" in refused.stderr, refused.stderr
-    health = subprocess.run([sys.executable, "-m", "broker", "health", "--redis-url", bad_url],
+    health = subprocess.run([sys.executable, "-m", "cli", "health", "--redis-url", bad_url],
                             capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert health.returncode != 0
 

@@ -26,11 +26,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from broker.client import Client
 from broker.config import default_config_text
-from broker.embedded import EmbeddedRedis, free_port
-from broker.httpd import Readiness, RoleServer
 from broker.metrics import MAX_CLASSES, PoolMetrics
 from broker.topology import Topology
 from broker.wire import ChatMessage, Job
+from cli.embedded import EmbeddedRedis, free_port
+from cli.httpd import Readiness, RoleServer
 from tests.conftest import FAST_ENV, Roles, _start
 from tests.helpers import ACCEL_JOB, eventually, mixed_jobs, warm_up
 

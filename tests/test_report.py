@@ -19,16 +19,16 @@ from pathlib import Path
 import pytest
 from matplotlib import image
 
-from broker import report
 from broker.client import Client
 from broker.config import load_config
 from broker.errors import BrokerError
-from broker.runstats import busy_costs, group_stats
 from broker.wire import Metrics, Result, Timing
+from cli import report
+from cli.runstats import busy_costs, group_stats
 from tests.conftest import ROOT, Roles
 from tests.helpers import mixed_jobs
 
-CLI = [sys.executable, "-m", "broker"]
+CLI = [sys.executable, "-m", "cli"]
 
 
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -31,7 +31,6 @@ import redis.asyncio as aioredis
 from broker.client import Client
 from broker.config import load_config
 from broker.dead import read_dead, replayable_job
-from broker.embedded import EmbeddedRedis, find_redis_server
 from broker.errors import EmbeddedRedisError
 from broker.janitor import Janitor
 from broker.policy_worker import PolicyWorker
@@ -39,6 +38,7 @@ from broker.settings import Settings
 from broker.streams import connect, ensure_group
 from broker.topology import POLICY_GROUP, WORKER_GROUP, Topology
 from broker.wire import InvalidJob, Job, Result, decode_dead, json_encode
+from cli.embedded import EmbeddedRedis, find_redis_server
 from tests.conftest import FAST_ENV, ROOT, Roles
 from tests.helpers import eventually, lanes
 

@@ -21,13 +21,13 @@ import msgspec
 import pytest
 
 from broker.config import load_config
-from policies.baselines import ROUTERS
+from evaluation.baselines import ROUTERS
+from evaluation.scenarios import SCENARIOS, Watch, believing, dead_spans, routed_to_dead
+from evaluation.simulator import DeviceTruth, Failure, SimOptions, SimResult, attainment, simulate
+from evaluation.workloads import WORKLOADS, Arrival, generate
 from policies.route import Decision, JobFeatures, Snapshot
 from policies.router import Observation
-from policies.scenarios import SCENARIOS, Watch, believing, dead_spans, routed_to_dead
-from policies.simulator import DeviceTruth, Failure, SimOptions, SimResult, attainment, simulate
 from policies.slo import SloRouter
-from policies.workloads import WORKLOADS, Arrival, generate
 
 CONFIG = load_config()
 FLEET = {"gpu": 4, "accel": 1}
@@ -212,7 +212,7 @@ def test_a_pool_failure_shifts_routing_within_the_heartbeat_window_and_loses_not
 def test_simulate_runs_a_scenario_and_refuses_an_unknown_one() -> None:
     from click.testing import CliRunner
 
-    from broker.cli import main
+    from cli.main import main
 
     res = CliRunner().invoke(main, ["simulate", "--scenario", "accel-down", "--duration", "6", "--policy",
                                     "slo,true_profile", "--json", "--fleet", "gpu=1,accel=1"])

@@ -20,12 +20,8 @@ import pytest
 
 from broker.config import load_config
 from broker.wire import ChatMessage, Job
-from policies.baselines import ROUTERS, OracleRouter
-from policies.config import PolicyConfig
-from policies.profiles import PROFILES
-from policies.route import Decision, JobFeatures, Snapshot
-from policies.router import Observation, StaticRouter
-from policies.simulator import (
+from evaluation.baselines import ROUTERS, OracleRouter
+from evaluation.simulator import (
     JobRecord,
     SimOptions,
     SimResult,
@@ -34,7 +30,7 @@ from policies.simulator import (
     simulate,
     summarize,
 )
-from policies.workloads import (
+from evaluation.workloads import (
     CODE,
     CONVERSATION,
     WORKLOADS,
@@ -47,6 +43,10 @@ from policies.workloads import (
     SeededRandom,
     generate,
 )
+from policies.config import PolicyConfig
+from policies.profiles import PROFILES
+from policies.route import Decision, JobFeatures, Snapshot
+from policies.router import Observation, StaticRouter
 
 CONFIG = load_config()
 FLEET = {"gpu": 2, "accel": 1}
@@ -601,7 +601,7 @@ def test_records_are_plain_data() -> None:
 
 
 def test_decode_granularity_matches_the_live_backend() -> None:
-    from policies.simulator import DECODE_CHUNK
+    from evaluation.simulator import DECODE_CHUNK
     from workers.simulated import DECODE_CHUNK as LIVE_CHUNK
 
     assert DECODE_CHUNK == LIVE_CHUNK
@@ -610,7 +610,7 @@ def test_decode_granularity_matches_the_live_backend() -> None:
 def test_simulate_command_prints_json_and_tables() -> None:
     from click.testing import CliRunner
 
-    from broker.cli import main
+    from cli.main import main
 
     def command(args: list[str], **kw: Any) -> Any:
         # Through the root group, as a user calls it: a subcommand invoked on its own caches

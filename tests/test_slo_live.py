@@ -17,9 +17,10 @@ from broker.client import Client
 from broker.config import default_config_text, load_config
 from broker.policy_worker import PolicyWorker
 from broker.settings import Settings
-from broker.stack import wait_for_roles
 from broker.topology import POLICY_GROUP, WORKER_GROUP, Topology
 from broker.wire import ChatMessage, Job
+from cli.stack import wait_for_roles
+from evaluation.baselines import ROUTERS
 from policies import PoolState
 from tests.conftest import FAST_ENV, Roles
 from tests.helpers import ACCEL_JOB, policy_refreshed_after, warm_up
@@ -119,7 +120,7 @@ async def test_admission_refuses_at_once_what_no_pool_can_serve_in_time(
         running = await client.exists(Topology(prefix).done("long-1"))
         first = await sdk.result("long-0", timeout=30)
         cli = await asyncio.to_thread(
-            subprocess.run, [sys.executable, "-m", "broker", "submit", "--redis-url", redis_url, "--prefix", prefix,
+            subprocess.run, [sys.executable, "-m", "cli", "submit", "--redis-url", redis_url, "--prefix", prefix,
                              "--slo", "instant", "--prompt", "hi", "--timeout", "30"],
             env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
     assert impossible.status == "rejected" and impossible.slo == "instant"
@@ -200,10 +201,9 @@ async def test_the_policy_sees_a_pool_cooling_only_while_every_live_worker_is(
 @pytest.mark.parametrize("router", ["slo", "round_robin"])
 async def test_identical_jobs_reuse_a_decision_until_the_policys_own_routing_fills_a_step(
         router: str, redis_url: str, prefix: str, client: aioredis.Redis, tmp_path: Path) -> None:
-    config = tmp_path / "policy.toml"
-    config.write_text(default_config_text() + f'\n[routing]\npolicy = "{router}"\n')
     settings = Settings(redis_url=redis_url, prefix=prefix)
-    policy = PolicyWorker(client, settings, load_config(config))
+    policy = PolicyWorker(client, settings, load_config())
+    policy.router = ROUTERS[router](policy.config)  # round robin: a router that may not reuse a decision
     await policy.setup()
     seen: list[int] = []  # the gpu backlog each real decision saw
     decide = policy.router.decide

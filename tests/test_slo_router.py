@@ -18,8 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.config import default_config_text, load_config
-from policies import PROFILES, JobFeatures, PolicyConfig, PoolState, Snapshot, config_from_dict
-from policies.baselines import (
+from evaluation.baselines import (
     ROUTERS,
     AccelOnly,
     CheapestFirst,
@@ -30,12 +29,14 @@ from policies.baselines import (
     OracleTruth,
     RoundRobin,
 )
-from policies.config import JOB_KINDS, ConfigError
+from policies import PROFILES, JobFeatures, PolicyConfig, PoolState, Snapshot, config_from_dict
+from policies.config import EVALUATION_ROUTERS, JOB_KINDS, LIVE_ROUTERS, ConfigError
 from policies.estimate import LatencyEstimator, Prediction, bucket, job_cost
 from policies.router import Observation
 from policies.slo import SloRouter, misses, queue_key
 
 DEFAULT = load_config()
+DEFAULT_DICT = tomllib.loads(default_config_text())
 RAW: dict[str, Any] = tomllib.loads(default_config_text())
 H100_8B = PROFILES["h100"].models["llama-3.1-8b"]
 H100_70B = PROFILES["h100"].models["llama-3.3-70b"]
@@ -601,11 +602,18 @@ def test_the_oracle_uses_true_device_times_and_waits() -> None:
     assert d.predicted_ttft_ms == pytest.approx(5.0) and d.predicted_e2e_ms == pytest.approx(5 + 63 * 1.0)
 
 
-def test_the_registry() -> None:
-    assert set(ROUTERS) == {"static", "slo", "oracle", "gpu_only", "accel_only", "round_robin", "jsq",
-                            "lowest_latency", "cheapest_first"}
+def test_the_registry_holds_the_live_routers_and_the_evaluation_only_ones() -> None:
+    assert list(ROUTERS) == [*LIVE_ROUTERS[:1], *EVALUATION_ROUTERS, *LIVE_ROUTERS[1:]]
     for name, make in ROUTERS.items():
         assert make(DEFAULT).name == name
+
+
+@pytest.mark.parametrize("name", EVALUATION_ROUTERS)
+def test_the_live_config_refuses_an_evaluation_only_router_and_names_them_all(name: str) -> None:
+    with pytest.raises(ConfigError, match=f"'{name}' is an evaluation-only router") as refused:
+        config_from_dict({**DEFAULT_DICT, "routing": {"policy": name}})
+    assert all(other in str(refused.value) for other in EVALUATION_ROUTERS)
+    assert "live routing takes slo or static" in str(refused.value)
 
 
 # --------------------------------------------------------------------------- properties

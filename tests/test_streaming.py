@@ -53,7 +53,7 @@ def test_submit_stream_prints_the_output_then_the_result(roles: Roles, redis_url
     roles.policy()
     roles.worker("gpu")
     out = subprocess.run(
-        [sys.executable, "-m", "broker", "submit", "--stream", "--prompt", "hi", "--max-tokens", "40",
+        [sys.executable, "-m", "cli", "submit", "--stream", "--prompt", "hi", "--max-tokens", "40",
          "--redis-url", redis_url, "--prefix", prefix], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stderr
     first, *rest = out.stdout.splitlines()

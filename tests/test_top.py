@@ -26,14 +26,14 @@ from rich.console import Console
 
 from broker.client import Client
 from broker.config import load_config
-from broker.embedded import EmbeddedRedis
 from broker.settings import Settings
-from broker.top import Collector, PoolView, StreamView, TopState, WorkerView, render
 from broker.wire import Result
+from cli.embedded import EmbeddedRedis
+from cli.top import Collector, PoolView, StreamView, TopState, WorkerView, render
 from tests.conftest import ROOT, Roles
 from tests.helpers import mixed_jobs
 
-CLI = [sys.executable, "-m", "broker"]
+CLI = [sys.executable, "-m", "cli"]
 
 
 class Stack:

@@ -480,7 +480,7 @@ def test_prefix_with_trailing_newline_rejected() -> None:
 async def test_faststream_envelopes_unwrap_and_broken_ones_are_decode_errors() -> None:
     from faststream.redis.parser.binary import BinaryMessageFormatV1
 
-    from broker.policy_worker import entry_payload
+    from broker.ingress import entry_payload
 
     body = json_encode(Job.chat("llama-3.1-8b", "hi", id="fs"))
     for headers in ({}, {"traceparent": "00-ab-cd-01", "x" * 300: "y"}):

@@ -26,7 +26,7 @@ from typing import BinaryIO
 
 import msgspec
 
-from broker.embedded import die_with_parent
+from broker.process import die_with_parent
 from broker.wire import Job
 from policies.config import PoolSpec
 from workers.backend import BackendError, InferenceOutput, TokenSink

@@ -1,7 +1,7 @@
 """A whole local stack in processes: embedded Redis, a policy worker and the pools.
 
 Used by ``inference-broker up`` and ``demo``. Each role is a separate OS process
-(``python -m broker policy`` / ``worker``), exactly what compose runs, so the local stack
+(``python -m cli policy`` / ``worker``), exactly what compose runs, so the local stack
 exercises the same code paths as a deployment.
 """
 
@@ -19,10 +19,11 @@ from typing import IO
 import msgspec
 import redis
 
-from broker.embedded import EmbeddedRedis, die_with_parent
 from broker.errors import BrokerError
+from broker.process import die_with_parent
 from broker.settings import Settings
 from broker.topology import Topology
+from cli.embedded import EmbeddedRedis
 
 
 class Stack:
@@ -42,7 +43,7 @@ class Stack:
         """Role label to the port of its HTTP endpoint (/metrics, /healthz, /readyz), when served."""
 
     def _spawn(self, label: str, *args: str) -> None:
-        cmd = [sys.executable, "-m", "broker", *args, "--prefix", self.settings.prefix,
+        cmd = [sys.executable, "-m", "cli", *args, "--prefix", self.settings.prefix,
                "--log-format", self.settings.log_format]
         if self.settings.config:
             cmd += ["--config", str(self.settings.config)]

@@ -32,13 +32,13 @@ The router learns from an :class:`Observation` the moment a job finishes, or, wi
 ``SimOptions.truth`` makes a pool's devices differ (:class:`DeviceTruth`: slower or faster,
 per-job lognormal noise, a heavy tail, slow nodes), multiplying each job's TTFT and inter-token
 times; the router keeps believing the profile and must learn the difference from its
-observations (:mod:`policies.scenarios` names the usual cases). ``SimOptions.failures`` kills
+observations (:mod:`evaluation.scenarios` names the usual cases). ``SimOptions.failures`` kills
 workers (:class:`Failure`) as the live stack loses them: their running jobs stay pending and are
 run again from the start by a live peer of the pool ``reclaim_s`` later (the live claim timeout),
 the snapshot keeps counting the dead workers for ``heartbeat_lag_s`` (until their heartbeats are
 too old), queued jobs wait for a live worker, and a recovery brings the same workers back empty.
 
-The offline reference (:class:`~policies.baselines.OracleRouter`) gets the truth through its
+The offline reference (:class:`~evaluation.baselines.OracleRouter`) gets the truth through its
 ``truth`` hook: for the job being decided and a candidate pool, the simulator copies that
 pool (workers, running jobs, queue), adds the job and runs the copy forward with no further
 arrivals: the job's real queue wait, TTFT and time per output token on that pool (its true
@@ -61,13 +61,13 @@ from typing import Literal
 
 import msgspec
 
-from policies.baselines import OracleRouter, OracleTruth
+from evaluation.baselines import OracleRouter, OracleTruth
+from evaluation.workloads import Arrival, SeededRandom, Workload, generate
 from policies.classify import classify
 from policies.config import PolicyConfig, PoolSpec, SLOClass, reserved_slots
 from policies.profiles import PROFILES, ModelProfile
 from policies.route import JobFeatures, PoolState, Snapshot
 from policies.router import Observation, Router
-from policies.workloads import Arrival, SeededRandom, Workload, generate
 
 DECODE_CHUNK = 32
 """Tokens decoded between concurrency re-reads (``workers.simulated.DECODE_CHUNK``)."""

@@ -2,7 +2,7 @@
 
 Results come from a result stream or from a file of JSON lines (``results --export``,
 ``demo --json``). The page has the summary table (per class and per pool, see
-:mod:`broker.runstats` for the definitions) and four figures, embedded as base64 PNGs that
+:mod:`cli.runstats` for the definitions) and four figures, embedded as base64 PNGs that
 are also written next to it:
 
 * ``latency_cdf.png``: TTFT and end-to-end CDFs per class and pool, with the TTFT targets;
@@ -27,8 +27,8 @@ import msgspec
 import redis.asyncio as aioredis
 
 from broker.errors import BrokerError
-from broker.runstats import STATUSES, GroupStats, busy_costs, by_key, group_stats, results_of, span_text
 from broker.wire import DECODE_ERRORS, Result, decode_result
+from cli.runstats import STATUSES, GroupStats, busy_costs, by_key, group_stats, results_of, span_text
 from policies.config import PolicyConfig
 
 if TYPE_CHECKING:

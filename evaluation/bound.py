@@ -32,7 +32,7 @@ ever make the real optimum lower:
 
 The relaxation is of the *fluid* device: each token takes one concurrency's time and share. The
 simulator reads a worker's concurrency once per prefill and once per 32-token decode chunk
-(``policies.simulator``), so a job that started before others joined pays a little less than
+(``evaluation.simulator``), so a job that started before others joined pays a little less than
 the fluid model charges; a policy could in principle exploit that by a hair. bench/POLICY.md
 checks the bound against every policy's result on every run.
 
@@ -49,10 +49,10 @@ from functools import cache
 
 import msgspec
 
+from evaluation.workloads import Arrival
 from policies.classify import classify
 from policies.config import PolicyConfig, SLOClass
 from policies.profiles import PROFILES, ModelProfile
-from policies.workloads import Arrival
 
 MIN_INTERVAL_S = 0.25
 """The shortest interval of the family; windows shorter than this are charged to one this long."""

@@ -219,7 +219,7 @@ def _variants(member: str, params: dict[str, str]) -> list[tuple[str, tuple[str,
         sig_params = list(inspect.signature(attr).parameters.values())[1:]
         unknown = [p.name for p in sig_params if p.name not in params]
         if unknown:
-            raise RuntimeError(f"Topology.{member} has parameter(s) {unknown} that broker/asyncapi.py does not "
+            raise RuntimeError(f"Topology.{member} has parameter(s) {unknown} that cli/asyncapi.py does not "
                                "describe: add them to its STREAMS/KEYS entry (and PARAMETERS)")
         required = {p.name: f"{{{params[p.name]}}}" for p in sig_params if p.default is inspect.Parameter.empty}
         calls = [required, {p.name: f"{{{params[p.name]}}}" for p in sig_params}]
@@ -255,7 +255,7 @@ def document() -> dict[str, Any]:
     """The AsyncAPI 3.0 document, as plain data."""
     undescribed = set(topology_members()) - set(STREAMS) - set(KEYS)
     if undescribed:
-        raise RuntimeError(f"Topology key(s) {sorted(undescribed)} are not described in broker/asyncapi.py: "
+        raise RuntimeError(f"Topology key(s) {sorted(undescribed)} are not described in cli/asyncapi.py: "
                            "add them to STREAMS (a stream) or KEYS (anything else)")
     try:
         version = metadata.version("inference-broker")

@@ -1,8 +1,8 @@
 """``inference-broker top``, ``report`` and ``asyncapi``: commands that look at a stack or describe it.
 
-The logic lives in :mod:`broker.top`, :mod:`broker.report` and :mod:`broker.asyncapi`; this
+The logic lives in :mod:`cli.top`, :mod:`cli.report` and :mod:`cli.asyncapi`; this
 module parses options. It registers its commands on the main group when imported, which
-``broker/cli.py`` does at its end (so either module may be imported first).
+``cli/main.py`` does at its end (so either module may be imported first).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Any
 
 import click
 
-from broker.cli import EPILOG, _need_url, _settings, common, main
+from cli.common import EPILOG, common, need_url, settings_from
 
 
-@main.command("asyncapi", epilog=EPILOG)
+@click.command("asyncapi", epilog=EPILOG)
 @click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the document to this file instead of printing it.")
 @click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True,
@@ -29,7 +29,7 @@ def asyncapi_cmd(out: Path | None, fmt: str) -> None:
     Schemas come from the wire Structs (broker/wire.py), addresses from broker/topology.py.
     docs/asyncapi.yaml in the repository is this command's output.
     """
-    from broker.asyncapi import render
+    from cli.asyncapi import render
 
     text = render(fmt)
     if out is None:
@@ -39,7 +39,7 @@ def asyncapi_cmd(out: Path | None, fmt: str) -> None:
     click.echo(f"wrote {out}", err=True)
 
 
-@main.command("report", epilog=EPILOG)
+@click.command("report", epilog=EPILOG)
 @common
 @click.option("--input", "-i", "input_file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
               help="Read results from this file (JSON lines, from `results --export` or `demo --json`; "
@@ -57,11 +57,11 @@ def report_cmd(input_file: Path | None, reply_to: str, out_dir: Path, title: str
     the summary table per class and per pool. Needs matplotlib:
     pip install 'inference-broker[report]'.
     """
-    from broker import report
     from broker.config import load_config
     from broker.streams import connect
+    from cli import report
 
-    settings = _settings(**opts)
+    settings = settings_from(**opts)
     config = load_config(settings.config)
     if input_file is not None:
         if str(input_file) == "-":
@@ -70,7 +70,7 @@ def report_cmd(input_file: Path | None, reply_to: str, out_dir: Path, title: str
             results = report.load_file(input_file)
         source = str(input_file)
     else:
-        settings = _need_url(settings)
+        settings = need_url(settings)
         try:
             stream = settings.topology.reply(reply_to)
         except ValueError as exc:
@@ -89,7 +89,7 @@ def report_cmd(input_file: Path | None, reply_to: str, out_dir: Path, title: str
     click.echo(f"{len(results)} results from {source}: wrote {index} and {len(report.FIGURES)} PNGs in {out_dir}")
 
 
-@main.command("top", epilog=EPILOG)
+@click.command("top", epilog=EPILOG)
 @common
 @click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
               help="Seconds between refreshes.")
@@ -108,9 +108,9 @@ def top_cmd(interval: float, window: float, reply_to: str, once: bool, **opts: A
 
     from broker.config import load_config
     from broker.streams import connect
-    from broker.top import Collector, render
+    from cli.top import Collector, render
 
-    settings = _need_url(_settings(**opts))
+    settings = need_url(settings_from(**opts))
     try:
         settings.topology.reply(reply_to)
     except ValueError as exc:

@@ -3,8 +3,8 @@
 A router plans with the pools' device profiles (``PROFILES[spec.profile]``) and corrects
 them from what it observes (:class:`~policies.estimate.LatencyEstimator`). In a plain
 simulation the devices follow those very profiles, so the correction is never exercised.
-Each :class:`Scenario` here makes the truth differ (:class:`~policies.simulator.DeviceTruth`,
-:class:`~policies.simulator.Failure`) for a run of a given length:
+Each :class:`Scenario` here makes the truth differ (:class:`~evaluation.simulator.DeviceTruth`,
+:class:`~evaluation.simulator.Failure`) for a run of a given length:
 
 * ``accel-slow`` / ``gpu-slow``: the accelerator / GPU pools run 2x slower than their profile;
 * ``noisy``: every job's device time is the profile's times a lognormal of mean 1, CV 0.5;
@@ -29,12 +29,12 @@ from typing import Literal
 
 import msgspec
 
+from evaluation.simulator import DEFAULT_OPTIONS, DeviceTruth, Failure, SimOptions, SimResult, accelerator_pools
 from policies.config import PolicyConfig
 from policies.estimate import LatencyEstimator
 from policies.profiles import ModelProfile
 from policies.route import Decision, JobFeatures, Snapshot
 from policies.router import Observation, RandomSource
-from policies.simulator import DEFAULT_OPTIONS, DeviceTruth, Failure, SimOptions, SimResult, accelerator_pools
 from policies.slo import SloRouter
 
 Pools = Literal["accel", "gpu", "all"]

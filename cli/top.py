@@ -10,7 +10,7 @@ captured from plain data. What each part comes from:
   length, and per consumer group ``lag`` (Redis 7.0+), pending entries and the age of the
   oldest pending one (``XPENDING``);
 * **classes**: the result stream's entries of the last ``window_s`` seconds (``XREVRANGE``):
-  throughput, p50/p99 TTFT and end-to-end, attainment (see :mod:`broker.runstats`), and
+  throughput, p50/p99 TTFT and end-to-end, attainment (see :mod:`cli.runstats`), and
   each pool's share;
 * **dead letters**: the length of the dead-letter stream.
 """
@@ -25,10 +25,10 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from broker.runstats import GroupStats, by_key, group_stats, results_of, span_text
 from broker.settings import Settings
 from broker.streams import RETRYABLE, redacted, unreachable
 from broker.wire import DECODE_ERRORS
+from cli.runstats import GroupStats, by_key, group_stats, results_of, span_text
 from policies.config import PolicyConfig
 
 NOW_S = 10.0

@@ -1,6 +1,6 @@
 """``inference-broker simulate``: the routing policies on a simulated fleet, one table per run.
 
-The simulation itself is pure (:mod:`policies.simulator`); this module only parses options,
+The simulation itself is pure (:mod:`evaluation.simulator`); this module only parses options,
 loads the policy file and prints. Register it on the main group with
 ``main.add_command(simulate)``.
 """
@@ -14,26 +14,24 @@ from typing import Any
 import click
 import msgspec
 
-from broker.runstats import span_text
-from policies import simulator
-from policies.baselines import ROUTERS
+from cli.runstats import span_text
+from evaluation import simulator
+from evaluation.baselines import ROUTERS
+from evaluation.scenarios import SCENARIOS, believing, routed_to_dead
+from evaluation.simulator import ClassMetrics, Goodput, SimOptions, goodput, summarize
+from evaluation.workloads import WORKLOADS
 from policies.config import ConfigError, PolicyConfig, pool_counts
 from policies.router import Router
-from policies.scenarios import SCENARIOS, believing, routed_to_dead
-from policies.simulator import ClassMetrics, Goodput, SimOptions, goodput, summarize
-from policies.workloads import WORKLOADS
 
 EPILOG = "Docs: README.md, docs/ and bench/POLICY.md in the project repository."
-ORDER = ("slo", "oracle", "gpu_only", "accel_only", "round_robin", "jsq", "lowest_latency", "cheapest_first", "static")
-"""Policies in report order: the SLO router, its offline reference, then the baselines."""
 TRUE_PROFILE = "true_profile"
-"""The SLO router told the scenario's truth (:func:`policies.scenarios.believing`): not in ``all``."""
+"""The SLO router told the scenario's truth (:func:`evaluation.scenarios.believing`): not in ``all``."""
 
 
 def policy_names(choice: str) -> list[str]:
     """``all`` or a comma-separated list of router names, checked against the registry."""
     if choice == "all":
-        return [n for n in ORDER if n in ROUTERS] + sorted(set(ROUTERS) - set(ORDER))
+        return list(ROUTERS)
     names = [n.strip() for n in choice.split(",") if n.strip()]
     unknown = [n for n in names if n not in ROUTERS and n != TRUE_PROFILE]
     if unknown or not names:
@@ -77,7 +75,7 @@ COLUMNS = ("class", "jobs", "met", "admitted", "shed/fail", "TTFT p50/p99", "$/M
 
 @click.command("simulate", epilog=EPILOG)
 @click.option("--workload", type=click.Choice(sorted(WORKLOADS)), default="chat", show_default=True,
-              help="Trace-shaped workload (policies/workloads.py).")
+              help="Trace-shaped workload (evaluation/workloads.py).")
 @click.option("--policy", "policy", default="all", show_default=True, metavar="NAME[,NAME]|all",
               help=f"Routing policies to compare: {', '.join(ROUTERS)}; also {TRUE_PROFILE} (slo believing "
                    "the --scenario's truth, not in all).")

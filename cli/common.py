@@ -1,0 +1,230 @@
+"""What every command shares: its options, its settings, and the group that turns errors into one line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import click
+import msgspec
+from redis.exceptions import AuthenticationError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from broker.errors import BrokerError
+from broker.settings import Settings
+from broker.streams import redacted, unreachable
+from cli.stack import state_file
+from policies.config import ConfigError, pool_counts
+
+F = TypeVar("F", bound=Callable[..., Any])
+EPILOG = "Docs: README.md and docs/ in the project repository."
+
+
+URL_KEY = "inference_broker.redis_url"
+"""``ctx.meta`` key of the Redis URL a command uses, for its error messages."""
+
+
+def common(f: F) -> F:
+    """Options every command shares: where Redis is, the key prefix, the policy file."""
+    f = click.option("--log-format", type=click.Choice(["text", "json"]), envvar="IB_LOG_FORMAT",
+                     help="Log lines as text, or one JSON object per line (ts, level, logger, msg, job_id, "
+                          "trace_id) [env IB_LOG_FORMAT; default: text].")(f)
+    f = click.option("--log-level", default="INFO", show_default=True,
+                     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+                     help="Log verbosity.")(f)
+    f = click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), envvar="IB_CONFIG",
+                     help="Policy TOML (SLO classes, rules, pools) [env IB_CONFIG; default: built-in]. "
+                          "Every command checks it; the roles route by it.")(f)
+    f = click.option("--prefix", default="ib", show_default=True, envvar="IB_PREFIX",
+                     help="Key prefix of the deployment [env IB_PREFIX].")(f)
+    f = click.option("--redis-url", envvar="REDIS_URL", metavar="URL",
+                     help="Redis to use, e.g. redis://localhost:6379/0 or rediss:// for TLS [env REDIS_URL]. "
+                          "@FILE reads the URL from FILE: a password on the command line shows in `ps`.")(f)
+    return f
+
+
+def _has_password(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.password is not None or "password=" in parts.query
+
+
+def _resolve_url(url: str | None) -> str | None:
+    """The Redis URL of ``--redis-url``/``REDIS_URL``, read from FILE for ``@FILE``."""
+    if url is None or not url.startswith("@"):
+        return url
+    path = Path(url[1:]).expanduser()
+    try:
+        url = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"cannot read the URL file {path}: {getattr(exc, 'strerror', None) or exc}",
+                                 param_hint="--redis-url") from None
+    if not url:
+        raise click.BadParameter(f"the URL file {path} is empty", param_hint="--redis-url")
+    return url
+
+
+def _warn_if_password_typed(url: str | None) -> None:
+    """A password typed in ``--redis-url`` shows in ``ps`` to every user of the machine: say so."""
+    ctx = click.get_current_context(silent=True)
+    if (url and _has_password(url) and ctx is not None
+            and ctx.get_parameter_source("redis_url") == click.core.ParameterSource.COMMANDLINE):
+        logging.getLogger("inference_broker").warning(
+            "the password in --redis-url shows in `ps` to every user of this machine; "
+            "try: REDIS_URL in the environment, or --redis-url @FILE")
+
+
+def remember_url(url: str | None) -> None:
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and url:
+        ctx.meta[URL_KEY] = url
+
+
+def settings_from(redis_url: str | None, prefix: str, config: Path | None, log_level: str,
+                  log_format: str | None = None, **extra: Any) -> Settings:
+    from broker import logs
+    from broker.config import load_config
+
+    typed_url, redis_url = redis_url, _resolve_url(redis_url)
+    try:
+        settings = Settings.from_env(None, redis_url=redis_url, prefix=prefix, config=config,
+                                     log_format=log_format, **extra)
+    except ValueError as exc:
+        logs.setup(log_level)
+        raise click.UsageError(logs.scrub(str(exc))) from None
+    logs.setup(log_level, settings.log_format)
+    _warn_if_password_typed(typed_url)
+    if settings.config is not None:
+        try:
+            load_config(settings.config)  # a bad file fails every command, not only the roles that route by it
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint="--config") from None
+    remember_url(settings.redis_url)
+    return settings
+
+
+def metrics_port_option(help: str) -> Callable[[F], F]:
+    """``--metrics-port``: where a role serves /metrics, /healthz and /readyz."""
+    return click.option("--metrics-port", type=click.IntRange(0, 65535), envvar="IB_METRICS_PORT", metavar="PORT",
+                        help=help)
+
+
+def need_url(settings: Settings) -> Settings:
+    """Commands that talk to a running stack: the given URL, else the one ``up`` recorded."""
+    if settings.redis_url:
+        return settings
+    try:
+        url = state_file().read_text().strip()
+    except OSError:
+        raise click.UsageError(
+            "no Redis configured. Pass --redis-url or set REDIS_URL, or start a local stack "
+            "with `inference-broker up` in another terminal (it is found automatically).") from None
+    remember_url(url)
+    return msgspec.structs.replace(settings, redis_url=url)
+
+
+def user_error(exc: Exception, url: str | None) -> str | None:
+    """One line saying what went wrong and what to try, for an error the user can act on.
+
+    None for anything else: a bug keeps its traceback.
+    """
+    where = f"Redis at {redacted(url)}" if url else "Redis"
+    if isinstance(exc, AuthenticationError):
+        return f"{where} refused the credentials ({exc}); try: check the user and password in the URL"
+    if isinstance(exc, BrokerError | ConfigError):
+        return str(exc)
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+        return unreachable(url, exc) if url else str(exc)
+    if isinstance(exc, RedisError):
+        return f"{where} refused a command ({exc}); try: check its settings and its log"
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.strerror or exc}: {exc.filename}; try: check the path and its permissions"
+    return None
+
+
+class Commands(click.Group):
+    """The command group: whole sentences in the list of commands, and one-line errors.
+
+    Every command runs under :meth:`invoke`, so an error a user can act on (Redis down or
+    misconfigured, a bad policy file, a job rejected) prints as one ``error: ...; try: ...``
+    line with exit status 1, in one place rather than a try/except per command.
+    """
+
+    group_class = type  # subgroups (``dead``) are Commands too
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Click cuts each command's first sentence to fit one line, mid-phrase; wrap it whole.
+        rows = [(name, cmd.get_short_help_str(limit=sys.maxsize)) for name in self.list_commands(ctx)
+                if (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from broker import logs
+
+        try:
+            return super().invoke(ctx)
+        except (click.UsageError, click.exceptions.Exit, click.Abort):
+            raise
+        except click.ClickException as exc:
+            message, code = exc.format_message(), exc.exit_code
+        except Exception as exc:  # noqa: BLE001 - sorted into a one-line error or re-raised
+            found = user_error(exc, ctx.meta.get(URL_KEY))
+            if found is None:
+                raise
+            message, code = found, 1
+        click.secho(f"error: {logs.scrub(message)}", fg="red", err=True)
+        ctx.exit(code)
+
+
+def workers_option(f: F) -> F:
+    return click.option(
+        "--workers", "worker_counts", metavar="POOL=N", multiple=True,
+        help="Worker processes for a pool; repeat per pool. Default: 2 for the default pool, 1 for others.")(f)
+
+
+def pool_workers(settings: Settings, counts: tuple[str, ...]) -> dict[str, int]:
+    """Worker processes per configured pool, from ``--workers POOL=N`` over the defaults."""
+    from broker.config import load_config
+
+    config = load_config(settings.config)
+    base = {pool: 2 if pool == config.default_pool else 1 for pool in config.pools}
+    try:
+        return pool_counts(config, counts, base)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--workers") from None
+
+
+def check_redis(url: str) -> None:
+    """Ping Redis at ``url`` before starting roles that need it: a URL that cannot work fails here, saying why."""
+    from broker.streams import connect
+
+    async def ping() -> None:
+        client = connect(url)
+        try:
+            await client.ping()  # type: ignore[misc]
+        finally:
+            await client.aclose()
+
+    asyncio.run(ping())
+
+
+def sigterm_is_interrupt() -> None:
+    """Treat SIGTERM like Ctrl-C, so `kill` stops the stack as cleanly as Ctrl-C does.
+
+    SIGINT is set explicitly too: a process started in the background by a shell (`&`,
+    `nohup`) inherits SIGINT ignored, and would otherwise never stop on Ctrl-C or `kill -INT`.
+    """
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
