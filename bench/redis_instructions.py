@@ -51,9 +51,9 @@ async def _measure(url: str, jobs: int, tree: Path, pid: int, out: Path) -> tupl
     from bench.broker_load import job
     from broker.client import Client
     from broker.config import load_config
+    from broker.connection import connect
     from broker.policy_worker import PolicyWorker
     from broker.settings import Settings
-    from broker.streams import connect
     from workers.factory import make_backend
     from workers.worker import PoolWorker
 

@@ -24,18 +24,10 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import OutOfMemoryError, ResponseError
 
+from broker.connection import OUT_OF_MEMORY, RETRYABLE, connect
 from broker.errors import Backpressure, JobFailed, JobRejected, RedisOutOfMemory, ResultTimeout
 from broker.scripts import Scripts
-from broker.streams import (
-    OUT_OF_MEMORY,
-    RETRYABLE,
-    STOP_TIMEOUT_S,
-    Backoff,
-    briefly,
-    connect,
-    ensure_group,
-    is_group_lost,
-)
+from broker.streams import STOP_TIMEOUT_S, Backoff, briefly, ensure_group, is_group_lost
 from broker.topology import Topology
 from broker.wire import DECODE_ERRORS, InvalidJob, Job, Result, TokenChunk, decode_result, encode_job
 

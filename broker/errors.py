@@ -37,8 +37,8 @@ class RedisMisconfigured(RedisUnavailable, redis.exceptions.ConnectionError):
     """The URL cannot work against the server there (TLS mismatch, untrusted certificate): retrying will not help.
 
     A ``redis.exceptions.ConnectionError`` too, so that code which rides out a lost connection
-    handles it alike; :func:`broker.streams.connect` clients do not retry it. Callers may get
-    it as the cause of another ``ConnectionError``: :func:`broker.streams.misconfigured` finds it.
+    handles it alike; :func:`broker.connection.connect` clients do not retry it. Callers may get
+    it as the cause of another ``ConnectionError``: :func:`broker.connection.misconfigured` finds it.
     """
 
 

@@ -13,7 +13,7 @@ put one in ``metadata["traceparent"]``: code that logs about a job passes
 **No credentials.** Every line, text or JSON, and every traceback goes through
 :func:`scrub`, which masks the password of any URL (``redis://:secret@host`` becomes
 ``redis://:***@host``), ``password=`` query values and ``AUTH`` arguments. Code should
-still log :func:`broker.streams.redacted` URLs; this is the net under it.
+still log :func:`broker.connection.redacted` URLs; this is the net under it.
 
 **No raw job data.** Messages and their arguments carry what producers sent (field names,
 models, error text quoting them). Every line, text or JSON, goes through :func:`printable`,

@@ -23,6 +23,7 @@ import msgspec
 import redis.asyncio as aioredis
 from prometheus_client import Counter
 
+from broker.connection import RETRYABLE, unavailable
 from broker.ingress import entry_payload
 from broker.janitor import Janitor, warn_if_evicting
 from broker.logs import job_context, printable
@@ -31,7 +32,6 @@ from broker.reclaim import Claimer
 from broker.scripts import CompleteTarget, Completion, Scripts, not_a_stream, unanswerable
 from broker.settings import Settings
 from broker.streams import (
-    RETRYABLE,
     STOP_TIMEOUT_S,
     Backoff,
     Entry,
@@ -42,7 +42,6 @@ from broker.streams import (
     group_backlog,
     is_group_lost,
     pipeline,
-    unavailable,
     until_stopped,
 )
 from broker.topology import POLICY_GROUP, RESERVED, WORKER_GROUP

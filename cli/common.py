@@ -17,9 +17,9 @@ from redis.exceptions import AuthenticationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from broker.connection import redacted, unreachable
 from broker.errors import BrokerError
 from broker.settings import Settings
-from broker.streams import redacted, unreachable
 from cli.stack import state_file
 from policies.config import ConfigError, pool_counts
 
@@ -204,7 +204,7 @@ def pool_workers(settings: Settings, counts: tuple[str, ...]) -> dict[str, int]:
 
 def check_redis(url: str) -> None:
     """Ping Redis at ``url`` before starting roles that need it: a URL that cannot work fails here, saying why."""
-    from broker.streams import connect
+    from broker.connection import connect
 
     async def ping() -> None:
         client = connect(url)

@@ -39,9 +39,9 @@ def dead_list(reason: str | None, limit: int, as_json: bool, **opts: Any) -> Non
     import shutil
     import textwrap
 
+    from broker.connection import connect
     from broker.dead import read_dead
     from broker.logs import printable
-    from broker.streams import connect
 
     settings = need_url(settings_from(**opts))
 
@@ -82,8 +82,8 @@ def dead_replay(entry_ids: tuple[str, ...], replay_all: bool, reason: str | None
     Fix the cause first (a backend, a model missing from the config): a replayed job that
     fails again becomes a dead letter again. Entries without a valid job are skipped.
     """
+    from broker.connection import connect
     from broker.dead import read_dead, replay
-    from broker.streams import connect
     from broker.wire import InvalidJob
 
     if not entry_ids and not replay_all:
@@ -119,8 +119,8 @@ def dead_replay(entry_ids: tuple[str, ...], replay_all: bool, reason: str | None
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def dead_purge(reason: str | None, yes: bool, **opts: Any) -> None:
     """Delete dead letters for good."""
+    from broker.connection import connect
     from broker.dead import read_dead
-    from broker.streams import connect
 
     settings = need_url(settings_from(**opts))
 

@@ -22,8 +22,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from broker.client import Client
+from broker.connection import redacted
 from broker.settings import Settings
-from broker.streams import redacted
 from broker.wire import ChatMessage, Job, Result
 from cli.common import EPILOG, check_redis, common, pool_workers, settings_from, sigterm_is_interrupt, workers_option
 

@@ -176,7 +176,8 @@ def result(job_id: str, wait_s: float, reply_to: str, as_json: bool, **opts: Any
 def results(reply_to: str, follow: bool, group: str | None, consumer: str, limit: int | None,
             as_json: bool, export: Any, **opts: Any) -> None:
     """Print results from a result stream; --follow tails it, --export saves them."""
-    from broker.streams import connect, ensure_group
+    from broker.connection import connect
+    from broker.streams import ensure_group
 
     settings = need_url(settings_from(**opts))
     try:

@@ -58,7 +58,7 @@ def report_cmd(input_file: Path | None, reply_to: str, out_dir: Path, title: str
     pip install 'inference-broker[report]'.
     """
     from broker.config import load_config
-    from broker.streams import connect
+    from broker.connection import connect
     from cli import report
 
     settings = settings_from(**opts)
@@ -107,7 +107,7 @@ def top_cmd(interval: float, window: float, reply_to: str, once: bool, **opts: A
     from rich.live import Live
 
     from broker.config import load_config
-    from broker.streams import connect
+    from broker.connection import connect
     from cli.top import Collector, render
 
     settings = need_url(settings_from(**opts))

@@ -15,10 +15,11 @@ import signal
 from collections.abc import Awaitable, Callable
 
 from broker.config import load_config
+from broker.connection import connect, redacted, wait_ready
 from broker.metrics import COST_RATE, ROLE
 from broker.policy_worker import PolicyWorker
 from broker.settings import Settings
-from broker.streams import briefly, connect, redacted, wait_ready
+from broker.streams import briefly
 from broker.topology import POLICY_GROUP, WORKER_GROUP
 from cli.httpd import role_endpoint
 from policies.profiles import PROFILES

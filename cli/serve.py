@@ -10,7 +10,7 @@ from typing import Any
 import click
 import msgspec
 
-from broker.streams import redacted
+from broker.connection import redacted
 from cli.common import (
     EPILOG,
     check_redis,
@@ -121,7 +121,7 @@ def health(role_policy: bool, pool: str | None, max_age: float, ready_port: int 
     """
     import socket
 
-    from broker.streams import connect
+    from broker.connection import connect
 
     if ready_port is not None:
         settings_from(**opts)  # logging only: the endpoint answers for the role's Redis

@@ -25,8 +25,8 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from broker.connection import RETRYABLE, redacted, unreachable
 from broker.settings import Settings
-from broker.streams import RETRYABLE, redacted, unreachable
 from broker.wire import DECODE_ERRORS
 from cli.runstats import GroupStats, by_key, group_stats, results_of, span_text
 from policies.config import PolicyConfig

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from broker.client import Client
-from broker.streams import connect
+from broker.connection import connect
 from broker.topology import WORKER_GROUP, Topology
 from broker.wire import ChatMessage, Job, decode_dead, decode_result
 from cli.embedded import EmbeddedRedis, free_port

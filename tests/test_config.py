@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from broker.config import default_config_text, load_config
+from broker.connection import redacted
 from broker.settings import Settings
-from broker.streams import redacted
 from broker.topology import Topology
 from policies.config import ConfigError, PolicyConfig, config_from_dict, reserved_slots
 

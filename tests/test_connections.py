@@ -1,4 +1,4 @@
-"""The connections of ``broker.streams.connect``: cancellation and send timeouts, on real sockets."""
+"""The connections of ``broker.connection.connect``: cancellation and send timeouts, on real sockets."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterator
 import pytest
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from broker.connection import _FastConnection, connect, wait_ready
 from broker.errors import RedisUnavailable
-from broker.streams import _FastConnection, connect, wait_ready
 from tests.conftest import TlsRedis
 
 

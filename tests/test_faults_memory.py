@@ -23,8 +23,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import OutOfMemoryError
 
 from broker.client import Client
+from broker.connection import connect
 from broker.errors import Backpressure, RedisOutOfMemory
-from broker.streams import connect
 from broker.topology import Topology
 from broker.wire import Job
 from cli.embedded import EmbeddedRedis, free_port

@@ -19,8 +19,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from broker.client import Client
+from broker.connection import connect, wait_ready
 from broker.errors import EmbeddedRedisError
-from broker.streams import connect, wait_ready
 from broker.topology import POLICY_GROUP, WORKER_GROUP, Topology
 from broker.wire import Job
 from cli.embedded import EmbeddedRedis, free_port

@@ -22,8 +22,9 @@ import pytest
 from redis.exceptions import RedisError
 
 from broker.client import LISTEN_BLOCK_MS, Client
+from broker.connection import connect
 from broker.errors import ResultTimeout
-from broker.streams import STOP_TIMEOUT_S, connect
+from broker.streams import STOP_TIMEOUT_S
 from broker.topology import Topology
 from cli.embedded import EmbeddedRedis, free_port
 from tests.conftest import FAST_ENV, Roles

@@ -30,12 +30,13 @@ import redis.asyncio as aioredis
 
 from broker.client import Client
 from broker.config import load_config
+from broker.connection import connect
 from broker.dead import read_dead, replayable_job
 from broker.errors import EmbeddedRedisError
 from broker.janitor import Janitor
 from broker.policy_worker import PolicyWorker
 from broker.settings import Settings
-from broker.streams import connect, ensure_group
+from broker.streams import ensure_group
 from broker.topology import POLICY_GROUP, WORKER_GROUP, Topology
 from broker.wire import InvalidJob, Job, Result, decode_dead, json_encode
 from cli.embedded import EmbeddedRedis, find_redis_server

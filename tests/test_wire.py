@@ -8,6 +8,7 @@ import re
 
 import msgspec
 import pytest
+import redis.asyncio as aioredis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -477,14 +478,22 @@ def test_prefix_with_trailing_newline_rejected() -> None:
 # --------------------------------------------------------------------------- FastStream envelopes
 
 
-async def test_faststream_envelopes_unwrap_and_broken_ones_are_decode_errors() -> None:
-    from faststream.redis.parser.binary import BinaryMessageFormatV1
+async def test_faststream_envelopes_unwrap_and_broken_ones_are_decode_errors(
+        redis_url: str, prefix: str, client: aioredis.Redis) -> None:
+    """Envelopes as a real FastStream publisher writes them (its public API, a real Redis)."""
+    from faststream.redis import RedisBroker
 
     from broker.ingress import entry_payload
 
     body = json_encode(Job.chat("llama-3.1-8b", "hi", id="fs"))
-    for headers in ({}, {"traceparent": "00-ab-cd-01", "x" * 300: "y"}):
-        data = await BinaryMessageFormatV1.encode(message=body, reply_to="r", headers=headers, correlation_id="c")
+    stream = f"{prefix}:envelopes"
+    async with RedisBroker(redis_url) as fs:
+        await fs.publish(body, stream=stream, reply_to="r", correlation_id="c")
+        await fs.publish(body, stream=stream, headers={"traceparent": "00-ab-cd-01", "x" * 300: "y"})
+    entries = await client.xrange(stream)
+    assert len(entries) == 2
+    for _id, fields in entries:
+        data = fields[b"__data__"]
         assert decode_job(entry_payload({b"__data__": data})).id == "fs"
         # FastStream's own parser hands these back whole; they must be decode errors saying why.
         for broken in (data[:8] + b"\x00\x02" + data[10:], data[:30], data[:14], data[:8] + body):

@@ -50,13 +50,13 @@ from typing import Any, TypeVar
 import msgspec
 import redis.asyncio as aioredis
 
+from broker.connection import RETRYABLE, unavailable
 from broker.logs import job_context
 from broker.metrics import CAPACITY, IN_FLIGHT, RECLAIMED, PoolMetrics
 from broker.reclaim import CRASHED, Claimer
 from broker.scripts import CompleteTarget, Completion, ScriptBatcher, Scripts, not_a_stream, unanswerable
 from broker.settings import Settings
 from broker.streams import (
-    RETRYABLE,
     STOP_TIMEOUT_S,
     Backoff,
     Entry,
@@ -65,7 +65,6 @@ from broker.streams import (
     ensure_group,
     every,
     is_group_lost,
-    unavailable,
     until_stopped,
 )
 from broker.topology import RESERVED, WORKER_GROUP
