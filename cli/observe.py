@@ -60,6 +60,7 @@ def report_cmd(input_file: Path | None, reply_to: str, out_dir: Path, title: str
     from broker.config import load_config
     from broker.connection import connect
     from cli import report
+    from cli.plots import FIGURES
 
     settings = settings_from(**opts)
     config = load_config(settings.config)
@@ -86,7 +87,7 @@ def report_cmd(input_file: Path | None, reply_to: str, out_dir: Path, title: str
         results = asyncio.run(read())
         source = stream
     index = report.write(results, out_dir, config, title or f"inference-broker run: {source}")
-    click.echo(f"{len(results)} results from {source}: wrote {index} and {len(report.FIGURES)} PNGs in {out_dir}")
+    click.echo(f"{len(results)} results from {source}: wrote {index} and {len(FIGURES)} PNGs in {out_dir}")
 
 
 @click.command("top", epilog=EPILOG)

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import msgspec
 
 from broker.wire import DECODE_ERRORS, Result, decode_result
+from policies.config import PolicyConfig
 
 STATUSES = ("ok", "failed", "expired", "rejected")
 
@@ -140,3 +141,44 @@ def span_text(p50: float | None, p99: float | None) -> str:
     if p99 >= 1000:
         return f"{p50 / 1000:.2f}/{p99 / 1000:.2f} s"
     return f"{p50:.0f}/{p99:.0f} ms"
+
+
+class Report(msgspec.Struct, kw_only=True):
+    """Everything the page shows, computed once."""
+
+    title: str
+    results: list[Result]
+    config: PolicyConfig
+    classes: list[GroupStats]
+    pools: list[GroupStats]
+    cells: dict[str, list[GroupStats]]
+    """Per class: one entry per pool it ran on."""
+    costs: dict[str, float]
+    start: float | None
+    """Earliest submission among the results with timings (the time axis' zero)."""
+    span_s: float
+    """First submission to last finish."""
+    submit_span_s: float
+    """First to last submission: the range of the time-binned figures."""
+    untimed: int
+    """Results without timings (not run): counted in the tables, absent from the time plots."""
+
+
+def build(results: Sequence[Result], config: PolicyConfig, title: str = "inference-broker run") -> Report:
+    """Summaries of ``results`` for the tables and figures."""
+    prices = {name: pool.cost_per_hour for name, pool in config.pools.items()}
+    costs = busy_costs(results, prices)
+    timed = [r for r in results if r.timing is not None]
+    start = min((r.timing.created_at for r in timed if r.timing), default=None)
+    end = max((r.timing.finished_at for r in timed if r.timing), default=None)
+    last = max((r.timing.created_at for r in timed if r.timing), default=None)
+    classes = by_key(results, "slo")
+    return Report(
+        title=title, results=list(results), config=config, costs=costs,
+        classes=[group_stats(name, rows, costs) for name, rows in classes.items()],
+        pools=[group_stats(name, rows, costs) for name, rows in by_key(results, "pool").items()],
+        cells={name: [group_stats(pool, cell, costs) for pool, cell in by_key(rows, "pool").items()]
+               for name, rows in classes.items()},
+        start=start, span_s=(end - start) if start is not None and end is not None else 0.0,
+        submit_span_s=(last - start) if start is not None and last is not None else 0.0,
+        untimed=len(results) - len(timed))

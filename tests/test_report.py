@@ -23,7 +23,7 @@ from broker.client import Client
 from broker.config import load_config
 from broker.errors import BrokerError
 from broker.wire import Metrics, Result, Timing
-from cli import report
+from cli import plots, report
 from cli.runstats import busy_costs, group_stats
 from tests.conftest import ROOT, Roles
 from tests.helpers import mixed_jobs
@@ -58,15 +58,15 @@ async def test_export_and_report_a_real_run(roles: Roles, redis_url: str, prefix
     assert done.returncode == 0, done.stderr
     assert f"40 results from {exported}" in done.stdout
 
-    for name in report.FIGURES:
+    for name in plots.FIGURES:
         pixels = image.imread(out / name)  # opens as a PNG
         assert pixels.shape[0] >= 300 and pixels.shape[1] >= 1000, (name, pixels.shape)
         assert pixels.std() > 0.01, f"{name} is blank"
 
     page = (out / "index.html").read_text()
-    for heading, _caption in report.FIGURES.values():
+    for heading, _caption in plots.FIGURES.values():
         assert heading in page
-    assert page.count('src="data:image/png;base64,') == len(report.FIGURES)
+    assert page.count('src="data:image/png;base64,') == len(plots.FIGURES)
     assert not re.search(r'(src|href)="(?!data:)', page), "the page must be self-contained"
     assert "<h1>Test run</h1>" in page and "40 jobs over" in page
     for slo, count in Counter(r.slo for r in got).items():
