@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 
 import redis
 
@@ -30,6 +31,10 @@ def slot_ranges(primaries: int) -> list[tuple[int, int]]:
         raise ValueError("a cluster needs at least one primary")
     bounds = [round(i * SLOTS / primaries) for i in range(primaries + 1)]
     return [(bounds[i], bounds[i + 1] - 1) for i in range(primaries)]
+
+
+def _cmd(client: redis.Redis, *args: object) -> Any:
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
 
 
 def cluster_port() -> int:
@@ -87,17 +92,17 @@ class EmbeddedCluster:
         try:
             heads = clients[: self.primaries]
             for client, (first, last) in zip(heads, slot_ranges(self.primaries), strict=True):
-                client.execute_command("CLUSTER", "ADDSLOTS", *range(first, last + 1))
+                _cmd(client, "CLUSTER", "ADDSLOTS", *range(first, last + 1))
             for node in self.nodes[1:]:
-                clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
+                _cmd(clients[0], "CLUSTER", "MEET", "127.0.0.1", node.port)
             self._wait(deadline, "every node to know every other",
-                       lambda: all(len(c.execute_command("CLUSTER", "NODES").splitlines()) == len(clients)
+                       lambda: all(len(_cmd(c, "CLUSTER", "NODES").splitlines()) == len(clients)
                                    for c in clients))
-            ids = [c.execute_command("CLUSTER", "MYID") for c in heads]
+            ids = [_cmd(c, "CLUSTER", "MYID") for c in heads]
             for i, client in enumerate(clients[self.primaries:]):
-                client.execute_command("CLUSTER", "REPLICATE", ids[i % self.primaries])
+                _cmd(client, "CLUSTER", "REPLICATE", ids[i % self.primaries])
             self._wait(deadline, "cluster_state:ok on every node",
-                       lambda: all(c.execute_command("CLUSTER", "INFO").startswith("cluster_state:ok")
+                       lambda: all(_cmd(c, "CLUSTER", "INFO").startswith("cluster_state:ok")
                                    for c in clients))
         finally:
             for client in clients:
@@ -117,7 +122,7 @@ class EmbeddedCluster:
                 continue
             client = self._client(node)
             try:
-                if client.execute_command("ROLE")[0] == "master":
+                if _cmd(client, "ROLE")[0] == "master":
                     found.append(node)
             finally:
                 client.close()
