@@ -18,12 +18,12 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
-from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import OutOfMemoryError, ResponseError
 
+from broker import calls
 from broker.connection import OUT_OF_MEMORY, RETRYABLE, connect
 from broker.errors import Backpressure, JobFailed, JobRejected, RedisOutOfMemory, ResultTimeout
 from broker.scripts import Scripts
@@ -104,7 +104,7 @@ class Client:
 
         async def flush() -> None:
             try:
-                reply: Any = await self.scripts.call("submit", [self.topo.jobs], [self.max_backlog, *data])
+                reply = await self.scripts.call(calls.submit(self.topo.jobs, self.max_backlog, data))
             except OutOfMemoryError:
                 # SUBMIT writes nothing when refused: Redis checks memory before a script's first write.
                 raise RedisOutOfMemory(f"{OUT_OF_MEMORY}; the jobs were not submitted, retry later",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
+from broker import calls
 from broker.ingress import entry_payload
 from broker.scripts import Scripts
 from broker.topology import Topology
@@ -53,6 +54,5 @@ async def replay(client: aioredis.Redis, topo: Topology, entry_id: str, letter: 
     """Put the job of one dead letter back on the ingress; False if it was already gone."""
     data = replayable_job(letter, topo)
     job_id = decode_job(data).id
-    done = await Scripts(client).call("replay", [topo.dead, topo.jobs, topo.done(job_id), topo.routed(job_id)],
-                                      [entry_id, data])
+    done = await Scripts(client).call(calls.replay(topo, entry_id, job_id, data))
     return bool(done)

@@ -29,6 +29,7 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
+from broker import calls
 from broker.scripts import Scripts
 from broker.settings import Settings
 
@@ -96,7 +97,7 @@ class Janitor:
                 beat = beats.get(c["name"])
                 if beat is not None and now - msgspec.json.decode(beat)["ts"] < fresh_s:
                     continue
-                if await self.scripts.call("delconsumer", [stream], [group, c["name"]]) != -1:
+                if await self.scripts.call(calls.delconsumer(stream, group, c["name"])) != -1:
                     self.removed_consumers += 1
 
     async def trim_results(self, now_ms: int) -> None:
@@ -107,7 +108,7 @@ class Janitor:
         for name in names:
             stream = self.topo.reply(name.decode())
             await self.trim_stream(stream, oldest_ms, now_ms, seen)
-            if await self.scripts.call("reap", [stream, self.topo.replies], [name, oldest_ms]) == 1:
+            if await self.scripts.call(calls.reap(self.topo, name.decode(), oldest_ms)) == 1:
                 self.reaped += 1
         self._unread_since = {key: at for key, at in self._unread_since.items() if key in seen}
 
@@ -152,7 +153,7 @@ class Janitor:
             seen.add(key)
             if now_ms - self._unread_since.setdefault(key, now_ms) < idle_ms:
                 return False
-        if await self.scripts.call("dropgroup", [stream], [group["name"], idle_ms]) != 1:
+        if await self.scripts.call(calls.dropgroup(stream, group["name"], idle_ms)) != 1:
             return False
         self.dropped_groups += 1
         log.warning("destroyed consumer group %r of result stream %s: none of its consumers read for %d s "
@@ -174,7 +175,7 @@ class Janitor:
 
     async def expire_heartbeats(self, now: float) -> None:
         """Delete heartbeats older than ``heartbeat_expiry_s``: their roles died without saying so."""
-        removed: Any = await self.scripts.call("expire_beats", self.beats, [now - self.settings.heartbeat_expiry_s])
+        removed = await self.scripts.call(calls.expire_beats(self.beats, now - self.settings.heartbeat_expiry_s))
         if removed:
             self.expired_beats += removed
             log.info("removed the heartbeats of %d roles silent for over %g s", removed,

@@ -23,13 +23,15 @@ import msgspec
 import redis.asyncio as aioredis
 from prometheus_client import Counter
 
+from broker import calls
+from broker.calls import CompleteTarget, Completion, FailedJob, RouteMove
 from broker.connection import RETRYABLE, unavailable
 from broker.ingress import entry_payload
 from broker.janitor import Janitor, warn_if_evicting
 from broker.logs import job_context, printable
 from broker.metrics import POOL_WORKERS, RECLAIMED, PolicyMetrics, export_streams
 from broker.reclaim import Claimer
-from broker.scripts import CompleteTarget, Completion, Scripts, not_a_stream, unanswerable
+from broker.scripts import ScriptCall, Scripts, not_a_stream, unanswerable
 from broker.settings import Settings
 from broker.streams import (
     STOP_TIMEOUT_S,
@@ -118,20 +120,15 @@ class PolicyWorker:
         """Prometheus instruments (broker/metrics.py), cached per class and pool."""
         self._outcomes: list[Counter | None] = []
         """The counter each script queued on the batch's pipeline adds to if it did its move."""
-        self._routes: list[object] = []
-        """ROUTE's arguments for the batch's routed entries."""
+        self._routes: list[RouteMove] = []
+        """The batch's routed entries, for one ROUTE."""
         self._routed_to: list[Counter] = []
         """The routed counter of each of those entries."""
-        self._routing: list[tuple[bytes, str]] = []
-        """The entry id and reply stream name of each of those entries."""
         self._finished: list[Completion] = []
         """Results of the batch's jobs that end here (expired, shed), for one COMPLETE."""
         self._finished_in: list[Counter] = []
         self._finish_target = CompleteTarget(self.topo.jobs, POLICY_GROUP, "", self.topo,
                                              settings.result_ttl_s * 1000, mark=True)
-        self._route_keys = [self.topo.jobs, *self._lane_streams]
-        self._route_key = {stream: i for i, stream in enumerate(self._route_keys[1:], 2)}
-        """ROUTE's KEYS (the ingress, then every pool lane) and each lane's index there."""
         self._reclaimed = RECLAIMED.labels("jobs")
         self._pool_workers = {pool: POOL_WORKERS.labels(pool) for pool in config.pools}
 
@@ -211,8 +208,8 @@ class PolicyWorker:
         while True:
             try:
                 if backoff.failures and entries:
-                    await self.scripts.call("renew", [self.topo.jobs],
-                                            [POLICY_GROUP, self.name, *(entry_id for (entry_id, _f), _n in entries)])
+                    await self.scripts.call(calls.renew(self.topo.jobs, POLICY_GROUP, self.name,
+                                                        (entry_id for (entry_id, _f), _n in entries)))
                 read = await self.handle(entries, trimmed, read_next=read_next and not lost_read)
                 break
             except RETRYABLE as exc:
@@ -238,7 +235,7 @@ class PolicyWorker:
         """
         pipe = pipeline(self.client)
         self._outcomes = []
-        self._routes, self._routed_to, self._routing, self._finished, self._finished_in = [], [], [], [], []
+        self._routes, self._routed_to, self._finished, self._finished_in = [], [], [], []
         now = self.clock()
         for (entry_id, fields), deliveries in entries:
             try:
@@ -258,14 +255,14 @@ class PolicyWorker:
         # The entry and reply stream of each job ROUTE or COMPLETE moves, for a refusal (see below).
         moving: list[tuple[bytes, str] | None] = [None] * len(counters)
         if self._finished:
-            self.scripts.queue(pipe, "complete", *self._finish_target.call(self._finished))
+            self.scripts.queue(pipe, calls.complete(self._finish_target, self._finished))
             counters += self._finished_in
             moving += [(item.entry_id, item.reply) for item in self._finished]
         if self._routes:
-            self.scripts.queue(pipe, "route", self._route_keys,
-                               [POLICY_GROUP, self.settings.result_ttl_s * 1000, self.topo.base + ":", *self._routes])
+            self.scripts.queue(pipe, calls.route(self.topo.jobs, POLICY_GROUP, self.topo,
+                                                 self.settings.result_ttl_s * 1000, self._routes))
             counters += self._routed_to
-            moving += self._routing
+            moving += [(move.entry_id, move.reply) for move in self._routes]
         if read_next:
             pipe.xreadgroup(POLICY_GROUP, self.name, {self.topo.jobs: ">"}, count=self.settings.batch,
                             block=self.settings.block_ms)
@@ -294,9 +291,8 @@ class PolicyWorker:
                        InvalidJob("invalid_job", not_a_stream(self.topo.reply(reply), kind)), now)
         _count(self._outcomes, await self.scripts.execute(pipe))
 
-    def _queue(self, pipe: aioredis.client.Pipeline, script: str, keys: list[str], args: list[object],
-               counter: Counter | None) -> None:
-        self.scripts.queue(pipe, script, keys, args)
+    def _queue(self, pipe: aioredis.client.Pipeline, call: ScriptCall[object], counter: Counter | None) -> None:
+        self.scripts.queue(pipe, call)
         self._outcomes.append(counter)
 
     def _route_one(self, pipe: aioredis.client.Pipeline, entry_id: bytes, fields: dict[bytes, bytes],
@@ -325,10 +321,9 @@ class PolicyWorker:
             pool=decision.pool, slo=slo, reason=reason, routed_at=now,
             ttft_target_ms=target.ttft_ms, tpot_target_ms=target.tpot_ms, e2e_target_ms=target.e2e_ms,
             predicted_ttft_ms=decision.predicted_ttft_ms, policy=self.name))
-        self._routes += (entry_id, self._route_key[self.lanes[decision.pool][self.lane[slo]]], job.id,
-                         json_encode(routed), job.reply_to)
+        self._routes.append(RouteMove(entry_id, self.lanes[decision.pool][self.lane[slo]], job.id,
+                                      json_encode(routed), job.reply_to))
         self._routed_to.append(self.metrics.routed(slo, decision.pool))
-        self._routing.append((entry_id, job.reply_to))
         self._count_routed(decision.pool, self.lane[slo])
 
     def _count_routed(self, pool: str, lane: int) -> None:
@@ -391,15 +386,13 @@ class PolicyWorker:
                             consumer=self.name, failed_at=now)
         # More than max_job_bytes is never a job: a too_large entry keeps no more than that.
         letter = letter.clipped(min(self.settings.max_job_bytes, self.settings.dead_payload_bytes))
-        keys = [self.topo.jobs, self.topo.dead]
-        args: list[object] = [POLICY_GROUP, entry_id, "", json_encode(letter)]
+        failed = None
         if job is not None:
             result = Result(id=job.id, status="failed", model=job.model, kind=job.kind,  # type: ignore[arg-type]
                             tenant=job.tenant, error=f"{exc.reason}: {exc}")
-            keys += [self.topo.done(job.id), self.topo.reply(job.reply_to), self.topo.replies,
-                     self.topo.routed(job.id)]
-            args += [json_encode(result), self.settings.result_ttl_s * 1000, job.reply_to]
-        self._queue(pipe, "dead", keys, args, self.metrics.dead(None, exc.reason))
+            failed = FailedJob(job.id, job.reply_to, json_encode(result), self.settings.result_ttl_s * 1000, mark=True)
+        dead = calls.dead(self.topo.jobs, POLICY_GROUP, entry_id, "", json_encode(letter), self.topo, failed)
+        self._queue(pipe, dead, self.metrics.dead(None, exc.reason))
         self.dead += 1
         log.warning("dead letter %s (%s): %s", entry_id.decode(), exc.reason, exc,
                     extra=job_context(None, job.id if job else None))

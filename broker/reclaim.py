@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 import msgspec
 
+from broker import calls
 from broker.scripts import Scripts
 from broker.streams import Entry
 
@@ -83,8 +83,9 @@ class Claimer:
 
     async def claim(self, count: int, suspects: int = 0) -> Claimed:
         """Take over up to ``count`` idle entries, and up to ``suspects`` suspects to run in sandboxes."""
-        reply: list[Any] = await self.scripts.call("claim", [self.stream], [  # type: ignore[assignment]
-            self.group, self.consumer, self.idle_ms, self.cursor, count, suspects, self.error_prefix, CRASHED])
+        reply = await self.scripts.call(calls.claim(
+            self.stream, self.group, self.consumer, idle_ms=self.idle_ms, cursor=self.cursor, count=count,
+            suspects=suspects, error_prefix=self.error_prefix, crash_mark=CRASHED))
         cursor, entries, isolated, deleted, counts, isolated_counts, waiting = reply
         self.cursor = cursor
         if cursor in (b"0-0", "0-0") or not (entries or isolated):

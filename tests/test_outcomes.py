@@ -14,10 +14,13 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
+from broker import calls
+from broker.calls import CompleteTarget, Completion, FailedJob, RouteMove
 from broker.client import Client
 from broker.config import load_config
 from broker.policy_worker import PolicyWorker
-from broker.scripts import CompleteTarget, Completion, ScriptBatcher, Scripts
+from broker.script_batcher import ScriptBatcher
+from broker.scripts import Scripts
 from broker.settings import Settings
 from broker.streams import ensure_group
 from broker.topology import POLICY_GROUP, WORKER_GROUP, Topology
@@ -70,9 +73,8 @@ async def test_dead_letters_a_job_whose_reply_to_is_not_a_stream(client: aioredi
     (entry,) = await taken_entries(client, stream, 1)
     await client.set(topo.reply("taken"), NOT_A_STREAM)
     failed = b'{"id":"j","status":"failed"}'
-    keys = [stream, topo.dead, topo.done("j"), topo.reply("taken"), topo.replies]
-    assert await Scripts(client).call("dead", keys, [WORKER_GROUP, entry, "w1", b"letter", failed, 60_000,
-                                                     "taken"]) == 1
+    dead = calls.dead(stream, WORKER_GROUP, entry, "w1", b"letter", topo, FailedJob("j", "taken", failed, 60_000))
+    assert await Scripts(client).call(dead) == 1
     assert [f[b"dead"] for _, f in await client.xrange(topo.dead)] == [b"letter"]
     assert await client.get(topo.done("j")) == failed  # still found by id
     assert await client.get(topo.reply("taken")) == NOT_A_STREAM
@@ -91,8 +93,8 @@ async def test_scripts_write_nothing_when_a_key_of_their_own_has_another_type(
     await client.xreadgroup(POLICY_GROUP, "p1", {topo.jobs: ">"})
     await client.set(topo.pool("gpu"), NOT_A_STREAM)
     with pytest.raises(aioredis.ResponseError, match="WRONGTYPE") as refused:
-        await scripts.call("route", [topo.jobs, topo.pool("gpu")],
-                           [POLICY_GROUP, 60_000, topo.base + ":", entry, 2, "j", b"routed", "results"])
+        await scripts.call(calls.route(topo.jobs, POLICY_GROUP, topo, 60_000,
+                                       [RouteMove(entry, topo.pool("gpu"), "j", b"routed", "results")]))
     assert not await client.exists(topo.routed("j"))
     assert await pending(client, topo.jobs, POLICY_GROUP) == [entry]
     assert f"{topo.pool('gpu')} is a string, not a stream; nothing was written" in str(refused.value)
@@ -102,8 +104,8 @@ async def test_scripts_write_nothing_when_a_key_of_their_own_has_another_type(
     (job_entry,) = await taken_entries(client, stream, 1)
     await client.set(topo.dead, NOT_A_STREAM)
     with pytest.raises(aioredis.ResponseError, match="WRONGTYPE"):
-        await scripts.call("dead", [stream, topo.dead, topo.done("k"), topo.reply("results"), topo.replies],
-                           [WORKER_GROUP, job_entry, "w1", b"letter", b"{}", 60_000, "results"])
+        await scripts.call(calls.dead(stream, WORKER_GROUP, job_entry, "w1", b"letter", topo,
+                                      FailedJob("k", "results", b"{}", 60_000)))
     assert not await client.exists(topo.done("k"), topo.reply("results"))
     assert await pending(client, stream, WORKER_GROUP) == [job_entry]
 
@@ -112,7 +114,7 @@ async def test_scripts_write_nothing_when_a_key_of_their_own_has_another_type(
     dead_id = await client.xadd(topo.dead, {"dead": b"letter"})
     await client.set(topo.jobs, NOT_A_STREAM)
     with pytest.raises(aioredis.ResponseError, match="WRONGTYPE"):
-        await scripts.call("replay", [topo.dead, topo.jobs, topo.done("k"), topo.routed("k")], [dead_id, b"{}"])
+        await scripts.call(calls.replay(topo, dead_id.decode(), "k", b"{}"))
     assert await client.xlen(topo.dead) == 1
 
 

@@ -13,6 +13,7 @@ import signal
 
 import redis.asyncio as aioredis
 
+from broker import calls
 from broker.client import Client
 from broker.reclaim import CRASHED, Claimer
 from broker.scripts import Scripts
@@ -39,8 +40,8 @@ async def test_a_job_is_a_suspect_when_its_last_delivery_left_no_error_or_crashe
         return len(claimed.entries), len(claimed.suspects)
 
     async def nack(consumer: str, error: str, delivery: int) -> None:
-        await scripts.call("nack", [stream, errors + entry_id.decode()],
-                           [WORKER_GROUP, entry_id, consumer, 0, error, 60_000, delivery])
+        await scripts.call(calls.nack(stream, WORKER_GROUP, entry_id, consumer, errors + entry_id.decode(),
+                                      idle_ms=0, error=error, ttl_ms=60_000, delivery=delivery))
 
     assert await claim("w2") == (1, 0)  # one death is not enough to suspect it: delivery 2
     await nack("w2", "BackendError: 503", 2)  # it failed there: evidence, but not of a crash

@@ -8,7 +8,10 @@ from collections.abc import Awaitable
 import pytest
 import redis.asyncio as aioredis
 
-from broker.scripts import CompleteTarget, Completion, ScriptBatcher, Scripts
+from broker import calls
+from broker.calls import CompleteTarget, Completion
+from broker.script_batcher import ScriptBatcher
+from broker.scripts import Scripts
 from broker.streams import ensure_group
 from broker.topology import WORKER_GROUP, Topology
 
@@ -34,8 +37,8 @@ async def test_concurrent_calls_share_a_pipeline_and_get_their_own_results(
 
     # Half by their owner, half by a consumer that does not own them (fenced: -1); the last
     # one twice in the same batch (a duplicate: 0, acked once).
-    calls = [complete(e, "w1" if i % 2 == 0 else "intruder") for i, e in enumerate(ids)]
-    codes = await asyncio.gather(*calls, complete(ids[-2], "w1"))
+    completing = [complete(e, "w1" if i % 2 == 0 else "intruder") for i, e in enumerate(ids)]
+    codes = await asyncio.gather(*completing, complete(ids[-2], "w1"))
     assert codes == [1 if i % 2 == 0 else -1 for i in range(20)] + [0]
     assert batcher.batches == 1  # one round trip for all of them
     assert await client.xlen(topo.reply("results")) == 10
@@ -44,7 +47,8 @@ async def test_concurrent_calls_share_a_pipeline_and_get_their_own_results(
     assert await client.xlen(stream) == 10  # the completed ones are deleted
 
     # A script error reaches its callers only; the others in the batch still get results.
-    bad = batcher.call("nack", [], [WORKER_GROUP, ids[1], "w1", 0, "", 1000])  # no stream key: Redis refuses it
+    await client.set(f"{prefix}:string", b"x")
+    bad = batcher.call(calls.renew(f"{prefix}:string", WORKER_GROUP, "w1", [ids[1]]))  # WRONGTYPE: Redis refuses it
     good = complete(ids[1], "w1")
     results = await asyncio.gather(bad, good, return_exceptions=True)
     assert isinstance(results[0], aioredis.ResponseError) and results[1] == 1
@@ -101,12 +105,12 @@ async def test_a_lost_connection_fails_every_waiting_call(prefix: str) -> None:
 
     dead = aioredis.Redis(port=1, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))  # nothing listens there
     batcher = ScriptBatcher(Scripts(dead))
-    calls = [batcher.call("renew", [Topology(prefix).pool("gpu")], [WORKER_GROUP, "w"]) for _ in range(3)]
-    results = await asyncio.gather(*calls, return_exceptions=True)
+    renew = calls.renew(Topology(prefix).pool("gpu"), WORKER_GROUP, "w", [])
+    results = await asyncio.gather(*(batcher.call(renew) for _ in range(3)), return_exceptions=True)
     assert all(isinstance(r, aioredis.ConnectionError) for r in results), results
     assert batcher.flusher is None  # ready for the next batch
     with pytest.raises(aioredis.ConnectionError):
-        await batcher.call("renew", [Topology(prefix).pool("gpu")], [WORKER_GROUP, "w"])
+        await batcher.call(renew)
     await dead.aclose()
 
 
@@ -116,7 +120,7 @@ async def test_renew_reports_only_entries_another_consumer_holds(client: aioredi
     await client.xclaim(stream, WORKER_GROUP, "w2", 0, [taken])  # a peer took it over
     await client.xack(stream, WORKER_GROUP, done)  # completed while the renewal was on its way
     await asyncio.sleep(0.05)
-    lost = await Scripts(client).call("renew", [stream], [WORKER_GROUP, "w1", mine, taken, done])
+    lost = await Scripts(client).call(calls.renew(stream, WORKER_GROUP, "w1", [mine, taken, done]))
     assert lost == [taken]
     pending = {p["message_id"]: p for p in await client.xpending_range(stream, WORKER_GROUP, "-", "+", 10)}
     assert pending[mine]["time_since_delivered"] < 50  # renewed: idle back to ~0
@@ -130,12 +134,12 @@ async def test_scripts_redis_forgot_are_loaded_and_only_they_run_again(client: a
     topo = Topology(prefix)
     await client.script_flush()
     pipe = client.pipeline(transaction=False)
-    scripts.queue(pipe, "submit", [topo.jobs], [100, b'{"id":"a"}'])
+    scripts.queue(pipe, calls.submit(topo.jobs, 100, [b'{"id":"a"}']))
     pipe.incr(f"{prefix}:counter")
     (ids, backlog), count = await scripts.execute(pipe)
     assert len(ids) == 1 and backlog == -1 and count == 1
     assert await client.xlen(topo.jobs) == 1 and await client.get(f"{prefix}:counter") == b"1"
     pipe = client.pipeline(transaction=False)
-    scripts.queue(pipe, "nack", [], [WORKER_GROUP, "0-1", "w1", 0, "", 1000])  # no stream key: refused
+    scripts.queue(pipe, calls.renew(f"{prefix}:counter", WORKER_GROUP, "w1", [b"0-1"]))  # WRONGTYPE: refused
     with pytest.raises(aioredis.ResponseError):
         await scripts.execute(pipe)

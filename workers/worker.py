@@ -50,11 +50,14 @@ from typing import Any, TypeVar
 import msgspec
 import redis.asyncio as aioredis
 
+from broker import calls
+from broker.calls import CompleteTarget, Completion, FailedJob
 from broker.connection import RETRYABLE, unavailable
 from broker.logs import job_context
 from broker.metrics import CAPACITY, IN_FLIGHT, RECLAIMED, PoolMetrics
 from broker.reclaim import CRASHED, Claimer
-from broker.scripts import CompleteTarget, Completion, ScriptBatcher, Scripts, not_a_stream, unanswerable
+from broker.script_batcher import ScriptBatcher
+from broker.scripts import ScriptCall, Scripts, not_a_stream, unanswerable
 from broker.settings import Settings
 from broker.streams import (
     STOP_TIMEOUT_S,
@@ -501,9 +504,9 @@ class PoolWorker:
         base = self.settings.retry_backoff_ms * 2 ** (deliveries - 1)
         return int(min(base, self.settings.claim_idle_ms) * random.uniform(0.5, 1.0))
 
-    async def _script(self, name: str, keys: list[str], args: list[object]) -> object:
+    async def _script(self, call: ScriptCall[T]) -> T:
         """Run a completion script (batched), retrying while Redis is unreachable (each is idempotent)."""
-        return await _retrying(lambda: self.batcher.call(name, keys, args))
+        return await _retrying(lambda: self.batcher.call(call))
 
     def _publish(self, lane: Lane, entry_id: bytes, routed: RoutedJob, deliveries: int, result: Result,
                  counted: Callable[[], object]) -> None:
@@ -561,9 +564,9 @@ class PoolWorker:
                     delay_ms: int, delivery: int = 0) -> None:
         job_id = routed.job.id if routed else ""
         idle = max(0, self.settings.claim_idle_ms - delay_ms)
-        code = await self._script("nack", [lane.stream, lane.errors + entry_id.decode()],
-                                  [WORKER_GROUP, entry_id, self.name, idle, error, self.settings.result_ttl_s * 1000,
-                                   delivery])
+        code = await self._script(calls.nack(lane.stream, WORKER_GROUP, entry_id, self.name,
+                                             lane.errors + entry_id.decode(), idle_ms=idle, error=error,
+                                             ttl_ms=self.settings.result_ttl_s * 1000, delivery=delivery))
         if error:
             self.retried += 1
             if code == 1 and routed is not None:
@@ -577,15 +580,15 @@ class PoolWorker:
                             entry_id=entry_id.decode(), payload=payload, delivery_count=deliveries,
                             job_id=routed.job.id if routed else None, consumer=self.name,
                             failed_at=self.clock()).clipped(self.settings.dead_payload_bytes)
-        keys = [lane.stream, self.topo.dead]
-        args: list[object] = [WORKER_GROUP, entry_id, self.name if fenced else "", json_encode(letter)]
+        failed = None
         if routed is not None:
             job = routed.job
-            failed = Result(id=job.id, status="failed", model=job.model, kind=job.kind, tenant=job.tenant,
+            result = Result(id=job.id, status="failed", model=job.model, kind=job.kind, tenant=job.tenant,
                             slo=routed.route.slo, pool=self.pool, worker=self.name, error=f"{reason}: {error}")
-            keys += [self.topo.done(job.id), self.topo.reply(job.reply_to), self.topo.replies]
-            args += [json_encode(failed), self.settings.result_ttl_s * 1000, job.reply_to]
-        if await self._script("dead", keys, args) == 1:
+            failed = FailedJob(job.id, job.reply_to, json_encode(result), self.settings.result_ttl_s * 1000)
+        consumer = self.name if fenced else ""
+        if await self._script(calls.dead(lane.stream, WORKER_GROUP, entry_id, consumer, json_encode(letter),
+                                         self.topo, failed)) == 1:
             self.dead += 1
             self.metrics.dead(routed.route.slo if routed else None, reason).inc()
             log.warning("dead letter %s (%s): %s", entry_id.decode(), reason, error,
@@ -596,8 +599,8 @@ class PoolWorker:
         for lane in self.lanes:
             ids = [entry_id for index, entry_id in self.running if index == lane.index]
             if ids:
-                lost = await self.scripts.call("renew", [lane.stream], [WORKER_GROUP, self.name, *ids])
-                self._lost(lane, lost or [])  # type: ignore[arg-type]
+                lost = await self.scripts.call(calls.renew(lane.stream, WORKER_GROUP, self.name, ids))
+                self._lost(lane, lost or [])
 
     def _lost(self, lane: Lane, lost: list[bytes]) -> None:
         for entry_id in lost:
