@@ -1,9 +1,9 @@
 """One encoder per Lua script: the only code that lays out a script's KEYS and ARGV.
 
 Each takes typed parameters (a record per repeated entry, such as :class:`Completion`) and
-returns a :class:`~broker.scripts.ScriptCall` to run with :class:`~broker.scripts.Scripts`
-or :class:`~broker.batcher.ScriptBatcher`. The layouts are documented in the head comment of
-each script (``broker/lua/<name>.lua``); tests/test_lua.py holds the two together.
+returns a :class:`~broker.scripts.ScriptCall` to run with :class:`~broker.scripts.Scripts` or
+:class:`~broker.script_batcher.ScriptBatcher`. The layouts are documented in the head comment
+of each script (``broker/lua/<name>.lua``); tests/test_lua.py holds the two together.
 Per-job keys (markers, done keys, reply streams) of the batch scripts are built in Lua from
 the deployment's key base ``<p>:{<p>}:``; they share its hash tag, so the scripts stay in one
 slot on Redis Cluster.

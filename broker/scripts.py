@@ -25,9 +25,9 @@ dead-letter, with nothing written for it.
 
 Each script is a file of ``broker/lua``; its head comment documents its KEYS and ARGV, and
 its ``-- requires:`` line names the fragments of ``broker/lua/lib`` it uses. Each is read
-and hashed once, at import. Its KEYS and ARGV are laid out by one function here (its
-encoder, :mod:`broker.calls`), which returns a :class:`ScriptCall` for :class:`Scripts`
-(now, or queued on a pipeline) or for :class:`broker.batcher.ScriptBatcher`.
+and hashed once, at import. Its KEYS and ARGV are laid out by one function (its encoder, in
+:mod:`broker.calls`), which returns a :class:`ScriptCall` for :class:`Scripts` (now, or
+queued on a pipeline) or for :class:`broker.script_batcher.ScriptBatcher`.
 """
 
 from __future__ import annotations
