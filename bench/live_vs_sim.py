@@ -13,8 +13,8 @@ hint is the arrival's class. A :class:`~cli.stack.Stack` (embedded Redis, one po
 process, ``fleet[pool]`` worker processes per pool on simulated devices) runs them, each
 submitted at its arrival time; the policy worker routes with ``[routing] policy`` set in a
 temporary copy of the built-in configuration. The live results become simulator
-:class:`~evaluation.simulator.JobRecord` values (times relative to the start of the schedule,
-``slo_met`` by :func:`evaluation.simulator.meets`) so that :func:`evaluation.simulator.summarize`
+:class:`~evaluation.records.JobRecord` values (times relative to the start of the schedule,
+``slo_met`` by :func:`evaluation.records.meets`) so that :func:`evaluation.metrics.summarize`
 computes both sides' metrics the same way: attainment is the share of *all* a class's jobs
 that met every target, TTFT from submission.
 
@@ -64,17 +64,10 @@ from broker.settings import Settings
 from broker.wire import ChatMessage, Job, Result
 from cli.stack import Stack
 from evaluation.baselines import ROUTERS
-from evaluation.simulator import (
-    ClassMetrics,
-    JobRecord,
-    PoolUsage,
-    SimOptions,
-    SimResult,
-    meets,
-    percentile,
-    simulate,
-    summarize,
-)
+from evaluation.metrics import ClassMetrics, percentile, summarize
+from evaluation.options import SimOptions
+from evaluation.records import JobRecord, PoolUsage, SimResult, meets
+from evaluation.simulator import simulate
 from evaluation.workloads import WORKLOADS, Arrival, generate
 from policies.classify import classify
 from policies.config import LIVE_ROUTERS, ConfigError, PolicyConfig, pool_counts
@@ -251,7 +244,7 @@ class Diagnostics(msgspec.Struct, frozen=True, kw_only=True):
     tpot_ratio: float | None
     """Median live/sim time per output token of jobs on the same pool."""
     slo_met_mismatch: int
-    """Live jobs whose worker-reported ``slo_met`` disagrees with :func:`evaluation.simulator.meets`."""
+    """Live jobs whose worker-reported ``slo_met`` disagrees with :func:`evaluation.records.meets`."""
     unfinished: int
 
 
@@ -390,7 +383,7 @@ def _intro(c: Comparison, command: str) -> list[str]:
         "through the live stack (Redis, one policy worker process and the pools' worker processes on simulated "
         "devices, each job submitted at its arrival time) and through `evaluation.simulator` with the same config "
         "and fleet. Attainment: share of *all* the class's jobs whose TTFT from submission, time per output token "
-        "and end-to-end time met the class targets (`evaluation.simulator.meets` and `summarize` on both sides); "
+        "and end-to-end time met the class targets (`evaluation.records.meets` and `summarize` on both sides); "
         "rejected and unfinished jobs are misses. Each live job has a prompt of exactly 4 characters per prompt "
         "token (the broker's estimate is `chars // 4`), `max_tokens` = the arrival's output tokens and the "
         "arrival's class as its `slo` hint.",
@@ -469,7 +462,7 @@ NOTES = [
     "*same pool*, share of jobs the live policy worker sent where the simulated router did; *service TTFT / "
     "TPOT*, median per-job ratio live/sim over jobs on the same pool (1.000: the simulated device follows its "
     "profile as the simulator does); *slo_met mismatches*, the worker's own `slo_met` against "
-    "`evaluation.simulator.meets` on the same timings.",
+    "`evaluation.records.meets` on the same timings.",
     "",
     "Both sides take lagged snapshots on a clock (the simulator an event every `snapshot_interval_s`, the live "
     "policy worker a refresh every `snapshot_s`), and both order a pool's waiting jobs by class priority (the "

@@ -28,8 +28,10 @@ if str(HERE.parent) not in sys.path:  # run as a script: python bench/misbelief.
 
 from broker.config import load_config  # noqa: E402
 from evaluation.baselines import ROUTERS  # noqa: E402
+from evaluation.metrics import attainment  # noqa: E402
+from evaluation.options import SimOptions  # noqa: E402
 from evaluation.scenarios import SCENARIOS, Scenario, Watch, believing, routed_to_dead  # noqa: E402
-from evaluation.simulator import SimOptions, attainment, simulate  # noqa: E402
+from evaluation.simulator import simulate  # noqa: E402
 from evaluation.workloads import WORKLOADS  # noqa: E402
 from policies.config import PolicyConfig  # noqa: E402
 from policies.slo import SloRouter  # noqa: E402

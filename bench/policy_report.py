@@ -35,16 +35,11 @@ from bench.misbelief import FLEET, misbelief_section  # noqa: E402
 from broker.config import load_config  # noqa: E402
 from evaluation.baselines import ROUTERS  # noqa: E402
 from evaluation.bound import fluid_bound  # noqa: E402
-from evaluation.simulator import (  # noqa: E402
-    MULTIPLIERS,
-    ClassMetrics,
-    Goodput,
-    SimOptions,
-    SimResult,
-    goodput,
-    simulate,
-    summarize,
-)
+from evaluation.goodput import MULTIPLIERS, Goodput, goodput  # noqa: E402
+from evaluation.metrics import ClassMetrics, summarize  # noqa: E402
+from evaluation.options import SimOptions  # noqa: E402
+from evaluation.records import SimResult  # noqa: E402
+from evaluation.simulator import simulate  # noqa: E402
 from evaluation.workloads import WORKLOADS, Bursty, Diurnal, Poisson, Ramp, generate  # noqa: E402
 from policies.config import PolicyConfig  # noqa: E402
 from policies.profiles import PROFILES  # noqa: E402

@@ -17,8 +17,10 @@ import msgspec
 from cli.runstats import span_text
 from evaluation import simulator
 from evaluation.baselines import ROUTERS
+from evaluation.goodput import Goodput, goodput
+from evaluation.metrics import ClassMetrics, summarize
+from evaluation.options import SimOptions
 from evaluation.scenarios import SCENARIOS, believing, routed_to_dead
-from evaluation.simulator import ClassMetrics, Goodput, SimOptions, goodput, summarize
 from evaluation.workloads import WORKLOADS
 from policies.config import ConfigError, PolicyConfig, pool_counts
 from policies.router import Router

@@ -32,7 +32,7 @@ ever make the real optimum lower:
 
 The relaxation is of the *fluid* device: each token takes one concurrency's time and share. The
 simulator reads a worker's concurrency once per prefill and once per 32-token decode chunk
-(``evaluation.simulator``), so a job that started before others joined pays a little less than
+(``evaluation.pools``), so a job that started before others joined pays a little less than
 the fluid model charges; a policy could in principle exploit that by a hair. bench/POLICY.md
 checks the bound against every policy's result on every run.
 

@@ -3,8 +3,8 @@
 A router plans with the pools' device profiles (``PROFILES[spec.profile]``) and corrects
 them from what it observes (:class:`~policies.estimate.LatencyEstimator`). In a plain
 simulation the devices follow those very profiles, so the correction is never exercised.
-Each :class:`Scenario` here makes the truth differ (:class:`~evaluation.simulator.DeviceTruth`,
-:class:`~evaluation.simulator.Failure`) for a run of a given length:
+Each :class:`Scenario` here makes the truth differ (:class:`~evaluation.options.DeviceTruth`,
+:class:`~evaluation.options.Failure`) for a run of a given length:
 
 * ``accel-slow`` / ``gpu-slow``: the accelerator / GPU pools run 2x slower than their profile;
 * ``noisy``: every job's device time is the profile's times a lognormal of mean 1, CV 0.5;
@@ -29,7 +29,9 @@ from typing import Literal
 
 import msgspec
 
-from evaluation.simulator import DEFAULT_OPTIONS, DeviceTruth, Failure, SimOptions, SimResult, accelerator_pools
+from evaluation.metrics import accelerator_pools
+from evaluation.options import DEFAULT_OPTIONS, DeviceTruth, Failure, SimOptions
+from evaluation.records import SimResult
 from policies.config import PolicyConfig
 from policies.estimate import LatencyEstimator
 from policies.profiles import ModelProfile

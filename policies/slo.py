@@ -53,9 +53,9 @@ A job whose model or kind no pool serves gets ``pool=None`` and a reason ``no po
 Every decision carries a short reason with the predicted numbers, and
 ``predicted_ttft_ms``/``predicted_e2e_ms``, so that a miss can be explained later.
 
-Inside a pool, :func:`queue_key` orders waiting jobs: lower ``priority`` first (interactive
-ahead of batch), first come first served within a priority, as the simulator's pool queues
-and the live workers' priority lanes do.
+Inside a pool, waiting jobs run by lane (``PolicyConfig.lane``): lower ``priority`` first
+(interactive ahead of batch), first come first served within a priority, in the live workers'
+priority lanes and the simulator's pool queues alike.
 """
 
 from __future__ import annotations
@@ -69,12 +69,6 @@ from policies.router import Observation, RandomSource
 
 IDLE_SHARE = 0.5
 """Share of a reserved pool's capacity that less urgent classes may fill."""
-
-
-def queue_key(config: PolicyConfig, slo: str, seq: int) -> tuple[int, int]:
-    """Sort key for a pool's waiting jobs: class priority first (lower runs first), then arrival ``seq``."""
-    cls = config.classes.get(slo) or config.classes[config.default_class]
-    return cls.priority, seq
 
 
 def pool_capacity(config: PolicyConfig, pool: str, state: PoolState) -> int:

@@ -8,7 +8,8 @@ import pytest
 from broker.config import load_config
 from evaluation.baselines import ROUTERS
 from evaluation.bound import fluid_bound
-from evaluation.simulator import attainment, simulate
+from evaluation.metrics import attainment
+from evaluation.simulator import simulate
 from evaluation.workloads import WORKLOADS, Arrival, generate
 from policies.route import JobFeatures
 

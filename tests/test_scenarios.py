@@ -22,8 +22,11 @@ import pytest
 
 from broker.config import load_config
 from evaluation.baselines import ROUTERS
+from evaluation.metrics import attainment
+from evaluation.options import DeviceTruth, Failure, SimOptions
+from evaluation.records import SimResult
 from evaluation.scenarios import SCENARIOS, Watch, believing, dead_spans, routed_to_dead
-from evaluation.simulator import DeviceTruth, Failure, SimOptions, SimResult, attainment, simulate
+from evaluation.simulator import simulate
 from evaluation.workloads import WORKLOADS, Arrival, generate
 from policies.route import Decision, JobFeatures, Snapshot
 from policies.router import Observation

@@ -21,15 +21,11 @@ import pytest
 from broker.config import load_config
 from broker.wire import ChatMessage, Job
 from evaluation.baselines import ROUTERS, OracleRouter
-from evaluation.simulator import (
-    JobRecord,
-    SimOptions,
-    SimResult,
-    goodput,
-    percentile,
-    simulate,
-    summarize,
-)
+from evaluation.goodput import goodput
+from evaluation.metrics import percentile, summarize
+from evaluation.options import SimOptions
+from evaluation.records import JobRecord, SimResult
+from evaluation.simulator import simulate
 from evaluation.workloads import (
     CODE,
     CONVERSATION,
@@ -601,7 +597,7 @@ def test_records_are_plain_data() -> None:
 
 
 def test_decode_granularity_matches_the_live_backend() -> None:
-    from evaluation.simulator import DECODE_CHUNK
+    from evaluation.options import DECODE_CHUNK
     from workers.simulated import DECODE_CHUNK as LIVE_CHUNK
 
     assert DECODE_CHUNK == LIVE_CHUNK

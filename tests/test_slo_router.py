@@ -33,7 +33,7 @@ from policies import PROFILES, JobFeatures, PolicyConfig, PoolState, Snapshot, c
 from policies.config import EVALUATION_ROUTERS, JOB_KINDS, LIVE_ROUTERS, ConfigError
 from policies.estimate import LatencyEstimator, Prediction, bucket, job_cost
 from policies.router import Observation
-from policies.slo import SloRouter, misses, queue_key
+from policies.slo import SloRouter, misses
 
 DEFAULT = load_config()
 DEFAULT_DICT = tomllib.loads(default_config_text())
@@ -414,13 +414,6 @@ def test_a_model_only_the_reserved_pool_serves_still_runs_there() -> None:
     cfg = config(pools={"gpu": {**RAW["pools"]["gpu"], "models": ["minilm-l6"]}})
     d = decide(SloRouter(cfg), job(), "batch", snap(gpu=0, accel=7))
     assert d.pool == "accel"
-
-
-def test_queue_key_puts_interactive_ahead_of_batch_and_keeps_arrival_order() -> None:
-    arrivals = [("batch", 0), ("standard", 1), ("interactive", 2), ("batch", 3), ("interactive", 4)]
-    order = sorted(arrivals, key=lambda a: queue_key(DEFAULT, a[0], a[1]))
-    assert order == [("interactive", 2), ("interactive", 4), ("standard", 1), ("batch", 0), ("batch", 3)]
-    assert queue_key(DEFAULT, "unknown", 7) == (DEFAULT.classes["standard"].priority, 7)
 
 
 # --------------------------------------------------------------------------- estimator

