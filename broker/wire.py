@@ -16,6 +16,9 @@ reply stream            ``result``    :class:`Result` as JSON
 ``<p>:{<p>}:tokens:<i>``  ``token``   :class:`TokenChunk` as JSON (jobs with ``stream``)
 ======================  ============  ============================================
 
+Heartbeats are hash fields, role name to beat: :class:`Heartbeat` as JSON in
+``<p>:{<p>}:hb:pool:<n>`` (pool workers), :class:`PolicyHeartbeat` in ``<p>:{<p>}:hb:policy``.
+
 A pool has one stream per class priority (``pool:<n>`` for the most urgent, then
 ``pool:<n>:1``, ``pool:<n>:2``, ...), all carrying the same message.
 """
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 import msgspec
 
@@ -44,6 +47,7 @@ Timestamp = Annotated[float, msgspec.Meta(ge=0, le=1e11)]
 Model = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Tenant = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 MaxTokens = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
 
 
 class ChatMessage(msgspec.Struct, frozen=True):
@@ -192,6 +196,19 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
     completion_tokens: int = 0
 
 
+class JobIdentity(Protocol):
+    """What a result copies from its job: a :class:`Job`, or the parts of a rejected one."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def kind(self) -> Kind: ...
+    @property
+    def tenant(self) -> str: ...
+
+
 class Result(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """The one outcome a job's producer sees, on the job's reply stream."""
 
@@ -215,6 +232,12 @@ class Result(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     retry_after_s: float | None = None
     """``rejected`` by admission (``slo_unattainable: ...``): seconds after which the pools are
     predicted to have drained (or their load fallen) enough for the job to be served in time."""
+
+    @classmethod
+    def for_job(cls, job: JobIdentity, status: Status, **fields: Any) -> Result:
+        """The result of ``job``: its identity (id, model, kind, tenant) copied, ``status`` and
+        ``fields`` set. Every result is built here, so none can name another job's model or tenant."""
+        return cls(id=job.id, model=job.model, kind=job.kind, tenant=job.tenant, status=status, **fields)
 
 
 DeadReason = Literal[
@@ -250,6 +273,56 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
                                        truncated=self.truncated + len(self.payload) - limit)
 
 
+class Beat(msgspec.Struct, frozen=True, kw_only=True):
+    """What every role's heartbeat has: :class:`Heartbeat` (pool workers) and :class:`PolicyHeartbeat`."""
+
+    ts: Timestamp
+    """When the role sent it. A beat older than 5 x ``heartbeat_s`` does not count; one older
+    than ``heartbeat_expiry_s`` is deleted (its role died without removing it)."""
+    v: int = VERSION
+
+
+class ObservedJob(msgspec.Struct, frozen=True, kw_only=True):
+    """The service timings of one job a pool worker finished (queueing excluded): what the
+    policy learns its latency estimates from."""
+
+    model: str
+    prompt_tokens: int
+    output_tokens: int
+    concurrency: int
+    """Jobs in flight on the worker when this one started (this one included)."""
+    ttft_ms: float
+    """Start of inference to first token."""
+    tpot_ms: float | None
+    """Mean time per output token after the first (``null`` under two tokens)."""
+    at: float
+    """When it finished."""
+
+
+class Heartbeat(Beat, frozen=True, kw_only=True):
+    """A pool worker's heartbeat, every ``heartbeat_s``: its load, and what it learnt since the last."""
+
+    in_flight: Count
+    """Jobs it has taken and not yet finished."""
+    capacity: Count
+    """Jobs it runs at once (its concurrency)."""
+    seq: int = 0
+    """Numbers the worker's beats from 1: the policy learns each beat's ``obs`` once (0: nothing to learn)."""
+    obs: list[ObservedJob] = []
+    """Jobs finished since the previous beat (the freshest 256 at most)."""
+    cooling_until: Timestamp | None = None
+    """Set while every endpoint of its backend refused work (rate limits): when the first takes work again."""
+
+
+class PolicyHeartbeat(Beat, frozen=True, kw_only=True):
+    """A policy worker's heartbeat, every ``heartbeat_s``: written right after a refresh of its pool view."""
+
+    routed: Count = 0
+    """Jobs it routed since it started."""
+    dead: Count = 0
+    """Ingress entries it dead-lettered since it started."""
+
+
 DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)
 """Everything decoding untrusted bytes can raise (msgpack reports bad UTF-8 as UnicodeDecodeError)."""
 
@@ -260,6 +333,8 @@ _job_msgpack = msgspec.msgpack.Decoder(Job)
 decode_routed = msgspec.json.Decoder(RoutedJob).decode
 decode_result = msgspec.json.Decoder(Result).decode
 decode_dead = msgspec.json.Decoder(DeadLetter).decode
+decode_heartbeat = msgspec.json.Decoder(Heartbeat).decode
+decode_policy_heartbeat = msgspec.json.Decoder(PolicyHeartbeat).decode
 
 
 class InvalidJob(ValueError):
