@@ -26,10 +26,10 @@ import logging
 import uuid
 from typing import Any
 
-import msgspec
 import redis.asyncio as aioredis
 
 from broker import calls
+from broker.heartbeats import decoder_of, read_beats
 from broker.scripts import Scripts
 from broker.settings import Settings
 
@@ -88,14 +88,15 @@ class Janitor:
                 consumers = await self.client.xinfo_consumers(stream, group)
             except aioredis.ResponseError:
                 continue  # stream or group not there (yet)
-            beats = await self.client.hgetall(heartbeats)  # type: ignore[misc]
+            fields = await self.client.hgetall(heartbeats)  # type: ignore[misc]
+            beats = read_beats(fields, decoder_of(self.topo, heartbeats), heartbeats)
             for c in consumers:
                 if c["pending"] or c["idle"] <= idle_limit:
                     continue
                 # Before Redis 7.2 a blocked read that returns nothing does not reset `idle`:
                 # a live consumer with nothing to do looks dead, but it still sends heartbeats.
                 beat = beats.get(c["name"])
-                if beat is not None and now - msgspec.json.decode(beat)["ts"] < fresh_s:
+                if beat is not None and now - beat.ts < fresh_s:
                     continue
                 if await self.scripts.call(calls.delconsumer(stream, group, c["name"])) != -1:
                     self.removed_consumers += 1

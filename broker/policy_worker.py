@@ -17,7 +17,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import redis.asyncio as aioredis
@@ -26,6 +26,7 @@ from prometheus_client import Counter
 from broker import calls
 from broker.calls import CompleteTarget, Completion, FailedJob, RouteMove
 from broker.connection import RETRYABLE, unavailable
+from broker.heartbeats import read_beats
 from broker.ingress import entry_payload
 from broker.janitor import Janitor, warn_if_evicting
 from broker.logs import job_context, printable
@@ -50,13 +51,18 @@ from broker.topology import POLICY_GROUP, RESERVED, WORKER_GROUP
 from broker.wire import (
     DECODE_ERRORS,
     DeadLetter,
+    Heartbeat,
     InvalidJob,
     Job,
     JobId,
+    Kind,
+    PolicyHeartbeat,
     Result,
     Route,
     RoutedJob,
+    Status,
     StreamName,
+    decode_heartbeat,
     decode_job,
     json_encode,
 )
@@ -362,10 +368,9 @@ class PolicyWorker:
             self._decisions[features] = made
         return made
 
-    def _finish(self, entry_id: bytes, job: Job, status: str, error: str, counter: Counter, *,
+    def _finish(self, entry_id: bytes, job: Job, status: Status, error: str, counter: Counter, *,
                 slo: str | None = None, retry_after_s: float | None = None) -> None:
-        result = Result(id=job.id, status=status, model=job.model, kind=job.kind,  # type: ignore[arg-type]
-                        tenant=job.tenant, slo=slo, error=error, retry_after_s=retry_after_s)
+        result = Result.for_job(job, status, slo=slo, error=error, retry_after_s=retry_after_s)
         self._finished.append(Completion(entry_id, job.id, job.reply_to, json_encode(result)))
         self._finished_in.append(counter)
 
@@ -388,8 +393,7 @@ class PolicyWorker:
         letter = letter.clipped(min(self.settings.max_job_bytes, self.settings.dead_payload_bytes))
         failed = None
         if job is not None:
-            result = Result(id=job.id, status="failed", model=job.model, kind=job.kind,  # type: ignore[arg-type]
-                            tenant=job.tenant, error=f"{exc.reason}: {exc}")
+            result = Result.for_job(job, "failed", error=f"{exc.reason}: {exc}")
             failed = FailedJob(job.id, job.reply_to, json_encode(result), self.settings.result_ttl_s * 1000, mark=True)
         dead = calls.dead(self.topo.jobs, POLICY_GROUP, entry_id, "", json_encode(letter), self.topo, failed)
         self._queue(pipe, dead, self.metrics.dead(None, exc.reason))
@@ -416,15 +420,14 @@ class PolicyWorker:
             backlog = sum(queued) + sum(pending for _, pending in waiting)
             workers = in_flight = capacity = 0
             cooling: list[float | None] = []
-            beats: dict[bytes, bytes] = next(replies)
+            beats = read_beats(next(replies), decode_heartbeat, self.topo.heartbeats(name))
             beating.update(beats)
-            for worker, raw in beats.items():
-                beat = msgspec.json.decode(raw)
-                if now - beat["ts"] < 5 * self.settings.heartbeat_s:
+            for worker, beat in beats.items():
+                if now - beat.ts < 5 * self.settings.heartbeat_s:
                     workers += 1
-                    in_flight += beat["in_flight"]
-                    capacity += beat["capacity"]
-                    until = beat.get("cooling_until")
+                    in_flight += beat.in_flight
+                    capacity += beat.capacity
+                    until = beat.cooling_until
                     cooling.append(until if until is not None and until > now else None)
                 self._learn(name, worker, beat)
             # The pool is cooling only while every live worker is: then the first back ends it.
@@ -446,17 +449,13 @@ class PolicyWorker:
         streams = {self.topo.jobs: POLICY_GROUP, **dict.fromkeys(self._lane_streams, WORKER_GROUP)}
         await export_streams(self.client, self.topo.base, streams, self.topo.dead)
 
-    def _learn(self, pool: str, worker: bytes, beat: dict[str, Any]) -> None:
+    def _learn(self, pool: str, worker: bytes, beat: Heartbeat) -> None:
         """Feed the router the job timings a worker reported, once per heartbeat."""
-        seq = beat.get("seq")
-        if seq is None or self._seen.get(worker) == seq:
+        if not beat.seq or self._seen.get(worker) == beat.seq:
             return
-        self._seen[worker] = seq
-        for obs in beat.get("obs", ()):
-            try:
-                self.router.observe(msgspec.convert({**obs, "pool": pool}, Observation))
-            except msgspec.ValidationError:
-                log.warning("ignoring a malformed observation from %s", worker.decode(errors="replace"))
+        self._seen[worker] = beat.seq
+        for obs in beat.obs:
+            self.router.observe(Observation(pool=pool, **msgspec.structs.asdict(obs)))
 
     async def _tick(self) -> None:
         """Every snapshot period: refresh the pools; less often, housekeeping and a heartbeat."""
@@ -467,7 +466,7 @@ class PolicyWorker:
                 await self.setup()
         if self.clock() - self._beat_at >= self.settings.heartbeat_s:
             self._beat_at = self.clock()
-            beat = {"ts": self._beat_at, "routed": self.routed, "dead": self.dead}
+            beat = PolicyHeartbeat(ts=self._beat_at, routed=self.routed, dead=self.dead)
             await self.client.hset(self.topo.policy_heartbeats, self.name, json_encode(beat))  # type: ignore[arg-type, misc]
 
 
@@ -486,8 +485,13 @@ class _Salvaged(msgspec.Struct):
     id: JobId
     reply_to: StreamName = "results"
     model: str = ""
-    kind: str = "chat"
+    given_kind: str = msgspec.field(default="chat", name="kind")
     tenant: str = "default"
+
+    @property
+    def kind(self) -> Kind:
+        """The job's kind if it is one, else ``chat``: the result must still be a valid one."""
+        return cast("Kind", self.given_kind) if self.given_kind in KINDS else "chat"
 
 
 _salvage_json = msgspec.json.Decoder(_Salvaged)
@@ -504,8 +508,4 @@ def _salvage(raw: bytes) -> _Salvaged | None:
         got = (_salvage_json if raw.lstrip()[:1] == b"{" else _salvage_msgpack).decode(raw)
     except DECODE_ERRORS:
         return None
-    if got.reply_to in RESERVED:
-        return None
-    if got.kind not in KINDS:
-        got = msgspec.structs.replace(got, kind="chat")
-    return got
+    return None if got.reply_to in RESERVED else got

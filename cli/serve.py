@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import msgspec
 
 from broker.connection import redacted
 from cli.common import (
@@ -122,6 +121,7 @@ def health(role_policy: bool, pool: str | None, max_age: float, ready_port: int 
     import socket
 
     from broker.connection import connect
+    from broker.heartbeats import decoder_of, read_beats
 
     if ready_port is not None:
         settings_from(**opts)  # logging only: the endpoint answers for the role's Redis
@@ -144,8 +144,8 @@ def health(role_policy: bool, pool: str | None, max_age: float, ready_port: int 
         return
     host = f"-{socket.gethostname()}-"
     now = time.time()
-    for name, raw in beats.items():
-        if host in name.decode(errors="replace") and now - msgspec.json.decode(raw)["ts"] < max_age:
+    for name, beat in read_beats(beats, decoder_of(settings.topology, key), key).items():
+        if host in name.decode(errors="replace") and now - beat.ts < max_age:
             click.echo(f"{name.decode()} ok")
             return
     role = "policy worker" if role_policy else f"{pool} worker"

@@ -16,10 +16,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-import msgspec
 import redis
 
 from broker.errors import BrokerError
+from broker.heartbeats import decoder_of, fresh, read_beats
 from broker.process import die_with_parent
 from broker.settings import Settings
 from broker.topology import Topology
@@ -131,12 +131,13 @@ def wait_for_roles(url: str, topo: Topology, workers: dict[str, int], *, timeout
             now = time.time()
             pipe = client.pipeline()
             for key in keys:
-                pipe.hvals(key)
-            fresh = [sum(now - msgspec.json.decode(v)["ts"] < max_age for v in vals) for vals in pipe.execute()]
-            if all(have >= want for have, want in zip(fresh, wanted, strict=True)):
+                pipe.hgetall(key)
+            live = [fresh(read_beats(fields, decoder_of(topo, key), key), now, max_age)
+                    for key, fields in zip(keys, pipe.execute(), strict=True)]
+            if all(have >= want for have, want in zip(live, wanted, strict=True)):
                 return
             if time.monotonic() > deadline:
-                missing = [k.rsplit(":", 1)[-1] for k, have, want in zip(keys, fresh, wanted, strict=True)
+                missing = [k.rsplit(":", 1)[-1] for k, have, want in zip(keys, live, wanted, strict=True)
                            if have < want]
                 raise BrokerError(f"roles not ready after {timeout:.0f} s: no fresh heartbeat from "
                                   f"{', '.join(missing)}. Are the policy worker and the pools running?")

@@ -26,8 +26,9 @@ from rich.table import Table
 from rich.text import Text
 
 from broker.connection import RETRYABLE, redacted, unreachable
+from broker.heartbeats import fresh, read_beats
 from broker.settings import Settings
-from broker.wire import DECODE_ERRORS
+from broker.wire import decode_heartbeat, decode_policy_heartbeat
 from cli.runstats import GroupStats, by_key, group_stats, results_of, span_text
 from policies.config import PolicyConfig
 
@@ -51,7 +52,7 @@ class PoolView(msgspec.Struct, frozen=True):
     workers: list[WorkerView]
     """Workers with a fresh heartbeat."""
     stale: int
-    """Heartbeats too old to count (a killed worker leaves its entry behind)."""
+    """Heartbeats too old to count (a killed worker leaves its entry behind), or not heartbeats at all."""
 
 
 class StreamView(msgspec.Struct, frozen=True):
@@ -153,7 +154,8 @@ class Collector:
         beats, policy_beats, dead = replies[: len(pools)], replies[len(pools)], replies[len(pools) + 1]
         rest = replies[len(pools) + 2:]
         views = [self._pool(name, beats[i], now) for i, name in enumerate(pools)]
-        policies = sum(now - _ts(raw) < self.stale_s for raw in _hash(policy_beats).values())
+        policies = fresh(read_beats(_hash(policy_beats), decode_policy_heartbeat, self.topo.policy_heartbeats),
+                         now, self.stale_s)
         groups: list[tuple[str, int, dict[str, object] | None]] = []
         for i, key in enumerate(streams):
             length, info = rest[2 * i], rest[2 * i + 1]
@@ -184,20 +186,12 @@ class Collector:
             default_pool=self.config.default_pool, dead=dead if isinstance(dead, int) else 0, policies=policies)
 
     def _pool(self, name: str, raw: object, now: float) -> PoolView:
-        fresh, stale = [], 0
-        for worker, beat in sorted(_hash(raw).items()):
-            try:
-                data = msgspec.json.decode(beat)
-                view = WorkerView(worker.decode(errors="replace"), int(data["in_flight"]), int(data["capacity"]),
-                                  now - float(data["ts"]))
-            except (*DECODE_ERRORS, KeyError, TypeError, ValueError):
-                stale += 1
-                continue
-            if view.age_s < self.stale_s:
-                fresh.append(view)
-            else:
-                stale += 1
-        return PoolView(name, fresh, stale)
+        fields = _hash(raw)
+        beats = read_beats(fields, decode_heartbeat, self.topo.heartbeats(name))
+        views = [WorkerView(worker.decode(errors="replace"), beat.in_flight, beat.capacity, now - beat.ts)
+                 for worker, beat in sorted(beats.items())]
+        live = [view for view in views if view.age_s < self.stale_s]
+        return PoolView(name, live, len(fields) - len(live))
 
     def _stream(self, key: str, length: int, group: dict[str, object] | None, summary: object,
                 now: float) -> StreamView:
@@ -218,13 +212,6 @@ def _text(value: object) -> str:
 
 def _hash(raw: object) -> dict[bytes, bytes]:
     return raw if isinstance(raw, dict) else {}
-
-
-def _ts(raw: bytes) -> float:
-    try:
-        return float(msgspec.json.decode(raw)["ts"])
-    except (*DECODE_ERRORS, KeyError, TypeError, ValueError):
-        return 0.0
 
 
 def _entry_ms(entry_id: object) -> int:

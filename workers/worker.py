@@ -74,9 +74,12 @@ from broker.topology import RESERVED, WORKER_GROUP
 from broker.wire import (
     DECODE_ERRORS,
     DeadLetter,
+    Heartbeat,
     Metrics,
+    ObservedJob,
     Result,
     RoutedJob,
+    Status,
     Timing,
     Usage,
     decode_routed,
@@ -91,8 +94,6 @@ log = logging.getLogger("inference_broker.worker")
 T = TypeVar("T")
 MAX_OBSERVATIONS = 256
 """Most job timings one heartbeat carries."""
-_OBSERVATION = ("model", "prompt_tokens", "output_tokens", "concurrency", "ttft_ms", "tpot_ms", "at")
-"""The fields of a job timing in a heartbeat (policies.Observation)."""
 
 
 def slo_met(route_ttft: float, route_tpot: float | None, route_e2e: float | None, m: Metrics) -> bool:
@@ -169,10 +170,8 @@ class PoolWorker:
         self._wake = asyncio.Event()
         """Set when a job ends or leaves the backend, and at the stop: the consume loop (and a job
         over the concurrency) waits on it."""
-        self.observations: collections.deque[tuple[str, int, int, int, float, float | None, float]] = \
-            collections.deque(maxlen=MAX_OBSERVATIONS)
-        """Timings of jobs finished since the last heartbeat, what the policy learns from: (model,
-        prompt and output tokens, concurrency, TTFT, TPOT, finished at), the freshest if more."""
+        self.observations: collections.deque[ObservedJob] = collections.deque(maxlen=MAX_OBSERVATIONS)
+        """Timings of jobs finished since the last heartbeat, what the policy learns from, the freshest if more."""
         self.beat_seq = 0
         self._leases: asyncio.Task[None] | None = None
         self._stopped_at: float | None = None
@@ -429,10 +428,9 @@ class PoolWorker:
                                  deliveries=deliveries - 1)
                 return
         if job.deadline is not None and self.clock() > job.deadline:
-            self._publish(lane, entry_id, routed, deliveries, Result(
-                id=job.id, status="expired", model=job.model, kind=job.kind, tenant=job.tenant,
-                slo=route.slo, pool=self.pool, worker=self.name, error="deadline passed before start"),
-                self.metrics.of(route.slo).expired.inc)
+            self._publish(lane, entry_id, routed, deliveries,
+                          self._result(routed, "expired", error="deadline passed before start"),
+                          self.metrics.of(route.slo).expired.inc)
             return
         tokens = None
         if job.stream and job.kind != "embedding":
@@ -464,10 +462,9 @@ class PoolWorker:
                               extra=job_context(job))
                 exc = BackendError(f"{type(exc).__name__}: {exc}", retryable=True)
             if exc.expired:
-                self._publish(lane, entry_id, routed, deliveries, Result(
-                    id=job.id, status="expired", model=job.model, kind=job.kind, tenant=job.tenant,
-                    slo=route.slo, pool=self.pool, worker=self.name, error=f"{type(exc).__name__}: {exc}"),
-                    self.metrics.of(route.slo).expired.inc)
+                self._publish(lane, entry_id, routed, deliveries,
+                              self._result(routed, "expired", error=f"{type(exc).__name__}: {exc}"),
+                              self.metrics.of(route.slo).expired.inc)
                 return
             self.metrics.of(route.slo).failed.inc()
             # A sandbox's death is marked as such: the job stays a suspect (broker.reclaim).
@@ -490,15 +487,18 @@ class PoolWorker:
         metrics = Metrics.of(timing, out.completion_tokens)
         if not sandboxed:  # a run alone in another process says nothing of this device's load
             self._observe(job.model, out.prompt_tokens, out.completion_tokens, concurrency, timing, metrics)
-        result = Result(
-            id=job.id, status="ok", model=job.model, kind=job.kind, tenant=job.tenant, slo=route.slo,
-            pool=self.pool, worker=self.name, output=out.output, embeddings=out.embeddings,
+        result = self._result(
+            routed, "ok", output=out.output, embeddings=out.embeddings,
             usage=Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens),
             timing=timing, metrics=metrics, route_reason=route.reason,
             slo_met=slo_met(route.ttft_target_ms, route.tpot_target_ms, route.e2e_target_ms, metrics))
         self._publish(lane, entry_id, routed, deliveries, result, lambda: self.metrics.of(route.slo).complete(
             metrics.queue_time_ms, metrics.time_to_first_token_ms, metrics.time_per_output_token_ms,
             metrics.e2e_latency_ms, result.slo_met))
+
+    def _result(self, routed: RoutedJob, status: Status, **fields: Any) -> Result:
+        """A result of this worker's: the job's, in its class, from this pool and worker."""
+        return Result.for_job(routed.job, status, slo=routed.route.slo, pool=self.pool, worker=self.name, **fields)
 
     def _backoff_ms(self, deliveries: int) -> int:
         base = self.settings.retry_backoff_ms * 2 ** (deliveries - 1)
@@ -583,8 +583,7 @@ class PoolWorker:
         failed = None
         if routed is not None:
             job = routed.job
-            result = Result(id=job.id, status="failed", model=job.model, kind=job.kind, tenant=job.tenant,
-                            slo=routed.route.slo, pool=self.pool, worker=self.name, error=f"{reason}: {error}")
+            result = self._result(routed, "failed", error=f"{reason}: {error}")
             failed = FailedJob(job.id, job.reply_to, json_encode(result), self.settings.result_ttl_s * 1000)
         consumer = self.name if fenced else ""
         if await self._script(calls.dead(lane.stream, WORKER_GROUP, entry_id, consumer, json_encode(letter),
@@ -612,17 +611,17 @@ class PoolWorker:
                 task.cancel()
 
     def _observe(self, model: str, prompt: int, output: int, concurrency: int, t: Timing, m: Metrics) -> None:
-        self.observations.append((model, prompt, output, concurrency, (t.first_token_at - t.started_at) * 1000,
-                                  m.time_per_output_token_ms, t.finished_at))
+        self.observations.append(ObservedJob(
+            model=model, prompt_tokens=prompt, output_tokens=output, concurrency=concurrency,
+            ttft_ms=(t.first_token_at - t.started_at) * 1000, tpot_ms=m.time_per_output_token_ms, at=t.finished_at))
 
     async def heartbeat(self) -> None:
         """Tell the policy this worker's load, and the timings of the jobs it finished since."""
         cooldown = getattr(self.backend, "cooldown_until", None)  # backends with endpoints that can refuse
         sent = list(self.observations)
         self.observations.clear()
-        beat = {"ts": self.clock(), "in_flight": len(self.running), "capacity": self.concurrency,
-                "seq": self.beat_seq + 1, "obs": [dict(zip(_OBSERVATION, obs, strict=True)) for obs in sent],
-                "cooling_until": cooldown() if cooldown is not None else None}
+        beat = Heartbeat(ts=self.clock(), in_flight=len(self.running), capacity=self.concurrency,
+                         seq=self.beat_seq + 1, obs=sent, cooling_until=cooldown() if cooldown is not None else None)
         try:
             await self.client.hset(self.topo.heartbeats(self.pool), self.name, json_encode(beat))  # type: ignore[arg-type,misc]
         except BaseException:
