@@ -31,7 +31,8 @@ from broker.topology import POLICY_GROUP, WORKER_GROUP, Topology
 
 SENTINEL = "PREFIXSENTINEL"
 """A valid prefix that appears nowhere else in a key: replaced by ``{prefix}`` / ``{tag}``."""
-MESSAGES = (wire.Job, wire.RoutedJob, wire.Result, wire.DeadLetter, wire.TokenChunk)
+MESSAGES = (wire.Job, wire.RoutedJob, wire.Result, wire.DeadLetter, wire.TokenChunk, wire.Heartbeat,
+            wire.PolicyHeartbeat)
 
 PARAMETERS: dict[str, dict[str, Any]] = {
     "prefix": {"description": "Key prefix of the deployment (`IB_PREFIX`, `--prefix`): 1 to 32 characters of "
@@ -75,7 +76,7 @@ class Key(NamedTuple):
     description: str
     params: dict[str, str]
     value: str | None = None
-    """Component schema of the value, if it is a message."""
+    """Component schema of the value (of each field's value, for a hash), if it is a message."""
 
 
 STREAMS: dict[str, Stream] = {
@@ -128,16 +129,17 @@ KEYS: dict[str, Key] = {
                 "Result"),
     "routed": Key("routed", "string", "`1` once a job was routed (makes routing idempotent); TTL "
                   "`result_ttl_s`.", {"job_id": "jobId"}),
-    "errors": Key("errors", "string", "Last error of a retried pool entry (the key ends with the entry id), "
-                  "for its dead letter; TTL `result_ttl_s`.", {"pool": "pool", "lane": "lane"}),
+    "errors": Key("errors", "hash", "Last error of a retried pool entry (the key ends with the entry id), "
+                  "for its dead letter: fields `error` (the text) and `delivery` (the delivery it ended, a "
+                  "decimal integer); TTL `result_ttl_s`.", {"pool": "pool", "lane": "lane"}),
     "replies": Key("replies", "set", "Names of the reply streams that received results (for retention).", {}),
     "epoch": Key("epoch", "string", "Written once by the policy workers; its absence later means Redis "
                  "restarted empty.", {}),
-    "heartbeats": Key("heartbeats", "hash", "Pool worker name to its latest heartbeat, JSON "
-                      '`{"ts", "in_flight", "capacity", "seq", "obs"}` (obs: timings of the jobs finished since '
-                      "the last beat), every `heartbeat_s`.", {"pool": "pool"}),
-    "policy_heartbeats": Key("policy_heartbeats", "hash", "Policy worker name to its latest heartbeat, JSON "
-                             '`{"ts", "routed", "dead"}`.', {}),
+    "heartbeats": Key("heartbeats", "hash", "Pool worker name to its latest `Heartbeat` JSON (its load, and "
+                      "the timings of the jobs it finished since the last beat), every `heartbeat_s`. A field "
+                      "that is not a `Heartbeat` is ignored by every reader.", {"pool": "pool"}, "Heartbeat"),
+    "policy_heartbeats": Key("policy_heartbeats", "hash", "Policy worker name to its latest `PolicyHeartbeat` "
+                             "JSON, every `heartbeat_s`.", {}, "PolicyHeartbeat"),
 }
 
 MESSAGE_INFO: dict[str, tuple[str, str, str, str]] = {
@@ -164,7 +166,16 @@ EXAMPLE_RESULT = {
 
 
 def _field_docs(cls: type) -> dict[str, str]:
-    """``name: type`` followed by a string literal: the field's docstring, as in ``broker/wire.py``."""
+    """``name: type`` followed by a string literal: the field's docstring, as in ``broker/wire.py``;
+    those of the fields a Struct inherits too (``Heartbeat`` from ``Beat``)."""
+    docs: dict[str, str] = {}
+    for base in reversed(cls.__mro__):
+        if issubclass(base, msgspec.Struct) and base is not msgspec.Struct:
+            docs.update(_own_field_docs(base))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     try:
         tree = ast.parse(inspect.getsource(cls))
     except (OSError, TypeError):
