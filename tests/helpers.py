@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import re
 import time
@@ -15,7 +14,7 @@ import redis.asyncio as aioredis
 from broker.client import Client
 from broker.config import load_config
 from broker.topology import Topology
-from broker.wire import ChatMessage, Job, Result
+from broker.wire import ChatMessage, Job, Result, decode_heartbeat, decode_policy_heartbeat, decode_result
 from tests.conftest import FAST_ENV
 
 
@@ -49,7 +48,7 @@ async def policy_refreshed_after(client: aioredis.Redis, topo: Topology, at: flo
 
     async def refreshed() -> bool:
         beats = (await client.hgetall(topo.policy_heartbeats)).values()  # type: ignore[misc]
-        return any(json.loads(v)["ts"] > seen_at for v in beats)
+        return any(decode_policy_heartbeat(v).ts > seen_at for v in beats)
 
     await eventually(refreshed, timeout=30, what=what)
 
@@ -73,7 +72,7 @@ async def warm_up(sdk: Client, client: aioredis.Redis, topo: Topology, jobs: dic
         nonlocal latest
         for pool in jobs:
             beats = (await client.hgetall(topo.heartbeats(pool))).values()  # type: ignore[misc]
-            ts = max((json.loads(v)["ts"] for v in beats), default=0.0)
+            ts = max((decode_heartbeat(v).ts for v in beats), default=0.0)
             if ts <= since:
                 return False
             latest = max(latest, ts)
@@ -125,7 +124,7 @@ async def result_counts(client: aioredis.Redis, topo: Topology) -> tuple[Counter
     ids: Counter[str] = Counter()
     statuses: Counter[str] = Counter()
     for _id, fields in await client.xrange(topo.reply("results")):
-        data = json.loads(fields[b"result"])
-        ids[data["id"]] += 1
-        statuses[data["status"]] += 1
+        result = decode_result(fields[b"result"])
+        ids[result.id] += 1
+        statuses[result.status] += 1
     return ids, statuses

@@ -136,8 +136,13 @@ def test_every_stream_key_is_a_channel_with_its_messages_and_groups(doc: dict[st
 def test_every_wire_message_has_its_schema(doc: dict[str, Any]) -> None:
     schemas = doc["components"]["schemas"]
     for struct in (wire.Job, wire.RoutedJob, wire.Result, wire.DeadLetter, wire.Timing, wire.Metrics, wire.Route,
-                   wire.TokenChunk):
+                   wire.TokenChunk, wire.Heartbeat, wire.ObservedJob, wire.PolicyHeartbeat):
         assert struct.__name__ in schemas
+    keys = doc["x-redis-keys"]
+    assert keys["heartbeats"]["value"] == {"$ref": "#/components/schemas/Heartbeat"}
+    assert keys["policy_heartbeats"]["value"] == {"$ref": "#/components/schemas/PolicyHeartbeat"}
+    # A field a Struct inherits keeps its description (`ts` comes from `Beat`).
+    assert schemas["Heartbeat"]["properties"]["ts"]["description"].startswith("When the role sent it")
     assert schemas["Job"]["properties"]["reply_to"]["description"].startswith("Name of the result stream")
     assert schemas["Job"]["properties"]["id"]["pattern"].endswith("$"), "ECMA-262 patterns, not Python's \\Z"
 

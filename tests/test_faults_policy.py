@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from broker.client import Client
 from broker.errors import Backpressure
 from broker.topology import POLICY_GROUP, WORKER_GROUP, Topology
-from broker.wire import Job
+from broker.wire import Job, decode_policy_heartbeat
 from tests.conftest import FAST_ENV, ROOT, Roles
 from tests.helpers import eventually, lanes, mixed_jobs, result_counts
 
@@ -185,13 +185,17 @@ async def test_two_policy_workers_at_once_never_route_a_job_twice(
     assert await client.xlen(topo.dead) == 0
 
     # Both really routed (their heartbeats count what each handled).
+    async def routed_by() -> dict[str, int]:
+        beats = (await client.hgetall(topo.policy_heartbeats)).items()  # type: ignore[misc]
+        return {k.decode(): decode_policy_heartbeat(v).routed for k, v in beats}
+
     async def both_worked() -> bool:
-        beats = {k.decode(): json.loads(v) for k, v in (await client.hgetall(topo.policy_heartbeats)).items()}
-        return sum(beats[n]["routed"] for n in names if n in beats) == len(stream)
+        routed = await routed_by()
+        return sum(routed.get(n, 0) for n in names) == len(stream)
 
     await eventually(both_worked, timeout=5, what="heartbeats to count every routed entry")
-    beats = {k.decode(): json.loads(v) for k, v in (await client.hgetall(topo.policy_heartbeats)).items()}
-    assert all(beats[n]["routed"] > 0 for n in names), beats
+    routed = await routed_by()
+    assert all(routed[n] > 0 for n in names), routed
     await complete_all(roles, client, topo, ids)
     assert all(p.poll() is None for p in policies)
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import re
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -22,7 +24,9 @@ from broker.wire import (
     Result,
     Timing,
     decode_dead,
+    decode_heartbeat,
     decode_job,
+    decode_policy_heartbeat,
     decode_result,
     decode_routed,
     encode_job,
@@ -402,9 +406,57 @@ def test_result_round_trips_through_json() -> None:
 
 
 def test_typed_decoders_reject_wrong_documents() -> None:
-    for decode in (decode_result, decode_routed, decode_dead):
+    for decode in (decode_result, decode_routed, decode_dead, decode_heartbeat, decode_policy_heartbeat):
         with pytest.raises(msgspec.ValidationError):
             decode(b"{}")
+
+
+def test_a_result_copies_its_jobs_identity() -> None:
+    job = full_job()
+    r = Result.for_job(job, "expired", slo="batch", error="deadline passed before start")
+    assert (r.id, r.model, r.kind, r.tenant) == (job.id, job.model, job.kind, job.tenant)
+    assert (r.status, r.slo, r.error, r.pool, r.timing) == ("expired", "batch", "deadline passed before start",
+                                                           None, None)
+    assert decode_result(json_encode(r)) == r
+
+
+def test_a_rejected_jobs_result_copies_what_could_be_read_of_it() -> None:
+    from broker.policy_worker import _salvage
+
+    salvaged = _salvage(b'{"id": "j-1", "model": "m", "kind": "sculpture", "tenant": "acme", "texts": 5}')
+    assert salvaged is not None
+    r = Result.for_job(salvaged, "failed", error="invalid_job: ...")
+    assert (r.id, r.model, r.kind, r.tenant) == ("j-1", "m", "chat", "acme")  # an unknown kind reads as chat
+    assert decode_result(json_encode(r)) == r
+
+
+def test_results_are_built_in_one_place() -> None:
+    """Every result is made by Result.for_job: no other code assembles one field by field."""
+    root = Path(__file__).resolve().parent.parent
+    built, for_job = [], 0
+    for package in ("broker", "workers", "cli", "evaluation", "policies"):
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if not isinstance(node, ast.Call):
+                    continue
+                name = node.func.id if isinstance(node.func, ast.Name) else \
+                    node.func.attr if isinstance(node.func, ast.Attribute) else ""
+                if name == "Result":
+                    built.append(f"{path.relative_to(root)}:{node.lineno}")
+                for_job += name == "for_job"
+    assert built == [], f"build these with Result.for_job: {built}"
+    assert for_job >= 3  # the scan sees the calls (policy worker, pool worker)
+
+
+def test_a_heartbeat_from_before_the_structs_decodes() -> None:
+    """Beats as pool and policy workers wrote them before they were Structs (no ``v``)."""
+    beat = decode_heartbeat(b'{"ts": 1767225600.5, "in_flight": 2, "capacity": 8, "seq": 3, "obs": [{"model": "m", '
+                            b'"prompt_tokens": 10, "output_tokens": 5, "concurrency": 2, "ttft_ms": 12.5, '
+                            b'"tpot_ms": null, "at": 1767225600.4}], "cooling_until": null}')
+    assert (beat.in_flight, beat.capacity, beat.seq, beat.v, beat.obs[0].ttft_ms) == (2, 8, 3, VERSION, 12.5)
+    assert decode_heartbeat(json_encode(beat)) == beat
+    policy = decode_policy_heartbeat(b'{"ts": 1767225600.5, "routed": 7, "dead": 1}')
+    assert (policy.routed, policy.dead, policy.v) == (7, 1, VERSION)
 
 
 # --------------------------------------------------------------------------- topology
