@@ -1,4 +1,5 @@
-"""An ingress entry's job bytes: the ``job`` field, or the body of FastStream's ``__data__`` envelope.
+"""An ingress entry's job bytes (the ``job`` field, or the body of FastStream's ``__data__``
+envelope), and what can be salvaged from a job that fails validation to answer its producer.
 
 FastStream 0.7.8 publishes a stream entry with one field ``__data__`` holding its binary
 envelope (magic, version, a header table, the body). The envelope is read here from its
@@ -10,8 +11,13 @@ report the envelope's bytes as a bad job).
 from __future__ import annotations
 
 import struct
+from typing import cast
 
-from broker.wire import InvalidJob
+import msgspec
+
+from broker.topology import RESERVED
+from broker.wire import DECODE_ERRORS, InvalidJob, JobId, Kind, StreamName
+from policies.config import JOB_KINDS
 
 _FASTSTREAM_MAGIC = b"\x89BIN\r\n\x1a\n"
 _FASTSTREAM_HEAD = struct.Struct(">HII")
@@ -58,3 +64,35 @@ def faststream_body(data: bytes) -> bytes:
 def _bad_envelope(what: str) -> InvalidJob:
     return InvalidJob("decode_error", f"bad FastStream envelope: {what}; expected FastStream's binary "
                                       "envelope (version 1) around a JSON object or a msgpack map")
+
+
+class Salvaged(msgspec.Struct):
+    """The parts of a rejected job needed to answer its producer."""
+
+    id: JobId
+    reply_to: StreamName = "results"
+    model: str = ""
+    given_kind: str = msgspec.field(default="chat", name="kind")
+    tenant: str = "default"
+
+    @property
+    def kind(self) -> Kind:
+        """The job's kind if it is one, else ``chat``: the result must still be a valid one."""
+        return cast("Kind", self.given_kind) if self.given_kind in JOB_KINDS else "chat"
+
+
+_SALVAGE_JSON = msgspec.json.Decoder(Salvaged)
+_SALVAGE_MSGPACK = msgspec.msgpack.Decoder(Salvaged)
+
+
+def salvage(raw: bytes) -> Salvaged | None:
+    """Id and reply stream of a job that failed validation, if they are themselves valid.
+
+    A producer waiting on such a job then gets a ``failed`` result at once instead of a
+    timeout; entries without a usable id only become dead letters.
+    """
+    try:
+        got = (_SALVAGE_JSON if raw.lstrip()[:1] == b"{" else _SALVAGE_MSGPACK).decode(raw)
+    except DECODE_ERRORS:
+        return None
+    return None if got.reply_to in RESERVED else got

@@ -17,7 +17,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
@@ -26,11 +26,11 @@ from prometheus_client import Counter
 from broker import calls
 from broker.calls import CompleteTarget, Completion, FailedJob, RouteMove
 from broker.connection import RETRYABLE, unavailable
-from broker.heartbeats import read_beats
-from broker.ingress import entry_payload
+from broker.fleet import Fleet
+from broker.ingress import entry_payload, salvage
 from broker.janitor import Janitor, warn_if_evicting
 from broker.logs import job_context, printable
-from broker.metrics import POOL_WORKERS, RECLAIMED, PolicyMetrics, export_streams
+from broker.metrics import RECLAIMED, PolicyMetrics, export_streams
 from broker.reclaim import Claimer
 from broker.scripts import ScriptCall, Scripts, not_a_stream, unanswerable
 from broker.settings import Settings
@@ -42,33 +42,25 @@ from broker.streams import (
     consumer_name,
     ensure_group,
     every,
-    group_backlog,
     is_group_lost,
     pipeline,
     until_stopped,
 )
-from broker.topology import POLICY_GROUP, RESERVED, WORKER_GROUP
+from broker.topology import POLICY_GROUP, WORKER_GROUP
 from broker.wire import (
-    DECODE_ERRORS,
     DeadLetter,
-    Heartbeat,
     InvalidJob,
     Job,
-    JobId,
-    Kind,
     PolicyHeartbeat,
     Result,
     Route,
     RoutedJob,
     Status,
-    StreamName,
-    decode_heartbeat,
     decode_job,
     json_encode,
 )
 from policies import Decision, JobFeatures, PolicyConfig, PoolState, Snapshot, classify
-from policies.config import JOB_KINDS as KINDS
-from policies.router import Observation, Router, StaticRouter
+from policies.router import Router, StaticRouter
 from policies.slo import SloRouter, pool_capacity
 
 log = logging.getLogger("inference_broker.policy")
@@ -107,6 +99,7 @@ class PolicyWorker:
                       for stream in self.lanes[p]}}
         self.janitor = Janitor(client, settings, streams)
         self.router = make_router(config)
+        self.fleet = Fleet(client, self.topo, self.lanes, settings.heartbeat_s, lambda obs: self.router.observe(obs))
         self._decisions: dict[JobFeatures, tuple[str, str, Decision]] = {}
         """Decisions reused for identical jobs until the snapshot changes (see _decide)."""
         self._unseen: dict[str, list[int]] = {}
@@ -117,8 +110,6 @@ class PolicyWorker:
         self.lane = {slo: config.lane(slo) for slo in config.classes}
         """The lane of each class in the pool's streams."""
         self.rng = random.Random(self.name)  # seeded per worker: decisions are reproducible from logs
-        self._seen: dict[bytes, int] = {}
-        """The last heartbeat (seq) learnt from, of each worker with a heartbeat in Redis."""
         self._swept_at = self._beat_at = 0.0
         self.routed = 0
         self.dead = 0
@@ -136,7 +127,6 @@ class PolicyWorker:
         self._finish_target = CompleteTarget(self.topo.jobs, POLICY_GROUP, "", self.topo,
                                              settings.result_ttl_s * 1000, mark=True)
         self._reclaimed = RECLAIMED.labels("jobs")
-        self._pool_workers = {pool: POOL_WORKERS.labels(pool) for pool in config.pools}
 
     async def setup(self) -> None:
         """Create the ingress group and every pool's group (at id 0) before reading."""
@@ -383,7 +373,7 @@ class PolicyWorker:
         # even when an id can be picked out of them: one outcome, the dead letter.
         if exc.reason not in ("decode_error", "too_large"):
             try:
-                job = _salvage(entry_payload(fields))  # unwraps a FastStream envelope
+                job = salvage(entry_payload(fields))  # unwraps a FastStream envelope
             except InvalidJob:
                 job = None
         letter = DeadLetter(reason=exc.reason, error=str(exc), stream=self.topo.jobs,
@@ -402,43 +392,8 @@ class PolicyWorker:
                     extra=job_context(None, job.id if job else None))
 
     async def refresh(self) -> None:
-        """Read each pool's backlog by lane (group lag + pending) and worker heartbeats."""
-        now = self.clock()
-        # Every pool's lanes and heartbeats in one round trip.
-        async with self.client.pipeline(transaction=False) as pipe:
-            for name, lanes in self.lanes.items():
-                for stream in lanes:
-                    pipe.xinfo_groups(stream)
-                    pipe.xlen(stream)
-                pipe.hgetall(self.topo.heartbeats(name))
-            replies = iter(await pipe.execute(raise_on_error=False))
-        pools: dict[str, PoolState] = {}
-        beating: set[bytes] = set()
-        for name, lanes in self.lanes.items():
-            waiting = [group_backlog(next(replies), next(replies), WORKER_GROUP) for _ in lanes]
-            queued = tuple(lag for lag, _ in waiting)
-            backlog = sum(queued) + sum(pending for _, pending in waiting)
-            workers = in_flight = capacity = 0
-            cooling: list[float | None] = []
-            beats = read_beats(next(replies), decode_heartbeat, self.topo.heartbeats(name))
-            beating.update(beats)
-            for worker, beat in beats.items():
-                if now - beat.ts < 5 * self.settings.heartbeat_s:
-                    workers += 1
-                    in_flight += beat.in_flight
-                    capacity += beat.capacity
-                    until = beat.cooling_until
-                    cooling.append(until if until is not None and until > now else None)
-                self._learn(name, worker, beat)
-            # The pool is cooling only while every live worker is: then the first back ends it.
-            untils = [u for u in cooling if u is not None]
-            until = min(untils) if cooling and len(untils) == len(cooling) else None
-            pools[name] = PoolState(backlog=backlog, queued=queued, workers=workers, in_flight=in_flight,
-                                    capacity=capacity, cooling_until=until)
-            self._pool_workers[name].set(workers)
-        for gone in self._seen.keys() - beating:  # its heartbeat expired (see the janitor)
-            del self._seen[gone]
-        self._set_snapshot(Snapshot(now=now, pools=pools))
+        """Take a new snapshot of the pools (:class:`~broker.fleet.Fleet`)."""
+        self._set_snapshot(await self.fleet.read(self.clock()))
 
     async def export_gauges(self) -> None:
         """Set the stream gauges (backlog, pending, oldest pending age, dead letters) from Redis.
@@ -448,14 +403,6 @@ class PolicyWorker:
         """
         streams = {self.topo.jobs: POLICY_GROUP, **dict.fromkeys(self._lane_streams, WORKER_GROUP)}
         await export_streams(self.client, self.topo.base, streams, self.topo.dead)
-
-    def _learn(self, pool: str, worker: bytes, beat: Heartbeat) -> None:
-        """Feed the router the job timings a worker reported, once per heartbeat."""
-        if not beat.seq or self._seen.get(worker) == beat.seq:
-            return
-        self._seen[worker] = beat.seq
-        for obs in beat.obs:
-            self.router.observe(Observation(pool=pool, **msgspec.structs.asdict(obs)))
 
     async def _tick(self) -> None:
         """Every snapshot period: refresh the pools; less often, housekeeping and a heartbeat."""
@@ -477,35 +424,3 @@ def _count(counters: Sequence[Counter | None], codes: Sequence[object]) -> None:
                                 if code == 1 and counter is not None)
     for counter, n in moved.items():
         counter.inc(n)
-
-
-class _Salvaged(msgspec.Struct):
-    """The parts of a rejected job needed to answer its producer."""
-
-    id: JobId
-    reply_to: StreamName = "results"
-    model: str = ""
-    given_kind: str = msgspec.field(default="chat", name="kind")
-    tenant: str = "default"
-
-    @property
-    def kind(self) -> Kind:
-        """The job's kind if it is one, else ``chat``: the result must still be a valid one."""
-        return cast("Kind", self.given_kind) if self.given_kind in KINDS else "chat"
-
-
-_salvage_json = msgspec.json.Decoder(_Salvaged)
-_salvage_msgpack = msgspec.msgpack.Decoder(_Salvaged)
-
-
-def _salvage(raw: bytes) -> _Salvaged | None:
-    """Id and reply stream of a job that failed validation, if they are themselves valid.
-
-    A producer waiting on such a job then gets a ``failed`` result at once instead of a
-    timeout; entries without a usable id only become dead letters.
-    """
-    try:
-        got = (_salvage_json if raw.lstrip()[:1] == b"{" else _salvage_msgpack).decode(raw)
-    except DECODE_ERRORS:
-        return None
-    return None if got.reply_to in RESERVED else got

@@ -509,12 +509,12 @@ async def test_the_policy_forgets_workers_whose_heartbeats_expired(redis_url: st
         await client.hset(topo.heartbeats("gpu"), mapping={"gone-1": beat(30), "gone-2": beat(1.5), "live": beat(0)})
         await client.hset(topo.policy_heartbeats, mapping={"gone-policy": beat(30), "garbled": b"{not json"})
         await policy.refresh()
-        assert set(policy._seen) == {b"gone-1", b"gone-2", b"live"}
+        assert set(policy.fleet.seen) == {b"gone-1", b"gone-2", b"live"}
         await policy.janitor.sweep(time.time())
         assert await client.hkeys(topo.heartbeats("gpu")) == [b"live"]
         assert await client.hlen(topo.policy_heartbeats) == 0
         await policy.refresh()
-        assert set(policy._seen) == {b"live"}
+        assert set(policy.fleet.seen) == {b"live"}
     finally:
         await redis.aclose()
 

@@ -421,9 +421,9 @@ def test_a_result_copies_its_jobs_identity() -> None:
 
 
 def test_a_rejected_jobs_result_copies_what_could_be_read_of_it() -> None:
-    from broker.policy_worker import _salvage
+    from broker.ingress import salvage
 
-    salvaged = _salvage(b'{"id": "j-1", "model": "m", "kind": "sculpture", "tenant": "acme", "texts": 5}')
+    salvaged = salvage(b'{"id": "j-1", "model": "m", "kind": "sculpture", "tenant": "acme", "texts": 5}')
     assert salvaged is not None
     r = Result.for_job(salvaged, "failed", error="invalid_job: ...")
     assert (r.id, r.model, r.kind, r.tenant) == ("j-1", "m", "chat", "acme")  # an unknown kind reads as chat

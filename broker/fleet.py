@@ -1,0 +1,87 @@
+"""The policy's view of the fleet: each pool's backlog by lane, its live workers and what they report.
+
+One round trip reads every pool's lane streams (group lag + pending, the work waiting on
+each lane) and its heartbeat hash (live workers, jobs in flight, slots, cooldowns). The
+result is the :class:`~policies.Snapshot` the router decides with; the job timings the
+workers report in their beats are fed to the router's estimates, once per beat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import msgspec
+import redis.asyncio as aioredis
+
+from broker.heartbeats import read_beats
+from broker.metrics import POOL_WORKERS
+from broker.streams import group_backlog
+from broker.topology import WORKER_GROUP, Topology
+from broker.wire import Heartbeat, decode_heartbeat
+from policies import PoolState, Snapshot
+from policies.router import Observation
+
+LIVE_BEATS = 5
+"""A worker counts as live while its last beat is younger than this many heartbeat periods."""
+
+
+class Fleet:
+    """Reads the pools named in ``lanes`` (each pool's streams, most urgent lane first)."""
+
+    def __init__(self, client: aioredis.Redis, topo: Topology, lanes: dict[str, list[str]], heartbeat_s: float,
+                 observe: Callable[[Observation], None]) -> None:
+        self.client = client
+        self.topo = topo
+        self.lanes = lanes
+        self.heartbeat_s = heartbeat_s
+        self.observe = observe
+        self.seen: dict[bytes, int] = {}
+        """The last heartbeat (seq) learnt from, of each worker with a heartbeat in Redis."""
+        self._workers = {pool: POOL_WORKERS.labels(pool) for pool in lanes}
+
+    async def read(self, now: float) -> Snapshot:
+        """Every pool's state at ``now``, from one pipeline."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for name, lanes in self.lanes.items():
+                for stream in lanes:
+                    pipe.xinfo_groups(stream)
+                    pipe.xlen(stream)
+                pipe.hgetall(self.topo.heartbeats(name))
+            replies = iter(await pipe.execute(raise_on_error=False))
+        pools: dict[str, PoolState] = {}
+        beating: set[bytes] = set()
+        for name, lanes in self.lanes.items():
+            waiting = [group_backlog(next(replies), next(replies), WORKER_GROUP) for _ in lanes]
+            beats = read_beats(next(replies), decode_heartbeat, self.topo.heartbeats(name))
+            beating.update(beats)
+            pools[name] = self._pool(name, waiting, beats, now)
+        for gone in self.seen.keys() - beating:  # its heartbeat expired (see the janitor)
+            del self.seen[gone]
+        return Snapshot(now=now, pools=pools)
+
+    def _pool(self, name: str, waiting: list[tuple[int, int]], beats: dict[bytes, Heartbeat], now: float) -> PoolState:
+        queued = tuple(lag for lag, _ in waiting)
+        workers = in_flight = capacity = 0
+        cooling: list[float | None] = []
+        for worker, beat in beats.items():
+            if now - beat.ts < LIVE_BEATS * self.heartbeat_s:
+                workers += 1
+                in_flight += beat.in_flight
+                capacity += beat.capacity
+                until = beat.cooling_until
+                cooling.append(until if until is not None and until > now else None)
+            self._learn(name, worker, beat)
+        # The pool is cooling only while every live worker is: then the first back ends it.
+        untils = [u for u in cooling if u is not None]
+        self._workers[name].set(workers)
+        return PoolState(backlog=sum(queued) + sum(pending for _, pending in waiting), queued=queued,
+                         workers=workers, in_flight=in_flight, capacity=capacity,
+                         cooling_until=min(untils) if cooling and len(untils) == len(cooling) else None)
+
+    def _learn(self, pool: str, worker: bytes, beat: Heartbeat) -> None:
+        """Feed the router the job timings a worker reported, once per heartbeat."""
+        if not beat.seq or self.seen.get(worker) == beat.seq:
+            return
+        self.seen[worker] = beat.seq
+        for obs in beat.obs:
+            self.observe(Observation(pool=pool, **msgspec.structs.asdict(obs)))
