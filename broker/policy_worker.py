@@ -14,18 +14,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import random
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import msgspec
 import redis.asyncio as aioredis
 from prometheus_client import Counter
 
 from broker import calls
 from broker.calls import CompleteTarget, Completion, FailedJob, RouteMove
 from broker.connection import RETRYABLE, unavailable
+from broker.decider import Decider, make_router
 from broker.fleet import Fleet
 from broker.ingress import entry_payload, salvage
 from broker.janitor import Janitor, warn_if_evicting
@@ -59,16 +58,9 @@ from broker.wire import (
     decode_job,
     json_encode,
 )
-from policies import Decision, JobFeatures, PolicyConfig, PoolState, Snapshot, classify
-from policies.router import Router, StaticRouter
-from policies.slo import SloRouter, pool_capacity
+from policies import JobFeatures, PolicyConfig, Snapshot
 
 log = logging.getLogger("inference_broker.policy")
-def make_router(config: PolicyConfig) -> Router:
-    """The live router named by ``[routing] policy`` (the config admits live routers only)."""
-    return StaticRouter(config) if config.routing.policy == "static" else SloRouter(config)
-
-
 def entry_time(entry_id: bytes) -> float:
     """Seconds since the epoch at which Redis added the entry (from its id)."""
     return int(entry_id.split(b"-", 1)[0]) / 1000
@@ -98,18 +90,11 @@ class PolicyWorker:
                    **{stream: (WORKER_GROUP, self.topo.heartbeats(p)) for p in config.pools
                       for stream in self.lanes[p]}}
         self.janitor = Janitor(client, settings, streams)
-        self.router = make_router(config)
-        self.fleet = Fleet(client, self.topo, self.lanes, settings.heartbeat_s, lambda obs: self.router.observe(obs))
-        self._decisions: dict[JobFeatures, tuple[str, str, Decision]] = {}
-        """Decisions reused for identical jobs until the snapshot changes (see _decide)."""
-        self._unseen: dict[str, list[int]] = {}
-        """Jobs routed to each pool's lanes since the snapshot was taken, not yet counted in it."""
-        self._steps: dict[str, int] = {}
-        """How many of those make a new snapshot."""
-        self._set_snapshot(Snapshot(now=clock()))
+        self.decider = Decider(config, make_router(config), self.name, clock())
+        self.fleet = Fleet(client, self.topo, self.lanes, settings.heartbeat_s,
+                           lambda obs: self.decider.router.observe(obs))
         self.lane = {slo: config.lane(slo) for slo in config.classes}
         """The lane of each class in the pool's streams."""
-        self.rng = random.Random(self.name)  # seeded per worker: decisions are reproducible from logs
         self._swept_at = self._beat_at = 0.0
         self.routed = 0
         self.dead = 0
@@ -302,7 +287,7 @@ class PolicyWorker:
         features = JobFeatures(tenant=job.tenant, model=job.model, kind=job.kind,
                                prompt_tokens=job.prompt_tokens(), max_tokens=job.max_tokens,
                                slo_hint=job.slo)
-        slo, reason, decision = self._decide(features)  # before the deadline: metrics count expiries per class
+        slo, reason, decision = self.decider.decide(features)  # before the deadline: metrics count expiries per class
         if job.deadline is not None and now > job.deadline:
             self._finish(entry_id, job, "expired", "deadline passed before routing", self.metrics.expired(slo))
             return
@@ -320,43 +305,8 @@ class PolicyWorker:
         self._routes.append(RouteMove(entry_id, self.lanes[decision.pool][self.lane[slo]], job.id,
                                       json_encode(routed), job.reply_to))
         self._routed_to.append(self.metrics.routed(slo, decision.pool))
-        self._count_routed(decision.pool, self.lane[slo])
-
-    def _count_routed(self, pool: str, lane: int) -> None:
-        # Until the next refresh, count our own routing into the backlog so that one big
-        # batch does not pile onto a pool that looked empty at the last snapshot. The router
-        # sees it in steps of 1/16 of the pool's capacity (each step a new snapshot, and
-        # fresh decisions): deciding anew for every job cost more than the rest of routing.
         self.routed += 1
-        unseen = self._unseen[pool]
-        unseen[lane] += 1
-        if sum(unseen) >= self._steps[pool]:
-            state = self.snapshot.pools.get(pool, PoolState())
-            for i, n in enumerate(unseen):
-                state = state.routed(i, n) if n else state
-            self._set_snapshot(msgspec.structs.replace(self.snapshot, pools={**self.snapshot.pools, pool: state}))
-
-    def _set_snapshot(self, snapshot: Snapshot) -> None:
-        self.snapshot = snapshot
-        self._unseen = {pool: [0] * len(lanes) for pool, lanes in self.lanes.items()}
-        self._steps = {pool: max(1, pool_capacity(self.config, pool, snapshot.pools.get(pool, PoolState())) // 16)
-                       for pool in self.config.pools}
-        self._decisions.clear()
-
-    def _decide(self, features: JobFeatures) -> tuple[str, str, Decision]:
-        """Class, reason (classification and routing) and routing decision; reused for identical
-        jobs while the snapshot and what the router learned stay the same (if the router allows it)."""
-        hit = self._decisions.get(features)
-        if hit is not None:
-            return hit
-        slo, why = classify(features, self.config)
-        decision = self.router.decide(features, slo, self.snapshot, self.rng)
-        made = (slo, f"{why}; {decision.reason}", decision)
-        if getattr(self.router, "reusable", False):  # a stateful router must see every job
-            if len(self._decisions) >= 4096:  # many distinct jobs: keep the memory bounded
-                self._decisions.clear()
-            self._decisions[features] = made
-        return made
+        self.decider.routed(decision.pool, self.lane[slo])
 
     def _finish(self, entry_id: bytes, job: Job, status: Status, error: str, counter: Counter, *,
                 slo: str | None = None, retry_after_s: float | None = None) -> None:
@@ -393,7 +343,12 @@ class PolicyWorker:
 
     async def refresh(self) -> None:
         """Take a new snapshot of the pools (:class:`~broker.fleet.Fleet`)."""
-        self._set_snapshot(await self.fleet.read(self.clock()))
+        self.decider.use(await self.fleet.read(self.clock()))
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The pools as the router sees them now."""
+        return self.decider.snapshot
 
     async def export_gauges(self) -> None:
         """Set the stream gauges (backlog, pending, oldest pending age, dead letters) from Redis.

@@ -203,11 +203,12 @@ async def test_identical_jobs_reuse_a_decision_until_the_policys_own_routing_fil
         router: str, redis_url: str, prefix: str, client: aioredis.Redis, tmp_path: Path) -> None:
     settings = Settings(redis_url=redis_url, prefix=prefix)
     policy = PolicyWorker(client, settings, load_config())
-    policy.router = ROUTERS[router](policy.config)  # round robin: a router that may not reuse a decision
+    policy.decider.router = ROUTERS[router](policy.config)  # round robin: a router that may not reuse a decision
     await policy.setup()
     seen: list[int] = []  # the gpu backlog each real decision saw
-    decide = policy.router.decide
-    policy.router.decide = lambda job, slo, snap, rng: seen.append(snap.pools.get("gpu", PoolState()).backlog) or \
+    live = policy.decider.router
+    decide = live.decide
+    live.decide = lambda job, slo, snap, rng: seen.append(snap.pools.get("gpu", PoolState()).backlog) or \
         decide(job, slo, snap, rng)  # type: ignore[method-assign]
     n = 40
     async with Client(redis_url, prefix=prefix) as sdk:

@@ -1,0 +1,76 @@
+"""The policy worker's decisions: classify and route from the latest snapshot, cheaply.
+
+Deciding anew for every job cost more than the rest of routing, so a decision is reused
+for identical jobs (same tenant, model, kind, sizes and hint) while the snapshot stays the
+same, if the router allows it (``reusable``: it keeps no state per call). The policy
+worker's own routing counts into the snapshot's backlog until the next refresh, so that one
+big batch does not pile onto a pool that looked empty at the last one; the router sees it in
+steps of 1/16 of the pool's capacity, each step a new snapshot and fresh decisions.
+"""
+
+from __future__ import annotations
+
+import random
+
+import msgspec
+
+from policies import Decision, JobFeatures, PolicyConfig, PoolState, Snapshot, classify
+from policies.router import Router, StaticRouter
+from policies.slo import SloRouter, pool_capacity
+
+MAX_REMEMBERED = 4096
+"""Decisions kept per snapshot: many distinct jobs start the memory afresh."""
+STEPS = 16
+"""A pool's own routed jobs make a new snapshot every 1/STEPS of its capacity."""
+
+
+def make_router(config: PolicyConfig) -> Router:
+    """The live router named by ``[routing] policy`` (the config admits live routers only)."""
+    return StaticRouter(config) if config.routing.policy == "static" else SloRouter(config)
+
+
+class Decider:
+    """Classifies and routes jobs for one policy worker; ``seed`` makes its choices reproducible."""
+
+    def __init__(self, config: PolicyConfig, router: Router, seed: str, now: float) -> None:
+        self.config = config
+        self.router = router
+        self.rng = random.Random(seed)
+        self._decisions: dict[JobFeatures, tuple[str, str, Decision]] = {}
+        self._unseen: dict[str, list[int]] = {}
+        """Jobs routed to each pool's lanes since the snapshot was taken, not yet counted in it."""
+        self._steps: dict[str, int] = {}
+        """How many of those make a new snapshot."""
+        self.use(Snapshot(now=now))
+
+    def use(self, snapshot: Snapshot) -> None:
+        """Decide from ``snapshot`` from now on."""
+        self.snapshot = snapshot
+        self._unseen = {pool: [0] * self.config.lanes for pool in self.config.pools}
+        self._steps = {pool: max(1, pool_capacity(self.config, pool, snapshot.pools.get(pool, PoolState())) // STEPS)
+                       for pool in self.config.pools}
+        self._decisions.clear()
+
+    def decide(self, features: JobFeatures) -> tuple[str, str, Decision]:
+        """Class, reason (classification and routing) and routing decision."""
+        hit = self._decisions.get(features)
+        if hit is not None:
+            return hit
+        slo, why = classify(features, self.config)
+        decision = self.router.decide(features, slo, self.snapshot, self.rng)
+        made = (slo, f"{why}; {decision.reason}", decision)
+        if getattr(self.router, "reusable", False):  # a stateful router must see every job
+            if len(self._decisions) >= MAX_REMEMBERED:
+                self._decisions.clear()
+            self._decisions[features] = made
+        return made
+
+    def routed(self, pool: str, lane: int) -> None:
+        """Count one job this worker routed to ``pool``'s ``lane``."""
+        unseen = self._unseen[pool]
+        unseen[lane] += 1
+        if sum(unseen) >= self._steps[pool]:
+            state = self.snapshot.pools.get(pool, PoolState())
+            for i, n in enumerate(unseen):
+                state = state.routed(i, n) if n else state
+            self.use(msgspec.structs.replace(self.snapshot, pools={**self.snapshot.pools, pool: state}))
