@@ -72,7 +72,7 @@ async def _measure(url: str, jobs: int, tree: Path, pid: int, out: Path) -> tupl
         spec = config.pools[config.default_pool]
         worker = PoolWorker(client, settings, config.default_pool, make_backend(spec),
                             concurrency=spec.concurrency, lanes=config.lanes)
-        await _run_until(worker.run, lambda: worker.completed >= jobs)
+        await _run_until(worker.run, lambda: worker.outcomes.completed >= jobs)
         return routing, _instructions(pid, out, "worker")
     finally:
         await client.aclose()

@@ -122,7 +122,7 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, pool: str, *,
             log.info("worker %s: pool %s, %s, concurrency %d", worker.name, pool, backend.name,
                      worker.concurrency)
             await worker.run(stop)
-            log.info("worker %s stopped after %d jobs", worker.name, worker.completed)
+            log.info("worker %s stopped after %d jobs", worker.name, worker.outcomes.completed)
     finally:
         if sandboxes is not None:
             await sandboxes.aclose()

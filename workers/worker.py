@@ -1,19 +1,17 @@
-"""The pool worker: consume a pool stream, run each job on the backend, publish, ack.
+"""The pool worker: consume a pool's lanes, run each job on the backend, publish, ack.
 
 Reads only as many entries as it has free slots (its concurrency), so nothing waits in
-this process that a peer could run. Each job's result goes out with the ack in one fenced
-COMPLETE script (result key SET NX + XADD to the reply stream + XACK + deletion), batched
-with the other jobs that end at the same time: the ack never precedes the result, and a
-job whose result already exists is not published twice. A job keeps its slot until Redis
-has answered for its result.
+this process that a peer could run (:mod:`workers.lanes`). Each job's result goes out with
+the ack in one fenced COMPLETE script, batched with the other jobs that end at the same
+time (:mod:`workers.outcomes`): the ack never precedes the result, and a job whose result
+already exists is not published twice. A job keeps its slot until Redis has answered for
+its result.
 
 Reliability, in the order a job meets it:
 
 * **Takeover.** Besides new entries, the worker claims entries other consumers abandoned
-  (:mod:`broker.reclaim`), with Redis' delivery count. Past ``max_deliveries`` the job is
-  dead-lettered with its last error instead of being run again, unless its last run only
-  died with its worker: that is no evidence against it, and it runs again in a sandbox,
-  up to ``delivery_cap``.
+  (:mod:`broker.reclaim`), with Redis' delivery count; past ``max_deliveries`` a job is
+  dead-lettered instead of run (:mod:`workers.outcomes`).
 * **Quarantine.** A job delivered before whose earlier run left no error (its worker died
   or stalled) may be what killed it, or may have been an innocent bystander. It runs in a
   sandbox (:mod:`workers.sandbox`), a process of its own, beside the worker's other jobs: if
@@ -25,10 +23,9 @@ Reliability, in the order a job meets it:
   without raising the delivery count, so a long job is not taken over while its worker
   lives. A lease found lost (this process was paused and a peer took the job) cancels
   the local run: the peer owns the job now.
-* **Retries.** A retryable backend error gives the entry back with a backoff (NACK); any
-  worker claims it again after the backoff, which counts a delivery. Other errors
-  dead-letter at once. A failure of the worker's own (a bug, or Redis refusing a script)
-  is logged and retried the same way, so its dead letter carries that error.
+* **Retries.** A failed run goes back to the pool with a backoff, or is dead-lettered
+  (:mod:`workers.outcomes`). A failure of the worker's own (a bug, or Redis refusing a
+  script) is logged and retried the same way, so its dead letter carries that error.
 * **Shutdown.** On stop, running jobs get ``grace_s`` to finish and have their results
   written; the rest are given back at once so peers take them without waiting out the idle
   time. No step of it waits on Redis for long: if Redis is down or frozen, what could not be
@@ -41,23 +38,18 @@ import asyncio
 import collections
 import contextlib
 import logging
-import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
-import msgspec
 import redis.asyncio as aioredis
 
 from broker import calls
-from broker.calls import CompleteTarget, Completion, FailedJob
 from broker.connection import RETRYABLE, unavailable
 from broker.logs import job_context
 from broker.metrics import CAPACITY, IN_FLIGHT, RECLAIMED, PoolMetrics
-from broker.reclaim import CRASHED, Claimer
-from broker.script_batcher import ScriptBatcher
-from broker.scripts import ScriptCall, Scripts, not_a_stream, unanswerable
+from broker.scripts import Scripts, not_a_stream, unanswerable
 from broker.settings import Settings
 from broker.streams import (
     STOP_TIMEOUT_S,
@@ -70,64 +62,23 @@ from broker.streams import (
     is_group_lost,
     until_stopped,
 )
-from broker.topology import RESERVED, WORKER_GROUP
-from broker.wire import (
-    DECODE_ERRORS,
-    DeadLetter,
-    Heartbeat,
-    Metrics,
-    ObservedJob,
-    Result,
-    RoutedJob,
-    Status,
-    Timing,
-    Usage,
-    decode_routed,
-    json_encode,
-)
-from policies.config import reserved_slots
+from broker.topology import WORKER_GROUP
+from broker.wire import DECODE_ERRORS, Metrics, Result, RoutedJob, Timing, decode_routed, json_encode
 from workers.backend import Backend, BackendError
-from workers.sandbox import SandboxCrashed, Sandboxes
+from workers.lanes import Lane, LaneReader, pool_lanes
+from workers.outcomes import Outcomes
+from workers.sandbox import Sandboxes
+from workers.telemetry import Telemetry
 from workers.tokens import TokenStream
 
 log = logging.getLogger("inference_broker.worker")
-T = TypeVar("T")
-MAX_OBSERVATIONS = 256
-"""Most job timings one heartbeat carries."""
-
-
-def slo_met(route_ttft: float, route_tpot: float | None, route_e2e: float | None, m: Metrics) -> bool:
-    """Whether every target that is set was met."""
-    if m.time_to_first_token_ms > route_ttft:
-        return False
-    if route_tpot is not None and m.time_per_output_token_ms is not None and m.time_per_output_token_ms > route_tpot:
-        return False
-    return route_e2e is None or m.e2e_latency_ms <= route_e2e
-
-
-class Lane(msgspec.Struct):
-    """One priority lane of the pool: its stream, where its errors are kept, its claimer."""
-
-    index: int
-    stream: str
-    errors: str
-    claimer: Claimer
-    completes: CompleteTarget
-    """Where this worker's COMPLETE calls for the lane go (fenced on its name)."""
-    cursor: str = "0-0"
-    """Our own pending entries first (a restart under the same name), then ``>``: new ones."""
-    suspects_waiting: bool = False
-    """Its last claim pass saw suspects it left for when a sandbox is free."""
 
 
 class PoolWorker:
     """One worker of pool ``pool``, running up to ``concurrency`` jobs at once.
 
-    The pool has ``lanes`` streams, one per class priority. Each lane below the first keeps
-    its share of the slots (``shares``, a class's ``min_share``) whenever it has work queued;
-    the worker fills the other free slots from lane 0 (the most urgent) first and reads a
-    lane only while every lane above it is empty: interactive work goes ahead of batch work,
-    batch work fills idle capacity, and no sustained interactive load starves it.
+    The pool has ``lanes`` streams, one per class priority; each lane below the first keeps
+    its share of the slots (``shares``, a class's ``min_share``): see :mod:`workers.lanes`.
     """
 
     def __init__(self, client: aioredis.Redis, settings: Settings, pool: str, backend: Backend, *,
@@ -144,17 +95,16 @@ class PoolWorker:
         self.name = name or consumer_name(f"worker-{pool}")
         self.clock = clock
         self.scripts = Scripts(client)
-        self.batcher = ScriptBatcher(self.scripts)
-        """Completion scripts of jobs finishing together go in one pipeline."""
-        self.lanes = [Lane(i, self.topo.pool(pool, i), self.topo.errors(pool, i), Claimer(
-            self.scripts, self.topo.pool(pool, i), WORKER_GROUP, self.name, idle_ms=settings.claim_idle_ms,
-            interval_s=settings.claim_interval_s, error_prefix=self.topo.errors(pool, i) if sandboxes else ""),
-            CompleteTarget(self.topo.pool(pool, i), WORKER_GROUP, self.name, self.topo, settings.result_ttl_s * 1000))
-            for i in range(lanes)]
-        self.reserved = reserved_slots((*shares, *[0.0] * lanes)[:lanes], concurrency)
-        """Slots each lane keeps for its own work (``PolicyConfig.lane_shares``, ``reserved_slots``)."""
-        self._lane_of = {lane.stream.encode(): lane for lane in self.lanes}
-        """Lanes by stream key, as XREADGROUP names them."""
+        self.lanes = pool_lanes(self.scripts, settings, pool, self.name, lanes, suspects=sandboxes is not None)
+        self.reader = LaneReader(client, self.lanes, self.name, concurrency=concurrency, shares=shares,
+                                 block_ms=settings.block_ms)
+        self.metrics = PoolMetrics(pool)
+        """Prometheus instruments (broker/metrics.py), cached per class."""
+        self.outcomes = Outcomes(self.scripts, settings, pool, self.name, clock=clock, metrics=self.metrics)
+        self.telemetry = Telemetry(client, self.topo.heartbeats(pool), self.name, capacity=concurrency,
+                                   in_flight=lambda: len(self.running), clock=clock,
+                                   # backends with endpoints that can refuse work say until when
+                                   cooling_until=getattr(backend, "cooldown_until", None))
         self.running: dict[tuple[int, bytes], asyncio.Task[None]] = {}
         """Jobs taken, by (lane, entry id), until their outcome is in Redis. Rarely one more than
         ``concurrency`` per lane below the first: a blocking read over every lane can wake with
@@ -163,25 +113,14 @@ class PoolWorker:
         """Suspects taken, until their outcome is in Redis: each holds one of the sandboxes."""
         self._publishing: set[tuple[int, bytes]] = set()
         """Those whose run is over and whose result is on its way to Redis (see _publish)."""
-        self._backoffs: dict[tuple[int, bytes], Backoff] = {}
-        """Backoff of each result being sent again while Redis is unreachable."""
         self.busy = 0
         """Jobs on the backend now: at most ``concurrency``."""
         self._wake = asyncio.Event()
         """Set when a job ends or leaves the backend, and at the stop: the consume loop (and a job
         over the concurrency) waits on it."""
-        self.observations: collections.deque[ObservedJob] = collections.deque(maxlen=MAX_OBSERVATIONS)
-        """Timings of jobs finished since the last heartbeat, what the policy learns from, the freshest if more."""
-        self.beat_seq = 0
         self._leases: asyncio.Task[None] | None = None
         self._stopped_at: float | None = None
         """When ``stop`` was set (event loop time): the grace period counts from there."""
-        self.completed = 0
-        self.retried = 0
-        self.dead = 0
-        self.fenced = 0
-        self.metrics = PoolMetrics(pool)
-        """Prometheus instruments (broker/metrics.py), cached per class."""
         self._reclaimed = [RECLAIMED.labels(lane.stream.removeprefix(self.topo.base + ":")) for lane in self.lanes]
         IN_FLIGHT.labels(pool).set_function(lambda: len(self.running))
         CAPACITY.labels(pool).set(concurrency)
@@ -194,7 +133,7 @@ class PoolWorker:
         """
         for lane in self.lanes:
             await ensure_group(self.client, lane.stream, WORKER_GROUP)
-        beat = asyncio.create_task(every(self.settings.heartbeat_s, self.heartbeat, "heartbeat", stop))
+        beat = asyncio.create_task(every(self.settings.heartbeat_s, self.telemetry.beat, "heartbeat", stop))
         stopping = asyncio.create_task(stop.wait())
         stopping.add_done_callback(self._stopping)
         # Renew three times per idle period (a missed renewal still leaves two chances), and
@@ -228,7 +167,8 @@ class PoolWorker:
                 free -= await self._claim(free)
                 if free <= 0:
                     continue
-                for lane, entry, deliveries in await self._read(free):
+                held = collections.Counter(index for index, _ in self.running)
+                for lane, entry, deliveries in await self.reader.read(free, held):
                     self._start(lane, entry, deliveries)
                 backoff.reset()
             except RETRYABLE as exc:  # first: out of memory and failovers are ResponseErrors too
@@ -257,8 +197,8 @@ class PoolWorker:
                 self._reclaimed[lane.index].inc(len(claimed.entries) + len(claimed.suspects))
             for entry_id in claimed.deleted:
                 # Redis already dropped it from the pending list: nobody owns it to fence.
-                await self._dead(lane, entry_id, b"", "trimmed", "the entry was deleted while pending", None,
-                                 fenced=False)
+                await self.outcomes.dead_letter(lane, entry_id, b"", "trimmed", "the entry was deleted while pending",
+                                                None, fenced=False)
             for entry, deliveries in claimed.suspects:
                 log.warning("entry %s of %s is on delivery %d and its last run died with its process: "
                             "running it in a sandbox", entry[0].decode(), lane.stream, deliveries)
@@ -267,47 +207,6 @@ class PoolWorker:
                 self._start(lane, entry, deliveries)
             taken += len(claimed.entries) + len(claimed.suspects)
         return taken
-
-    async def _read(self, free: int) -> list[tuple[Lane, Entry, int]]:
-        """Up to ``free`` entries; blocks while every lane is empty.
-
-        First each lane below the first up to its reserved slots (``reserved``, counting its
-        jobs here), then most urgent lane first: more urgent work cannot starve a lane, and
-        reserved slots that a lane leaves unused go to the others.
-        """
-        got: list[tuple[Lane, Entry, int]] = []
-        held = collections.Counter(index for index, _ in self.running)
-        drained: set[int] = set()
-        for lane in self.lanes[1:]:
-            want = min(self.reserved[lane.index] - held[lane.index], free - len(got))
-            if want > 0:
-                taken = await self._take(lane, want)
-                if len(taken) < want:
-                    drained.add(lane.index)
-                got += taken
-        for lane in self.lanes:
-            if len(got) >= free:
-                return got
-            if lane.index not in drained:
-                got += await self._take(lane, free - len(got))
-        if got or len(self.lanes) == 1 or any(lane.cursor != ">" for lane in self.lanes):
-            return got
-        # Every lane is empty: wait for the first entry on any of them. One entry per lane at
-        # most, so a wake-up takes no more than a lane's share of a peer's work.
-        reply = await self.client.xreadgroup(WORKER_GROUP, self.name, {lane.stream: ">" for lane in self.lanes},
-                                             count=1, block=self.settings.block_ms)
-        return [(self._lane_of[stream], entry, 1) for stream, entries in reply or [] for entry in entries]
-
-    async def _take(self, lane: Lane, want: int) -> list[tuple[Lane, Entry, int]]:
-        """Up to ``want`` entries of ``lane``: our own pending ones first (see ``Lane.cursor``), then new ones."""
-        own = lane.cursor != ">"
-        reply = await self.client.xreadgroup(WORKER_GROUP, self.name, {lane.stream: lane.cursor}, count=want,
-                                             block=None if own or len(self.lanes) > 1 else self.settings.block_ms)
-        entries: list[Entry] = reply[0][1] if reply else []
-        if own:
-            # Walk our own pending list past what we have taken, then switch to new entries.
-            lane.cursor = entries[-1][0].decode() if len(entries) == want else ">"
-        return [(lane, entry, 2 if own else 1) for entry in entries]
 
     def _start(self, lane: Lane, entry: Entry, deliveries: int, *, sandboxed: bool = False) -> None:
         key = (lane.index, entry[0])
@@ -335,8 +234,8 @@ class PoolWorker:
                           routed.job.id if routed else "?", entry[0].decode(), lane.stream,
                           extra=job_context(routed.job if routed else None))
             try:
-                await self._nack(lane, entry[0], routed, f"{type(exc).__name__} in the worker: {exc}",
-                                 delay_ms=self._backoff_ms(deliveries), delivery=deliveries)
+                await self.outcomes.nack(lane, entry[0], routed, f"{type(exc).__name__} in the worker: {exc}",
+                                         delay_ms=self.outcomes.backoff_ms(deliveries), delivery=deliveries)
             except Exception:  # noqa: BLE001 - its lease lapses and a worker takes it over
                 log.exception("could not give back entry %s of %s", entry[0].decode(), lane.stream)
 
@@ -387,9 +286,9 @@ class PoolWorker:
 
         async def last_words() -> None:
             # Each give-back is retried by itself while Redis is away; one failing ends no other.
-            given.extend(await asyncio.gather(*(self._nack(self.lanes[index], entry_id, None, "", delay_ms=0)
+            given.extend(await asyncio.gather(*(self.outcomes.nack(self.lanes[index], entry_id, None, "", delay_ms=0)
                                                 for index, entry_id in unfinished), return_exceptions=True))
-            await self.client.hdel(self.topo.heartbeats(self.pool), self.name)  # type: ignore[misc]
+            await self.telemetry.remove()
 
         await briefly(last_words(), "give back unfinished jobs and remove the heartbeat")
         back = sum(not isinstance(outcome, BaseException) for outcome in given)
@@ -402,34 +301,13 @@ class PoolWorker:
     async def _handle(self, lane: Lane, entry: Entry, deliveries: int, dequeued: float, sandboxed: bool) -> None:
         entry_id, fields = entry
         raw = fields.get(b"routed", b"")
-        if len(raw) > self.settings.max_job_bytes + 65536:
-            await self._dead(lane, entry_id, raw[: self.settings.max_job_bytes], "too_large",
-                             f"entry is {len(raw)} bytes", None)
-            return
-        try:
-            routed = decode_routed(raw)
-        except DECODE_ERRORS as exc:
-            await self._dead(lane, entry_id, raw, "decode_error", f"not a routed job: {exc}", None)
+        routed = await self.outcomes.admitted(lane, entry_id, raw, deliveries, sandboxed=sandboxed)
+        if routed is None:
             return
         job, route = routed.job, routed.route
-        if job.reply_to in RESERVED:  # not from our policy worker: there is nowhere to answer
-            await self._dead(lane, entry_id, raw, "invalid_job", f"reply_to {job.reply_to!r} is reserved", None)
-            return
-        if deliveries > self.settings.max_deliveries:
-            last, at = await self.client.hmget(lane.errors + entry_id.decode(), ["error", "delivery"])  # type: ignore[misc]
-            # Past the limit, a run that only died with its worker (no evidence against the
-            # job, which runs in a sandbox now) earns another try, up to delivery_cap.
-            evidence = at == str(deliveries - 1).encode()  # the last run failed, or crashed its sandbox
-            if not sandboxed or evidence or deliveries > self.settings.delivery_cap:
-                error = last.decode(errors="replace") if evidence and last else \
-                    "its worker died or stalled while running it"
-                await self._dead(lane, entry_id, raw, "max_deliveries",
-                                 f"delivered {deliveries - 1} times without success; last error: {error}", routed,
-                                 deliveries=deliveries - 1)
-                return
         if job.deadline is not None and self.clock() > job.deadline:
             self._publish(lane, entry_id, routed, deliveries,
-                          self._result(routed, "expired", error="deadline passed before start"),
+                          self.outcomes.result(routed, "expired", error="deadline passed before start"),
                           self.metrics.of(route.slo).expired.inc)
             return
         tokens = None
@@ -463,135 +341,51 @@ class PoolWorker:
                 exc = BackendError(f"{type(exc).__name__}: {exc}", retryable=True)
             if exc.expired:
                 self._publish(lane, entry_id, routed, deliveries,
-                              self._result(routed, "expired", error=f"{type(exc).__name__}: {exc}"),
+                              self.outcomes.result(routed, "expired", error=f"{type(exc).__name__}: {exc}"),
                               self.metrics.of(route.slo).expired.inc)
-                return
-            self.metrics.of(route.slo).failed.inc()
-            # A sandbox's death is marked as such: the job stays a suspect (broker.reclaim).
-            error = CRASHED + str(exc) if isinstance(exc, SandboxCrashed) else f"{type(exc).__name__}: {exc}"
-            if exc.retryable and deliveries < self.settings.max_deliveries:
-                # A backend that says when it can take work again (all endpoints cooling
-                # down) gets the job back then, not sooner: an earlier retry only burns a delivery.
-                delay = max(self._backoff_ms(deliveries), int((exc.retry_at - self.clock()) * 1000))
-                delay = min(delay, self.settings.claim_idle_ms)
-                await self._nack(lane, entry_id, routed, error, delay_ms=delay, delivery=deliveries)
-            elif exc.retryable:
-                await self._dead(lane, entry_id, raw, "max_deliveries", f"delivered {deliveries} times without "
-                                 f"success; last error: {error}", routed, deliveries=deliveries)
             else:
-                await self._dead(lane, entry_id, raw, "backend_error", error, routed, deliveries=deliveries)
+                await self.outcomes.failed(lane, entry_id, raw, routed, deliveries, exc)
             return
         timing = Timing(created_at=routed.created_at, routed_at=route.routed_at, dequeued_at=dequeued,
                         started_at=started, first_token_at=out.first_token_at, finished_at=out.finished_at,
                         attempt=deliveries)
         metrics = Metrics.of(timing, out.completion_tokens)
         if not sandboxed:  # a run alone in another process says nothing of this device's load
-            self._observe(job.model, out.prompt_tokens, out.completion_tokens, concurrency, timing, metrics)
-        result = self._result(
-            routed, "ok", output=out.output, embeddings=out.embeddings,
-            usage=Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens),
-            timing=timing, metrics=metrics, route_reason=route.reason,
-            slo_met=slo_met(route.ttft_target_ms, route.tpot_target_ms, route.e2e_target_ms, metrics))
+            self.telemetry.observe(job.model, out.prompt_tokens, out.completion_tokens, concurrency, timing, metrics)
+        result = self.outcomes.served(routed, out, timing, metrics)
         self._publish(lane, entry_id, routed, deliveries, result, lambda: self.metrics.of(route.slo).complete(
             metrics.queue_time_ms, metrics.time_to_first_token_ms, metrics.time_per_output_token_ms,
             metrics.e2e_latency_ms, result.slo_met))
-
-    def _result(self, routed: RoutedJob, status: Status, **fields: Any) -> Result:
-        """A result of this worker's: the job's, in its class, from this pool and worker."""
-        return Result.for_job(routed.job, status, slo=routed.route.slo, pool=self.pool, worker=self.name, **fields)
-
-    def _backoff_ms(self, deliveries: int) -> int:
-        base = self.settings.retry_backoff_ms * 2 ** (deliveries - 1)
-        return int(min(base, self.settings.claim_idle_ms) * random.uniform(0.5, 1.0))
-
-    async def _script(self, call: ScriptCall[T]) -> T:
-        """Run a completion script (batched), retrying while Redis is unreachable (each is idempotent)."""
-        return await _retrying(lambda: self.batcher.call(call))
 
     def _publish(self, lane: Lane, entry_id: bytes, routed: RoutedJob, deliveries: int, result: Result,
                  counted: Callable[[], object]) -> None:
         """Queue ``result`` and the ack for the next COMPLETE; ``counted()`` runs if it becomes the
         job's outcome (not a duplicate, not fenced).
 
-        Nothing waits for Redis here: the job's run ends now, and its slot frees when Redis has
-        answered (see _finished). Waiting cost a future and a task switch per job.
+        The job's run ends now, and its slot frees when Redis has answered (see _published).
         """
-        key = (lane.index, entry_id)
-        item = Completion(entry_id, result.id, routed.job.reply_to, json_encode(result))
-        self._publishing.add(key)
-        self.batcher.complete_then(lane.completes, item,
-                                   partial(self._published, lane, item, routed, deliveries, counted))
+        self._publishing.add((lane.index, entry_id))
+        self.outcomes.publish(lane, entry_id, routed, result,
+                              partial(self._published, lane, entry_id, routed, deliveries, counted))
 
-    def _published(self, lane: Lane, item: Completion, routed: RoutedJob, deliveries: int,
+    def _published(self, lane: Lane, entry_id: bytes, routed: RoutedJob, deliveries: int,
                    counted: Callable[[], object], code: object) -> None:
         """Redis' answer to a job's COMPLETE: free the job's slot, count and log its outcome."""
-        key = (lane.index, item.entry_id)
-        job = routed.job
-        if isinstance(code, RETRYABLE):  # the script is idempotent: send it again, later
-            backoff = self._backoffs.setdefault(key, Backoff())
-            log.warning("Redis unreachable while finishing job %s (%s); retrying", job.id, code)
-            asyncio.get_running_loop().call_later(
-                backoff.delay(), self.batcher.complete_then, lane.completes, item,
-                partial(self._published, lane, item, routed, deliveries, counted))
-            return
-        self._backoffs.pop(key, None)
+        key = (lane.index, entry_id)
         self._publishing.discard(key)
         kind = unanswerable(code)
         if kind is not None:
             # COMPLETE wrote nothing and left the entry ours: the job's outcome is a dead letter,
             # written in the job's slot.
             raw = json_encode(routed)
-            self._track(lane, (item.entry_id, {b"routed": raw}), deliveries, self._dead(
-                lane, item.entry_id, raw, "invalid_job", not_a_stream(self.topo.reply(job.reply_to), kind), routed,
+            self._track(lane, (entry_id, {b"routed": raw}), deliveries, self.outcomes.dead_letter(
+                lane, entry_id, raw, "invalid_job", not_a_stream(self.topo.reply(routed.job.reply_to), kind), routed,
                 deliveries=deliveries))
             return
         task = self.running.get(key)
         if task is None or task.done():
             self._finished(key)
-        if isinstance(code, Exception):
-            log.error("could not finish job %s: %s; it stays pending and a worker takes it over",
-                      job.id, code, extra=job_context(job))
-        elif code == -1:
-            self.fenced += 1
-            log.warning("job %s finished here after a peer took it over; result dropped", job.id,
-                        extra=job_context(job))
-        else:
-            self.completed += 1
-            if code == 1:
-                counted()
-
-    async def _nack(self, lane: Lane, entry_id: bytes, routed: RoutedJob | None, error: str, *,
-                    delay_ms: int, delivery: int = 0) -> None:
-        job_id = routed.job.id if routed else ""
-        idle = max(0, self.settings.claim_idle_ms - delay_ms)
-        code = await self._script(calls.nack(lane.stream, WORKER_GROUP, entry_id, self.name,
-                                             lane.errors + entry_id.decode(), idle_ms=idle, error=error,
-                                             ttl_ms=self.settings.result_ttl_s * 1000, delivery=delivery))
-        if error:
-            self.retried += 1
-            if code == 1 and routed is not None:
-                self.metrics.of(routed.route.slo).retried.inc()
-            log.info("job %s failed (%s); retrying in ~%d ms", job_id, error, delay_ms,
-                     extra=job_context(routed.job if routed else None))
-
-    async def _dead(self, lane: Lane, entry_id: bytes, payload: bytes, reason: str, error: str,
-                    routed: RoutedJob | None, *, deliveries: int = 1, fenced: bool = True) -> None:
-        letter = DeadLetter(reason=reason, error=error, stream=lane.stream,  # type: ignore[arg-type]
-                            entry_id=entry_id.decode(), payload=payload, delivery_count=deliveries,
-                            job_id=routed.job.id if routed else None, consumer=self.name,
-                            failed_at=self.clock()).clipped(self.settings.dead_payload_bytes)
-        failed = None
-        if routed is not None:
-            job = routed.job
-            result = self._result(routed, "failed", error=f"{reason}: {error}")
-            failed = FailedJob(job.id, job.reply_to, json_encode(result), self.settings.result_ttl_s * 1000)
-        consumer = self.name if fenced else ""
-        if await self._script(calls.dead(lane.stream, WORKER_GROUP, entry_id, consumer, json_encode(letter),
-                                         self.topo, failed)) == 1:
-            self.dead += 1
-            self.metrics.dead(routed.route.slo if routed else None, reason).inc()
-            log.warning("dead letter %s (%s): %s", entry_id.decode(), reason, error,
-                        extra=job_context(routed.job if routed else None))
+        self.outcomes.tally(routed.job, code, counted)
 
     async def renew_leases(self) -> None:
         """Renew the entries of running jobs; cancel the runs whose entries a peer took over."""
@@ -607,28 +401,8 @@ class PoolWorker:
             if task is not None:
                 log.warning("lost the lease on %s (this worker stalled past %d ms and a peer took it over); "
                             "dropping the local run", entry_id.decode(), self.settings.claim_idle_ms)
-                self.fenced += 1
+                self.outcomes.fenced += 1
                 task.cancel()
-
-    def _observe(self, model: str, prompt: int, output: int, concurrency: int, t: Timing, m: Metrics) -> None:
-        self.observations.append(ObservedJob(
-            model=model, prompt_tokens=prompt, output_tokens=output, concurrency=concurrency,
-            ttft_ms=(t.first_token_at - t.started_at) * 1000, tpot_ms=m.time_per_output_token_ms, at=t.finished_at))
-
-    async def heartbeat(self) -> None:
-        """Tell the policy this worker's load, and the timings of the jobs it finished since."""
-        cooldown = getattr(self.backend, "cooldown_until", None)  # backends with endpoints that can refuse
-        sent = list(self.observations)
-        self.observations.clear()
-        beat = Heartbeat(ts=self.clock(), in_flight=len(self.running), capacity=self.concurrency,
-                         seq=self.beat_seq + 1, obs=sent, cooling_until=cooldown() if cooldown is not None else None)
-        try:
-            await self.client.hset(self.topo.heartbeats(self.pool), self.name, json_encode(beat))  # type: ignore[arg-type,misc]
-        except BaseException:
-            # A failed write keeps the timings for the next beat (the freshest, if too many).
-            self.observations = collections.deque([*sent, *self.observations], maxlen=MAX_OBSERVATIONS)
-            raise
-        self.beat_seq += 1
 
 
 def _routed_of(entry: Entry) -> RoutedJob | None:
@@ -637,14 +411,3 @@ def _routed_of(entry: Entry) -> RoutedJob | None:
         return decode_routed(entry[1].get(b"routed", b""))
     except DECODE_ERRORS:
         return None
-
-
-async def _retrying(call: Callable[[], Awaitable[T]]) -> T:
-    """``call()``, retried with backoff while Redis is unreachable (the scripts are idempotent)."""
-    backoff = Backoff()
-    while True:
-        try:
-            return await call()
-        except RETRYABLE as exc:
-            log.warning("Redis unreachable while finishing a job (%s); retrying", exc)
-            await backoff.wait()
