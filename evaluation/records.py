@@ -1,7 +1,7 @@
 """What a simulated run produces: one record per job and each pool's usage.
 
 :func:`meets` is the SLO verdict on a record, the same rule the live worker applies
-(``workers.worker.slo_met``), so that live runs turned into records (``bench.live_vs_sim``)
+(``workers.outcomes.slo_met``), so that live runs turned into records (``bench.live_vs_sim``)
 are judged alike.
 """
 
@@ -65,7 +65,7 @@ class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def meets(slo: SLOClass, rec: JobRecord) -> bool:
-    """Every target that is set holds (as ``workers.worker.slo_met``); only served jobs can."""
+    """Every target that is set holds (as ``workers.outcomes.slo_met``); only served jobs can."""
     ttft, e2e, tpot = rec.ttft_ms, rec.e2e_ms, rec.tpot_ms
     if rec.status != "ok" or ttft is None or e2e is None or ttft > slo.ttft_ms:
         return False

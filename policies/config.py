@@ -278,7 +278,7 @@ def reserved_slots(shares: Sequence[float], concurrency: int) -> tuple[int, ...]
 
     Rounded up so that a share holds on small workers too (0.1 of 8 slots is 1), unless that
     would leave the most urgent lane no slot: then rounded down (0.1 of 2 slots is none).
-    The same rule for live workers (``workers.worker``) and the simulator.
+    The same rule for live workers (``workers.lanes``) and the simulator.
     """
     up = tuple(math.ceil(share * concurrency - 1e-9) for share in shares)
     if sum(up) < concurrency:
