@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import redis.asyncio as aioredis
 
 from broker.client import Client
-from broker.topology import Topology
-from broker.wire import Job, decode_dead
+from broker.settings import Settings
+from broker.streams import ensure_group
+from broker.topology import WORKER_GROUP, Topology
+from broker.wire import Job, Route, RoutedJob, decode_dead, json_encode
 from tests.conftest import FAST_ENV, Roles
+from tests.helpers import eventually
+from workers.backend import BackendError, InferenceOutput, TokenSink
+from workers.worker import PoolWorker
 
 
 def completion(job_id: str, tokens: int = 4, model: str = "llama-3.1-8b", **metadata: str) -> Job:
@@ -64,3 +70,52 @@ async def test_a_job_longer_than_the_idle_time_runs_once(roles: Roles, redis_url
         assert result.timing.attempt == 1  # the lease held: nobody took it over
         entries = await sdk.redis.xrange(sdk.topo.reply("results"))
         assert len(entries) == 1
+
+
+class _FailingBackend:
+    """Fails every run with a retryable error, and counts its runs."""
+
+    name = "failing"
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    async def run(self, job: Job, on_token: TokenSink | None = None) -> InferenceOutput:
+        self.runs += 1
+        raise BackendError("boom", retryable=True)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_job_taken_over_at_start_counts_only_the_deliveries_that_ran(
+        redis_url: str, prefix: str, client: aioredis.Redis) -> None:
+    # A worker's first pass claimed the job (delivery 2), then re-read it among its own
+    # pending entries (those of a restart under the same name): a read of history that Redis
+    # counts as a delivery. The failed run was recorded as delivery 2 of 3, so the job looked
+    # like one whose worker had died: "delivered 4 times" in test_retries' first test, and here
+    # a dead letter after one run that blamed a dead worker instead of the backend's error.
+    settings = Settings(redis_url=redis_url, prefix=prefix, block_ms=200, claim_idle_ms=1000, claim_interval_s=0.2,
+                        max_deliveries=3, retry_backoff_ms=50, heartbeat_s=0.2)
+    topo = settings.topology
+    stream = topo.pool("gpu")
+    routed = RoutedJob(job=completion("abandoned"), created_at=time.time(), route=Route(
+        pool="gpu", slo="standard", reason="test", routed_at=time.time(), ttft_target_ms=1000.0))
+    await ensure_group(client, stream, WORKER_GROUP)
+    entry = await client.xadd(stream, {"routed": json_encode(routed)})
+    # Delivered once to a worker that died with it, long enough ago to be taken over at once.
+    await client.xreadgroup(WORKER_GROUP, "dead-peer", {stream: ">"}, count=1)
+    await client.xclaim(stream, WORKER_GROUP, "dead-peer", 0, [entry], idle=5000, justid=True)
+    backend = _FailingBackend()
+    worker = PoolWorker(client, settings, "gpu", backend, concurrency=4)
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop))
+    try:
+        await eventually(lambda: client.xlen(topo.dead), what="the job's dead letter")
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 10)
+    (letter,) = [decode_dead(f[b"dead"]) for _, f in await client.xrange(topo.dead)]
+    assert (letter.job_id, letter.reason, letter.delivery_count) == ("abandoned", "max_deliveries", 3)
+    assert letter.error == "delivered 3 times without success; last error: BackendError: boom"
+    assert backend.runs == 2  # deliveries 2 and 3; the first died with its worker

@@ -38,7 +38,8 @@ class Lane(msgspec.Struct):
     completes: CompleteTarget
     """Where this worker's COMPLETE calls for the lane go (fenced on its name)."""
     cursor: str = "0-0"
-    """Our own pending entries first (a restart under the same name), then ``>``: new ones."""
+    """Our own pending entries first (a restart under the same name), then ``>``: new ones.
+    The lane's claims wait until then (see ``PoolWorker._claim``)."""
     suspects_waiting: bool = False
     """Its last claim pass saw suspects it left for when a sandbox is free."""
 

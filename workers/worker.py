@@ -188,6 +188,11 @@ class PoolWorker:
         for lane in self.lanes:
             if taken >= free:
                 break
+            if lane.cursor != ">":
+                # Not before our own pending entries are read (Lane.cursor): that read of history
+                # would take again what we had claimed, and Redis counts it as a delivery that
+                # never ran (and runs in-process a suspect we left under our name).
+                continue
             sandboxes = min(self.sandboxes.slots - len(self._sandboxed) if self.sandboxes else 0, free - taken)
             if not (lane.claimer.due() or (lane.suspects_waiting and sandboxes > 0)):
                 continue
