@@ -21,19 +21,17 @@ from broker.wire import Heartbeat, decode_heartbeat
 from policies import PoolState, Snapshot
 from policies.router import Observation
 
-LIVE_BEATS = 5
-"""A worker counts as live while its last beat is younger than this many heartbeat periods."""
-
 
 class Fleet:
     """Reads the pools named in ``lanes`` (each pool's streams, most urgent lane first)."""
 
-    def __init__(self, client: aioredis.Redis, topo: Topology, lanes: dict[str, list[str]], heartbeat_s: float,
+    def __init__(self, client: aioredis.Redis, topo: Topology, lanes: dict[str, list[str]], live_s: float,
                  observe: Callable[[Observation], None]) -> None:
+        """``live_s``: a worker counts while its last beat is younger (``Settings.live_s``)."""
         self.client = client
         self.topo = topo
         self.lanes = lanes
-        self.heartbeat_s = heartbeat_s
+        self.live_s = live_s
         self.observe = observe
         self.seen: dict[bytes, int] = {}
         """The last heartbeat (seq) learnt from, of each worker with a heartbeat in Redis."""
@@ -64,7 +62,7 @@ class Fleet:
         workers = in_flight = capacity = 0
         cooling: list[float | None] = []
         for worker, beat in beats.items():
-            if now - beat.ts < LIVE_BEATS * self.heartbeat_s:
+            if now - beat.ts < self.live_s:
                 workers += 1
                 in_flight += beat.in_flight
                 capacity += beat.capacity

@@ -82,7 +82,7 @@ class Janitor:
 
     async def remove_dead_consumers(self, now: float) -> None:
         idle_limit = 2 * self.settings.claim_idle_ms
-        fresh_s = 5 * self.settings.heartbeat_s
+        fresh_s = self.settings.live_s
         for stream, (group, heartbeats) in self.streams.items():
             try:
                 consumers = await self.client.xinfo_consumers(stream, group)

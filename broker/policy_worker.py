@@ -91,7 +91,7 @@ class PolicyWorker:
                       for stream in self.lanes[p]}}
         self.janitor = Janitor(client, settings, streams)
         self.decider = Decider(config, make_router(config), self.name, clock())
-        self.fleet = Fleet(client, self.topo, self.lanes, settings.heartbeat_s,
+        self.fleet = Fleet(client, self.topo, self.lanes, settings.live_s,
                            lambda obs: self.decider.router.observe(obs))
         self.lane = {slo: config.lane(slo) for slo in config.classes}
         """The lane of each class in the pool's streams."""

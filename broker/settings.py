@@ -23,6 +23,10 @@ def _path(kind: type, value: object) -> object:
     raise NotImplementedError(kind)
 
 
+LIVE_BEATS = 5
+"""Heartbeat periods after which a role that sent no beat counts as gone."""
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Settings shared by every role."""
 
@@ -89,13 +93,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_format: Literal["text", "json"] = "text"
     """Log lines as text, or one JSON object per line (ts, level, logger, msg, job_id, trace_id)."""
 
+    @property
+    def live_s(self) -> float:
+        """A role counts as alive while its last heartbeat is younger than this: a few missed beats
+        (a busy event loop, a slow Redis) do not make it look dead."""
+        return LIVE_BEATS * self.heartbeat_s
+
     def __post_init__(self) -> None:
         Topology(self.prefix)  # raises ValueError for an invalid prefix, before anything runs
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port {self.metrics_port} is not a TCP port (0-65535)")
-        if self.heartbeat_expiry_s < 5 * self.heartbeat_s:
-            raise ValueError(f"heartbeat_expiry_s ({self.heartbeat_expiry_s}) must be at least 5 x heartbeat_s "
-                             f"({self.heartbeat_s}): a live role's heartbeat must not expire between its beats")
+        if self.heartbeat_expiry_s < self.live_s:
+            raise ValueError(f"heartbeat_expiry_s ({self.heartbeat_expiry_s}) must be at least {LIVE_BEATS} x "
+                             f"heartbeat_s ({self.heartbeat_s}): a live role's heartbeat must not expire between "
+                             "its beats")
         if self.claim_idle_ms < 3 * self.block_ms // 2:
             raise ValueError(f"claim_idle_ms ({self.claim_idle_ms}) must be at least 1.5 x block_ms "
                              f"({self.block_ms}): leases are renewed between reads")
