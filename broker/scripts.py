@@ -102,6 +102,10 @@ class ScriptCall(NamedTuple, Generic[R_co]):
     args: list[object]
 
 
+MAX_PIPELINES = 64
+"""Pipelines :class:`Scripts` remembers calls of until they are executed."""
+
+
 class Scripts:
     """Runs script calls by SHA. Queue calls on a pipeline, then :meth:`execute` it.
 
@@ -113,21 +117,32 @@ class Scripts:
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
+        self._queued: dict[int, tuple[Pipeline, dict[int, ScriptCall[object]]]] = {}
+        """Per pipeline not yet executed: the calls queued on it, by their place in it. Kept here
+        rather than read back from the pipeline, whose command list is redis-py's own (and
+        differs between a node's pipeline and a cluster's); the pipeline itself is held so
+        that its id cannot be reused while it is listed."""
 
     def queue(self, pipe: Pipeline, call: ScriptCall[object]) -> None:
         """Queue ``call`` on ``pipe``."""
-        pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)  # type: ignore[arg-type]
+        _pipe, calls = self._queued.setdefault(id(pipe), (pipe, {}))
+        calls[len(pipe)] = call
+        if len(self._queued) > MAX_PIPELINES:  # pipelines built and never executed: forget the oldest
+            del self._queued[next(iter(self._queued))]
+        _send(pipe, call)
 
     async def execute(self, pipe: Pipeline, raise_on_error: bool = True) -> list[object]:
         """Execute ``pipe``, loading the scripts if Redis does not know them; with
         ``raise_on_error``, the first error among the results is raised."""
-        stack = list(pipe.command_stack)
+        _pipe, calls = self._queued.pop(id(pipe), (pipe, {}))
         results: list[object] = await pipe.execute(raise_on_error=False)
-        unknown = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        unknown = [i for i, result in enumerate(results) if isinstance(result, NoScriptError) and i in calls]
         if unknown:
             await self.load()
-            pipe.command_stack = [stack[i] for i in unknown]
-            for i, result in zip(unknown, await pipe.execute(raise_on_error=False), strict=True):
+            again = self.client.pipeline(transaction=False)
+            for i in unknown:
+                _send(again, calls[i])
+            for i, result in zip(unknown, await again.execute(raise_on_error=False), strict=True):
                 results[i] = result
         if raise_on_error:
             for result in results:
@@ -145,6 +160,12 @@ class Scripts:
     async def load(self) -> None:
         for script in SCRIPTS.values():
             await self.client.script_load(script.source)
+
+
+def _send(pipe: Pipeline, call: ScriptCall[object]) -> None:
+    # EVALSHA by its name, not `pipe.evalsha`: a cluster pipeline refuses the method (and
+    # routes the command by its first key all the same).
+    pipe.execute_command("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
 
 
 def unanswerable(code: object) -> str | None:

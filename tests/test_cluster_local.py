@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -69,3 +70,76 @@ def test_killing_a_primary_promotes_its_replica_and_keeps_replicated_writes() ->
             assert [fresh.get(f"{{shard.{i}}}:k") for i in range(30)] == [str(i) for i in range(30)]
         finally:
             fresh.close()
+
+
+async def test_scripts_run_through_a_cluster_pipeline_across_slots_and_survive_a_flushed_cache() -> None:
+    # The broker's script runner on a cluster client: each call routed by its keys' slot,
+    # NOSCRIPT (a node that lost its script cache) answered by loading and rerunning only those.
+    from redis.asyncio.cluster import ClusterNode as AsyncNode
+    from redis.asyncio.cluster import RedisCluster as AsyncCluster
+
+    from broker import calls
+    from broker.scripts import Scripts
+    from broker.topology import Topology
+
+    with EmbeddedCluster(primaries=3) as cluster:
+        client = AsyncCluster(startup_nodes=[AsyncNode(h, p) for h, p in cluster.startup_nodes])
+        try:
+            scripts = Scripts(client)  # type: ignore[arg-type]
+            topos = [Topology(f"s{i}") for i in range(6)]  # six hash tags over the three primaries
+            for flushed in (False, True):
+                if flushed:
+                    await client.script_flush()  # every primary forgets every script
+                pipe = client.pipeline()
+                for topo in topos:
+                    scripts.queue(pipe, calls.submit(topo.jobs, 100, [b'{"id":"a"}']))  # type: ignore[arg-type]
+                pipe.incr("{s0}:counter")
+                replies = await scripts.execute(pipe)  # type: ignore[arg-type]
+                assert [len(ids) for ids, _backlog in replies[:-1]] == [1] * 6  # type: ignore[misc]
+                assert replies[-1] == 1 + flushed  # the other command ran once each time
+            assert [await client.xlen(topo.jobs) for topo in topos] == [2] * 6
+        finally:
+            await client.aclose()
+
+
+async def test_the_policy_and_a_pool_worker_run_jobs_on_a_cluster_in_one_slot() -> None:
+    # With one shard every key shares the tag {prefix}: the broker as it is, on a cluster client.
+    from redis.asyncio.cluster import ClusterNode as AsyncNode
+    from redis.asyncio.cluster import RedisCluster as AsyncCluster
+
+    from broker.config import load_config
+    from broker.policy_worker import PolicyWorker
+    from broker.settings import Settings
+    from broker.wire import Job, decode_result, json_encode
+    from workers.factory import make_backend
+    from workers.worker import PoolWorker
+
+    with EmbeddedCluster(primaries=3) as cluster:
+        def connect() -> AsyncCluster:
+            return AsyncCluster(startup_nodes=[AsyncNode(h, p) for h, p in cluster.startup_nodes])
+
+        config, settings = load_config(), Settings(redis_url="redis://unused", prefix="one")
+        client, policy_client, worker_client = connect(), connect(), connect()
+        stop = asyncio.Event()
+        policy = PolicyWorker(policy_client, settings, config)  # type: ignore[arg-type]
+        worker = PoolWorker(worker_client, settings, "gpu", make_backend(config.pools["gpu"]),  # type: ignore[arg-type]
+                            concurrency=8, lanes=config.lanes, shares=config.lane_shares)
+        roles = [asyncio.create_task(policy.run(stop)), asyncio.create_task(worker.run(stop))]
+        try:
+            for i in range(20):
+                job = Job.chat("llama-3.1-8b", "hi", id=f"c{i}", max_tokens=4, slo="standard")
+                await client.xadd(settings.topology.jobs, {"job": json_encode(job)})
+            results, last = [], "0"
+            async with asyncio.timeout(30):
+                while len(results) < 20:
+                    for _stream, entries in await client.xread({settings.topology.reply("results"): last},
+                                                               block=1000):
+                        results += [decode_result(fields[b"result"]) for _id, fields in entries]
+                        last = entries[-1][0]
+            assert sorted(r.id for r in results) == sorted(f"c{i}" for i in range(20))
+            assert all(r.status == "ok" and r.pool == "gpu" for r in results)
+        finally:
+            stop.set()
+            await asyncio.gather(*roles)
+            for c in (client, policy_client, worker_client):
+                await c.aclose()
