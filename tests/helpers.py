@@ -13,9 +13,21 @@ import redis.asyncio as aioredis
 
 from broker.client import Client
 from broker.config import load_config
+from broker.settings import Settings
 from broker.topology import Topology
-from broker.wire import ChatMessage, Job, Result, decode_heartbeat, decode_policy_heartbeat, decode_result
+from broker.wire import (
+    ChatMessage,
+    DeadLetter,
+    Job,
+    Result,
+    decode_dead,
+    decode_heartbeat,
+    decode_policy_heartbeat,
+    decode_result,
+)
 from tests.conftest import FAST_ENV
+from workers.backend import Backend
+from workers.worker import PoolWorker
 
 
 def lane(topo: Topology, pool: str, slo: str = "standard") -> str:
@@ -128,3 +140,19 @@ async def result_counts(client: aioredis.Redis, topo: Topology) -> tuple[Counter
         ids[result.id] += 1
         statuses[result.status] += 1
     return ids, statuses
+
+
+async def only_dead_letter(client: aioredis.Redis, settings: Settings,
+                           backend: Backend) -> tuple[DeadLetter, PoolWorker]:
+    """Run a ``gpu`` pool worker on ``backend`` until a dead letter appears, and stop it: that letter
+    (the only one) and the stopped worker."""
+    worker = PoolWorker(client, settings, "gpu", backend, concurrency=4)
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop))
+    try:
+        await eventually(lambda: client.xlen(settings.topology.dead), what="the job's dead letter")
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 10)
+    (letter,) = [decode_dead(f[b"dead"]) for _, f in await client.xrange(settings.topology.dead)]
+    return letter, worker

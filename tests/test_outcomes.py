@@ -26,9 +26,8 @@ from broker.streams import ensure_group
 from broker.topology import POLICY_GROUP, WORKER_GROUP, Topology
 from broker.wire import Job, Route, RoutedJob, decode_dead, json_encode
 from tests.conftest import FAST_ENV, Roles
-from tests.helpers import eventually, lanes
+from tests.helpers import eventually, lanes, only_dead_letter
 from workers.backend import InferenceOutput, TokenSink
-from workers.worker import PoolWorker
 
 NOT_A_STREAM = b"a string, not a stream"
 
@@ -216,15 +215,7 @@ async def test_a_job_task_that_fails_is_logged_and_retried_and_dead_letters_with
         pool="gpu", slo="standard", reason="test", routed_at=time.time(), ttft_target_ms=1000.0))
     await ensure_group(client, topo.pool("gpu"), WORKER_GROUP)
     await client.xadd(topo.pool("gpu"), {"routed": json_encode(routed)})
-    worker = PoolWorker(client, settings, "gpu", _BuggyBackend(), concurrency=4)
-    stop = asyncio.Event()
-    running = asyncio.create_task(worker.run(stop))
-    try:
-        await eventually(lambda: client.xlen(topo.dead), what="the job's dead letter")
-    finally:
-        stop.set()
-        await asyncio.wait_for(running, 10)
-    (letter,) = [decode_dead(f[b"dead"]) for _, f in await client.xrange(topo.dead)]
+    letter, worker = await only_dead_letter(client, settings, _BuggyBackend())
     assert (letter.job_id, letter.reason) == ("buggy", "max_deliveries")
     assert "AttributeError in the worker" in letter.error  # the error itself, not "its worker died"
     failures = [r for r in caplog.records

@@ -14,9 +14,8 @@ from broker.streams import ensure_group
 from broker.topology import WORKER_GROUP, Topology
 from broker.wire import Job, Route, RoutedJob, decode_dead, json_encode
 from tests.conftest import FAST_ENV, Roles
-from tests.helpers import eventually
+from tests.helpers import only_dead_letter
 from workers.backend import BackendError, InferenceOutput, TokenSink
-from workers.worker import PoolWorker
 
 
 def completion(job_id: str, tokens: int = 4, model: str = "llama-3.1-8b", **metadata: str) -> Job:
@@ -107,15 +106,7 @@ async def test_a_job_taken_over_at_start_counts_only_the_deliveries_that_ran(
     await client.xreadgroup(WORKER_GROUP, "dead-peer", {stream: ">"}, count=1)
     await client.xclaim(stream, WORKER_GROUP, "dead-peer", 0, [entry], idle=5000, justid=True)
     backend = _FailingBackend()
-    worker = PoolWorker(client, settings, "gpu", backend, concurrency=4)
-    stop = asyncio.Event()
-    running = asyncio.create_task(worker.run(stop))
-    try:
-        await eventually(lambda: client.xlen(topo.dead), what="the job's dead letter")
-    finally:
-        stop.set()
-        await asyncio.wait_for(running, 10)
-    (letter,) = [decode_dead(f[b"dead"]) for _, f in await client.xrange(topo.dead)]
+    letter, _worker = await only_dead_letter(client, settings, backend)
     assert (letter.job_id, letter.reason, letter.delivery_count) == ("abandoned", "max_deliveries", 3)
     assert letter.error == "delivered 3 times without success; last error: BackendError: boom"
     assert backend.runs == 2  # deliveries 2 and 3; the first died with its worker
