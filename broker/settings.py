@@ -34,6 +34,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Redis to use [REDIS_URL]; ``None`` starts an embedded one where a command allows."""
     prefix: str = "ib"
     """Key prefix of this deployment [IB_PREFIX]."""
+    shards: int = 1
+    """Shards of this deployment, each one hash tag, hence one slot of a Redis Cluster
+    [IB_SHARDS]; every producer and role of a deployment must agree on it
+    (docs/configuration.md)."""
     config: Path | None = None
     """Policy TOML [IB_CONFIG]; ``None`` uses the built-in default."""
     block_ms: int = 1000
@@ -100,7 +104,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return LIVE_BEATS * self.heartbeat_s
 
     def __post_init__(self) -> None:
-        Topology(self.prefix)  # raises ValueError for an invalid prefix, before anything runs
+        self.topology  # raises ValueError for an invalid prefix or shard count, before anything runs
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port {self.metrics_port} is not a TCP port (0-65535)")
         if self.heartbeat_expiry_s < self.live_s:
@@ -113,7 +117,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def topology(self) -> Topology:
-        return Topology(self.prefix)
+        return Topology(self.prefix, self.shards)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:

@@ -1,9 +1,16 @@
 """Every Redis key the broker uses, from one place, under a configurable prefix.
 
-All keys of one deployment share the hash tag ``{<prefix>}`` so that the scripts which
-change several of them at once (route: ingress + pool + dedup key; complete: pool +
-result key + reply stream) stay in one slot and run unchanged on Redis Cluster. To spread
-load across a cluster, run several deployments under different prefixes.
+A deployment has ``shards`` shards (``Settings.shards``). Every key of one shard shares
+that shard's hash tag, so the scripts which change several keys at once (route: ingress +
+pool + dedup key; complete: pool + result key + reply stream) stay in one slot and run
+unchanged on Redis Cluster, while the shards spread over its nodes. With one shard the tag
+is ``{<prefix>}`` (the key names of a deployment before shards existed); with S shards,
+shard i's tag is ``{<prefix>.<i>}``.
+
+A job lives on one shard from submission to result: :func:`shard_of` its id, the Redis
+Cluster slot of the id (CRC16 mod 16384, ``CLUSTER KEYSLOT``) mod S. So every producer,
+in any language, finds the same shard, and dedup by id holds across shards. Deployment-wide
+state that no job touches (the roles' heartbeats) lives on shard 0.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import re
 
 import msgspec
+from redis.crc import key_slot
 
 POLICY_GROUP = "policy"
 """Consumer group of policy workers on the ingress stream."""
@@ -20,18 +28,60 @@ RESERVED = frozenset({"jobs", "dead", "pool", "done", "routed", "hb", "err", "re
 _PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 
 
+MAX_SHARDS = 1024
+"""Most shards a deployment may have (a role reads each shard's streams)."""
+
+
+def shard_of(job_id: str, shards: int) -> int:
+    """The shard of job ``job_id`` among ``shards``: its Redis Cluster slot mod ``shards``.
+
+    Job ids hold no braces (:data:`broker.wire.JobId`), so the slot is CRC16 of the whole id
+    mod 16384, what ``redis-cli CLUSTER KEYSLOT <id>`` prints (docs/wire-format.md).
+    """
+    return key_slot(job_id.encode()) % shards if shards > 1 else 0
+
+
 class Topology(msgspec.Struct, frozen=True):
-    """Key names for one deployment."""
+    """Key names for one shard (``shard``) of a deployment of ``shards`` shards."""
 
     prefix: str = "ib"
+    shards: int = 1
+    shard: int = 0
 
     def __post_init__(self) -> None:
         if not _PREFIX.fullmatch(self.prefix):
             raise ValueError(f"prefix {self.prefix!r} must be 1-32 characters of A-Z a-z 0-9 _ . -")
+        if not 1 <= self.shards <= MAX_SHARDS:
+            raise ValueError(f"shards {self.shards} must be 1-{MAX_SHARDS}")
+        if not 0 <= self.shard < self.shards:
+            raise ValueError(f"shard {self.shard} must be 0-{self.shards - 1}")
+
+    @property
+    def tag(self) -> str:
+        """The hash tag every key of this shard shares (without braces)."""
+        return self.prefix if self.shards == 1 else f"{self.prefix}.{self.shard}"
 
     @property
     def base(self) -> str:
-        return f"{self.prefix}:{{{self.prefix}}}"
+        return f"{self.prefix}:{{{self.tag}}}"
+
+    def at(self, shard: int) -> Topology:
+        """The keys of shard ``shard`` of this deployment."""
+        return self if shard == self.shard else Topology(self.prefix, self.shards, shard)
+
+    @property
+    def every_shard(self) -> list[Topology]:
+        """Each shard's keys, shard 0 first."""
+        return [self.at(i) for i in range(self.shards)]
+
+    def of_job(self, job_id: str) -> Topology:
+        """The keys of the shard job ``job_id`` lives on (:func:`shard_of`)."""
+        return self.at(shard_of(job_id, self.shards))
+
+    @property
+    def home(self) -> str:
+        """Base of the deployment-wide keys (heartbeats): shard 0's."""
+        return self.at(0).base
 
     @property
     def jobs(self) -> str:
@@ -85,10 +135,10 @@ class Topology(msgspec.Struct, frozen=True):
         return f"{self.base}:epoch"
 
     def heartbeats(self, pool: str) -> str:
-        """Hash of worker name to its latest heartbeat, for pool ``pool``."""
-        return f"{self.base}:hb:pool:{pool}"
+        """Hash of worker name to its latest heartbeat, for pool ``pool`` (on shard 0)."""
+        return f"{self.home}:hb:pool:{pool}"
 
     @property
     def policy_heartbeats(self) -> str:
-        """Hash of policy worker name to its latest heartbeat."""
-        return f"{self.base}:hb:policy"
+        """Hash of policy worker name to its latest heartbeat (on shard 0)."""
+        return f"{self.home}:hb:policy"

@@ -552,3 +552,25 @@ async def test_faststream_envelopes_unwrap_and_broken_ones_are_decode_errors(
             with pytest.raises(InvalidJob) as info:
                 entry_payload({b"__data__": broken})
             assert info.value.reason == "decode_error" and "bad FastStream envelope" in str(info.value)
+
+
+def test_a_jobs_shard_is_its_cluster_slot_mod_the_shard_count_and_shard_keys_share_one_tag() -> None:
+    from redis.crc import key_slot
+
+    from broker.topology import Topology, shard_of
+
+    # CLUSTER KEYSLOT of an id without braces: CRC16 (XMODEM) of the id mod 16384.
+    assert key_slot(b"123456789") == 0x31C3 % 16384
+    assert [shard_of(i, 1) for i in ("a", "b", "c")] == [0, 0, 0]
+    assert shard_of("abc", 3) == key_slot(b"abc") % 3
+    one = Topology("ib")
+    assert one.jobs == "ib:{ib}:jobs" and one.every_shard == [one]  # one shard: the old key names
+    three = Topology("ib", shards=3)
+    assert [t.jobs for t in three.every_shard] == ["ib:{ib.0}:jobs", "ib:{ib.1}:jobs", "ib:{ib.2}:jobs"]
+    job = three.of_job("abc")
+    assert job.shard == shard_of("abc", 3)
+    keys = [job.jobs, job.pool("gpu", 1), job.done("abc"), job.routed("abc"), job.reply("results"), job.dead]
+    assert {key_slot(k.encode()) for k in keys} == {key_slot(f"{{ib.{job.shard}}}".encode())}
+    assert {t.heartbeats("gpu") for t in three.every_shard} == {"ib:{ib.0}:hb:pool:gpu"}
+    with pytest.raises(ValueError, match="shard"):
+        Topology("ib", shards=0)
