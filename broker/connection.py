@@ -16,11 +16,12 @@ import logging
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import hiredis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import (
     AbstractConnection,
     Connection,
@@ -261,23 +262,43 @@ _FAST: dict[type[AbstractConnection], type[AbstractConnection]] = {
     Connection: _FastConnection, SSLConnection: _FastSSLConnection, UnixDomainSocketConnection: _FastUnixConnection}
 
 
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+"""URL schemes that name a Redis Cluster (any of its nodes), and the node scheme each stands for."""
+
+
+def is_cluster(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster (``redis+cluster://`` or ``rediss+cluster://``)."""
+    return urlsplit(url).scheme in CLUSTER_SCHEMES
+
+
 def connect(url: str, block_ms: int = 1000) -> aioredis.Redis:
     """A client for ``url`` that retries dropped connections with jittered backoff.
 
     The socket timeout exceeds the longest blocking read, so a quiet ``XREADGROUP BLOCK``
     is never mistaken for a dead connection. Commands are packed in C (hiredis), and a
     cancelled caller is never left running (see ``_CancellableSend``).
+
+    A cluster URL (:func:`is_cluster`) gives redis-py's cluster client, which follows MOVED
+    and ASK, learns the slots again after a failover and splits a pipeline by node. It is
+    typed here as the node client: every command this project sends takes keys of one slot
+    (each shard's keys share a hash tag), and the suites run on both (tests/deployments.py).
     """
-    client = aioredis.Redis.from_url(
-        url,
-        socket_timeout=block_ms / 1000 + 10,
-        socket_connect_timeout=5,
-        socket_keepalive=True,
-        health_check_interval=30,
-        retry=_Retry(ExponentialWithJitterBackoff(cap=2.0, base=0.05), retries=5),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        parser_class=_Parser,
-    )
+    options: dict[str, Any] = {
+        "socket_timeout": block_ms / 1000 + 10, "socket_connect_timeout": 5, "socket_keepalive": True,
+        "health_check_interval": 30, "retry": _Retry(ExponentialWithJitterBackoff(cap=2.0, base=0.05), retries=5),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError]}
+    parts = urlsplit(url)
+    if parts.scheme in CLUSTER_SCHEMES:
+        cluster = RedisCluster.from_url(urlunsplit(parts._replace(scheme=CLUSTER_SCHEMES[parts.scheme])), **options)
+        # One dict of connection options serves every node the client learns of (NodesManager).
+        kwargs = cluster.connection_kwargs
+        kwargs["connection_class"] = _FAST.get(kwargs["connection_class"], kwargs["connection_class"])
+        kwargs["parser_class"] = _Parser
+        for node in cluster.startup_nodes:
+            node.connection_class = kwargs["connection_class"]
+            node.connection_kwargs["parser_class"] = _Parser
+        return cast(aioredis.Redis, cluster)
+    client = aioredis.Redis.from_url(url, parser_class=_Parser, **options)
     pool = client.connection_pool
     pool.connection_class = _FAST.get(pool.connection_class, pool.connection_class)
     return client

@@ -104,7 +104,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return LIVE_BEATS * self.heartbeat_s
 
     def __post_init__(self) -> None:
-        self.topology  # raises ValueError for an invalid prefix or shard count, before anything runs
+        Topology(self.prefix, self.shards)  # raises ValueError for an invalid prefix or shard count, early
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port {self.metrics_port} is not a TCP port (0-65535)")
         if self.heartbeat_expiry_s < self.live_s:
