@@ -67,7 +67,7 @@ async def _measure(url: str, jobs: int, tree: Path, pid: int, out: Path) -> tupl
         policy = PolicyWorker(client, settings, config)
         await policy.setup()
         _instructions(pid, out, "setup")
-        await _run_until(policy.run, lambda: policy.routed >= jobs)
+        await _run_until(policy.run, lambda: policy.counts.routed >= jobs)
         routing = _instructions(pid, out, "policy")
         spec = config.pools[config.default_pool]
         worker = PoolWorker(client, settings, config.default_pool, make_backend(spec),

@@ -1,14 +1,16 @@
 """The policy's view of the fleet: each pool's backlog by lane, its live workers and what they report.
 
-One round trip reads every pool's lane streams (group lag + pending, the work waiting on
-each lane) and its heartbeat hash (live workers, jobs in flight, slots, cooldowns). The
+One round trip reads every pool's lane streams on every shard (group lag + pending, the
+work waiting on each lane, summed over the shards) and its heartbeat hash (live workers,
+jobs in flight, slots, cooldowns; on shard 0). On a cluster the pipeline goes to each node
+with the keys it holds. The
 result is the :class:`~policies.Snapshot` the router decides with; the job timings the
 workers report in their beats are fed to the router's estimates, once per beat.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import msgspec
 import redis.asyncio as aioredis
@@ -23,9 +25,10 @@ from policies.router import Observation
 
 
 class Fleet:
-    """Reads the pools named in ``lanes`` (each pool's streams, most urgent lane first)."""
+    """Reads the pools named in ``lanes``: each pool's lanes, most urgent first, each lane the
+    streams of that lane on every shard."""
 
-    def __init__(self, client: aioredis.Redis, topo: Topology, lanes: dict[str, list[str]], live_s: float,
+    def __init__(self, client: aioredis.Redis, topo: Topology, lanes: dict[str, list[list[str]]], live_s: float,
                  observe: Callable[[Observation], None]) -> None:
         """``live_s``: a worker counts while its last beat is younger (``Settings.live_s``)."""
         self.client = client
@@ -41,15 +44,16 @@ class Fleet:
         """Every pool's state at ``now``, from one pipeline."""
         async with self.client.pipeline(transaction=False) as pipe:
             for name, lanes in self.lanes.items():
-                for stream in lanes:
-                    pipe.xinfo_groups(stream)
-                    pipe.xlen(stream)
+                for lane in lanes:
+                    for stream in lane:
+                        pipe.xinfo_groups(stream)
+                        pipe.xlen(stream)
                 pipe.hgetall(self.topo.heartbeats(name))
             replies = iter(await pipe.execute(raise_on_error=False))
         pools: dict[str, PoolState] = {}
         beating: set[bytes] = set()
         for name, lanes in self.lanes.items():
-            waiting = [group_backlog(next(replies), next(replies), WORKER_GROUP) for _ in lanes]
+            waiting = [_sum(group_backlog(next(replies), next(replies), WORKER_GROUP) for _ in lane) for lane in lanes]
             beats = read_beats(next(replies), decode_heartbeat, self.topo.heartbeats(name))
             beating.update(beats)
             pools[name] = self._pool(name, waiting, beats, now)
@@ -83,3 +87,12 @@ class Fleet:
         self.seen[worker] = beat.seq
         for obs in beat.obs:
             self.observe(Observation(pool=pool, **msgspec.structs.asdict(obs)))
+
+
+def _sum(backlogs: Iterable[tuple[int, int]]) -> tuple[int, int]:
+    """A lane's (queued, pending) over its shards."""
+    queued = pending = 0
+    for lag, held in backlogs:
+        queued += lag
+        pending += held
+    return queued, pending

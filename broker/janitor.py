@@ -15,9 +15,12 @@ Run periodically by every policy worker (running it from several is harmless):
   the claim idle time (dead processes; live ones read every ``block_ms``) are removed.
 * **Heartbeat expiry.** Heartbeats older than ``heartbeat_expiry_s`` (roles that died
   without removing theirs) are deleted.
-* **Empty-restart detection.** An epoch key is written at start; if it disappears, Redis
-  restarted without its data (or was flushed). That is logged loudly, counted, and the
-  groups are recreated at 0 so the roles keep working.
+* **Empty-restart detection.** An epoch key is written at start on each shard; if one
+  disappears, the Redis holding that shard restarted without its data (or was flushed). That
+  is logged loudly, counted, and the groups are recreated at 0 so the roles keep working.
+
+Result streams, dead letters and epochs are per shard (each sweep covers every shard);
+heartbeats are on shard 0.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from broker import calls
 from broker.heartbeats import decoder_of, read_beats
 from broker.scripts import Scripts
 from broker.settings import Settings
+from broker.topology import Topology
 
 log = logging.getLogger("inference_broker.janitor")
 
@@ -42,16 +46,18 @@ def _id_tuple(entry_id: bytes | str) -> tuple[int, int]:
 
 
 class Janitor:
-    """One deployment's housekeeping; ``streams`` maps each consumed stream to its group."""
+    """One deployment's housekeeping, over every shard."""
 
     def __init__(self, client: aioredis.Redis, settings: Settings, streams: dict[str, tuple[str, str]]) -> None:
-        """``streams`` maps each consumed stream to (its group, the hash of its consumers' heartbeats)."""
+        """``streams`` maps each consumed stream (of any shard) to (its group, the hash of its
+        consumers' heartbeats)."""
         self.client = client
         self.scripts = Scripts(client)
         self.settings = settings
         self.topo = settings.topology
         self.streams = streams
-        self.epoch: bytes | None = None
+        self.epochs: dict[int, bytes | None] = {}
+        """Each shard's epoch marker as this janitor last saw it."""
         self.data_losses = 0
         self.trimmed = 0
         self.removed_consumers = 0
@@ -65,20 +71,28 @@ class Janitor:
         """When this janitor first saw each consumerless group holding a result stream's trimming back (ms)."""
 
     async def start(self) -> None:
-        """Record (or adopt) the epoch marker of this Redis."""
-        await self.client.set(self.topo.epoch, uuid.uuid4().hex, nx=True)
-        self.epoch = await self.client.get(self.topo.epoch)
+        """Record (or adopt) the epoch marker of every shard."""
+        for topo in self.topo.every_shard:
+            await self._mark(topo)
+
+    async def _mark(self, topo: Topology) -> None:
+        await self.client.set(topo.epoch, uuid.uuid4().hex, nx=True)
+        self.epochs[topo.shard] = await self.client.get(topo.epoch)
 
     async def data_lost(self) -> bool:
-        """True (once per loss) if the epoch marker vanished since the last check."""
-        current = await self.client.get(self.topo.epoch)
-        if current is not None and current == self.epoch:
-            return False
-        self.data_losses += 1
-        log.error("Redis lost this deployment's data (restarted without persistence, or flushed): "
-                  "jobs queued or running at that moment are gone without an outcome; recreating groups")
-        await self.start()
-        return True
+        """True (once per loss) if a shard's epoch marker vanished since the last check."""
+        lost = False
+        for topo in self.topo.every_shard:
+            current = await self.client.get(topo.epoch)
+            if current is not None and current == self.epochs.get(topo.shard):
+                continue
+            lost = True
+            self.data_losses += 1
+            where = f" (shard {topo.shard}, keys {topo.base}:*)" if topo.shards > 1 else ""
+            log.error("Redis lost this deployment's data%s (restarted without persistence, or flushed): "
+                      "jobs queued or running at that moment are gone without an outcome; recreating groups", where)
+            await self._mark(topo)
+        return lost
 
     async def remove_dead_consumers(self, now: float) -> None:
         idle_limit = 2 * self.settings.claim_idle_ms
@@ -102,15 +116,14 @@ class Janitor:
                     self.removed_consumers += 1
 
     async def trim_results(self, now_ms: int) -> None:
-        """Trim every result stream; delete those left empty for good, and forget their names."""
+        """Trim every result stream of every shard; delete those left empty for good, and forget their names."""
         oldest_ms = now_ms - self.settings.results_retention_s * 1000
-        names = await self.client.smembers(self.topo.replies)  # type: ignore[misc]
         seen: set[tuple[str, bytes]] = set()
-        for name in names:
-            stream = self.topo.reply(name.decode())
-            await self.trim_stream(stream, oldest_ms, now_ms, seen)
-            if await self.scripts.call(calls.reap(self.topo, name.decode(), oldest_ms)) == 1:
-                self.reaped += 1
+        for topo in self.topo.every_shard:
+            for name in await self.client.smembers(topo.replies):  # type: ignore[misc]
+                await self.trim_stream(topo.reply(name.decode()), oldest_ms, now_ms, seen)
+                if await self.scripts.call(calls.reap(topo, name.decode(), oldest_ms)) == 1:
+                    self.reaped += 1
         self._unread_since = {key: at for key, at in self._unread_since.items() if key in seen}
 
     async def trim_stream(self, stream: str, oldest_ms: int, now_ms: int, seen: set[tuple[str, bytes]]) -> None:
@@ -164,10 +177,12 @@ class Janitor:
         return True
 
     async def trim_dead(self, now_ms: int) -> None:
-        """Delete dead letters past ``dead_retention_s`` and the oldest beyond ``dead_max_len``."""
+        """Delete dead letters past ``dead_retention_s`` and the oldest beyond ``dead_max_len`` (each
+        shard's: ``dead_max_len`` bounds each shard's dead-letter stream)."""
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.xtrim(self.topo.dead, minid=now_ms - self.settings.dead_retention_s * 1000, approximate=False)
-            pipe.xtrim(self.topo.dead, maxlen=self.settings.dead_max_len, approximate=False)
+            for topo in self.topo.every_shard:
+                pipe.xtrim(topo.dead, minid=now_ms - self.settings.dead_retention_s * 1000, approximate=False)
+                pipe.xtrim(topo.dead, maxlen=self.settings.dead_max_len, approximate=False)
             removed = sum(int(n) for n in await pipe.execute())
         if removed:
             self.dead_trimmed += removed

@@ -33,10 +33,11 @@ policy worker adds to its counters once per batch.
 
 from __future__ import annotations
 
+import collections
 import time
 import weakref
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY, Counter, Gauge, Info, disable_created_metrics
@@ -44,6 +45,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 
 from broker.streams import group_backlog
+from broker.topology import Topology
 
 NONE = "none"
 """Label value for "no such thing": a job that expired before it had a pool, or was never classified."""
@@ -312,30 +314,43 @@ def _entry_s(entry_id: object) -> float | None:
     return int(head) / 1000 if head.isdigit() else None
 
 
-async def export_streams(client: aioredis.Redis, base: str, streams: Mapping[str, str], dead: str) -> None:
+async def export_streams(client: aioredis.Redis, shards: Sequence[tuple[Topology, Mapping[str, str]]]) -> None:
     """Set the stream gauges from Redis, in one round trip.
 
-    ``streams`` maps each stream key to the broker's group on it; the ``stream`` label is
-    the key without ``base`` (``jobs``, ``pool:gpu``, ``pool:gpu:1``). The backlog is the
-    group's unread and pending entries (:func:`broker.streams.group_backlog`).
+    Each shard's ``streams`` maps a stream key of the shard to the broker's group on it; the
+    ``stream`` label is the key without the shard's base (``jobs``, ``pool:gpu``,
+    ``pool:gpu:1``), so a stream's gauges sum its shards (the oldest pending: the oldest of
+    any shard). The backlog is the group's unread and pending entries
+    (:func:`broker.streams.group_backlog`).
     """
     pipe = client.pipeline(transaction=False)
-    for key, group in streams.items():
-        pipe.xlen(key)
-        pipe.xinfo_groups(key)
-        pipe.xpending(key, group)
-    pipe.xlen(dead)
-    replies = await pipe.execute(raise_on_error=False)
+    for topo, streams in shards:
+        for key, group in streams.items():
+            pipe.xlen(key)
+            pipe.xinfo_groups(key)
+            pipe.xpending(key, group)
+        pipe.xlen(topo.dead)
+    replies = iter(await pipe.execute(raise_on_error=False))
     now = time.time()
-    for i, (key, group) in enumerate(streams.items()):
-        length, info, summary = replies[3 * i: 3 * i + 3]
-        queued, pending = group_backlog(info, length, group)
-        name = key.removeprefix(base + ":")
-        size = length if isinstance(length, int) else 0
-        BACKLOG.labels(name).set(queued + pending)
-        PENDING.labels(name).set(pending)
-        LENGTH.labels(name).set(size)
-        oldest = _entry_s(summary.get("min")) if isinstance(summary, dict) and summary.get("min") else None
-        OLDEST_PENDING.labels(name).set(max(0.0, now - oldest) if oldest is not None else 0.0)
-    if isinstance(replies[-1], int):
-        LENGTH.labels(dead.removeprefix(base + ":")).set(replies[-1])
+    backlog: collections.Counter[str] = collections.Counter()
+    pending: collections.Counter[str] = collections.Counter()
+    length: collections.Counter[str] = collections.Counter()
+    oldest: dict[str, float] = {}
+    for topo, streams in shards:
+        for key, group in streams.items():
+            size, info, summary = next(replies), next(replies), next(replies)
+            queued, held = group_backlog(info, size, group)
+            name = key.removeprefix(topo.base + ":")
+            backlog[name] += queued + held
+            pending[name] += held
+            length[name] += size if isinstance(size, int) else 0
+            first = _entry_s(summary.get("min")) if isinstance(summary, dict) and summary.get("min") else None
+            oldest[name] = max(oldest.get(name, 0.0), now - first if first is not None else 0.0)
+        dead = next(replies)
+        length[topo.dead.removeprefix(topo.base + ":")] += dead if isinstance(dead, int) else 0
+    for name, value in backlog.items():
+        BACKLOG.labels(name).set(value)
+        PENDING.labels(name).set(pending[name])
+        OLDEST_PENDING.labels(name).set(max(0.0, oldest[name]))
+    for name, value in length.items():
+        LENGTH.labels(name).set(value)

@@ -1,73 +1,35 @@
-"""The policy worker: reads the ingress stream, classifies, routes, moves jobs to pools.
+"""The policy worker: routes every shard's jobs with one view of the fleet, and keeps house.
 
-Per batch of entries it decodes and validates each job, classifies it, asks
-``policies.route`` for a pool and then moves all of them in one pipeline of ROUTE scripts
-(each atomic: XADD to the pool + XACK and XDEL on ingress + a routed marker that makes a
-second routing of the same job id a no-op). Bad entries become dead letters in the same
-pipeline; nothing stops the loop. Entries a dead policy worker left pending are taken
-over by live ones (:mod:`broker.reclaim`); one that keeps killing policy workers is
-dead-lettered after ``max_deliveries``. Each policy worker also runs the janitor.
+It runs one :class:`~broker.routing.ShardRouter` per shard of the deployment (each reads its
+shard's ingress and moves jobs into the same shard's pool lanes: no job crosses shards), and
+they all decide with one :class:`~broker.decider.Decider`, fed by one
+:class:`~broker.fleet.Fleet` snapshot that sums each pool's lanes over the shards and reads
+the workers' heartbeats. Each policy worker also runs the janitor and sends a heartbeat.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import logging
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
-from prometheus_client import Counter
 
-from broker import calls
-from broker.calls import CompleteTarget, Completion, FailedJob, RouteMove
-from broker.connection import RETRYABLE, unavailable
 from broker.decider import Decider, make_router
 from broker.fleet import Fleet
-from broker.ingress import entry_payload, salvage
 from broker.janitor import Janitor, warn_if_evicting
-from broker.logs import job_context, printable
-from broker.metrics import RECLAIMED, PolicyMetrics, export_streams
-from broker.reclaim import Claimer
-from broker.scripts import ScriptCall, Scripts, not_a_stream, unanswerable
+from broker.metrics import PolicyMetrics, export_streams
+from broker.routing import Counts, ShardRouter
+from broker.scripts import Scripts
 from broker.settings import Settings
-from broker.streams import (
-    STOP_TIMEOUT_S,
-    Backoff,
-    Entry,
-    briefly,
-    consumer_name,
-    ensure_group,
-    every,
-    is_group_lost,
-    pipeline,
-    until_stopped,
-)
+from broker.streams import STOP_TIMEOUT_S, briefly, consumer_name, every, until_stopped
 from broker.topology import POLICY_GROUP, WORKER_GROUP
-from broker.wire import (
-    DeadLetter,
-    InvalidJob,
-    Job,
-    PolicyHeartbeat,
-    Result,
-    Route,
-    RoutedJob,
-    Status,
-    decode_job,
-    json_encode,
-)
-from policies import JobFeatures, PolicyConfig, Snapshot
-
-log = logging.getLogger("inference_broker.policy")
-def entry_time(entry_id: bytes) -> float:
-    """Seconds since the epoch at which Redis added the entry (from its id)."""
-    return int(entry_id.split(b"-", 1)[0]) / 1000
+from broker.wire import PolicyHeartbeat, json_encode
+from policies import PolicyConfig, Snapshot
 
 
 class PolicyWorker:
-    """One policy worker process. Run several for availability; they share the group."""
+    """One policy worker process. Run several for availability; they share each shard's group."""
 
     def __init__(self, client: aioredis.Redis, settings: Settings, config: PolicyConfig, *,
                  name: str | None = None, clock: Callable[[], float] = time.time) -> None:
@@ -78,46 +40,27 @@ class PolicyWorker:
         self.name = name or consumer_name("policy")
         self.clock = clock
         self.scripts = Scripts(client)
-        # No policy worker records errors, so every entry delivered twice is a suspect:
-        # claimed one at a time and routed alone (see broker.reclaim).
-        self.claimer = Claimer(self.scripts, self.topo.jobs, POLICY_GROUP, self.name, idle_ms=settings.claim_idle_ms,
-                               interval_s=settings.claim_interval_s, error_prefix=f"{self.topo.base}:err:policy:")
-        self.lanes = {p: [self.topo.pool(p, lane) for lane in range(config.lanes)] for p in config.pools}
-        """Each pool's streams, one per priority lane, most urgent first."""
-        self._lane_streams = [stream for lanes in self.lanes.values() for stream in lanes]
-        """Every pool's lanes, in that order."""
-        streams = {self.topo.jobs: (POLICY_GROUP, self.topo.policy_heartbeats),
-                   **{stream: (WORKER_GROUP, self.topo.heartbeats(p)) for p in config.pools
-                      for stream in self.lanes[p]}}
-        self.janitor = Janitor(client, settings, streams)
         self.decider = Decider(config, make_router(config), self.name, clock())
-        self.fleet = Fleet(client, self.topo, self.lanes, settings.live_s,
-                           lambda obs: self.decider.router.observe(obs))
-        self.lane = {slo: config.lane(slo) for slo in config.classes}
-        """The lane of each class in the pool's streams."""
-        self._swept_at = self._beat_at = 0.0
-        self.routed = 0
-        self.dead = 0
         self.metrics = PolicyMetrics()
         """Prometheus instruments (broker/metrics.py), cached per class and pool."""
-        self._outcomes: list[Counter | None] = []
-        """The counter each script queued on the batch's pipeline adds to if it did its move."""
-        self._routes: list[RouteMove] = []
-        """The batch's routed entries, for one ROUTE."""
-        self._routed_to: list[Counter] = []
-        """The routed counter of each of those entries."""
-        self._finished: list[Completion] = []
-        """Results of the batch's jobs that end here (expired, shed), for one COMPLETE."""
-        self._finished_in: list[Counter] = []
-        self._finish_target = CompleteTarget(self.topo.jobs, POLICY_GROUP, "", self.topo,
-                                             settings.result_ttl_s * 1000, mark=True)
-        self._reclaimed = RECLAIMED.labels("jobs")
+        self.counts = Counts()
+        self.routers = [ShardRouter(client, self.scripts, settings, config, topo, name=self.name,
+                                    decider=self.decider, metrics=self.metrics, counts=self.counts, clock=clock)
+                        for topo in self.topo.every_shard]
+        """One per shard, shard 0 first."""
+        # Each pool's lane i over every shard: the fleet sums a lane's backlog over the shards.
+        lanes = {p: [[r.lanes[p][lane] for r in self.routers] for lane in range(config.lanes)] for p in config.pools}
+        self.fleet = Fleet(client, self.topo, lanes, settings.live_s, lambda obs: self.decider.router.observe(obs))
+        streams = {stream: (group, beats) for r in self.routers for stream, group, beats in (
+            (r.topo.jobs, POLICY_GROUP, self.topo.policy_heartbeats),
+            *((s, WORKER_GROUP, self.topo.heartbeats(p)) for p, ss in r.lanes.items() for s in ss))}
+        self.janitor = Janitor(client, settings, streams)
+        self._swept_at = self._beat_at = 0.0
 
     async def setup(self) -> None:
-        """Create the ingress group and every pool's group (at id 0) before reading."""
-        await ensure_group(self.client, self.topo.jobs, POLICY_GROUP)
-        for stream in self._lane_streams:
-            await ensure_group(self.client, stream, WORKER_GROUP)
+        """Create every shard's ingress group and pool lane groups (at id 0) before reading."""
+        for router in self.routers:
+            await router.setup()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Route jobs until ``stop`` is set. Entries being routed finish first.
@@ -137,209 +80,13 @@ class PolicyWorker:
                           "remove the heartbeat")
 
     async def _route(self, stop: asyncio.Event) -> None:
-        # First our own pending entries (a restart under the same name), then new ones.
-        last_id = "0"
-        backoff = Backoff()
-        reply: Any = None  # the next read, when it came back with the last batch's moves
-        while not stop.is_set():
-            try:
-                if self.claimer.due():
-                    claimed = await self.claimer.claim(self.settings.batch, suspects=1)
-                    if claimed.entries or claimed.suspects:
-                        self._reclaimed.inc(len(claimed.entries) + len(claimed.suspects))
-                    await self._handle_surely(claimed.entries, trimmed=claimed.deleted)
-                    for suspect in claimed.suspects:
-                        await self._handle_surely([suspect])
-                if reply is None:
-                    reply = await self.client.xreadgroup(
-                        POLICY_GROUP, self.name, {self.topo.jobs: last_id},
-                        count=self.settings.batch, block=None if last_id == "0" else self.settings.block_ms,
-                    )
-                entries: list[Entry] = reply[0][1] if reply else []
-                reply = None
-                if last_id == "0" and not entries:
-                    last_id = ">"
-                    continue
-                if entries:
-                    reply = await self._handle_surely([(e, 1) for e in entries], read_next=last_id == ">")
-                backoff.reset()
-            except RETRYABLE as exc:
-                log.warning("Redis unavailable: %s; retrying", unavailable(exc))
-                reply = None
-                await backoff.wait()
-            except aioredis.ResponseError as exc:
-                if not is_group_lost(exc):
-                    raise
-                log.error("the ingress stream or its group is gone (Redis restarted empty, or the key "
-                          "was deleted): jobs not yet routed may be lost; recreating groups at 0")
-                await self.setup()
-
-    async def _handle_surely(self, entries: list[tuple[Entry, int]], trimmed: Sequence[bytes] = (),
-                             read_next: bool = False) -> Any:
-        """:meth:`handle`, tried again as it was while Redis refuses writes (out of memory) or
-        cannot be reached; returns the next read, as ``handle`` does.
-
-        Meanwhile the entries stay ours: they are renewed before each new try, so no claim
-        pass takes them. A claim would count a delivery each time, and a long outage would
-        end with innocent jobs dead-lettered for ``max_deliveries``; a renewal leaves the
-        count alone.
-        """
-        backoff = Backoff(cap=min(5.0, self.settings.claim_idle_ms / 3000))
-        lost_read = False
-        while True:
-            try:
-                if backoff.failures and entries:
-                    await self.scripts.call(calls.renew(self.topo.jobs, POLICY_GROUP, self.name,
-                                                        (entry_id for (entry_id, _f), _n in entries)))
-                read = await self.handle(entries, trimmed, read_next=read_next and not lost_read)
-                break
-            except RETRYABLE as exc:
-                log.warning("could not route %d entries: %s; trying again", len(entries) + len(trimmed),
-                            unavailable(exc))
-                lost_read = lost_read or read_next  # that round trip's read may have taken entries
-                await backoff.wait()
-        if lost_read:
-            # Entries the failed round trip read are pending under our name: read them there.
-            read = await self.client.xreadgroup(POLICY_GROUP, self.name, {self.topo.jobs: "0"},
-                                                count=self.settings.batch)
-        return read
-
-    async def handle(self, entries: list[tuple[Entry, int]], trimmed: Sequence[bytes] = (),
-                     read_next: bool = False) -> Any:
-        """Route a batch of ingress entries (with their delivery counts) in one pipeline.
-
-        The routed entries go to Redis as one ROUTE call, the jobs that end here (expired,
-        shed) as one COMPLETE and each bad entry as a DEAD, all in the same round trip. With
-        ``read_next``, the next read of new entries goes in that round trip too (after the
-        moves, so nothing read is in this batch) and its reply is returned: at low load a
-        job then waits for one round trip of the policy worker's, not two.
-        """
-        pipe = pipeline(self.client)
-        self._outcomes = []
-        self._routes, self._routed_to, self._finished, self._finished_in = [], [], [], []
-        now = self.clock()
-        for (entry_id, fields), deliveries in entries:
-            try:
-                if deliveries > self.settings.max_deliveries:
-                    raise InvalidJob("max_deliveries", f"delivered {deliveries - 1} times to policy workers "
-                                                       "that died or stalled before routing it")
-                self._route_one(pipe, entry_id, fields, now)
-            except InvalidJob as exc:
-                self._dead(pipe, entry_id, fields, exc, now)
-            except Exception as exc:  # noqa: BLE001 - one entry must not stop the loop
-                log.exception("could not route entry %s", entry_id.decode())
-                self._dead(pipe, entry_id, fields,
-                           InvalidJob("internal_error", printable(f"{type(exc).__name__}: {exc}")), now)
-        for entry_id in trimmed:
-            self._dead(pipe, entry_id, {}, InvalidJob("trimmed", "the entry was deleted while pending"), now)
-        counters: list[Counter | None] = list(self._outcomes)
-        # The entry and reply stream of each job ROUTE or COMPLETE moves, for a refusal (see below).
-        moving: list[tuple[bytes, str] | None] = [None] * len(counters)
-        if self._finished:
-            self.scripts.queue(pipe, calls.complete(self._finish_target, self._finished))
-            counters += self._finished_in
-            moving += [(item.entry_id, item.reply) for item in self._finished]
-        if self._routes:
-            self.scripts.queue(pipe, calls.route(self.topo.jobs, POLICY_GROUP, self.topo,
-                                                 self.settings.result_ttl_s * 1000, self._routes))
-            counters += self._routed_to
-            moving += [(move.entry_id, move.reply) for move in self._routes]
-        if read_next:
-            pipe.xreadgroup(POLICY_GROUP, self.name, {self.topo.jobs: ">"}, count=self.settings.batch,
-                            block=self.settings.block_ms)
-        if not len(pipe):
-            return None
-        replies = await self.scripts.execute(pipe)
-        read = replies.pop() if read_next else None
-        singles = len(self._outcomes)
-        codes = [*replies[:singles], *(code for batch in replies[singles:] for code in batch)]  # type: ignore[attr-defined]
-        _count(counters, codes)
-        refused = [(*job, kind) for job, code in zip(moving, codes, strict=True)
-                   if job is not None and (kind := unanswerable(code)) is not None]
-        if refused:
-            await self._dead_unanswerable(entries, refused, now)
-        return read
-
-    async def _dead_unanswerable(self, entries: list[tuple[Entry, int]], refused: list[tuple[bytes, str, str]],
-                                 now: float) -> None:
-        """Dead-letter the jobs whose reply stream is a key of another type (``kind``): ROUTE and
-        COMPLETE left them pending with nothing written. Rare: a round trip of their own."""
-        fields = {entry_id: entry_fields for (entry_id, entry_fields), _ in entries}
-        pipe = pipeline(self.client)
-        self._outcomes = []
-        for entry_id, reply, kind in refused:
-            self._dead(pipe, entry_id, fields[entry_id],
-                       InvalidJob("invalid_job", not_a_stream(self.topo.reply(reply), kind)), now)
-        _count(self._outcomes, await self.scripts.execute(pipe))
-
-    def _queue(self, pipe: aioredis.client.Pipeline, call: ScriptCall[object], counter: Counter | None) -> None:
-        self.scripts.queue(pipe, call)
-        self._outcomes.append(counter)
-
-    def _route_one(self, pipe: aioredis.client.Pipeline, entry_id: bytes, fields: dict[bytes, bytes],
-                   now: float) -> None:
-        payload = entry_payload(fields)
-        limit = self.settings.max_job_bytes
-        if len(payload) > limit:
-            raise InvalidJob("too_large", f"job is {len(payload)} bytes; the limit is {limit}")
-        job = decode_job(payload)
-        created = job.created_at if job.created_at is not None else entry_time(entry_id)
-        features = JobFeatures(tenant=job.tenant, model=job.model, kind=job.kind,
-                               prompt_tokens=job.prompt_tokens(), max_tokens=job.max_tokens,
-                               slo_hint=job.slo)
-        slo, reason, decision = self.decider.decide(features)  # before the deadline: metrics count expiries per class
-        if job.deadline is not None and now > job.deadline:
-            self._finish(entry_id, job, "expired", "deadline passed before routing", self.metrics.expired(slo))
-            return
-        if decision.shed:
-            self._finish(entry_id, job, "rejected", decision.reason, self.metrics.shed(slo),
-                         slo=slo, retry_after_s=decision.retry_after_s)
-            return
-        if decision.pool is None:
-            raise InvalidJob("unknown_model", decision.reason)
-        target = self.config.classes[slo]
-        routed = RoutedJob(job=job, created_at=created, route=Route(
-            pool=decision.pool, slo=slo, reason=reason, routed_at=now,
-            ttft_target_ms=target.ttft_ms, tpot_target_ms=target.tpot_ms, e2e_target_ms=target.e2e_ms,
-            predicted_ttft_ms=decision.predicted_ttft_ms, policy=self.name))
-        self._routes.append(RouteMove(entry_id, self.lanes[decision.pool][self.lane[slo]], job.id,
-                                      json_encode(routed), job.reply_to))
-        self._routed_to.append(self.metrics.routed(slo, decision.pool))
-        self.routed += 1
-        self.decider.routed(decision.pool, self.lane[slo])
-
-    def _finish(self, entry_id: bytes, job: Job, status: Status, error: str, counter: Counter, *,
-                slo: str | None = None, retry_after_s: float | None = None) -> None:
-        result = Result.for_job(job, status, slo=slo, error=error, retry_after_s=retry_after_s)
-        self._finished.append(Completion(entry_id, job.id, job.reply_to, json_encode(result)))
-        self._finished_in.append(counter)
-
-    def _dead(self, pipe: aioredis.client.Pipeline, entry_id: bytes, fields: dict[bytes, bytes],
-              exc: InvalidJob, now: float) -> None:
-        raw = fields.get(b"job") or fields.get(b"__data__") or json_encode(
-            {k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()})
-        job = None
-        # An entry whose bytes were not read as a job (docs/wire-format.md) gets no result,
-        # even when an id can be picked out of them: one outcome, the dead letter.
-        if exc.reason not in ("decode_error", "too_large"):
-            try:
-                job = salvage(entry_payload(fields))  # unwraps a FastStream envelope
-            except InvalidJob:
-                job = None
-        letter = DeadLetter(reason=exc.reason, error=str(exc), stream=self.topo.jobs,
-                            entry_id=entry_id.decode(), payload=raw, job_id=job.id if job else None,
-                            consumer=self.name, failed_at=now)
-        # More than max_job_bytes is never a job: a too_large entry keeps no more than that.
-        letter = letter.clipped(min(self.settings.max_job_bytes, self.settings.dead_payload_bytes))
-        failed = None
-        if job is not None:
-            result = Result.for_job(job, "failed", error=f"{exc.reason}: {exc}")
-            failed = FailedJob(job.id, job.reply_to, json_encode(result), self.settings.result_ttl_s * 1000, mark=True)
-        dead = calls.dead(self.topo.jobs, POLICY_GROUP, entry_id, "", json_encode(letter), self.topo, failed)
-        self._queue(pipe, dead, self.metrics.dead(None, exc.reason))
-        self.dead += 1
-        log.warning("dead letter %s (%s): %s", entry_id.decode(), exc.reason, exc,
-                    extra=job_context(None, job.id if job else None))
+        """Every shard's routing loop; should one fail, the others stop with it."""
+        loops = [asyncio.create_task(router.run(stop)) for router in self.routers]
+        try:
+            await asyncio.gather(*loops)
+        finally:
+            for loop in loops:
+                loop.cancel()
 
     async def refresh(self) -> None:
         """Take a new snapshot of the pools (:class:`~broker.fleet.Fleet`)."""
@@ -356,8 +103,9 @@ class PolicyWorker:
         Called just before each Prometheus scrape rather than on a timer: between scrapes
         nobody reads them.
         """
-        streams = {self.topo.jobs: POLICY_GROUP, **dict.fromkeys(self._lane_streams, WORKER_GROUP)}
-        await export_streams(self.client, self.topo.base, streams, self.topo.dead)
+        await export_streams(self.client, [
+            (r.topo, {r.topo.jobs: POLICY_GROUP, **{s: WORKER_GROUP for ss in r.lanes.values() for s in ss}})
+            for r in self.routers])
 
     async def _tick(self) -> None:
         """Every snapshot period: refresh the pools; less often, housekeeping and a heartbeat."""
@@ -368,14 +116,5 @@ class PolicyWorker:
                 await self.setup()
         if self.clock() - self._beat_at >= self.settings.heartbeat_s:
             self._beat_at = self.clock()
-            beat = PolicyHeartbeat(ts=self._beat_at, routed=self.routed, dead=self.dead)
+            beat = PolicyHeartbeat(ts=self._beat_at, routed=self.counts.routed, dead=self.counts.dead)
             await self.client.hset(self.topo.policy_heartbeats, self.name, json_encode(beat))  # type: ignore[arg-type, misc]
-
-
-def _count(counters: Sequence[Counter | None], codes: Sequence[object]) -> None:
-    """Count each move Redis did (code 1; 0 is a duplicate: the job already had an outcome).
-    One increment per counter and batch: each takes a lock."""
-    moved = collections.Counter(counter for counter, code in zip(counters, codes, strict=True)
-                                if code == 1 and counter is not None)
-    for counter, n in moved.items():
-        counter.inc(n)

@@ -65,9 +65,9 @@ async def serve_policy(settings: Settings, stop: asyncio.Event, name: str | None
     assert settings.redis_url is not None
     config = load_config(settings.config)
     ROLE.info({"role": "policy", "pool": ""})
-    topo = settings.topology
-    groups = [(topo.jobs, POLICY_GROUP),
-              *((topo.pool(p, lane), WORKER_GROUP) for p in config.pools for lane in range(config.lanes))]
+    groups = [group for topo in settings.topology.every_shard for group in (
+        (topo.jobs, POLICY_GROUP),
+        *((topo.pool(p, lane), WORKER_GROUP) for p in config.pools for lane in range(config.lanes)))]
     client = connect(settings.redis_url, settings.block_ms)
     try:
         worker = PolicyWorker(client, settings, config, name=name)
@@ -76,7 +76,7 @@ async def serve_policy(settings: Settings, stop: asyncio.Event, name: str | None
             log.info("policy worker %s on %s, pools %s", worker.name, redacted(settings.redis_url),
                      ", ".join(config.pools))
             await worker.run(stop)
-            log.info("policy worker %s stopped after routing %d jobs", worker.name, worker.routed)
+            log.info("policy worker %s stopped after routing %d jobs", worker.name, worker.counts.routed)
     finally:
         await briefly(client.aclose(), "close the connections to Redis")
 
@@ -102,7 +102,8 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, pool: str, *,
         raise SystemExit(f"error: pool {pool!r}: {exc}") from None
     ROLE.info({"role": "worker", "pool": pool})
     COST_RATE.labels(pool).set(spec.cost_per_hour)
-    groups = [(settings.topology.pool(pool, lane), WORKER_GROUP) for lane in range(config.lanes)]
+    groups = [(topo.pool(pool, lane), WORKER_GROUP) for topo in settings.topology.every_shard
+              for lane in range(config.lanes)]
     # Processes start only when a suspect needs one (see workers.sandbox).
     sandboxes = Sandboxes(spec, slots=settings.sandboxes, faults=settings.fault_injection) \
         if settings.sandboxes > 0 else None

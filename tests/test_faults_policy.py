@@ -287,7 +287,7 @@ async def test_a_job_that_ended_at_the_policy_is_not_routed_when_sent_again(
         async with Client(redis_url, prefix=prefix) as sdk:
             await sdk.submit_many(list(jobs))
         reply = await client.xreadgroup(POLICY_GROUP, policy.name, {topo.jobs: ">"}, count=10)
-        await policy.handle([(entry, 1) for entry in reply[0][1]])
+        await policy.routers[0].handle([(entry, 1) for entry in reply[0][1]])
 
     late = Job(id="late", model="llama-3.1-8b", kind="completion", prompt="p", max_tokens=4, deadline=time.time() - 1)
     odd = Job(id="odd", model="no-such-model", kind="completion", prompt="p", max_tokens=4)

@@ -133,7 +133,7 @@ async def test_the_policy_dead_letters_jobs_whose_reply_to_is_not_a_stream_and_k
     async with Client(redis_url, prefix=prefix) as sdk:
         await sdk.submit_many(jobs)
     reply = await client.xreadgroup(POLICY_GROUP, policy.name, {topo.jobs: ">"}, count=10)
-    await policy.handle([(entry, 1) for entry in reply[0][1]])
+    await policy.routers[0].handle([(entry, 1) for entry in reply[0][1]])
 
     letters = {d.job_id: d for d in (decode_dead(f[b"dead"]) for _, f in await client.xrange(topo.dead))}
     assert set(letters) == {"routed", "late", "odd"}

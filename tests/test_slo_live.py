@@ -215,9 +215,9 @@ async def test_identical_jobs_reuse_a_decision_until_the_policys_own_routing_fil
         await sdk.submit_many([Job(id=f"same-{i}", model="llama-3.1-8b", kind="completion", prompt="hi",
                                    max_tokens=16) for i in range(n)])
     reply = await client.xreadgroup(POLICY_GROUP, policy.name, {settings.topology.jobs: ">"}, count=n)
-    await policy.handle([(entry, 1) for entry in reply[0][1]])
+    await policy.routers[0].handle([(entry, 1) for entry in reply[0][1]])
 
-    routed = sum([await client.xlen(s) for lanes in policy.lanes.values() for s in lanes])
+    routed = sum([await client.xlen(s) for lanes in policy.routers[0].lanes.values() for s in lanes])
     assert routed == n
     if router == "slo":
         # No live worker: every job waits on the default pool, gpu (concurrency 64: steps of 4).
@@ -233,7 +233,7 @@ async def test_the_snapshot_counts_each_lanes_queue_and_the_running_work(
     settings = Settings(redis_url=redis_url, prefix=prefix)
     policy = PolicyWorker(client, settings, load_config())
     await policy.setup()
-    lanes = policy.lanes["gpu"]  # interactive, standard, batch
+    lanes = policy.routers[0].lanes["gpu"]  # interactive, standard, batch
     hints = ["batch"] * 6 + ["standard"] * 3 + ["interactive"] * 2
     async with Client(redis_url, prefix=prefix) as sdk:
         await sdk.submit_many([Job(id=f"j{i}", model="llama-3.1-8b", kind="completion", prompt="hi", max_tokens=16,
@@ -241,7 +241,7 @@ async def test_the_snapshot_counts_each_lanes_queue_and_the_running_work(
     await policy.refresh()  # nothing routed yet: every lane empty
     assert policy.snapshot.pools["gpu"].queued == (0, 0, 0)
     reply = await client.xreadgroup(POLICY_GROUP, policy.name, {settings.topology.jobs: ">"}, count=len(hints))
-    await policy.handle([(entry, 1) for entry in reply[0][1]])
+    await policy.routers[0].handle([(entry, 1) for entry in reply[0][1]])
     # Its own routing, counted on each job's lane until the next refresh (no worker: all on gpu),
     # in steps of 4 jobs (64 slots / 16): the first 8, six batch and two standard.
     assert policy.snapshot.pools["gpu"].queued == (0, 2, 6) and policy.snapshot.pools["gpu"].backlog == 8
