@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import hiredis
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import (
     AbstractConnection,
@@ -303,6 +304,23 @@ def connect(url: str, block_ms: int = 1000) -> aioredis.Redis:
     pool = client.connection_pool
     pool.connection_class = _FAST.get(pool.connection_class, pool.connection_class)
     return client
+
+
+async def queue_wait(client: aioredis.Redis, pipe: Pipeline, key: str, replicas: int, timeout_ms: int) -> None:
+    """Queue ``WAIT replicas timeout_ms`` on ``pipe`` after the writes queued there to ``key``'s node.
+
+    WAIT counts the replicas that acknowledged the writes made *on its own connection*, so it
+    must travel with them: a node's pipeline is one connection; a cluster's sends the commands
+    of each node on one connection, and a keyless WAIT goes to the node named here (the one
+    serving ``key``'s slot). Should the slot move before the pipeline runs, the write is
+    redirected and the WAIT fails with the old node, rather than counting replicas of nothing.
+    """
+    if isinstance(client, RedisCluster):
+        await client.initialize()  # learns the slots on first use; after that, a flag check
+        node = client.get_node_from_key(key)
+        pipe.execute_command("WAIT", replicas, timeout_ms, target_nodes=node)
+    else:
+        pipe.execute_command("WAIT", replicas, timeout_ms)
 
 
 def unreachable(url: str, exc: BaseException, after_s: float | None = None) -> str:

@@ -9,6 +9,7 @@
     ├── JobRejected          a job was refused before it reached the stream (bad or too large)
     │   └── Backpressure     the ingress backlog is full; ``.accepted`` lists what went in
     │       └── RedisOutOfMemory  Redis is at ``maxmemory`` and refuses writes (retry later)
+    ├── NotReplicated        jobs were submitted, but too few replicas confirmed them in time
     ├── ResultTimeout        no result arrived in time (the job may still finish later)
     └── JobFailed            the job ended without output; ``.result`` holds its status and error
 
@@ -61,6 +62,18 @@ class Backpressure(JobRejected):
 class RedisOutOfMemory(Backpressure):
     """Redis is at ``maxmemory`` (with ``noeviction``) and refused the jobs; retry later.
     ``accepted``: ids submitted before it filled."""
+
+
+class NotReplicated(BrokerError):
+    """Jobs reached their primary, but fewer replicas than ``submit_replicas`` confirmed them in
+    time: a failover now could lose them. ``accepted``: every id submitted (these included);
+    ``unconfirmed``: those not confirmed. Submitting the same ids again is safe: a job id is
+    routed once."""
+
+    def __init__(self, message: str, *, accepted: list[str], unconfirmed: list[str]) -> None:
+        super().__init__(message)
+        self.accepted = list(accepted)
+        self.unconfirmed = list(unconfirmed)
 
 
 class ResultTimeout(BrokerError, TimeoutError):

@@ -38,6 +38,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Shards of this deployment, each one hash tag, hence one slot of a Redis Cluster
     [IB_SHARDS]; every producer and role of a deployment must agree on it
     (docs/configuration.md)."""
+    submit_replicas: int = 0
+    """Replicas that must have a submitted job before the SDK's submit returns (``WAIT``)
+    [IB_SUBMIT_REPLICAS]. Replication is asynchronous: a failover can lose a job its primary
+    acknowledged and had not yet passed on (docs/reliability.md); 0 returns at the primary's word."""
+    submit_replicas_ms: int = 1000
+    """How long a submit waits for those replicas; past it, the SDK raises ``NotReplicated``."""
     config: Path | None = None
     """Policy TOML [IB_CONFIG]; ``None`` uses the built-in default."""
     block_ms: int = 1000
