@@ -73,7 +73,6 @@ class Outcomes:
                  clock: Callable[[], float], metrics: PoolMetrics) -> None:
         self.scripts = scripts
         self.settings = settings
-        self.topo = settings.topology
         self.pool = pool
         self.name = name
         self.clock = clock
@@ -222,7 +221,7 @@ class Outcomes:
             failed = FailedJob(job.id, job.reply_to, json_encode(result), self.settings.result_ttl_s * 1000)
         consumer = self.name if fenced else ""
         if await self._script(calls.dead(lane.stream, WORKER_GROUP, entry_id, consumer, json_encode(letter),
-                                         self.topo, failed)) == 1:
+                                         lane.topo, failed)) == 1:
             self.dead += 1
             self.metrics.dead(routed.route.slo if routed else None, reason).inc()
             log.warning("dead letter %s (%s): %s", entry_id.decode(), reason, error,

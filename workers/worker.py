@@ -96,8 +96,11 @@ class PoolWorker:
         self.clock = clock
         self.scripts = Scripts(client)
         self.lanes = pool_lanes(self.scripts, settings, pool, self.name, lanes, suspects=sandboxes is not None)
+        self._wake = asyncio.Event()
+        """Set when a job ends or leaves the backend, when a shard's blocking read ends, and at the
+        stop: the consume loop (and a job over the concurrency) waits on it."""
         self.reader = LaneReader(client, self.lanes, self.name, concurrency=concurrency, shares=shares,
-                                 block_ms=settings.block_ms)
+                                 block_ms=settings.block_ms, on_ready=self._wake.set)
         self.metrics = PoolMetrics(pool)
         """Prometheus instruments (broker/metrics.py), cached per class."""
         self.outcomes = Outcomes(self.scripts, settings, pool, self.name, clock=clock, metrics=self.metrics)
@@ -106,22 +109,21 @@ class PoolWorker:
                                    # backends with endpoints that can refuse work say until when
                                    cooling_until=getattr(backend, "cooldown_until", None))
         self.running: dict[tuple[int, bytes], asyncio.Task[None]] = {}
-        """Jobs taken, by (lane, entry id), until their outcome is in Redis. Rarely one more than
-        ``concurrency`` per lane below the first: a blocking read over every lane can wake with
-        one entry from each."""
+        """Jobs taken, by (lane index, entry id), until their outcome is in Redis. Rarely one more
+        than ``concurrency`` per lane: a blocking read over a shard's lanes can wake with one entry
+        from each (and with several shards, those of each shard's read that ends)."""
         self._sandboxed: set[tuple[int, bytes]] = set()
         """Suspects taken, until their outcome is in Redis: each holds one of the sandboxes."""
         self._publishing: set[tuple[int, bytes]] = set()
         """Those whose run is over and whose result is on its way to Redis (see _publish)."""
         self.busy = 0
         """Jobs on the backend now: at most ``concurrency``."""
-        self._wake = asyncio.Event()
-        """Set when a job ends or leaves the backend, and at the stop: the consume loop (and a job
-        over the concurrency) waits on it."""
         self._leases: asyncio.Task[None] | None = None
         self._stopped_at: float | None = None
         """When ``stop`` was set (event loop time): the grace period counts from there."""
-        self._reclaimed = [RECLAIMED.labels(lane.stream.removeprefix(self.topo.base + ":")) for lane in self.lanes]
+        # Labelled by the stream's name within its shard, as before shards: the shards' lanes of
+        # one priority share a child, and dashboards keep their series.
+        self._reclaimed = [RECLAIMED.labels(lane.stream.removeprefix(lane.topo.base + ":")) for lane in self.lanes]
         IN_FLIGHT.labels(pool).set_function(lambda: len(self.running))
         CAPACITY.labels(pool).set(concurrency)
 
@@ -129,7 +131,8 @@ class PoolWorker:
         """Work until ``stop`` is set, then let running jobs finish within the grace period.
 
         Returns within max(``grace_s``, ``block_ms`` + :data:`STOP_TIMEOUT_S`) of the stop, plus
-        ``STOP_TIMEOUT_S`` for the last words, whatever Redis does.
+        ``STOP_TIMEOUT_S`` for the last words, whatever Redis does. With several shards, the
+        blocking reads in flight are cancelled at the stop, so an idle worker does not wait one out.
         """
         for lane in self.lanes:
             await ensure_group(self.client, lane.stream, WORKER_GROUP)
@@ -143,6 +146,7 @@ class PoolWorker:
         try:
             await until_stopped(self._consume(stop), stop, self.settings.block_ms / 1000 + STOP_TIMEOUT_S)
         finally:
+            await self.reader.close()  # the shards' blocking reads still in flight
             loop = asyncio.get_running_loop()
             unfinished = await self._drain((self._stopped_at or loop.time()) + self.settings.grace_s)
             beat.cancel()
@@ -151,23 +155,28 @@ class PoolWorker:
 
     def _stopping(self, _stop: asyncio.Task[object]) -> None:
         self._stopped_at = asyncio.get_running_loop().time()
+        self.reader.cancel()  # the shards' blocking reads: the consume loop returns without waiting them out
         self._wake.set()
 
     async def _consume(self, stop: asyncio.Event) -> None:
         backoff = Backoff()
         while not stop.is_set():
             free = self.concurrency - len(self.running)
-            if free <= 0:
-                # Full: wait for a job to end (or for the stop). An event rather than
-                # asyncio.wait over every running task, which cost O(concurrency) per finished job.
-                self._wake.clear()
-                await self._wake.wait()
-                continue
             try:
+                if free <= 0:
+                    # Full: start what a shard's read brought meanwhile (taken, it must run and
+                    # have its lease renewed), then wait for a job to end, a shard's read to end,
+                    # or the stop. An event rather than asyncio.wait over every running task,
+                    # which cost O(concurrency) per finished job.
+                    for lane, entry, deliveries in self.reader.ready():
+                        self._start(lane, entry, deliveries)
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
                 free -= await self._claim(free)
                 if free <= 0:
                     continue
-                held = collections.Counter(index for index, _ in self.running)
+                held = collections.Counter(self.lanes[index].priority for index, _ in self.running)
                 for lane, entry, deliveries in await self.reader.read(free, held):
                     self._start(lane, entry, deliveries)
                 backoff.reset()
@@ -317,7 +326,7 @@ class PoolWorker:
             return
         tokens = None
         if job.stream and job.kind != "embedding":
-            tokens = TokenStream(self.client, self.topo.tokens(job.id), deliveries, self.settings.result_ttl_s * 1000)
+            tokens = TokenStream(self.client, lane.topo.tokens(job.id), deliveries, self.settings.result_ttl_s * 1000)
         try:
             while self.busy >= self.concurrency:
                 self._wake.clear()
@@ -384,7 +393,7 @@ class PoolWorker:
             # written in the job's slot.
             raw = json_encode(routed)
             self._track(lane, (entry_id, {b"routed": raw}), deliveries, self.outcomes.dead_letter(
-                lane, entry_id, raw, "invalid_job", not_a_stream(self.topo.reply(routed.job.reply_to), kind), routed,
+                lane, entry_id, raw, "invalid_job", not_a_stream(lane.topo.reply(routed.job.reply_to), kind), routed,
                 deliveries=deliveries))
             return
         task = self.running.get(key)
