@@ -119,6 +119,9 @@ class LaneReader:
         priority, and reserved slots that a priority leaves unused go to the others. With
         several shards, it may return more than ``free`` (see :meth:`_wait`).
         """
+        # Not while reading our own pending entries (see Lane.cursor): once they are read, the
+        # next call takes new ones lane by lane, in priority order, before any blocking read.
+        history = any(lane.cursor != ">" for lane in self.lanes)
         got = self.ready()
         held = held + collections.Counter(lane.priority for lane, _entry, _deliveries in got)
         drained: set[int] = set()
@@ -139,7 +142,7 @@ class LaneReader:
                     return got
                 if lane.index not in drained:
                     got += await self._take(lane, free - len(got))
-        if got or self.stopping or len(self.lanes) == 1 or any(lane.cursor != ">" for lane in self.lanes):
+        if got or history or self.stopping or len(self.lanes) == 1:
             return got
         # Every lane of every shard is empty: wait for the first entry on any of them.
         if len(self.shards) == 1:
@@ -168,7 +171,8 @@ class LaneReader:
             elif task.done() and not (got and task.exception() is not None):
                 del self._waiting[shard]
                 got += task.result()
-        return got
+        # Reads that ended together: the most urgent entries start (and take the backend) first.
+        return sorted(got, key=lambda taken: taken[0].priority)
 
     def cancel(self) -> None:
         """Cancel the blocking reads in flight (at the stop): the worker need not wait them out.
