@@ -216,3 +216,53 @@ async def test_a_stop_cancels_the_reads_in_flight_on_every_shard(redis_url: str,
         stop.set()
         await asyncio.wait({task}, timeout=10)
         await worker_client.aclose()
+
+
+class Slow(Recorder):
+    """A backend whose every job takes ``seconds``; ``started`` lists the jobs it began."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.started: list[str] = []
+
+    async def run(self, job: Job, on_token: TokenSink | None = None) -> InferenceOutput:
+        self.started.append(job.id)
+        await asyncio.sleep(self.seconds)  # the job's run time on the device
+        return await super().run(job, on_token)
+
+
+async def test_entries_that_reach_a_full_worker_on_other_shards_keep_their_leases(
+        redis_url: str, prefix: str, client: aioredis.Redis) -> None:
+    # A worker of one slot runs a job of shard 0 when jobs arrive on shards 1 and 2: the reads
+    # in flight there take them. Taken, they are its own (running, their leases renewed) until
+    # they run, not left idle past claim_idle_ms for its claimer to take again (a delivery counted).
+    settings = Settings(redis_url=redis_url, prefix=prefix, shards=SHARDS, block_ms=400, claim_idle_ms=600,
+                        claim_interval_s=0.1, heartbeat_s=0.2, grace_s=5.0)
+    topo = settings.topology
+    name = f"w-{prefix}"
+    worker_client = aioredis.Redis.from_url(redis_url, client_name=name)
+    backend = Slow(1.0)
+    worker = PoolWorker(worker_client, settings, "gpu", backend, concurrency=1, name=name)
+    first, *others = [ids_on(shard, 1, f"held{shard}")[0] for shard in range(SHARDS)]
+    try:
+        async with running(worker):
+            await eventually(blocked_reads(client, name, SHARDS), timeout=10, what="a blocking read on each shard")
+            await enqueue(client, topo, [first])
+            await eventually(lambda: _true(backend.started == [first]), timeout=10, what="the first job to start")
+            await enqueue(client, topo, others)
+            await eventually(lambda: _all_exist(client, [topo.of_job(j).done(j) for j in [first, *others]]),
+                             timeout=10, what="every job's result")
+        results = [decode_result(await client.get(topo.of_job(j).done(j))) for j in [first, *others]]
+        assert [r.timing.attempt if r.timing else None for r in results] == [1, 1, 1]
+        assert backend.ran == backend.started == [first, *others]  # each ran once
+    finally:
+        await worker_client.aclose()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _all_exist(client: aioredis.Redis, keys: list[str]) -> bool:
+    return bool(await client.exists(*keys) == len(keys))
