@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 
+import pytest
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
+from broker.config import load_config
 from broker.connection import connect
+from broker.policy_worker import PolicyWorker
 from broker.settings import Settings
 from broker.streams import STOP_TIMEOUT_S
 from broker.topology import WORKER_GROUP, Topology, shard_of
@@ -161,34 +164,76 @@ async def test_the_most_urgent_lane_goes_first_whichever_shard_holds_it(redis_ur
     assert backend.ran == [*urgent, *later]
 
 
-async def test_one_worker_serves_three_shards_on_a_three_primary_cluster() -> None:
-    with EmbeddedCluster(primaries=3) as cluster:
-        host, port = cluster.startup_nodes[0]
-        settings = Settings(redis_url=f"redis+cluster://{host}:{port}", prefix="ib", shards=SHARDS, block_ms=1000,
-                            heartbeat_s=0.2, grace_s=2.0)
-        topo = settings.topology
-        # The three shards' tags land on the three primaries: every read and script of the
-        # worker goes to the node of its shard.
-        owners = {next(i for i, (first, last) in enumerate(slot_ranges(3)) if first <= key_slot(s.tag.encode()) <= last)
-                  for s in topo.every_shard}
-        assert owners == {0, 1, 2}
-        client, worker_client = connect(settings.redis_url or "", settings.block_ms), connect(
-            settings.redis_url or "", settings.block_ms)
-        try:
-            jobs = [j for shard in range(SHARDS) for j in ids_on(shard, 7, f"c{shard}")][:20]
-            await enqueue(client, topo, jobs[::2], lane=0)
-            await enqueue(client, topo, jobs[1::2], lane=1)
-            worker = PoolWorker(worker_client, settings, "gpu", Recorder(), concurrency=4, lanes=2)
-            async with running(worker):
-                await all_done(client, settings, jobs)
-                # A job that arrives while the worker waits on every shard's node.
-                (late,) = ids_on(1, 1, "late")
-                await enqueue(client, topo, [late])
-                await eventually(lambda: client.exists(topo.of_job(late).done(late)), timeout=10,
-                                 what="the result of the job that arrived while idle")
-        finally:
-            await client.aclose()
-            await worker_client.aclose()
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[EmbeddedCluster]:
+    with EmbeddedCluster(primaries=3) as running_cluster:
+        yield running_cluster
+
+
+async def test_one_worker_serves_three_shards_on_a_three_primary_cluster(cluster: EmbeddedCluster) -> None:
+    host, port = cluster.startup_nodes[0]
+    settings = Settings(redis_url=f"redis+cluster://{host}:{port}", prefix="ib", shards=SHARDS, block_ms=1000,
+                        heartbeat_s=0.2, grace_s=2.0)
+    topo = settings.topology
+    # The three shards' tags land on the three primaries: every read and script of the
+    # worker goes to the node of its shard.
+    owners = {next(i for i, (first, last) in enumerate(slot_ranges(3)) if first <= key_slot(s.tag.encode()) <= last)
+              for s in topo.every_shard}
+    assert owners == {0, 1, 2}
+    client, worker_client = connect(settings.redis_url or "", settings.block_ms), connect(
+        settings.redis_url or "", settings.block_ms)
+    try:
+        jobs = [j for shard in range(SHARDS) for j in ids_on(shard, 7, f"c{shard}")][:20]
+        await enqueue(client, topo, jobs[::2], lane=0)
+        await enqueue(client, topo, jobs[1::2], lane=1)
+        worker = PoolWorker(worker_client, settings, "gpu", Recorder(), concurrency=4, lanes=2)
+        async with running(worker):
+            await all_done(client, settings, jobs)
+            # A job that arrives while the worker waits on every shard's node.
+            (late,) = ids_on(1, 1, "late")
+            await enqueue(client, topo, [late])
+            await eventually(lambda: client.exists(topo.of_job(late).done(late)), timeout=10,
+                             what="the result of the job that arrived while idle")
+    finally:
+        await client.aclose()
+        await worker_client.aclose()
+
+
+@pytest.mark.parametrize("where", ["node", "cluster"])
+async def test_the_policy_and_one_pool_worker_run_every_shards_jobs(where: str, redis_url: str, prefix: str,
+                                                                    request: pytest.FixtureRequest) -> None:
+    # The whole hop: producers XADD each job to its shard's ingress (docs/wire-format.md), the
+    # policy routes it into that shard's lane, the worker answers on that shard.
+    if where == "cluster":
+        host, port = request.getfixturevalue("cluster").startup_nodes[0]
+        redis_url = f"redis+cluster://{host}:{port}"
+    config = load_config()
+    settings = Settings(redis_url=redis_url, prefix=prefix, shards=SHARDS, block_ms=200, snapshot_s=0.05,
+                        heartbeat_s=0.2, grace_s=2.0)
+    topo = settings.topology
+    client, policy_client, worker_client = (connect(redis_url, settings.block_ms) for _ in range(3))
+    jobs = [Job.chat("llama-3.1-8b", "hi", id=f"e2e-{i}", max_tokens=4, slo="standard") for i in range(20)]
+    assert len({shard_of(job.id, SHARDS) for job in jobs}) == SHARDS
+    stop = asyncio.Event()
+    roles = [asyncio.create_task(PolicyWorker(policy_client, settings, config).run(stop)),
+             asyncio.create_task(PoolWorker(worker_client, settings, "gpu", Recorder(), concurrency=8,
+                                            lanes=config.lanes, shares=config.lane_shares).run(stop))]
+    try:
+        for job in jobs:
+            await client.xadd(topo.of_job(job.id).jobs, {"job": json_encode(job)})
+
+        async def answered() -> bool:
+            return sum([len(await results_on(client, shard)) for shard in topo.every_shard]) >= len(jobs)
+
+        await eventually(answered, timeout=30, what="a result for every job")
+        for shard in topo.every_shard:
+            mine = sorted(job.id for job in jobs if shard_of(job.id, SHARDS) == shard.shard)
+            assert sorted(await results_on(client, shard)) == mine
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*roles), 15)
+        for c in (client, policy_client, worker_client):
+            await c.aclose()
 
 
 async def test_a_stop_cancels_the_reads_in_flight_on_every_shard(redis_url: str, prefix: str,
