@@ -256,10 +256,15 @@ def _named_variants(member: str, base: str, params: dict[str, str]) -> list[tupl
     return out
 
 
+NAVIGATION = frozenset({"base", "tag", "at", "every_shard", "of_job", "home"})
+"""Topology members that name a shard or a key's base, not a key."""
+
+
 def topology_members() -> list[str]:
     """Public members of :class:`Topology` that produce keys."""
     return [name for name, value in vars(Topology).items()
-            if not name.startswith("_") and name != "base" and (isinstance(value, property) or callable(value))]
+            if not name.startswith("_") and name not in NAVIGATION
+            and (isinstance(value, property) or callable(value))]
 
 
 def document() -> dict[str, Any]:

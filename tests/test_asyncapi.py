@@ -89,7 +89,7 @@ def topology_key_patterns() -> set[str]:
     topo = Topology(prefix)
     patterns: set[str] = set()
     for name, member in vars(Topology).items():
-        if name.startswith("_") or name == "base":
+        if name.startswith("_") or name in asyncapi.NAVIGATION:
             continue
         if isinstance(member, property):
             patterns.add(_pattern(getattr(topo, name), prefix))
