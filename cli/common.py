@@ -20,6 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from broker.connection import redacted, unreachable
 from broker.errors import BrokerError
 from broker.settings import Settings
+from broker.topology import MAX_SHARDS
 from cli.stack import state_file
 from policies.config import ConfigError, pool_counts
 
@@ -44,6 +45,9 @@ def common(f: F) -> F:
                           "Every command checks it; the roles route by it.")(f)
     f = click.option("--prefix", default="ib", show_default=True, envvar="IB_PREFIX",
                      help="Key prefix of the deployment [env IB_PREFIX].")(f)
+    f = click.option("--shards", type=click.IntRange(1, MAX_SHARDS), metavar="S",
+                     help="Shards of the deployment; every producer and role must agree "
+                          "[env IB_SHARDS; default: 1].")(f)
     f = click.option("--redis-url", envvar="REDIS_URL", metavar="URL",
                      help="Redis to use, e.g. redis://localhost:6379/0 or rediss:// for TLS [env REDIS_URL]. "
                           "@FILE reads the URL from FILE: a password on the command line shows in `ps`.")(f)
@@ -87,14 +91,14 @@ def remember_url(url: str | None) -> None:
 
 
 def settings_from(redis_url: str | None, prefix: str, config: Path | None, log_level: str,
-                  log_format: str | None = None, **extra: Any) -> Settings:
+                  log_format: str | None = None, shards: int | None = None, **extra: Any) -> Settings:
     from broker import logs
     from broker.config import load_config
 
     typed_url, redis_url = redis_url, _resolve_url(redis_url)
     try:
         settings = Settings.from_env(None, redis_url=redis_url, prefix=prefix, config=config,
-                                     log_format=log_format, **extra)
+                                     log_format=log_format, shards=shards, **extra)
     except ValueError as exc:
         logs.setup(log_level)
         raise click.UsageError(logs.scrub(str(exc))) from None
