@@ -9,6 +9,11 @@
 
 Results are deduplicated by job id on the broker side, so :meth:`Client.result` returns
 the one result of a job however often it was delivered.
+
+A deployment of several shards (``shards``, the same for every producer and role) keeps each
+job on the shard of its id (:func:`broker.topology.shard_of`): the client sends each job to
+its shard's ingress and looks its result up there, and :meth:`Client.results` follows the
+result stream of every shard.
 """
 
 from __future__ import annotations
@@ -16,19 +21,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from types import TracebackType
+from typing import Any, cast
 
 import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import OutOfMemoryError, ResponseError
 
 from broker import calls
-from broker.connection import OUT_OF_MEMORY, RETRYABLE, connect
-from broker.errors import Backpressure, JobFailed, JobRejected, RedisOutOfMemory, ResultTimeout
+from broker.connection import OUT_OF_MEMORY, RETRYABLE, connect, queue_wait
+from broker.errors import Backpressure, JobFailed, JobRejected, NotReplicated, RedisOutOfMemory, ResultTimeout
+from broker.merge import merge
 from broker.scripts import Scripts
 from broker.streams import STOP_TIMEOUT_S, Backoff, briefly, ensure_group, is_group_lost
-from broker.topology import Topology
+from broker.topology import Topology, shard_of
 from broker.wire import DECODE_ERRORS, InvalidJob, Job, Result, TokenChunk, decode_result, encode_job
 
 log = logging.getLogger("inference_broker.client")
@@ -42,12 +49,19 @@ each time up to the second: a result its listener missed is still found."""
 
 
 class Client:
-    """An async client for one deployment (Redis URL + key prefix)."""
+    """An async client for one deployment (Redis URL, key prefix, shards).
 
-    def __init__(self, redis_url: str, *, prefix: str = "ib", block_ms: int = 1000,
-                 max_backlog: int = 100_000, max_job_bytes: int = 1 << 20) -> None:
+    ``replicas``: how many replicas must have each submitted job before a submit returns
+    (``WAIT``, up to ``replicas_ms``); 0 returns at the primary's word (Settings.submit_replicas).
+    """
+
+    def __init__(self, redis_url: str, *, prefix: str = "ib", shards: int = 1, replicas: int = 0,
+                 replicas_ms: int = 1000, block_ms: int = 1000, max_backlog: int = 100_000,
+                 max_job_bytes: int = 1 << 20) -> None:
+        self.topo = Topology(prefix, shards)  # raises ValueError for a bad prefix or shard count
         self.redis: aioredis.Redis = connect(redis_url, block_ms)
-        self.topo = Topology(prefix)
+        self.replicas = replicas
+        self.replicas_ms = replicas_ms
         self.block_ms = block_ms
         self.max_backlog = max_backlog
         self.max_job_bytes = max_job_bytes
@@ -93,39 +107,71 @@ class Client:
     async def submit_many(self, jobs: Iterable[Job], chunk: int = 500) -> list[str]:
         """Submit many jobs, pipelined ``chunk`` at a time; returns their ids in order.
 
-        Each chunk goes to Redis as one script call, which adds jobs in order while the
-        ingress backlog is under ``max_backlog``. When it fills up part way,
-        :class:`Backpressure` is raised; its ``accepted`` lists the ids that went in (a
-        prefix of ``jobs``).
+        Each chunk goes to Redis as one script call per shard, which adds that shard's jobs in
+        order while its ingress backlog is under ``max_backlog``. When one fills up,
+        :class:`Backpressure` is raised after the chunk; its ``accepted`` lists the ids that
+        went in, in order (with one shard, a prefix of ``jobs``). With ``replicas``, jobs
+        their primary took but too few replicas confirmed in time raise
+        :class:`NotReplicated` after the chunk.
         """
         accepted: list[str] = []
-        ids: list[str] = []
-        data: list[bytes] = []
-
-        async def flush() -> None:
-            try:
-                reply = await self.scripts.call(calls.submit(self.topo.jobs, self.max_backlog, data))
-            except OutOfMemoryError:
-                # SUBMIT writes nothing when refused: Redis checks memory before a script's first write.
-                raise RedisOutOfMemory(f"{OUT_OF_MEMORY}; the jobs were not submitted, retry later",
-                                       accepted=accepted) from None
-            added, backlog = reply
-            accepted.extend(ids[: len(added)])
-            ids.clear()
-            data.clear()
-            if backlog != -1:  # it found the backlog full: the rest of the chunk did not go in
-                raise Backpressure(
-                    f"the ingress backlog is full ({backlog} jobs waiting, limit {self.max_backlog}); "
-                    "retry later, or add policy workers", accepted=accepted)
-
+        chunked: list[tuple[str, bytes]] = []
         for job in jobs:
-            data.append(self._prepare(job))
-            ids.append(job.id)
-            if len(ids) >= chunk:
-                await flush()
-        if ids:
-            await flush()
+            chunked.append((job.id, self._prepare(job)))
+            if len(chunked) >= chunk:
+                await self._submit_chunk(chunked, accepted)
+                chunked = []
+        if chunked:
+            await self._submit_chunk(chunked, accepted)
         return accepted
+
+    async def _submit_chunk(self, chunked: list[tuple[str, bytes]], accepted: list[str]) -> None:
+        """Submit one chunk, one SUBMIT per shard in one pipeline (each with its WAIT); extend ``accepted``."""
+        shards = self.topo.shards
+        by_shard: dict[int, list[tuple[str, bytes]]] = {}
+        for job_id, data in chunked:
+            by_shard.setdefault(shard_of(job_id, shards), []).append((job_id, data))
+        pipe = self.redis.pipeline(transaction=False)
+        for shard, entries in by_shard.items():
+            ingress = self.topo.at(shard).jobs
+            self.scripts.queue(pipe, calls.submit(ingress, self.max_backlog, [data for _, data in entries]))
+            if self.replicas:
+                await queue_wait(self.redis, pipe, ingress, self.replicas, self.replicas_ms)
+        replies = iter(await self.scripts.execute(pipe, raise_on_error=False))
+        added: set[str] = set()
+        unconfirmed: list[str] = []
+        full: list[int] = []
+        failed: BaseException | None = None
+        for entries in by_shard.values():
+            reply = next(replies)
+            confirmed = next(replies) if self.replicas else self.replicas
+            if isinstance(reply, BaseException):
+                failed = failed or reply
+                continue
+            went_in, backlog = cast("list[Any]", reply)
+            ids = [job_id for job_id, _ in entries[: len(went_in)]]
+            added.update(ids)
+            if backlog != -1:  # it found the backlog full: the rest of the shard's jobs did not go in
+                full.append(backlog)
+            if not isinstance(confirmed, int) or confirmed < self.replicas:
+                unconfirmed += ids
+        accepted += [job_id for job_id, _ in chunked if job_id in added]
+        if isinstance(failed, OutOfMemoryError):
+            # SUBMIT writes nothing when refused: Redis checks memory before a script's first write.
+            raise RedisOutOfMemory(f"{OUT_OF_MEMORY}; the jobs were not submitted, retry later",
+                                   accepted=accepted) from None
+        if failed is not None:
+            raise failed
+        if full:
+            raise Backpressure(
+                f"the ingress backlog is full ({max(full)} jobs waiting, limit {self.max_backlog}); "
+                "retry later, or add policy workers", accepted=accepted)
+        if unconfirmed:
+            raise NotReplicated(
+                f"{len(unconfirmed)} job(s) reached their primary but not {self.replicas} replica(s) "
+                f"within {self.replicas_ms} ms, so a failover could lose them; submit them again "
+                "(a job id runs once) or check the replicas (INFO replication)",
+                accepted=accepted, unconfirmed=unconfirmed)
 
     async def result(self, job_id: str, *, timeout: float = 60.0, reply_to: str = "results",
                      raise_on_failure: bool = False) -> Result:
@@ -133,7 +179,7 @@ class Client:
 
         With ``raise_on_failure``, a result whose status is not ``ok`` raises :class:`JobFailed`.
         """
-        result = await self._waiter(reply_to).wait(job_id, timeout)
+        result = await self._waiter(reply_to, self.topo.of_job(job_id)).wait(job_id, timeout)
         if raise_on_failure and result.status != "ok":
             raise JobFailed(result)
         return result
@@ -151,7 +197,8 @@ class Client:
         expired, rejected: then :meth:`result` says why). A retried job's output starts again
         with the next ``attempt``. Raises :class:`ResultTimeout` after ``timeout`` seconds.
         """
-        key, done = self.topo.tokens(job_id), self.topo.done(job_id)
+        topo = self.topo.of_job(job_id)
+        key, done = topo.tokens(job_id), topo.done(job_id)
         deadline = time.monotonic() + timeout
         last = "0-0"
         late = ResultTimeout(f"no end of the token stream of {job_id} within {timeout:g} s")
@@ -177,9 +224,9 @@ class Client:
             if finished:
                 return  # finished without (more) tokens: a failure, or a result without streaming
 
-    async def results(self, group: str, consumer: str = "sdk", *, reply_to: str = "results",
-                      count: int = 100) -> AsyncIterator[Result]:
-        """Follow a result stream through consumer group ``group`` (created at id 0 if new).
+    def results(self, group: str, consumer: str = "sdk", *, reply_to: str = "results",
+                count: int = 100) -> AsyncIterator[Result]:
+        """Follow a result stream, on every shard, through consumer group ``group`` (created at id 0 if new).
 
         Results are acked once the loop bodies of a whole read (up to ``count`` results) have
         finished, in one ``XACK`` sent with the next read: a consumer that crashes (or leaves
@@ -189,8 +236,13 @@ class Client:
         A group none of whose consumers read for ``results_group_idle_s`` while it held back
         the stream's trimming is destroyed by the janitor as abandoned; when its consumer
         comes back, the group is created again at 0: it gets the results still retained.
+
+        Each shard's stream is read and acked on its own; their results are merged as they come.
         """
-        stream = self.topo.reply(reply_to)
+        return merge([self._results(topo.reply(reply_to), group, consumer, count) for topo in self.topo.every_shard])
+
+    async def _results(self, stream: str, group: str, consumer: str, count: int) -> AsyncGenerator[Result, None]:
+        """:meth:`results` on one shard's ``stream``."""
         await ensure_group(self.redis, stream, group)
         last_id = "0-0"
         done: list[bytes] = []
@@ -225,15 +277,16 @@ class Client:
                     yield result
             done = [entry_id for entry_id, _ in entries]
 
-    def _waiter(self, reply_to: str) -> _ReplyWaiter:
-        waiter = self._waiters.get(reply_to)
+    def _waiter(self, reply_to: str, topo: Topology) -> _ReplyWaiter:
+        stream = topo.reply(reply_to)
+        waiter = self._waiters.get(stream)
         if waiter is None:
-            waiter = self._waiters[reply_to] = _ReplyWaiter(self, self.topo.reply(reply_to))
+            waiter = self._waiters[stream] = _ReplyWaiter(self, topo, stream)
         return waiter
 
 
 class _ReplyWaiter:
-    """Reads one reply stream (plain XREAD, no group) and hands results to waiting callers.
+    """Reads one shard's reply stream (plain XREAD, no group) and hands results to waiting callers.
 
     A caller registers, then checks the done key: a result written before that check is in
     the key (the scripts write both at once), and one written after it has a later stream id
@@ -242,8 +295,9 @@ class _ReplyWaiter:
     again now and then (``RECHECK_S``), for a result the listener could not read.
     """
 
-    def __init__(self, client: Client, stream: str) -> None:
+    def __init__(self, client: Client, topo: Topology, stream: str) -> None:
         self.client = client
+        self.topo = topo
         self.stream = stream
         self.futures: dict[str, asyncio.Future[Result]] = {}
         self.position: str | None = None
@@ -263,7 +317,7 @@ class _ReplyWaiter:
                 if future is None:
                     future = self.futures[job_id] = loop.create_future()
                 pause = RECHECK_S[0]
-                done = await self.client.redis.get(self.client.topo.done(job_id))
+                done = await self.client.redis.get(self.topo.done(job_id))
                 while done is None:
                     try:
                         return await asyncio.wait_for(asyncio.shield(future), min(pause, deadline - loop.time()))
@@ -272,7 +326,7 @@ class _ReplyWaiter:
                             raise
                     pause = min(2 * pause, RECHECK_S[1])
                     try:
-                        done = await self.client.redis.get(self.client.topo.done(job_id))
+                        done = await self.client.redis.get(self.topo.done(job_id))
                     except RETRYABLE:
                         pass  # Redis is away: the listener resumes when it is back
                 return decode_result(done)
@@ -331,21 +385,21 @@ class _ReplyWaiter:
             await asyncio.wait({self.task}, timeout=STOP_TIMEOUT_S)
 
 
-def run_job(job: Job, *, redis_url: str, prefix: str = "ib", timeout: float = 60.0) -> Result:
+def run_job(job: Job, *, redis_url: str, prefix: str = "ib", shards: int = 1, timeout: float = 60.0) -> Result:
     """Synchronous helper: submit ``job`` and wait for its result (runs its own event loop)."""
 
     async def go() -> Result:
-        async with Client(redis_url, prefix=prefix) as client:
+        async with Client(redis_url, prefix=prefix, shards=shards) as client:
             return await client.run(job, timeout=timeout)
 
     return asyncio.run(go())
 
 
-def submit_jobs(jobs: Iterable[Job], *, redis_url: str, prefix: str = "ib") -> list[str]:
+def submit_jobs(jobs: Iterable[Job], *, redis_url: str, prefix: str = "ib", shards: int = 1) -> list[str]:
     """Synchronous helper: submit jobs (pipelined) without waiting; returns their ids."""
 
     async def go() -> list[str]:
-        async with Client(redis_url, prefix=prefix) as client:
+        async with Client(redis_url, prefix=prefix, shards=shards) as client:
             return await client.submit_many(jobs)
 
     return asyncio.run(go())

@@ -52,7 +52,8 @@ class JobRejected(BrokerError):
 
 
 class Backpressure(JobRejected):
-    """The ingress backlog is at its bound; retry later. ``accepted``: ids submitted before it filled."""
+    """An ingress backlog is at its bound; retry later. ``accepted``: the ids that went in, in
+    submission order (with one shard, those submitted before it filled)."""
 
     def __init__(self, message: str, *, accepted: list[str]) -> None:
         super().__init__(message)

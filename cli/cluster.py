@@ -104,6 +104,10 @@ class EmbeddedCluster:
             self._wait(deadline, "cluster_state:ok on every node",
                        lambda: all(_cmd(c, "CLUSTER", "INFO").startswith("cluster_state:ok")
                                    for c in clients))
+            # A replica still syncing would make the first WAITs count no replica.
+            self._wait(deadline, "every replica to sync with its primary",
+                       lambda: all(_cmd(c, "INFO", "replication").get("master_link_status") == "up"
+                                   for c in clients[self.primaries:]))
         finally:
             for client in clients:
                 client.close()
