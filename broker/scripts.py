@@ -78,7 +78,7 @@ class Script:
 
 
 SCRIPTS: dict[str, Script] = {}
-"""Every script by name (its file's stem), for :meth:`Scripts.load`."""
+"""Every script by name (its file's stem): a name is loaded once."""
 ROUTE = Script("route")
 COMPLETE = Script("complete")
 DEAD = Script("dead")
@@ -109,10 +109,12 @@ MAX_PIPELINES = 64
 class Scripts:
     """Runs script calls by SHA. Queue calls on a pipeline, then :meth:`execute` it.
 
-    A Redis that restarted empty has forgotten the scripts; :meth:`execute` then loads them
-    and runs again the script calls it refused, and only those: the pipeline's other
-    commands (a read) ran once. Every script is idempotent, so a rerun cannot duplicate
-    work even if part of the first run went through.
+    A node that does not know a script refuses its EVALSHA: a Redis that restarted empty, or
+    a replica a failover promoted (scripts are not replicated). :meth:`execute` then runs
+    again the script calls it refused, and only those (the pipeline's other commands, a read,
+    ran once), by EVAL with their source, sent to the same nodes by their keys: that also
+    teaches each node the script, so the next EVALSHA goes through. Every script is
+    idempotent, so a rerun cannot duplicate work even if part of the first run went through.
     """
 
     def __init__(self, client: aioredis.Redis) -> None:
@@ -138,10 +140,9 @@ class Scripts:
         results: list[object] = await pipe.execute(raise_on_error=False)
         unknown = [i for i, result in enumerate(results) if isinstance(result, NoScriptError) and i in calls]
         if unknown:
-            await self.load()
             again = self.client.pipeline(transaction=False)
             for i in unknown:
-                _send(again, calls[i])
+                _send(again, calls[i], by_source=True)
             for i, result in zip(unknown, await again.execute(raise_on_error=False), strict=True):
                 results[i] = result
         if raise_on_error:
@@ -157,15 +158,12 @@ class Scripts:
         reply: R = (await self.execute(pipe))[0]  # type: ignore[assignment]
         return reply
 
-    async def load(self) -> None:
-        for script in SCRIPTS.values():
-            await self.client.script_load(script.source)
 
-
-def _send(pipe: Pipeline, call: ScriptCall[object]) -> None:
-    # EVALSHA by its name, not `pipe.evalsha`: a cluster pipeline refuses the method (and
+def _send(pipe: Pipeline, call: ScriptCall[object], by_source: bool = False) -> None:
+    # EVALSHA/EVAL by name, not `pipe.evalsha`: a cluster pipeline refuses the method (and
     # routes the command by its first key all the same).
-    pipe.execute_command("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
+    script = ("EVAL", call.script.source) if by_source else ("EVALSHA", call.script.sha)
+    pipe.execute_command(*script, len(call.keys), *call.keys, *call.args)
 
 
 def unanswerable(code: object) -> str | None:
