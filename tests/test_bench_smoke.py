@@ -96,3 +96,13 @@ def test_redis_instruction_counts_come_out_per_phase(redis_binary: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     counts = [int(line.split()[-1].replace(",", "")) for line in done.stdout.splitlines()[1:]]
     assert len(counts) == 2 and all(count > 1000 for count in counts), done.stdout
+
+
+@pytest.mark.timeout(120)
+def test_durability_benchmark_runs_and_prints_its_table(redis_binary: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "bench.durability", "--jobs", "200"],
+                          capture_output=True, text=True, timeout=110, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines()[1:]]
+    assert [(row[0], row[1]) for row in rows] == [("1", "0"), ("1", "1"), ("100", "0"), ("100", "1")]
+    assert all(float(row[4].replace(",", "")) > 0 for row in rows)
