@@ -22,20 +22,31 @@ from tests.test_cli_help import option_names
 DOCS = [ROOT / "README.md", ROOT / "docs" / "wire-format.md"]
 
 
-def documented_xadds() -> list[list[str]]:
-    """Every `redis-cli ... XADD 'ib:{ib}:jobs' ...` command shown in the docs, as argv."""
+def documented_xadds(cluster: bool = False) -> list[list[str]]:
+    """Every `redis-cli ... XADD '<ingress>' ...` command line shown in the docs, as argv: those
+    for one node, or with ``cluster`` those for a Redis Cluster (`redis-cli -c`, run against a
+    cluster by tests/test_cluster_producers.py)."""
     commands = []
     for doc in DOCS:
         for line in doc.read_text().splitlines():
             line = line.strip().removeprefix("$ ")
             if line.startswith("redis-cli") and " XADD " in line and ":jobs" in line:
                 argv = shlex.split(line)
-                commands.append(argv[argv.index("XADD"):])
+                if ("-c" in argv[:argv.index("XADD")]) == cluster:
+                    commands.append(argv)
     return commands
 
 
 def test_the_docs_show_xadd_examples() -> None:
     assert len(documented_xadds()) >= 3
+    assert documented_xadds(cluster=True)
+
+
+def test_each_documented_cluster_xadd_goes_to_the_ingress_of_its_jobs_shard() -> None:
+    topo = Topology("ib", 3)  # the docs' cluster session runs 3 shards (`--shards 3`)
+    for argv in documented_xadds(cluster=True):
+        stream, *_, fields = argv[argv.index("XADD") + 1:]
+        assert stream == topo.of_job(json.loads(fields)["id"]).jobs, argv
 
 
 async def test_documented_xadd_commands_get_their_documented_outcome(
@@ -45,9 +56,9 @@ async def test_documented_xadd_commands_get_their_documented_outcome(
     roles.worker("accel")
     topo = Topology(prefix)
     expected: dict[str, str] = {}
-    for argv in documented_xadds():
+    for line in documented_xadds():
         # Same command, under this test's prefix.
-        argv = [a.replace("ib:{ib}", topo.base) for a in argv]
+        argv = [a.replace("ib:{ib}", topo.base) for a in line[line.index("XADD"):]]
         await client.execute_command(*argv)
         fields = dict(zip(argv[3::2], argv[4::2], strict=True))
         if "job" in fields:
