@@ -36,7 +36,7 @@ from broker.reclaim import Claimer
 from broker.scripts import ScriptCall, Scripts, not_a_stream, unanswerable
 from broker.settings import Settings
 from broker.streams import Backoff, Entry, ensure_group, is_group_lost, pipeline
-from broker.topology import POLICY_GROUP, WORKER_GROUP, Topology
+from broker.topology import POLICY_GROUP, WORKER_GROUP, Topology, shard_of
 from broker.wire import (
     DeadLetter,
     InvalidJob,
@@ -257,6 +257,9 @@ class ShardRouter:
         if len(payload) > limit:
             raise InvalidJob("too_large", f"job is {len(payload)} bytes; the limit is {limit}")
         job = decode_job(payload)
+        if (home := shard_of(job.id, self.topo.shards)) != self.topo.shard:
+            raise InvalidJob("wrong_shard", f"job {job.id} belongs on shard {home} (CLUSTER KEYSLOT of its id mod "
+                             f"{self.topo.shards}), not {self.topo.shard}: XADD it to {self.topo.at(home).jobs}")
         created = job.created_at if job.created_at is not None else entry_time(entry_id)
         features = JobFeatures(tenant=job.tenant, model=job.model, kind=job.kind,
                                prompt_tokens=job.prompt_tokens(), max_tokens=job.max_tokens,
@@ -294,8 +297,9 @@ class ShardRouter:
             {k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()})
         job = None
         # An entry whose bytes were not read as a job (docs/wire-format.md) gets no result,
-        # even when an id can be picked out of them: one outcome, the dead letter.
-        if exc.reason not in ("decode_error", "too_large"):
+        # even when an id can be picked out of them: one outcome, the dead letter. Nor does
+        # one sent to the wrong shard: its id's outcome belongs on its own shard.
+        if exc.reason not in ("decode_error", "too_large", "wrong_shard"):
             try:
                 job = salvage(entry_payload(fields))  # unwraps a FastStream envelope
             except InvalidJob:

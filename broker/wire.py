@@ -242,7 +242,7 @@ class Result(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 DeadReason = Literal[
     "decode_error", "invalid_job", "too_large", "unknown_model", "backend_error", "max_deliveries", "trimmed",
-    "internal_error",
+    "internal_error", "wrong_shard",
 ]
 
 

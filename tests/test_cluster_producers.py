@@ -227,18 +227,22 @@ async def test_the_documented_faststream_cluster_example_runs_as_written(deploym
     assert result.status == "ok" and result.output == "[16 tokens from simulated h100 llama-3.1-8b]", result
 
 
-async def test_a_job_added_to_another_shards_ingress_runs_there_and_escapes_dedup(deployment: Deployment) -> None:
-    # Today's behaviour, which docs/wire-format.md warns about: nothing checks that an entry
-    # is on its id's shard. The job runs on the shard it was sent to, its outcome is written
-    # there (not where a lookup by id looks), and dedup by id does not span shards.
+async def test_a_job_added_to_another_shards_ingress_is_dead_lettered_there_and_runs_on_its_own(
+        deployment: Deployment) -> None:
     topo = deployment.topo
     job = Job(id=next(f"wrong-{i}" for i in range(100) if shard_of(f"wrong-{i}", SHARDS) == 1),
               model="llama-3.1-8b", kind="completion", prompt="hi", max_tokens=4)
     await deployment.client.xadd(topo.at(0).jobs, {"job": json_encode(job)})
-    assert (await deployment.outcome(job.id, topo.at(0))).status == "ok"
-    assert not await deployment.client.exists(topo.of_job(job.id).done(job.id))
-    assert [await deployment.client.xlen(shard.dead) for shard in topo.every_shard] == [0] * SHARDS
-    # The same id on its own shard is not known there as done: it runs a second time.
+
+    async def dead_letter() -> bool:
+        return await deployment.client.xlen(topo.at(0).dead) == 1
+
+    await eventually(dead_letter, what="a dead letter on shard 0")
+    [(_id, fields)] = await deployment.client.xrange(topo.at(0).dead)
+    letter = msgspec.json.decode(fields[b"dead"])
+    assert letter["reason"] == "wrong_shard" and topo.at(1).jobs in letter["error"]
+    assert not await deployment.client.exists(topo.at(0).done(job.id))  # no result where it does not belong
+    # Sent to its own shard, it runs there, once.
     await deployment.client.xadd(topo.of_job(job.id).jobs, {"job": json_encode(job)})
     assert (await deployment.outcome(job.id)).status == "ok"
-    assert sorted(await deployment.results_of(job.id)) == [0, 1]
+    assert await deployment.results_of(job.id) == [1]
