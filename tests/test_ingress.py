@@ -112,6 +112,11 @@ async def test_bad_entries_become_dead_letters_and_the_policy_keeps_going(
         "id": "good", "model": "llama-3.1-8b", "kind": "completion", "prompt": "x", "max_tokens": 2})})
 
     assert (await read_result(client, topo, "good"))["status"] == "ok"
+
+    async def all_dead() -> bool:  # a script's first use on a server can land its calls a read later
+        return await client.xlen(topo.dead) >= len(bad) + 1
+
+    await eventually(all_dead, what="a dead letter for each bad entry")
     letters = [decode_dead(f[b"dead"]) for _id, f in await client.xrange(topo.dead)]
     reasons = sorted(d.reason for d in letters)
     assert reasons == sorted(["decode_error", "invalid_job", "invalid_job", "decode_error", "too_large",
