@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import click
 import msgspec
+import redis.asyncio as aioredis
 
 from broker.wire import ChatMessage, Job, Result, decode_result, new_id
 from cli.common import EPILOG, common, need_url, settings_from
@@ -98,8 +100,9 @@ def submit(model: str, prompt: str | None, kind: str, max_tokens: int, slo: str 
         job = msgspec.structs.replace(job, stream=True)
 
     async def go() -> Result | None:
-        async with Client(settings.redis_url or "", prefix=settings.prefix, max_backlog=settings.max_backlog,
-                          max_job_bytes=settings.max_job_bytes) as client:
+        async with Client(settings.redis_url or "", prefix=settings.prefix, shards=settings.shards,
+                          replicas=settings.submit_replicas, replicas_ms=settings.submit_replicas_ms,
+                          max_backlog=settings.max_backlog, max_job_bytes=settings.max_job_bytes) as client:
             await client.submit(job)
             if no_wait:
                 return None
@@ -144,13 +147,13 @@ def result(job_id: str, wait_s: float, reply_to: str, as_json: bool, **opts: Any
         raise click.BadParameter(str(exc), param_hint="--reply-to") from None
 
     async def fetch() -> Result | None:
-        async with Client(settings.redis_url or "", prefix=settings.prefix) as client:
+        async with Client(settings.redis_url or "", prefix=settings.prefix, shards=settings.shards) as client:
             if wait_s > 0:
                 try:
                     return await client.result(job_id, timeout=wait_s, reply_to=reply_to)
                 except ResultTimeout:
                     return None
-            raw = await client.redis.get(settings.topology.done(job_id))
+            raw = await client.redis.get(client.topo.of_job(job_id).done(job_id))
             return None if raw is None else decode_result(raw)
 
     found = asyncio.run(fetch())
@@ -175,13 +178,17 @@ def result(job_id: str, wait_s: float, reply_to: str, as_json: bool, **opts: Any
                    "instead of printing them.")
 def results(reply_to: str, follow: bool, group: str | None, consumer: str, limit: int | None,
             as_json: bool, export: Any, **opts: Any) -> None:
-    """Print results from a result stream; --follow tails it, --export saves them."""
+    """Print results from a result stream; --follow tails it, --export saves them.
+
+    With several shards (--shards), reads the stream of every shard: in time order, or
+    with --follow as results come.
+    """
     from broker.connection import connect
-    from broker.streams import ensure_group
+    from broker.merge import merge, merge_in_order
 
     settings = need_url(settings_from(**opts))
     try:
-        stream = settings.topology.reply(reply_to)
+        streams = [topo.reply(reply_to) for topo in settings.topology.every_shard]
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--reply-to") from None
 
@@ -199,38 +206,29 @@ def results(reply_to: str, follow: bool, group: str | None, consumer: str, limit
     async def go() -> None:
         nonlocal exported
         client = connect(settings.redis_url or "", settings.block_ms)
+        # Read no more than we will print: a group's entries are acked as they are printed
+        # (one read of each shard may go unprinted: it stays pending, and comes first next time).
+        page = 100 if limit is None else min(100, limit)
+        sources = [_entries(client, stream, group, consumer, page, settings.block_ms if follow else None)
+                   for stream in streams]
+        entries = merge(sources) if follow else merge_in_order(sources, key=_entry_order)
         count = 0
-        last = "0-0"
         try:
-            if group:
-                await ensure_group(client, stream, group)
-                last = ">"
-            while limit is None or count < limit:
-                # Read no more than we will print: a group's entries are acked as they are printed.
-                count_now = 100 if limit is None else min(100, limit - count)
+            async for stream, entry_id, fields in entries:
+                if b"result" in fields:
+                    if export is not None:
+                        export.write(msgspec.json.encode(decode_result(fields[b"result"])) + b"\n")
+                        export.flush()
+                        exported += 1
+                    else:
+                        click.echo(line(decode_result(fields[b"result"])))
+                    count += 1
                 if group:
-                    reply = await client.xreadgroup(group, consumer, {stream: ">"}, count=count_now,
-                                                    block=settings.block_ms if follow else None)
-                else:
-                    reply = await client.xread({stream: last}, count=count_now,
-                                               block=settings.block_ms if follow else None)
-                entries = reply[0][1] if reply else []
-                if not entries and not follow:
+                    await client.xack(stream, group, entry_id)
+                if limit is not None and count >= limit:
                     break
-                for entry_id, fields in entries:
-                    last = entry_id.decode()
-                    if b"result" in fields and (limit is None or count < limit):
-                        if export is not None:
-                            export.write(msgspec.json.encode(decode_result(fields[b"result"])) + b"\n")
-                            exported += 1
-                        else:
-                            click.echo(line(decode_result(fields[b"result"])))
-                        count += 1
-                    if group:
-                        await client.xack(stream, group, entry_id)
-                if export is not None:
-                    export.flush()
         finally:
+            await entries.aclose()
             await client.aclose()
 
     try:
@@ -240,3 +238,43 @@ def results(reply_to: str, follow: bool, group: str | None, consumer: str, limit
     if export is not None:
         export.close()
         click.echo(f"exported {exported} result(s) to {export.name}", err=True)
+
+
+Entry = tuple[str, bytes, dict[bytes, bytes]]
+"""A result-stream entry: the stream (one shard's), its entry id and its fields."""
+
+
+def _entry_order(entry: Entry) -> tuple[int, int]:
+    ms, seq = entry[1].split(b"-")
+    return int(ms), int(seq)
+
+
+async def _entries(client: aioredis.Redis, stream: str, group: str | None, consumer: str, page: int,
+                   block_ms: int | None) -> AsyncGenerator[Entry, None]:
+    """The entries of one shard's result ``stream``, oldest first, ``page`` per read.
+
+    Without ``group``: every entry. With it: this consumer's pending entries (read before but
+    not acked), then those the group has not delivered yet. With ``block_ms``, then waits for
+    new ones for good; else stops at the end.
+    """
+    from broker.streams import ensure_group
+
+    last = "0-0"
+    if group:
+        await ensure_group(client, stream, group)
+    while True:
+        waiting = last == ">" or not group
+        block = block_ms if waiting else None
+        if group:
+            reply = await client.xreadgroup(group, consumer, {stream: last}, count=page, block=block)
+        else:
+            reply = await client.xread({stream: last}, count=page, block=block)
+        entries = reply[0][1] if reply else []
+        if group and last != ">" and len(entries) < page:
+            last = ">"  # the pending ones are done: on to undelivered entries
+        elif entries and last != ">":
+            last = entries[-1][0].decode()
+        elif not entries and waiting and block is None:
+            return
+        for entry_id, fields in entries:
+            yield stream, entry_id, fields or {}  # a pending entry trimmed away since has no fields
