@@ -201,7 +201,7 @@ def demo(n_jobs: int, rate: float, seed: int, worker_counts: tuple[str, ...], no
     workload = make_workload(n_jobs, rate, seed)
 
     async def go(url: str) -> list[Result]:
-        async with Client(url, prefix=settings.prefix) as client:
+        async with Client(url, prefix=settings.prefix, shards=settings.shards) as client:
             with progress_bar(console) as progress:
                 return await drive(client, workload, timeout=120, progress=progress)
 

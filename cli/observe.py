@@ -73,19 +73,19 @@ def report_cmd(input_file: Path | None, reply_to: str, out_dir: Path, title: str
     else:
         settings = need_url(settings)
         try:
-            stream = settings.topology.reply(reply_to)
+            streams = [topo.reply(reply_to) for topo in settings.topology.every_shard]
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--reply-to") from None
 
         async def read() -> list[Any]:
             client = connect(settings.redis_url or "")
             try:
-                return await report.read_stream(client, stream)
+                return await report.read_streams(client, streams)
             finally:
                 await client.aclose()
 
         results = asyncio.run(read())
-        source = stream
+        source = streams[0] + (f" and {len(streams) - 1} more shard(s)" if len(streams) > 1 else "")
     index = report.write(results, out_dir, config, title or f"inference-broker run: {source}")
     click.echo(f"{len(results)} results from {source}: wrote {index} and {len(FIGURES)} PNGs in {out_dir}")
 

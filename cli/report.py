@@ -1,19 +1,20 @@
 """``inference-broker report``: one self-contained HTML page about a run's results.
 
-Results come from a result stream or from a file of JSON lines (``results --export``,
-``demo --json``). The page has the summary table (per class and per pool, see
-:mod:`cli.runstats` for the definitions) and the figures of :mod:`cli.plots`, embedded as
-base64 PNGs that are also written next to it.
+Results come from a result stream (every shard's, merged in time order) or from a file of
+JSON lines (``results --export``, ``demo --json``). The page has the summary table (per
+class and per pool, see :mod:`cli.runstats` for the definitions) and the figures of
+:mod:`cli.plots`, embedded as base64 PNGs that are also written next to it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import html
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 
@@ -46,16 +47,24 @@ def load_file(path: Path, text: bytes | None = None) -> list[Result]:
     return results
 
 
-async def read_stream(client: aioredis.Redis, stream: str, page: int = 1000) -> list[Result]:
-    """Every result on ``stream``, oldest first (entries without a ``result`` field are skipped)."""
-    results: list[Result] = []
-    start = "-"
-    while True:
-        entries = await client.xrange(stream, start, "+", count=page)
-        results += results_of(entries)
-        if len(entries) < page:
-            return results
-        start = "(" + entries[-1][0].decode()
+async def read_streams(client: aioredis.Redis, streams: Sequence[str], page: int = 1000) -> list[Result]:
+    """Every result on ``streams`` (one per shard), oldest first (entries without a ``result`` field are skipped)."""
+
+    async def entries_of(stream: str) -> list[tuple[bytes, Any]]:
+        entries: list[tuple[bytes, Any]] = []
+        start = "-"
+        while True:
+            got = await client.xrange(stream, start, "+", count=page)
+            entries += got
+            if len(got) < page:
+                return entries
+            start = "(" + got[-1][0].decode()
+
+    shards = await asyncio.gather(*map(entries_of, streams))
+    entries = [entry for found in shards for entry in found]
+    if len(shards) > 1:  # each shard's are in order: the merge orders them by time
+        entries.sort(key=lambda entry: tuple(map(int, entry[0].split(b"-"))))
+    return results_of(entries)
 
 
 # --------------------------------------------------------------------------- page

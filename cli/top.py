@@ -13,6 +13,10 @@ captured from plain data. What each part comes from:
   throughput, p50/p99 TTFT and end-to-end, attainment (see :mod:`cli.runstats`), and
   each pool's share;
 * **dead letters**: the length of the dead-letter stream.
+
+A deployment of several shards has each of these streams once per shard: a row of the
+streams table sums a stream's shards (length, lag, pending; the oldest pending entry of any
+shard, the most consumers of any shard), and the classes cover every shard's results.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from rich.text import Text
 from broker.connection import RETRYABLE, redacted, unreachable
 from broker.heartbeats import fresh, read_beats
 from broker.settings import Settings
+from broker.topology import Topology
 from broker.wire import decode_heartbeat, decode_policy_heartbeat
 from cli.runstats import GroupStats, by_key, group_stats, results_of, span_text
 from policies.config import PolicyConfig
@@ -57,7 +62,7 @@ class PoolView(msgspec.Struct, frozen=True):
 
 class StreamView(msgspec.Struct, frozen=True):
     name: str
-    """The key without the deployment's ``<prefix>:{<prefix>}:``."""
+    """The key without its shard's ``<prefix>:{<tag>}:``."""
     length: int
     group: str | None
     lag: int | None
@@ -65,6 +70,17 @@ class StreamView(msgspec.Struct, frozen=True):
     pending: int
     oldest_pending_s: float | None
     consumers: int
+    """Consumers of the group (with several shards: the most on any one shard)."""
+
+
+def _combine(views: list[StreamView]) -> StreamView:
+    """One stream's views over its shards as one: counts summed, the oldest pending, the most consumers."""
+    first = views[0]
+    lags = [v.lag for v in views]
+    ages = [v.oldest_pending_s for v in views if v.oldest_pending_s is not None]
+    return StreamView(first.name, sum(v.length for v in views), first.group,
+                      None if None in lags else sum(lag or 0 for lag in lags), sum(v.pending for v in views),
+                      max(ages) if ages else None, max(v.consumers for v in views))
 
 
 class TopState(msgspec.Struct, frozen=True, kw_only=True):
@@ -100,26 +116,37 @@ class Collector:
                  window_s: float = 60.0, stale_s: float = 5.0) -> None:
         self.client = client
         self.topo = settings.topology
+        self.shards = self.topo.every_shard
         self.url = settings.redis_url or ""
         self.where = f"{redacted(self.url)}  prefix {settings.prefix}"
         self.config = config
-        self.results = self.topo.reply(reply_to)
+        self.results = [shard.reply(reply_to) for shard in self.shards]
         self.window_s = window_s
         self.stale_s = stale_s
-        self._streams: list[str] = []
+        self._streams: list[tuple[Topology, str]] = []
         self._scanned_at = -RESCAN_S
         lanes: dict[int, list[str]] = {}
         for slo in config.classes:
             lanes.setdefault(config.lane(slo), []).append(slo)
-        self.labels = {self.topo.pool(pool, lane): f" ({', '.join(names)})"
+        self.labels = {shard.pool(pool, lane): f" ({', '.join(names)})" for shard in self.shards
                        for pool in config.pools for lane, names in lanes.items() if config.lanes > 1}
         """Pool stream key to the classes of its lane, for the streams table."""
 
-    async def _stream_keys(self, now: float) -> list[str]:
+    async def _stream_keys(self, now: float) -> list[tuple[Topology, str]]:
+        """Each shard's ingress and pool streams, with their shard."""
         if now - self._scanned_at >= RESCAN_S:
-            pools = [k.decode() async for k in self.client.scan_iter(match=f"{self.topo.base}:pool:*", count=1000,
-                                                                     _type="STREAM")]
-            self._streams = [self.topo.jobs, *sorted(pools)]
+            # One SCAN for every shard; the pattern may match other deployments' keys too
+            # (a prefix may contain dots), so a key counts only under one of our shards' bases.
+            tags = self.topo.prefix if self.topo.shards == 1 else f"{self.topo.prefix}.*"
+            match = f"{self.topo.prefix}:{{{tags}}}:pool:*"
+            bases = {f"{shard.base}:pool:": shard for shard in self.shards}
+            pools = []
+            async for raw in self.client.scan_iter(match=match, count=1000, _type="STREAM"):
+                key = raw.decode()
+                shard = bases.get(key[: key.index(":pool:") + 6])
+                if shard is not None:
+                    pools.append((shard, key))
+            self._streams = [*((shard, shard.jobs) for shard in self.shards), *sorted(pools, key=lambda p: p[1])]
             self._scanned_at = now
         return self._streams
 
@@ -143,37 +170,49 @@ class Collector:
         for pool in pools:
             pipe.hgetall(self.topo.heartbeats(pool))
         pipe.hgetall(self.topo.policy_heartbeats)
-        pipe.xlen(self.topo.dead)
-        for key in streams:
+        for shard in self.shards:
+            pipe.xlen(shard.dead)
+        for _shard, key in streams:
             pipe.xlen(key)
             pipe.xinfo_groups(key)
         start_ms = int((now - self.window_s) * 1000)
-        pipe.xrevrange(self.results, "+", str(start_ms), count=MAX_RESULTS)
-        pipe.xrange(self.results, "-", "+", count=1)
-        replies = await pipe.execute(raise_on_error=False)
-        beats, policy_beats, dead = replies[: len(pools)], replies[len(pools)], replies[len(pools) + 1]
-        rest = replies[len(pools) + 2:]
+        for stream in self.results:
+            pipe.xrevrange(stream, "+", str(start_ms), count=MAX_RESULTS)
+            pipe.xrange(stream, "-", "+", count=1)
+        replies = iter(await pipe.execute(raise_on_error=False))
+        beats = [next(replies) for _pool in pools]
+        policy_beats = next(replies)
+        dead = sum(n for n in (next(replies) for _shard in self.shards) if isinstance(n, int))
         views = [self._pool(name, beats[i], now) for i, name in enumerate(pools)]
         policies = fresh(read_beats(_hash(policy_beats), decode_policy_heartbeat, self.topo.policy_heartbeats),
                          now, self.stale_s)
-        groups: list[tuple[str, int, dict[str, object] | None]] = []
-        for i, key in enumerate(streams):
-            length, info = rest[2 * i], rest[2 * i + 1]
+        groups: list[tuple[Topology, str, int, dict[str, object] | None]] = []
+        for shard, key in streams:
+            length, info = next(replies), next(replies)
             length = length if isinstance(length, int) else 0
             found = [g for g in info if isinstance(g, dict)] if isinstance(info, list) else []
-            groups += [(key, length, g) for g in found] or [(key, length, None)]
+            groups += [(shard, key, length, g) for g in found] or [(shard, key, length, None)]
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = []
+        firsts: list[int] = []
+        for _stream in self.results:
+            recent, first = next(replies), next(replies)
+            entries += recent if isinstance(recent, list) else []
+            firsts += [_entry_ms(first[0][0])] if isinstance(first, list) and first else []
+        if len(self.results) > 1:
+            entries = sorted(entries, key=lambda entry: _entry_order(entry[0]), reverse=True)[:MAX_RESULTS]
         pending = self.client.pipeline(transaction=False)
-        for key, _length, group in groups:
+        for _shard, key, _length, group in groups:
             if group is not None:
                 pending.xpending(key, _text(group["name"]))
         summaries = iter(await pending.execute(raise_on_error=False))
-        stream_views = [self._stream(key, length, group, next(summaries) if group is not None else None, now)
-                        for key, length, group in groups]
-        recent, first = rest[-2], rest[-1]
-        entries = recent if isinstance(recent, list) else []
+        by_row: dict[tuple[str, str | None], list[StreamView]] = {}
+        for shard, key, length, group in groups:
+            view = self._stream(shard, key, length, group, next(summaries) if group is not None else None, now)
+            by_row.setdefault((view.name, view.group), []).append(view)
+        stream_views = [_combine(views) for views in by_row.values()]
         results = results_of(entries)
         now_ms = int((now - NOW_S) * 1000)
-        first_ms = _entry_ms(first[0][0]) if isinstance(first, list) and first else None
+        first_ms = min(firsts, default=None)
         span = min(self.window_s, now - first_ms / 1000) if first_ms is not None else self.window_s
         classes = [group_stats(name, rows) for name, rows in by_key(results, "slo").items()]
         return TopState(
@@ -183,7 +222,7 @@ class Collector:
             streams=stream_views, classes=classes,
             pool_share={name: len(rows) for name, rows in by_key(results, "pool").items()},
             goals={name: cls.attainment for name, cls in self.config.classes.items()},
-            default_pool=self.config.default_pool, dead=dead if isinstance(dead, int) else 0, policies=policies)
+            default_pool=self.config.default_pool, dead=dead, policies=policies)
 
     def _pool(self, name: str, raw: object, now: float) -> PoolView:
         fields = _hash(raw)
@@ -193,9 +232,9 @@ class Collector:
         live = [view for view in views if view.age_s < self.stale_s]
         return PoolView(name, live, len(fields) - len(live))
 
-    def _stream(self, key: str, length: int, group: dict[str, object] | None, summary: object,
+    def _stream(self, shard: Topology, key: str, length: int, group: dict[str, object] | None, summary: object,
                 now: float) -> StreamView:
-        name = key.removeprefix(self.topo.base + ":") + self.labels.get(key, "")
+        name = key.removeprefix(shard.base + ":") + self.labels.get(key, "")
         if group is None:
             return StreamView(name, length, None, None, 0, None, 0)
         oldest = summary.get("min") if isinstance(summary, dict) else None
@@ -216,6 +255,11 @@ def _hash(raw: object) -> dict[bytes, bytes]:
 
 def _entry_ms(entry_id: object) -> int:
     return int(_text(entry_id).split("-", 1)[0])
+
+
+def _entry_order(entry_id: object) -> tuple[int, int]:
+    ms, seq = _text(entry_id).split("-", 1)
+    return int(ms), int(seq)
 
 
 # --------------------------------------------------------------------------- rendering
