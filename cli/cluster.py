@@ -101,8 +101,8 @@ class EmbeddedCluster:
     def describe(self, topo: Topology) -> list[str]:
         """Where each shard lands, one line per shard, to print at start."""
         replicas = f", {self.replicas} replica(s) each" if self.replicas else ""
-        lines = [f"local cluster: {self.primaries} primaries{replicas} on 127.0.0.1 ports "
-                 f"{', '.join(str(node.port) for node in self.nodes)}"]
+        lines = [f"local cluster on 127.0.0.1: {self.primaries} primaries{replicas}",
+                 f"  nodes: {', '.join(str(node.port) for node in self.nodes)}"]
         lines += [f"  shard {shard} {{{topo.at(shard).tag}}} -> slot {slot} -> node :{port}"
                   for shard, slot, port in self.placement(topo)]
         return lines

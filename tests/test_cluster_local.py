@@ -162,7 +162,7 @@ async def test_placement_names_each_shards_slot_and_node_and_readiness_pings_eve
                  for i, slot in enumerate(slots) if first <= slot <= last}
         assert cluster.placement(topo) == [(i, slots[i], owner[i]) for i in range(3)]
         assert len(set(owner.values())) == 3  # {ib.0}, {ib.1}, {ib.2}: one shard per node
-        assert cluster.describe(topo)[1] == f"  shard 0 {{ib.0}} -> slot {slots[0]} -> node :{owner[0]}"
+        assert cluster.describe(topo)[2] == f"  shard 0 {{ib.0}} -> slot {slots[0]} -> node :{owner[0]}"
 
         readiness = Readiness(cluster.url, [(topo.jobs, "policy")])  # a group on shard 0's node only
         try:
