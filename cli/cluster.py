@@ -16,8 +16,10 @@ from types import TracebackType
 from typing import Any
 
 import redis
+from redis.crc import key_slot
 
 from broker.errors import EmbeddedRedisError
+from broker.topology import Topology
 from cli.embedded import EmbeddedRedis, free_port
 
 SLOTS = 16384
@@ -72,6 +74,38 @@ class EmbeddedCluster:
     @property
     def startup_nodes(self) -> list[tuple[str, int]]:
         return [("127.0.0.1", node.port) for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """The cluster URL of the first node: the client learns the others from it."""
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+
+    def placement(self, topo: Topology) -> list[tuple[int, int, int]]:
+        """(shard, slot, port of the primary serving it) for each shard of ``topo``'s deployment.
+
+        Asked of the cluster (``CLUSTER SLOTS``), not assumed from how it was formed: a
+        failover since then moves slots to the promoted replica.
+        """
+        client = self._client(self.nodes[0])
+        try:
+            ranges = _cmd(client, "CLUSTER", "SLOTS")
+        finally:
+            client.close()
+        found = []
+        for shard in topo.every_shard:
+            slot = key_slot(f"{{{shard.tag}}}".encode())
+            port = next(int(r[2][1]) for r in ranges if int(r[0]) <= slot <= int(r[1]))
+            found.append((shard.shard, slot, port))
+        return found
+
+    def describe(self, topo: Topology) -> list[str]:
+        """Where each shard lands, one line per shard, to print at start."""
+        replicas = f", {self.replicas} replica(s) each" if self.replicas else ""
+        lines = [f"local cluster on 127.0.0.1: {self.primaries} primaries{replicas}",
+                 f"  nodes: {', '.join(str(node.port) for node in self.nodes)}"]
+        lines += [f"  shard {shard} {{{topo.at(shard).tag}}} -> slot {slot} -> node :{port}"
+                  for shard, slot, port in self.placement(topo)]
+        return lines
 
     def start(self, timeout: float = 30.0) -> EmbeddedCluster:
         """Start every node, form the cluster, and wait until it serves every slot."""
@@ -133,6 +167,10 @@ class EmbeddedCluster:
         return found
 
     def stop(self) -> None:
+        """Stop every node: all are asked at once, then each is waited for (10 s at most, then killed)."""
+        for node in self.nodes:
+            if node.process is not None and node.process.poll() is None:
+                node.process.terminate()
         for node in self.nodes:
             node.stop()
 

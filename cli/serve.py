@@ -13,7 +13,9 @@ from broker.connection import redacted
 from cli.common import (
     EPILOG,
     check_redis,
+    cluster_options,
     common,
+    local_cluster,
     metrics_port_option,
     need_url,
     pool_workers,
@@ -21,37 +23,44 @@ from cli.common import (
     sigterm_is_interrupt,
     workers_option,
 )
-from cli.stack import state_file
+from cli.stack import state_file, write_state
 
 
 @click.command(epilog=EPILOG)
 @common
 @workers_option
+@cluster_options
 @metrics_port_option("Serve each role's /metrics, /healthz and /readyz on consecutive ports from PORT: "
                      "the policy worker on PORT, the workers on PORT+1 and up [env IB_METRICS_PORT; default: off].")
-def up(worker_counts: tuple[str, ...], metrics_port: int | None, **opts: Any) -> None:
+def up(worker_counts: tuple[str, ...], cluster_primaries: int | None, replicas: int | None,
+       metrics_port: int | None, **opts: Any) -> None:
     """Run the policy worker and every configured pool's workers as processes until Ctrl-C or SIGTERM.
 
-    Without --redis-url an embedded redis-server is started (AOF on) and stopped at exit;
-    other commands in other terminals find it without flags.
+    Without --redis-url an embedded redis-server is started (AOF on) and stopped at exit, or
+    with --cluster N a local Redis Cluster of N primaries; other commands in other terminals
+    find it (and its shard count) without flags.
     """
     from cli.stack import Stack
 
     settings = settings_from(**opts, metrics_port=metrics_port)
+    settings, cluster = local_cluster(settings, cluster_primaries, replicas)
     workers = pool_workers(settings, worker_counts)
     if settings.redis_url:
         check_redis(settings.redis_url)
-    stack = Stack(settings, workers=workers)
+    stack = Stack(settings, workers=workers, cluster=cluster)
     state = state_file()
     sigterm_is_interrupt()
     try:
         stack.start()
+        if stack.cluster is not None:
+            for line in stack.cluster.describe(settings.topology):
+                click.echo(line, err=True)
         if not settings.redis_url:
-            state.parent.mkdir(parents=True, exist_ok=True)
-            state.write_text(stack.url)
+            write_state(stack.url, settings.shards)
         stack.wait_ready()
         pools = ", ".join(f"{n} {pool} worker(s)" for pool, n in workers.items())
-        click.secho(f"stack up on {redacted(stack.url)} (prefix {settings.prefix!r}): policy, {pools}",
+        shards = f", {settings.shards} shards" if settings.shards > 1 else ""
+        click.secho(f"stack up on {redacted(stack.url)} (prefix {settings.prefix!r}{shards}): policy, {pools}",
                     fg="green", err=True)
         click.echo("  try:  inference-broker submit --prompt 'Hello'    (Ctrl-C stops the stack)", err=True)
         if stack.metrics_ports and settings.metrics_port:

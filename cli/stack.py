@@ -1,4 +1,4 @@
-"""A whole local stack in processes: embedded Redis, a policy worker and the pools.
+"""A whole local stack in processes: embedded Redis (or a local cluster), a policy worker and the pools.
 
 Used by ``inference-broker up`` and ``demo``. Each role is a separate OS process
 (``python -m cli policy`` / ``worker``), exactly what compose runs, so the local stack
@@ -14,24 +14,36 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from redis.cluster import RedisCluster
 
+from broker.connection import CLUSTER_SCHEMES, is_cluster
 from broker.errors import BrokerError
 from broker.heartbeats import decoder_of, fresh, read_beats
 from broker.process import die_with_parent
 from broker.settings import Settings
 from broker.topology import Topology
+from cli.cluster import EmbeddedCluster
 from cli.embedded import EmbeddedRedis
 
 
 class Stack:
-    """Starts the roles (and an embedded Redis when ``settings.redis_url`` is None)."""
+    """Starts the roles (and an embedded Redis when ``settings.redis_url`` is None).
+
+    ``cluster`` (primaries, replicas per primary): instead of the embedded Redis, a local
+    Redis Cluster of that many redis-server processes (:class:`~cli.cluster.EmbeddedCluster`).
+    """
 
     def __init__(self, settings: Settings, *, workers: dict[str, int], log: IO[bytes] | None = None,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, cluster: tuple[int, int] | None = None) -> None:
+        if cluster is not None and settings.redis_url:
+            raise ValueError("a local cluster is started only when no Redis URL is given")
         self.settings = settings
+        self.cluster_size = cluster
+        self.cluster: EmbeddedCluster | None = None
         self.workers = workers
         """Pool name to number of worker processes."""
         self.log = log
@@ -44,7 +56,7 @@ class Stack:
 
     def _spawn(self, label: str, *args: str) -> None:
         cmd = [sys.executable, "-m", "cli", *args, "--prefix", self.settings.prefix,
-               "--log-format", self.settings.log_format]
+               "--shards", str(self.settings.shards), "--log-format", self.settings.log_format]
         if self.settings.config:
             cmd += ["--config", str(self.settings.config)]
         # The URL goes in the environment, not the command line: a password in it would
@@ -68,7 +80,11 @@ class Stack:
         With ``settings.metrics_port`` N the roles serve their endpoints on consecutive
         ports: the policy worker on N, the workers on N+1, N+2, ... (:attr:`metrics_ports`).
         """
-        if self.embedded is None and not self.settings.redis_url:
+        if self.cluster_size is not None:
+            if self.cluster is None:
+                self.cluster = EmbeddedCluster(*self.cluster_size, owned=True).start()
+                self.url = self.cluster.url
+        elif self.embedded is None and not self.settings.redis_url:
             self.embedded = EmbeddedRedis(owned=True).start()
             self.url = self.embedded.url
         self._spawn("policy", "policy")
@@ -88,7 +104,8 @@ class Stack:
                 raise BrokerError(f"{label} exited with status {proc.returncode}")
 
     def stop(self, grace: float | None = None) -> None:
-        """SIGTERM every role, wait for them to drain (the workers' grace + 5 s), then stop Redis."""
+        """SIGTERM every role, wait for them to drain (the workers' grace + 5 s), then stop Redis
+        (every node of a local cluster)."""
         grace = self.settings.grace_s + 5 if grace is None else grace
         for _label, proc in self.processes:
             if proc.poll() is None:
@@ -104,6 +121,9 @@ class Stack:
         if self.embedded is not None:
             self.embedded.stop()
             self.embedded = None
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.cluster = None
 
     def __enter__(self) -> Stack:
         return self.start()
@@ -120,7 +140,7 @@ def wait_for_roles(url: str, topo: Topology, workers: dict[str, int], *, timeout
     Only heartbeats younger than ``max_age`` count: a killed role leaves its entry behind.
     ``check`` runs on every poll and may raise (e.g. when a role process exited).
     """
-    client = redis.Redis.from_url(url)
+    client = sync_client(url)
     deadline = time.monotonic() + timeout
     keys = [topo.policy_heartbeats, *(topo.heartbeats(pool) for pool in workers)]
     wanted = [1, *workers.values()]
@@ -146,7 +166,33 @@ def wait_for_roles(url: str, topo: Topology, workers: dict[str, int], *, timeout
         client.close()
 
 
+def sync_client(url: str) -> redis.Redis:
+    """A blocking client for ``url``: a node's, or a cluster's for a cluster URL (typed as a node's,
+    as :func:`broker.connection.connect` does; only single-slot commands are sent through it)."""
+    if is_cluster(url):
+        parts = urlsplit(url)
+        node_url = urlunsplit(parts._replace(scheme=CLUSTER_SCHEMES[parts.scheme]))
+        return cast(redis.Redis, RedisCluster.from_url(node_url))
+    return redis.Redis.from_url(url)
+
+
 def state_file() -> Path:
-    """Where ``up`` records the URL of its Redis so other commands find it by default."""
+    """Where ``up`` records its Redis (:func:`write_state`) so other commands find it by default."""
     base = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(Path.home(), ".cache")
     return Path(base) / "inference-broker" / "up.url"
+
+
+def write_state(url: str, shards: int) -> None:
+    """Record the URL of ``up``'s Redis on the state file's first line, its shard count on the second."""
+    path = state_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{url}\nshards={shards}\n")
+
+
+def read_state() -> tuple[str, int | None]:
+    """The URL and shard count ``up`` recorded (None: not recorded). Raises OSError if none is."""
+    lines = state_file().read_text().splitlines()
+    url = lines[0].strip() if lines else ""
+    shards = next((int(value) for line in lines[1:] if (value := line.partition("shards=")[2]).isdigit()),
+                  None)
+    return url, shards

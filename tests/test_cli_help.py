@@ -218,6 +218,9 @@ def test_submit_job_file_must_be_json() -> None:
     (["asyncapi", "--format", "xml"], "--format"),
     (["top", "--interval", "0"], "--interval"),
     (["report", "--reply-to", "jobs", "--redis-url", NOWHERE], "reserved"),
+    (["up", "--replicas", "1"], "--replicas needs --cluster N"),
+    (["demo", "--cluster", "3", "--redis-url", NOWHERE], "--cluster starts its own Redis"),
+    (["demo", "--cluster", "3", "--no-stack", "--redis-url", NOWHERE], "give one of them"),
 ])
 def test_bad_arguments_are_usage_errors(args: list[str], message: str) -> None:
     res = invoke(*args)

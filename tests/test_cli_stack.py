@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.topology import shard_of
 from tests.conftest import ROOT, Roles, TlsRedis
 
 CLI = [sys.executable, "-m", "cli"]
@@ -38,9 +39,9 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> N
         time.sleep(0.05)
 
 
-def start_up(cli_env: dict[str, str], tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
-    """``inference-broker up --workers gpu=1``, once it has recorded its Redis URL (the state file)."""
-    up = subprocess.Popen([*CLI, "up", "--workers", "gpu=1"], env=cli_env, cwd=ROOT,
+def start_up(cli_env: dict[str, str], tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], Path]:
+    """``inference-broker up --workers gpu=1 ARGS``, once it has recorded its Redis URL (the state file)."""
+    up = subprocess.Popen([*CLI, "up", "--workers", "gpu=1", *args], env=cli_env, cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     state = tmp_path / "inference-broker" / "up.url"
 
@@ -89,6 +90,65 @@ def test_up_submit_results_and_clean_stop(cli_env: dict[str, str], tmp_path: Pat
     host, port = url.split("//")[1].split("/")[0].split(":")
     with pytest.raises(OSError):  # the embedded Redis is gone too
         socket.create_connection((host, int(port)), timeout=1).close()
+
+
+def assert_nodes_gone(ports: list[int]) -> None:
+    """No redis-server of these ports runs any more, and nothing listens on them."""
+    for proc in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = proc.read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # gone meanwhile
+            continue
+        if any(arg.endswith("redis-server") for arg in argv[:1]) and "--port" in argv:
+            assert int(argv[argv.index("--port") + 1]) not in ports, f"left running: {argv}"
+    for port in ports:
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def cluster_ports(output: str) -> list[int]:
+    """The node ports a ``--cluster`` stack printed ("  nodes: A, B, C")."""
+    line = next(line for line in output.splitlines() if line.startswith("  nodes: "))
+    return [int(port) for port in line.removeprefix("  nodes: ").split(", ")]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_up_cluster_is_found_with_its_shards_and_stops_every_node(cli_env: dict[str, str],
+                                                                  tmp_path: Path) -> None:
+    up, state = start_up(cli_env, tmp_path, "--cluster", "3", "--replicas", "1")
+    try:
+        url, shards = state.read_text().splitlines()
+        assert url.startswith("redis+cluster://127.0.0.1:") and shards == "shards=3"
+        # No --redis-url, no --shards: each submit finds the cluster and the job's shard.
+        for shard in range(3):
+            job_id = next(f"cli-{i}" for i in range(1000) if shard_of(f"cli-{i}", 3) == shard)
+            job = tmp_path / f"{job_id}.json"
+            job.write_text(json.dumps({"id": job_id, "model": "llama-3.1-8b", "kind": "completion",
+                                       "prompt": "Hello", "max_tokens": 3}))
+            done = run_cli("submit", "--job", str(job), "--json", env=cli_env)
+            assert done.returncode == 0, done.stderr
+            assert json.loads(done.stdout)["status"] == "ok"
+    finally:
+        up.send_signal(signal.SIGINT)
+        _out, err = up.communicate(timeout=30)
+    assert up.returncode == 0, err
+    assert "3 shards" in err and "3 primaries, 1 replica(s) each" in err and not state.exists()
+    for shard in range(3):
+        assert f"shard {shard} {{ib.{shard}}} -> slot" in err
+    ports = cluster_ports(err)
+    assert len(ports) == 6
+    assert_nodes_gone(ports)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_demo_runs_to_the_end_on_a_local_cluster(cli_env: dict[str, str]) -> None:
+    done = run_cli("demo", "--cluster", "3", "--jobs", "30", "--rate", "60", env=cli_env, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "30 jobs in" in done.stdout and "30 ok, 0 not ok" in done.stdout
+    assert "redis+cluster://127.0.0.1:" in done.stdout and "3 primaries" in done.stdout
+    ports = cluster_ports(done.stdout)
+    assert len(ports) == 3
+    assert_nodes_gone(ports)
 
 
 def _alive(pid: int) -> bool:

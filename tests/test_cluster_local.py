@@ -143,3 +143,35 @@ async def test_the_policy_and_a_pool_worker_run_jobs_on_a_cluster_in_one_slot() 
             await asyncio.gather(*roles)
             for c in (client, policy_client, worker_client):
                 await c.aclose()
+
+
+async def test_placement_names_each_shards_slot_and_node_and_readiness_pings_every_primary() -> None:
+    from broker.topology import Topology
+    from cli.httpd import Readiness
+
+    topo = Topology("ib", 3)
+    with EmbeddedCluster(primaries=3) as cluster:
+        client = cluster_client(cluster)
+        try:
+            slots = [client.cluster_keyslot(f"{{{shard.tag}}}") for shard in topo.every_shard]
+            for shard in topo.every_shard:
+                client.xgroup_create(shard.jobs, "policy", mkstream=True)
+        finally:
+            client.close()
+        owner = {i: cluster.nodes[n].port for n, (first, last) in enumerate(slot_ranges(3))
+                 for i, slot in enumerate(slots) if first <= slot <= last}
+        assert cluster.placement(topo) == [(i, slots[i], owner[i]) for i in range(3)]
+        assert len(set(owner.values())) == 3  # {ib.0}, {ib.1}, {ib.2}: one shard per node
+        assert cluster.describe(topo)[2] == f"  shard 0 {{ib.0}} -> slot {slots[0]} -> node :{owner[0]}"
+
+        readiness = Readiness(cluster.url, [(topo.jobs, "policy")])  # a group on shard 0's node only
+        try:
+            await readiness.probe()
+            assert readiness.status() == (True, "ok")
+            # Shard 2's node is gone: shard 0's group still answers, the PING to every primary does not.
+            next(node for node in cluster.nodes if node.port == owner[2]).kill()
+            await readiness.probe()
+            ready, why = readiness.status()
+            assert not ready and "Redis unreachable" in why, why
+        finally:
+            await readiness.aclose()

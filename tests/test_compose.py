@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 import shlex
 import shutil
@@ -21,6 +22,7 @@ from urllib.parse import urlsplit
 
 import click
 import pytest
+import redis
 import yaml
 
 from broker.config import load_config
@@ -34,8 +36,10 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 SCRIPT = next(iter(PYPROJECT["project"]["scripts"]))  # "inference-broker"
 
 ROLES = ("policy", "worker-gpu", "worker-accel")
-BROKER_SERVICES = sorted(name for name, svc in SERVICES.items()
-                         if "build" in svc or str(svc.get("image", "")).startswith(SCRIPT))
+IMAGE_SERVICES = sorted(name for name, svc in SERVICES.items()
+                        if "build" in svc or str(svc.get("image", "")).startswith(SCRIPT))
+BROKER_SERVICES = [name for name in IMAGE_SERVICES if "profiles" not in SERVICES[name]]
+"""The services of the single-node stack (a plain `docker compose up`) that run the broker's image."""
 
 
 def parse(args: list[str]) -> click.Context:
@@ -97,15 +101,16 @@ def test_gpu_pool_has_two_replicas() -> None:
 
 
 def test_every_service_but_redis_and_demo_has_a_healthcheck() -> None:
+    once = ("demo", "demo-cluster", "redis-cluster-init")  # run once and exit: nothing to check
     missing = [name for name, svc in SERVICES.items()
-               if name not in ("redis", "demo") and not svc.get("healthcheck", {}).get("test")]
+               if name not in ("redis", *once) and not svc.get("healthcheck", {}).get("test")]
     assert not missing, f"services without a healthcheck: {missing}"
 
 
 def test_broker_services_share_one_built_image() -> None:
-    images = {SERVICES[name].get("image") for name in BROKER_SERVICES}
+    images = {SERVICES[name].get("image") for name in IMAGE_SERVICES}
     assert len(images) == 1 and None not in images, images
-    assert all("build" in SERVICES[name] for name in BROKER_SERVICES)
+    assert all("build" in SERVICES[name] for name in IMAGE_SERVICES)
 
 
 def test_broker_services_are_configured_by_environment() -> None:
@@ -145,15 +150,15 @@ def test_workers_get_longer_to_stop_than_their_drain(name: str) -> None:
 # --- every command a container runs parses against the real CLI --------------------------
 
 
-@pytest.mark.parametrize("name", BROKER_SERVICES)
+@pytest.mark.parametrize("name", IMAGE_SERVICES)
 def test_service_command_parses(name: str) -> None:
     command = SERVICES[name]["command"]
     assert isinstance(command, list), f"{name}: use the list form of `command`"
     ctx = parse(command)
     if ctx.info_name == "worker":
         assert ctx.params["pool"] in load_config().pools, f"{name}: unknown pool"
-        assert name == f"worker-{ctx.params['pool']}", "service name and pool disagree"
-    if name == "demo":
+        assert name.removesuffix("-cluster") == f"worker-{ctx.params['pool']}", "service name and pool disagree"
+    if name.removesuffix("-cluster") == "demo":
         assert ctx.params["no_stack"], "the demo must not start roles of its own"
 
 
@@ -280,7 +285,7 @@ def test_observability_services_are_optional_and_mount_files_in_the_repo() -> No
             assert source.exists(), f"{name} mounts {source} at {target}, which is not in the repository"
         ports = [str(p) for p in svc.get("ports", [])]
         assert all(p.startswith("127.0.0.1:") for p in ports), f"{name}: publish on loopback only"
-    for name in BROKER_SERVICES:
+    for name in (*ROLES, "demo", "redis"):
         assert "profiles" not in SERVICES[name], f"{name} must run without a profile"
 
 
@@ -363,3 +368,102 @@ def test_every_dashboard_query_names_metrics_the_roles_define() -> None:
         assert view in titles, view
     assert {"inference_broker_stream_backlog", "inference_broker_worker_in_flight", "inference_broker_slo_met_total",
             "inference_broker_e2e_latency_seconds_bucket", "inference_broker_jobs_routed_total"} <= used
+
+
+# --- the cluster profile: the roles on a Redis Cluster --------------------------------------
+
+CLUSTER_ROLES = tuple(f"{name}-cluster" for name in ROLES)
+CLUSTER_NODES = sorted(name for name in SERVICES if name.startswith("redis-node-"))
+CLUSTER_DIR = DEPLOY / "redis-cluster"
+
+
+def _redis_conf() -> dict[str, str]:
+    lines = [line.split(None, 1) for line in (CLUSTER_DIR / "redis.conf").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    return {key: value.strip() for key, value in lines}
+
+
+def test_cluster_nodes_are_durable_cluster_nodes_that_announce_their_names() -> None:
+    conf = _redis_conf()
+    assert conf["cluster-enabled"] == "yes" and conf["cluster-preferred-endpoint-type"] == "hostname"
+    # As the single-node Redis: AOF every second, no snapshots, never evict a stream.
+    assert (conf["appendonly"], conf["appendfsync"], conf["save"], conf["maxmemory-policy"]) == (
+        "yes", "everysec", '""', "noeviction")
+    assert conf["dir"] == "/data" and conf["port"] == "6379"
+    assert len(CLUSTER_NODES) == 6
+    volumes: set[str] = set()
+    for name in CLUSTER_NODES:
+        node = SERVICES[name]
+        assert node["profiles"] == ["cluster"] and str(node["image"]).split(":")[1].startswith("7"), name
+        command = node["command"]
+        assert command[0] == "redis-server" and command[command.index("--cluster-announce-hostname") + 1] == name
+        mounts = _mounts(name)
+        assert mounts[command[1]] == CLUSTER_DIR / "redis.conf", name
+        data = [str(v).split(":")[0] for v in node["volumes"] if str(v).split(":")[1] == "/data"]
+        assert len(data) == 1 and data[0] in (COMPOSE.get("volumes") or {}), f"{name}: its AOF needs a volume"
+        volumes.add(data[0])
+        assert "ports" not in node and "redis-cli ping" in " ".join(node["healthcheck"]["test"]), name
+    assert len(volumes) == len(CLUSTER_NODES), "each node needs a volume of its own"
+
+
+def test_cluster_init_forms_the_cluster_of_every_node_once_they_answer() -> None:
+    init = SERVICES["redis-cluster-init"]
+    assert init["profiles"] == ["cluster"] and init.get("restart") == "no"
+    script = init["command"][-1]
+    assert init["command"][0] == "sh" and _mounts("redis-cluster-init")[script] == CLUSTER_DIR / "create.sh"
+    assert {k: v["condition"] for k, v in init["depends_on"].items()} == dict.fromkeys(
+        CLUSTER_NODES, "service_healthy")
+    env = environment(init)
+    nodes = env["NODES"].split()
+    assert sorted(node.split(":")[0] for node in nodes) == CLUSTER_NODES
+    assert all(node.endswith(":6379") for node in nodes)
+    primaries = len(nodes) // (1 + int(env["REPLICAS"]))
+    assert primaries * (1 + int(env["REPLICAS"])) == len(nodes) and primaries >= 3  # the cluster's minimum
+    # One shard per primary by default.
+    assert environment(SERVICES["policy-cluster"])["IB_SHARDS"] == f"${{IB_SHARDS:-{primaries}}}"
+    done = subprocess.run(["sh", "-n", str(CLUSTER_DIR / "create.sh")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("name", [*CLUSTER_ROLES, "demo-cluster"])
+def test_cluster_roles_run_as_their_single_node_twins_on_the_cluster(name: str) -> None:
+    svc, twin = SERVICES[name], SERVICES[name.removesuffix("-cluster")]
+    assert svc["profiles"] == ["cluster"]
+    assert svc["command"] == twin["command"] and svc.get("restart") == twin.get("restart")
+    if "healthcheck" in twin:
+        assert svc["healthcheck"]["test"] == twin["healthcheck"]["test"]
+    env = environment(svc)
+    url = urlsplit(env["REDIS_URL"])
+    assert url.scheme == "redis+cluster" and url.hostname in CLUSTER_NODES and url.port == 6379, url
+    assert env.get("IB_SHARDS") and {k: v for k, v in env.items() if k not in ("REDIS_URL", "IB_SHARDS")} == {
+        k: v for k, v in environment(twin).items() if k != "REDIS_URL"}
+    for key in ("deploy", "stop_grace_period"):
+        assert svc.get(key) == twin.get(key), f"{name}: {key} differs from {twin}"
+    if name == "demo-cluster":
+        assert {k: v["condition"] for k, v in svc["depends_on"].items()} == dict.fromkeys(
+            CLUSTER_ROLES, "service_healthy")
+    else:
+        assert svc["depends_on"] == {"redis-cluster-init": {"condition": "service_completed_successfully"}}
+
+
+@pytest.mark.skipif(not shutil.which("redis-cli"), reason="create.sh runs redis-cli")
+def test_create_sh_forms_a_cluster_of_local_nodes_and_leaves_a_formed_one_alone(tmp_path: Path) -> None:
+    from cli.cluster import EmbeddedCluster
+
+    nodes = EmbeddedCluster(primaries=3)  # started unformed: create.sh forms it
+    try:
+        for node in nodes.nodes:
+            node.start()
+        env = {"PATH": os.environ["PATH"], "REPLICAS": "0",
+               "NODES": " ".join(f"localhost:{node.port}" for node in nodes.nodes)}
+        script = str(CLUSTER_DIR / "create.sh")
+        first = subprocess.run(["sh", script], env=env, capture_output=True, text=True, timeout=60)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert "cluster formed: cluster_known_nodes:3 cluster_size:3" in first.stdout
+        for node in nodes.nodes:
+            with redis.Redis(port=node.port, decode_responses=True) as client:
+                assert client.cluster("info")["cluster_state"] == "ok"
+        again = subprocess.run(["sh", script], env=env, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0 and "formed already" in again.stdout, again.stdout + again.stderr
+    finally:
+        nodes.stop()
