@@ -9,6 +9,10 @@ instant, so each result's latency is what the broker added: the SDK stamps
 ``created_at`` at submission and the result carries it back in its timing. ::
 
     python -m bench.broker_load produce|collect --redis-url URL --run PREFIX --reply NAME --n N [--rate R]
+                                                [--shards S]
+
+With ``--shards S`` (``bench.shards``) the client addresses a deployment of S shards: each
+job goes to its shard's ingress, and the collector follows every shard's result stream.
 """
 
 from __future__ import annotations
@@ -44,10 +48,11 @@ async def paced(n: int, rate: float, chunk: int) -> AsyncIterator[tuple[int, int
         i = step[1]
 
 
-async def produce(url: str, run: str, reply: str, n: int, rate: float, chunk: int, out: str) -> None:
+async def produce(url: str, run: str, reply: str, n: int, rate: float, chunk: int, out: str,
+                  shards: int = 1) -> None:
     report = Report(first=time.time())
     cpu0 = cpu_seconds()
-    async with Client(url, prefix=run) as client:
+    async with Client(url, prefix=run, shards=shards) as client:
         async for start, stop, due in paced(n, rate, chunk):
             if due:
                 report.behind_ms = max(report.behind_ms, (time.time() - due) * 1000)
@@ -73,9 +78,10 @@ def _record(report: Report, result: Result) -> None:
     report.result(result.timing.created_at if result.status == "ok" and result.timing else None)
 
 
-async def collect(url: str, run: str, reply: str, n: int, timeout: float, via: str, out: str) -> None:
+async def collect(url: str, run: str, reply: str, n: int, timeout: float, via: str, out: str,
+                  shards: int = 1) -> None:
     report = Report()
-    async with Client(url, prefix=run) as client:
+    async with Client(url, prefix=run, shards=shards) as client:
         cpu0 = cpu_seconds()
         try:
             async with asyncio.timeout(timeout):
@@ -101,9 +107,11 @@ async def collect(url: str, run: str, reply: str, n: int, timeout: float, via: s
 def main() -> None:
     args = parse_args()
     if args.mode == "produce":
-        uvloop.run(produce(args.redis_url, args.run, args.reply, args.n, args.rate, args.chunk, args.out))
+        uvloop.run(produce(args.redis_url, args.run, args.reply, args.n, args.rate, args.chunk, args.out,
+                           args.shards))
     elif args.mode == "collect":
-        uvloop.run(collect(args.redis_url, args.run, args.reply, args.n, args.timeout, args.via, args.out))
+        uvloop.run(collect(args.redis_url, args.run, args.reply, args.n, args.timeout, args.via, args.out,
+                           args.shards))
     else:
         raise SystemExit("the broker's workers run as `python -m cli worker`")
 

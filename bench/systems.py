@@ -97,9 +97,12 @@ class InferenceBroker(System):
     name = "inference-broker"
     module = "bench.broker_load"
 
-    def __init__(self, python: str = sys.executable, settings: dict[str, str] | None = None) -> None:
+    def __init__(self, python: str = sys.executable, settings: dict[str, str] | None = None,
+                 shards: int = 1) -> None:
         super().__init__(python)
-        self.settings = settings or {}
+        self.shards = shards
+        """Shards of the deployment (``bench.shards``): the roles' ``IB_SHARDS`` and the clients'."""
+        self.settings = {**(settings or {}), **({"IB_SHARDS": str(shards)} if shards > 1 else {})}
         """``IB_*`` variables for the roles (the memory section shortens retention)."""
 
     def start(self, procs: Procs, url: str, run: str, *, policy: int = 1, workers: int = 1) -> list[Role]:
@@ -112,10 +115,10 @@ class InferenceBroker(System):
 
     def client_args(self, url: str, run: str, phase: str) -> list[str]:
         # One deployment (prefix) per run; each phase's jobs answer on their own result stream.
-        return ["--redis-url", url, "--run", run, "--reply", phase]
+        return ["--redis-url", url, "--run", run, "--reply", phase, "--shards", str(self.shards)]
 
     def wait_ready(self, url: str, run: str, policy: int, workers: int) -> None:
-        wait_for_roles(url, Topology(run), {"bench": workers}, timeout=60, check=self.check_alive)
+        wait_for_roles(url, Topology(run, self.shards), {"bench": workers}, timeout=60, check=self.check_alive)
 
 
 class Peer(System):

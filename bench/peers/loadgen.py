@@ -124,6 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reply", default="results", help="broker: result stream name of this run's jobs")
     parser.add_argument("--via", default="group", choices=["group", "wait"],
                         help="broker collector: follow the result stream through a group, or wait per job id")
+    parser.add_argument("--shards", type=int, default=1, help="broker: shards of the deployment (bench.shards)")
     return parser.parse_args(argv)
 
 
