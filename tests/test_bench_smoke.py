@@ -106,3 +106,27 @@ def test_durability_benchmark_runs_and_prints_its_table(redis_binary: str) -> No
     rows = [line.split() for line in done.stdout.splitlines()[1:]]
     assert [(row[0], row[1]) for row in rows] == [("1", "0"), ("1", "1"), ("100", "0"), ("100", "1")]
     assert all(float(row[4].replace(",", "")) > 0 for row in rows)
+
+
+@pytest.mark.timeout(120)
+def test_quick_shard_benchmark_keeps_each_jobs_commands_on_its_shards_node(redis_binary: str,
+                                                                           tmp_path: Path) -> None:
+    out = tmp_path / "SHARDS.md"
+    done = subprocess.run([sys.executable, "-m", "bench.shards", "--quick", "--shards", "1,3", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert max(len(line) for line in done.stdout.splitlines()) <= 80, done.stdout
+    report = out.read_text()
+    rows = [line.split("|")[1:-1] for line in report.splitlines() if line.startswith("| ")]
+    summary = {r[0].strip(): r for r in rows if len(r) == 8 and r[1].strip().endswith(("+1", "+3"))}
+    assert set(summary) == {"1", "3"} and all(float(r[3].replace(",", "")) > 0 for r in summary.values())
+    nodes = [[cell.strip() for cell in r] for r in rows if len(r) == 8 and r[1].strip() in "ABC"]
+    assert len(nodes) == 6, report  # three primaries, for each S
+    # S=1: one node holds the shard; the two others see no per-job command at all.
+    idle = [r for r in nodes if r[0] == "1" and r[2] == "-"]
+    assert len(idle) == 2 and all(float(r[5].rstrip("*")) == 0 for r in idle), report
+    # S=3: the shards land on three distinct primaries, each writing exactly 3 XADDs per job of its own.
+    busy = [r for r in nodes if r[0] == "3"]
+    assert sorted(r[2] for r in busy) == ["0", "1", "2"], report
+    assert all(r[7] == "3.000" for r in busy), report
+    assert "off by at most 0 (bar: 0)" in report
