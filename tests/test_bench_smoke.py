@@ -124,7 +124,7 @@ def test_quick_shard_benchmark_keeps_each_jobs_commands_on_its_shards_node(redis
     assert len(nodes) == 6, report  # three primaries, for each S
     # S=1: one node holds the shard; the two others see no per-job command at all.
     idle = [r for r in nodes if r[0] == "1" and r[2] == "-"]
-    assert len(idle) == 2 and all(float(r[5].rstrip("*")) == 0 for r in idle), report
+    assert len(idle) == 2 and all(float(r[5].rstrip("\\*")) == 0 for r in idle), report
     # S=3: the shards land on three distinct primaries, each writing exactly 3 XADDs per job of its own.
     busy = [r for r in nodes if r[0] == "3"]
     assert sorted(r[2] for r in busy) == ["0", "1", "2"], report
