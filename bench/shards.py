@@ -53,7 +53,6 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from redis.crc import key_slot
 from rich.console import Console
 
 from bench.broker_load import job
@@ -136,8 +135,11 @@ class ShardRun:
 
     shards: int
     prefix: str
-    placement: dict[int, int]
-    """Shard to the port of the primary that holds its slot."""
+    placement: list[tuple[int, int, int]]
+    """(shard, its slot, the port of the primary serving it)."""
+
+    def port_of(self, shard: int) -> int:
+        return next(port for i, _, port in self.placement if i == shard)
     sats: list[Measurement] = field(default_factory=list)
     loads: list[float] = field(default_factory=list)
     """1-minute load average when each saturation batch started."""
@@ -166,25 +168,14 @@ class Options:
     quick: bool
 
 
-def slot_owners(client: redis.Redis) -> list[tuple[int, int, int]]:
-    """``(first, last, port)`` of each slot range, from ``CLUSTER SLOTS``."""
-    reply = client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
-    return [(int(first), int(last), int(primary[1])) for first, last, primary, *_ in reply]
-
-
-def owner(ranges: list[tuple[int, int, int]], key: str) -> int:
-    slot = key_slot(key.encode())
-    return next(port for first, last, port in ranges if first <= slot <= last)
-
-
-def place(shards: int, ranges: list[tuple[int, int, int]]) -> tuple[str, dict[int, int]]:
-    """A prefix whose S shard tags land on as many distinct primaries as there are, and where each lands."""
-    primaries = len({port for _, _, port in ranges})
+def place(shards: int, cluster: EmbeddedCluster) -> tuple[str, list[tuple[int, int, int]]]:
+    """A prefix whose S shard tags land on as many distinct primaries as there are, and
+    (shard, slot, port) for each (:meth:`~cli.cluster.EmbeddedCluster.placement`)."""
     for n in count():
         prefix = f"s{shards}p{n}"
-        where = {t.shard: owner(ranges, t.jobs) for t in Topology(prefix, shards).every_shard}
-        if len(set(where.values())) == min(shards, primaries):
-            return prefix, where
+        found = cluster.placement(Topology(prefix, shards))
+        if len({port for _, _, port in found}) == min(shards, cluster.primaries):
+            return prefix, found
     raise AssertionError("unreachable")
 
 
@@ -195,14 +186,16 @@ class Bench:
         self.cluster = cluster
         self.procs = procs
         self.opts = opts
-        host, port = cluster.startup_nodes[0]
-        self.url = f"redis+cluster://{host}:{port}"
+        self.url = cluster.url
         self.nodes = {node.port: redis.Redis(host="127.0.0.1", port=node.port, socket_timeout=10)
                       for node in cluster.nodes}
-        self.ranges = slot_owners(next(iter(self.nodes.values())))
 
     def snapshot(self) -> dict[int, NodeStats]:
         return {port: NodeStats.read(client) for port, client in self.nodes.items()}
+
+    def close(self) -> None:
+        for client in self.nodes.values():
+            client.close()
 
     def flush(self) -> None:
         for client in self.nodes.values():
@@ -223,7 +216,7 @@ class Bench:
 
         try:
             # Heartbeats live on shard 0: its primary answers for them (a node client, not the cluster's).
-            home = f"redis://127.0.0.1:{shard_run.placement[0]}"
+            home = f"redis://127.0.0.1:{shard_run.port_of(0)}"
             wait_for_roles(home, Topology(prefix, s), {"bench": s}, timeout=60, check=system.check_alive)
             if self.opts.quick:
                 n = self.opts.sat_min
@@ -246,7 +239,7 @@ class Bench:
             jobs_of[shard_of(job_id, s)] += 1
         for port in self.nodes:
             row = shard_run.nodes.setdefault(
-                port, NodeRow(port, [shard for shard, p in shard_run.placement.items() if p == port]))
+                port, NodeRow(port, [shard for shard, _, p in shard_run.placement if p == port]))
             row.jobs += sum(jobs_of[shard] for shard in row.shards)
             row.all_jobs += n
             row.stats = row.stats.plus(after[port].minus(before[port]))
@@ -254,10 +247,9 @@ class Bench:
                       f"load {shard_run.loads[-1]:.2f}")
 
 
-def node_names(ranges: list[tuple[int, int, int]]) -> dict[int, str]:
-    """Port to a short name: A, B, C in the order of the slots each primary holds."""
-    ports = list(dict.fromkeys(port for _, _, port in sorted(ranges)))
-    return {port: "ABCDEFGHIJ"[i] for i, port in enumerate(ports)}
+def node_names(cluster: EmbeddedCluster) -> dict[int, str]:
+    """Port to a short name: A, B, C in the order the cluster was formed (of its slot ranges)."""
+    return {node.port: "ABCDEFGHIJ"[i] for i, node in enumerate(cluster.nodes)}
 
 
 def summary_lines(runs: list[ShardRun], markdown: bool) -> list[str]:
@@ -367,15 +359,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ib-bench-shards-") as logs:
         procs = Procs(Path(logs))
         cluster = EmbeddedCluster(primaries=PRIMARIES, owned=True).start()
+        bench = Bench(cluster, procs, opts)
         try:
-            bench = Bench(cluster, procs, opts)
             console.print(f"{PRIMARIES} primaries on ports {', '.join(str(p) for p in sorted(bench.nodes))}; "
                           f"logs in {logs}")
             for s in opts.shards:
-                prefix, where = place(s, bench.ranges)
+                prefix, where = place(s, cluster)
                 runs.append(ShardRun(s, prefix, where))
                 console.print(f"S={s}: prefix {prefix}, " + ", ".join(
-                    f"shard {i} -> :{port}" for i, port in where.items()))
+                    f"shard {i} -> :{port}" for i, _, port in where))
             for rep in range(opts.repeats):
                 for shard_run in runs:
                     console.print(f"[bold]S={shard_run.shards}[/bold] (repeat {rep + 1}/{opts.repeats})")
@@ -385,9 +377,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         finally:
             procs.stop_all()
+            bench.close()
             cluster.stop()
     found = findings(runs)
-    names = node_names(bench.ranges)
+    names = node_names(cluster)
     print("\n".join(summary_lines(runs, markdown=False)))
     print()
     print("\n".join(node_lines(runs, names, markdown=False)))
@@ -395,25 +388,24 @@ def main(argv: list[str] | None = None) -> int:
     for line in found.lines():
         print(textwrap.fill(line.replace("**", ""), width=80, subsequent_indent="  "))
     if out is not None:
-        out.write_text(report(started, info, runs, found, opts, bench.ranges))
+        out.write_text(report(started, info, runs, found, opts, names))
         console.print(f"wrote {out}")
     return 0
 
 
 def report(started: dt.datetime, info: dict[str, str], runs: list[ShardRun], found: Findings, opts: Options,
-           ranges: list[tuple[int, int, int]]) -> str:
+           names: dict[int, str]) -> str:
     binary = find_redis_server()
     env = versions(sys.executable, ["redis", "hiredis", "msgspec", "uvloop", "inference-broker"])
     load = os.getloadavg()
-    names = node_names(ranges)
     placement = [f"- S={r.shards}: prefix `{r.prefix}`, " + ", ".join(
-        f"shard {i} (`{{{Topology(r.prefix, r.shards).at(i).tag}}}`, slot "
-        f"{key_slot(Topology(r.prefix, r.shards).at(i).jobs.encode())}) on node "
-        f"{names[port]}" for i, port in r.placement.items()) for r in runs]
+        f"shard {i} (`{{{Topology(r.prefix, r.shards).at(i).tag}}}`, slot {slot}) on node {names[port]}"
+        for i, slot, port in r.placement) for r in runs]
     return "\n".join([
         "# Shards on a Redis Cluster: cost per job as S grows",
         "",
-        f"Produced by `{' '.join(['python -m bench.shards', command_line()]).strip()}` on {started:%Y-%m-%d %H:%M} UTC "
+        f"Produced by `{' '.join(['python -m bench.shards', command_line()]).strip()}` on "
+        f"{started:%Y-%m-%d %H:%M} UTC "
         f"({time.time() - started.timestamp():.0f} s). Method: the docstring of `bench/shards.py`.",
         "",
         "## Machine and versions",
@@ -430,9 +422,9 @@ def report(started: dt.datetime, info: dict[str, str], runs: list[ShardRun], fou
         "",
         *placement,
         "",
-        "Nodes: " + ", ".join(f"{names[port]} = :{port} (slots {first}-{last})"
-                              for first, last, port in sorted(ranges))
-        + ". Every role process serves all S shards (no setting gives a role a subset of them): "
+        "Nodes: " + ", ".join(f"{name} = :{port}" for port, name in names.items())
+        + " (slots asked of the cluster, `CLUSTER SLOTS`). Every role process serves all S shards "
+        "(no setting gives a role a subset of them): "
         "`procs` S+S below is S policy workers and S pool workers, each reading every shard.",
         "",
         "## Throughput and CPU per job",
