@@ -33,6 +33,7 @@ queued on a pipeline) or for :class:`broker.script_batcher.ScriptBatcher`.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from importlib.resources import files
 from typing import Generic, NamedTuple, TypeVar
@@ -41,6 +42,9 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
+from broker.connection import RETRYABLE
+
+log = logging.getLogger("inference_broker.scripts")
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
 
@@ -113,8 +117,11 @@ class Scripts:
     a replica a failover promoted (scripts are not replicated). :meth:`execute` then runs
     again the script calls it refused, and only those (the pipeline's other commands, a read,
     ran once), by EVAL with their source, sent to the same nodes by their keys: that also
-    teaches each node the script, so the next EVALSHA goes through. Every script is
-    idempotent, so a rerun cannot duplicate work even if part of the first run went through.
+    teaches each node the script, so the next EVALSHA goes through. Such a node has likely
+    forgotten them all, so every script is then loaded wherever the client sends SCRIPT LOAD
+    (each primary it knows of): the other scripts' first calls need no rerun, which waits for
+    the whole pipeline, a blocking read included. Every script is idempotent, so a rerun
+    cannot duplicate work even if part of the first run went through.
     """
 
     def __init__(self, client: aioredis.Redis) -> None:
@@ -145,6 +152,7 @@ class Scripts:
                 _send(again, calls[i], by_source=True)
             for i, result in zip(unknown, await again.execute(raise_on_error=False), strict=True):
                 results[i] = result
+            await self._teach()
         if raise_on_error:
             for result in results:
                 if isinstance(result, Exception):
@@ -157,6 +165,15 @@ class Scripts:
         self.queue(pipe, call)
         reply: R = (await self.execute(pipe))[0]  # type: ignore[assignment]
         return reply
+
+
+    async def _teach(self) -> None:
+        """Load every script (best effort: a refused EVALSHA still gets its EVAL rerun)."""
+        try:
+            for script in SCRIPTS.values():
+                await self.client.script_load(script.source)
+        except RETRYABLE as exc:
+            log.debug("could not load the scripts (%s); each is sent by EVAL where refused", exc)
 
 
 def _send(pipe: Pipeline, call: ScriptCall[object], by_source: bool = False) -> None:
