@@ -4,6 +4,9 @@ Every test that claims Redis behaviour talks to a real ``redis-server`` started 
 free loopback port (never a server that happens to be running, never a fake). Tests are
 isolated by key prefix rather than by FLUSHALL, so one server serves the whole session.
 A missing redis-server skips locally and fails in CI (``CI`` set).
+
+The core suites run twice, on that server and on a local 3-primary Redis Cluster with a
+deployment of 3 shards, from the same tests: see ``tests/deployments.py``.
 """
 
 from __future__ import annotations
@@ -23,8 +26,11 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 import uvloop
 
+from broker.connection import connect
 from broker.errors import EmbeddedRedisError
 from broker.settings import Settings
+from broker.topology import Topology
+from cli.cluster import EmbeddedCluster
 from cli.embedded import EmbeddedRedis, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,9 +54,37 @@ def redis_server() -> Iterator[EmbeddedRedis]:
     yield server
     server.stop()
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[EmbeddedCluster]:
+    """One real local Redis Cluster of 3 primaries for the session, started on first use."""
+    try:
+        cluster = EmbeddedCluster(primaries=3).start()
+    except EmbeddedRedisError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs a redis-server with cluster support: {exc}")
+        pytest.skip(f"no local Redis Cluster: {exc}")
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture
-def redis_url(redis_server: EmbeddedRedis) -> str:
-    return redis_server.url
+def where() -> str:
+    """Where the test's deployment runs: ``node``, unless the test runs on both (``ON_BOTH``)."""
+    return "node"
+
+
+@pytest.fixture
+def redis_url(where: str, request: pytest.FixtureRequest) -> str:
+    """The URL of the test's Redis: the session's server, or the session's cluster."""
+    server: EmbeddedRedis | EmbeddedCluster = request.getfixturevalue(
+        "redis_cluster" if where == "cluster" else "redis_server")
+    return server.url
+
+
+@pytest.fixture
+def shards(where: str) -> int:
+    """The deployment's shard count: one on a node, one per primary on the cluster."""
+    return 3 if where == "cluster" else 1
 
 @pytest.fixture
 def prefix() -> str:
@@ -58,14 +92,19 @@ def prefix() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
 
 @pytest.fixture
-def settings(redis_url: str, prefix: str) -> Settings:
-    return Settings(redis_url=redis_url, prefix=prefix, block_ms=200, snapshot_s=0.05, heartbeat_s=0.2,
-                    grace_s=5.0)
+def topo(prefix: str, shards: int) -> Topology:
+    """The test deployment's keys (shard 0's; ``topo.every_shard`` and ``topo.of_job`` for the rest)."""
+    return Topology(prefix, shards)
+
+@pytest.fixture
+def settings(redis_url: str, prefix: str, shards: int) -> Settings:
+    return Settings(redis_url=redis_url, prefix=prefix, shards=shards, block_ms=200, snapshot_s=0.05,
+                    heartbeat_s=0.2, grace_s=5.0)
 
 @pytest_asyncio.fixture
-async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    """A raw redis-py client on the session's server."""
-    c = aioredis.Redis.from_url(redis_url)
+async def client(redis_url: str, where: str) -> AsyncIterator[aioredis.Redis]:
+    """A raw redis-py client on the test's Redis (redis-py's cluster client on the cluster)."""
+    c = connect(redis_url) if where == "cluster" else aioredis.Redis.from_url(redis_url)
     yield c
     await c.aclose()
 
@@ -87,22 +126,29 @@ FAST_ENV = {
 class Roles:
     """Starts broker roles as separate OS processes and kills whatever is left at teardown."""
 
-    def __init__(self, url: str, prefix: str, log_dir: Path) -> None:
+    def __init__(self, url: str, prefix: str, log_dir: Path, shards: int = 1) -> None:
         self.url = url
         self.prefix = prefix
         self.log_dir = log_dir
+        self.shards = shards
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        """``python -m cli <args> --redis-url URL --prefix P`` with output in a log file."""
+        """``python -m cli <args> --redis-url URL --prefix P --shards S`` with output in a log file."""
         log = open(self.log_dir / f"{args[0]}-{len(self.procs)}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", *args, "--redis-url", self.url, "--prefix", self.prefix],
+            [sys.executable, "-m", "cli", *args, *self.options],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})}, cwd=ROOT)
         log.close()
         self.procs.append(proc)
         return proc
+
+    @property
+    def options(self) -> list[str]:
+        """The options that point a command at this deployment (one shard: IB_SHARDS may say more)."""
+        shards = ["--shards", str(self.shards)] if self.shards > 1 else []
+        return ["--redis-url", self.url, "--prefix", self.prefix, *shards]
 
     def policy(self) -> subprocess.Popen[bytes]:
         return self.start("policy")
@@ -129,8 +175,9 @@ class Roles:
         return codes
 
 @pytest.fixture
-def roles(redis_url: str, prefix: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Roles]:
-    r = Roles(redis_url, prefix, tmp_path)
+def roles(redis_url: str, prefix: str, shards: int, tmp_path: Path,
+          request: pytest.FixtureRequest) -> Iterator[Roles]:
+    r = Roles(redis_url, prefix, tmp_path, shards)
     yield r
     r.stop_all()
     report = getattr(request.node, "rep_call", None)

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,12 +75,6 @@ def documented_python(marker: str) -> str:
     return block
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[EmbeddedCluster]:
-    with EmbeddedCluster(primaries=3) as running:
-        yield running
-
-
 @dataclass
 class Deployment:
     """A deployment of :data:`SHARDS` shards on the cluster, its roles running."""
@@ -108,9 +102,9 @@ class Deployment:
 
 
 @pytest_asyncio.fixture
-async def deployment(cluster: EmbeddedCluster, prefix: str) -> AsyncIterator[Deployment]:
+async def deployment(redis_cluster: EmbeddedCluster, prefix: str) -> AsyncIterator[Deployment]:
     """The policy worker and one ``gpu`` worker (a simulated H100) on every shard, in-process."""
-    host, port = cluster.startup_nodes[0]
+    host, port = redis_cluster.startup_nodes[0]
     url = f"redis+cluster://{host}:{port}"
     settings = Settings(redis_url=url, prefix=prefix, shards=SHARDS, block_ms=200, snapshot_s=0.05,
                         heartbeat_s=0.2, grace_s=2.0)
@@ -146,14 +140,14 @@ def needs_redis_cli() -> str:
     return found
 
 
-def test_the_documented_shard_rule_is_shard_of_and_the_clusters_keyslot(cluster: EmbeddedCluster) -> None:
+def test_the_documented_shard_rule_is_shard_of_and_the_clusters_keyslot(redis_cluster: EmbeddedCluster) -> None:
     assert crc16(b"123456789") == 0x31C3  # CRC-16/XMODEM's check value: this is that CRC
     documented: dict[str, Callable[..., object]] = {}
     exec(documented_python("def crc16"), documented)  # noqa: S102 - the docs' reference code, run as written
     ingress = documented["ingress"]
     ids = [uuid.uuid4().hex for _ in range(200)] + [f"order-{i}" for i in range(100)] + [
         "a", "doc-cl-2", "tenant/a:b@c+d=e.f_g-h", "x" * 128, "0"]
-    host, port = cluster.startup_nodes[0]
+    host, port = redis_cluster.startup_nodes[0]
     node = redis.Redis(host=host, port=port, decode_responses=True)
     try:
         pipe = node.pipeline(transaction=False)

@@ -29,6 +29,7 @@ from broker.client import Client
 from broker.topology import WORKER_GROUP, Topology
 from broker.wire import Job, Result, decode_result, decode_routed
 from tests.conftest import FAST_ENV, Roles
+from tests.deployments import ON_BOTH, streams, xlen_all, xrange_all
 from tests.helpers import eventually, lane
 
 # FAST_ENV's reliability timings, as numbers.
@@ -76,7 +77,9 @@ async def pending_rows(client: aioredis.Redis, stream: str, consumer: str | None
 
 
 async def results_on_stream(client: aioredis.Redis, topo: Topology) -> list[Result]:
-    return [decode_result(f[b"result"]) for _id, f in await client.xrange(topo.reply("results"))]
+    """The results on the default reply stream of every shard."""
+    entries = await xrange_all(client, streams(topo, lambda t: t.reply("results")))
+    return [decode_result(f[b"result"]) for _id, f in entries]
 
 
 async def live_workers(client: aioredis.Redis, topo: Topology) -> set[int]:
@@ -84,20 +87,24 @@ async def live_workers(client: aioredis.Redis, topo: Topology) -> set[int]:
     return {pid_of(name) for name in await client.hkeys(topo.heartbeats("gpu"))}  # type: ignore[misc]
 
 
-async def drained(client: aioredis.Redis, stream: str) -> bool:
-    """Nothing pending and nothing left on the pool stream (handled entries are XDEL'd)."""
-    return not await holders(client, stream) and await client.xlen(stream) == 0
+async def drained(client: aioredis.Redis, *pool_streams: str) -> bool:
+    """Nothing pending and nothing left on the pool streams (handled entries are XDEL'd)."""
+    for stream in pool_streams:
+        if await holders(client, stream) or await client.xlen(stream):
+            return False
+    return True
 
 
-async def busy_workers(client: aioredis.Redis, stream: str, pids: set[int], out: list[str]) -> bool:
+async def busy_workers(client: aioredis.Redis, pool_streams: list[str], pids: set[int], out: list[str]) -> bool:
     """Fill ``out`` with the consumer names of workers in ``pids`` holding entries; any?"""
-    out[:] = sorted(name for name in await holders(client, stream) if pid_of(name) in pids)
+    held = {name for stream in pool_streams for name in await holders(client, stream)}
+    out[:] = sorted(name for name in held if pid_of(name) in pids)
     return bool(out)
 
 
 async def all_done(client: aioredis.Redis, topo: Topology, job_ids: list[str]) -> bool:
-    """Whether every job in ``job_ids`` has its outcome (done key)."""
-    return not job_ids or all(v is not None for v in await client.mget([topo.done(j) for j in job_ids]))
+    """Whether every job in ``job_ids`` has its outcome (done key, on the job's shard)."""
+    return all([await client.exists(topo.of_job(j).done(j)) for j in job_ids])
 
 
 class Kill(msgspec.Struct):
@@ -116,8 +123,9 @@ N_KILLS = 10
 KILL_SEED = 20260917
 
 
+@ON_BOTH
 async def test_ten_sigkills_under_1000_jobs_lose_nothing_and_reclaim_fast(
-        roles: Roles, redis_url: str, prefix: str, client: aioredis.Redis) -> None:
+        roles: Roles, redis_url: str, prefix: str, shards: int, topo: Topology, client: aioredis.Redis) -> None:
     """Two gpu workers; one of them is SIGKILLed at a random point ten times and replaced.
 
     The jobs go in ten waves of 100, one wave before each kill, so every kill lands while
@@ -129,11 +137,11 @@ async def test_ten_sigkills_under_1000_jobs_lose_nothing_and_reclaim_fast(
 
     What the victim held when it died is read from ``XPENDING`` *after* it died (a dead
     process cannot change it, and takeover needs a full idle time), so attribution of
-    each retry to its kill is exact, not a guess from timestamps.
+    each retry to its kill is exact, not a guess from timestamps. On the cluster, the
+    workers hold entries of every shard's lane, and the kill orphans them wherever they are.
     """
     rng = random.Random(KILL_SEED)
-    topo = Topology(prefix)
-    pool = lane(topo, "gpu")  # completion jobs are of the standard class
+    pools = streams(topo, lambda t: lane(t, "gpu"))  # completion jobs are of the standard class
     roles.start("policy", env=FAST_ENV)
     workers = [start_worker(roles, "--concurrency", "8")[0] for _ in range(2)]
     jobs = [completion(f"k-{i}", rng.randint(5, 60)) for i in range(N_JOBS)]
@@ -141,25 +149,25 @@ async def test_ten_sigkills_under_1000_jobs_lose_nothing_and_reclaim_fast(
     kills: list[Kill] = []
     started = time.monotonic()
 
-    async with Client(redis_url, prefix=prefix) as sdk:
+    async with Client(redis_url, prefix=prefix, shards=shards) as sdk:
         for k in range(N_KILLS):
             await sdk.submit_many(jobs[k * wave:(k + 1) * wave])
             await asyncio.sleep(rng.uniform(0.1, 0.7))  # the random point of this kill
             live = {w.pid: w for w in workers if w.poll() is None}
             busy: list[str] = []
-            await eventually(partial(busy_workers, client, pool, set(live), busy), timeout=10,
+            await eventually(partial(busy_workers, client, pools, set(live), busy), timeout=10,
                              what=f"a worker holding jobs before kill {k}")
             victim = rng.choice(busy)
             proc = live[pid_of(victim)]
             at = time.time()
             proc.send_signal(signal.SIGKILL)
             assert proc.wait(timeout=5) == -signal.SIGKILL
-            rows = await pending_rows(client, pool, victim)
             orphans: dict[str, int] = {}
-            for row in rows:
-                entry = await client.xrange(pool, row["message_id"], row["message_id"])
-                assert entry, f"orphaned entry {row['message_id']!r} is gone from the pool stream"
-                orphans[decode_routed(entry[0][1][b"routed"]).job.id] = int(row["times_delivered"])
+            for pool in pools:
+                for row in await pending_rows(client, pool, victim):
+                    entry = await client.xrange(pool, row["message_id"], row["message_id"])
+                    assert entry, f"orphaned entry {row['message_id']!r} is gone from {pool}"
+                    orphans[decode_routed(entry[0][1][b"routed"]).job.id] = int(row["times_delivered"])
             kills.append(Kill(at=at, victim=victim, orphans=orphans))
             workers[workers.index(proc)] = start_worker(roles, "--concurrency", "8")[0]  # the supervisor
             await eventually(partial(all_done, client, topo, list(orphans)), timeout=15,
@@ -169,13 +177,13 @@ async def test_ten_sigkills_under_1000_jobs_lose_nothing_and_reclaim_fast(
             return len({r.id for r in await results_on_stream(client, topo)}) >= N_JOBS
 
         await eventually(all_results, timeout=30, what="a result for every job")
-        await eventually(lambda: drained(client, pool), timeout=10, what="the gpu pool stream to drain")
+        await eventually(lambda: drained(client, *pools), timeout=10, what="the gpu pool streams to drain")
 
     results = await results_on_stream(client, topo)
     counts = collections.Counter(r.id for r in results)
     assert set(counts) == {j.id for j in jobs}
     assert [i for i, n in counts.items() if n != 1] == []  # exactly one result per job
-    assert await client.xlen(topo.dead) == 0
+    assert await xlen_all(client, streams(topo, lambda t: t.dead)) == 0
     assert all(r.status == "ok" and r.timing is not None for r in results), [r for r in results if r.status != "ok"]
 
     # Every kill orphaned running jobs, and each job was orphaned at most once, at delivery 1.

@@ -1,4 +1,8 @@
-"""What producers without the SDK send: raw JSON, msgpack, FastStream envelopes, bad bytes."""
+"""What producers without the SDK send: raw JSON, msgpack, FastStream envelopes, bad bytes.
+
+Each entry goes on the ingress of its job's shard (docs/wire-format.md), so the tests
+marked ON_BOTH hold on one node and on a 3-shard deployment over a 3-primary cluster.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +17,16 @@ from broker.client import Client
 from broker.topology import Topology
 from broker.wire import decode_dead, decode_result
 from tests.conftest import Roles
+from tests.deployments import ON_BOTH, streams, xlen_all, xrange_all
 from tests.helpers import eventually
 
 
 async def read_result(client: aioredis.Redis, topo: Topology, job_id: str, stream: str = "results") -> dict:
-    """Wait for ``job_id``'s entry on a reply stream, as a plain consumer would, and return its JSON."""
+    """Wait for ``job_id``'s entry on a reply stream (of its shard), as a plain consumer would; its JSON."""
     found: dict = {}
 
     async def check() -> bool:
-        for _id, fields in await client.xrange(topo.reply(stream)):
+        for _id, fields in await client.xrange(topo.of_job(job_id).reply(stream)):
             data = json.loads(fields[b"result"])
             if data["id"] == job_id:
                 found.update(data)
@@ -32,29 +37,29 @@ async def read_result(client: aioredis.Redis, topo: Topology, job_id: str, strea
     return found
 
 
+@ON_BOTH
 async def test_raw_json_xadd_comes_back_on_its_reply_stream(roles: Roles, client: aioredis.Redis,
-                                                             prefix: str) -> None:
+                                                             topo: Topology) -> None:
     roles.policy()
     roles.worker("gpu")
-    topo = Topology(prefix)
     # Exactly what docs/wire-format.md tells a producer in any language to send.
     job = {"id": "raw-1", "model": "llama-3.1-8b", "kind": "completion", "prompt": "Hello",
            "max_tokens": 8, "reply_to": "my-service"}
-    await client.xadd(topo.jobs, {"job": json.dumps(job)})
+    await client.xadd(topo.of_job("raw-1").jobs, {"job": json.dumps(job)})
     result = await read_result(client, topo, "raw-1", "my-service")
     assert result["status"] == "ok" and result["pool"] == "gpu"
     assert result["usage"]["completion_tokens"] == 8
     assert result["metrics"]["time_to_first_token_ms"] > 0
     # The same JSON is retrievable by job id.
-    assert json.loads(await client.get(topo.done("raw-1")))["id"] == "raw-1"
+    assert json.loads(await client.get(topo.of_job("raw-1").done("raw-1")))["id"] == "raw-1"
 
 
-async def test_msgpack_job_is_accepted(roles: Roles, client: aioredis.Redis, prefix: str) -> None:
+@ON_BOTH
+async def test_msgpack_job_is_accepted(roles: Roles, client: aioredis.Redis, topo: Topology) -> None:
     roles.policy()
     roles.worker("gpu")
-    topo = Topology(prefix)
     job = {"id": "mp-1", "model": "minilm-l6", "kind": "embedding", "texts": ["a", "b"]}
-    await client.xadd(topo.jobs, {"job": msgspec.msgpack.encode(job)})
+    await client.xadd(topo.of_job("mp-1").jobs, {"job": msgspec.msgpack.encode(job)})
     result = await read_result(client, topo, "mp-1")
     assert result["status"] == "ok" and len(result["embeddings"]) == 2
 
@@ -73,9 +78,10 @@ async def test_faststream_publisher_can_submit_jobs(roles: Roles, redis_url: str
     assert result["status"] == "ok"
 
 
+@ON_BOTH
 async def test_jobs_submitted_before_any_role_starts_are_all_processed(roles: Roles, redis_url: str,
-                                                                      prefix: str) -> None:
-    async with Client(redis_url, prefix=prefix) as sdk:
+                                                                      prefix: str, shards: int) -> None:
+    async with Client(redis_url, prefix=prefix, shards=shards) as sdk:
         jobs = [msgspec.structs.replace(j, id=f"early-{i}") for i, j in enumerate(
             [*(await _chat_jobs(30))])]
         await sdk.submit_many(jobs)  # no group exists yet, no consumer runs
@@ -92,32 +98,34 @@ async def _chat_jobs(n: int) -> list:
     return mixed_jobs(n, seed=3)
 
 
+@ON_BOTH
 async def test_bad_entries_become_dead_letters_and_the_policy_keeps_going(
-        roles: Roles, redis_url: str, prefix: str, client: aioredis.Redis) -> None:
+        roles: Roles, topo: Topology, client: aioredis.Redis) -> None:
     policy = roles.policy()
     roles.worker("gpu")
-    topo = Topology(prefix)
+    # Each entry on the ingress of its id's shard; one with no readable id on shard 0's.
     bad = [
-        {"job": b"\x00\xffnot a job"},                                       # garbage bytes
-        {"job": b'{"id": "bad-types", "model": 42}'},                        # wrong type
-        {"job": b'{"id": "no-input", "model": "llama-3.1-8b", "kind": "chat"}'},  # no messages
-        {"something": b"else"},                                              # no job field
-        {"job": b"{" + b" " * (1 << 20) + b"}"},                             # over the size limit
+        ("", {"job": b"\x00\xffnot a job"}),                                       # garbage bytes
+        ("bad-types", {"job": b'{"id": "bad-types", "model": 42}'}),                 # wrong type
+        ("no-input", {"job": b'{"id": "no-input", "model": "llama-3.1-8b", "kind": "chat"}'}),  # no messages
+        ("", {"something": b"else"}),                                              # no job field
+        ("", {"job": b"{" + b" " * (1 << 20) + b"}"}),                             # over the size limit
     ]
-    for fields in bad:
-        await client.xadd(topo.jobs, fields)
-    await client.xadd(topo.jobs, {"job": json.dumps({
+    for job_id, fields in bad:
+        await client.xadd(topo.of_job(job_id).jobs if job_id else topo.jobs, fields)
+    await client.xadd(topo.of_job("unknown-model").jobs, {"job": json.dumps({
         "id": "unknown-model", "model": "gpt-9", "kind": "completion", "prompt": "x"})})
-    await client.xadd(topo.jobs, {"job": json.dumps({
+    await client.xadd(topo.of_job("good").jobs, {"job": json.dumps({
         "id": "good", "model": "llama-3.1-8b", "kind": "completion", "prompt": "x", "max_tokens": 2})})
 
     assert (await read_result(client, topo, "good"))["status"] == "ok"
+    dead = streams(topo, lambda t: t.dead)
 
     async def all_dead() -> bool:  # a script's first use on a server can land its calls a read later
-        return await client.xlen(topo.dead) >= len(bad) + 1
+        return await xlen_all(client, dead) >= len(bad) + 1
 
     await eventually(all_dead, what="a dead letter for each bad entry")
-    letters = [decode_dead(f[b"dead"]) for _id, f in await client.xrange(topo.dead)]
+    letters = [decode_dead(f[b"dead"]) for _id, f in await xrange_all(client, dead)]
     reasons = sorted(d.reason for d in letters)
     assert reasons == sorted(["decode_error", "invalid_job", "invalid_job", "decode_error", "too_large",
                               "unknown_model"])
@@ -128,16 +136,18 @@ async def test_bad_entries_become_dead_letters_and_the_policy_keeps_going(
     # A job whose id and reply stream survive validation gets a failed result too.
     no_input = await read_result(client, topo, "no-input")
     assert no_input["status"] == "failed" and "messages" in no_input["error"]
-    # Everything was acked: nothing is left pending on the ingress group.
-    groups = await client.xinfo_groups(topo.jobs)
-    assert groups[0]["pending"] == 0
+    # Everything was acked: nothing is left pending on any ingress group.
+    for shard in topo.every_shard:
+        if await client.exists(shard.jobs):
+            assert [g["pending"] for g in await client.xinfo_groups(shard.jobs)] == [0]
     assert policy.poll() is None  # still running
 
 
-async def test_expired_job_gets_an_expired_result(roles: Roles, redis_url: str, prefix: str) -> None:
+@ON_BOTH
+async def test_expired_job_gets_an_expired_result(roles: Roles, redis_url: str, prefix: str, shards: int) -> None:
     roles.policy()
     roles.worker("gpu")
-    async with Client(redis_url, prefix=prefix) as sdk:
+    async with Client(redis_url, prefix=prefix, shards=shards) as sdk:
         from broker.wire import Job
 
         job = Job(id="late", model="llama-3.1-8b", kind="completion", prompt="x", deadline=1.0)
@@ -145,14 +155,16 @@ async def test_expired_job_gets_an_expired_result(roles: Roles, redis_url: str, 
     assert result.status == "expired" and result.timing is None
 
 
-async def test_result_stream_through_a_consumer_group(roles: Roles, redis_url: str, prefix: str) -> None:
+@ON_BOTH
+async def test_result_stream_through_a_consumer_group(roles: Roles, redis_url: str, prefix: str,
+                                                     shards: int) -> None:
     from tests.helpers import mixed_jobs
 
     roles.policy()
     roles.worker("gpu")
     roles.worker("accel")
     jobs = mixed_jobs(20, seed=5, tag="grp")
-    async with Client(redis_url, prefix=prefix) as sdk:
+    async with Client(redis_url, prefix=prefix, shards=shards) as sdk:
         await sdk.submit_many(jobs)
         seen = []
         async for result in sdk.results("billing", "c1"):
@@ -162,8 +174,10 @@ async def test_result_stream_through_a_consumer_group(roles: Roles, redis_url: s
         assert sorted(seen) == sorted(j.id for j in jobs)
         # Acks go per read, after its loop bodies: leaving mid-read leaves that read pending,
         # and the same consumer gets exactly those again, nothing acked twice or lost.
-        groups = {g["name"]: g for g in await sdk.redis.xinfo_groups(sdk.topo.reply("results"))}
-        pending = groups[b"billing"]["pending"]
+        pending = 0
+        for shard in sdk.topo.every_shard:
+            groups = {g["name"]: g for g in await sdk.redis.xinfo_groups(shard.reply("results"))}
+            pending += groups[b"billing"]["pending"]
         again: list[str] = []
         if pending:
             async for result in sdk.results("billing", "c1"):

@@ -1,4 +1,4 @@
-"""End to end over a real redis-server, with every role a separate OS process."""
+"""End to end over a real redis-server and a real 3-primary cluster, every role a separate OS process."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ from broker.config import default_config_text
 from broker.topology import Topology
 from broker.wire import Result, decode_result
 from tests.conftest import Roles
+from tests.deployments import ON_BOTH, streams, xlen_all, xrange_all
 from tests.helpers import admitting_all, lane, lanes, mixed_jobs
+
+pytestmark = ON_BOTH
 
 N = 500
 
@@ -26,8 +29,9 @@ def assert_consistent(r: Result) -> None:
     assert r.metrics.e2e_latency_ms >= r.metrics.time_to_first_token_ms >= r.metrics.queue_time_ms >= 0
 
 
-async def test_500_mixed_jobs_each_get_exactly_one_result(roles: Roles, redis_url: str, prefix: str,
-                                                          client: aioredis.Redis, tmp_path: Path) -> None:
+async def test_500_mixed_jobs_each_get_exactly_one_result(roles: Roles, redis_url: str, prefix: str, shards: int,
+                                                          topo: Topology, client: aioredis.Redis,
+                                                          tmp_path: Path) -> None:
     # Admission off: the burst tests delivery (one result per job, every job run with
     # consistent timings). With it on, 500 jobs at once on three workers have some refused
     # once the first have finished, more where a contended CPU slows the simulated devices;
@@ -39,16 +43,15 @@ async def test_500_mixed_jobs_each_get_exactly_one_result(roles: Roles, redis_ur
     for pool in ("gpu", "gpu", "accel"):
         roles.start("worker", "--pool", pool, "--grace", "5", env=env)
     jobs = mixed_jobs(N)
-    async with Client(redis_url, prefix=prefix) as sdk:
+    async with Client(redis_url, prefix=prefix, shards=shards) as sdk:
         await sdk.submit_many(jobs)
         results = await asyncio.gather(*(sdk.result(j.id, timeout=60) for j in jobs))
 
-    topo = Topology(prefix)
-    # Exactly N results on the stream, one per job id: nothing lost, nothing duplicated.
-    entries = await client.xrange(topo.reply("results"))
+    # Exactly N results on the streams, one per job id: nothing lost, nothing duplicated.
+    entries = await xrange_all(client, streams(topo, lambda t: t.reply("results")))
     ids = [decode_result(fields[b"result"]).id for _id, fields in entries]
     assert len(ids) == N and set(ids) == {j.id for j in jobs}
-    assert await client.xlen(topo.dead) == 0
+    assert await xlen_all(client, streams(topo, lambda t: t.dead)) == 0
 
     by_id = {j.id: j for j in jobs}
     for r in results:
@@ -72,7 +75,8 @@ async def test_500_mixed_jobs_each_get_exactly_one_result(roles: Roles, redis_ur
     assert [why for why in accel if not re.search(r"gpu misses|saturated gpu|gpu has no live workers", why)] == []
 
 
-async def test_sigterm_lets_the_running_job_finish(roles: Roles, redis_url: str, prefix: str) -> None:
+async def test_sigterm_lets_the_running_job_finish(roles: Roles, redis_url: str, prefix: str, shards: int,
+                                                   topo: Topology) -> None:
     import signal
 
     from broker.wire import Job
@@ -81,13 +85,12 @@ async def test_sigterm_lets_the_running_job_finish(roles: Roles, redis_url: str,
     worker = roles.worker("gpu")
     # ~2 s on the simulated 70B model: long enough to be mid-job when the signal lands.
     job = Job(id="long", model="llama-3.3-70b", kind="completion", prompt="p", max_tokens=100)
-    async with Client(redis_url, prefix=prefix) as sdk:
+    async with Client(redis_url, prefix=prefix, shards=shards) as sdk:
         await sdk.submit(job)
-        topo = Topology(prefix)
 
         async def running() -> bool:
             try:
-                groups = await sdk.redis.xinfo_groups(lane(topo, "gpu"))
+                groups = await sdk.redis.xinfo_groups(lane(topo.of_job(job.id), "gpu"))
             except aioredis.ResponseError:  # the pool stream does not exist yet
                 return False
             return bool(groups) and groups[0]["pending"] == 1
@@ -101,20 +104,20 @@ async def test_sigterm_lets_the_running_job_finish(roles: Roles, redis_url: str,
     assert worker.wait(timeout=10) == 0
 
 
-async def test_roles_survive_their_streams_being_deleted(roles: Roles, redis_url: str, prefix: str,
-                                                         client: aioredis.Redis) -> None:
+async def test_roles_survive_their_streams_being_deleted(roles: Roles, redis_url: str, prefix: str, shards: int,
+                                                         topo: Topology, client: aioredis.Redis) -> None:
     from broker.wire import Job
 
     policy = roles.policy()
     worker = roles.worker("gpu")
-    topo = Topology(prefix)
 
     def job(i: int) -> Job:
         return Job(id=f"del-{i}", model="llama-3.1-8b", kind="completion", prompt="p", max_tokens=2)
 
-    async with Client(redis_url, prefix=prefix) as sdk:
+    async with Client(redis_url, prefix=prefix, shards=shards) as sdk:
         assert (await sdk.run(job(0), timeout=20)).status == "ok"
         # As if Redis restarted empty: the streams and their groups vanish under blocked readers.
-        await client.delete(topo.jobs, *lanes(topo, "gpu"))
+        for shard in topo.every_shard:
+            await client.delete(shard.jobs, *lanes(shard, "gpu"))
         assert (await sdk.run(job(1), timeout=20)).status == "ok"
     assert policy.poll() is None and worker.poll() is None

@@ -14,6 +14,7 @@ from broker.streams import ensure_group
 from broker.topology import WORKER_GROUP, Topology
 from broker.wire import Job, Route, RoutedJob, decode_dead, json_encode
 from tests.conftest import FAST_ENV, Roles
+from tests.deployments import ON_BOTH, streams, xrange_all
 from tests.helpers import only_dead_letter
 from workers.backend import BackendError, InferenceOutput, TokenSink
 
@@ -22,13 +23,13 @@ def completion(job_id: str, tokens: int = 4, model: str = "llama-3.1-8b", **meta
     return Job(id=job_id, model=model, kind="completion", prompt="p", max_tokens=tokens, metadata=metadata)
 
 
+@ON_BOTH
 async def test_failing_and_crashing_jobs_are_dead_lettered_while_healthy_ones_flow(
-        roles: Roles, redis_url: str, prefix: str, client: aioredis.Redis) -> None:
+        roles: Roles, redis_url: str, prefix: str, shards: int, topo: Topology, client: aioredis.Redis) -> None:
     roles.start("policy", env=FAST_ENV)
     workers = [roles.start("worker", "--pool", "gpu", env=FAST_ENV) for _ in range(2)]
-    topo = Topology(prefix)
     healthy = [completion(f"ok-{i}") for i in range(100)]
-    async with Client(redis_url, prefix=prefix) as sdk:
+    async with Client(redis_url, prefix=prefix, shards=shards) as sdk:
         await sdk.submit_many([completion("always-fails", fault="transient"), completion("kills", fault="crash"),
                                *healthy])
         # A crash takes its worker down: restart workers as a supervisor (compose, systemd) would.
@@ -40,13 +41,14 @@ async def test_failing_and_crashing_jobs_are_dead_lettered_while_healthy_ones_fl
                 if w.poll() is not None:
                     assert w.returncode == 70  # the injected crash, nothing else
                     workers[i] = roles.start("worker", "--pool", "gpu", env=FAST_ENV)
-            failed = await client.get(topo.done("always-fails"))
-            killed = await client.get(topo.done("kills"))
+            failed = await client.get(topo.of_job("always-fails").done("always-fails"))
+            killed = await client.get(topo.of_job("kills").done("kills"))
             assert loop.time() < deadline, "poison jobs never reached the dead-letter stream"
             await asyncio.sleep(0.05)
         results = await asyncio.gather(*(sdk.result(j.id, timeout=30) for j in healthy))
     assert all(r.status == "ok" for r in results)
-    letters = {d.job_id: d for d in (decode_dead(f[b"dead"]) for _i, f in await client.xrange(topo.dead))}
+    letters = {d.job_id: d for d in (decode_dead(f[b"dead"])
+                                     for _i, f in await xrange_all(client, streams(topo, lambda t: t.dead)))}
     assert set(letters) == {"always-fails", "kills"}
     assert letters["always-fails"].reason == "max_deliveries"
     assert "injected transient fault" in letters["always-fails"].error  # the last error is kept
@@ -56,18 +58,20 @@ async def test_failing_and_crashing_jobs_are_dead_lettered_while_healthy_ones_fl
     assert "delivered 3 times" in letters["always-fails"].error and "delivered 3 times" in letters["kills"].error
 
 
-async def test_a_job_longer_than_the_idle_time_runs_once(roles: Roles, redis_url: str, prefix: str) -> None:
+@ON_BOTH
+async def test_a_job_longer_than_the_idle_time_runs_once(roles: Roles, redis_url: str, prefix: str,
+                                                        shards: int) -> None:
     roles.start("policy", env=FAST_ENV)
     roles.start("worker", "--pool", "gpu", env=FAST_ENV)
     roles.start("worker", "--pool", "gpu", env=FAST_ENV)
     # ~3 s on the simulated 70B model, three times the 1 s takeover idle time.
     job = completion("long", tokens=150, model="llama-3.3-70b")
-    async with Client(redis_url, prefix=prefix) as sdk:
+    async with Client(redis_url, prefix=prefix, shards=shards) as sdk:
         result = await sdk.run(job, timeout=30)
         assert result.status == "ok" and result.timing is not None
         assert result.metrics is not None and result.metrics.inference_time_ms > 2000
         assert result.timing.attempt == 1  # the lease held: nobody took it over
-        entries = await sdk.redis.xrange(sdk.topo.reply("results"))
+        entries = await sdk.redis.xrange(sdk.topo.of_job(job.id).reply("results"))
         assert len(entries) == 1
 
 

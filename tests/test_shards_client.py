@@ -30,7 +30,6 @@ from broker.connection import connect
 from broker.streams import ensure_group
 from broker.topology import POLICY_GROUP, Topology, shard_of
 from broker.wire import DeadLetter, Job, decode_result, json_encode
-from cli.cluster import EmbeddedCluster
 from cli.embedded import EmbeddedRedis
 from cli.main import main
 from tests.conftest import FAST_ENV, Roles
@@ -48,24 +47,17 @@ class Deployment(msgspec.Struct, frozen=True):
         return Topology(self.prefix, SHARDS)
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[EmbeddedCluster]:
-    with EmbeddedCluster(primaries=3) as running:
-        yield running
-
-
 @pytest.fixture(scope="module", params=["node", "cluster"])
 def deployment(request: pytest.FixtureRequest, redis_server: EmbeddedRedis,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     """Three shards served by a policy worker and a gpu worker (with fault injection)."""
     url = redis_server.url
     if request.param == "cluster":
-        host, port = request.getfixturevalue("cluster").startup_nodes[0]
-        url = f"redis+cluster://{host}:{port}"
+        url = request.getfixturevalue("redis_cluster").url
     here = Deployment(url, f"t{uuid.uuid4().hex[:10]}")
-    roles = Roles(url, here.prefix, tmp_path_factory.mktemp("roles"))
-    roles.start("policy", "--shards", str(SHARDS), env=FAST_ENV)
-    roles.start("worker", "--pool", "gpu", "--shards", str(SHARDS), env=FAST_ENV)
+    roles = Roles(url, here.prefix, tmp_path_factory.mktemp("roles"), SHARDS)
+    roles.start("policy", env=FAST_ENV)
+    roles.start("worker", "--pool", "gpu", env=FAST_ENV)
     try:
         yield here
     finally:

@@ -8,7 +8,7 @@ producers do (XADD to the ingress of the job's shard, docs/wire-format.md).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
@@ -20,23 +20,15 @@ from broker.policy_worker import PolicyWorker
 from broker.settings import Settings
 from broker.topology import POLICY_GROUP, shard_of
 from broker.wire import Job, decode_routed, json_encode
-from cli.cluster import EmbeddedCluster
 from tests.helpers import eventually
 
 SHARDS = 3
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[EmbeddedCluster]:
-    with EmbeddedCluster(primaries=3) as running:
-        yield running
-
-
 @pytest_asyncio.fixture(params=["node", "cluster"])
 async def deployment(request: pytest.FixtureRequest, redis_url: str, prefix: str) -> AsyncIterator[Settings]:
     if request.param == "cluster":
-        host, port = request.getfixturevalue("cluster").startup_nodes[0]
-        redis_url = f"redis+cluster://{host}:{port}"
+        redis_url = request.getfixturevalue("redis_cluster").url
     yield Settings(redis_url=redis_url, prefix=prefix, shards=SHARDS, block_ms=200, snapshot_s=0.05,
                    heartbeat_s=0.2)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
@@ -42,21 +42,10 @@ class Echo:
         pass
 
 
-def cluster_url(cluster: EmbeddedCluster) -> str:
-    host, port = cluster.startup_nodes[0]
-    return f"redis+cluster://{host}:{port}"
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[EmbeddedCluster]:
-    with EmbeddedCluster(primaries=3) as running:
-        yield running
-
-
 @pytest_asyncio.fixture(params=["node", "cluster"])
 async def deployment(request: pytest.FixtureRequest, redis_url: str, prefix: str) -> AsyncIterator[Settings]:
     if request.param == "cluster":
-        redis_url = cluster_url(request.getfixturevalue("cluster"))
+        redis_url = request.getfixturevalue("redis_cluster").url
     yield Settings(redis_url=redis_url, prefix=prefix, shards=SHARDS, block_ms=200, snapshot_s=0.05,
                    heartbeat_s=0.2, grace_s=2.0)
 
@@ -134,5 +123,5 @@ async def test_a_submit_that_no_replica_confirms_says_so_and_stops_after_the_chu
 async def test_a_submit_waits_for_a_replica_of_each_shard() -> None:
     with EmbeddedCluster(primaries=3, replicas=1) as replicated:
         batch = jobs(12, "confirmed")
-        async with Client(cluster_url(replicated), shards=SHARDS, replicas=1, replicas_ms=2000) as sdk:
+        async with Client(replicated.url, shards=SHARDS, replicas=1, replicas_ms=2000) as sdk:
             assert await sdk.submit_many(batch, chunk=5) == [job.id for job in batch]

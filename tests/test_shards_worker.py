@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 
-import pytest
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
@@ -25,6 +24,7 @@ from broker.streams import STOP_TIMEOUT_S
 from broker.topology import WORKER_GROUP, Topology, shard_of
 from broker.wire import Job, Route, RoutedJob, decode_result, json_encode
 from cli.cluster import EmbeddedCluster, slot_ranges
+from tests.deployments import ON_BOTH
 from tests.helpers import eventually
 from workers.backend import InferenceOutput, TokenSink
 from workers.worker import PoolWorker
@@ -164,15 +164,9 @@ async def test_the_most_urgent_lane_goes_first_whichever_shard_holds_it(redis_ur
     assert backend.ran == [*urgent, *later]
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[EmbeddedCluster]:
-    with EmbeddedCluster(primaries=3) as running_cluster:
-        yield running_cluster
-
-
-async def test_one_worker_serves_three_shards_on_a_three_primary_cluster(cluster: EmbeddedCluster) -> None:
-    host, port = cluster.startup_nodes[0]
-    settings = Settings(redis_url=f"redis+cluster://{host}:{port}", prefix="ib", shards=SHARDS, block_ms=1000,
+async def test_one_worker_serves_three_shards_on_a_three_primary_cluster(redis_cluster: EmbeddedCluster,
+                                                                        prefix: str) -> None:
+    settings = Settings(redis_url=redis_cluster.url, prefix=prefix, shards=SHARDS, block_ms=1000,
                         heartbeat_s=0.2, grace_s=2.0)
     topo = settings.topology
     # The three shards' tags land on the three primaries: every read and script of the
@@ -199,14 +193,10 @@ async def test_one_worker_serves_three_shards_on_a_three_primary_cluster(cluster
         await worker_client.aclose()
 
 
-@pytest.mark.parametrize("where", ["node", "cluster"])
-async def test_the_policy_and_one_pool_worker_run_every_shards_jobs(where: str, redis_url: str, prefix: str,
-                                                                    request: pytest.FixtureRequest) -> None:
+@ON_BOTH
+async def test_the_policy_and_one_pool_worker_run_every_shards_jobs(redis_url: str, prefix: str) -> None:
     # The whole hop: producers XADD each job to its shard's ingress (docs/wire-format.md), the
     # policy routes it into that shard's lane, the worker answers on that shard.
-    if where == "cluster":
-        host, port = request.getfixturevalue("cluster").startup_nodes[0]
-        redis_url = f"redis+cluster://{host}:{port}"
     config = load_config()
     settings = Settings(redis_url=redis_url, prefix=prefix, shards=SHARDS, block_ms=200, snapshot_s=0.05,
                         heartbeat_s=0.2, grace_s=2.0)
