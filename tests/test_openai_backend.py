@@ -496,10 +496,17 @@ async def test_a_job_cut_off_at_its_deadline_ends_expired(
     roles.start("policy", env=env)
     roles.start("worker", "--pool", "gpu", "--grace", "5", env=env)
     job = Job.chat("llama-3.1-8b", "hi", max_tokens=50)
+    topo = Topology(prefix)
+
+    async def both_up() -> bool:  # a role still starting would let the deadline pass before routing
+        return bool(await client.hlen(topo.policy_heartbeats)  # type: ignore[misc]
+                    and await client.hlen(topo.heartbeats("gpu")))  # type: ignore[misc]
+
+    await eventually(both_up, timeout=30, what="the policy and the gpu worker to start")
     async with Client(redis_url, prefix=prefix, block_ms=200) as sdk:
-        # Routed within the deadline; 50 tokens at 5/s take 10 s, the job allows 1.5 s.
-        job = msgspec.structs.replace(job, deadline=time.time() + 1.5)
+        # Routed within the deadline; 50 tokens at 5/s take 10 s, the job allows 3 s.
+        job = msgspec.structs.replace(job, deadline=time.time() + 3)
         result = await asyncio.wait_for(sdk.run(job, timeout=30), 35)
     assert result.status == "expired", result
     assert result.error and "DeadlineExceeded" in result.error and "cut off" in result.error
-    assert await client.xlen(Topology(prefix).dead) == 0  # an outcome, not a failure
+    assert await client.xlen(topo.dead) == 0  # an outcome, not a failure
