@@ -201,9 +201,24 @@ class Client:
         would have (its result wins). A job not submitted yet is ended too: a later submission
         of its id is dropped at routing.
         """
-        result = json_encode(Result.for_job(job, "cancelled", error=reason))
-        call = calls.cancel(self.topo.of_job(job.id), job.id, job.reply_to, result, self.result_ttl_s * 1000)
-        return await self.scripts.call(call) == 1
+        return (await self.cancel_many([job], reason=reason))[0]
+
+    async def cancel_many(self, jobs: Iterable[Job], *, reason: str = "cancelled by its producer",
+                          chunk: int = 500) -> list[bool]:
+        """:meth:`cancel` each of ``jobs`` (a batch's, say), pipelined ``chunk`` at a time; whether
+        each call ended its job, in order."""
+        ended: list[bool] = []
+        pipe = self.redis.pipeline(transaction=False)
+        for i, job in enumerate(jobs, start=1):
+            result = json_encode(Result.for_job(job, "cancelled", error=reason))
+            topo = self.topo.of_job(job.id)
+            self.scripts.queue(pipe, calls.cancel(topo, job.id, job.reply_to, result, self.result_ttl_s * 1000))
+            if i % chunk == 0:
+                ended += [code == 1 for code in await self.scripts.execute(pipe)]
+                pipe = self.redis.pipeline(transaction=False)
+        if len(pipe):
+            ended += [code == 1 for code in await self.scripts.execute(pipe)]
+        return ended
 
     async def tokens(self, job_id: str, *, timeout: float = 60.0) -> AsyncIterator[TokenChunk]:
         """Follow the output of a job submitted with ``stream=True`` as it is generated.

@@ -13,10 +13,13 @@ import sys
 from typing import Any
 
 import click
+import msgspec
+from redis.exceptions import ResponseError
 
 from broker.client import Client
+from broker.streams import is_group_lost
 from broker.topology import WORKER_GROUP, Topology
-from broker.wire import DECODE_ERRORS, InvalidJob, Job, decode_job, decode_result, decode_routed
+from broker.wire import DECODE_ERRORS, InvalidJob, Job, JobId, decode_job, decode_result, decode_routed
 from cli.common import EPILOG, common, need_url, settings_from
 
 PAGE = 1000
@@ -44,6 +47,16 @@ async def _on_ingress(client: Client, topo: Topology, job_id: str) -> Job | None
         start = "(" + page[-1][0].decode()
 
 
+async def _taken(client: Client, stream: str, entry: str) -> bool:
+    """Whether a pool worker has taken ``entry`` of ``stream`` (no group yet: no worker has)."""
+    try:
+        return bool(await client.redis.xpending_range(stream, WORKER_GROUP, entry, entry, 1))
+    except ResponseError as exc:
+        if not is_group_lost(exc):
+            raise
+        return False
+
+
 async def _why_not(client: Client, job_id: str) -> tuple[Job | None, str]:
     """The waiting job ``job_id``, or why it cannot be cancelled."""
     topo = client.topo.of_job(job_id)
@@ -59,7 +72,7 @@ async def _why_not(client: Client, job_id: str) -> tuple[Job | None, str]:
         return job, "" if job else "no such job is waiting (never submitted, or its result has expired)"
     lane, _, entry = marker.decode(errors="replace").partition(" ")
     stream = f"{topo.base}:{lane}"
-    if entry and not await client.redis.xpending_range(stream, WORKER_GROUP, entry, entry, 1):
+    if entry and not await _taken(client, stream, entry):
         for _entry, fields in await client.redis.xrange(stream, entry, entry):
             try:
                 return decode_routed(fields.get(b"routed", b"")).job, ""
@@ -80,6 +93,12 @@ def cancel(job_ids: tuple[str, ...], reason: str, **opts: Any) -> None:
     ends as it would have. Exit status: 0 if every job was cancelled, 2 if some were not
     (each says why), 1 on other errors such as an unreachable Redis.
     """
+    for job_id in job_ids:
+        try:
+            msgspec.convert(job_id, JobId)
+        except msgspec.ValidationError:
+            raise click.BadParameter(f"{job_id!r} is no job id (1-128 characters of A-Z a-z 0-9 _ . : @ / + = -)",
+                                     param_hint="JOB_ID") from None
     settings = need_url(settings_from(**opts))
 
     async def go() -> list[tuple[str, str]]:

@@ -127,7 +127,8 @@ async def test_a_job_cancelled_before_it_is_submitted_is_dropped_at_routing(
     roles.worker("gpu")
     async with Client(redis_url, prefix=prefix, shards=shards) as sdk:
         assert await sdk.cancel(quick("early")) is True
-        await sdk.submit_many([quick("early"), quick("after")])
+        assert await sdk.cancel_many([quick("early"), quick("also-early")], chunk=1) == [False, True]
+        await sdk.submit_many([quick("early"), quick("after"), quick("also-early")])
         assert (await sdk.result("after", timeout=30)).status == "ok"
 
         async def drained() -> bool:
@@ -136,7 +137,7 @@ async def test_a_job_cancelled_before_it_is_submitted_is_dropped_at_routing(
         await eventually(drained, what="the policy to ack both jobs")
     assert await client.get(topo.of_job("early").routed("early")) == b"1"  # ROUTE acked it, sent it nowhere
     statuses = Counter((job_id, r.status) for job_id, rs in (await results(client, topo)).items() for r in rs)
-    assert statuses == Counter({("early", "cancelled"): 1, ("after", "ok"): 1})
+    assert statuses == Counter({("early", "cancelled"): 1, ("after", "ok"): 1, ("also-early", "cancelled"): 1})
 
 
 async def test_the_cancel_command_finds_waiting_jobs_by_id(roles: Roles, redis_url: str, prefix: str, shards: int,
