@@ -1,0 +1,110 @@
+"""The Batch API's file formats: input lines in, output and error lines out (pure, no I/O).
+
+An input file is JSONL, one request per line, as OpenAI documents it::
+
+    {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
+
+:func:`parse` checks every line the way the online API checks a request (the body goes
+through :func:`gateway.openai.to_job`), so a file is refused at upload, naming the line,
+rather than failing line by line hours later. Output and error files hold one
+:class:`OutputLine` per request, ``custom_id`` kept, in input order.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from broker.wire import DECODE_ERRORS, Job
+from gateway.openai import ApiError, Endpoint, Tiers, to_job
+
+URLS: dict[str, Endpoint] = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completion",
+    "/v1/embeddings": "embedding",
+}
+"""The endpoints a batch line may call, and the kind of job each becomes."""
+
+CustomId = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+
+
+class InputLine(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One request of an input file."""
+
+    custom_id: CustomId
+    method: str
+    url: str
+    body: msgspec.Raw
+
+
+class InvalidFile(ValueError):
+    """An input file that cannot run: the message names the line (1-based) and the problem."""
+
+
+_decode_line = msgspec.json.Decoder(InputLine).decode
+
+
+def parse(data: bytes, *, max_lines: int, tiers: Tiers) -> list[InputLine]:
+    """The requests of an input file, each checked as the online API would check it.
+
+    Raises :class:`InvalidFile` at the first bad line: not JSON, a field missing, a
+    ``custom_id`` seen before, a method other than POST, an unknown url, a body its
+    endpoint refuses. Blank lines are skipped; a file with no request is refused.
+    """
+    lines: list[InputLine] = []
+    seen: set[str] = set()
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        if len(lines) == max_lines:
+            raise InvalidFile(f"the file has more than {max_lines} requests; split it into several batches")
+        try:
+            line = _decode_line(raw)
+        except DECODE_ERRORS as exc:
+            raise InvalidFile(f"line {number}: not a batch request ({exc})") from None
+        if line.custom_id in seen:
+            raise InvalidFile(f"line {number}: custom_id {line.custom_id!r} is used twice; each must be unique")
+        if line.method != "POST":
+            raise InvalidFile(f"line {number}: method {line.method!r} is not supported; use POST")
+        if line.url not in URLS:
+            raise InvalidFile(f"line {number}: url {line.url!r} is not supported; use one of {', '.join(URLS)}")
+        try:
+            to_job(URLS[line.url], bytes(line.body), job_id="check", tenant="check", tiers=tiers, deadline=None)
+        except ApiError as exc:
+            raise InvalidFile(f"line {number}: {exc.message}") from None
+        seen.add(line.custom_id)
+        lines.append(line)
+    if not lines:
+        raise InvalidFile("the file holds no request; write one JSON request per line")
+    return lines
+
+
+def line_job(line: InputLine, *, job_id: str, tenant: str, tiers: Tiers, deadline: float, reply_to: str) -> Job:
+    """The job of a checked line: the batch class, results on the stream the gateways follow (``reply_to``)."""
+    job = to_job(URLS[line.url], bytes(line.body), job_id=job_id, tenant=tenant, tiers=tiers, deadline=deadline)
+    return msgspec.structs.replace(job, slo="batch", stream=False, reply_to=reply_to)
+
+
+class Response(msgspec.Struct, frozen=True, kw_only=True):
+    """What the online API would have answered."""
+
+    status_code: int
+    request_id: str
+    body: dict[str, object]
+
+
+class LineError(msgspec.Struct, frozen=True, kw_only=True):
+    """Why a request has no response (it never ran: the batch was cancelled or expired first)."""
+
+    code: Literal["batch_cancelled", "batch_expired"]
+    message: str
+
+
+class OutputLine(msgspec.Struct, frozen=True, kw_only=True):
+    """One line of an output or error file, as OpenAI writes them."""
+
+    id: str
+    custom_id: str
+    response: Response | None
+    error: LineError | None

@@ -1,0 +1,273 @@
+"""Running one batch: its lines submitted as batch-class jobs, their outcomes collected, its files written.
+
+A line's job id is ``<batch id>.<line index>``: a gateway that resumes a batch after a
+restart submits again what may not have gone in, and the broker runs each id once. At most
+``batch_in_flight`` of a batch's jobs wait or run at once, so a large batch neither floods
+the ingress nor counts as work ahead of its own later lines (the policy's admission).
+
+Every line ends with one outcome: the job's result (through the gateway's consumer group
+on the batch reply stream, :class:`gateway.batches.BatchApi`), or, when the batch is
+cancelled or expires, a ``cancelled`` result from :meth:`broker.client.Client.cancel` for
+a job that had not started. A job that had started finishes; its result counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Literal
+
+import msgspec
+
+from broker.client import Client
+from broker.connection import RETRYABLE
+from broker.errors import Backpressure, JobRejected
+from broker.wire import Job, Result
+from gateway.batchfile import URLS, InputLine, LineError, OutputLine, Response, line_job
+from gateway.batchsettings import BatchSettings
+from gateway.files import FileStore
+from gateway.ledger import Ledger, RequestCounts, Stored
+from gateway.openai import ApiError, Catalog, Tiers, to_response
+from gateway.spool import Entry, Spool
+
+log = logging.getLogger("inference_broker.gateway")
+
+Ending = Literal["completed", "cancelled", "expired"]
+FRESH, SUBMITTED, DONE = 0, 1, 2
+BACKOFF_S = (0.05, 5.0)
+"""A refused submission (full backlog, Redis away) is tried again after the first, doubling up to the second."""
+
+
+def job_id(batch_id: str, index: int) -> str:
+    return f"{batch_id}.{index}"
+
+
+def request_line_id(job: str) -> str:
+    """The ``id`` of a line in the output files: ``batch_req_<batch hex>.<line index>``."""
+    return "batch_req_" + job.removeprefix("batch_")
+
+
+def parse_job_id(value: str) -> tuple[str, int] | None:
+    """The batch id and line index of a batch job's id; ``None`` for any other id."""
+    batch_id, _, index = value.rpartition(".")
+    return (batch_id, int(index)) if batch_id.startswith("batch_") and index.isdigit() else None
+
+
+class BatchContext:
+    """What every batch shares: the SDK client, the records, the files, the served models."""
+
+    def __init__(self, client: Client, ledger: Ledger, store: FileStore, settings: BatchSettings,
+                 tiers: Tiers, catalog: Catalog) -> None:
+        self.client = client
+        self.ledger = ledger
+        self.store = store
+        self.settings = settings
+        self.tiers = tiers
+        self.catalog = catalog
+
+
+class Runner:
+    """One batch, from ``in_progress`` to a final status; :meth:`record` takes its results as they come."""
+
+    def __init__(self, ctx: BatchContext, stored: Stored, lines: Sequence[InputLine], cancel_at: float | None) -> None:
+        self.ctx = ctx
+        self.tenant = stored.tenant
+        self.batch = stored.batch
+        self.lines = lines
+        self.spool = Spool(ctx.settings.spool_dir, self.batch.id)
+        self.state = bytearray(len(lines))
+        self.in_flight = 0
+        self.counts = RequestCounts(total=len(lines))
+        self.ending: Ending = "completed"
+        self.cancel_at = cancel_at
+        self.changed = asyncio.Event()
+        for entry in self.spool.read().values():
+            self._mark(entry)
+
+    def job(self, index: int) -> Job:
+        return line_job(self.lines[index], job_id=job_id(self.batch.id, index), tenant=self.tenant,
+                        tiers=self.ctx.tiers, deadline=float(self.batch.expires_at),
+                        reply_to=self.ctx.settings.batch_reply_to)
+
+    @property
+    def left(self) -> int:
+        return self.counts.total - self.counts.completed - self.counts.failed
+
+    def _mark(self, entry: Entry) -> None:
+        if self.state[entry.index] == SUBMITTED:
+            self.in_flight -= 1
+        self.state[entry.index] = DONE
+        if entry.ok:
+            self.counts.completed += 1
+        else:
+            self.counts.failed += 1
+        self.changed.set()
+
+    def record(self, index: int, result: Result) -> None:
+        """Line ``index`` has its job's result: spool it (before the caller acks it), once."""
+        if index >= len(self.lines) or self.state[index] == DONE:
+            return
+        custom_id, request_id = self.lines[index].custom_id, result.id
+        if result.status == "cancelled" and self.ending != "completed":
+            code: Literal["batch_cancelled", "batch_expired"] = (
+                "batch_expired" if self.ending == "expired" else "batch_cancelled")
+            error = LineError(code=code, message=f"the batch was {self.ending} before this request started")
+            self._settle(index, False, OutputLine(id=request_line_id(request_id), custom_id=custom_id, response=None,
+                                                 error=error))
+        elif result.status == "ok":
+            body = to_response(URLS[self.lines[index].url], self.job(index), result, tiers=self.ctx.tiers)
+            self._answer(index, request_id, 200, body)
+        else:
+            refused = ApiError.of_result(result)
+            self._answer(index, request_id, refused.status, refused.body())
+
+    def _answer(self, index: int, request_id: str, status: int, body: dict[str, object]) -> None:
+        """Spool what the online API would have answered the line's request."""
+        line = OutputLine(id=request_line_id(request_id), custom_id=self.lines[index].custom_id,
+                          response=Response(status_code=status, request_id=request_id, body=body), error=None)
+        self._settle(index, status == 200, line)
+
+    def _settle(self, index: int, ok: bool, line: OutputLine) -> None:
+        entry = Entry(index, ok, line)
+        self.spool.append(entry)
+        self._mark(entry)
+
+    def cancel(self, at: float) -> None:
+        """Stop submitting; the jobs not started are cancelled, the batch ends ``cancelled``."""
+        if self.cancel_at is None:
+            self.cancel_at = at
+        self.changed.set()
+
+    async def run(self) -> None:
+        """Submit, collect, write the files; returns when the batch is final (or on cancellation of this task)."""
+        try:
+            await self._save("in_progress", in_progress_at=self.batch.in_progress_at or int(time.time()))
+            await self._submit_and_wait()
+            await self._finalize()
+        finally:
+            self.spool.close()
+
+    async def _submit_and_wait(self) -> None:
+        settings = self.ctx.settings
+        fresh = (i for i in range(len(self.lines)) if self.state[i] == FRESH)
+        while self.left and not await self._ending():
+            room = settings.batch_in_flight - self.in_flight
+            chunk = [i for _, i in zip(range(min(room, settings.batch_chunk)), fresh, strict=False)]
+            if chunk:
+                await self._submit(chunk)
+            else:
+                await self._tick()
+        if self.left:
+            await self._end_the_rest()
+
+    async def _ending(self) -> bool:
+        """Whether the batch must stop taking work: cancelled (here or through another gateway), or expired."""
+        if self.cancel_at is None:
+            loaded = await self.ctx.ledger.load(self.batch.id)
+            self.cancel_at = loaded[1] if loaded else None
+        if self.cancel_at is not None:
+            self.ending = "cancelled"
+            if self.batch.cancelling_at is None:
+                await self._save("cancelling", cancelling_at=int(self.cancel_at))
+        elif time.time() >= self.batch.expires_at:
+            self.ending = "expired"
+        return self.ending != "completed"
+
+    async def _tick(self) -> None:
+        """Wait for an outcome (or a moment), then save the progress."""
+        self.changed.clear()
+        try:
+            await asyncio.wait_for(self.changed.wait(), self.ctx.settings.batch_poll_s)
+        except TimeoutError:
+            pass
+        if self.counts != self.batch.request_counts:
+            await self._save(self.batch.status)
+
+    async def _submit(self, indexes: list[int]) -> None:
+        jobs = []
+        for index in indexes:
+            job = self.job(index)
+            try:
+                self.ctx.catalog.check(job.model, job.kind)
+            except ApiError as exc:  # what the online API answers a model it does not serve: no job
+                self._answer(index, job.id, exc.status, exc.body())
+                continue
+            jobs.append(job)
+        pause = BACKOFF_S[0]
+        while jobs and self.ending == "completed":
+            try:
+                went_in = await self.ctx.client.submit_many(jobs)
+            except Backpressure as exc:  # the backlog is full: wait for it to drain, bounded by the window
+                went_in = exc.accepted
+            except JobRejected as exc:
+                went_in = await self._one_by_one(jobs, exc)
+            except RETRYABLE as exc:
+                log.warning("submitting batch %s: %s; trying again", self.batch.id, exc)
+                went_in = []
+            took = set(went_in)
+            for job in jobs:
+                if job.id in took:
+                    index = int(job.id.rpartition(".")[2])
+                    if self.state[index] == FRESH:
+                        self.state[index] = SUBMITTED
+                        self.in_flight += 1
+            jobs = [job for job in jobs if job.id not in took and self.state[int(job.id.rpartition(".")[2])] != DONE]
+            if jobs:
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, BACKOFF_S[1])
+                await self._ending()
+
+    async def _one_by_one(self, jobs: list[Job], exc: JobRejected) -> list[str]:
+        """A job the SDK refuses (too large once encoded) fails alone; the others go in."""
+        went_in: list[str] = []
+        for job in jobs:
+            try:
+                went_in += await self.ctx.client.submit_many([job])
+            except Backpressure as full:
+                return went_in + full.accepted
+            except JobRejected as refused:
+                error = ApiError(400, str(refused), code="job_rejected")  # what the online API answers
+                self._answer(int(job.id.rpartition(".")[2]), job.id, error.status, error.body())
+        return went_in
+
+    async def _end_the_rest(self) -> None:
+        """Cancel every job without an outcome; wait (``batch_drain_s`` at most) for those that had started."""
+        settings = self.ctx.settings
+        todo = [i for i in range(len(self.lines)) if self.state[i] != DONE]
+        for start in range(0, len(todo), 64):
+            chunk = todo[start:start + 64]
+            # Whether it wrote the outcome or the job had one (or started) already, the
+            # result comes on the reply stream: nothing to do with the answer.
+            await asyncio.gather(*(self.ctx.client.cancel(self.job(i)) for i in chunk), return_exceptions=True)
+        until = time.monotonic() + settings.batch_drain_s
+        while self.left and time.monotonic() < until:
+            await self._tick()
+        for index in range(len(self.lines)):
+            if self.state[index] != DONE:  # a job that started and did not finish in time: say so, once
+                late = ApiError(504, f"no outcome within {settings.batch_drain_s:g} s of the batch being "
+                                     f"{self.ending}; the job may still finish, unrecorded", type="timeout",
+                                code="batch_drain_timeout")
+                self._answer(index, job_id(self.batch.id, index), late.status, late.body())
+
+    async def _finalize(self) -> None:
+        if self.ending == "completed":
+            await self._save("finalizing", finalizing_at=int(time.time()))
+        entries = sorted(self.spool.read().values(), key=lambda e: e.index)
+        files = {}
+        for ok, kind in ((True, "output"), (False, "error")):
+            data = b"".join(msgspec.json.encode(e.line) + b"\n" for e in entries if e.ok is ok)
+            if data:
+                stored = await self.ctx.store.put(self.tenant, f"{self.batch.id}_{kind}.jsonl", "batch_output", data)
+                files[kind] = stored.id
+        now = int(time.time())
+        done_at = {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at"}[self.ending]
+        await self._save(self.ending, output_file_id=files.get("output"), error_file_id=files.get("error"),
+                         **{done_at: now})
+        self.spool.remove()
+
+    async def _save(self, status: str, **fields: object) -> None:
+        counts = msgspec.structs.replace(self.counts)
+        self.batch = msgspec.structs.replace(self.batch, status=status, request_counts=counts, **fields)
+        await self.ctx.ledger.save(Stored(tenant=self.tenant, batch=self.batch))
