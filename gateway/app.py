@@ -3,7 +3,7 @@
 ::
 
     gateway = Gateway(Client(url, prefix=..., shards=...), config=load_config())
-    app = create_app(gateway, keys=KeyRing.parse(text, "keys.txt"), extensions=[batches])
+    app = create_app(gateway, keys=KeyRing(KeyRing.entries(text, "keys.txt")), extensions=[batches])
 
 Every ``/v1/*`` request passes :class:`Auth` first: a ``Bearer`` key from the keys file
 sets ``request.state.tenant`` (the job's tenant: identity comes from the key, never from

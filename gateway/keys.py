@@ -23,7 +23,7 @@ NO_AUTH_TENANT = "default"
 """The tenant of every request when the gateway runs with ``--no-auth``."""
 
 
-class KeyError_(ValueError):
+class KeysError(ValueError):
     """A keys file or variable that does not parse; the message names the line, never a key."""
 
 
@@ -35,9 +35,9 @@ def digest(key: str) -> str:
 def key_line(key: str, tenant: Tenant) -> str:
     """The keys-file line for ``key`` and ``tenant``."""
     if not key.strip():
-        raise KeyError_("the key is empty")
+        raise KeysError("the key is empty")
     if not _TENANT.fullmatch(tenant):
-        raise KeyError_(f"tenant {tenant!r}: use 1-64 of A-Z a-z 0-9 _ . : @ -")
+        raise KeysError(f"tenant {tenant!r}: use 1-64 of A-Z a-z 0-9 _ . : @ -")
     return f"{digest(key.strip())} {tenant}"
 
 
@@ -45,14 +45,14 @@ class KeyRing:
     """Digests of the accepted API keys, each with its tenant."""
 
     def __init__(self, entries: Iterable[tuple[str, str]]) -> None:
-        self.entries = [(bytes.fromhex(hexed), tenant) for hexed, tenant in entries]
+        self.digests = [(bytes.fromhex(hexed), tenant) for hexed, tenant in entries]
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.digests)
 
-    @classmethod
-    def parse(cls, text: str, source: str) -> KeyRing:
-        """Entries of ``text`` (a keys file's content, or the env variable's); ``source`` names it in errors."""
+    @staticmethod
+    def entries(text: str, source: str) -> list[tuple[str, str]]:
+        """(digest, tenant) of each line of ``text`` (a keys file's, or the variable's); ``source`` names it."""
         entries = []
         for number, raw in enumerate(text.replace(",", "\n").splitlines(), 1):
             line = raw.split("#", 1)[0].strip()
@@ -61,16 +61,16 @@ class KeyRing:
             fields = line.split()
             if len(fields) != 2 or not _HEX.fullmatch(fields[0].lower()) or not _TENANT.fullmatch(fields[1]):
                 # Never echo the line: a raw key pasted by mistake must not reach a log.
-                raise KeyError_(f"{source}: entry {number} is not '<sha256 hex> <tenant>'; make one with "
+                raise KeysError(f"{source}: entry {number} is not '<sha256 hex> <tenant>'; make one with "
                                 "`inference-broker gateway hash-key --tenant NAME` (reads the key on stdin)")
             entries.append((fields[0].lower(), fields[1]))
-        return cls(entries)
+        return entries
 
     def tenant(self, key: str) -> str | None:
         """The tenant of ``key``, or None when it is not one of ours."""
         presented = hashlib.sha256(key.encode()).digest()
         found = None
-        for stored, tenant in self.entries:
+        for stored, tenant in self.digests:
             if hmac.compare_digest(presented, stored):
                 found = tenant
         return found
