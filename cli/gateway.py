@@ -21,6 +21,7 @@ from cli.common import EPILOG, Commands, check_redis, common, need_url, settings
 
 if TYPE_CHECKING:
     from broker.settings import Settings
+    from gateway.batchsettings import BatchSettings
     from gateway.keys import KeyRing
     from gateway.openai import Tiers
     from gateway.settings import GatewaySettings
@@ -57,11 +58,13 @@ def gateway(ctx: click.Context, /, host: str | None, port: int | None, keys_file
     Each request becomes a job on its shard (tenant from its API key, SLO class from
     service_tier or the X-IB-SLO header, deadline from X-IB-Deadline-Ms or the client's
     timeout); its result, or its token stream with "stream": true, becomes the response.
-    Also serves /metrics, /healthz and /readyz. See docs/gateway.md.
+    Also serves the Batch API (/v1/files, /v1/batches; files under IB_GATEWAY_FILES_DIR),
+    /metrics, /healthz and /readyz. See docs/gateway.md.
     """
     if ctx.invoked_subcommand is not None:
         return
     from broker.config import load_config
+    from gateway.batchsettings import BatchSettings
     from gateway.settings import GatewaySettings
 
     settings = need_url(settings_from(**opts))
@@ -71,6 +74,7 @@ def gateway(ctx: click.Context, /, host: str | None, port: int | None, keys_file
         keys = gw.keyring()
         config = load_config(settings.config)
         tier_map = gw.tier_map(config)
+        batches = BatchSettings.from_env()
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     assert settings.redis_url is not None
@@ -79,17 +83,19 @@ def gateway(ctx: click.Context, /, host: str | None, port: int | None, keys_file
         log.warning("serving without API keys (--no-auth): every request is tenant 'default'")
     sigterm_is_interrupt()
     try:
-        _run(settings, gw, keys, config, tier_map)
+        _run(settings, gw, keys, config, tier_map, batches)
     except KeyboardInterrupt:
         pass  # SIGTERM or Ctrl-C after the drain: a clean stop
 
 
-def _run(settings: Settings, gw: GatewaySettings, keys: KeyRing | None, config: PolicyConfig, tiers: Tiers) -> None:
+def _run(settings: Settings, gw: GatewaySettings, keys: KeyRing | None, config: PolicyConfig, tiers: Tiers,
+         batches: BatchSettings) -> None:
     import uvicorn
 
     from broker.client import Client
     from cli.httpd import Readiness
     from gateway.app import create_app
+    from gateway.batches import BatchApi
     from gateway.context import Gateway
 
     url = settings.redis_url or ""
@@ -100,7 +106,8 @@ def _run(settings: Settings, gw: GatewaySettings, keys: KeyRing | None, config: 
                         block_ms=settings.block_ms, max_backlog=settings.max_backlog,
                         max_job_bytes=settings.max_job_bytes)
         service = Gateway(client, config=config, tiers=tiers, options=gw.options())
-        app = create_app(service, keys=keys, probe=Readiness(url, [], role="gateway"))
+        app = create_app(service, keys=keys, probe=Readiness(url, [], role="gateway"),
+                         extensions=[BatchApi(service, batches)])
         server = uvicorn.Server(uvicorn.Config(
             app, host=gw.host, port=gw.port, http="httptools", lifespan="on", log_config=None, access_log=False,
             server_header=False, timeout_graceful_shutdown=math.ceil(gw.grace_s)))

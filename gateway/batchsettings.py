@@ -1,4 +1,4 @@
-"""The Batch API's settings: plain frozen data with working defaults, from ``IB_<NAME>`` variables."""
+"""The Batch API's settings: plain frozen data with working defaults, from ``IB_GATEWAY_<NAME>`` variables."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from pathlib import Path
 
 import msgspec
 
+from broker.topology import RESERVED
+from broker.wire import StreamName
+
 
 def default_files_dir() -> Path:
     """``$XDG_DATA_HOME/inference-broker/files``, else ``~/.local/share/inference-broker/files``."""
@@ -16,21 +19,21 @@ def default_files_dir() -> Path:
 
 
 class BatchSettings(msgspec.Struct, frozen=True, kw_only=True):
-    """The Batch API's settings; each ``name`` is set by ``IB_<NAME>`` (docs/configuration.md)."""
+    """The Batch API's settings; each ``name`` is set by ``IB_GATEWAY_<NAME>`` (docs/configuration.md)."""
 
     files_dir: Path | None = None
-    """Where uploaded and result files live [IB_FILES_DIR]; ``None``: :func:`default_files_dir`.
+    """Where uploaded and result files live [IB_GATEWAY_FILES_DIR]; ``None``: :func:`default_files_dir`.
     Batches in progress keep their outcomes so far under ``<files_dir>/.spool``: keep the
     directory across gateway restarts (a volume in a container)."""
     max_file_bytes: int = 200 << 20
-    """Largest upload [IB_MAX_FILE_BYTES] (OpenAI's limit for batch files: 200 MB)."""
+    """Largest upload [IB_GATEWAY_MAX_FILE_BYTES] (OpenAI's limit for batch files: 200 MB)."""
     max_tenant_bytes: int = 2 << 30
     """Most bytes of uploads and result files one tenant keeps; past it, uploads are refused
-    until files are deleted [IB_MAX_TENANT_BYTES]."""
+    until files are deleted [IB_GATEWAY_MAX_TENANT_BYTES]."""
     batch_max_lines: int = 50_000
-    """Most requests in one batch [IB_BATCH_MAX_LINES] (OpenAI's limit)."""
+    """Most requests in one batch [IB_GATEWAY_BATCH_MAX_LINES] (OpenAI's limit)."""
     batch_in_flight: int = 512
-    """Most jobs of one batch waiting or running at once [IB_BATCH_IN_FLIGHT]: the rest wait
+    """Most jobs of one batch waiting or running at once [IB_GATEWAY_BATCH_IN_FLIGHT]: the rest wait
     in the gateway, so the batch neither floods the ingress nor makes the policy shed it."""
     batch_chunk: int = 250
     """Jobs submitted per round trip."""
@@ -40,9 +43,19 @@ class BatchSettings(msgspec.Struct, frozen=True, kw_only=True):
     """After a cancel or the expiry, how long a batch waits for jobs that had already started;
     one still unfinished is then written to the error file, and the batch is final."""
     batch_retention_s: int = 30 * 86_400
-    """How long a batch's record stays in Redis after its last change [IB_BATCH_RETENTION_S]."""
-    batch_reply_to: str = "batches"
+    """How long a batch's record stays in Redis after its last change [IB_GATEWAY_BATCH_RETENTION_S]."""
+    batch_reply_to: StreamName = "batches"
     """Result stream of batch jobs, read by the gateways' consumer group ``gateway-batches``."""
+
+    def __post_init__(self) -> None:
+        counts = {"max_file_bytes": self.max_file_bytes, "max_tenant_bytes": self.max_tenant_bytes,
+                  "batch_max_lines": self.batch_max_lines, "batch_in_flight": self.batch_in_flight,
+                  "batch_chunk": self.batch_chunk}
+        bad = [name for name, value in counts.items() if value < 1]
+        if bad or self.batch_poll_s <= 0 or self.batch_drain_s < 0 or self.batch_retention_s < 1:
+            raise ValueError(f"gateway batch settings: {', '.join(bad) or 'the times'} must be positive")
+        if self.batch_reply_to in RESERVED:
+            raise ValueError(f"gateway batch_reply_to {self.batch_reply_to!r} is a reserved stream name")
 
     @property
     def root(self) -> Path:
@@ -54,12 +67,12 @@ class BatchSettings(msgspec.Struct, frozen=True, kw_only=True):
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> BatchSettings:
-        """Settings from ``IB_<NAME>`` variables, then ``overrides``; ``ValueError`` names a bad one."""
+        """Settings from ``IB_GATEWAY_<NAME>`` variables, then ``overrides``; ``ValueError`` names a bad one."""
         env = os.environ if env is None else env
-        values: dict[str, object] = {name: env[f"IB_{name.upper()}"] for name in cls.__struct_fields__
-                                     if env.get(f"IB_{name.upper()}")}
+        values: dict[str, object] = {name: env[f"IB_GATEWAY_{name.upper()}"] for name in cls.__struct_fields__
+                                     if env.get(f"IB_GATEWAY_{name.upper()}")}
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return msgspec.convert(values, cls, strict=False, dec_hook=lambda kind, v: Path(v))
         except msgspec.ValidationError as exc:
-            raise ValueError(f"invalid setting: {exc}") from None
+            raise ValueError(f"invalid gateway setting: {exc}") from None

@@ -1,0 +1,286 @@
+"""The OpenAI Batch API, end to end: the official ``openai`` client against ``python -m cli gateway``
+and real roles, on a real Redis (and a 3-primary cluster for the round trip).
+
+Each line of a batch runs as a job of the ``batch`` class under the id ``<batch id>.<line>``;
+outcomes are checked in the output and error files the client downloads, and against the
+broker's own record of each job (its routed entry, its one result).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+from openai import AsyncOpenAI
+from openai.types import Batch
+
+from broker.topology import Topology
+from broker.wire import decode_result, decode_routed
+from cli.embedded import free_port
+from gateway.keys import digest
+from tests.conftest import Roles
+from tests.deployments import ON_BOTH, xrange_all
+from tests.helpers import eventually, lane
+
+KEYS = {"alice": "sk-test-alice-0123456789", "bob": "sk-test-bob-0123456789"}
+FINAL = ("completed", "failed", "expired", "cancelled")
+CHAT = "/v1/chat/completions"
+
+
+def request(custom_id: str, model: str = "llama-3.1-8b", text: str = "hello") -> dict[str, Any]:
+    return {"custom_id": custom_id, "method": "POST", "url": CHAT,
+            "body": {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 4}}
+
+
+def jsonl(lines: list[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+
+
+class Gateways:
+    """Starts ``python -m cli gateway`` processes of the test's deployment, each with its own client."""
+
+    def __init__(self, roles: Roles, tmp_path: Path) -> None:
+        self.roles = roles
+        self.keys_file = tmp_path / "keys.txt"
+        self.keys_file.write_text("".join(f"{digest(key)} {tenant}\n" for tenant, key in KEYS.items()))
+        self.files = tmp_path / "files"
+        self.clients: list[AsyncOpenAI] = []
+
+    async def start(self, **env: str) -> tuple[subprocess.Popen[bytes], str]:
+        port = free_port()
+        proc = self.roles.start("gateway", "--port", str(port), "--keys-file", str(self.keys_file), env={
+            "IB_GATEWAY_FILES_DIR": str(self.files), "IB_GATEWAY_BATCH_POLL_S": "0.1", **env})
+        base = f"http://127.0.0.1:{port}"
+
+        async def up() -> bool:
+            assert proc.poll() is None, f"the gateway exited with {proc.returncode}:\n{self.roles.logs()}"
+            try:
+                async with httpx.AsyncClient() as http:
+                    return (await http.get(f"{base}/healthz")).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        await eventually(up, timeout=20, what="the gateway to listen")
+        return proc, f"{base}/v1"
+
+    def client(self, base: str, tenant: str = "alice") -> AsyncOpenAI:
+        made = AsyncOpenAI(base_url=base, api_key=KEYS[tenant], max_retries=0, timeout=10)
+        self.clients.append(made)
+        return made
+
+
+@pytest_asyncio.fixture
+async def gateways(roles: Roles, tmp_path: Path) -> AsyncIterator[Gateways]:
+    made = Gateways(roles, tmp_path)
+    yield made
+    for client in made.clients:
+        await client.close()
+
+
+async def final(ai: AsyncOpenAI, batch_id: str, timeout: float = 30) -> Batch:
+    """The batch once it is final (polled, as a client would)."""
+    seen: list[Batch] = []
+
+    async def is_final() -> bool:
+        seen.append(await ai.batches.retrieve(batch_id))
+        return seen[-1].status in FINAL
+
+    await eventually(is_final, timeout=timeout, what=f"batch {batch_id} to be final")
+    return seen[-1]
+
+
+async def lines_of(ai: AsyncOpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    assert file_id is not None
+    content = await ai.files.content(file_id)
+    return [json.loads(line) for line in content.text.splitlines()]
+
+
+async def results_per_job(client: aioredis.Redis, topo: Topology) -> Counter[str]:
+    """Results on the batch reply stream of every shard, counted per job id."""
+    entries = await xrange_all(client, [shard.reply("batches") for shard in topo.every_shard])
+    return Counter(decode_result(fields[b"result"]).id for _, fields in entries)
+
+
+@ON_BOTH
+async def test_a_batch_runs_to_completed_with_output_and_error_files(
+        roles: Roles, gateways: Gateways, client: aioredis.Redis, topo: Topology) -> None:
+    roles.policy()
+    roles.worker("gpu")
+    _, base = await gateways.start()
+    ai = gateways.client(base)
+    lines = [request(f"r{i}", text=f"question {i}") for i in range(4)] + [request("unknown", model="no-such-model")]
+    data = jsonl(lines)
+
+    uploaded = await ai.files.create(file=("input.jsonl", data), purpose="batch")
+    assert (uploaded.purpose, uploaded.bytes, uploaded.filename) == ("batch", len(data), "input.jsonl")
+    created = await ai.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h",
+                                      metadata={"run": "round-trip"})
+    assert created.status == "validating" and created.request_counts is not None
+    assert created.request_counts.total == 5 and created.metadata == {"run": "round-trip"}
+    assert created.expires_at == created.created_at + 86_400  # the completion window
+
+    done = await final(ai, created.id)
+    assert done.status == "completed", done
+    assert done.request_counts is not None
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (5, 4, 1)
+    assert done.in_progress_at is not None and done.finalizing_at is not None and done.completed_at is not None
+    assert done.created_at <= done.in_progress_at <= done.finalizing_at <= done.completed_at
+
+    output = await lines_of(ai, done.output_file_id)
+    assert [line["custom_id"] for line in output] == ["r0", "r1", "r2", "r3"]  # input order, ids kept
+    for line in output:
+        response = line["response"]
+        assert line["error"] is None and response["status_code"] == 200
+        assert response["body"]["object"] == "chat.completion" and response["body"]["choices"][0]["message"]["content"]
+        assert response["body"]["broker"]["slo"] == "batch" and response["body"]["service_tier"] == "flex"
+        assert response["request_id"] == f"{created.id}.{line['custom_id'][1:]}"  # the job id: batch + line
+    (error,) = await lines_of(ai, done.error_file_id)
+    assert error["custom_id"] == "unknown" and error["response"]["status_code"] == 404
+    assert error["response"]["body"]["error"]["code"] == "model_not_found"  # as the online API answers it
+
+    assert (await ai.files.retrieve(done.output_file_id or "")).purpose == "batch_output"
+    listed = [batch.id async for batch in ai.batches.list()]
+    assert created.id in listed
+    # One result per job that ran; the unknown model's line never became a job.
+    assert await results_per_job(client, topo) == Counter({f"{created.id}.{i}": 1 for i in range(4)})
+
+
+async def test_cancel_ends_a_batch_whose_jobs_cannot_start(
+        roles: Roles, gateways: Gateways, client: aioredis.Redis, topo: Topology) -> None:
+    roles.policy()  # and no pool worker: the batch's jobs wait in the gpu pool's batch lane
+    _, base = await gateways.start()
+    ai = gateways.client(base)
+    uploaded = await ai.files.create(file=("input.jsonl", jsonl([request(f"c{i}") for i in range(3)])),
+                                     purpose="batch")
+    created = await ai.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h")
+    batch_lane = lane(topo, "gpu", "batch")
+
+    async def routed() -> bool:
+        return await client.xlen(batch_lane) == 3
+
+    await eventually(routed, what="the batch's jobs in the gpu pool's batch lane")
+    for _, fields in await client.xrange(batch_lane):
+        job = decode_routed(fields[b"routed"]).job
+        assert job.slo == "batch" and job.tenant == "alice" and job.deadline == created.expires_at
+
+    cancelling = await ai.batches.cancel(created.id)
+    assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at is not None
+    done = await final(ai, created.id)
+    assert done.status == "cancelled" and done.cancelled_at is not None
+    assert done.request_counts is not None and (done.request_counts.completed, done.request_counts.failed) == (0, 3)
+    assert done.output_file_id is None
+    errors = await lines_of(ai, done.error_file_id)
+    assert [line["custom_id"] for line in errors] == ["c0", "c1", "c2"]
+    assert {line["error"]["code"] for line in errors} == {"batch_cancelled"}
+    # Each job's one outcome is ``cancelled``, in its done key and once on the reply stream.
+    for i in range(3):
+        job_id = f"{created.id}.{i}"
+        raw = await client.get(topo.of_job(job_id).done(job_id))
+        assert raw is not None and decode_result(raw).status == "cancelled"
+    assert set((await results_per_job(client, topo)).values()) == {1}
+    with pytest.raises(openai.ConflictError):  # a final batch stays as it is
+        await ai.batches.cancel(created.id)
+
+
+async def test_a_batch_survives_a_gateway_killed_mid_batch(
+        roles: Roles, gateways: Gateways, client: aioredis.Redis, topo: Topology) -> None:
+    roles.policy()  # no worker yet: the jobs are in flight when the gateway dies
+    proc, base = await gateways.start()
+    ai = gateways.client(base)
+    uploaded = await ai.files.create(file=("input.jsonl", jsonl([request(f"k{i}") for i in range(4)])),
+                                     purpose="batch")
+    created = await ai.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h")
+
+    async def routed() -> bool:
+        return await client.xlen(lane(topo, "gpu", "batch")) == 4
+
+    await eventually(routed, what="the batch's jobs routed")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    roles.worker("gpu")  # the jobs run and their results wait, unread, for the gateways' group
+
+    async def ran() -> bool:
+        return sum((await results_per_job(client, topo)).values()) == 4
+
+    await eventually(ran, what="the batch's jobs to run while no gateway is up")
+    _, base = await gateways.start()
+    ai = gateways.client(base)
+    done = await final(ai, created.id)
+    assert done.status == "completed" and done.request_counts is not None
+    assert (done.request_counts.completed, done.request_counts.failed) == (4, 0)
+    output = await lines_of(ai, done.output_file_id)
+    assert [line["custom_id"] for line in output] == ["k0", "k1", "k2", "k3"]  # each once, in order
+    assert set((await results_per_job(client, topo)).values()) == {1}  # resubmitted, run once
+
+
+async def test_uploads_are_checked_line_by_line_and_within_limits(gateways: Gateways) -> None:
+    _, base = await gateways.start(IB_GATEWAY_MAX_FILE_BYTES="2000", IB_GATEWAY_MAX_TENANT_BYTES="2500")
+    alice, bob = gateways.client(base), gateways.client(base, "bob")
+    good = jsonl([request(f"g{i}") for i in range(8)])
+    assert 1000 < len(good) <= 1500
+
+    with pytest.raises(openai.APIStatusError) as too_large:
+        await alice.files.create(file=("big.jsonl", jsonl([request(f"b{i}") for i in range(20)])), purpose="batch")
+    assert too_large.value.status_code == 413 and "limit" in too_large.value.message
+
+    bad_files = {
+        "used twice": jsonl([request("same"), request("same")]),
+        "method 'GET'": jsonl([{**request("m"), "method": "GET"}]),
+        "url '/v1/images'": jsonl([{**request("u"), "url": "/v1/images"}]),
+        "messages": jsonl([{**request("e"), "body": {"model": "llama-3.1-8b"}}]),  # what to_job refuses
+        "not a batch request": b'{"custom_id": "x"\n',
+    }
+    for problem, data in bad_files.items():
+        with pytest.raises(openai.BadRequestError) as refused:
+            await alice.files.create(file=("bad.jsonl", data), purpose="batch")
+        assert problem in refused.value.message and "line" in refused.value.message, refused.value.message
+    with pytest.raises(openai.BadRequestError, match="purpose"):
+        await alice.files.create(file=("in.jsonl", good), purpose="fine-tune")
+
+    await alice.files.create(file=("one.jsonl", good), purpose="batch")
+    with pytest.raises(openai.APIStatusError) as over_total:  # alice's two files would pass 2500 bytes
+        await alice.files.create(file=("two.jsonl", good), purpose="batch")
+    assert over_total.value.status_code == 413 and "delete" in over_total.value.message
+    await bob.files.create(file=("one.jsonl", good), purpose="batch")  # a limit per tenant
+
+    uploaded = (await alice.files.list()).data[0]
+    with pytest.raises(openai.BadRequestError, match="completion_window"):
+        await alice.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="1h")  # type: ignore[arg-type]
+    mismatched = await alice.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings",
+                                            completion_window="24h")
+    assert mismatched.status == "failed" and mismatched.errors is not None and mismatched.errors.data
+    assert mismatched.errors.data[0].code == "mismatched_endpoint" and mismatched.errors.data[0].line == 1
+
+
+async def test_a_tenant_sees_none_of_another_tenants_batches_or_files(gateways: Gateways) -> None:
+    _, base = await gateways.start()
+    alice, bob = gateways.client(base), gateways.client(base, "bob")
+    uploaded = await alice.files.create(file=("a.jsonl", jsonl([request("a0")])), purpose="batch")
+    batch = await alice.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h")
+
+    attempts: dict[str, Callable[[], Any]] = {
+        "retrieve the batch": lambda: bob.batches.retrieve(batch.id),
+        "cancel the batch": lambda: bob.batches.cancel(batch.id),
+        "retrieve the file": lambda: bob.files.retrieve(uploaded.id),
+        "read the file": lambda: bob.files.content(uploaded.id),
+        "delete the file": lambda: bob.files.delete(uploaded.id),
+        "batch the file": lambda: bob.batches.create(input_file_id=uploaded.id, endpoint=CHAT,
+                                                      completion_window="24h"),
+    }
+    for what, attempt in attempts.items():
+        with pytest.raises(openai.NotFoundError):  # as if it did not exist: nothing tells that it does
+            await attempt()
+        assert what
+    assert [b async for b in bob.batches.list()] == [] and (await bob.files.list()).data == []
+    assert (await alice.batches.retrieve(batch.id)).id == batch.id  # still there for its owner
+    assert (await alice.files.content(uploaded.id)).content.startswith(b'{"custom_id": "a0"')
