@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import httpx
 import openai
 import pytest
 import pytest_asyncio
@@ -26,15 +24,13 @@ from openai.types import Batch
 
 from broker.topology import Topology
 from broker.wire import decode_result, decode_routed
-from cli.embedded import free_port
-from gateway.keys import digest
 from tests.conftest import Roles
 from tests.deployments import ON_BOTH, xrange_all
+from tests.gateway_proc import KEY, OTHER_KEY, GatewayProc, start_gateway
 from tests.helpers import eventually, lane
 
-KEYS = {"alice": "sk-test-alice-0123456789", "bob": "sk-test-bob-0123456789"}
 FINAL = ("completed", "failed", "expired", "cancelled")
-CHAT = "/v1/chat/completions"
+CHAT: Literal["/v1/chat/completions"] = "/v1/chat/completions"
 
 
 def request(custom_id: str, model: str = "llama-3.1-8b", text: str = "hello") -> dict[str, Any]:
@@ -47,34 +43,19 @@ def jsonl(lines: list[dict[str, Any]]) -> bytes:
 
 
 class Gateways:
-    """Starts ``python -m cli gateway`` processes of the test's deployment, each with its own client."""
+    """Gateways of the test's deployment (tests/gateway_proc.py) sharing one files directory, and their clients."""
 
     def __init__(self, roles: Roles, tmp_path: Path) -> None:
         self.roles = roles
-        self.keys_file = tmp_path / "keys.txt"
-        self.keys_file.write_text("".join(f"{digest(key)} {tenant}\n" for tenant, key in KEYS.items()))
-        self.files = tmp_path / "files"
+        self.tmp_path = tmp_path
         self.clients: list[AsyncOpenAI] = []
 
-    async def start(self, **env: str) -> tuple[subprocess.Popen[bytes], str]:
-        port = free_port()
-        proc = self.roles.start("gateway", "--port", str(port), "--keys-file", str(self.keys_file), env={
-            "IB_GATEWAY_FILES_DIR": str(self.files), "IB_GATEWAY_BATCH_POLL_S": "0.1", **env})
-        base = f"http://127.0.0.1:{port}"
+    async def start(self, **env: str) -> GatewayProc:
+        return await start_gateway(self.roles, self.tmp_path, env={
+            "IB_GATEWAY_FILES_DIR": str(self.tmp_path / "files"), "IB_GATEWAY_BATCH_POLL_S": "0.1", **env})
 
-        async def up() -> bool:
-            assert proc.poll() is None, f"the gateway exited with {proc.returncode}:\n{self.roles.logs()}"
-            try:
-                async with httpx.AsyncClient() as http:
-                    return (await http.get(f"{base}/healthz")).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        await eventually(up, timeout=20, what="the gateway to listen")
-        return proc, f"{base}/v1"
-
-    def client(self, base: str, tenant: str = "alice") -> AsyncOpenAI:
-        made = AsyncOpenAI(base_url=base, api_key=KEYS[tenant], max_retries=0, timeout=10)
+    def client(self, gateway: GatewayProc, key: str = KEY) -> AsyncOpenAI:
+        made = gateway.openai(key, timeout=10)
         self.clients.append(made)
         return made
 
@@ -116,8 +97,7 @@ async def test_a_batch_runs_to_completed_with_output_and_error_files(
         roles: Roles, gateways: Gateways, client: aioredis.Redis, topo: Topology) -> None:
     roles.policy()
     roles.worker("gpu")
-    _, base = await gateways.start()
-    ai = gateways.client(base)
+    ai = gateways.client(await gateways.start())
     lines = [request(f"r{i}", text=f"question {i}") for i in range(4)] + [request("unknown", model="no-such-model")]
     data = jsonl(lines)
 
@@ -158,20 +138,19 @@ async def test_a_batch_runs_to_completed_with_output_and_error_files(
 async def test_cancel_ends_a_batch_whose_jobs_cannot_start(
         roles: Roles, gateways: Gateways, client: aioredis.Redis, topo: Topology) -> None:
     roles.policy()  # and no pool worker: the batch's jobs wait in the gpu pool's batch lane
-    _, base = await gateways.start()
-    ai = gateways.client(base)
+    ai = gateways.client(await gateways.start())
     uploaded = await ai.files.create(file=("input.jsonl", jsonl([request(f"c{i}") for i in range(3)])),
                                      purpose="batch")
     created = await ai.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h")
     batch_lane = lane(topo, "gpu", "batch")
 
     async def routed() -> bool:
-        return await client.xlen(batch_lane) == 3
+        return bool(await client.xlen(batch_lane) == 3)
 
     await eventually(routed, what="the batch's jobs in the gpu pool's batch lane")
     for _, fields in await client.xrange(batch_lane):
         job = decode_routed(fields[b"routed"]).job
-        assert job.slo == "batch" and job.tenant == "alice" and job.deadline == created.expires_at
+        assert job.slo == "batch" and job.tenant == "acme" and job.deadline == created.expires_at
 
     cancelling = await ai.batches.cancel(created.id)
     assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at is not None
@@ -195,26 +174,25 @@ async def test_cancel_ends_a_batch_whose_jobs_cannot_start(
 async def test_a_batch_survives_a_gateway_killed_mid_batch(
         roles: Roles, gateways: Gateways, client: aioredis.Redis, topo: Topology) -> None:
     roles.policy()  # no worker yet: the jobs are in flight when the gateway dies
-    proc, base = await gateways.start()
-    ai = gateways.client(base)
+    first = await gateways.start()
+    ai = gateways.client(first)
     uploaded = await ai.files.create(file=("input.jsonl", jsonl([request(f"k{i}") for i in range(4)])),
                                      purpose="batch")
     created = await ai.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h")
 
     async def routed() -> bool:
-        return await client.xlen(lane(topo, "gpu", "batch")) == 4
+        return bool(await client.xlen(lane(topo, "gpu", "batch")) == 4)
 
     await eventually(routed, what="the batch's jobs routed")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=10)
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(timeout=10)
     roles.worker("gpu")  # the jobs run and their results wait, unread, for the gateways' group
 
     async def ran() -> bool:
         return sum((await results_per_job(client, topo)).values()) == 4
 
     await eventually(ran, what="the batch's jobs to run while no gateway is up")
-    _, base = await gateways.start()
-    ai = gateways.client(base)
+    ai = gateways.client(await gateways.start())
     done = await final(ai, created.id)
     assert done.status == "completed" and done.request_counts is not None
     assert (done.request_counts.completed, done.request_counts.failed) == (4, 0)
@@ -224,8 +202,8 @@ async def test_a_batch_survives_a_gateway_killed_mid_batch(
 
 
 async def test_uploads_are_checked_line_by_line_and_within_limits(gateways: Gateways) -> None:
-    _, base = await gateways.start(IB_GATEWAY_MAX_FILE_BYTES="2000", IB_GATEWAY_MAX_TENANT_BYTES="2500")
-    alice, bob = gateways.client(base), gateways.client(base, "bob")
+    gateway = await gateways.start(IB_GATEWAY_MAX_FILE_BYTES="2000", IB_GATEWAY_MAX_TENANT_BYTES="2500")
+    alice, bob = gateways.client(gateway), gateways.client(gateway, OTHER_KEY)
     good = jsonl([request(f"g{i}") for i in range(8)])
     assert 1000 < len(good) <= 1500
 
@@ -248,7 +226,7 @@ async def test_uploads_are_checked_line_by_line_and_within_limits(gateways: Gate
         await alice.files.create(file=("in.jsonl", good), purpose="fine-tune")
 
     await alice.files.create(file=("one.jsonl", good), purpose="batch")
-    with pytest.raises(openai.APIStatusError) as over_total:  # alice's two files would pass 2500 bytes
+    with pytest.raises(openai.APIStatusError) as over_total:  # acme's two files would pass 2500 bytes
         await alice.files.create(file=("two.jsonl", good), purpose="batch")
     assert over_total.value.status_code == 413 and "delete" in over_total.value.message
     await bob.files.create(file=("one.jsonl", good), purpose="batch")  # a limit per tenant
@@ -263,8 +241,8 @@ async def test_uploads_are_checked_line_by_line_and_within_limits(gateways: Gate
 
 
 async def test_a_tenant_sees_none_of_another_tenants_batches_or_files(gateways: Gateways) -> None:
-    _, base = await gateways.start()
-    alice, bob = gateways.client(base), gateways.client(base, "bob")
+    gateway = await gateways.start()
+    alice, bob = gateways.client(gateway), gateways.client(gateway, OTHER_KEY)
     uploaded = await alice.files.create(file=("a.jsonl", jsonl([request("a0")])), purpose="batch")
     batch = await alice.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h")
 
