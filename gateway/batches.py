@@ -34,7 +34,7 @@ from starlette.routing import BaseRoute, Route
 
 from broker.connection import RETRYABLE
 from broker.streams import Backoff
-from gateway.batchfile import URLS, InvalidFile, parse
+from gateway.batchfile import URLS, InputLine, InvalidFile, parse
 from gateway.batchsettings import BatchSettings
 from gateway.context import Gateway
 from gateway.files import FileStore, LocalFileStore
@@ -143,6 +143,11 @@ class BatchApi:
                 return None
             return self._run(Runner(self.ctx, stored, lines, cancel_at))
 
+    async def launch(self, stored: Stored, lines: list[InputLine]) -> None:
+        """Record a new batch and start running it here."""
+        await self.ledger.save(stored)
+        self._run(Runner(self.ctx, stored, lines, None))
+
     def _run(self, runner: Runner) -> Runner:
         self.runners[runner.batch.id] = runner
         self._spawn(self._supervise(runner))
@@ -204,8 +209,7 @@ class BatchApi:
             failed = await self._fail(stored, "mismatched_endpoint", f"request {wrong} calls {lines[wrong - 1].url}, "
                                       f"not the batch's endpoint {asked.endpoint}", line=wrong)
             return json_response(failed)
-        await self.ledger.save(stored)
-        self._run(Runner(self.ctx, stored, lines, None))
+        await self.launch(stored, lines)
         return json_response(stored.batch)
 
     async def _load(self, request: Request) -> tuple[Stored, float | None]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import signal
+import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -22,8 +24,16 @@ import redis.asyncio as aioredis
 from openai import AsyncOpenAI
 from openai.types import Batch
 
+from broker.client import Client
+from broker.config import load_config
 from broker.topology import Topology
 from broker.wire import decode_result, decode_routed
+from gateway.batches import BatchApi
+from gateway.batchfile import parse
+from gateway.batchsettings import BatchSettings
+from gateway.context import Gateway
+from gateway.ledger import Batch as Record
+from gateway.ledger import RequestCounts, Stored
 from tests.conftest import Roles
 from tests.deployments import ON_BOTH, xrange_all
 from tests.gateway_proc import KEY, OTHER_KEY, GatewayProc, start_gateway
@@ -262,3 +272,89 @@ async def test_a_tenant_sees_none_of_another_tenants_batches_or_files(gateways: 
     assert [b async for b in bob.batches.list()] == [] and (await bob.files.list()).data == []
     assert (await alice.batches.retrieve(batch.id)).id == batch.id  # still there for its owner
     assert (await alice.files.content(uploaded.id)).content.startswith(b'{"custom_id": "a0"')
+
+
+class InProcess:
+    """The Batch API without HTTP, on the test's deployment: for what a client cannot set (a short
+    window, a tiny backlog). Batches are made as ``POST /v1/batches`` makes them."""
+
+    def __init__(self, redis_url: str, prefix: str, tmp_path: Path, **client: Any) -> None:
+        self.sdk = Client(redis_url, prefix=prefix, **client)
+        settings = BatchSettings(files_dir=tmp_path / "files", batch_poll_s=0.05, batch_drain_s=5)
+        self.api = BatchApi(Gateway(self.sdk, config=load_config()), settings)
+
+    async def launch(self, lines: list[dict[str, Any]], window_s: int) -> str:
+        data = jsonl(lines)
+        uploaded = await self.api.store.put("acme", "in.jsonl", "batch", data)
+        now = int(time.time())
+        batch = Record(id=f"batch_{uuid.uuid4().hex}", endpoint=CHAT, input_file_id=uploaded.id, status="validating",
+                      created_at=now, expires_at=now + window_s, request_counts=RequestCounts(total=len(lines)))
+        await self.api.launch(Stored(tenant="acme", batch=batch),
+                              parse(data, max_lines=100, tiers=self.api.ctx.tiers))
+        return batch.id
+
+    async def batch(self, batch_id: str) -> Record:
+        loaded = await self.api.ledger.load(batch_id)
+        assert loaded is not None
+        return loaded[0].batch
+
+    async def final(self, batch_id: str) -> Record:
+        async def is_final() -> bool:
+            return (await self.batch(batch_id)).status in FINAL
+
+        await eventually(is_final, what=f"batch {batch_id} to be final")
+        return await self.batch(batch_id)
+
+    async def lines(self, file_id: str | None) -> list[dict[str, Any]]:
+        assert file_id is not None
+        data = await self.api.store.get("acme", file_id)
+        assert data is not None
+        return [json.loads(line) for line in data.splitlines()]
+
+
+@pytest_asyncio.fixture
+async def in_process(redis_url: str, prefix: str, tmp_path: Path) -> AsyncIterator[Callable[..., InProcess]]:
+    made: list[InProcess] = []
+
+    def make(**client: Any) -> InProcess:
+        made.append(InProcess(redis_url, prefix, tmp_path, **client))
+        return made[-1]
+
+    yield make
+    for each in made:
+        await each.api.aclose()
+        await each.sdk.aclose()
+
+
+async def test_at_its_expiry_a_batch_ends_the_jobs_not_started_and_is_expired(
+        roles: Roles, in_process: Callable[..., InProcess], client: aioredis.Redis, topo: Topology) -> None:
+    roles.policy()  # no pool worker: nothing can start
+    batches = in_process()
+    await batches.api.start()
+    batch_id = await batches.launch([request(f"x{i}") for i in range(3)], window_s=2)
+
+    done = await batches.final(batch_id)
+    assert done.status == "expired" and done.expired_at is not None and done.expired_at >= done.expires_at
+    assert done.request_counts.failed == 3 and done.output_file_id is None
+    errors = await batches.lines(done.error_file_id)
+    assert [line["custom_id"] for line in errors] == ["x0", "x1", "x2"]
+    assert {line["error"]["code"] for line in errors} == {"batch_expired"}
+    assert set((await results_per_job(client, topo)).values()) == {1}
+
+
+async def test_a_full_backlog_makes_a_batch_wait_then_go_on(
+        roles: Roles, in_process: Callable[..., InProcess], client: aioredis.Redis, topo: Topology) -> None:
+    batches = in_process(max_backlog=2)  # and no policy worker yet: the ingress fills at 2
+    await batches.api.start()
+    batch_id = await batches.launch([request(f"w{i}") for i in range(5)], window_s=86_400)
+
+    async def full() -> bool:
+        return bool(await client.xlen(topo.jobs) == 2)
+
+    await eventually(full, what="the ingress backlog full")
+    assert (await batches.batch(batch_id)).status == "in_progress"
+    roles.policy()
+    roles.worker("gpu")
+    done = await batches.final(batch_id)
+    assert done.status == "completed" and done.request_counts.completed == 5
+    assert [line["custom_id"] for line in await batches.lines(done.output_file_id)] == [f"w{i}" for i in range(5)]
