@@ -9,7 +9,11 @@ broker's own record of each job (its routed entry, its one result).
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -34,7 +38,7 @@ from gateway.batchsettings import BatchSettings
 from gateway.context import Gateway
 from gateway.ledger import Batch as Record
 from gateway.ledger import RequestCounts, Stored
-from tests.conftest import Roles
+from tests.conftest import ROOT, Roles
 from tests.deployments import ON_BOTH, xrange_all
 from tests.gateway_proc import KEY, OTHER_KEY, GatewayProc, start_gateway
 from tests.helpers import eventually, lane
@@ -272,6 +276,33 @@ async def test_a_tenant_sees_none_of_another_tenants_batches_or_files(gateways: 
     assert [b async for b in bob.batches.list()] == [] and (await bob.files.list()).data == []
     assert (await alice.batches.retrieve(batch.id)).id == batch.id  # still there for its owner
     assert (await alice.files.content(uploaded.id)).content.startswith(b'{"custom_id": "a0"')
+
+
+def documented(fence: str) -> str:
+    """The first ``fence`` code block (e.g. ``python``) of docs/gateway.md's Batch API section."""
+    section = (ROOT / "docs" / "gateway.md").read_text().split("\n## Batch API\n", 1)[1]
+    return section.split(f"```{fence}\n", 1)[1].split("```", 1)[0]
+
+
+async def test_the_documented_batch_examples_run_as_written(roles: Roles, gateways: Gateways, tmp_path: Path) -> None:
+    missing = [tool for tool in ("curl", "jq") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"the curl example needs {' and '.join(missing)}")
+    roles.policy()
+    roles.worker("gpu")
+    gateway = await gateways.start()
+    (tmp_path / "requests.jsonl").write_text(documented("jsonl"))
+    env = {**os.environ, "OPENAI_BASE_URL": f"{gateway.url}/v1", "OPENAI_API_KEY": KEY}
+
+    python = subprocess.run([sys.executable, "-c", documented("python")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert python.returncode == 0, python.stderr
+    assert python.stdout.startswith("completed") and '"custom_id":"q2"' in python.stdout, python.stdout
+    shell = subprocess.run(["bash", "-euo", "pipefail", "-c", documented("bash")], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert shell.returncode == 0, shell.stderr
+    output = [json.loads(line) for line in (tmp_path / "output.jsonl").read_text().splitlines()]
+    assert [line["custom_id"] for line in output] == ["q1", "q2"] and " completed\n" in shell.stdout
 
 
 class InProcess:
