@@ -34,13 +34,15 @@ from starlette.routing import BaseRoute, Route
 
 from broker.connection import RETRYABLE
 from broker.streams import Backoff
-from gateway.batchfile import URLS, InputLine, InvalidFile, parse
+from broker.wire import Result
+from gateway.batchfile import URLS, InputLine, InvalidFile, parse, parse_job_id
 from gateway.batchsettings import BatchSettings
 from gateway.context import Gateway
 from gateway.files import FileStore, LocalFileStore
 from gateway.ledger import FINAL, Batch, BatchError, BatchErrors, Ledger, RequestCounts, Stored, shown
 from gateway.openai import ApiError
-from gateway.runner import BatchContext, Runner, parse_job_id
+from gateway.runner import BatchContext, Runner
+from gateway.spool import Spool
 from gateway.uploads import Uploads, json_response, not_found
 
 log = logging.getLogger("inference_broker.gateway")
@@ -85,9 +87,7 @@ class BatchApi:
                 Route("/v1/batches/{batch_id}/cancel", self.cancel, methods=["POST"])]
 
     async def start(self) -> None:
-        """Resume every batch that is not final, then follow the batch reply stream."""
-        for batch_id in await self.ledger.active():
-            await self._adopt(batch_id)
+        """In the background: resume every batch that is not final, then follow the batch reply stream."""
         self._spawn(self._follow())
 
     async def aclose(self) -> None:
@@ -106,22 +106,35 @@ class BatchApi:
     # ------------------------------------------------------------------ running
 
     async def _follow(self) -> None:
-        """Hand each batch job's result to its runner; acked (by the next read) once spooled."""
+        """Resume the batches not final, then hand each batch job's result to its runner; a result
+        is acked (with the next read) once it is spooled."""
         backoff = Backoff()
+        resumed = False
         while True:
             try:
-                results = self.ctx.client.results(GROUP, CONSUMER, reply_to=self.settings.batch_reply_to)
-                async for result in results:
+                if not resumed:
+                    for batch_id in await self.ledger.active():
+                        await self._adopt(batch_id)
+                    resumed = True
+                async for result in self.ctx.client.results(GROUP, CONSUMER, reply_to=self.settings.batch_reply_to):
                     backoff.reset()
-                    if (found := parse_job_id(result.id)) is None:
-                        continue  # not a batch job's: someone else's result on this stream
-                    batch_id, index = found
-                    runner = self.runners.get(batch_id) or await self._adopt(batch_id)
-                    if runner is not None:  # else the batch is final or gone: a late duplicate
-                        runner.record(index, result)
+                    await self._hand_over(result)
             except RETRYABLE as exc:
                 log.warning("following batch results: %s; trying again", exc)
                 await backoff.wait()
+
+    async def _hand_over(self, result: Result) -> None:
+        if (found := parse_job_id(result.id)) is None:
+            return  # not a batch job's: someone else's result on this stream
+        batch_id, index = found
+        try:
+            runner = self.runners.get(batch_id) or await self._adopt(batch_id)
+            if runner is not None:  # else the batch is final or gone: a late duplicate
+                runner.record(index, result)
+        except RETRYABLE:
+            raise  # read again once Redis is back: it was not acked
+        except Exception:  # noqa: BLE001 - one bad result must not stop every batch's results
+            log.exception("batch %s: the result of line %d could not be recorded; skipped", batch_id, index)
 
     async def _adopt(self, batch_id: str) -> Runner | None:
         """The runner of a batch not final, started here; ``None`` for a batch final or gone."""
@@ -136,10 +149,14 @@ class BatchApi:
             if stored.batch.status in FINAL:
                 return None
             data = await self.store.get(stored.tenant, stored.batch.input_file_id)
+            if data is None:  # deleted while the batch ran, and the gateway restarted since
+                await self._fail(stored, "missing_input", f"the input file {stored.batch.input_file_id} was deleted "
+                                 "before the batch ended; upload it again and create a new batch")
+                return None
             try:
-                lines = parse(data or b"", max_lines=self.settings.batch_max_lines, tiers=self.ctx.tiers)
-            except InvalidFile as exc:  # its input file was deleted while it ran, before a restart
-                await self._fail(stored, "missing_input", f"the input file cannot be read any more: {exc}")
+                lines = parse(data, max_lines=self.settings.batch_max_lines, tiers=self.ctx.tiers)
+            except InvalidFile as exc:  # accepted under other limits (batch_max_lines) than today's
+                await self._fail(stored, "invalid_file", str(exc))
                 return None
             return self._run(Runner(self.ctx, stored, lines, cancel_at))
 
@@ -164,7 +181,8 @@ class BatchApi:
                     log.warning("batch %s: %s; going on shortly", runner.batch.id, exc)
                     await backoff.wait()
         except Exception:
-            log.exception("batch %s stopped; it resumes when the gateway restarts", runner.batch.id)
+            log.exception("batch %s stopped; it resumes with its next result or the gateway's restart",
+                          runner.batch.id)
         finally:
             self.runners.pop(runner.batch.id, None)
 
@@ -172,6 +190,7 @@ class BatchApi:
         failed = msgspec.structs.replace(stored.batch, status="failed", failed_at=int(time.time()),
                                          errors=BatchErrors(data=[BatchError(code=code, message=message, line=line)]))
         await self.ledger.save(Stored(tenant=stored.tenant, batch=failed))
+        Spool(self.settings.spool_dir, failed.id).remove()  # what ran of it is lost with its input
         return failed
 
     # ------------------------------------------------------------------ routes

@@ -86,6 +86,30 @@ def line_job(line: InputLine, *, job_id: str, tenant: str, tiers: Tiers, deadlin
     return msgspec.structs.replace(job, slo="batch", stream=False, reply_to=reply_to)
 
 
+# ---------------------------------------------------------------- ids: a job per line, a line per job
+
+
+def job_id(batch_id: str, index: int) -> str:
+    """The job id of line ``index`` of a batch: a resubmission of the line runs nothing twice."""
+    return f"{batch_id}.{index}"
+
+
+def request_line_id(job: str) -> str:
+    """The ``id`` of a line in the output files: ``batch_req_<batch hex>.<line index>``."""
+    return "batch_req_" + job.removeprefix("batch_")
+
+
+def line_index(job: Job) -> int:
+    """The line of a batch job (its id: ``<batch id>.<index>``)."""
+    return int(job.id.rpartition(".")[2])
+
+
+def parse_job_id(value: str) -> tuple[str, int] | None:
+    """The batch id and line index of a batch job's id; ``None`` for any other id."""
+    batch_id, _, index = value.rpartition(".")
+    return (batch_id, int(index)) if batch_id.startswith("batch_") and index.isdigit() else None
+
+
 class Response(msgspec.Struct, frozen=True, kw_only=True):
     """What the online API would have answered."""
 

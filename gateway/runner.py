@@ -25,10 +25,20 @@ from broker.client import Client
 from broker.connection import RETRYABLE
 from broker.errors import Backpressure, JobRejected
 from broker.wire import Job, Result
-from gateway.batchfile import URLS, InputLine, LineError, OutputLine, Response, line_job
+from gateway.batchfile import (
+    URLS,
+    InputLine,
+    LineError,
+    OutputLine,
+    Response,
+    job_id,
+    line_index,
+    line_job,
+    request_line_id,
+)
 from gateway.batchsettings import BatchSettings
 from gateway.files import FileStore
-from gateway.ledger import Ledger, RequestCounts, Stored
+from gateway.ledger import BatchStatus, Ledger, RequestCounts, Stored
 from gateway.openai import ApiError, Catalog, Tiers, to_response
 from gateway.spool import Entry, Spool
 
@@ -38,21 +48,6 @@ Ending = Literal["completed", "cancelled", "expired"]
 FRESH, SUBMITTED, DONE = 0, 1, 2
 BACKOFF_S = (0.05, 5.0)
 """A refused submission (full backlog, Redis away) is tried again after the first, doubling up to the second."""
-
-
-def job_id(batch_id: str, index: int) -> str:
-    return f"{batch_id}.{index}"
-
-
-def request_line_id(job: str) -> str:
-    """The ``id`` of a line in the output files: ``batch_req_<batch hex>.<line index>``."""
-    return "batch_req_" + job.removeprefix("batch_")
-
-
-def parse_job_id(value: str) -> tuple[str, int] | None:
-    """The batch id and line index of a batch job's id; ``None`` for any other id."""
-    batch_id, _, index = value.rpartition(".")
-    return (batch_id, int(index)) if batch_id.startswith("batch_") and index.isdigit() else None
 
 
 class BatchContext:
@@ -201,25 +196,23 @@ class Runner:
                 went_in = await self.ctx.client.submit_many(jobs)
             except Backpressure as exc:  # the backlog is full: wait for it to drain, bounded by the window
                 went_in = exc.accepted
-            except JobRejected as exc:
-                went_in = await self._one_by_one(jobs, exc)
+            except JobRejected:
+                went_in = await self._one_by_one(jobs)
             except RETRYABLE as exc:
                 log.warning("submitting batch %s: %s; trying again", self.batch.id, exc)
                 went_in = []
             took = set(went_in)
             for job in jobs:
-                if job.id in took:
-                    index = int(job.id.rpartition(".")[2])
-                    if self.state[index] == FRESH:
-                        self.state[index] = SUBMITTED
-                        self.in_flight += 1
-            jobs = [job for job in jobs if job.id not in took and self.state[int(job.id.rpartition(".")[2])] != DONE]
+                if job.id in took and self.state[line_index(job)] == FRESH:  # (not DONE: its result came first)
+                    self.state[line_index(job)] = SUBMITTED
+                    self.in_flight += 1
+            jobs = [job for job in jobs if job.id not in took and self.state[line_index(job)] != DONE]
             if jobs:
                 await asyncio.sleep(pause)
                 pause = min(2 * pause, BACKOFF_S[1])
                 await self._ending()
 
-    async def _one_by_one(self, jobs: list[Job], exc: JobRejected) -> list[str]:
+    async def _one_by_one(self, jobs: list[Job]) -> list[str]:
         """A job the SDK refuses (too large once encoded) fails alone; the others go in."""
         went_in: list[str] = []
         for job in jobs:
@@ -229,7 +222,7 @@ class Runner:
                 return went_in + full.accepted
             except JobRejected as refused:
                 error = ApiError(400, str(refused), code="job_rejected")  # what the online API answers
-                self._answer(int(job.id.rpartition(".")[2]), job.id, error.status, error.body())
+                self._answer(line_index(job), job.id, error.status, error.body())
         return went_in
 
     async def _end_the_rest(self) -> None:
@@ -267,7 +260,7 @@ class Runner:
                          **{done_at: now})
         self.spool.remove()
 
-    async def _save(self, status: str, **fields: object) -> None:
+    async def _save(self, status: BatchStatus, **fields: object) -> None:
         counts = msgspec.structs.replace(self.counts)
         self.batch = msgspec.structs.replace(self.batch, status=status, request_counts=counts, **fields)
         await self.ctx.ledger.save(Stored(tenant=self.tenant, batch=self.batch))
