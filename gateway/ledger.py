@@ -138,7 +138,8 @@ class Ledger:
         await self.redis.hsetnx(self._key(batch_id), "cancel", repr(at))  # type: ignore[misc]
 
     async def page(self, tenant: str, after: str | None, limit: int) -> tuple[list[str], bool]:
-        """The tenant's batch ids, newest first, from the one after ``after``; and whether more follow."""
+        """The tenant's batch ids, newest first (ids of one second by id: they sort by creation), from the
+        one after ``after``; and whether more follow."""
         index = self._index(tenant)
         start = 0
         if after is not None:

@@ -275,6 +275,11 @@ async def test_a_tenant_sees_none_of_another_tenants_batches_or_files(gateways: 
         assert what
     assert [b async for b in bob.batches.list()] == [] and (await bob.files.list()).data == []
     assert (await alice.batches.retrieve(batch.id)).id == batch.id  # still there for its owner
+    # The owner's list, newest first, a page at a time (the client follows `after` itself).
+    newer = await alice.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h")
+    page = await alice.batches.list(limit=1)
+    assert [b.id for b in page.data] == [newer.id] and page.has_more
+    assert [b.id async for b in alice.batches.list(limit=1)] == [newer.id, batch.id]
     assert (await alice.files.content(uploaded.id)).content.startswith(b'{"custom_id": "a0"')
 
 
