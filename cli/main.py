@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from cli.cancel import cancel
 from cli.common import EPILOG, Commands
 from cli.dead import dead
 from cli.demo import demo
@@ -28,6 +29,6 @@ def main() -> None:
     """
 
 
-for command in (demo, up, policy, worker, health, config_cmd, submit, result, results, dead, top_cmd, report_cmd,
-                asyncapi_cmd, simulate, gateway):
+for command in (demo, up, policy, worker, health, config_cmd, submit, result, results, cancel, dead, top_cmd,
+                report_cmd, asyncapi_cmd, simulate, gateway):
     main.add_command(command)
