@@ -98,7 +98,7 @@ def _run(settings: Settings, gw: GatewaySettings, keys: KeyRing | None, config: 
         client = Client(url, prefix=settings.prefix, shards=settings.shards,
                         replicas=settings.submit_replicas, replicas_ms=settings.submit_replicas_ms,
                         block_ms=settings.block_ms, max_backlog=settings.max_backlog,
-                        max_job_bytes=settings.max_job_bytes)
+                        max_job_bytes=settings.max_job_bytes, result_ttl_s=settings.result_ttl_s)
         service = Gateway(client, config=config, tiers=tiers, options=gw.options())
         app = create_app(service, keys=keys, probe=Readiness(url, [], role="gateway"))
         server = uvicorn.Server(uvicorn.Config(

@@ -145,7 +145,7 @@ def test_embeddings_come_as_floats_or_as_openais_base64_float32() -> None:
 
 
 @pytest.mark.parametrize(("status", "http", "retry"), [("rejected", 429, 3), ("expired", 504, None),
-                                                       ("failed", 502, None)])
+                                                       ("failed", 502, None), ("cancelled", 409, None)])
 def test_results_that_are_not_ok_become_their_http_errors(status: str, http: int, retry: int | None) -> None:
     job = job_of("chat", CHAT)
     result = Result.for_job(job, status, error="slo_unattainable: queue", retry_after_s=2.2)  # type: ignore[arg-type]
