@@ -47,9 +47,9 @@ log = logging.getLogger("inference_broker.gateway")
 @click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), envvar="IB_GATEWAY_REQUEST_TIMEOUT_S",
               metavar="SECONDS", help="Longest wait for a job when the client sets no timeout "
                                       "[env IB_GATEWAY_REQUEST_TIMEOUT_S; default: 600].")
-@click.option("--tiers", envvar="IB_GATEWAY_TIERS", metavar="TIER=CLASS,...",
+@click.option("--tiers", envvar="IB_GATEWAY_TIERS", metavar="TIER=CLASS",
               help="service_tier mapping over the default (priority: the most urgent class, flex: batch, "
-                   "default: the policy's rules), e.g. 'flex=standard' [env IB_GATEWAY_TIERS].")
+                   "default: the policy's rules), comma-separated, e.g. 'flex=standard' [env IB_GATEWAY_TIERS].")
 @click.pass_context
 def gateway(ctx: click.Context, /, host: str | None, port: int | None, keys_file: Path | None, no_auth: bool | None,
             grace: float | None, request_timeout: float | None, tiers: str | None, **opts: Any) -> None:
@@ -104,7 +104,7 @@ def _run(settings: Settings, gw: GatewaySettings, keys: KeyRing | None, config: 
         client = Client(url, prefix=settings.prefix, shards=settings.shards,
                         replicas=settings.submit_replicas, replicas_ms=settings.submit_replicas_ms,
                         block_ms=settings.block_ms, max_backlog=settings.max_backlog,
-                        max_job_bytes=settings.max_job_bytes)
+                        max_job_bytes=settings.max_job_bytes, result_ttl_s=settings.result_ttl_s)
         service = Gateway(client, config=config, tiers=tiers, options=gw.options())
         app = create_app(service, keys=keys, probe=Readiness(url, [], role="gateway"),
                          extensions=[BatchApi(service, batches)])
@@ -124,12 +124,13 @@ def _run(settings: Settings, gw: GatewaySettings, keys: KeyRing | None, config: 
 @gateway.command("hash-key", epilog=EPILOG)
 @click.option("--tenant", required=True, help="Tenant the key's requests run as (their jobs' tenant).")
 def hash_key(tenant: str) -> None:
-    """Read an API key on stdin and print its keys-file line ('<sha256 hex> <tenant>').
+    """Read an API key on stdin and print its keys-file line: its SHA-256 and the tenant.
 
     The key is read from stdin, never from the command line (which shows in `ps`):
 
     \b
-      openssl rand -hex 24 | tee my.key | inference-broker gateway hash-key --tenant acme >> keys.txt
+      openssl rand -hex 24 | tee acme.key |
+        inference-broker gateway hash-key --tenant acme >> keys.txt
     """
     from gateway.keys import key_line
 

@@ -50,7 +50,7 @@ class ApiError(Exception):
 
     @classmethod
     def of_result(cls, result: Result) -> ApiError:
-        """The error a job's non-``ok`` result answers: 429 refused, 504 expired, 502 failed."""
+        """The error a job's non-``ok`` result answers: 429 refused, 504 expired, 502 failed, 409 cancelled."""
         error = result.error or "no detail"
         if result.status == "rejected":
             return cls(429, f"the broker refused job {result.id}: {error}; retry after the Retry-After seconds",
@@ -61,6 +61,9 @@ class ApiError(Exception):
                        code="deadline_exceeded")
         if result.status == "failed":
             return cls(502, f"job {result.id} failed: {error}", type="server_error", code="backend_error")
+        if result.status == "cancelled":
+            return cls(409, f"job {result.id} was cancelled before it started: {error}", type="cancelled",
+                       code="job_cancelled")
         return cls(500, f"job {result.id} ended {result.status}: {error}", type="server_error", code=result.status)
 
 

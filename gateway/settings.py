@@ -72,6 +72,9 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     def keyring(self) -> KeyRing | None:
         """The accepted keys (None with ``no_auth``). Raises ValueError when none are configured."""
         if self.no_auth:
+            if self.keys_file is not None or self.keys:
+                raise ValueError("API keys and --no-auth (IB_GATEWAY_NO_AUTH) are both set: drop one "
+                                 "(with keys, set IB_GATEWAY_NO_AUTH=false)")
             return None
         texts = []
         if self.keys_file is not None:

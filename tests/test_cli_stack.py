@@ -28,6 +28,7 @@ def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.
 def cli_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "IB_PREFIX", "IB_CONFIG")}
     env["XDG_RUNTIME_DIR"] = str(tmp_path)  # where `up` records its URL
+    env["IB_GATEWAY_PORT"] = "0"  # `up`'s gateway on a free port: tests running side by side share no port
     return env
 
 

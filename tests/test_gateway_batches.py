@@ -303,7 +303,7 @@ async def test_the_documented_batch_examples_run_as_written(roles: Roles, gatewa
                             capture_output=True, text=True, timeout=60)
     assert python.returncode == 0, python.stderr
     assert python.stdout.startswith("completed") and '"custom_id":"q2"' in python.stdout, python.stdout
-    shell = subprocess.run(["bash", "-euo", "pipefail", "-c", documented("bash")], cwd=tmp_path, env=env,
+    shell = subprocess.run(["bash", "-euo", "pipefail", "-c", documented("sh")], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=60)
     assert shell.returncode == 0, shell.stderr
     output = [json.loads(line) for line in (tmp_path / "output.jsonl").read_text().splitlines()]

@@ -145,7 +145,7 @@ def test_embeddings_come_as_floats_or_as_openais_base64_float32() -> None:
 
 
 @pytest.mark.parametrize(("status", "http", "retry"), [("rejected", 429, 3), ("expired", 504, None),
-                                                       ("failed", 502, None)])
+                                                       ("failed", 502, None), ("cancelled", 409, None)])
 def test_results_that_are_not_ok_become_their_http_errors(status: str, http: int, retry: int | None) -> None:
     job = job_of("chat", CHAT)
     result = Result.for_job(job, status, error="slo_unattainable: queue", retry_after_s=2.2)  # type: ignore[arg-type]
@@ -193,6 +193,8 @@ def test_gateway_settings_come_from_the_env_and_need_keys_unless_no_auth(tmp_pat
     with pytest.raises(ValueError, match="no API keys configured"):
         GatewaySettings.from_env({}).keyring()
     assert GatewaySettings.from_env({"IB_GATEWAY_NO_AUTH": "1"}).keyring() is None
+    with pytest.raises(ValueError, match="both set"):  # never silently open when keys were meant to apply
+        GatewaySettings.from_env({"IB_GATEWAY_NO_AUTH": "true", "IB_GATEWAY_KEYS": key_line("k", "t")}).keyring()
     keys = tmp_path / "keys.txt"
     keys.write_text(key_line("k1", "acme") + "\n")
     env = {"IB_GATEWAY_KEYS_FILE": str(keys), "IB_GATEWAY_KEYS": key_line("k2", "beta"), "IB_GATEWAY_PORT": "9001",
