@@ -39,7 +39,7 @@ from gateway.context import Gateway
 from gateway.ledger import Batch as Record
 from gateway.ledger import RequestCounts, Stored
 from tests.conftest import ROOT, Roles
-from tests.deployments import ON_BOTH, xrange_all
+from tests.deployments import ON_BOTH, streams, xlen_all, xrange_all
 from tests.gateway_proc import KEY, OTHER_KEY, GatewayProc, start_gateway
 from tests.helpers import eventually, lane
 
@@ -149,6 +149,7 @@ async def test_a_batch_runs_to_completed_with_output_and_error_files(
     assert await results_per_job(client, topo) == Counter({f"{created.id}.{i}": 1 for i in range(4)})
 
 
+@ON_BOTH
 async def test_cancel_ends_a_batch_whose_jobs_cannot_start(
         roles: Roles, gateways: Gateways, client: aioredis.Redis, topo: Topology) -> None:
     roles.policy()  # and no pool worker: the batch's jobs wait in the gpu pool's batch lane
@@ -156,13 +157,13 @@ async def test_cancel_ends_a_batch_whose_jobs_cannot_start(
     uploaded = await ai.files.create(file=("input.jsonl", jsonl([request(f"c{i}") for i in range(3)])),
                                      purpose="batch")
     created = await ai.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h")
-    batch_lane = lane(topo, "gpu", "batch")
+    batch_lanes = streams(topo, lambda shard: lane(shard, "gpu", "batch"))
 
     async def routed() -> bool:
-        return bool(await client.xlen(batch_lane) == 3)
+        return await xlen_all(client, batch_lanes) == 3
 
     await eventually(routed, what="the batch's jobs in the gpu pool's batch lane")
-    for _, fields in await client.xrange(batch_lane):
+    for _, fields in await xrange_all(client, batch_lanes):
         job = decode_routed(fields[b"routed"]).job
         assert job.slo == "batch" and job.tenant == "acme" and job.deadline == created.expires_at
 
