@@ -215,6 +215,11 @@ class BatchApi:
         if asked.endpoint not in URLS:
             raise ApiError(400, f"endpoint {asked.endpoint!r} is not supported; use one of {', '.join(URLS)}",
                            param="endpoint")
+        live, limit = await self.ledger.live(tenant), self.settings.batch_max_active
+        if live >= limit:
+            raise ApiError(429, f"{live} batches of yours are not final yet, the limit is {limit}: wait for one "
+                                "to end, or cancel one", type="rate_limit_error", code="too_many_batches",
+                           retry_after_s=60)
         record = await self.store.stat(tenant, asked.input_file_id)
         if record is None or record.purpose != "batch":
             raise not_found("batch input file", asked.input_file_id)
@@ -252,8 +257,7 @@ class BatchApi:
         raw = request.query_params.get("limit", "20")
         if not raw.isdigit() or not 1 <= int(raw) <= 100:
             raise ApiError(400, f"limit {raw[:20]!r} must be a whole number from 1 to 100", param="limit")
-        ids, more = await self.ledger.page(tenant, request.query_params.get("after"), int(raw))
-        batches = [shown(*found) for i in ids if (found := await self.ledger.load(i, tenant)) is not None]
+        batches, more = await self.ledger.page(tenant, request.query_params.get("after"), int(raw))
         return json_response({"object": "list", "data": batches, "has_more": more,
                               "first_id": batches[0].id if batches else None,
                               "last_id": batches[-1].id if batches else None})

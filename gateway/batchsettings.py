@@ -32,6 +32,9 @@ class BatchSettings(msgspec.Struct, frozen=True, kw_only=True):
     until files are deleted [IB_GATEWAY_MAX_TENANT_BYTES]."""
     batch_max_lines: int = 50_000
     """Most requests in one batch [IB_GATEWAY_BATCH_MAX_LINES] (OpenAI's limit)."""
+    batch_max_active: int = 100
+    """Most batches of one tenant not yet final; creating another is refused with 429
+    [IB_GATEWAY_BATCH_MAX_ACTIVE]. Bounds the gateway's work and the records in Redis."""
     batch_in_flight: int = 512
     """Most jobs of one batch waiting or running at once [IB_GATEWAY_BATCH_IN_FLIGHT]: the rest wait
     in the gateway, so the batch neither floods the ingress nor makes the policy shed it."""
@@ -49,7 +52,8 @@ class BatchSettings(msgspec.Struct, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         counts = {"max_file_bytes": self.max_file_bytes, "max_tenant_bytes": self.max_tenant_bytes,
-                  "batch_max_lines": self.batch_max_lines, "batch_in_flight": self.batch_in_flight,
+                  "batch_max_lines": self.batch_max_lines, "batch_max_active": self.batch_max_active,
+                  "batch_in_flight": self.batch_in_flight,
                   "batch_chunk": self.batch_chunk}
         bad = [name for name, value in counts.items() if value < 1]
         if bad or self.batch_poll_s <= 0 or self.batch_drain_s < 0 or self.batch_retention_s < 1:

@@ -10,8 +10,12 @@ key                                  type    holds
                                              by its runner only); ``cancel``: when a cancel
                                              was asked (written by the cancel call only)
 ``<home>:batches:<tenant>``          zset    the tenant's batch ids by creation time (list)
-``<home>:batches:active``            set     batches not yet final (resumed at start)
+``<home>:batches-live``              set     batches not yet final (resumed at start)
+``<home>:batches-live:<tenant>``     set     the tenant's batches not yet final (its limit)
 ===================================  ======  ==============================================
+
+(No tenant name makes one of these keys another's: ``batches-live`` has no tenant part,
+and a tenant's keys differ from it after ``batches``.)
 
 A cancel is its own field rather than a change to the record, so that a runner saving its
 progress never overwrites it: a reader merges the two (:meth:`Ledger.load`).
@@ -31,6 +35,8 @@ from broker.wire import DECODE_ERRORS
 BatchStatus = Literal["validating", "failed", "in_progress", "finalizing", "completed", "expired",
                       "cancelling", "cancelled"]
 FINAL = frozenset({"failed", "completed", "expired", "cancelled"})
+LONGEST_LIFE_S = 2 * 86_400
+"""More than a batch takes from creation to final: its window (24 h) and a drain."""
 
 
 class RequestCounts(msgspec.Struct, kw_only=True):
@@ -102,7 +108,10 @@ class Ledger:
 
     @property
     def _active(self) -> str:
-        return f"{self.home}:batches:active"
+        return f"{self.home}:batches-live"
+
+    def _tenant_active(self, tenant: str) -> str:
+        return f"{self.home}:batches-live:{tenant}"
 
     async def save(self, stored: Stored) -> None:
         """Write a batch's record (its runner, or its creation) and keep its indexes in step."""
@@ -113,12 +122,16 @@ class Ledger:
         pipe.expire(key, self.retention_s)
         index = self._index(stored.tenant)
         pipe.zadd(index, {batch.id: batch.created_at})
-        pipe.zremrangebyscore(index, "-inf", time.time() - self.retention_s)  # records gone by now
-        pipe.expire(index, self.retention_s)
-        if batch.status in FINAL:
-            pipe.srem(self._active, batch.id)
-        else:
-            pipe.sadd(self._active, batch.id)
+        # A record lives retention_s past its last change, at most a window and a drain after its
+        # creation: entries older than that have no record any more.
+        pipe.zremrangebyscore(index, "-inf", time.time() - self.retention_s - LONGEST_LIFE_S)
+        pipe.expire(index, self.retention_s + LONGEST_LIFE_S)
+        for active in (self._active, self._tenant_active(stored.tenant)):
+            if batch.status in FINAL:
+                pipe.srem(active, batch.id)
+            else:
+                pipe.sadd(active, batch.id)
+                pipe.expire(active, self.retention_s + LONGEST_LIFE_S)
         await pipe.execute()
 
     async def load(self, batch_id: str, tenant: str | None = None) -> tuple[Stored, float | None] | None:
@@ -137,9 +150,9 @@ class Ledger:
         """Record that a cancel was asked (the first time counts)."""
         await self.redis.hsetnx(self._key(batch_id), "cancel", repr(at))  # type: ignore[misc]
 
-    async def page(self, tenant: str, after: str | None, limit: int) -> tuple[list[str], bool]:
-        """The tenant's batch ids, newest first (ids of one second by id: they sort by creation), from the
-        one after ``after``; and whether more follow."""
+    async def page(self, tenant: str, after: str | None, limit: int) -> tuple[list[Batch], bool]:
+        """The tenant's batches as shown, newest first (ids of one second by id: they sort by
+        creation), from the one after ``after``; and whether more follow."""
         index = self._index(tenant)
         start = 0
         if after is not None:
@@ -148,14 +161,25 @@ class Ledger:
                 return [], False
             start = rank + 1
         ids = [i.decode() for i in await self.redis.zrevrange(index, start, start + limit)]
-        return ids[:limit], len(ids) > limit
+        batches = []
+        for batch_id in ids[:limit]:
+            found = await self.load(batch_id, tenant)
+            if found is None:  # its record expired: forget it here too
+                await self.redis.zrem(index, batch_id)
+            else:
+                batches.append(shown(*found))
+        return batches, len(ids) > limit
+
+    async def live(self, tenant: str) -> int:
+        """How many of the tenant's batches are not yet final."""
+        return int(await self.redis.scard(self._tenant_active(tenant)))  # type: ignore[misc]
 
     async def active(self) -> list[str]:
         """Ids of the batches not yet final."""
         return sorted(i.decode() for i in await self.redis.smembers(self._active))  # type: ignore[misc]
 
     async def forget(self, batch_id: str) -> None:
-        """Drop a batch from the active set (its record is gone)."""
+        """Drop a batch from the active set (its record is gone; its tenant's set expires)."""
         await self.redis.srem(self._active, batch_id)  # type: ignore[misc]
 
 

@@ -216,8 +216,9 @@ async def test_a_batch_survives_a_gateway_killed_mid_batch(
     assert set((await results_per_job(client, topo)).values()) == {1}  # resubmitted, run once
 
 
-async def test_uploads_are_checked_line_by_line_and_within_limits(gateways: Gateways) -> None:
-    gateway = await gateways.start(IB_GATEWAY_MAX_FILE_BYTES="2000", IB_GATEWAY_MAX_TENANT_BYTES="2500")
+async def test_uploads_and_batches_are_checked_and_kept_within_limits(gateways: Gateways) -> None:
+    gateway = await gateways.start(IB_GATEWAY_MAX_FILE_BYTES="2000", IB_GATEWAY_MAX_TENANT_BYTES="2500",
+                                   IB_GATEWAY_BATCH_MAX_ACTIVE="1")
     alice, bob = gateways.client(gateway), gateways.client(gateway, OTHER_KEY)
     good = jsonl([request(f"g{i}") for i in range(8)])
     assert 1000 < len(good) <= 1500
@@ -253,6 +254,9 @@ async def test_uploads_are_checked_line_by_line_and_within_limits(gateways: Gate
                                             completion_window="24h")
     assert mismatched.status == "failed" and mismatched.errors is not None and mismatched.errors.data
     assert mismatched.errors.data[0].code == "mismatched_endpoint" and mismatched.errors.data[0].line == 1
+    await alice.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h")
+    with pytest.raises(openai.RateLimitError, match="not final yet"):  # one live batch per tenant here
+        await alice.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h")
 
 
 async def test_a_tenant_sees_none_of_another_tenants_batches_or_files(gateways: Gateways) -> None:
