@@ -248,12 +248,16 @@ class Runner:
         if self.ending == "completed":
             await self._save("finalizing", finalizing_at=int(time.time()))
         entries = sorted(self.spool.read().values(), key=lambda e: e.index)
+        names = {kind: f"{self.batch.id}_{kind}.jsonl" for kind in ("output", "error")}
+        store = self.ctx.store
+        for old in await store.list(self.tenant):  # written by a finalize cut short (a stop, a crash)
+            if old.purpose == "batch_output" and old.filename in names.values():
+                await store.delete(self.tenant, old.id)
         files = {}
         for ok, kind in ((True, "output"), (False, "error")):
             data = b"".join(msgspec.json.encode(e.line) + b"\n" for e in entries if e.ok is ok)
             if data:
-                stored = await self.ctx.store.put(self.tenant, f"{self.batch.id}_{kind}.jsonl", "batch_output", data)
-                files[kind] = stored.id
+                files[kind] = (await store.put(self.tenant, names[kind], "batch_output", data)).id
         now = int(time.time())
         done_at = {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at"}[self.ending]
         await self._save(self.ending, output_file_id=files.get("output"), error_file_id=files.get("error"),
