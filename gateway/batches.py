@@ -35,6 +35,7 @@ from starlette.routing import BaseRoute, Route
 from broker.connection import RETRYABLE
 from broker.streams import Backoff
 from broker.wire import Result
+from gateway import metrics
 from gateway.batchfile import URLS, InputLine, InvalidFile, parse, parse_job_id
 from gateway.batchsettings import BatchSettings
 from gateway.context import Gateway
@@ -173,6 +174,7 @@ class BatchApi:
 
     def _run(self, runner: Runner) -> Runner:
         self.runners[runner.batch.id] = runner
+        metrics.BATCHES_RUNNING.inc()
         self._spawn(self._supervise(runner))
         return runner
 
@@ -191,11 +193,13 @@ class BatchApi:
                           runner.batch.id)
         finally:
             self.runners.pop(runner.batch.id, None)
+            metrics.BATCHES_RUNNING.dec()
 
     async def _fail(self, stored: Stored, code: str, message: str, line: int | None = None) -> Batch:
         failed = msgspec.structs.replace(stored.batch, status="failed", failed_at=int(time.time()),
                                          errors=BatchErrors(data=[BatchError(code=code, message=message, line=line)]))
         await self.ledger.save(Stored(tenant=stored.tenant, batch=failed))
+        metrics.BATCHES.labels("failed").inc()
         Spool(self.settings.spool_dir, failed.id).remove()  # what ran of it is lost with its input
         return failed
 

@@ -20,3 +20,9 @@ DURATION = Histogram("request_duration_seconds", "Request received to response (
 IN_FLIGHT = Gauge("in_flight", "Requests being served now (streams included).", ["endpoint"], namespace=_NS)
 CANCELLED = Counter("jobs_cancelled", "Jobs ended as cancelled because their client went away before they "
                     "started.", ["endpoint"], namespace=_NS)
+
+# The Batch API (gateway/batches.py): batches and their requests, as their owners see them.
+BATCHES = Counter("batches", "Batches that became final, by status.", ["status"], namespace=_NS)
+BATCH_REQUESTS = Counter("batch_requests", "Batch requests with an outcome, by the file it went to (output, "
+                         "error).", ["file"], namespace=_NS)
+BATCHES_RUNNING = Gauge("batches_running", "Batches this gateway runs now.", namespace=_NS)

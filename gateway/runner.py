@@ -25,6 +25,7 @@ from broker.client import Client
 from broker.connection import RETRYABLE
 from broker.errors import Backpressure, JobRejected
 from broker.wire import Job, Result
+from gateway import metrics
 from gateway.batchfile import (
     URLS,
     InputLine,
@@ -128,6 +129,7 @@ class Runner:
         entry = Entry(index, ok, line)
         self.spool.append(entry)
         self._mark(entry)
+        metrics.BATCH_REQUESTS.labels("output" if ok else "error").inc()
 
     def cancel(self, at: float) -> None:
         """Stop submitting; the jobs not started are cancelled, the batch ends ``cancelled``."""
@@ -263,6 +265,7 @@ class Runner:
         await self._save(self.ending, output_file_id=files.get("output"), error_file_id=files.get("error"),
                          **{done_at: now})
         self.spool.remove()
+        metrics.BATCHES.labels(self.ending).inc()
 
     async def _save(self, status: BatchStatus, **fields: object) -> None:
         counts = msgspec.structs.replace(self.counts)

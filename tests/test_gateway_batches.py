@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx
 import openai
 import pytest
 import pytest_asyncio
@@ -112,7 +113,8 @@ async def test_a_batch_runs_to_completed_with_output_and_error_files(
         roles: Roles, gateways: Gateways, client: aioredis.Redis, topo: Topology) -> None:
     roles.policy()
     roles.worker("gpu")
-    ai = gateways.client(await gateways.start())
+    gateway = await gateways.start()
+    ai = gateways.client(gateway)
     lines = [request(f"r{i}", text=f"question {i}") for i in range(4)] + [request("unknown", model="no-such-model")]
     data = jsonl(lines)
 
@@ -148,6 +150,13 @@ async def test_a_batch_runs_to_completed_with_output_and_error_files(
     assert created.id in listed
     # One result per job that ran; the unknown model's line never became a job.
     assert await results_per_job(client, topo) == Counter({f"{created.id}.{i}": 1 for i in range(4)})
+    async with httpx.AsyncClient() as http:
+        exposed = (await http.get(f"{gateway.url}/metrics")).text
+    for sample in ('inference_broker_gateway_batches_total{status="completed"} 1.0',
+                   'inference_broker_gateway_batch_requests_total{file="output"} 4.0',
+                   'inference_broker_gateway_batch_requests_total{file="error"} 1.0',
+                   "inference_broker_gateway_batches_running 0.0"):
+        assert sample in exposed, sample
 
 
 @ON_BOTH
