@@ -133,11 +133,11 @@ class BatchApi:
     async def _hand_over(self, result: Result) -> None:
         if (found := parse_job_id(result.id)) is None:
             return  # not a batch job's: someone else's result on this stream
-        batch_id, index = found
+        batch_id, index, attempt = found
         try:
             runner = self.runners.get(batch_id) or await self._adopt(batch_id)
             if runner is not None:  # else the batch is final or gone: a late duplicate
-                runner.record(index, result)
+                runner.record(index, attempt, result)
         except RETRYABLE:
             raise  # read again once Redis is back: it was not acked
         except Exception:  # noqa: BLE001 - one bad result must not stop every batch's results

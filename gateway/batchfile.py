@@ -89,9 +89,10 @@ def line_job(line: InputLine, *, job_id: str, tenant: str, tiers: Tiers, deadlin
 # ---------------------------------------------------------------- ids: a job per line, a line per job
 
 
-def job_id(batch_id: str, index: int) -> str:
-    """The job id of line ``index`` of a batch: a resubmission of the line runs nothing twice."""
-    return f"{batch_id}.{index}"
+def job_id(batch_id: str, index: int, attempt: int = 0) -> str:
+    """The job id of line ``index`` of a batch, ``<batch id>.<index>`` (``.<attempt>`` after a refusal):
+    a resubmission of the line runs nothing twice."""
+    return f"{batch_id}.{index}" + (f".{attempt}" if attempt else "")
 
 
 def request_line_id(job: str) -> str:
@@ -100,14 +101,16 @@ def request_line_id(job: str) -> str:
 
 
 def line_index(job: Job) -> int:
-    """The line of a batch job (its id: ``<batch id>.<index>``)."""
-    return int(job.id.rpartition(".")[2])
+    """The line of a batch job."""
+    return int(job.id.split(".")[1])
 
 
-def parse_job_id(value: str) -> tuple[str, int] | None:
-    """The batch id and line index of a batch job's id; ``None`` for any other id."""
-    batch_id, _, index = value.rpartition(".")
-    return (batch_id, int(index)) if batch_id.startswith("batch_") and index.isdigit() else None
+def parse_job_id(value: str) -> tuple[str, int, int] | None:
+    """The batch id, line index and attempt of a batch job's id; ``None`` for any other id."""
+    batch_id, *numbers = value.split(".")
+    if not batch_id.startswith("batch_") or len(numbers) not in (1, 2) or not all(n.isdigit() for n in numbers):
+        return None
+    return batch_id, int(numbers[0]), int(numbers[1]) if len(numbers) == 2 else 0
 
 
 class Response(msgspec.Struct, frozen=True, kw_only=True):

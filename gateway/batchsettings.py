@@ -38,6 +38,10 @@ class BatchSettings(msgspec.Struct, frozen=True, kw_only=True):
     batch_in_flight: int = 512
     """Most jobs of one batch waiting or running at once [IB_GATEWAY_BATCH_IN_FLIGHT]: the rest wait
     in the gateway, so the batch neither floods the ingress nor makes the policy shed it."""
+    batch_retries: int = 20
+    """How often a request whose job the policy refused (admission: no pool would start it in
+    time then) is submitted again, after the refusal's retry hint, before its line goes to the
+    error file as a 429 [IB_GATEWAY_BATCH_RETRIES]."""
     batch_chunk: int = 250
     """Jobs submitted per round trip."""
     batch_poll_s: float = 0.5
@@ -56,8 +60,9 @@ class BatchSettings(msgspec.Struct, frozen=True, kw_only=True):
                   "batch_in_flight": self.batch_in_flight,
                   "batch_chunk": self.batch_chunk}
         bad = [name for name, value in counts.items() if value < 1]
-        if bad or self.batch_poll_s <= 0 or self.batch_drain_s < 0 or self.batch_retention_s < 1:
-            raise ValueError(f"gateway batch settings: {', '.join(bad) or 'the times'} must be positive")
+        times_ok = self.batch_poll_s > 0 and self.batch_drain_s >= 0 and self.batch_retention_s >= 1
+        if bad or self.batch_retries < 0 or not times_ok:
+            raise ValueError(f"gateway batch settings: {', '.join(bad) or 'the times and retries'} must be positive")
         if self.batch_reply_to in RESERVED:
             raise ValueError(f"gateway batch_reply_to {self.batch_reply_to!r} is a reserved stream name")
 

@@ -25,4 +25,6 @@ CANCELLED = Counter("jobs_cancelled", "Jobs ended as cancelled because their cli
 BATCHES = Counter("batches", "Batches that became final, by status.", ["status"], namespace=_NS)
 BATCH_REQUESTS = Counter("batch_requests", "Batch requests with an outcome, by the file it went to (output, "
                          "error).", ["file"], namespace=_NS)
+BATCH_RETRIES = Counter("batch_retries", "Batch requests submitted again after the policy refused their job "
+                        "(admission: no pool would start it in time then).", namespace=_NS)
 BATCHES_RUNNING = Gauge("batches_running", "Batches this gateway runs now.", namespace=_NS)

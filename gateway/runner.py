@@ -1,9 +1,11 @@
 """Running one batch: its lines submitted as batch-class jobs, their outcomes collected, its files written.
 
-A line's job id is ``<batch id>.<line index>``: a gateway that resumes a batch after a
-restart submits again what may not have gone in, and the broker runs each id once. At most
-``batch_in_flight`` of a batch's jobs wait or run at once, so a large batch neither floods
-the ingress nor counts as work ahead of its own later lines (the policy's admission).
+A line's job id is ``<batch id>.<line index>`` (``.<attempt>`` once the policy refused it):
+a gateway that resumes a batch after a restart submits again what may not have gone in,
+and the broker runs each id once. At most ``batch_in_flight`` of a batch's jobs wait or
+run at once, so a large batch neither floods the ingress nor counts as work ahead of its
+own later lines (the policy's admission). A job the policy refused anyway is submitted
+again after its retry hint, as the line's next attempt (:meth:`Runner.record`).
 
 Every line ends with one outcome: the job's result (through the gateway's consumer group
 on the batch reply stream, :class:`gateway.batches.BatchApi`), or, when the batch is
@@ -14,6 +16,7 @@ a job that had not started. A job that had started finishes; its result counts.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections.abc import Sequence
@@ -47,6 +50,8 @@ log = logging.getLogger("inference_broker.gateway")
 
 Ending = Literal["completed", "cancelled", "expired"]
 FRESH, SUBMITTED, DONE = 0, 1, 2
+RETRY_S = (1.0, 300.0)
+"""A refused line is submitted again after its refusal's retry_after_s, within these bounds."""
 BACKOFF_S = (0.05, 5.0)
 """A refused submission (full backlog, Redis away) is tried again after the first, doubling up to the second."""
 
@@ -79,11 +84,17 @@ class Runner:
         self.ending: Ending = "completed"
         self.cancel_at = cancel_at
         self.changed = asyncio.Event()
-        for entry in self.spool.read().values():
+        outcomes, self.attempts = self.spool.read()
+        """Lines the policy refused: the attempt each is submitted as now."""
+        self.due: list[tuple[float, int]] = []
+        """Refused lines to submit again: (when, on the monotonic clock; index), a heap."""
+        for entry in outcomes.values():
             self._mark(entry)
+        self.due = [(0.0, i) for i in self.attempts if self.state[i] != DONE]  # resumed: due at once
 
     def job(self, index: int) -> Job:
-        return line_job(self.lines[index], job_id=job_id(self.batch.id, index), tenant=self.tenant,
+        return line_job(self.lines[index], job_id=job_id(self.batch.id, index, self.attempts.get(index, 0)),
+                        tenant=self.tenant,
                         tiers=self.ctx.tiers, deadline=float(self.batch.expires_at),
                         reply_to=self.ctx.settings.batch_reply_to)
 
@@ -101,10 +112,22 @@ class Runner:
             self.counts.failed += 1
         self.changed.set()
 
-    def record(self, index: int, result: Result) -> None:
-        """Line ``index`` has its job's result: spool it (before the caller acks it), once."""
+    def record(self, index: int, attempt: int, result: Result) -> None:
+        """Line ``index`` has the result of its job's ``attempt``: spool it (before the caller acks it), once.
+
+        A job the policy refused (``rejected``: no pool would start it in time now) is submitted
+        again after the refusal's ``retry_after_s``, up to ``batch_retries`` times: the batch has
+        its whole window, and the refusal is about now.
+        """
         if index >= len(self.lines) or self.state[index] == DONE:
             return
+        if result.status == "rejected" and self.ending == "completed":
+            if attempt != self.attempts.get(index, 0):
+                return  # an earlier attempt's refusal, read again
+            if attempt < self.ctx.settings.batch_retries:
+                self.spool.append(Entry(index, False, None, attempt + 1))
+                self._again(index, attempt + 1, result.retry_after_s)
+                return
         custom_id, request_id = self.lines[index].custom_id, result.id
         if result.status == "cancelled" and self.ending != "completed":
             code: Literal["batch_cancelled", "batch_expired"] = (
@@ -124,6 +147,16 @@ class Runner:
         line = OutputLine(id=request_line_id(request_id), custom_id=self.lines[index].custom_id,
                           response=Response(status_code=status, request_id=request_id, body=body), error=None)
         self._settle(index, status == 200, line)
+
+    def _again(self, index: int, attempt: int, after_s: float | None) -> None:
+        self.attempts[index] = attempt
+        if self.state[index] == SUBMITTED:
+            self.in_flight -= 1
+        self.state[index] = FRESH
+        wait = min(max(after_s or 0.0, RETRY_S[0]), RETRY_S[1])
+        heapq.heappush(self.due, (time.monotonic() + wait, index))
+        metrics.BATCH_RETRIES.inc()
+        self.changed.set()
 
     def _settle(self, index: int, ok: bool, line: OutputLine) -> None:
         entry = Entry(index, ok, line)
@@ -148,16 +181,24 @@ class Runner:
 
     async def _submit_and_wait(self) -> None:
         settings = self.ctx.settings
-        fresh = (i for i in range(len(self.lines)) if self.state[i] == FRESH)
+        fresh = (i for i in range(len(self.lines)) if self.state[i] == FRESH and i not in self.attempts)
         while self.left and not await self._ending():
-            room = settings.batch_in_flight - self.in_flight
-            chunk = [i for _, i in zip(range(min(room, settings.batch_chunk)), fresh, strict=False)]
+            room = min(settings.batch_in_flight - self.in_flight, settings.batch_chunk)
+            chunk = self._due(room)
+            chunk += [i for _, i in zip(range(room - len(chunk)), fresh, strict=False)]
             if chunk:
                 await self._submit(chunk)
             else:
                 await self._tick()
         if self.left:
             await self._end_the_rest()
+
+    def _due(self, room: int) -> list[int]:
+        """Refused lines whose wait is over (up to ``room``), and, after a restart, those not yet resubmitted."""
+        now, lines = time.monotonic(), list[int]()
+        while self.due and self.due[0][0] <= now and len(lines) < room:
+            lines.append(heapq.heappop(self.due)[1])
+        return [i for i in lines if self.state[i] == FRESH]
 
     async def _ending(self) -> bool:
         """Whether the batch must stop taking work: cancelled (here or through another gateway), or expired."""
@@ -249,7 +290,7 @@ class Runner:
     async def _finalize(self) -> None:
         if self.ending == "completed":
             await self._save("finalizing", finalizing_at=int(time.time()))
-        entries = sorted(self.spool.read().values(), key=lambda e: e.index)
+        entries = sorted(self.spool.read()[0].values(), key=lambda e: e.index)
         names = {kind: f"{self.batch.id}_{kind}.jsonl" for kind in ("output", "error")}
         store = self.ctx.store
         for old in await store.list(self.tenant):  # written by a finalize cut short (a stop, a crash)

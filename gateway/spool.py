@@ -1,6 +1,7 @@
 """A running batch's outcomes so far, appended to a local file until the batch is final.
 
-The gateway acks a result on the batch reply stream only after its line is appended here,
+The gateway acks a result on the batch reply stream only after its line (or, for a job the
+policy refused, the attempt its line is submitted again as) is appended here,
 so a gateway that stops (or is killed) mid-batch loses nothing: it reads the spool back on
 start, and the results it had not acked come again from its consumer group. A line that
 comes twice (a result read again after a crash, before its ack) is kept once, the first.
@@ -22,11 +23,13 @@ log = logging.getLogger("inference_broker.gateway")
 
 
 class Entry(msgspec.Struct, frozen=True, array_like=True):
-    """Line ``index`` of the input ended with ``line``; ``ok``: it goes to the output file, else the error file."""
+    """Line ``index`` of the input ended with ``line``; ``ok``: it goes to the output file, else the
+    error file. Without a line: the line's job was refused, and it is submitted again as ``attempt``."""
 
     index: int
     ok: bool
-    line: OutputLine
+    line: OutputLine | None
+    attempt: int = 0
 
 
 _encode = msgspec.json.Encoder().encode
@@ -40,13 +43,14 @@ class Spool:
         self.path = folder / f"{batch_id}.jsonl"
         self._file: BinaryIO | None = None
 
-    def read(self) -> dict[int, Entry]:
-        """Every entry written so far, the first of each index."""
+    def read(self) -> tuple[dict[int, Entry], dict[int, int]]:
+        """The outcomes written so far, the first of each index; and the attempt each refused line is at."""
         entries: dict[int, Entry] = {}
+        attempts: dict[int, int] = {}
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
-            return entries
+            return entries, attempts
         for raw in data.splitlines():
             try:
                 entry = _decode(raw)
@@ -54,8 +58,11 @@ class Spool:
                 # Only a crash mid-write leaves a torn line, and only the last: its result was not acked.
                 log.warning("skipping a torn line of %s", self.path)
                 continue
-            entries.setdefault(entry.index, entry)
-        return entries
+            if entry.line is None:
+                attempts[entry.index] = max(entry.attempt, attempts.get(entry.index, 0))
+            else:
+                entries.setdefault(entry.index, entry)
+        return entries, attempts
 
     def append(self, entry: Entry) -> None:
         """Add an entry: one unbuffered write, in the OS' hands before the result is acked."""

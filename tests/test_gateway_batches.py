@@ -33,7 +33,7 @@ from openai.types import Batch
 from broker.client import Client
 from broker.config import load_config
 from broker.topology import Topology
-from broker.wire import decode_result, decode_routed
+from broker.wire import Job, decode_result, decode_routed
 from gateway.batches import BatchApi
 from gateway.batchfile import parse
 from gateway.batchsettings import BatchSettings
@@ -43,9 +43,10 @@ from gateway.ledger import RequestCounts, Stored
 from tests.conftest import ROOT, Roles
 from tests.deployments import ON_BOTH, streams, xlen_all, xrange_all
 from tests.gateway_proc import KEY, OTHER_KEY, GatewayProc, start_gateway
-from tests.helpers import eventually, lane
+from tests.helpers import eventually, lane, warm_up
 
 FINAL = ("completed", "failed", "expired", "cancelled")
+DEFAULT_POLICY = (ROOT / "broker" / "default.toml").read_text()
 CHAT: Literal["/v1/chat/completions"] = "/v1/chat/completions"
 
 
@@ -399,6 +400,37 @@ async def test_at_its_expiry_a_batch_ends_the_jobs_not_started_and_is_expired(
     assert [line["custom_id"] for line in errors] == ["x0", "x1", "x2"]
     assert {line["error"]["code"] for line in errors} == {"batch_expired"}
     assert set((await results_per_job(client, topo)).values()) == {1}
+
+
+async def test_a_line_the_policy_refuses_is_submitted_again_until_it_runs(
+        roles: Roles, in_process: Callable[..., InProcess], client: aioredis.Redis, topo: Topology,
+        tmp_path: Path) -> None:
+    # A policy that refuses every batch job (its class wants a first token within 1 ms) once the
+    # pool has finished a job; then the default policy, which admits them.
+    strict = tmp_path / "strict.toml"
+    strict.write_text(DEFAULT_POLICY.replace("[classes.batch]\nttft_ms = 60000", "[classes.batch]\nttft_ms = 1"))
+    assert strict.read_text() != DEFAULT_POLICY
+    refusing = roles.start("policy", "--config", str(strict))
+    roles.worker("gpu")
+    batches = in_process()
+    await warm_up(batches.sdk, client, topo, {"gpu": Job.chat("llama-3.1-8b", "warm", max_tokens=2, slo="standard")})
+    await batches.api.start()
+    batch_id = await batches.launch([request("p0"), request("p1")], window_s=86_400)
+
+    async def refused_twice() -> bool:  # each line's first job and its first resubmission
+        entries = await xrange_all(client, [shard.reply("batches") for shard in topo.every_shard])
+        return [decode_result(f[b"result"]).status for _, f in entries].count("rejected") >= 4
+
+    await eventually(refused_twice, what="the policy refusing each line twice")
+    refusing.send_signal(signal.SIGTERM)
+    refusing.wait(timeout=15)
+    roles.policy()
+    done = await batches.final(batch_id)
+    assert done.status == "completed" and done.request_counts.completed == 2, done
+    output = await batches.lines(done.output_file_id)
+    assert [line["custom_id"] for line in output] == ["p0", "p1"]
+    # Each ran as a later attempt of its line (a new job id: the refused ones keep their outcome).
+    assert all(line["response"]["request_id"].count(".") == 2 for line in output)
 
 
 async def test_a_full_backlog_makes_a_batch_wait_then_go_on(

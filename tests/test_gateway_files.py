@@ -74,8 +74,12 @@ def test_the_spool_keeps_the_first_outcome_of_a_line_and_survives_a_torn_last_li
     with open(spool.path, "ab") as file:
         file.write(b'[2,false,{"id":"batch_req_x.2"')  # a crash mid-write
     again = Spool(tmp_path, "batch_x")
-    assert sorted(again.read()) == [0, 1] and again.read()[0].line.error == entry(0).line.error
+    outcomes, _ = again.read()
+    assert sorted(outcomes) == [0, 1] and outcomes[0] == entry(0)
     again.append(entry(2))  # after a restart: not glued to the torn line
-    assert sorted(again.read()) == [0, 1, 2]
+    again.append(Entry(3, False, None, 1))  # line 3's job was refused: it runs again as attempt 1, then 2
+    again.append(Entry(3, False, None, 2))
+    outcomes, attempts = again.read()
+    assert sorted(outcomes) == [0, 1, 2] and attempts == {3: 2}
     again.remove()
-    assert not spool.path.exists() and Spool(tmp_path, "batch_x").read() == {}
+    assert not spool.path.exists() and Spool(tmp_path, "batch_x").read() == ({}, {})
