@@ -7,6 +7,8 @@ that a test sees each answer rather than the client's retries of it).
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +21,12 @@ import redis.asyncio as aioredis
 from broker.config import load_config
 from broker.topology import Topology
 from broker.wire import decode_result
+from cli.embedded import free_port
 from cli.stack import wait_for_roles
 from tests.conftest import ROOT, Roles
 from tests.deployments import ON_BOTH
 from tests.gateway_proc import KEY, OTHER_KEY, GatewayProc, start_gateway
+from tests.test_cli_stack import run_cli, start_up
 
 CHAT = [{"role": "user", "content": "Why is the sky blue?"}]
 
@@ -155,3 +159,33 @@ def test_hash_key_reads_the_key_on_stdin_and_prints_the_keys_file_line() -> None
                           input=f"{KEY}\n", capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"{hashlib.sha256(KEY.encode()).hexdigest()} acme\n"
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """As tests/test_cli_stack.py's: no deployment in the environment, `up`'s record in tmp_path."""
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "IB_PREFIX", "IB_CONFIG")}
+    return {**env, "XDG_RUNTIME_DIR": str(tmp_path), "IB_GATEWAY_PORT": "0"}
+
+
+async def test_up_serves_the_openai_api_and_prints_where(cli_env: dict[str, str], tmp_path: Path) -> None:
+    port = free_port()
+    up, _state = start_up({**cli_env, "IB_GATEWAY_PORT": str(port)}, tmp_path)
+    try:
+        gateway = GatewayProc(up, port)  # type: ignore[arg-type]
+        await gateway.ready()
+        reply = await gateway.openai(key="anything").chat.completions.create(  # up's gateway has no keys
+            model="llama-3.1-8b", messages=CHAT, max_tokens=3)  # type: ignore[arg-type]
+        assert reply.usage is not None and reply.usage.completion_tokens == 3
+    finally:
+        up.send_signal(signal.SIGTERM)
+        _out, err = up.communicate(timeout=60)
+    assert up.returncode == 0, err
+    assert f"OpenAI API: http://127.0.0.1:{port}/v1  (no API keys: any key works)" in err
+
+
+def test_demo_via_gateway_sends_the_workload_through_the_openai_client(cli_env: dict[str, str]) -> None:
+    done = run_cli("demo", "--via", "gateway", "--jobs", "20", "--rate", "40", env=cli_env, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert "through the gateway at http://127.0.0.1:" in done.stdout
+    assert "20 jobs in" in done.stdout and "20 ok, 0 not ok" in done.stdout
