@@ -266,6 +266,10 @@ async def _events(gateway: Gateway, endpoint: Endpoint, job: Job, first: TokenCh
         if job.metadata.get("include_usage") == "1":
             yield _event(usage_chunk(endpoint, job, at, result, tokens_out))
         yield b"data: [DONE]\n\n"
+    except ResultTimeout:  # the stream started: the error can only be an event now
+        code = "504"
+        yield _event(ApiError(504, f"job {job.id}: its output stopped before it ended", type="timeout",
+                              code="result_timeout").body())
     except asyncio.CancelledError:
         code = str(CLIENT_GONE)
         raise

@@ -123,6 +123,16 @@ async def test_bad_keys_unknown_models_and_bad_parameters_get_openais_errors(
     with pytest.raises(openai.BadRequestError) as bad:
         await api.chat.completions.create(model="llama-3.1-8b", messages=[{"role": "user", "content": 3}])  # type: ignore[list-item]
     assert bad.value.param == "messages[0].content"
+    with pytest.raises(openai.BadRequestError) as header:
+        await api.chat.completions.create(model="llama-3.1-8b", messages=CHAT,  # type: ignore[arg-type]
+                                          extra_headers={"X-IB-Deadline-Ms": "soon"})
+    assert header.value.code == "invalid_header"
+    with pytest.raises(openai.APIStatusError) as large:
+        await api.chat.completions.create(model="llama-3.1-8b", messages=[{"role": "user", "content": "x" * (3 << 20)}])
+    assert (large.value.status_code, large.value.code) == (413, "body_too_large")
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"{gateway.url}/metrics")).text
+    assert 'inference_broker_gateway_requests_total{code="404",endpoint="chat"} 1.0' in text
 
 
 async def test_a_full_backlog_is_a_429_with_retry_after(roles: Roles, tmp_path: Path, topo: Topology,
