@@ -6,6 +6,7 @@ that a test sees each answer rather than the client's retries of it).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import signal
@@ -181,17 +182,24 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 async def test_up_serves_the_openai_api_and_prints_where(cli_env: dict[str, str], tmp_path: Path) -> None:
     port = free_port()
     up, _state = start_up({**cli_env, "IB_GATEWAY_PORT": str(port)}, tmp_path)
+    said = f"OpenAI API: http://127.0.0.1:{port}/v1  (no API keys: any key works)"
+
+    def until_said() -> None:
+        assert up.stderr is not None
+        for line in up.stderr:  # ends when up exits, so the wait below bounds it
+            if said in line:
+                return
+        raise AssertionError(f"up never printed {said!r}")
+
     try:
-        gateway = GatewayProc(up, port)  # type: ignore[arg-type]
-        await gateway.ready()
-        reply = await gateway.openai(key="anything").chat.completions.create(  # up's gateway has no keys
+        await asyncio.wait_for(asyncio.to_thread(until_said), 60)  # printed once every role and the gateway are up
+        reply = await GatewayProc(up, port).openai(key="anything").chat.completions.create(  # type: ignore[arg-type]
             model="llama-3.1-8b", messages=CHAT, max_tokens=3)  # type: ignore[arg-type]
-        assert reply.usage is not None and reply.usage.completion_tokens == 3
+        assert reply.usage is not None and reply.usage.completion_tokens == 3  # up's gateway takes any key
     finally:
         up.send_signal(signal.SIGTERM)
         _out, err = up.communicate(timeout=60)
     assert up.returncode == 0, err
-    assert f"OpenAI API: http://127.0.0.1:{port}/v1  (no API keys: any key works)" in err
 
 
 def test_demo_via_gateway_sends_the_workload_through_the_openai_client(cli_env: dict[str, str]) -> None:
