@@ -31,18 +31,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from broker.errors import Backpressure, JobRejected, NotReplicated, RedisUnavailable, ResultTimeout
 from broker.wire import Job, Result, TokenChunk, json_encode, new_id
 from gateway import metrics
+from gateway.catalog import Endpoint
 from gateway.context import Gateway, error_response
-from gateway.openai import (
-    ApiError,
-    Endpoint,
-    chunk,
-    created,
-    finish_reason,
-    timing_headers,
-    to_job,
-    to_response,
-    usage_chunk,
-)
+from gateway.errors import ApiError
+from gateway.openai import to_job
+from gateway.responses import chunk, created, finish_reason, timing_headers, to_response, usage_chunk
 
 log = logging.getLogger("inference_broker.gateway")
 T = TypeVar("T")
