@@ -255,9 +255,10 @@ def demo(n_jobs: int, rate: float, seed: int, worker_counts: tuple[str, ...], cl
                         console.print("\n".join(stack.cluster.describe(settings.topology)), highlight=False)
                     stack.wait_ready()
                 url = stack.url
-            through = f" through the gateway at {gateway.url if gateway else gateway_url}" if via == "gateway" else ""
             console.print(f"[green]stack ready[/] on {redacted(url)}: sending {n_jobs} jobs at ~{rate:g}/s "
-                          f"(seed {seed}){through}")
+                          f"(seed {seed})")
+            if via == "gateway":
+                console.print(f"  through the gateway at {gateway.url if gateway else gateway_url}", highlight=False)
             started = time.monotonic()
             got = asyncio.run(go(url))
             elapsed = time.monotonic() - started

@@ -22,8 +22,8 @@ from cli.common import EPILOG, Commands, check_redis, common, need_url, settings
 if TYPE_CHECKING:
     from broker.settings import Settings
     from gateway.batchsettings import BatchSettings
+    from gateway.catalog import Tiers
     from gateway.keys import KeyRing
-    from gateway.openai import Tiers
     from gateway.settings import GatewaySettings
     from policies.config import PolicyConfig
 

@@ -31,8 +31,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import endpoints
 from gateway.context import Gateway, error_response
+from gateway.errors import ApiError
 from gateway.keys import NO_AUTH_TENANT, KeyRing
-from gateway.openai import ApiError
 
 log = logging.getLogger("inference_broker.gateway")
 

@@ -9,7 +9,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from broker.client import Client
-from gateway.openai import ApiError, Catalog, Tiers
+from gateway.catalog import Catalog, Tiers
+from gateway.errors import ApiError
 from policies.config import PolicyConfig
 
 

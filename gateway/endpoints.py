@@ -31,18 +31,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from broker.errors import Backpressure, JobRejected, NotReplicated, RedisUnavailable, ResultTimeout
 from broker.wire import Job, Result, TokenChunk, json_encode, new_id
 from gateway import metrics
+from gateway.catalog import Endpoint
 from gateway.context import Gateway, error_response
-from gateway.openai import (
-    ApiError,
-    Endpoint,
-    chunk,
-    created,
-    finish_reason,
-    timing_headers,
-    to_job,
-    to_response,
-    usage_chunk,
-)
+from gateway.errors import ApiError
+from gateway.openai import to_job
+from gateway.responses import chunk, created, finish_reason, timing_headers, to_response, usage_chunk
 
 log = logging.getLogger("inference_broker.gateway")
 T = TypeVar("T")
@@ -266,6 +259,10 @@ async def _events(gateway: Gateway, endpoint: Endpoint, job: Job, first: TokenCh
         if job.metadata.get("include_usage") == "1":
             yield _event(usage_chunk(endpoint, job, at, result, tokens_out))
         yield b"data: [DONE]\n\n"
+    except ResultTimeout:  # the stream started: the error can only be an event now
+        code = "504"
+        yield _event(ApiError(504, f"job {job.id}: its output stopped before it ended", type="timeout",
+                              code="result_timeout").body())
     except asyncio.CancelledError:
         code = str(CLIENT_GONE)
         raise

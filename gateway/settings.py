@@ -14,9 +14,9 @@ from pathlib import Path
 
 import msgspec
 
+from gateway.catalog import Tiers
 from gateway.context import Options
 from gateway.keys import KeyRing
-from gateway.openai import Tiers
 from policies.config import PolicyConfig
 
 

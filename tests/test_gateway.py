@@ -6,7 +6,10 @@ that a test sees each answer rather than the client's retries of it).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +22,12 @@ import redis.asyncio as aioredis
 from broker.config import load_config
 from broker.topology import Topology
 from broker.wire import decode_result
+from cli.embedded import free_port
 from cli.stack import wait_for_roles
 from tests.conftest import ROOT, Roles
 from tests.deployments import ON_BOTH
 from tests.gateway_proc import KEY, OTHER_KEY, GatewayProc, start_gateway
+from tests.test_cli_stack import run_cli, start_up
 
 CHAT = [{"role": "user", "content": "Why is the sky blue?"}]
 
@@ -119,6 +124,16 @@ async def test_bad_keys_unknown_models_and_bad_parameters_get_openais_errors(
     with pytest.raises(openai.BadRequestError) as bad:
         await api.chat.completions.create(model="llama-3.1-8b", messages=[{"role": "user", "content": 3}])  # type: ignore[list-item]
     assert bad.value.param == "messages[0].content"
+    with pytest.raises(openai.BadRequestError) as header:
+        await api.chat.completions.create(model="llama-3.1-8b", messages=CHAT,  # type: ignore[arg-type]
+                                          extra_headers={"X-IB-Deadline-Ms": "soon"})
+    assert header.value.code == "invalid_header"
+    with pytest.raises(openai.APIStatusError) as large:
+        await api.chat.completions.create(model="llama-3.1-8b", messages=[{"role": "user", "content": "x" * (3 << 20)}])
+    assert (large.value.status_code, large.value.code) == (413, "body_too_large")
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"{gateway.url}/metrics")).text
+    assert 'inference_broker_gateway_requests_total{code="404",endpoint="chat"} 1.0' in text
 
 
 async def test_a_full_backlog_is_a_429_with_retry_after(roles: Roles, tmp_path: Path, topo: Topology,
@@ -155,3 +170,40 @@ def test_hash_key_reads_the_key_on_stdin_and_prints_the_keys_file_line() -> None
                           input=f"{KEY}\n", capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"{hashlib.sha256(KEY.encode()).hexdigest()} acme\n"
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """As tests/test_cli_stack.py's: no deployment in the environment, `up`'s record in tmp_path."""
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "IB_PREFIX", "IB_CONFIG")}
+    return {**env, "XDG_RUNTIME_DIR": str(tmp_path), "IB_GATEWAY_PORT": "0"}
+
+
+async def test_up_serves_the_openai_api_and_prints_where(cli_env: dict[str, str], tmp_path: Path) -> None:
+    port = free_port()
+    up, _state = start_up({**cli_env, "IB_GATEWAY_PORT": str(port)}, tmp_path)
+    said = f"OpenAI API: http://127.0.0.1:{port}/v1  (no API keys: any key works)"
+
+    def until_said() -> None:
+        assert up.stderr is not None
+        for line in up.stderr:  # ends when up exits, so the wait below bounds it
+            if said in line:
+                return
+        raise AssertionError(f"up never printed {said!r}")
+
+    try:
+        await asyncio.wait_for(asyncio.to_thread(until_said), 60)  # printed once every role and the gateway are up
+        reply = await GatewayProc(up, port).openai(key="anything").chat.completions.create(  # type: ignore[arg-type]
+            model="llama-3.1-8b", messages=CHAT, max_tokens=3)  # type: ignore[arg-type]
+        assert reply.usage is not None and reply.usage.completion_tokens == 3  # up's gateway takes any key
+    finally:
+        up.send_signal(signal.SIGTERM)
+        _out, err = up.communicate(timeout=60)
+    assert up.returncode == 0, err
+
+
+def test_demo_via_gateway_sends_the_workload_through_the_openai_client(cli_env: dict[str, str]) -> None:
+    done = run_cli("demo", "--via", "gateway", "--jobs", "20", "--rate", "40", env=cli_env, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert "through the gateway at http://127.0.0.1:" in done.stdout
+    assert "20 jobs in" in done.stdout and "20 ok, 0 not ok" in done.stdout

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -18,8 +19,9 @@ import redis.asyncio as aioredis
 
 from broker.topology import Topology
 from broker.wire import decode_job, decode_result
+from cli.embedded import EmbeddedRedis
 from cli.stack import wait_for_roles
-from tests.conftest import Roles
+from tests.conftest import Roles, _start
 from tests.gateway_proc import KEY, GatewayProc, start_gateway
 from tests.helpers import eventually, result_counts
 
@@ -138,3 +140,20 @@ async def test_a_drain_past_its_grace_cuts_the_request_and_cancels_its_job(
     assert isinstance(answer[0], httpx.TransportError) or answer[0].status_code >= 500  # type: ignore[union-attr]
     [job_id] = await submitted(client, topo)
     assert await outcome(client, topo, job_id) == "cancelled"
+
+
+async def test_without_redis_the_gateway_is_not_ready_and_answers_503(
+        servers: list[EmbeddedRedis], make_roles: Callable[[str], Roles], tmp_path: Path) -> None:
+    server = _start(directory=tmp_path / "redis")
+    servers.append(server)
+    gateway = await start_gateway(make_roles(server.url), tmp_path)
+    server.kill()
+    async with httpx.AsyncClient(timeout=60) as http:
+        async def not_ready() -> bool:
+            return (await http.get(f"{gateway.url}/readyz")).status_code == 503
+
+        await eventually(not_ready, what="/readyz to say 503")
+        assert (await http.get(f"{gateway.url}/healthz")).status_code == 200  # alive all the same
+        answer = await http.post(f"{gateway.url}/v1/chat/completions", json=chat(), headers=AUTH)
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "broker_unavailable"
+    assert answer.headers["retry-after"] == "1"

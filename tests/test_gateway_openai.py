@@ -13,7 +13,8 @@ import pytest
 from broker.config import load_config
 from broker.wire import Job, Metrics, Result, Timing, Usage
 from gateway.keys import KeyRing, KeysError, key_line
-from gateway.openai import ApiError, Catalog, Tiers, chunk, timing_headers, to_job, to_response, usage_chunk
+from gateway.openai import ApiError, Catalog, Tiers, to_job, to_response
+from gateway.responses import chunk, timing_headers, usage_chunk
 from gateway.settings import GatewaySettings
 
 CONFIG = load_config()
