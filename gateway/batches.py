@@ -23,54 +23,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Coroutine
-from typing import Annotated
 
 import msgspec
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
 from broker.connection import RETRYABLE
 from broker.streams import Backoff
 from broker.wire import Result
 from gateway import metrics
-from gateway.batchfile import URLS, InputLine, InvalidFile, parse, parse_job_id
+from gateway.batchfile import InputLine, InvalidFile, parse, parse_job_id
+from gateway.batchroutes import BatchRoutes
 from gateway.batchsettings import BatchSettings
 from gateway.context import Gateway
 from gateway.files import FileStore, LocalFileStore
-from gateway.ledger import FINAL, Batch, BatchError, BatchErrors, Ledger, RequestCounts, Stored, shown
-from gateway.openai import ApiError
+from gateway.ledger import FINAL, Batch, BatchError, BatchErrors, Ledger, Stored
 from gateway.runner import BatchContext, Runner
 from gateway.spool import Spool
-from gateway.uploads import Uploads, json_response, not_found
+from gateway.uploads import Uploads
 
 log = logging.getLogger("inference_broker.gateway")
 GROUP = "gateway-batches"
 CONSUMER = "gateway"
 """One consumer name for every gateway: a restarted one (a new container) reads what its
 predecessor had not acked."""
-WINDOW_S = {"24h": 86_400}
-Metadata = Annotated[dict[str, Annotated[str, msgspec.Meta(max_length=512)]], msgspec.Meta(max_length=16)]
-
-
-def new_batch_id() -> str:
-    """``batch_`` and 32 hex digits, the first 16 the creation time in ns: ids of one second (the
-    list's score) sort by creation, so the list's order is the creation order."""
-    return f"batch_{time.time_ns():016x}{uuid.uuid4().hex[:16]}"
-
-
-class CreateBatch(msgspec.Struct, frozen=True, kw_only=True):
-    input_file_id: str
-    endpoint: str
-    completion_window: str
-    metadata: Metadata | None = None
-
-
-_decode_create = msgspec.json.Decoder(CreateBatch).decode
-
-
 class BatchApi:
     """A :class:`gateway.app.GatewayExtension`: the routes, the running batches, the result follower."""
 
@@ -87,11 +63,7 @@ class BatchApi:
 
     @property
     def routes(self) -> list[BaseRoute]:
-        return [*self.uploads.routes,
-                Route("/v1/batches", self.create, methods=["POST"]),
-                Route("/v1/batches", self.list, methods=["GET"]),
-                Route("/v1/batches/{batch_id}", self.retrieve, methods=["GET"]),
-                Route("/v1/batches/{batch_id}/cancel", self.cancel, methods=["POST"])]
+        return [*self.uploads.routes, *BatchRoutes(self).routes]
 
     async def start(self) -> None:
         """In the background: resume every batch that is not final, then follow the batch reply stream."""
@@ -121,7 +93,7 @@ class BatchApi:
             try:
                 if not resumed:
                     for batch_id in await self.ledger.active():
-                        await self._adopt(batch_id)
+                        await self.runner_of(batch_id)
                     resumed = True
                 async for result in self.ctx.client.results(GROUP, CONSUMER, reply_to=self.settings.batch_reply_to):
                     backoff.reset()
@@ -135,7 +107,7 @@ class BatchApi:
             return  # not a batch job's: someone else's result on this stream
         batch_id, index, attempt = found
         try:
-            runner = self.runners.get(batch_id) or await self._adopt(batch_id)
+            runner = self.runners.get(batch_id) or await self.runner_of(batch_id)
             if runner is not None:  # else the batch is final or gone: a late duplicate
                 runner.record(index, attempt, result)
         except RETRYABLE:
@@ -143,8 +115,9 @@ class BatchApi:
         except Exception:  # noqa: BLE001 - one bad result must not stop every batch's results
             log.exception("batch %s: the result of line %d could not be recorded; skipped", batch_id, index)
 
-    async def _adopt(self, batch_id: str) -> Runner | None:
-        """The runner of a batch not final, started here; ``None`` for a batch final or gone."""
+    async def runner_of(self, batch_id: str) -> Runner | None:
+        """The runner of a batch not final (started here if it runs nowhere here yet); ``None`` for a
+        batch final or gone."""
         async with self._adopting:
             if batch_id in self.runners:
                 return self.runners[batch_id]
@@ -157,13 +130,13 @@ class BatchApi:
                 return None
             data = await self.store.get(stored.tenant, stored.batch.input_file_id)
             if data is None:  # deleted while the batch ran, and the gateway restarted since
-                await self._fail(stored, "missing_input", f"the input file {stored.batch.input_file_id} was deleted "
+                await self.fail(stored, "missing_input", f"the input file {stored.batch.input_file_id} was deleted "
                                  "before the batch ended; upload it again and create a new batch")
                 return None
             try:
                 lines = parse(data, max_lines=self.settings.batch_max_lines, tiers=self.ctx.tiers)
             except InvalidFile as exc:  # accepted under other limits (batch_max_lines) than today's
-                await self._fail(stored, "invalid_file", str(exc))
+                await self.fail(stored, "invalid_file", str(exc))
                 return None
             return self._run(Runner(self.ctx, stored, lines, cancel_at))
 
@@ -195,89 +168,11 @@ class BatchApi:
             self.runners.pop(runner.batch.id, None)
             metrics.BATCHES_RUNNING.dec()
 
-    async def _fail(self, stored: Stored, code: str, message: str, line: int | None = None) -> Batch:
+    async def fail(self, stored: Stored, code: str, message: str, line: int | None = None) -> Batch:
+        """End a batch ``failed`` as a whole, with one error saying why."""
         failed = msgspec.structs.replace(stored.batch, status="failed", failed_at=int(time.time()),
                                          errors=BatchErrors(data=[BatchError(code=code, message=message, line=line)]))
         await self.ledger.save(Stored(tenant=stored.tenant, batch=failed))
         metrics.BATCHES.labels("failed").inc()
         Spool(self.settings.spool_dir, failed.id).remove()  # what ran of it is lost with its input
         return failed
-
-    # ------------------------------------------------------------------ routes
-
-    async def create(self, request: Request) -> Response:
-        tenant: str = request.state.tenant
-        try:
-            asked = _decode_create(await request.body())
-        except msgspec.ValidationError as exc:
-            raise ApiError(400, f"invalid batch request: {exc}") from None
-        except msgspec.DecodeError:
-            raise ApiError(400, "the request body is not valid JSON; send one JSON object") from None
-        if asked.completion_window not in WINDOW_S:
-            raise ApiError(400, f"completion_window {asked.completion_window!r} is not supported; use '24h'",
-                           param="completion_window")
-        if asked.endpoint not in URLS:
-            raise ApiError(400, f"endpoint {asked.endpoint!r} is not supported; use one of {', '.join(URLS)}",
-                           param="endpoint")
-        live, limit = await self.ledger.live(tenant), self.settings.batch_max_active
-        if live >= limit:
-            raise ApiError(429, f"{live} batches of yours are not final yet, the limit is {limit}: wait for one "
-                                "to end, or cancel one", type="rate_limit_error", code="too_many_batches",
-                           retry_after_s=60)
-        record = await self.store.stat(tenant, asked.input_file_id)
-        if record is None or record.purpose != "batch":
-            raise not_found("batch input file", asked.input_file_id)
-        data = await self.store.get(tenant, asked.input_file_id) or b""
-        try:
-            lines = await asyncio.to_thread(parse, data, max_lines=self.settings.batch_max_lines, tiers=self.ctx.tiers)
-        except InvalidFile as exc:  # checked at upload, unless the limits changed since
-            raise ApiError(400, f"{record.filename}: {exc}", param="input_file_id", code="invalid_file") from None
-        now = int(time.time())
-        stored = Stored(tenant=tenant, batch=Batch(
-            id=new_batch_id(), endpoint=asked.endpoint, input_file_id=asked.input_file_id,
-            status="validating", created_at=now, expires_at=now + WINDOW_S[asked.completion_window],
-            request_counts=RequestCounts(total=len(lines)), completion_window=asked.completion_window,
-            metadata=asked.metadata))
-        wrong = next((n for n, line in enumerate(lines, start=1) if line.url != asked.endpoint), None)
-        if wrong is not None:
-            failed = await self._fail(stored, "mismatched_endpoint", f"request {wrong} calls {lines[wrong - 1].url}, "
-                                      f"not the batch's endpoint {asked.endpoint}", line=wrong)
-            return json_response(failed)
-        await self.launch(stored, lines)
-        return json_response(stored.batch)
-
-    async def _load(self, request: Request) -> tuple[Stored, float | None]:
-        batch_id = request.path_params["batch_id"]
-        loaded = await self.ledger.load(batch_id, request.state.tenant)
-        if loaded is None:
-            raise not_found("batch", batch_id)
-        return loaded
-
-    async def retrieve(self, request: Request) -> Response:
-        return json_response(shown(*await self._load(request)))
-
-    async def list(self, request: Request) -> Response:
-        tenant: str = request.state.tenant
-        raw = request.query_params.get("limit", "20")
-        if not raw.isdigit() or not 1 <= int(raw) <= 100:
-            raise ApiError(400, f"limit {raw[:20]!r} must be a whole number from 1 to 100", param="limit")
-        batches, more = await self.ledger.page(tenant, request.query_params.get("after"), int(raw))
-        return json_response({"object": "list", "data": batches, "has_more": more,
-                              "first_id": batches[0].id if batches else None,
-                              "last_id": batches[-1].id if batches else None})
-
-    async def cancel(self, request: Request) -> Response:
-        stored, cancel_at = await self._load(request)
-        if stored.batch.status in FINAL:
-            raise ApiError(409, f"batch {stored.batch.id} is {stored.batch.status}: only a batch not yet final "
-                                "can be cancelled", code="batch_final")
-        if cancel_at is None:
-            cancel_at = time.time()
-            await self.ledger.ask_cancel(stored.batch.id, cancel_at)
-            loaded = await self.ledger.load(stored.batch.id)  # the cancel as recorded: the first one counts
-            stored, cancel_at = loaded or (stored, cancel_at)
-        runner = self.runners.get(stored.batch.id) or await self._adopt(stored.batch.id)
-        if runner is not None and cancel_at is not None:
-            runner.cancel(cancel_at)
-        return json_response(shown(stored, cancel_at))
-

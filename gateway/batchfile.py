@@ -135,3 +135,16 @@ class OutputLine(msgspec.Struct, frozen=True, kw_only=True):
     custom_id: str
     response: Response | None
     error: LineError | None
+
+    @classmethod
+    def answer(cls, line: InputLine, request_id: str, status: int, body: dict[str, object]) -> OutputLine:
+        """The line of a request that the online API would have answered with ``status`` and ``body``."""
+        return cls(id=request_line_id(request_id), custom_id=line.custom_id,
+                   response=Response(status_code=status, request_id=request_id, body=body), error=None)
+
+    @classmethod
+    def unrun(cls, line: InputLine, request_id: str, ending: Literal["cancelled", "expired"]) -> OutputLine:
+        """The line of a request that never ran: its batch was cancelled or expired first."""
+        error = LineError(code="batch_expired" if ending == "expired" else "batch_cancelled",
+                          message=f"the batch was {ending} before this request started")
+        return cls(id=request_line_id(request_id), custom_id=line.custom_id, response=None, error=error)

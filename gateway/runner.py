@@ -20,7 +20,7 @@ import heapq
 import logging
 import time
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import msgspec
 
@@ -32,13 +32,10 @@ from gateway import metrics
 from gateway.batchfile import (
     URLS,
     InputLine,
-    LineError,
     OutputLine,
-    Response,
     job_id,
     line_index,
     line_job,
-    request_line_id,
 )
 from gateway.batchsettings import BatchSettings
 from gateway.files import FileStore
@@ -56,17 +53,15 @@ BACKOFF_S = (0.05, 5.0)
 """A refused submission (full backlog, Redis away) is tried again after the first, doubling up to the second."""
 
 
-class BatchContext:
+class BatchContext(NamedTuple):
     """What every batch shares: the SDK client, the records, the files, the served models."""
 
-    def __init__(self, client: Client, ledger: Ledger, store: FileStore, settings: BatchSettings,
-                 tiers: Tiers, catalog: Catalog) -> None:
-        self.client = client
-        self.ledger = ledger
-        self.store = store
-        self.settings = settings
-        self.tiers = tiers
-        self.catalog = catalog
+    client: Client
+    ledger: Ledger
+    store: FileStore
+    settings: BatchSettings
+    tiers: Tiers
+    catalog: Catalog
 
 
 class Runner:
@@ -128,25 +123,18 @@ class Runner:
                 self.spool.append(Entry(index, False, None, attempt + 1))
                 self._again(index, attempt + 1, result.retry_after_s)
                 return
-        custom_id, request_id = self.lines[index].custom_id, result.id
+        line = self.lines[index]
         if result.status == "cancelled" and self.ending != "completed":
-            code: Literal["batch_cancelled", "batch_expired"] = (
-                "batch_expired" if self.ending == "expired" else "batch_cancelled")
-            error = LineError(code=code, message=f"the batch was {self.ending} before this request started")
-            self._settle(index, False, OutputLine(id=request_line_id(request_id), custom_id=custom_id, response=None,
-                                                 error=error))
+            self._settle(index, False, OutputLine.unrun(line, result.id, self.ending))
         elif result.status == "ok":
-            body = to_response(URLS[self.lines[index].url], self.job(index), result, tiers=self.ctx.tiers)
-            self._answer(index, request_id, 200, body)
+            body = to_response(URLS[line.url], self.job(index), result, tiers=self.ctx.tiers)
+            self._settle(index, True, OutputLine.answer(line, result.id, 200, body))
         else:
-            refused = ApiError.of_result(result)
-            self._answer(index, request_id, refused.status, refused.body())
+            self._refuse(index, result.id, ApiError.of_result(result))
 
-    def _answer(self, index: int, request_id: str, status: int, body: dict[str, object]) -> None:
-        """Spool what the online API would have answered the line's request."""
-        line = OutputLine(id=request_line_id(request_id), custom_id=self.lines[index].custom_id,
-                          response=Response(status_code=status, request_id=request_id, body=body), error=None)
-        self._settle(index, status == 200, line)
+    def _refuse(self, index: int, request_id: str, error: ApiError) -> None:
+        """Spool the error the online API would have answered the line's request with."""
+        self._settle(index, False, OutputLine.answer(self.lines[index], request_id, error.status, error.body()))
 
     def _again(self, index: int, attempt: int, after_s: float | None) -> None:
         self.attempts[index] = attempt
@@ -230,7 +218,7 @@ class Runner:
             try:
                 self.ctx.catalog.check(job.model, job.kind)
             except ApiError as exc:  # what the online API answers a model it does not serve: no job
-                self._answer(index, job.id, exc.status, exc.body())
+                self._refuse(index, job.id, exc)
                 continue
             jobs.append(job)
         pause = BACKOFF_S[0]
@@ -264,8 +252,7 @@ class Runner:
             except Backpressure as full:
                 return went_in + full.accepted
             except JobRejected as refused:
-                error = ApiError(400, str(refused), code="job_rejected")  # what the online API answers
-                self._answer(line_index(job), job.id, error.status, error.body())
+                self._refuse(line_index(job), job.id, ApiError(400, str(refused), code="job_rejected"))
         return went_in
 
     async def _end_the_rest(self) -> None:
@@ -285,7 +272,7 @@ class Runner:
                 late = ApiError(504, f"no outcome within {settings.batch_drain_s:g} s of the batch being "
                                      f"{self.ending}; the job may still finish, unrecorded", type="timeout",
                                 code="batch_drain_timeout")
-                self._answer(index, job_id(self.batch.id, index), late.status, late.body())
+                self._refuse(index, self.job(index).id, late)
 
     async def _finalize(self) -> None:
         if self.ending == "completed":
