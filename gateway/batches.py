@@ -1,4 +1,6 @@
-"""The OpenAI Batch API on the broker's batch class: ``/v1/batches`` and ``/v1/files``.
+"""The OpenAI Batch API on the broker's batch class: the gateway extension that serves
+``/v1/files`` (:mod:`gateway.uploads`) and ``/v1/batches`` (:mod:`gateway.batchroutes`), and
+runs the batches.
 
 ::
 
