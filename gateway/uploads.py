@@ -24,6 +24,9 @@ from gateway.openai import ApiError, Tiers
 
 FORM_OVERHEAD = 64 << 10
 """Bytes a multipart body may hold beyond its file (boundaries, headers, the purpose field)."""
+UPLOADS_AT_ONCE = 2
+"""Uploads read and checked at once; the others wait their turn. Each holds its file in memory
+(up to ``max_file_bytes``): this bounds what uploads take together."""
 
 
 def json_response(body: object, status: int = 200) -> Response:
@@ -41,6 +44,7 @@ class Uploads:
         self.store = store
         self.settings = settings
         self.tiers = tiers
+        self._turns = asyncio.Semaphore(UPLOADS_AT_ONCE)
 
     @property
     def routes(self) -> list[BaseRoute]:
@@ -60,6 +64,10 @@ class Uploads:
                            code="length_required")
         if int(length) > limit + FORM_OVERHEAD:
             raise _too_large(f"the upload is {length} bytes; the limit is {limit} bytes per file")
+        async with self._turns:
+            return await self._upload(request, limit)
+
+    async def _upload(self, request: Request, limit: int) -> Response:
         try:
             async with request.form(max_files=1, max_fields=8) as form:
                 purpose, upload = form.get("purpose"), form.get("file")
