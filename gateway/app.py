@@ -135,9 +135,9 @@ def create_app(gateway: Gateway, *, keys: KeyRing | None, probe: Probe | None = 
         Route("/readyz", readyz, methods=["GET", "HEAD"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/chat/completions", endpoints.chat, methods=["POST"]),
-        Route("/v1/completions", endpoints.completion, methods=["POST"]),
-        Route("/v1/embeddings", endpoints.embedding, methods=["POST"]),
+        Route("/v1/chat/completions", endpoints.OpenAIEndpoint("chat"), methods=["POST"]),
+        Route("/v1/completions", endpoints.OpenAIEndpoint("completion"), methods=["POST"]),
+        Route("/v1/embeddings", endpoints.OpenAIEndpoint("embedding"), methods=["POST"]),
         *(route for extension in extensions for route in extension.routes),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={ApiError: _api_error, 404: _not_found,

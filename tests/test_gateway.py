@@ -117,6 +117,10 @@ async def test_bad_keys_unknown_models_and_bad_parameters_get_openais_errors(
         bare = await http.post(f"{gateway.url}/v1/chat/completions", json={"model": "llama-3.1-8b", "messages": CHAT})
         assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
         assert (await http.get(f"{gateway.url}/healthz")).status_code == 200  # health needs no key
+        wrong = await http.get(f"{gateway.url}/v1/chat/completions", headers={"authorization": f"Bearer {KEY}"})
+        assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+        nowhere = await http.get(f"{gateway.url}/v1/engines", headers={"authorization": f"Bearer {KEY}"})
+        assert nowhere.status_code == 404 and nowhere.json()["error"]["code"] == "unknown_url"
     api = gateway.openai(key=OTHER_KEY)
     with pytest.raises(openai.NotFoundError) as unknown:
         await api.chat.completions.create(model="gpt-9", messages=CHAT)  # type: ignore[arg-type]
