@@ -135,13 +135,13 @@ def create_app(gateway: Gateway, *, keys: KeyRing | None, probe: Probe | None = 
         Route("/readyz", readyz, methods=["GET", "HEAD"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/chat/completions", endpoints.chat, methods=["POST"]),
-        Route("/v1/completions", endpoints.completion, methods=["POST"]),
-        Route("/v1/embeddings", endpoints.embedding, methods=["POST"]),
+        Route("/v1/chat/completions", endpoints.OpenAIEndpoint("chat"), methods=["POST"]),
+        Route("/v1/completions", endpoints.OpenAIEndpoint("completion"), methods=["POST"]),
+        Route("/v1/embeddings", endpoints.OpenAIEndpoint("embedding"), methods=["POST"]),
         *(route for extension in extensions for route in extension.routes),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={ApiError: _api_error, 404: _not_found,
-                                                                          405: _not_allowed})
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+        ApiError: _api_error, 404: _not_found, 405: _not_allowed, Exception: _internal})
     app.state.gateway = gateway
     app.state.probe = probe
     app.add_middleware(Auth, keys=keys)
@@ -151,6 +151,12 @@ def create_app(gateway: Gateway, *, keys: KeyRing | None, probe: Probe | None = 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     return error_response(exc)
+
+
+async def _internal(request: Request, exc: Exception) -> Response:
+    # Starlette logs the traceback; the client gets OpenAI's format, and nothing of the request.
+    return error_response(ApiError(500, "the gateway failed to answer; its log has the details", type="server_error",
+                                   code="internal_error"))
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:

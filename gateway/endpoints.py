@@ -27,6 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from broker.errors import Backpressure, JobRejected, NotReplicated, RedisUnavailable, ResultTimeout
 from broker.wire import Job, Result, TokenChunk, json_encode, new_id
@@ -35,49 +36,53 @@ from gateway.catalog import Endpoint
 from gateway.context import Gateway, error_response
 from gateway.errors import ApiError
 from gateway.openai import to_job
-from gateway.responses import chunk, created, finish_reason, timing_headers, to_response, usage_chunk
+from gateway.responses import chunk, finish_reason, timing_headers, to_response, usage_chunk
 
 log = logging.getLogger("inference_broker.gateway")
 T = TypeVar("T")
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 """No proxy may buffer or cache a stream (nginx honours ``x-accel-buffering``)."""
-CLIENT_GONE = 499
-"""Status recorded (never sent) for a request whose client went away: nginx's convention."""
+NO_ANSWER = 499
+"""Status recorded, never sent, for a request whose client left or that a drain cut (nginx's 499)."""
 
 
-async def chat(request: Request) -> Response:
-    return await serve(request, "chat")
+class Answer:
+    """What a request was answered, for the metrics: the HTTP status, or the error event a stream ended with."""
+
+    code = 0
 
 
-async def completion(request: Request) -> Response:
-    return await serve(request, "completion")
+class OpenAIEndpoint:
+    """One OpenAI endpoint as an ASGI app, so that its metrics cover the whole answer, a stream's included."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.monotonic()
+        in_flight = metrics.IN_FLIGHT.labels(self.endpoint)
+        in_flight.inc()
+        answer = Answer()
+        try:
+            try:
+                response = await _serve(Request(scope, receive), self.endpoint, answer)
+            except ApiError as exc:
+                response = error_response(exc)
+            answer.code = answer.code or response.status_code
+            await response(scope, receive, send)
+        except ClientGone:
+            answer.code = NO_ANSWER
+            await Response(status_code=NO_ANSWER)(scope, receive, send)  # to a closed connection: a no-op
+        except asyncio.CancelledError:
+            answer.code = NO_ANSWER
+            raise
+        finally:
+            in_flight.dec()
+            metrics.REQUESTS.labels(self.endpoint, str(answer.code or NO_ANSWER)).inc()
+            metrics.DURATION.labels(self.endpoint).observe(time.monotonic() - started)
 
 
-async def embedding(request: Request) -> Response:
-    return await serve(request, "embedding")
-
-
-async def serve(request: Request, endpoint: Endpoint) -> Response:
-    """Answer one OpenAI request, counting it in the gateway's metrics."""
-    started = time.monotonic()
-    in_flight = metrics.IN_FLIGHT.labels(endpoint)
-    in_flight.inc()
-    try:
-        response = await _serve(request, endpoint)
-    except ApiError as exc:
-        response = error_response(exc)
-    except ClientGone:
-        response = Response(status_code=CLIENT_GONE)  # recorded; nobody is there to read it
-    finally:
-        in_flight.dec()
-    code = response.status_code
-    if not isinstance(response, StreamingResponse):
-        metrics.REQUESTS.labels(endpoint, str(code)).inc()
-        metrics.DURATION.labels(endpoint).observe(time.monotonic() - started)
-    return response
-
-
-async def _serve(request: Request, endpoint: Endpoint) -> Response:
+async def _serve(request: Request, endpoint: Endpoint, answer: Answer) -> Response:
     gateway = Gateway.of(request)
     body = await _body(request, gateway.options.max_body_bytes)
     now = time.time()
@@ -87,7 +92,7 @@ async def _serve(request: Request, endpoint: Endpoint) -> Response:
     job = msgspec.structs.replace(job, created_at=now)
     await _submit(gateway, job)
     if job.stream:
-        return await _stream(request, gateway, endpoint, job, wait_s)
+        return await _stream(request, gateway, endpoint, job, wait_s, answer)
     try:
         result = await _unless_gone(request, gateway, job, gateway.client.result(job.id, timeout=wait_s))
     except ResultTimeout:
@@ -196,7 +201,8 @@ async def _cancel(gateway: Gateway, job: Job, why: str) -> None:
         log.warning("job %s could not be cancelled (%s); it runs to its end", job.id, exc)
 
 
-async def _stream(request: Request, gateway: Gateway, endpoint: Endpoint, job: Job, wait_s: float) -> Response:
+async def _stream(request: Request, gateway: Gateway, endpoint: Endpoint, job: Job, wait_s: float,
+                  answer: Answer) -> Response:
     tokens = gateway.client.tokens(job.id, timeout=wait_s)
     try:
         first = await _unless_gone(request, gateway, job, anext(tokens, None))
@@ -208,7 +214,7 @@ async def _stream(request: Request, gateway: Gateway, endpoint: Endpoint, job: J
         result = await _outcome(gateway, job)
         if result is None or result.status != "ok":
             return error_response(ApiError.of_result(result) if result else _no_result(job))
-    return StreamingResponse(_events(gateway, endpoint, job, first, tokens), media_type="text/event-stream",
+    return StreamingResponse(_events(gateway, endpoint, job, first, tokens, answer), media_type="text/event-stream",
                              headers={**SSE_HEADERS, "x-request-id": job.id, "x-ib-job-id": job.id})
 
 
@@ -225,50 +231,42 @@ def _no_result(job: Job) -> ApiError:
 
 
 async def _events(gateway: Gateway, endpoint: Endpoint, job: Job, first: TokenChunk | None,
-                  tokens: AsyncIterator[TokenChunk]) -> AsyncIterator[bytes]:
-    """The server-sent events of a stream: chunks, the finish, the usage (if asked), ``[DONE]``."""
-    started = time.monotonic()
+                  tokens: AsyncIterator[TokenChunk], answer: Answer) -> AsyncIterator[bytes]:
+    """The server-sent events of a stream: chunks, the finish, the usage (if asked), ``[DONE]``.
+
+    Once the stream has started its status is sent: a failure can only be an ``error`` event
+    (the official SDKs raise it), recorded in ``answer`` for the metrics.
+    """
     at = int(job.created_at or 0)
     sent = 0
-    code = "200"
+    error: ApiError | None = None
     try:
         attempt = first.attempt if first else 1
-        chunk_ = first
-        opening = True
-        while chunk_ is not None:
-            if chunk_.attempt != attempt:
+        piece = first
+        while piece is not None:
+            if piece.attempt != attempt:
                 # A retried job starts its output again; what the client has cannot be taken back.
-                code = "502"
-                yield _event(ApiError(502, f"job {job.id} was retried mid-stream after its worker failed; "
-                                           "send the request again", type="server_error",
-                                      code="stream_interrupted").body())
-                return
-            yield _event(chunk(endpoint, job, at, chunk_.text, first=opening))
-            opening = False
+                error = ApiError(502, f"job {job.id} was retried mid-stream after its worker failed; send the "
+                                      "request again", type="server_error", code="stream_interrupted")
+                break
+            yield _event(chunk(endpoint, job, at, piece.text, first=not sent))
             sent += 1
-            chunk_ = await anext(tokens, None)
-        result = await _outcome(gateway, job)
-        if result is None or result.status != "ok":
+            piece = await anext(tokens, None)
+        if error is None:
+            result = await _outcome(gateway, job)
+            if result is not None and result.status == "ok":
+                tokens_out = result.usage.completion_tokens or sent
+                yield _event(chunk(endpoint, job, at, None, finish=finish_reason(job, tokens_out), first=not sent))
+                if job.metadata.get("include_usage") == "1":
+                    yield _event(usage_chunk(endpoint, job, at, result, tokens_out))
+                yield b"data: [DONE]\n\n"
+                return
             error = ApiError.of_result(result) if result else _no_result(job)
-            code = str(error.status)
-            yield _event(error.body())
-            return
-        at = created(job, result)
-        tokens_out = result.usage.completion_tokens or sent
-        yield _event(chunk(endpoint, job, at, None, finish=finish_reason(job, tokens_out), first=opening))
-        if job.metadata.get("include_usage") == "1":
-            yield _event(usage_chunk(endpoint, job, at, result, tokens_out))
-        yield b"data: [DONE]\n\n"
-    except ResultTimeout:  # the stream started: the error can only be an event now
-        code = "504"
-        yield _event(ApiError(504, f"job {job.id}: its output stopped before it ended", type="timeout",
-                              code="result_timeout").body())
-    except asyncio.CancelledError:
-        code = str(CLIENT_GONE)
-        raise
-    finally:
-        metrics.REQUESTS.labels(endpoint, code).inc()
-        metrics.DURATION.labels(endpoint).observe(time.monotonic() - started)
+    except ResultTimeout:
+        error = ApiError(504, f"job {job.id}: its output stopped before it ended", type="timeout",
+                         code="result_timeout")
+    answer.code = error.status
+    yield _event(error.body())
 
 
 def _event(body: dict[str, object]) -> bytes:

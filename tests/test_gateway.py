@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import os
 import signal
 import subprocess
@@ -19,15 +20,18 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 
+from broker.client import Client
 from broker.config import load_config
 from broker.topology import Topology
-from broker.wire import decode_result
+from broker.wire import ChatMessage, Job, decode_result
 from cli.embedded import free_port
 from cli.stack import wait_for_roles
-from tests.conftest import ROOT, Roles
+from tests.conftest import FAST_ENV, ROOT, Roles
 from tests.deployments import ON_BOTH
 from tests.gateway_proc import KEY, OTHER_KEY, GatewayProc, start_gateway
+from tests.helpers import warm_up
 from tests.test_cli_stack import run_cli, start_up
+from tests.test_slo_live import ADMISSION_CONFIG, wait_until_policy_sees
 
 CHAT = [{"role": "user", "content": "Why is the sky blue?"}]
 
@@ -117,6 +121,10 @@ async def test_bad_keys_unknown_models_and_bad_parameters_get_openais_errors(
         bare = await http.post(f"{gateway.url}/v1/chat/completions", json={"model": "llama-3.1-8b", "messages": CHAT})
         assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
         assert (await http.get(f"{gateway.url}/healthz")).status_code == 200  # health needs no key
+        wrong = await http.get(f"{gateway.url}/v1/chat/completions", headers={"authorization": f"Bearer {KEY}"})
+        assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+        nowhere = await http.get(f"{gateway.url}/v1/engines", headers={"authorization": f"Bearer {KEY}"})
+        assert nowhere.status_code == 404 and nowhere.json()["error"]["code"] == "unknown_url"
     api = gateway.openai(key=OTHER_KEY)
     with pytest.raises(openai.NotFoundError) as unknown:
         await api.chat.completions.create(model="gpt-9", messages=CHAT)  # type: ignore[arg-type]
@@ -207,3 +215,31 @@ def test_demo_via_gateway_sends_the_workload_through_the_openai_client(cli_env: 
     assert done.returncode == 0, done.stderr
     assert "through the gateway at http://127.0.0.1:" in done.stdout
     assert "20 jobs in" in done.stdout and "20 ok, 0 not ok" in done.stdout
+
+
+async def test_a_job_admission_refuses_is_a_429_with_the_policys_retry_after(
+        roles: Roles, tmp_path: Path, redis_url: str, prefix: str, client: aioredis.Redis) -> None:
+    config = tmp_path / "policy.toml"
+    config.write_text(ADMISSION_CONFIG)  # one gpu slot; interactive sheds, patient runs whatever it waits
+    env = {**FAST_ENV, "IB_CONFIG": str(config)}
+    roles.start("policy", env=env)
+    roles.start("worker", "--pool", "gpu", env=env)
+    gateway = await start_gateway(roles, tmp_path, env=env)
+    topo = Topology(prefix)
+    await wait_until_policy_sees(redis_url, client, topo, ["gpu"])
+    chat = [ChatMessage("user", "hello " * 50)]
+    async with Client(redis_url, prefix=prefix) as sdk:
+        await warm_up(sdk, client, topo, {"gpu": Job(id="warm", model="llama-3.1-8b", messages=chat, slo="patient",
+                                                     max_tokens=500)})
+        # Two long jobs on the one slot (about 2.3 s each): an interactive job behind them cannot
+        # meet its 500 ms, and is refused at once with when to come back.
+        await sdk.submit_many([Job(id=f"long-{i}", model="llama-3.1-8b", messages=chat, slo="patient",
+                                   max_tokens=500) for i in range(2)])
+        with pytest.raises(openai.RateLimitError) as refused:
+            await gateway.openai().chat.completions.create(
+                model="llama-3.1-8b", messages=[{"role": "user", "content": "hello " * 50}], max_tokens=500)
+    response = refused.value.response
+    assert refused.value.code == "slo_unattainable" and int(response.headers["retry-after"]) >= 1
+    result = decode_result(await client.get(topo.done(response.headers["x-ib-job-id"])))
+    assert result.status == "rejected" and result.tenant == "acme"
+    assert int(response.headers["retry-after"]) == math.ceil(result.retry_after_s or 0)
