@@ -10,20 +10,20 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated, Protocol
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from gateway.batchfile import URLS, InvalidFile, parse
-from gateway.ledger import FINAL, Batch, RequestCounts, Stored, shown
+from gateway.batchfile import URLS, InputLine, InvalidFile, parse
+from gateway.batchsettings import BatchSettings
+from gateway.files import FileStore
+from gateway.ledger import FINAL, Batch, Ledger, RequestCounts, Stored, shown
 from gateway.openai import ApiError
+from gateway.runner import BatchContext, Runner
 from gateway.uploads import json_response, not_found
-
-if TYPE_CHECKING:
-    from gateway.batches import BatchApi
 
 WINDOW_S = {"24h": 86_400}
 Metadata = Annotated[dict[str, Annotated[str, msgspec.Meta(max_length=512)]], msgspec.Meta(max_length=16)]
@@ -45,10 +45,27 @@ class CreateBatch(msgspec.Struct, frozen=True, kw_only=True):
 _decode_create = msgspec.json.Decoder(CreateBatch).decode
 
 
-class BatchRoutes:
-    """The routes of ``/v1/batches`` over a :class:`BatchApi`."""
+class Batches(Protocol):
+    """What the routes need of :class:`gateway.batches.BatchApi`, which runs the batches."""
 
-    def __init__(self, api: BatchApi) -> None:
+    @property
+    def ctx(self) -> BatchContext: ...
+    @property
+    def ledger(self) -> Ledger: ...
+    @property
+    def store(self) -> FileStore: ...
+    @property
+    def settings(self) -> BatchSettings: ...
+
+    async def launch(self, stored: Stored, lines: list[InputLine]) -> None: ...
+    async def fail(self, stored: Stored, code: str, message: str, line: int | None = None) -> Batch: ...
+    async def runner_of(self, batch_id: str) -> Runner | None: ...
+
+
+class BatchRoutes:
+    """The routes of ``/v1/batches`` over the batches that :class:`Batches` runs."""
+
+    def __init__(self, api: Batches) -> None:
         self.api = api
 
     @property
