@@ -390,9 +390,14 @@ async def in_process(redis_url: str, prefix: str, tmp_path: Path) -> AsyncIterat
 async def test_at_its_expiry_a_batch_ends_the_jobs_not_started_and_is_expired(
         roles: Roles, in_process: Callable[..., InProcess], client: aioredis.Redis, topo: Topology) -> None:
     roles.policy()  # no pool worker: nothing can start
+
+    async def policy_up() -> bool:  # so the jobs are routed long before their deadline, the expiry
+        return bool(await client.hlen(topo.policy_heartbeats))  # type: ignore[misc]
+
+    await eventually(policy_up, what="the policy worker's first heartbeat")
     batches = in_process()
     await batches.api.start()
-    batch_id = await batches.launch([request(f"x{i}") for i in range(3)], window_s=2)
+    batch_id = await batches.launch([request(f"x{i}") for i in range(3)], window_s=3)
 
     done = await batches.final(batch_id)
     assert done.status == "expired" and done.expired_at is not None and done.expired_at >= done.expires_at
