@@ -10,14 +10,15 @@ runs the batches.
 A batch's lines run as jobs of class ``batch`` (behind interactive work, through the
 policy's lanes) with the batch's completion window as their deadline, each under a job id
 made of the batch id and its line, so that a resubmission runs nothing twice
-(:mod:`gateway.runner`). Their results come back on one reply stream,
-``batch_reply_to``, which every gateway reads through the consumer group
-``gateway-batches``; a result is acked once its line is spooled (:mod:`gateway.spool`).
-Batch records live in Redis (:mod:`gateway.ledger`), so a restarted gateway resumes the
-batches that were not final, and answers for all of them.
+(:mod:`gateway.runner`). Their results come back on one reply stream, ``batch_reply_to``,
+read through the consumer group ``gateway-batches``; a result is acked once its line is
+spooled (:mod:`gateway.spool`). Batch records live in Redis (:mod:`gateway.ledger`).
 
-Run the Batch API on one gateway process per deployment, or on several that share
-``files_dir``: a batch's outcomes so far are spooled there.
+Every gateway of a deployment serves the routes; one runs the batches, the one holding the
+batch lease in Redis: it runs every batch not final, wherever it was made, and alone reads
+their results, so a batch never has two runners (nor its results two readers). When it
+stops or dies, another gateway (or it, restarted) takes the lease and resumes them. The
+gateways share ``files_dir``: inputs, outputs and spools live there.
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
+import uuid
 
 import msgspec
 from starlette.routing import BaseRoute
 
 from broker.connection import RETRYABLE
-from broker.streams import Backoff
+from broker.streams import Backoff, briefly
 from broker.wire import Result
 from gateway import metrics
 from gateway.batchfile import InputLine, InvalidFile, parse, parse_job_id
@@ -60,7 +61,12 @@ class BatchApi:
         self.ctx = BatchContext(gateway.client, self.ledger, self.store, settings, gateway.tiers, gateway.catalog)
         self.uploads = Uploads(self.store, settings, gateway.tiers)
         self.runners: dict[str, Runner] = {}
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.running: dict[str, asyncio.Task[None]] = {}
+        self.leading = False
+        """Whether this gateway holds the lease: it runs the batches and follows their results."""
+        self._token = uuid.uuid4().hex
+        self._lead_task: asyncio.Task[None] | None = None
+        self._follower: asyncio.Task[None] | None = None
         self._adopting = asyncio.Lock()
 
     @property
@@ -68,35 +74,67 @@ class BatchApi:
         return [*self.uploads.routes, *BatchRoutes(self).routes]
 
     async def start(self) -> None:
-        """In the background: resume every batch that is not final, then follow the batch reply stream."""
-        self._spawn(self._follow())
+        """In the background: take the lease when it is free, and while it is held run the batches."""
+        self._lead_task = asyncio.create_task(self._lead())
 
     async def aclose(self) -> None:
-        """Stop following and running (bounded: every task is cancelled); a restart resumes."""
-        for task in self.tasks:
+        """Stop running batches (bounded: every task is cancelled) and hand the lease back: another
+        gateway, or this one restarted, resumes them."""
+        if self._lead_task is not None:
+            self._lead_task.cancel()
+            await asyncio.gather(self._lead_task, return_exceptions=True)
+        await self._step_down()
+        await briefly(self.ledger.give_up(self._token), "hand the batch lease back")
+
+    async def _lead(self) -> None:
+        """Hold the lease (renewed every third of ``batch_lease_s``) and, while it is held, start a
+        runner for every batch not final (made here or by another gateway) and follow the results."""
+        backoff, loop = Backoff(), asyncio.get_running_loop()
+        renew_at = 0.0
+        while True:
+            try:
+                if loop.time() >= renew_at:
+                    renew_at = loop.time() + self.settings.batch_lease_s / 3
+                    if await self.ledger.lead(self._token, int(self.settings.batch_lease_s * 1000)):
+                        if not self.leading:
+                            log.info("this gateway runs the deployment's batches")
+                            self.leading = True
+                            self._follower = asyncio.create_task(self._follow())
+                    elif self.leading:
+                        log.warning("another gateway took the batch lease; stopping the batches here")
+                        await self._step_down()
+                if self.leading:
+                    for batch_id in await self.ledger.active():
+                        if batch_id not in self.runners:
+                            await self.runner_of(batch_id)
+                backoff.reset()
+                await asyncio.sleep(self.settings.batch_poll_s)
+            except RETRYABLE as exc:  # Redis away: the lease may lapse meanwhile, so stop running here
+                log.warning("batch lease: %s; stopping the batches here until Redis answers", exc)
+                await self._step_down()
+                renew_at = 0.0
+                await backoff.wait()
+
+    async def _step_down(self) -> None:
+        """Stop following and running batches here (their state is in Redis and the spool)."""
+        self.leading = False
+        tasks = [*self.running.values(), *([self._follower] if self._follower else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._follower = None
         for runner in self.runners.values():
             runner.spool.close()
-
-    def _spawn(self, work: Coroutine[object, object, None]) -> None:
-        task = asyncio.create_task(work)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.runners.clear()
 
     # ------------------------------------------------------------------ running
 
     async def _follow(self) -> None:
-        """Resume the batches not final, then hand each batch job's result to its runner; a result
-        is acked (with the next read) once it is spooled."""
+        """Hand each batch job's result to its runner; a result is acked (with the next read) once it
+        is spooled."""
         backoff = Backoff()
-        resumed = False
         while True:
             try:
-                if not resumed:
-                    for batch_id in await self.ledger.active():
-                        await self.runner_of(batch_id)
-                    resumed = True
                 async for result in self.ctx.client.results(GROUP, CONSUMER, reply_to=self.settings.batch_reply_to):
                     backoff.reset()
                     await self._hand_over(result)
@@ -118,11 +156,11 @@ class BatchApi:
             log.exception("batch %s: the result of line %d could not be recorded; skipped", batch_id, index)
 
     async def runner_of(self, batch_id: str) -> Runner | None:
-        """The runner of a batch not final (started here if it runs nowhere here yet); ``None`` for a
-        batch final or gone."""
+        """The runner of a batch not final (started if this gateway leads and it runs nowhere here
+        yet); ``None`` for a batch final or gone, or when another gateway runs the batches."""
         async with self._adopting:
-            if batch_id in self.runners:
-                return self.runners[batch_id]
+            if batch_id in self.runners or not self.leading:
+                return self.runners.get(batch_id)
             loaded = await self.ledger.load(batch_id)
             if loaded is None:
                 await self.ledger.forget(batch_id)
@@ -143,14 +181,17 @@ class BatchApi:
             return self._run(Runner(self.ctx, stored, lines, cancel_at))
 
     async def launch(self, stored: Stored, lines: list[InputLine]) -> None:
-        """Record a new batch and start running it here."""
+        """Record a new batch and start running it: here when this gateway leads, else the leader
+        finds it (its next look at the active batches)."""
         await self.ledger.save(stored)
-        self._run(Runner(self.ctx, stored, lines, None))
+        if self.leading:
+            async with self._adopting:
+                self._run(Runner(self.ctx, stored, lines, None))
 
     def _run(self, runner: Runner) -> Runner:
         self.runners[runner.batch.id] = runner
         metrics.BATCHES_RUNNING.inc()
-        self._spawn(self._supervise(runner))
+        self.running[runner.batch.id] = asyncio.create_task(self._supervise(runner))
         return runner
 
     async def _supervise(self, runner: Runner) -> None:
@@ -167,7 +208,9 @@ class BatchApi:
             log.exception("batch %s stopped; it resumes with its next result or the gateway's restart",
                           runner.batch.id)
         finally:
-            self.runners.pop(runner.batch.id, None)
+            if self.runners.get(runner.batch.id) is runner:
+                del self.runners[runner.batch.id]
+            self.running.pop(runner.batch.id, None)
             metrics.BATCHES_RUNNING.dec()
 
     async def fail(self, stored: Stored, code: str, message: str, line: int | None = None) -> Batch:

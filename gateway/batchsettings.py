@@ -49,6 +49,10 @@ class BatchSettings(msgspec.Struct, frozen=True, kw_only=True):
     batch_drain_s: float = 300.0
     """After a cancel or the expiry, how long a batch waits for jobs that had already started;
     one still unfinished is then written to the error file, and the batch is final."""
+    batch_lease_s: float = 10.0
+    """One gateway of a deployment runs its batches, while it holds a lease in Redis that it
+    renews every third of this; when it stops or dies, another takes over within this
+    [IB_GATEWAY_BATCH_LEASE_S]."""
     batch_retention_s: int = 30 * 86_400
     """How long a batch's record stays in Redis after its last change [IB_GATEWAY_BATCH_RETENTION_S]."""
     batch_reply_to: StreamName = "batches"
@@ -60,7 +64,8 @@ class BatchSettings(msgspec.Struct, frozen=True, kw_only=True):
                   "batch_in_flight": self.batch_in_flight,
                   "batch_chunk": self.batch_chunk}
         bad = [name for name, value in counts.items() if value < 1]
-        times_ok = self.batch_poll_s > 0 and self.batch_drain_s >= 0 and self.batch_retention_s >= 1
+        times_ok = (self.batch_poll_s > 0 and self.batch_drain_s >= 0 and self.batch_retention_s >= 1
+                    and self.batch_lease_s >= 0.1)
         if bad or self.batch_retries < 0 or not times_ok:
             raise ValueError(f"gateway batch settings: {', '.join(bad) or 'the times and retries'} must be positive")
         if self.batch_reply_to in RESERVED:

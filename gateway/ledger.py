@@ -12,6 +12,7 @@ key                                  type    holds
 ``<home>:batches:<tenant>``          zset    the tenant's batch ids by creation time (list)
 ``<home>:batches-live``              set     batches not yet final (resumed at start)
 ``<home>:batches-live:<tenant>``     set     the tenant's batches not yet final (its limit)
+``<home>:batches-lease``             string  the gateway that runs the batches (expires)
 ===================================  ======  ==============================================
 
 (No tenant name makes one of these keys another's: ``batches-live`` has no tenant part,
@@ -90,6 +91,18 @@ class Stored(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _decode_stored = msgspec.json.Decoder(Stored).decode
+_LEAD = """
+local held = redis.call('GET', KEYS[1])
+if held == false or held == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+_GIVE_UP = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 class Ledger:
@@ -177,6 +190,18 @@ class Ledger:
     async def active(self) -> list[str]:
         """Ids of the batches not yet final."""
         return sorted(i.decode() for i in await self.redis.smembers(self._active))  # type: ignore[misc]
+
+    async def lead(self, token: str, lease_ms: int) -> bool:
+        """Take the lease of the gateway that runs the batches, or keep it: True while ``token`` holds it."""
+        return bool(await self.redis.eval(_LEAD, 1, self._lease, token, lease_ms) == 1)  # type: ignore[misc]
+
+    async def give_up(self, token: str) -> None:
+        """Hand the lease back (if ``token`` holds it), so that another gateway takes over at once."""
+        await self.redis.eval(_GIVE_UP, 1, self._lease, token)  # type: ignore[misc]
+
+    @property
+    def _lease(self) -> str:
+        return f"{self.home}:batches-lease"
 
     async def forget(self, batch_id: str) -> None:
         """Drop a batch from the active set (its record is gone; its tenant's set expires)."""

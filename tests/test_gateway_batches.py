@@ -69,7 +69,8 @@ class Gateways:
 
     async def start(self, **env: str) -> GatewayProc:
         return await start_gateway(self.roles, self.tmp_path, env={
-            "IB_GATEWAY_FILES_DIR": str(self.tmp_path / "files"), "IB_GATEWAY_BATCH_POLL_S": "0.1", **env})
+            "IB_GATEWAY_FILES_DIR": str(self.tmp_path / "files"), "IB_GATEWAY_BATCH_POLL_S": "0.1",
+            "IB_GATEWAY_BATCH_LEASE_S": "1", **env})
 
     def client(self, gateway: GatewayProc, key: str = KEY) -> AsyncOpenAI:
         made = gateway.openai(key, timeout=10)
@@ -225,6 +226,51 @@ async def test_a_batch_survives_a_gateway_killed_mid_batch(
     output = await lines_of(ai, done.output_file_id)
     assert [line["custom_id"] for line in output] == ["k0", "k1", "k2", "k3"]  # each once, in order
     assert set((await results_per_job(client, topo)).values()) == {1}  # resubmitted, run once
+
+
+async def test_of_two_gateways_one_runs_each_batch_and_both_answer_for_it(
+        roles: Roles, gateways: Gateways, client: aioredis.Redis, topo: Topology) -> None:
+    roles.policy()
+    roles.worker("gpu")
+    one, other = gateways.client(await gateways.start()), gateways.client(await gateways.start())
+    uploaded = await one.files.create(file=("input.jsonl", jsonl([request(f"t{i}") for i in range(6)])),
+                                      purpose="batch")
+    created = await other.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h")
+    done = await final(one, created.id)  # every result reaches the one runner, whichever gateway reads it
+    assert done.status == "completed" and done.request_counts is not None and done.request_counts.completed == 6
+    assert (await other.batches.retrieve(created.id)).output_file_id == done.output_file_id
+    assert [line["custom_id"] for line in await lines_of(other, done.output_file_id)] == [f"t{i}" for i in range(6)]
+    assert set((await results_per_job(client, topo)).values()) == {1}
+    outputs = [f for f in (await one.files.list()).data if f.purpose == "batch_output"]
+    assert len(outputs) == 1  # one runner wrote the files, once
+
+
+async def test_another_gateway_takes_over_the_batches_when_the_one_running_them_dies(
+        roles: Roles, gateways: Gateways, client: aioredis.Redis, topo: Topology) -> None:
+    roles.policy()  # no worker yet: the jobs are in flight when their gateway dies
+    first = await gateways.start()
+
+    async def leads() -> bool:
+        return bool(await client.exists(f"{topo.home}:batches-lease"))
+
+    await eventually(leads, what="the first gateway to take the batch lease")
+    second = await gateways.start()  # serves the API, runs no batch while the first holds the lease
+    ai = gateways.client(second)
+    uploaded = await ai.files.create(file=("input.jsonl", jsonl([request(f"f{i}") for i in range(3)])),
+                                     purpose="batch")
+    created = await ai.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h")
+
+    async def routed() -> bool:  # submitted by the first gateway, which runs the batches
+        return bool(await client.xlen(lane(topo, "gpu", "batch")) == 3)
+
+    await eventually(routed, what="the batch's jobs routed")
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(timeout=10)
+    roles.worker("gpu")
+    done = await final(ai, created.id)
+    assert done.status == "completed" and done.request_counts is not None and done.request_counts.completed == 3
+    assert [line["custom_id"] for line in await lines_of(ai, done.output_file_id)] == ["f0", "f1", "f2"]
+    assert set((await results_per_job(client, topo)).values()) == {1}
 
 
 async def test_uploads_and_batches_are_checked_and_kept_within_limits(gateways: Gateways) -> None:
