@@ -174,7 +174,8 @@ class BatchApi:
                                  "before the batch ended; upload it again and create a new batch")
                 return None
             try:
-                lines = parse(data, max_lines=self.settings.batch_max_lines, tiers=self.ctx.tiers)
+                lines = await asyncio.to_thread(parse, data, max_lines=self.settings.batch_max_lines,
+                                                tiers=self.ctx.tiers)
             except InvalidFile as exc:  # accepted under other limits (batch_max_lines) than today's
                 await self.fail(stored, "invalid_file", str(exc))
                 return None
