@@ -198,7 +198,7 @@ def test_the_readme_submit_examples_run_as_written(roles: Roles, redis_url: str,
                 f"{example}\n{done.stdout}"
 
 
-PACKAGES = ("policies", "evaluation", "broker", "workers", "cli")
+PACKAGES = ("policies", "evaluation", "broker", "workers", "gateway", "cli")
 
 
 def readme_layout() -> dict[str, set[str]]:
