@@ -1,4 +1,4 @@
-# The inference-broker image: one image for every role (policy, worker, demo, health checks).
+# The inference-broker image: one image for every role (policy, worker, gateway, demo, health checks).
 #   docker build -t inference-broker:local .      (compose.yaml builds it for you)
 FROM python:3.11-slim
 
@@ -23,6 +23,7 @@ COPY workers /tmp/src/workers
 COPY policies /tmp/src/policies
 COPY evaluation /tmp/src/evaluation
 COPY cli /tmp/src/cli
+COPY gateway /tmp/src/gateway
 RUN pip install --no-deps /tmp/src && rm -rf /tmp/src
 
 RUN useradd --system --create-home --uid 10001 --user-group broker

@@ -10,7 +10,7 @@ The SDK in one import::
 or, without asyncio, ``broker.run_job(job, redis_url=...)``.
 """
 
-from broker.client import Client, run_job, submit_jobs
+from broker.client import Client, cancel_job, run_job, submit_jobs
 from broker.errors import BrokerError, JobFailed, JobRejected, RedisUnavailable, ResultTimeout
 from broker.wire import ChatMessage, DeadLetter, Job, Metrics, Result, Timing, Usage, new_id
 
@@ -28,6 +28,7 @@ __all__ = [
     "ResultTimeout",
     "Timing",
     "Usage",
+    "cancel_job",
     "new_id",
     "run_job",
     "submit_jobs",

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from broker.scripts import (
+    CANCEL,
     CLAIM,
     COMPLETE,
     DEAD,
@@ -30,7 +31,7 @@ from broker.scripts import (
     SUBMIT,
     ScriptCall,
 )
-from broker.topology import Topology
+from broker.topology import WORKER_GROUP, Topology
 
 Codes = list[int | bytes]
 """Per entry of a batch: 1 done, 0 duplicate, -1 fenced, or the type of the key its reply stream
@@ -163,3 +164,10 @@ def submit(ingress: str, max_backlog: int, jobs: Iterable[bytes]) -> ScriptCall[
 def replay(topo: Topology, entry_id: str, job_id: str, job: bytes) -> ScriptCall[int]:
     """Put the job of dead letter ``entry_id`` back on the ingress (1), forgetting its outcome."""
     return ScriptCall(REPLAY, [topo.dead, topo.jobs, topo.done(job_id), topo.routed(job_id)], [entry_id, job])
+
+
+def cancel(topo: Topology, job_id: str, reply: str, result: bytes, ttl_ms: int) -> ScriptCall[int]:
+    """End job ``job_id`` with ``result`` (its cancelled result, kept ``ttl_ms``) unless it has an
+    outcome or a worker took it (1 when this call ended it)."""
+    return ScriptCall(CANCEL, [topo.done(job_id), topo.routed(job_id), topo.reply(reply), topo.replies],
+                      [result, ttl_ms, reply, topo.base + ":", WORKER_GROUP])

@@ -36,7 +36,7 @@ from broker.merge import merge
 from broker.scripts import Scripts
 from broker.streams import STOP_TIMEOUT_S, Backoff, briefly, ensure_group, is_group_lost
 from broker.topology import Topology, shard_of
-from broker.wire import DECODE_ERRORS, InvalidJob, Job, Result, TokenChunk, decode_result, encode_job
+from broker.wire import DECODE_ERRORS, InvalidJob, Job, Result, TokenChunk, decode_result, encode_job, json_encode
 
 log = logging.getLogger("inference_broker.client")
 _decode_chunk = msgspec.json.Decoder(TokenChunk).decode
@@ -53,11 +53,12 @@ class Client:
 
     ``replicas``: how many replicas must have each submitted job before a submit returns
     (``WAIT``, up to ``replicas_ms``); 0 returns at the primary's word (Settings.submit_replicas).
+    ``result_ttl_s``: how long the outcome :meth:`cancel` writes is kept (Settings.result_ttl_s).
     """
 
     def __init__(self, redis_url: str, *, prefix: str = "ib", shards: int = 1, replicas: int = 0,
                  replicas_ms: int = 1000, block_ms: int = 1000, max_backlog: int = 100_000,
-                 max_job_bytes: int = 1 << 20) -> None:
+                 max_job_bytes: int = 1 << 20, result_ttl_s: int = 3600) -> None:
         self.topo = Topology(prefix, shards)  # raises ValueError for a bad prefix or shard count
         self.redis: aioredis.Redis = connect(redis_url, block_ms)
         self.replicas = replicas
@@ -65,6 +66,7 @@ class Client:
         self.block_ms = block_ms
         self.max_backlog = max_backlog
         self.max_job_bytes = max_job_bytes
+        self.result_ttl_s = result_ttl_s
         self.scripts = Scripts(self.redis)
         self._waiters: dict[str, _ReplyWaiter] = {}
 
@@ -188,6 +190,20 @@ class Client:
         """Submit ``job`` and wait for its result."""
         await self.submit(job)
         return await self.result(job.id, timeout=timeout, reply_to=job.reply_to)
+
+    async def cancel(self, job: Job, *, reason: str = "cancelled by its producer") -> bool:
+        """End ``job`` as ``cancelled`` if it has not started; True when this call ended it.
+
+        One script on the job's shard writes its one outcome, a ``cancelled`` :class:`Result`
+        (``error``: ``reason``), only while the job has none and no pool worker has taken it
+        (docs/reliability.md, Cancellation): waiting on the ingress or on its pool's stream,
+        it never runs. False: it has an outcome already, or a worker took it and it ends as it
+        would have (its result wins). A job not submitted yet is ended too: a later submission
+        of its id is dropped at routing.
+        """
+        result = json_encode(Result.for_job(job, "cancelled", error=reason))
+        call = calls.cancel(self.topo.of_job(job.id), job.id, job.reply_to, result, self.result_ttl_s * 1000)
+        return await self.scripts.call(call) == 1
 
     async def tokens(self, job_id: str, *, timeout: float = 60.0) -> AsyncIterator[TokenChunk]:
         """Follow the output of a job submitted with ``stream=True`` as it is generated.
@@ -401,5 +417,15 @@ def submit_jobs(jobs: Iterable[Job], *, redis_url: str, prefix: str = "ib", shar
     async def go() -> list[str]:
         async with Client(redis_url, prefix=prefix, shards=shards) as client:
             return await client.submit_many(jobs)
+
+    return asyncio.run(go())
+
+
+def cancel_job(job: Job, *, redis_url: str, prefix: str = "ib", shards: int = 1, result_ttl_s: int = 3600) -> bool:
+    """Synchronous helper: :meth:`Client.cancel` (runs its own event loop)."""
+
+    async def go() -> bool:
+        async with Client(redis_url, prefix=prefix, shards=shards, result_ttl_s=result_ttl_s) as client:
+            return await client.cancel(job)
 
     return asyncio.run(go())

@@ -95,6 +95,7 @@ DROPGROUP = Script("dropgroup")
 REAP = Script("reap")
 SUBMIT = Script("submit")
 REPLAY = Script("replay")
+CANCEL = Script("cancel")
 
 
 class ScriptCall(NamedTuple, Generic[R_co]):

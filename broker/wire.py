@@ -37,7 +37,7 @@ from broker.topology import RESERVED
 VERSION = 1
 
 Kind = Literal["chat", "completion", "embedding"]
-Status = Literal["ok", "failed", "expired", "rejected"]
+Status = Literal["ok", "failed", "expired", "rejected", "cancelled"]
 
 # Patterns end in \Z, not $: `$` also matches before a trailing newline.
 JobId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/+=-]+\Z")]

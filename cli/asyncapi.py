@@ -127,8 +127,9 @@ KEYS: dict[str, Key] = {
     "done": Key("done", "string", "The job's `Result` JSON, written with its result entry; kept for "
                 "`result_ttl_s`. One outcome per job (`SET NX`), and a lookup by id.", {"job_id": "jobId"},
                 "Result"),
-    "routed": Key("routed", "string", "`1` once a job was routed (makes routing idempotent); TTL "
-                  "`result_ttl_s`.", {"job_id": "jobId"}),
+    "routed": Key("routed", "string", "Set once a job was routed (makes routing idempotent): `<pool stream "
+                  "under the key base> <entry id>` where its entry went, or `1` when it ended before routing "
+                  "(at the policy, or cancelled); TTL `result_ttl_s`.", {"job_id": "jobId"}),
     "errors": Key("errors", "hash", "Last error of a retried pool entry (the key ends with the entry id), "
                   "for its dead letter: fields `error` (the text) and `delivery` (the delivery it ended, a "
                   "decimal integer); TTL `result_ttl_s`.", {"pool": "pool", "lane": "lane"}),

@@ -22,7 +22,7 @@ from broker.connection import redacted, unreachable
 from broker.errors import BrokerError
 from broker.settings import Settings
 from broker.topology import MAX_SHARDS
-from cli.stack import read_state
+from cli.stack import Gateway, read_state
 from policies.config import ConfigError, pool_counts
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -135,6 +135,34 @@ def cluster_options(f: F) -> F:
                           "loopback) instead of the embedded Redis; one shard per primary unless "
                           "--shards says otherwise.")(f)
     return f
+
+
+def gateway_options(f: F) -> F:
+    """``--gateway-port`` and ``--no-gateway``: the OpenAI-compatible gateway of ``up`` and ``demo``."""
+    f = click.option("--no-gateway", is_flag=True, help="Start no gateway.")(f)
+    f = click.option("--gateway-port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+                     envvar="IB_GATEWAY_PORT", metavar="PORT",
+                     help="Port of the OpenAI-compatible gateway on 127.0.0.1; 0 picks a free one "
+                          "[env IB_GATEWAY_PORT].")(f)
+    return f
+
+
+def local_gateway(port: int) -> Gateway:
+    """The local stack's gateway on ``port`` (0: a free one), keyed when the environment has API keys."""
+    import socket
+
+    from cli.embedded import free_port
+
+    if port == 0:
+        port = free_port()
+    else:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                raise click.UsageError(f"port {port} is in use; pass --gateway-port N (0: any free port) or "
+                                       "--no-gateway") from None
+    return Gateway(port, keyed=bool(os.environ.get("IB_GATEWAY_KEYS_FILE") or os.environ.get("IB_GATEWAY_KEYS")))
 
 
 def local_cluster(settings: Settings, primaries: int | None,

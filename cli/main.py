@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import click
 
+from cli.cancel import cancel
 from cli.common import EPILOG, Commands
 from cli.dead import dead
 from cli.demo import demo
+from cli.gateway import gateway
 from cli.jobs import result, results, submit
 from cli.observe import asyncapi_cmd, report_cmd, top_cmd
 from cli.serve import config_cmd, health, policy, up, worker
@@ -27,6 +29,6 @@ def main() -> None:
     """
 
 
-for command in (demo, up, policy, worker, health, config_cmd, submit, result, results, dead, top_cmd, report_cmd,
-                asyncapi_cmd, simulate):
+for command in (demo, up, policy, worker, health, config_cmd, submit, result, results, cancel, dead, top_cmd,
+                report_cmd, asyncapi_cmd, simulate, gateway):
     main.add_command(command)

@@ -4,8 +4,9 @@ Definitions used everywhere these numbers appear:
 
 * **Percentiles** are nearest-rank over the jobs that have timings (``ok`` results), the
   same as the demo's table: p99 of 50 values is the largest.
-* **Attainment** is the share of *all* a class's jobs that met its target: a failed, expired
-  or rejected job counts as a miss, as in the simulator.
+* **Attainment** is the share of *all* a class's jobs that met its target: a failed, expired,
+  rejected or cancelled job counts as a miss, as in the simulator (a producer that cancels
+  has often waited too long).
 * **Cost** is busy cost: a worker costs its pool's ``cost_per_hour`` and the jobs running on
   it split that evenly at each instant (``policies.estimate.job_cost`` integrated over a
   job's life, from the result timings of every job on the same worker).
@@ -21,7 +22,7 @@ import msgspec
 from broker.wire import DECODE_ERRORS, Result, decode_result
 from policies.config import PolicyConfig
 
-STATUSES = ("ok", "failed", "expired", "rejected")
+STATUSES = ("ok", "failed", "expired", "rejected", "cancelled")
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

@@ -15,7 +15,9 @@ from cli.common import (
     check_redis,
     cluster_options,
     common,
+    gateway_options,
     local_cluster,
+    local_gateway,
     metrics_port_option,
     need_url,
     pool_workers,
@@ -32,13 +34,16 @@ from cli.stack import state_file, write_state
 @cluster_options
 @metrics_port_option("Serve each role's /metrics, /healthz and /readyz on consecutive ports from PORT: "
                      "the policy worker on PORT, the workers on PORT+1 and up [env IB_METRICS_PORT; default: off].")
+@gateway_options
 def up(worker_counts: tuple[str, ...], cluster_primaries: int | None, replicas: int | None,
-       metrics_port: int | None, **opts: Any) -> None:
-    """Run the policy worker and every configured pool's workers as processes until Ctrl-C or SIGTERM.
+       metrics_port: int | None, gateway_port: int, no_gateway: bool, **opts: Any) -> None:
+    """Run the policy worker, every configured pool's workers and the OpenAI-compatible gateway
+    as processes until Ctrl-C or SIGTERM.
 
     Without --redis-url an embedded redis-server is started (AOF on) and stopped at exit, or
     with --cluster N a local Redis Cluster of N primaries; other commands in other terminals
-    find it (and its shard count) without flags.
+    find it (and its shard count) without flags. The gateway listens on 127.0.0.1 with the
+    API keys of IB_GATEWAY_KEYS_FILE or IB_GATEWAY_KEYS, or without keys when neither is set.
     """
     from cli.stack import Stack
 
@@ -47,7 +52,8 @@ def up(worker_counts: tuple[str, ...], cluster_primaries: int | None, replicas: 
     workers = pool_workers(settings, worker_counts)
     if settings.redis_url:
         check_redis(settings.redis_url)
-    stack = Stack(settings, workers=workers, cluster=cluster)
+    gateway = None if no_gateway else local_gateway(gateway_port)
+    stack = Stack(settings, workers=workers, cluster=cluster, gateway=gateway)
     state = state_file()
     sigterm_is_interrupt()
     try:
@@ -63,6 +69,9 @@ def up(worker_counts: tuple[str, ...], cluster_primaries: int | None, replicas: 
         click.secho(f"stack up on {redacted(stack.url)} (prefix {settings.prefix!r}{shards}): policy, {pools}",
                     fg="green", err=True)
         click.echo("  try:  inference-broker submit --prompt 'Hello'    (Ctrl-C stops the stack)", err=True)
+        if gateway is not None:
+            keys = "API keys of IB_GATEWAY_KEYS(_FILE)" if gateway.keyed else "no API keys: any key works"
+            click.echo(f"  OpenAI API: {gateway.url}  ({keys})", err=True)
         if stack.metrics_ports and settings.metrics_port:
             ports = ", ".join(f"{label} :{port}" for label, port in stack.metrics_ports.items())
             click.echo(f"  metrics and health (/metrics, /healthz, /readyz): {ports}", err=True)

@@ -30,6 +30,37 @@ from cli.cluster import EmbeddedCluster
 from cli.embedded import EmbeddedRedis
 
 
+class Gateway:
+    """The stack's OpenAI-compatible gateway: on ``port`` of 127.0.0.1, with the API keys of the
+    environment (``IB_GATEWAY_KEYS_FILE``, ``IB_GATEWAY_KEYS``) when ``keyed``, else without keys."""
+
+    def __init__(self, port: int, keyed: bool) -> None:
+        self.port = port
+        self.keyed = keyed
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def wait_ready(self, timeout: float, check: Callable[[], None]) -> None:
+        """Block until its /readyz answers 200 (``check`` runs on every poll and may raise)."""
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while True:
+            check()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise BrokerError(f"the gateway on port {self.port} was not ready within {timeout:g} s")
+            time.sleep(0.1)
+
+
 class Stack:
     """Starts the roles (and an embedded Redis when ``settings.redis_url`` is None).
 
@@ -38,7 +69,8 @@ class Stack:
     """
 
     def __init__(self, settings: Settings, *, workers: dict[str, int], log: IO[bytes] | None = None,
-                 extra_env: dict[str, str] | None = None, cluster: tuple[int, int] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, cluster: tuple[int, int] | None = None,
+                 gateway: Gateway | None = None) -> None:
         if cluster is not None and settings.redis_url:
             raise ValueError("a local cluster is started only when no Redis URL is given")
         self.settings = settings
@@ -53,8 +85,9 @@ class Stack:
         self.url = settings.redis_url or ""
         self.metrics_ports: dict[str, int] = {}
         """Role label to the port of its HTTP endpoint (/metrics, /healthz, /readyz), when served."""
+        self.gateway = gateway
 
-    def _spawn(self, label: str, *args: str) -> None:
+    def _spawn(self, label: str, *args: str, metrics: bool = True) -> None:
         cmd = [sys.executable, "-m", "cli", *args, "--prefix", self.settings.prefix,
                "--shards", str(self.settings.shards), "--log-format", self.settings.log_format]
         if self.settings.config:
@@ -63,7 +96,7 @@ class Stack:
         # show in every `ps` listing.
         env = {**os.environ, **self.extra_env, "REDIS_URL": self.url}
         env.pop("IB_METRICS_PORT", None)  # each role gets its own port below, or none
-        if self.settings.metrics_port is not None:
+        if self.settings.metrics_port is not None and metrics:
             base = self.settings.metrics_port
             port = base + len(self.processes) if base else 0  # 0: each role picks a free port
             cmd += ["--metrics-port", str(port)]
@@ -91,11 +124,17 @@ class Stack:
         for pool, count in self.workers.items():
             for i in range(count):
                 self._spawn(f"worker-{pool}-{i}", "worker", "--pool", pool)
+        if self.gateway is not None:  # it serves /metrics on its own port
+            self._spawn("gateway", "gateway", "--port", str(self.gateway.port),
+                        *([] if self.gateway.keyed else ["--no-auth"]), metrics=False)
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """Block until every role has sent a heartbeat (raises if one exits or time runs out)."""
+        """Block until every role has sent a heartbeat and the gateway (if any) is ready (raises if
+        one exits or time runs out)."""
         wait_for_roles(self.url, self.settings.topology, self.workers, timeout=timeout, check=self.check_alive)
+        if self.gateway is not None:
+            self.gateway.wait_ready(timeout, self.check_alive)
 
     def check_alive(self) -> None:
         """Raise if a role process has exited."""

@@ -325,19 +325,20 @@ def render(state: TopState) -> RenderableType:
 
     classes = Table(title=f"SLO classes: results of the last {state.span_s:.0f} s", title_justify="left",
                     header_style="bold")
-    for col in ("class", "jobs", "jobs/s", "ok", "failed", "expired", "rejected", "TTFT p50/p99", "e2e p50/p99",
-                "SLO met"):
+    # Cancelled jobs (their producers gave up before they started) get a column only when there are some.
+    ended = ("failed", "expired", "rejected") + (("cancelled",) if any(c.statuses["cancelled"]
+                                                                        for c in state.classes) else ())
+    for col in ("class", "jobs", "jobs/s", "ok", *ended, "TTFT p50/p99", "e2e p50/p99", "SLO met"):
         classes.add_column(col, justify="left" if col == "class" else "right", no_wrap=True)
     for c in state.classes:
         goal = state.goals.get(c.name)
         att = c.attainment
         style = "" if att is None or goal is None else "green" if att >= goal else "bold red"
         classes.add_row(c.name, str(c.jobs), f"{c.jobs / state.span_s:.1f}", str(c.statuses["ok"]),
-                        *(Text(str(c.statuses[s]), style="red" if c.statuses[s] else "") for s in
-                          ("failed", "expired", "rejected")),
+                        *(Text(str(c.statuses[s]), style="red" if c.statuses[s] else "") for s in ended),
                         span_text(c.ttft_p50_ms, c.ttft_p99_ms), span_text(c.e2e_p50_ms, c.e2e_p99_ms),
                         Text(f"{100 * att:.1f}%" if att is not None else "-", style=style) +
                         Text(f" / {100 * goal:.0f}%" if goal is not None else "", style="dim"))
     if not state.classes:
-        classes.add_row("(no results yet)", *[""] * 9)
+        classes.add_row("(no results yet)", *[""] * (5 + len(ended)))
     return Group(header, summary, Text(""), pools, streams, classes, Text("Ctrl-C quits", style="dim"))

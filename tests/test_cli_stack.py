@@ -28,6 +28,7 @@ def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.
 def cli_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "IB_PREFIX", "IB_CONFIG")}
     env["XDG_RUNTIME_DIR"] = str(tmp_path)  # where `up` records its URL
+    env["IB_GATEWAY_PORT"] = "0"  # `up`'s gateway on a free port: tests running side by side share no port
     return env
 
 
@@ -166,7 +167,7 @@ def test_a_killed_up_takes_its_redis_and_roles_with_it(cli_env: dict[str, str], 
         # Up and working: the roles have connected and sent heartbeats.
         wait_until(lambda: run_cli("health", "--pool", "gpu", env=cli_env).returncode == 0, "the gpu worker")
         children = [int(p) for p in Path(f"/proc/{up.pid}/task/{up.pid}/children").read_text().split()]
-        assert len(children) == 4  # redis, the policy, a gpu and an accel worker
+        assert len(children) == 5  # redis, the policy, a gpu and an accel worker, the gateway
     finally:
         up.kill()  # SIGKILL: no handler runs, no clean stop
         up.wait()

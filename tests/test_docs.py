@@ -8,11 +8,14 @@ import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import click
 import redis.asyncio as aioredis
 
 from broker.topology import Topology
+from broker.wire import decode_result
 from cli.main import main
 from cli.stack import wait_for_roles
 from tests.conftest import ROOT, Roles
@@ -195,7 +198,7 @@ def test_the_readme_submit_examples_run_as_written(roles: Roles, redis_url: str,
                 f"{example}\n{done.stdout}"
 
 
-PACKAGES = ("policies", "evaluation", "broker", "workers", "cli")
+PACKAGES = ("policies", "evaluation", "broker", "workers", "gateway", "cli")
 
 
 def readme_layout() -> dict[str, set[str]]:
@@ -232,3 +235,20 @@ def test_the_architecture_map_states_the_layers_the_import_test_enforces() -> No
     assert list(rows) == list(MAY_IMPORT)
     for package, may in rows.items():
         assert set(re.findall(r"`(\w+)`", may)) == MAY_IMPORT[package] - {package}, package
+
+
+
+async def test_the_documented_cancel_script_call_ends_a_waiting_job(client: aioredis.Redis, prefix: str,
+                                                                    redis_url: str, tmp_path: Path) -> None:
+    lines = [line.strip().removeprefix("$ ") for line in (ROOT / "docs" / "wire-format.md").read_text().splitlines()]
+    cat = next(line for line in lines if line.startswith("cat ") and line.endswith("> cancel.lua"))
+    call = next(line for line in lines if line.startswith("redis-cli") and "--eval cancel.lua" in line)
+    topo = Topology(prefix)
+    # The documented `cat`, with paths from the project root; the call under this test's prefix and port.
+    (tmp_path / "cancel.lua").write_text("".join((ROOT / path).read_text() for path in shlex.split(cat)[1:-2]))
+    argv = shlex.split(call.replace("ib:{ib}", topo.base))
+    argv[argv.index("-p") + 1] = str(urlsplit(redis_url).port)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert f"(integer) {done.stdout.strip()}" == lines[lines.index(call) + 1], done.stderr  # no tty: no type
+    result = decode_result(await client.get(topo.done("doc-cancel-1")))
+    assert (result.status, result.error) == ("cancelled", "cancelled by its producer")

@@ -4,8 +4,9 @@ Each package may import only the packages below it (``MAY_IMPORT``), lazily or n
 (pure live decisions) and ``evaluation`` (simulator, workloads, baselines, bounds, which may use
 ``policies``) import no I/O layer, read no clock, do no I/O and use no global random (those come
 in as arguments); ``broker`` (the core library) imports ``policies`` only; ``workers`` imports
-``broker`` and ``policies``; ``cli`` (the command line and its tools, which starts the roles)
-may import everything. No two modules import each other, directly or around a loop.
+``broker`` and ``policies``; ``gateway`` (the OpenAI-compatible front door, a producer like any
+other) imports ``broker`` and ``policies``; ``cli`` (the command line and its tools, which starts
+the roles and the gateway) may import everything. No two modules import each other, directly or around a loop.
 
 Runtime checks use a fresh interpreter (this test process has already imported everything);
 static checks read the source with ``ast`` so that an import hidden in a rarely-run branch is
@@ -32,7 +33,8 @@ MAY_IMPORT = {
     "evaluation": {"evaluation", "policies"},
     "broker": {"broker", "policies"},
     "workers": {"workers", "broker", "policies"},
-    "cli": {"cli", "broker", "workers", "policies", "evaluation"},
+    "gateway": {"gateway", "broker", "policies"},
+    "cli": {"cli", "broker", "workers", "policies", "evaluation", "gateway"},
 }
 """Each package of the project and the project packages it may import: the layers, bottom up."""
 PACKAGES = set(MAY_IMPORT)
@@ -240,7 +242,8 @@ def test_importing_the_core_and_live_policy_loads_no_tool_worker_or_evaluation_m
     core = sorted(module_name(p) for p in SOURCE_FILES if p.parent.name in ("broker", "policies"))
     loaded = modules_after("\n".join(f"import {name}" for name in core))
     assert {"broker", "policies"} <= loaded
-    assert not loaded & {"cli", "workers", "evaluation"}, sorted(loaded & {"cli", "workers", "evaluation"})
+    assert not loaded & {"cli", "workers", "evaluation", "gateway"}, sorted(loaded & {"cli", "workers", "evaluation",
+                                                                                     "gateway"})
 
 
 def test_module_level_scan_skips_functions_and_type_checking() -> None:

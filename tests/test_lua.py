@@ -28,7 +28,7 @@ NAMES: dict[object, str] = {
     **{value: name for name, value in NUMBERS.items()},
     2: "lane",  # a lane's index in KEYS: the only lane of a sample
     0: "mark", 1: "mark",
-    TOPO.base + ":": "base", TOPO.dead: "dead", TOPO.jobs: "ingress", TOPO.replies: "replies",
+    TOPO.base + ":": "base", WORKER_GROUP: "group", TOPO.dead: "dead", TOPO.jobs: "ingress", TOPO.replies: "replies",
     TOPO.done("job_id"): "done", TOPO.routed("job_id"): "routed", TOPO.reply("reply"): "reply_stream",
 }
 N: Any = NUMBERS
@@ -54,6 +54,7 @@ SAMPLES: list[tuple[Callable[..., ScriptCall[object]], ScriptCall[object]]] = [
     (calls.reap, calls.reap(TOPO, "reply", N["since_ms"])),
     (calls.submit, calls.submit("ingress", N["max_backlog"], [b"job", b"job"])),
     (calls.replay, calls.replay(TOPO, "entry_id", "job_id", b"job")),
+    (calls.cancel, calls.cancel(TOPO, "job_id", "reply", b"result", N["ttl_ms"])),
 ]
 
 
@@ -146,7 +147,10 @@ async def test_route_moves_each_job_to_its_lane_once(client: aioredis.Redis, pre
     assert [f for _, f in await client.xrange(topo.pool("gpu"))] == [{b"routed": b"A"}]
     assert [f for _, f in await client.xrange(topo.pool("accel"))] == [{b"routed": b"B"}]
     assert await client.xlen(topo.jobs) == 0 and await pending(client, topo.jobs, POLICY_GROUP) == {}
-    assert await client.exists(topo.routed("a"), topo.routed("b")) == 2
+    # Each marker names where its job's entry went (for CANCEL).
+    [(gpu_entry, _)] = await client.xrange(topo.pool("gpu"))
+    assert await client.get(topo.routed("a")) == b"pool:gpu " + gpu_entry
+    assert await client.exists(topo.routed("b")) == 1
 
 
 async def test_complete_publishes_results_and_marks_jobs_at_the_policy(client: aioredis.Redis, prefix: str) -> None:
@@ -262,3 +266,36 @@ async def test_replay_puts_a_dead_job_back_and_forgets_its_outcome(client: aiore
     assert await scripts.call(calls.replay(topo, letter.decode(), "j", b"J")) == 0  # gone already
     assert [f[b"job"] for _, f in await client.xrange(topo.jobs)] == [b"J"]
     assert await client.xlen(topo.dead) == 0 and not await client.exists(topo.done("j"), topo.routed("j"))
+
+
+async def test_cancel_ends_a_job_not_taken_by_a_worker_once(client: aioredis.Redis, prefix: str) -> None:
+    topo, scripts = Topology(prefix), Scripts(client)
+
+    def cancel(job_id: str) -> ScriptCall[int]:
+        return calls.cancel(topo, job_id, "results", b"C-" + job_id.encode(), 60_000)
+
+    # On the ingress (no marker yet): ended, and its marker set so ROUTE only acks it.
+    assert await scripts.call(cancel("queued")) == 1
+    assert await scripts.call(cancel("queued")) == 0  # it has its outcome
+    assert await client.get(topo.routed("queued")) == b"1"
+    (entry,) = await taken(client, topo.jobs, POLICY_GROUP, 1, "p1")
+    move = RouteMove(entry, topo.pool("gpu"), "queued", b"Q", "results")
+    assert await scripts.call(calls.route(topo.jobs, POLICY_GROUP, topo, 60_000, [move])) == [0]
+    # Routed, on its lane: its entry is deleted before any worker sees it.
+    waiting, running = await taken(client, topo.jobs, POLICY_GROUP, 2, "p1")
+    moves = [RouteMove(waiting, topo.pool("gpu"), "waiting", b"W", "results"),
+             RouteMove(running, topo.pool("gpu"), "running", b"R", "results")]
+    assert await scripts.call(calls.route(topo.jobs, POLICY_GROUP, topo, 60_000, moves)) == [1, 1]
+    await ensure_group(client, topo.pool("gpu"), WORKER_GROUP)
+    await client.xreadgroup(WORKER_GROUP, "w1", {topo.pool("gpu"): ">"}, count=1)  # a worker takes `waiting`'s
+    assert await scripts.call(cancel("running")) == 1  # not taken yet: the first entry was `waiting`'s
+    assert await scripts.call(cancel("waiting")) == 0  # taken: it has started
+    assert [f for _, f in await client.xrange(topo.pool("gpu"))] == [{b"routed": b"W"}]
+    assert await client.xreadgroup(WORKER_GROUP, "w2", {topo.pool("gpu"): ">"}) == []
+    assert [f for _, f in await client.xrange(topo.reply("results"))] == [{b"result": b"C-queued"},
+                                                                         {b"result": b"C-running"}]
+    assert await client.get(topo.done("running")) == b"C-running" and not await client.exists(topo.done("waiting"))
+    assert await client.smembers(topo.replies) == {b"results"}
+    # Ended at the policy (a marker naming no entry) and not cancelled: left alone.
+    await client.set(topo.routed("old"), b"1")
+    assert await scripts.call(cancel("old")) == 0 and not await client.exists(topo.done("old"))

@@ -126,3 +126,11 @@ def test_report_of_jobs_that_never_ran(tmp_path: Path) -> None:
     page = index.read_text()
     assert "1 job(s) without timings" in page
     assert "<tr><td>rejected</td><td>1</td><td>50.0%</td>" in page
+
+
+def test_report_counts_cancelled_jobs(tmp_path: Path) -> None:
+    gone = Result(id="c", status="cancelled", model="m", kind="chat", tenant="t", error="cancelled by its producer")
+    stats = group_stats("standard", [_result("a", "w", 0, 1), gone])
+    assert stats.statuses["cancelled"] == 1 and stats.attainment == 0.5  # a cancel counts as a miss
+    page = report.write([_result("a", "w", 0, 1), gone], tmp_path, load_config(), "Mixed").read_text()
+    assert "<th>cancelled</th>" in page

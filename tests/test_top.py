@@ -29,6 +29,7 @@ from broker.config import load_config
 from broker.settings import Settings
 from broker.wire import Result
 from cli.embedded import EmbeddedRedis
+from cli.runstats import group_stats
 from cli.top import Collector, PoolView, StreamView, TopState, WorkerView, render
 from tests.conftest import ROOT, Roles
 from tests.helpers import mixed_jobs
@@ -138,6 +139,23 @@ def test_render_is_a_pure_function_of_the_state() -> None:
     assert "1 (+1 stale)" in text and "12/64" in text and "(rejected)" in text
     assert "dead letters 2" in text and "1.5 s" in text
     assert "(no results yet)" in text
+
+
+def test_cancelled_jobs_get_a_column_only_when_there_are_some() -> None:
+    ok = Result(id="a", status="ok", model="m", kind="chat", tenant="t", slo="interactive")
+    cancelled = Result.for_job(ok, "cancelled", slo="interactive")
+
+    def text(results: list[Result]) -> str:
+        state = TopState(at=0.0, where="redis://example:6379/0  prefix ib", window_s=60, span_s=30, recent=2,
+                         recent_s=10, classes=[group_stats("interactive", results)])
+        console = Console(record=True, width=140)
+        console.print(render(state))
+        return console.export_text()
+
+    assert "cancelled" not in text([ok, ok])
+    row = next(line for line in text([ok, cancelled]).splitlines() if "interactive" in line)
+    assert "cancelled" in text([ok, cancelled])
+    assert [cell.strip() for cell in row.split("│")][1:9] == ["interactive", "2", "0.1", "1", "0", "0", "0", "1"]
 
 
 async def test_collector_reports_redis_away_in_the_frame() -> None:

@@ -8,30 +8,37 @@
 -- requires: types, done_all
 --
 -- A job whose reply stream is a key of another type is neither moved nor acked: the policy
--- dead-letters it before it costs a run. A job id whose marker is set (routed before, or ended
--- at the policy: COMPLETE and DEAD set it there too) is only acked. The marker alone is
--- checked, not the done key as well: that was a seventh of Redis' work per job. (A marker
--- expires before its job's done key, by the job's time in the system; a duplicate submitted in
--- between runs again, and its COMPLETE finds the done key: acked, no second result.)
+-- dead-letters it before it costs a run. A job id whose marker is set (routed before, ended at
+-- the policy: COMPLETE and DEAD set it there too, or cancelled: CANCEL) is only acked. The
+-- marker alone is checked, not the done key as well: that was a seventh of Redis' work per job.
+-- (A marker expires before its job's done key, by the job's time in the system; a duplicate
+-- submitted in between runs again, and its COMPLETE finds the done key: acked, no second
+-- result.) A routed job's marker holds where its entry went, `<lane name under base> <entry
+-- id>`: CANCEL deletes the entry from there while no worker has taken it. The entry is added
+-- first, to know its id, and deleted again when the marker was set already: a duplicate is
+-- rare, and this keeps a routed job at two commands.
 local group, ttl, base = ARGV[1], ARGV[2], ARGV[3]
-local codes, ids, pools = {}, {}, {}
+local codes, ids, names = {}, {}, {}
 need(KEYS[1], 'stream')
 for i = 4, #ARGV, 5 do
   local pool = ARGV[i + 1]
-  if not pools[pool] then
-    pools[pool] = true
+  if not names[pool] then
+    names[pool] = string.sub(KEYS[tonumber(pool)], #base + 1) .. ' '
     need(KEYS[tonumber(pool)], 'stream')
   end
 end
 for i = 4, #ARGV, 5 do
-  local job = ARGV[i + 2]
+  local marker = base .. 'routed:' .. ARGV[i + 2]
   local code = unanswerable(base .. ARGV[i + 4])
   if not code then
     ids[#ids + 1] = ARGV[i]
     code = 0
-    if redis.call('SET', base .. 'routed:' .. job, '1', 'NX', 'PX', ttl) then
-      redis.call('XADD', KEYS[tonumber(ARGV[i + 1])], '*', 'routed', ARGV[i + 3])
+    local lane = KEYS[tonumber(ARGV[i + 1])]
+    local at = redis.call('XADD', lane, '*', 'routed', ARGV[i + 3])
+    if redis.call('SET', marker, names[ARGV[i + 1]] .. at, 'NX', 'PX', ttl) then
       code = 1
+    else
+      redis.call('XDEL', lane, at)  -- a duplicate (rare): undone before anyone can read it
     end
   end
   codes[#codes + 1] = code

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP gateway: a front door that turns OpenAI requests into jobs."""
