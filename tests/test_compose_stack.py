@@ -1,4 +1,5 @@
-"""compose.yaml run for real: ``docker compose up --build``, the demo, a host-side submit, ``down``.
+"""compose.yaml run for real: ``docker compose up --build``, the demo, a host-side submit, an
+OpenAI-client request through the published gateway port, ``down``.
 
 Selected on purpose (``pytest -m compose tests/test_compose_stack.py``; the plain suite
 deselects it): it needs a Docker engine and the base images, and takes about a minute once
@@ -6,9 +7,10 @@ the image is built. Where no engine answers it skips with the reason, or fails w
 ``IB_REQUIRE_COMPOSE`` set (as ``.ci/run`` sets it, after ``deploy/standins.sh`` has
 started Debian's engine and built local stand-ins for the base images).
 
-Each run is its own compose project (a unique ``-p`` name), with Redis published on a free
-port of 127.0.0.1, so it shares nothing with a stack a developer has running. Every wait is
-bounded; a failing step prints the tail of ``docker compose logs``.
+Each run is its own compose project (a unique ``-p`` name), with Redis and the gateway
+published on free ports of 127.0.0.1, so it shares nothing with a stack a developer has
+running. The gateway gets an API key through compose's ``IB_GATEWAY_KEYS`` (its hash only).
+Every wait is bounded; a failing step prints the tail of ``docker compose logs``.
 """
 
 from __future__ import annotations
@@ -26,11 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import openai
 import pytest
+import redis
 
 from broker.config import load_config
-from broker.wire import Result
+from broker.topology import Topology
+from broker.wire import Result, decode_result
 from cli.embedded import free_port
+from gateway.keys import key_line
 from tests.test_compose import COMPOSE_FILE, ROOT, SERVICES, _compose_cli
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(900)]
@@ -39,6 +45,8 @@ UP_S = 600  # a cold image build included (about 20 s here once the base images 
 HEALTHY_S = 120
 DEMO_S = 240  # the demo sends for about 24 s and waits up to 120 s for results
 DOWN_S = 120  # the workers' stop_grace_period is 40 s
+API_KEY = f"sk-compose-{uuid.uuid4().hex}"
+"""The key the stack's gateway accepts (tenant ``compose``); only its hash enters the config."""
 DEFAULT_SERVICES = {name for name, svc in SERVICES.items() if "profiles" not in svc}
 """What a plain ``docker compose up`` starts."""
 
@@ -70,11 +78,12 @@ class Stack:
 
     def __init__(self, cli: list[str]) -> None:
         self.project = f"ibtest{uuid.uuid4().hex[:10]}"
-        self.redis_port = free_port()
+        self.redis_port, self.gateway_port = free_port(), free_port()
         self.cli = [*cli, "-f", str(COMPOSE_FILE), "-p", self.project]
         # The host's IB_* settings would leak into the containers through compose's ${...}.
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("IB_") and k != "REDIS_URL"}
-        self.env["REDIS_PORT"] = str(self.redis_port)
+        self.env.update(REDIS_PORT=str(self.redis_port), GATEWAY_PORT=str(self.gateway_port),
+                        IB_GATEWAY_KEYS=key_line(API_KEY, "compose"), IB_GATEWAY_NO_AUTH="false")
 
     @property
     def redis_url(self) -> str:
@@ -192,6 +201,25 @@ def test_host_side_submit_through_the_published_port(stack: Stack) -> None:
         # Run by a worker of this stack: consumer names carry the host name, a container's id.
         hosts = {c["Config"]["Hostname"] for c in stack.containers() if service_of(c).startswith("worker-")}
         assert result.worker and any(f"-{h}-" in result.worker for h in hosts), (result.worker, hosts)
+
+
+def test_openai_client_through_the_published_gateway_port(stack: Stack) -> None:
+    with stack.explained():
+        base_url = f"http://127.0.0.1:{stack.gateway_port}/v1"
+        api = openai.OpenAI(base_url=base_url, api_key=API_KEY, max_retries=0, timeout=60)
+        raw = api.chat.completions.with_raw_response.create(
+            model="llama-3.1-8b", messages=[{"role": "user", "content": "Hello through compose"}], max_tokens=8)
+        chat = raw.parse()
+        assert chat.choices[0].message.content and chat.usage and chat.usage.completion_tokens == 8
+        assert raw.headers["x-ib-pool"] in load_config().pools
+        # The job's tenant comes from the key, as the broker recorded it in the stack's Redis.
+        job_id = raw.headers["x-ib-job-id"]
+        with redis.Redis.from_url(stack.redis_url) as client:
+            done = client.get(Topology("ib").of_job(job_id).done(job_id))
+        assert done is not None and decode_result(done).tenant == "compose"
+        # The key from the compose config is what let it in: another is refused.
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=base_url, api_key="sk-not-the-key", max_retries=0, timeout=30).models.list()
 
 
 def test_down_leaves_no_container_network_or_volume_behind(stack: Stack) -> None:
