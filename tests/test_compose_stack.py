@@ -117,7 +117,7 @@ class Stack:
     def leftovers(self) -> dict[str, list[str]]:
         """The project's containers, networks and volumes that exist now."""
         label = f"label=com.docker.compose.project={self.project}"
-        name = f"name={self.project}"  # compose names its objects <project>_<name>
+        name = f"name={self.project}"  # names start <project>_ (or <project>- for v2's containers)
         found = {}
         for kind, listing in (("containers", ["ps", "-a"]), ("networks", ["network", "ls"]),
                               ("volumes", ["volume", "ls"])):
@@ -173,6 +173,12 @@ def test_every_service_comes_up_and_every_healthcheck_passes(stack: Stack) -> No
         assert services.count("worker-gpu") == SERVICES["worker-gpu"]["deploy"]["replicas"] == 2
         # Every long-running service is health-checked; only the one-shot demo is not.
         assert {service_of(c) for c in checked} == DEFAULT_SERVICES - {"demo"}
+        # Published on loopback only, as the engine really bound them.
+        bound = {(service_of(c), b["HostIp"], b["HostPort"]) for c in containers
+                 for binds in (c["NetworkSettings"]["Ports"] or {}).values() for b in binds or []}
+        assert {(svc, port) for svc, _, port in bound} == {
+            ("redis", str(stack.redis_port)), ("gateway", str(stack.gateway_port))}, bound
+        assert {ip for _, ip, _ in bound} == {"127.0.0.1"}, bound
 
 
 def test_demo_sends_its_workload_through_the_roles_and_exits_0(stack: Stack) -> None:
