@@ -74,7 +74,7 @@ async def offer(call: Callable[[], Awaitable[bool]], rate: float, seconds: float
         sent = time.perf_counter()
         try:
             ok = await asyncio.wait_for(call(), timeout=30)
-        except (TimeoutError, aiohttp.ClientError, OSError):
+        except Exception:  # any failure is an error of this request: counted, never fatal to the run
             ok = False
         if ok:
             latencies.append((time.perf_counter() - sent) * 1000)
