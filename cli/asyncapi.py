@@ -87,6 +87,8 @@ STREAMS: dict[str, Stream] = {
         "accepted too. Entries are deleted as they are acked, so `XLEN` is the backlog.",
         ("job", "jobMsgpack"), {}, ((POLICY_GROUP, "policy workers"),),
         (("producer", "send", "Submit a job (`XADD`); the result arrives on the reply stream."),
+         ("gateway", "send", "Submit the job of each OpenAI request, and of each Batch API line (class `batch`, "
+          "`reply_to` `batches`), through the SDK; the tenant is the API key's."),
          ("policy", "receive", "Validate, classify and route jobs (`XREADGROUP COUNT 256`)."))),
     "pool": Stream(
         "pool", "Pool stream",
@@ -103,7 +105,9 @@ STREAMS: dict[str, Stream] = {
         ("result",), {"name": "replyTo"}, (),
         (("worker", "send", "Publish results (a fenced COMPLETE script per batch: done key, `XADD`, ack, per job)."),
          ("policy", "send", "Publish `failed`, `expired` and `rejected` results of jobs it did not route."),
-         ("producer", "receive", "Wait for results (`XREAD BLOCK`, or a consumer group of your own)."))),
+         ("producer", "receive", "Wait for results (`XREAD BLOCK`, or a consumer group of your own)."),
+         ("gateway", "receive", "Wait for each request's result; the gateway running the Batch API reads the "
+          "`batches` stream through the consumer group `gateway-batches`."))),
     "dead": Stream(
         "dead", "Dead letters",
         "Entries no consumer could process, with the reason, field `dead`. Inspect, replay or purge them with "
@@ -120,7 +124,8 @@ STREAMS: dict[str, Stream] = {
         "result still arrives on the reply stream.",
         ("tokenChunk",), {"job_id": "jobId"}, (),
         (("worker", "send", "Append output text as the backend generates it (batched, one `XADD` per batch)."),
-         ("producer", "receive", "Follow it with `XREAD BLOCK` from `0` (`Client.tokens`, `submit --stream`)."))),
+         ("producer", "receive", "Follow it with `XREAD BLOCK` from `0` (`Client.tokens`, `submit --stream`)."),
+         ("gateway", "receive", "Relay it as server-sent events to an OpenAI client that asked for `stream`."))),
 }
 
 KEYS: dict[str, Key] = {
