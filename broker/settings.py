@@ -8,9 +8,9 @@ for the URL); CLI flags override the environment.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import msgspec
 
@@ -21,6 +21,26 @@ def _path(kind: type, value: object) -> object:
     if kind is Path and isinstance(value, str | Path):
         return Path(value)
     raise NotImplementedError(kind)
+
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def from_env(cls: type[S], var: Callable[[str], str], env: Mapping[str, str] | None,
+             overrides: Mapping[str, object], what: str = "setting") -> S:
+    """``cls`` (frozen settings) from the variable ``var(field)`` of each field in ``env`` (default:
+    the process environment), then ``overrides``.
+
+    Empty variables and ``None`` overrides are ignored, so CLI options pass straight in.
+    Raises ``ValueError`` ("invalid <what>: ...", naming the field) when a value does not parse.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, object] = {name: env[var(name)] for name in cls.__struct_fields__ if env.get(var(name))}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return msgspec.convert(values, cls, strict=False, dec_hook=_path)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"invalid {what}: {exc}") from None
 
 
 LIVE_BEATS = 5
@@ -132,14 +152,4 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         Empty variables and ``None`` overrides are ignored, so CLI options pass straight in.
         Raises ``ValueError`` naming the variable when a value does not parse.
         """
-        env = os.environ if env is None else env
-        values: dict[str, object] = {}
-        for name in cls.__struct_fields__:
-            var = "REDIS_URL" if name == "redis_url" else f"IB_{name.upper()}"
-            if env.get(var):
-                values[name] = env[var]
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            return msgspec.convert(values, cls, strict=False, dec_hook=_path)
-        except msgspec.ValidationError as exc:
-            raise ValueError(f"invalid setting: {exc}") from None
+        return from_env(cls, lambda name: "REDIS_URL" if name == "redis_url" else f"IB_{name.upper()}", env, overrides)

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import msgspec
 
+from broker.settings import from_env
 from broker.topology import RESERVED
 from broker.wire import StreamName
+from gateway.settings import gateway_var
 
 
 def default_files_dir() -> Path:
@@ -82,11 +84,4 @@ class BatchSettings(msgspec.Struct, frozen=True, kw_only=True):
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> BatchSettings:
         """Settings from ``IB_GATEWAY_<NAME>`` variables, then ``overrides``; ``ValueError`` names a bad one."""
-        env = os.environ if env is None else env
-        values: dict[str, object] = {name: env[f"IB_GATEWAY_{name.upper()}"] for name in cls.__struct_fields__
-                                     if env.get(f"IB_GATEWAY_{name.upper()}")}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            return msgspec.convert(values, cls, strict=False, dec_hook=lambda kind, v: Path(v))
-        except msgspec.ValidationError as exc:
-            raise ValueError(f"invalid gateway setting: {exc}") from None
+        return from_env(cls, gateway_var, env, overrides, "gateway setting")

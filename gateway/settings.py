@@ -8,22 +8,21 @@ flags over it. The deployment's own settings (Redis, prefix, shards, backlog) st
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import msgspec
 
+from broker.settings import from_env
 from gateway.catalog import Tiers
 from gateway.context import Options
 from gateway.keys import KeyRing
 from policies.config import PolicyConfig
 
 
-def _path(kind: type, value: object) -> object:
-    if kind is Path and isinstance(value, str | Path):
-        return Path(value)
-    raise NotImplementedError(kind)
+def gateway_var(name: str) -> str:
+    """The environment variable of the gateway's setting ``name``."""
+    return f"IB_GATEWAY_{name.upper()}"
 
 
 class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -58,16 +57,7 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> GatewaySettings:
         """Settings from ``env`` (default: the process environment), then ``overrides`` (None ones ignored)."""
-        env = os.environ if env is None else env
-        values: dict[str, object] = {}
-        for name in cls.__struct_fields__:
-            if env.get(var := f"IB_GATEWAY_{name.upper()}"):
-                values[name] = env[var]
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            return msgspec.convert(values, cls, strict=False, dec_hook=_path)
-        except msgspec.ValidationError as exc:
-            raise ValueError(f"invalid gateway setting: {exc}") from None
+        return from_env(cls, gateway_var, env, overrides, "gateway setting")
 
     def keyring(self) -> KeyRing | None:
         """The accepted keys (None with ``no_auth``). Raises ValueError when none are configured."""
