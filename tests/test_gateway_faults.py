@@ -23,7 +23,7 @@ from cli.embedded import EmbeddedRedis
 from cli.stack import wait_for_roles
 from tests.conftest import Roles, _start
 from tests.gateway_proc import KEY, GatewayProc, start_gateway
-from tests.helpers import eventually, result_counts
+from tests.helpers import eventually, lanes, result_counts
 
 AUTH = {"authorization": f"Bearer {KEY}"}
 
@@ -70,7 +70,10 @@ async def test_a_client_that_leaves_before_its_job_started_cancels_it(
         return await client.xlen(topo.jobs) == 0
 
     await eventually(handled, what="the policy worker to take the cancelled job off the ingress")
-    await asyncio.sleep(0.5)  # room for a wrong second outcome to show (none may come)
+    # ROUTE acks an ingress entry and adds its lane entry in one script, and a lane entry stays
+    # until its worker acks it: empty lanes now mean it was never routed, or already answered.
+    assert [s for t in topo.every_shard for pool in ("gpu", "accel") for s in lanes(t, pool)
+            if await client.xlen(s)] == []
     ids, statuses = await result_counts(client, topo)
     assert ids[job_id] == 1 and statuses == {"cancelled": 1}
     assert await in_flight(gateway) == 0
