@@ -110,6 +110,15 @@ def start_roles(roles: Roles, tmp_path: Path) -> None:
     roles.start("worker", "--pool", "gpu", env={"IB_CONFIG": str(config)})
 
 
+async def running_mid_stream(roles: Roles, tmp_path: Path) -> tuple[Service, subprocess.Popen[bytes]]:
+    """The roles and the example service, once it has handled some results and not all."""
+    start_roles(roles, tmp_path)
+    service = Service(roles, tmp_path)
+    first = service.start()
+    await service.until(5, first)
+    return service, first
+
+
 async def stopped(proc: subprocess.Popen[bytes], sig: signal.Signals) -> int:
     proc.send_signal(sig)
     return await asyncio.to_thread(proc.wait, 30)
@@ -117,10 +126,7 @@ async def stopped(proc: subprocess.Popen[bytes], sig: signal.Signals) -> int:
 
 async def test_the_example_service_stopped_mid_stream_and_restarted_handles_each_result_once(
         roles: Roles, tmp_path: Path, topo: Topology, client: aioredis.Redis) -> None:
-    start_roles(roles, tmp_path)
-    service = Service(roles, tmp_path)
-    first = service.start()
-    await service.until(5, first)
+    service, first = await running_mid_stream(roles, tmp_path)
     assert await stopped(first, signal.SIGTERM) == 0, service.log.read_text()
     assert sum(service.handled().values()) < N  # stopped mid-stream
     # It had read more than it handled (a read takes up to 16): those wait, pending, for its restart.
@@ -135,10 +141,7 @@ async def test_the_example_service_stopped_mid_stream_and_restarted_handles_each
 
 async def test_the_example_service_killed_and_restarted_handles_each_result_at_least_once(
         roles: Roles, tmp_path: Path, topo: Topology, client: aioredis.Redis) -> None:
-    start_roles(roles, tmp_path)
-    service = Service(roles, tmp_path)
-    first = service.start()
-    await service.until(5, first)
+    service, first = await running_mid_stream(roles, tmp_path)
     assert await stopped(first, signal.SIGKILL) == -signal.SIGKILL
     second = service.start()
     await service.until(N, second)
