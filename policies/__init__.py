@@ -12,6 +12,7 @@ from policies.config import (
     PolicyConfig,
     PoolSpec,
     SLOClass,
+    TenantSpec,
     config_from_dict,
 )
 from policies.profiles import PROFILES, DeviceProfile, ModelProfile
@@ -29,6 +30,7 @@ __all__ = [
     "PoolState",
     "SLOClass",
     "Snapshot",
+    "TenantSpec",
     "classify",
     "config_from_dict",
     "route",

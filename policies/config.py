@@ -1,4 +1,4 @@
-"""Policy configuration: SLO classes, classification rules and pools.
+"""Policy configuration: SLO classes, classification rules, pools and tenants.
 
 Plain frozen data with working defaults. Parsing a TOML *string* is pure, so it lives
 here; reading the file is the caller's business (``broker.config``).
@@ -138,6 +138,23 @@ class RoutingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     margin and this it runs best-effort, so estimate noise does not refuse jobs that would meet it."""
 
 
+class TenantSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One tenant's share and limits (``[tenants.<name>]``), enforced at admission by
+    :class:`policies.tenants.TenantLedger`. Every limit left unset is unlimited."""
+
+    weight: float = 1.0
+    """Its share of a contended lane, by tokens served, against the other tenants' weights."""
+    jobs_per_s: float | None = None
+    """Jobs admitted per second, sustained."""
+    tokens_per_min: float | None = None
+    """Tokens admitted per minute, sustained: each job counts its prompt tokens plus ``max_tokens``."""
+    concurrent: int | None = None
+    """Jobs admitted and not yet finished, at once."""
+    burst_s: float = 2.0
+    """Depth of the rate limits' buckets, in seconds of rate: an idle tenant may send this
+    much at once (2 s: 40 jobs for ``jobs_per_s = 20``)."""
+
+
 class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Everything the policy worker decides with."""
 
@@ -148,6 +165,9 @@ class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     default_pool: str = "gpu"
     """Where jobs go when no preferred pool has room: the general-purpose pool."""
     routing: RoutingConfig = RoutingConfig()
+    tenants: dict[str, TenantSpec] = {}
+    """The deployment's tenants by name: each has its own key space, quotas and weight. None:
+    one default space, no quotas (a single-tenant deployment)."""
 
     @property
     def lanes(self) -> int:
@@ -220,7 +240,21 @@ def _check(cfg: PolicyConfig) -> PolicyConfig:
         if cap is not None and pool.concurrency > cap:
             raise ConfigError(f"{where}.concurrency {pool.concurrency} exceeds the {pool.profile!r} device cap {cap}")
         _check_backend(where, pool)
+    for name, tenant in cfg.tenants.items():
+        _check_tenant(f"tenants.{name}", name, tenant)
     return cfg
+
+
+def _check_tenant(where: str, name: str, tenant: TenantSpec) -> None:
+    if not _NAME.fullmatch(name) or name == "default":
+        raise ConfigError(f"{where}: {name!r} is not a tenant name: 1-32 characters of A-Z a-z 0-9 _ - "
+                          "(it names Redis keys), and not 'default'")
+    for key in ("weight", "jobs_per_s", "tokens_per_min", "burst_s"):
+        value = getattr(tenant, key)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{where}.{key} must be a positive number")
+    if tenant.concurrent is not None and tenant.concurrent < 1:
+        raise ConfigError(f"{where}.concurrent must be at least 1")
 
 
 def _env_name(name: str) -> bool:
@@ -293,7 +327,7 @@ def config_from_dict(data: dict[str, Any]) -> PolicyConfig:
     """
     # Entries of the name-keyed tables first, so an error names the class or pool
     # (msgspec itself reports dict values as `$.classes[...]`).
-    for section, kind in (("classes", SLOClass), ("pools", PoolSpec)):
+    for section, kind in (("classes", SLOClass), ("pools", PoolSpec), ("tenants", TenantSpec)):
         entries = data.get(section)
         if isinstance(entries, dict):
             for name, value in entries.items():
