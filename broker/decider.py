@@ -6,6 +6,11 @@ same, if the router allows it (``reusable``: it keeps no state per call). The po
 worker's own routing counts into the snapshot's backlog until the next refresh, so that one
 big batch does not pile onto a pool that looked empty at the last one; the router sees it in
 steps of 1/16 of the pool's capacity, each step a new snapshot and fresh decisions.
+
+After routing, :meth:`Decider.admit` applies the tenants' quotas and fair share
+(:class:`~policies.tenants.TenantLedger`), with the pool counted contended when the job would
+queue there in the current snapshot; the simulator admits through the same
+:func:`~policies.tenants.contended` and ledger.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import msgspec
 from policies import Decision, JobFeatures, PolicyConfig, PoolState, Snapshot, classify
 from policies.router import Router, StaticRouter
 from policies.slo import SloRouter, pool_capacity
+from policies.tenants import Admission, TenantLedger, contended, job_tokens
 
 MAX_REMEMBERED = 4096
 """Decisions kept per snapshot: many distinct jobs start the memory afresh."""
@@ -30,12 +36,14 @@ def make_router(config: PolicyConfig) -> Router:
 
 
 class Decider:
-    """Classifies and routes jobs for one policy worker; ``seed`` makes its choices reproducible."""
+    """Classifies, routes and admits jobs for one policy worker; ``seed`` makes its choices
+    reproducible, ``share`` is this worker's share of the tenants' limits (1/P of P workers)."""
 
-    def __init__(self, config: PolicyConfig, router: Router, seed: str, now: float) -> None:
+    def __init__(self, config: PolicyConfig, router: Router, seed: str, now: float, *, share: float = 1.0) -> None:
         self.config = config
         self.router = router
         self.rng = random.Random(seed)
+        self.ledger = TenantLedger(config.tenants, share=share)
         self._decisions: dict[JobFeatures, tuple[str, str, Decision]] = {}
         self._unseen: dict[str, list[int]] = {}
         """Jobs routed to each pool's lanes since the snapshot was taken, not yet counted in it."""
@@ -74,3 +82,13 @@ class Decider:
             for i, n in enumerate(unseen):
                 state = state.routed(i, n) if n else state
             self.use(msgspec.structs.replace(self.snapshot, pools={**self.snapshot.pools, pool: state}))
+
+    def admit(self, features: JobFeatures, job_id: str, pool: str, lane: int, now: float) -> Admission:
+        """Admit (and count) or refuse a job routed to ``pool``'s ``lane`` under its tenant's
+        quotas and fair share; a refusal carries its reason and ``retry_after_s``."""
+        return self.ledger.admit(features.tenant, job_id, job_tokens(features), now, lane=lane,
+                                 contended=contended(self.config, self.snapshot, pool, lane))
+
+    def finished(self, tenant: str, job_id: str) -> bool:
+        """Free an admitted job of ``tenant`` (its result exists); False: it was not outstanding."""
+        return self.ledger.finished(tenant, job_id)

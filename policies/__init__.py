@@ -1,4 +1,4 @@
-"""Pure decision code: SLO classification, device latency models and routing.
+"""Pure decision code: SLO classification, device latency models, routing and tenants' admission.
 
 Nothing in this package performs I/O, reads a clock or uses global randomness: time,
 randomness and a snapshot of the pools come in as arguments. That is what lets the same
@@ -17,9 +17,11 @@ from policies.config import (
 )
 from policies.profiles import PROFILES, DeviceProfile, ModelProfile
 from policies.route import Decision, JobFeatures, PoolState, Snapshot, route
+from policies.tenants import Admission, TenantLedger
 
 __all__ = [
     "PROFILES",
+    "Admission",
     "ClassRule",
     "Decision",
     "DeviceProfile",
@@ -30,6 +32,7 @@ __all__ = [
     "PoolState",
     "SLOClass",
     "Snapshot",
+    "TenantLedger",
     "TenantSpec",
     "classify",
     "config_from_dict",
