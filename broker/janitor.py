@@ -210,9 +210,11 @@ class Janitor:
 async def warn_if_evicting(client: aioredis.Redis) -> None:
     """Log a warning when Redis may evict keys (streams, i.e. queued jobs, included)."""
     try:
-        policy = (await client.config_get("maxmemory-policy")).get("maxmemory-policy")
+        # INFO, not CONFIG GET: a least-privilege user (broker/acl.py) may read INFO, while
+        # CONFIG GET would show it every setting, passwords (requirepass, masterauth) included.
+        policy = (await client.info("memory")).get("maxmemory_policy")
     except aioredis.ResponseError:
-        return  # CONFIG is often disabled on managed Redis: nothing to check
+        return  # INFO may be renamed or denied on managed Redis: nothing to check
     if policy not in (None, "noeviction", b"noeviction"):
         log.warning("Redis maxmemory-policy is %r: it may evict streams, i.e. queued jobs. "
                     "Set it to noeviction (CONFIG SET maxmemory-policy noeviction).", policy)
