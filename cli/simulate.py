@@ -21,6 +21,7 @@ from evaluation.goodput import Goodput, goodput
 from evaluation.metrics import ClassMetrics, summarize
 from evaluation.options import SimOptions
 from evaluation.scenarios import SCENARIOS, believing, routed_to_dead
+from evaluation.tenancy import TENANT_SCENARIOS, by_tenant
 from evaluation.workloads import WORKLOADS
 from policies.config import ConfigError, PolicyConfig, pool_counts
 from policies.router import Router
@@ -96,7 +97,8 @@ COLUMNS = ("class", "jobs", "met", "admitted", "shed/fail", "TTFT p50/p99", "$/M
                    "live: 1, the heartbeat).")
 @click.option("--scenario", metavar="NAME",
               help=f"Make the simulated hardware differ from the profiles the routers believe: "
-                   f"{', '.join(SCENARIOS)} (docs/architecture.md).")
+                   f"{', '.join(SCENARIOS)} (docs/architecture.md); or run the tenants' scenario "
+                   f"{', '.join(TENANT_SCENARIOS)} (its own jobs, tenants and fleet; bench/TENANTS.md).")
 @click.option("--goodput", "with_goodput", is_flag=True,
               help="Also search each policy's interactive goodput (several runs per policy).")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), envvar="IB_CONFIG",
@@ -110,17 +112,27 @@ def simulate_cmd(workload: str, policy: str, rate: float | None, duration: float
     Each policy routes the same generated jobs; the table shows per SLO class the share that
     met its target, latency percentiles from submission, the cost per million output tokens
     (the provisioned fleet over the run; --json adds busy_cost_per_mtok, the worker-time with
-    jobs in flight only) and the share served by accelerators.
+    jobs in flight only, and per-tenant metrics) and the share served by accelerators.
+    Tenants of the policy file ([tenants.NAME]) get their quotas and fair share, as live.
+
+    --scenario noisy-neighbour runs two tenants in one class, one flooding at 10x its quota,
+    in four variants (the other alone; quotas; fair share only; no tenants configured) and
+    shows each tenant's attainment and refusals; --workload and --rate do not apply to it.
     """
     from broker.config import load_config
 
-    if scenario is not None and scenario not in SCENARIOS:
-        raise UnknownScenario(f"unknown scenario {scenario!r}; known: {', '.join(SCENARIOS)}")
+    if scenario is not None and scenario not in SCENARIOS and scenario not in TENANT_SCENARIOS:
+        raise UnknownScenario(f"unknown scenario {scenario!r}; known: {', '.join([*SCENARIOS, *TENANT_SCENARIOS])}")
     try:
         cfg = load_config(config)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     names = policy_names(policy)
+    if scenario in TENANT_SCENARIOS:
+        _tenants(cfg, names, scenario, fleet, seed, duration, SimOptions(
+            priority_queues=priority, snapshot_interval_s=snapshot_interval,
+            observation_interval_s=observation_interval), as_json)
+        return
     sizes = parse_fleet(fleet, cfg)
     work = WORKLOADS[workload]
     if rate is not None:
@@ -138,7 +150,8 @@ def simulate_cmd(workload: str, policy: str, rate: float | None, duration: float
         result = simulator.simulate(cfg, make(name), work, sizes, seed, duration, options=options)
         entry: dict[str, Any] = {
             "policy": name, "workload": workload, "rate": work.rate, "duration": duration, "seed": seed,
-            "fleet": sizes, "scenario": scenario, "end": result.end, "classes": summarize(result, cfg)}
+            "fleet": sizes, "scenario": scenario, "end": result.end, "classes": summarize(result, cfg),
+            "tenants": by_tenant(result)}
         if options.failures:
             entry["routed_to_dead_pool"] = routed_to_dead(result, options)
         if with_goodput:
@@ -151,6 +164,23 @@ def simulate_cmd(workload: str, policy: str, rate: float | None, duration: float
         click.echo(json.dumps(msgspec.to_builtins(out), indent=2))
         return
     _print(out, work.description)
+
+
+def _tenants(cfg: PolicyConfig, names: list[str], name: str, fleet: str | None, seed: int, duration: float,
+             options: SimOptions, as_json: bool) -> None:
+    from cli.simulate_tenants import print_variants, run_variants
+
+    scenario = TENANT_SCENARIOS[name]
+    sizes = parse_fleet(fleet, cfg) if fleet else {p: dict(scenario.fleet).get(p, 0) for p in cfg.pools}
+
+    def make(router: str, variant: PolicyConfig) -> Router:
+        return believing(variant, options, sizes) if router == TRUE_PROFILE else ROUTERS[router](variant)
+
+    runs = run_variants(cfg, names, make, scenario, sizes, seed, duration, options)
+    if as_json:
+        click.echo(json.dumps(msgspec.to_builtins(runs), indent=2))
+    else:
+        print_variants(runs, scenario)
 
 
 def _print(runs: list[dict[str, Any]], description: str) -> None:

@@ -44,6 +44,8 @@ class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
     slo_met: bool = False
     attempts: int = 1
     """Runs started: more than one when a worker died under it and a peer ran it again."""
+    retry_after_s: float | None = None
+    """A rejected job: when sending it again may succeed (admission's or a tenant quota's hint)."""
 
     @property
     def rejected(self) -> bool:

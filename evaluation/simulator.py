@@ -8,6 +8,12 @@ what it produces :mod:`evaluation.records` (read by :mod:`evaluation.metrics` an
 :mod:`evaluation.goodput`). This module is the engine: the clock, arrivals, snapshots,
 observations and faults.
 
+**Tenants.** With ``[tenants.<name>]`` in the config, a routed job is then admitted as the
+policy worker admits it (``broker.decider.Decider.admit``): by a
+:class:`~policies.tenants.TenantLedger`, its pool contended when the job would queue in the
+snapshot the router saw (:func:`~policies.tenants.contended`); a refusal is a ``rejected``
+record with the ledger's reason and ``retry_after_s``, and every finished job frees its slot.
+
 The snapshot mirrors the policy worker's: ``backlog`` is queued plus running (the pool
 streams' lag plus pending), ``queued`` the waiting jobs by lane (each lane stream's lag),
 ``capacity`` is workers times slots. It is exact at every
@@ -53,6 +59,7 @@ from policies.classify import classify
 from policies.config import PolicyConfig
 from policies.route import JobFeatures, PoolState, Snapshot
 from policies.router import Observation, Router
+from policies.tenants import TenantLedger, contended, job_tokens
 
 
 class _Run:
@@ -89,6 +96,7 @@ class _Run:
         self.pending: list[Observation] = []
         self.observed_at = 0.0
         self.current: SimJob | None = None
+        self.ledger = TenantLedger(config.tenants) if config.tenants else None
         if isinstance(router, OracleRouter):
             router.truth = self.truth
 
@@ -143,11 +151,12 @@ class _Run:
         luck = (0.0, 1.0) if self.luck is None else (self.luck.gauss(0.0, 1.0), self.luck.random())
         run = SimJob(i, arrival.at, job, cls, self.config.lane(cls), luck)
         self.current = run
-        decision = self.router.decide(job, cls, self._snapshot(), self.rng)
+        snapshot = self._snapshot()
+        decision = self.router.decide(job, cls, snapshot, self.rng)
         self.current = None
         run.predicted = decision.predicted_ttft_ms
         if decision.shed:
-            self._close(run, "rejected", decision.reason)
+            self._close(run, "rejected", decision.reason, retry_after_s=decision.retry_after_s)
             return
         if decision.pool is None or decision.pool not in self.pools:
             self._close(run, "failed", decision.reason if decision.pool is None else f"no pool {decision.pool!r}")
@@ -158,6 +167,12 @@ class _Run:
             # Live, the worker's backend refuses it (a permanent error): a failed result.
             self._close(run, "failed", f"{pool.name} cannot run {job.kind} on {job.model}", pool=pool.name)
             return
+        if self.ledger is not None:  # after routing, as the policy worker admits
+            busy = contended(self.config, snapshot, pool.name, run.lane)
+            admission = self.ledger.admit(job.tenant, str(i), job_tokens(job), self.now, contended=busy, lane=run.lane)
+            if not admission.admitted:
+                self._close(run, "rejected", admission.reason, retry_after_s=admission.retry_after_s)
+                return
         self._count_routed(pool.name, run.lane)
         pool.push(run)
         pool.dispatch(self.now)
@@ -165,6 +180,8 @@ class _Run:
     def _finished(self, pool: SimPool) -> Finished:
         def done(job: SimJob, now: float, tokens: int) -> None:
             self._close(job, "ok", "", pool=pool.name, tokens=tokens, now=now)
+            if self.ledger is not None:
+                self.ledger.finished(job.job.tenant, str(job.i))
             first = now if job.first is None else job.first
             obs = Observation(
                 pool=pool.name, model=job.job.model, prompt_tokens=job.job.prompt_tokens, output_tokens=tokens,
@@ -177,7 +194,7 @@ class _Run:
         return done
 
     def _close(self, job: SimJob, status: Status, reason: str, *, pool: str | None = None, tokens: int = 0,
-               now: float | None = None) -> None:
+               now: float | None = None, retry_after_s: float | None = None) -> None:
         f, started = job.job, job.worker is not None
         rec = JobRecord(
             id=job.i, cls=job.cls, tenant=f.tenant, model=f.model, kind=f.kind, prompt_tokens=f.prompt_tokens,
@@ -185,7 +202,7 @@ class _Run:
             worker=job.worker.index if job.worker is not None else None, start=job.start if started else None,
             first_token=job.first, finish=now if status == "ok" else None, output_tokens=tokens,
             concurrency=job.concurrency, cost_usd=job.cost, predicted_ttft_ms=job.predicted,
-            attempts=max(1, job.attempts))
+            attempts=max(1, job.attempts), retry_after_s=retry_after_s)
         self.records[job.i] = msgspec.structs.replace(rec, slo_met=meets(self.config.classes[job.cls], rec))
 
     def run(self, arrivals: Sequence[Arrival], stop: float) -> float:

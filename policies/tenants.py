@@ -234,6 +234,18 @@ class TenantLedger:
         state = self._tenants.get(tenant)
         return [] if state is None else list(state.outstanding)
 
+    def oldest(self, tenant: str, per_lane: int) -> list[str]:
+        """Up to ``per_lane`` of the oldest ids of ``tenant`` still outstanding in each lane: the
+        ones most likely finished, for the live shell to check (lanes finish at their own pace)."""
+        state = self._tenants.get(tenant)
+        taken: dict[int, int] = {}
+        ids = []
+        for job_id, lane in state.outstanding.items() if state else ():
+            if taken.get(lane, 0) < per_lane:
+                taken[lane] = taken.get(lane, 0) + 1
+                ids.append(job_id)
+        return ids
+
     def tenants(self) -> list[str]:
         """The tenants the ledger holds state for now (bounded by the recently active)."""
         return list(self._tenants)
