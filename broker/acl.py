@@ -84,7 +84,7 @@ class Role(NamedTuple):
 class Deployment(msgspec.Struct, frozen=True):
     """What the rules are made from: the deployment's keys, pools and tenants.
 
-    ``lanes``: priority lanes of every pool (``PolicyConfig.lanes``). ``replies``: the
+    ``replies``: the
     default space's reply streams its producers and roles may use (a tenant may name any
     reply stream: it lives under ``~<tenant>:r:``). ``users``: prefix of the user names.
     """
@@ -92,7 +92,6 @@ class Deployment(msgspec.Struct, frozen=True):
     prefix: str = "ib"
     shards: int = 1
     pools: tuple[str, ...] = ()
-    lanes: int = 1
     tenants: tuple[str, ...] = ()
     replies: tuple[str, ...] = ("results", "batches")
     users: str = ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from cli.acl import acl_cmd
 from cli.cancel import cancel
 from cli.common import EPILOG, Commands
 from cli.dead import dead
@@ -30,5 +31,5 @@ def main() -> None:
 
 
 for command in (demo, up, policy, worker, health, config_cmd, submit, result, results, cancel, dead, top_cmd,
-                report_cmd, asyncapi_cmd, simulate, gateway):
+                report_cmd, asyncapi_cmd, simulate, gateway, acl_cmd):
     main.add_command(command)
