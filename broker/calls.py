@@ -5,7 +5,8 @@ returns a :class:`~broker.scripts.ScriptCall` to run with :class:`~broker.script
 :class:`~broker.script_batcher.ScriptBatcher`. The layouts are documented in the head comment
 of each script (``broker/lua/<name>.lua``); tests/test_lua.py holds the two together.
 Per-job keys (markers, done keys, reply streams) of the batch scripts are built in Lua from
-the deployment's key base ``<p>:{<p>}:``; they share its hash tag, so the scripts stay in one
+the shard's key base ``<p>:{<tag>}:`` and the job's space under it (``''`` or ``~<tenant>:``,
+:attr:`broker.topology.Topology.rel`); they share its hash tag, so the scripts stay in one
 slot on Redis Cluster.
 """
 
@@ -40,7 +41,7 @@ names when that is no stream (:func:`broker.scripts.unanswerable`)."""
 
 class RouteMove(NamedTuple):
     """One job for ROUTE: its ingress entry, the pool lane stream it goes to, its id, the routed
-    job and its reply stream name."""
+    job and its reply stream path (:meth:`~broker.topology.Topology.reply_path`)."""
 
     entry_id: bytes
     lane: str
@@ -49,11 +50,12 @@ class RouteMove(NamedTuple):
     reply: str
 
 
-def route(ingress: str, group: str, topo: Topology, ttl_ms: int, moves: Iterable[RouteMove]) -> ScriptCall[Codes]:
-    """Move ``moves`` from ``ingress`` (read by ``group``) to their lanes; markers kept ``ttl_ms``."""
-    keys = [ingress]
+def route(group: str, topo: Topology, ttl_ms: int, moves: Iterable[RouteMove]) -> ScriptCall[Codes]:
+    """Move ``moves`` from ``topo``'s ingress (read by ``group``) to their lanes; markers, in
+    ``topo``'s space, kept ``ttl_ms``."""
+    keys = [topo.jobs]
     lanes: dict[str, int] = {}  # each lane's index in KEYS, counted from 1 as Lua does
-    args: list[object] = [group, ttl_ms, topo.base + ":"]
+    args: list[object] = [group, ttl_ms, topo.base + ":", topo.rel]
     for entry_id, lane, job_id, routed, reply in moves:
         index = lanes.get(lane)
         if index is None:
@@ -64,9 +66,11 @@ def route(ingress: str, group: str, topo: Topology, ttl_ms: int, moves: Iterable
 
 
 class Completion(NamedTuple):
-    """One job's outcome for COMPLETE: its entry, id, reply stream name and encoded result."""
+    """One job's outcome for COMPLETE: its entry, key space (:attr:`~broker.topology.Topology.rel`),
+    id, reply stream path and encoded result."""
 
     entry_id: bytes
+    space: str
     job_id: str
     reply: str
     result: bytes
@@ -75,7 +79,7 @@ class Completion(NamedTuple):
 @dataclass(frozen=True)
 class CompleteTarget:
     """Where COMPLETE acks and publishes: ``stream`` read by ``group``, fenced on ``consumer``
-    (``''``: not fenced), results kept ``ttl_ms`` under ``topo``'s keys. ``mark``: the jobs end
+    (``''``: not fenced), results kept ``ttl_ms`` on ``topo``'s shard. ``mark``: the jobs end
     at the policy, which sets their routed markers too (see ROUTE)."""
 
     stream: str
@@ -110,11 +114,11 @@ def dead(stream: str, group: str, entry_id: bytes, consumer: str, letter: bytes,
     """Dead-letter entry ``entry_id`` of ``stream`` with ``letter``, fenced on ``consumer`` ('' = not)."""
     keys = [stream, topo.dead]
     args: list[object] = [group, entry_id, consumer, letter]
-    if failed is not None:
+    if failed is not None:  # in the job's space: ``topo``'s
         keys += [topo.done(failed.job_id), topo.reply(failed.reply), topo.replies]
         if failed.mark:
             keys.append(topo.routed(failed.job_id))
-        args += [failed.result, failed.ttl_ms, failed.reply]
+        args += [failed.result, failed.ttl_ms, topo.reply_path(failed.reply)]
     return ScriptCall(DEAD, keys, args)
 
 
@@ -151,9 +155,10 @@ def dropgroup(stream: str, group: str | bytes, idle_ms: int) -> ScriptCall[int]:
     return ScriptCall(DROPGROUP, [stream], [group, idle_ms])
 
 
-def reap(topo: Topology, reply: str, since_ms: int) -> ScriptCall[int]:
-    """Delete reply stream ``reply`` if empty, unread and unwritten since ``since_ms``, and forget it (1)."""
-    return ScriptCall(REAP, [topo.reply(reply), topo.replies], [reply, since_ms])
+def reap(topo: Topology, path: str, since_ms: int) -> ScriptCall[int]:
+    """Delete the reply stream at ``path`` (under ``topo``'s shard) if empty, unread and unwritten
+    since ``since_ms``, and forget it (1)."""
+    return ScriptCall(REAP, [topo.under(path), topo.replies], [path, since_ms])
 
 
 def submit(ingress: str, max_backlog: int, jobs: Iterable[bytes]) -> ScriptCall[list[Any]]:
@@ -170,4 +175,4 @@ def cancel(topo: Topology, job_id: str, reply: str, result: bytes, ttl_ms: int) 
     """End job ``job_id`` with ``result`` (its cancelled result, kept ``ttl_ms``) unless it has an
     outcome or a worker took it (1 when this call ended it)."""
     return ScriptCall(CANCEL, [topo.done(job_id), topo.routed(job_id), topo.reply(reply), topo.replies],
-                      [result, ttl_ms, reply, topo.base + ":", WORKER_GROUP])
+                      [result, ttl_ms, topo.reply_path(reply), topo.base + ":", WORKER_GROUP])

@@ -49,7 +49,9 @@ each time up to the second: a result its listener missed is still found."""
 
 
 class Client:
-    """An async client for one deployment (Redis URL, key prefix, shards).
+    """An async client for one deployment (Redis URL, key prefix, shards), in the space of
+    ``tenant`` (docs/security.md): it submits to that tenant's ingress and reads its results,
+    which the URL's credentials must allow. No tenant: the deployment's default space.
 
     ``replicas``: how many replicas must have each submitted job before a submit returns
     (``WAIT``, up to ``replicas_ms``); 0 returns at the primary's word (Settings.submit_replicas).
@@ -58,8 +60,9 @@ class Client:
 
     def __init__(self, redis_url: str, *, prefix: str = "ib", shards: int = 1, replicas: int = 0,
                  replicas_ms: int = 1000, block_ms: int = 1000, max_backlog: int = 100_000,
-                 max_job_bytes: int = 1 << 20, result_ttl_s: int = 3600) -> None:
-        self.topo = Topology(prefix, shards)  # raises ValueError for a bad prefix or shard count
+                 max_job_bytes: int = 1 << 20, result_ttl_s: int = 3600, tenant: str = "") -> None:
+        # Raises ValueError for a bad prefix, shard count or tenant name.
+        self.topo = Topology(prefix, shards).of_tenant(tenant)
         self.redis: aioredis.Redis = connect(redis_url, block_ms)
         self.replicas = replicas
         self.replicas_ms = replicas_ms
@@ -416,21 +419,23 @@ class _ReplyWaiter:
             await asyncio.wait({self.task}, timeout=STOP_TIMEOUT_S)
 
 
-def run_job(job: Job, *, redis_url: str, prefix: str = "ib", shards: int = 1, timeout: float = 60.0) -> Result:
+def run_job(job: Job, *, redis_url: str, prefix: str = "ib", shards: int = 1, timeout: float = 60.0,
+            tenant: str = "") -> Result:
     """Synchronous helper: submit ``job`` and wait for its result (runs its own event loop)."""
 
     async def go() -> Result:
-        async with Client(redis_url, prefix=prefix, shards=shards) as client:
+        async with Client(redis_url, prefix=prefix, shards=shards, tenant=tenant) as client:
             return await client.run(job, timeout=timeout)
 
     return asyncio.run(go())
 
 
-def submit_jobs(jobs: Iterable[Job], *, redis_url: str, prefix: str = "ib", shards: int = 1) -> list[str]:
+def submit_jobs(jobs: Iterable[Job], *, redis_url: str, prefix: str = "ib", shards: int = 1,
+                tenant: str = "") -> list[str]:
     """Synchronous helper: submit jobs (pipelined) without waiting; returns their ids."""
 
     async def go() -> list[str]:
-        async with Client(redis_url, prefix=prefix, shards=shards) as client:
+        async with Client(redis_url, prefix=prefix, shards=shards, tenant=tenant) as client:
             return await client.submit_many(jobs)
 
     return asyncio.run(go())

@@ -95,20 +95,22 @@ async def read_letters(client: aioredis.Redis, topo: Topology, *, reason: str | 
     return letters[:limit] if limit is not None else letters
 
 
-def replayable_job(letter: DeadLetter, topo: Topology) -> bytes:
-    """The job bytes to submit again; raises ``InvalidJob`` when there is no job to replay."""
+def replayable_job(letter: DeadLetter, topo: Topology) -> tuple[bytes, str]:
+    """The job bytes to submit again and the tenant whose ingress takes them (``""``: the default
+    space's); raises ``InvalidJob`` when there is no job to replay."""
     if letter.truncated:
         raise InvalidJob("decode_error", f"its payload was cut to {len(letter.payload)} bytes "
                                          f"(dead_payload_bytes; {letter.truncated} more were not kept)")
-    if letter.stream == topo.jobs:
+    path = letter.stream.removeprefix(f"{topo.base}:")
+    if path == "jobs" or path.startswith("~") and path.endswith(":jobs"):  # an ingress: `jobs` or `~<tenant>:jobs`
         # `__data__` unwraps a FastStream envelope and passes anything else through.
-        job = decode_job(entry_payload({b"__data__": letter.payload}))
-    else:
-        try:
-            job = decode_routed(letter.payload).job
-        except DECODE_ERRORS as exc:
-            raise InvalidJob("decode_error", f"not a routed job: {exc}") from None
-    return json_encode(job)
+        tenant = "" if path == "jobs" else path.removeprefix("~").removesuffix(":jobs")
+        return json_encode(decode_job(entry_payload({b"__data__": letter.payload}))), tenant
+    try:
+        routed = decode_routed(letter.payload)
+    except DECODE_ERRORS as exc:
+        raise InvalidJob("decode_error", f"not a routed job: {exc}") from None
+    return json_encode(routed.job), routed.space
 
 
 async def replay(client: aioredis.Redis, topo: Topology, entry_id: str, letter: DeadLetter) -> bool:
@@ -116,9 +118,9 @@ async def replay(client: aioredis.Redis, topo: Topology, entry_id: str, letter: 
 
     False if the letter was already gone (replayed or purged meanwhile).
     """
-    data = replayable_job(letter, topo)
+    data, tenant = replayable_job(letter, topo)
     job_id = decode_job(data).id
-    home = topo.of_job(job_id)
+    home = topo.of_job(job_id).of_tenant(tenant)
     if home.shard != topo.shard:
         # A job put on the wrong shard's ingress died there. REPLAY keeps to one shard, so the
         # letter moves to its job's shard first: copied, then deleted here; a crash in between
@@ -127,6 +129,6 @@ async def replay(client: aioredis.Redis, topo: Topology, entry_id: str, letter: 
         if not await client.xdel(topo.dead, entry_id):
             await client.xdel(home.dead, copy)
             return False
-        topo, entry_id = home, copy
-    done = await Scripts(client).call(calls.replay(topo, entry_id, job_id, data))
+        entry_id = copy
+    done = await Scripts(client).call(calls.replay(home, entry_id, job_id, data))
     return bool(done)

@@ -120,9 +120,9 @@ class Janitor:
         oldest_ms = now_ms - self.settings.results_retention_s * 1000
         seen: set[tuple[str, bytes]] = set()
         for topo in self.topo.every_shard:
-            for name in await self.client.smembers(topo.replies):  # type: ignore[misc]
-                await self.trim_stream(topo.reply(name.decode()), oldest_ms, now_ms, seen)
-                if await self.scripts.call(calls.reap(topo, name.decode(), oldest_ms)) == 1:
+            for path in await self.client.smembers(topo.replies):  # type: ignore[misc]
+                await self.trim_stream(topo.under(path.decode()), oldest_ms, now_ms, seen)
+                if await self.scripts.call(calls.reap(topo, path.decode(), oldest_ms)) == 1:
                     self.reaped += 1
         self._unread_since = {key: at for key, at in self._unread_since.items() if key in seen}
 

@@ -44,21 +44,21 @@ class PolicyWorker:
         self.metrics = PolicyMetrics()
         """Prometheus instruments (broker/metrics.py), cached per class and pool."""
         self.counts = Counts()
-        self.routers = [ShardRouter(client, self.scripts, settings, config, topo, name=self.name,
+        self.routers = [ShardRouter(client, self.scripts, settings, config, topo.of_tenant(tenant), name=self.name,
                                     decider=self.decider, metrics=self.metrics, counts=self.counts, clock=clock)
-                        for topo in self.topo.every_shard]
-        """One per shard, shard 0 first."""
+                        for topo in self.topo.every_shard for tenant in ("", *config.tenants)]
+        """One per shard and space (the default space's first), shard 0 first."""
+        shards = [r for r in self.routers if not r.topo.tenant]
         # Each pool's lane i over every shard: the fleet sums a lane's backlog over the shards.
-        lanes = {p: [[r.lanes[p][lane] for r in self.routers] for lane in range(config.lanes)] for p in config.pools}
+        lanes = {p: [[r.lanes[p][lane] for r in shards] for lane in range(config.lanes)] for p in config.pools}
         self.fleet = Fleet(client, self.topo, lanes, settings.live_s, lambda obs: self.decider.router.observe(obs))
-        streams = {stream: (group, beats) for r in self.routers for stream, group, beats in (
-            (r.topo.jobs, POLICY_GROUP, self.topo.policy_heartbeats),
-            *((s, WORKER_GROUP, self.topo.heartbeats(p)) for p, ss in r.lanes.items() for s in ss))}
+        streams = {r.topo.jobs: (POLICY_GROUP, self.topo.policy_heartbeats) for r in self.routers}
+        streams |= {s: (WORKER_GROUP, self.topo.heartbeats(p)) for r in shards for p, ss in r.lanes.items() for s in ss}
         self.janitor = Janitor(client, settings, streams)
         self._swept_at = self._beat_at = 0.0
 
     async def setup(self) -> None:
-        """Create every shard's ingress group and pool lane groups (at id 0) before reading."""
+        """Create every shard's ingress groups (each space's) and pool lane groups (at id 0) before reading."""
         for router in self.routers:
             await router.setup()
 
@@ -103,9 +103,11 @@ class PolicyWorker:
         Called just before each Prometheus scrape rather than on a timer: between scrapes
         nobody reads them.
         """
-        await export_streams(self.client, [
-            (r.topo, {r.topo.jobs: POLICY_GROUP, **{s: WORKER_GROUP for ss in r.lanes.values() for s in ss}})
-            for r in self.routers])
+        streams: dict[int, dict[str, str]] = {topo.shard: {} for topo in self.topo.every_shard}
+        for r in self.routers:
+            streams[r.topo.shard][r.topo.jobs] = POLICY_GROUP
+            streams[r.topo.shard] |= {s: WORKER_GROUP for ss in r.lanes.values() for s in ss}
+        await export_streams(self.client, [(self.topo.at(shard), of_shard) for shard, of_shard in streams.items()])
 
     async def _tick(self) -> None:
         """Every snapshot period: refresh the pools; less often, housekeeping and a heartbeat."""

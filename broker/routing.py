@@ -9,8 +9,11 @@ taken over by live ones (:mod:`broker.reclaim`); one that keeps killing policy w
 dead-lettered after ``max_deliveries``.
 
 Every key a :class:`ShardRouter` touches is its shard's (one hash tag): a job never leaves
-the shard it was submitted to. A policy worker runs one per shard
-(:class:`broker.policy_worker.PolicyWorker`), all deciding with the same view of the fleet.
+the shard it was submitted to. A router reads one space's ingress (the default space's, or a
+tenant's: docs/security.md), and the tenant of its jobs is the space's, never the payload's:
+a job that names another tenant is dead-lettered as ``forged_tenant``. A policy worker runs
+one per shard and space (:class:`broker.policy_worker.PolicyWorker`), all deciding with the
+same view of the fleet.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from broker.reclaim import Claimer
 from broker.scripts import ScriptCall, Scripts, not_a_stream, unanswerable
 from broker.settings import Settings
 from broker.streams import Backoff, Entry, ensure_group, is_group_lost, pipeline
-from broker.topology import POLICY_GROUP, WORKER_GROUP, Topology, shard_of
+from broker.topology import DEFAULT_TENANT, POLICY_GROUP, WORKER_GROUP, Topology, shard_of
 from broker.wire import (
     DeadLetter,
     InvalidJob,
@@ -66,7 +69,7 @@ class Counts(msgspec.Struct):
 
 
 class ShardRouter:
-    """Routes the jobs of shard ``topo`` for policy worker ``name``."""
+    """Routes the jobs of shard ``topo``'s ingress (of ``topo``'s space) for policy worker ``name``."""
 
     def __init__(self, client: aioredis.Redis, scripts: Scripts, settings: Settings, config: PolicyConfig,
                  topo: Topology, *, name: str, decider: Decider, metrics: PolicyMetrics, counts: Counts,
@@ -84,7 +87,8 @@ class ShardRouter:
         # No policy worker records errors, so every entry delivered twice is a suspect:
         # claimed one at a time and routed alone (see broker.reclaim).
         self.claimer = Claimer(scripts, topo.jobs, POLICY_GROUP, name, idle_ms=settings.claim_idle_ms,
-                               interval_s=settings.claim_interval_s, error_prefix=f"{topo.base}:err:policy:")
+                               interval_s=settings.claim_interval_s,
+                               error_prefix=f"{topo.base}:err:policy:{topo.rel}")  # entry ids are per stream
         self.lanes = {p: [topo.pool(p, lane) for lane in range(config.lanes)] for p in config.pools}
         """Each pool's streams on this shard, one per priority lane, most urgent first."""
         self.lane = {slo: config.lane(slo) for slo in config.classes}
@@ -214,8 +218,8 @@ class ShardRouter:
             counters += self._finished_in
             moving += [(item.entry_id, item.reply) for item in self._finished]
         if self._routes:
-            self.scripts.queue(pipe, calls.route(self.topo.jobs, POLICY_GROUP, self.topo,
-                                                 self.settings.result_ttl_s * 1000, self._routes))
+            self.scripts.queue(pipe, calls.route(POLICY_GROUP, self.topo, self.settings.result_ttl_s * 1000,
+                                                 self._routes))
             counters += self._routed_to
             moving += [(move.entry_id, move.reply) for move in self._routes]
         if read_next:
@@ -243,7 +247,7 @@ class ShardRouter:
         self._outcomes = []
         for entry_id, reply, kind in refused:
             self._dead(pipe, entry_id, fields[entry_id],
-                       InvalidJob("invalid_job", not_a_stream(self.topo.reply(reply), kind)), now)
+                       InvalidJob("invalid_job", not_a_stream(self.topo.under(reply), kind)), now)
         _count(self._outcomes, await self.scripts.execute(pipe))
 
     def _queue(self, pipe: aioredis.client.Pipeline, call: ScriptCall[object], counter: Counter | None) -> None:
@@ -256,7 +260,7 @@ class ShardRouter:
         limit = self.settings.max_job_bytes
         if len(payload) > limit:
             raise InvalidJob("too_large", f"job is {len(payload)} bytes; the limit is {limit}")
-        job = decode_job(payload)
+        job = self._owned(decode_job(payload))
         if (home := shard_of(job.id, self.topo.shards)) != self.topo.shard:
             raise InvalidJob("wrong_shard", f"job {job.id} belongs on shard {home} (CLUSTER KEYSLOT of its id mod "
                              f"{self.topo.shards}), not {self.topo.shard}: XADD it to {self.topo.at(home).jobs}")
@@ -274,21 +278,47 @@ class ShardRouter:
             return
         if decision.pool is None:
             raise InvalidJob("unknown_model", decision.reason)
+        admission = self.decider.admit(features, job.id, decision.pool, self.lane[slo], now)
+        if not admission.admitted:  # the tenant's quota or fair share (policies.tenants)
+            self._finish(entry_id, job, "rejected", admission.reason, self.metrics.shed(slo),
+                         slo=slo, retry_after_s=admission.retry_after_s)
+            return
         target = self.config.classes[slo]
-        routed = RoutedJob(job=job, created_at=created, route=Route(
+        routed = RoutedJob(job=job, created_at=created, space=self.topo.tenant, route=Route(
             pool=decision.pool, slo=slo, reason=reason, routed_at=now,
             ttft_target_ms=target.ttft_ms, tpot_target_ms=target.tpot_ms, e2e_target_ms=target.e2e_ms,
             predicted_ttft_ms=decision.predicted_ttft_ms, policy=self.name))
         self._routes.append(RouteMove(entry_id, self.lanes[decision.pool][self.lane[slo]], job.id,
-                                      json_encode(routed), job.reply_to))
+                                      json_encode(routed), self.topo.reply_path(job.reply_to)))
         self._routed_to.append(self.metrics.routed(slo, decision.pool))
         self.counts.routed += 1
         self.decider.routed(decision.pool, self.lane[slo])
 
+    def _owned(self, job: Job) -> Job:
+        """``job`` as its tenant's: the one whose ingress it came on, whatever its ``tenant`` says.
+
+        On a tenant's ingress only that tenant's credentials can write (docs/security.md), so a
+        job naming another tenant is forged, and is refused rather than corrected: its producer
+        learns of it. On the default ingress, ``tenant`` stays a label unless it names a tenant
+        with a space of its own.
+        """
+        owner = self.topo.tenant
+        if owner:
+            if job.tenant not in (DEFAULT_TENANT, owner):
+                raise InvalidJob("forged_tenant", f"the job names tenant {printable(job.tenant)!r} but came on tenant "
+                                                  f"{owner!r}'s ingress: leave `tenant` out, it comes from credentials")
+            return job if job.tenant == owner else msgspec.structs.replace(job, tenant=owner)
+        if job.tenant in self.config.tenants:
+            own = self.topo.of_tenant(job.tenant).jobs
+            raise InvalidJob("forged_tenant", f"the job names tenant {job.tenant!r} on the default ingress: "
+                                              f"submit with {job.tenant}'s credentials to {own}")
+        return job
+
     def _finish(self, entry_id: bytes, job: Job, status: Status, error: str, counter: Counter, *,
                 slo: str | None = None, retry_after_s: float | None = None) -> None:
         result = Result.for_job(job, status, slo=slo, error=error, retry_after_s=retry_after_s)
-        self._finished.append(Completion(entry_id, job.id, job.reply_to, json_encode(result)))
+        self._finished.append(Completion(entry_id, self.topo.rel, job.id, self.topo.reply_path(job.reply_to),
+                                         json_encode(result)))
         self._finished_in.append(counter)
 
     def _dead(self, pipe: aioredis.client.Pipeline, entry_id: bytes, fields: dict[bytes, bytes],
@@ -304,6 +334,8 @@ class ShardRouter:
                 job = salvage(entry_payload(fields))  # unwraps a FastStream envelope
             except InvalidJob:
                 job = None
+            if job is not None and self.topo.tenant:
+                job.tenant = self.topo.tenant  # its result, in the sender's space, names the sender
         letter = DeadLetter(reason=exc.reason, error=str(exc), stream=self.topo.jobs,
                             entry_id=entry_id.decode(), payload=raw, job_id=job.id if job else None,
                             consumer=self.name, failed_at=now)

@@ -11,6 +11,13 @@ A job lives on one shard from submission to result: :func:`shard_of` its id, the
 Cluster slot of the id (CRC16 mod 16384, ``CLUSTER KEYSLOT``) mod S. So every producer,
 in any language, finds the same shard, and dedup by id holds across shards. Deployment-wide
 state that no job touches (the roles' heartbeats) lives on shard 0.
+
+A job also lives in one *space*: the deployment's default space, or its tenant's
+(``Topology.tenant``, docs/security.md). A tenant's keys sit under ``<base>:~<tenant>:`` on
+each shard: its ingress, done keys, token streams, routed markers and reply streams (under
+``r:``). ``~`` is in no job id, stream name or tenant name, so no key of one space is a key of
+another, and a Redis ACL key pattern ``<base>:~<tenant>:*`` holds exactly one tenant's keys.
+Pool lanes, dead letters and the roles' state stay the shard's, outside every space.
 """
 
 from __future__ import annotations
@@ -26,6 +33,10 @@ WORKER_GROUP = "workers"
 """Consumer group of a pool's workers on its pool stream."""
 RESERVED = frozenset({"jobs", "dead", "pool", "done", "routed", "hb", "err", "replies", "epoch", "tokens"})
 _PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+TENANT_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
+"""A tenant with a key space of its own: no ``.`` (ACL patterns stay plain), never ``default``."""
+DEFAULT_TENANT = "default"
+"""The tenant of the default space (``Topology.tenant == ""``), as results name it."""
 
 
 MAX_SHARDS = 1024
@@ -41,12 +52,21 @@ def shard_of(job_id: str, shards: int) -> int:
     return key_slot(job_id.encode()) % shards if shards > 1 else 0
 
 
+def check_tenant(name: str) -> str:
+    """``name`` if it can name a tenant's space, else ``ValueError`` saying what can."""
+    if not TENANT_NAME.fullmatch(name) or name == DEFAULT_TENANT:
+        raise ValueError(f"tenant {name!r} must be 1-32 characters of A-Z a-z 0-9 _ - (and not {DEFAULT_TENANT!r})")
+    return name
+
+
 class Topology(msgspec.Struct, frozen=True):
-    """Key names for one shard (``shard``) of a deployment of ``shards`` shards."""
+    """Key names for one shard (``shard``) of a deployment of ``shards`` shards, in the space of
+    ``tenant`` (``""``: the default space)."""
 
     prefix: str = "ib"
     shards: int = 1
     shard: int = 0
+    tenant: str = ""
 
     def __post_init__(self) -> None:
         if not _PREFIX.fullmatch(self.prefix):
@@ -55,6 +75,8 @@ class Topology(msgspec.Struct, frozen=True):
             raise ValueError(f"shards {self.shards} must be 1-{MAX_SHARDS}")
         if not 0 <= self.shard < self.shards:
             raise ValueError(f"shard {self.shard} must be 0-{self.shards - 1}")
+        if self.tenant:
+            check_tenant(self.tenant)
 
     @property
     def tag(self) -> str:
@@ -65,9 +87,29 @@ class Topology(msgspec.Struct, frozen=True):
     def base(self) -> str:
         return f"{self.prefix}:{{{self.tag}}}"
 
+    @property
+    def space(self) -> str:
+        """Base of this space's keys: the shard's base, or its tenant's under it."""
+        return f"{self.base}:{self.rel}".removesuffix(":")
+
+    @property
+    def rel(self) -> str:
+        """This space's keys' path under the shard's base: ``""`` or ``~<tenant>:``."""
+        return f"~{self.tenant}:" if self.tenant else ""
+
     def at(self, shard: int) -> Topology:
-        """The keys of shard ``shard`` of this deployment."""
-        return self if shard == self.shard else Topology(self.prefix, self.shards, shard)
+        """The keys of shard ``shard`` of this deployment (in this space)."""
+        return self if shard == self.shard else Topology(self.prefix, self.shards, shard, self.tenant)
+
+    def of_tenant(self, tenant: str) -> Topology:
+        """This shard's keys in ``tenant``'s space (``""`` or ``default``: the default space)."""
+        tenant = "" if tenant == DEFAULT_TENANT else tenant
+        return self if tenant == self.tenant else Topology(self.prefix, self.shards, self.shard, tenant)
+
+    @property
+    def owner(self) -> str:
+        """The tenant results of this space name: the space's, or ``default``."""
+        return self.tenant or DEFAULT_TENANT
 
     @property
     def every_shard(self) -> list[Topology]:
@@ -85,8 +127,8 @@ class Topology(msgspec.Struct, frozen=True):
 
     @property
     def jobs(self) -> str:
-        """Ingress stream: producers XADD jobs here."""
-        return f"{self.base}:jobs"
+        """Ingress stream of this space: its producers XADD jobs here."""
+        return f"{self.space}:jobs"
 
     @property
     def dead(self) -> str:
@@ -103,22 +145,31 @@ class Topology(msgspec.Struct, frozen=True):
         return f"{self.base}:pool:{name}" + (f":{lane}" if lane else "")
 
     def reply(self, name: str) -> str:
-        """A result stream, by the name a job gives in ``reply_to`` (default ``results``)."""
-        if name in RESERVED:
+        """A result stream of this space, by the name a job gives in ``reply_to`` (default ``results``)."""
+        return self.under(self.reply_path(name))
+
+    def reply_path(self, name: str) -> str:
+        """Where :meth:`reply` is under the shard's base: ``name``, or ``~<tenant>:r:<name>``
+        (the path the ``replies`` set records and the scripts take)."""
+        if name in RESERVED:  # in every space, so that a job's reply_to means the same anywhere
             raise ValueError(f"reply stream name {name!r} is reserved")
-        return f"{self.base}:{name}"
+        return f"{self.rel}r:{name}" if self.tenant else name
+
+    def under(self, path: str) -> str:
+        """The key at ``path`` under the shard's base (a path from :meth:`reply_path`)."""
+        return f"{self.base}:{path}"
 
     def routed(self, job_id: str) -> str:
         """Marker that a job was routed (makes routing idempotent)."""
-        return f"{self.base}:routed:{job_id}"
+        return f"{self.space}:routed:{job_id}"
 
     def done(self, job_id: str) -> str:
         """A job's result, kept for ``result_ttl``: one outcome per job, and a fast lookup."""
-        return f"{self.base}:done:{job_id}"
+        return f"{self.space}:done:{job_id}"
 
     def tokens(self, job_id: str) -> str:
         """A streamed job's output as it is generated (``Job.stream``); bounded, expires."""
-        return f"{self.base}:tokens:{job_id}"
+        return f"{self.space}:tokens:{job_id}"
 
     def errors(self, pool: str, lane: int = 0) -> str:
         """Key prefix for the last error of each retried entry of a pool's lane (+ entry id)."""
@@ -126,7 +177,8 @@ class Topology(msgspec.Struct, frozen=True):
 
     @property
     def replies(self) -> str:
-        """Set of the reply stream names results were written to (for retention)."""
+        """Set of the reply stream paths (:meth:`reply_path`) results were written to, every
+        space's (for retention)."""
         return f"{self.base}:replies"
 
     @property

@@ -148,6 +148,9 @@ class RoutedJob(msgspec.Struct, frozen=True, kw_only=True):
     created_at: float
     """The job's submission time (from the job, else its ingress entry id)."""
     v: int = VERSION
+    space: str = ""
+    """The tenant whose key space holds the job's outcome (``""``: the default space): set by
+    the policy worker from the ingress the job came on, never from the job (docs/security.md)."""
 
 
 class Timing(msgspec.Struct, frozen=True, kw_only=True):
@@ -242,7 +245,7 @@ class Result(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 DeadReason = Literal[
     "decode_error", "invalid_job", "too_large", "unknown_model", "backend_error", "max_deliveries", "trimmed",
-    "internal_error", "wrong_shard",
+    "internal_error", "wrong_shard", "forged_tenant",
 ]
 
 

@@ -84,7 +84,9 @@ STREAMS: dict[str, Stream] = {
         "jobs", "Ingress",
         "Producers `XADD` one entry per job with one field, `job`: the Job as UTF-8 JSON or a msgpack map "
         "(at most 1 MiB). An entry with field `__data__` (FastStream's binary envelope, or raw job bytes) is "
-        "accepted too. Entries are deleted as they are acked, so `XLEN` is the backlog.",
+        "accepted too. Entries are deleted as they are acked, so `XLEN` is the backlog. Each tenant has an "
+        "ingress of its own, `{prefix}:{tag}:~{tenant}:jobs`, that only its credentials may write "
+        "(docs/security.md): the tenant of its jobs is that one, whatever the payload says.",
         ("job", "jobMsgpack"), {}, ((POLICY_GROUP, "policy workers"),),
         (("producer", "send", "Submit a job (`XADD`); the result arrives on the reply stream."),
          ("gateway", "send", "Submit the job of each OpenAI request, and of each Batch API line (class `batch`, "
@@ -101,7 +103,8 @@ STREAMS: dict[str, Stream] = {
         "results", "Result stream",
         "One `Result` per job (deduplicated by job id), field `result`, on the stream its job's `reply_to` "
         "names. Read it with `XREAD` or through a consumer group of your own; entries are trimmed once every "
-        "group has read them and they are older than `results_retention_s`.",
+        "group has read them and they are older than `results_retention_s`. A tenant's jobs reply in its "
+        "own space: `{prefix}:{tag}:~{tenant}:r:{replyTo}`.",
         ("result",), {"name": "replyTo"}, (),
         (("worker", "send", "Publish results (a fenced COMPLETE script per batch: done key, `XADD`, ack, per job)."),
          ("policy", "send", "Publish `failed`, `expired` and `rejected` results of jobs it did not route."),
@@ -121,7 +124,7 @@ STREAMS: dict[str, Stream] = {
         "A job's output as it is generated, for jobs submitted with `stream: true` (chat and completion), "
         "field `token`. Each attempt ends with an entry whose `end` is set; a retried job starts again with "
         "the next `attempt`. Capped at about 10,000 entries; expires `result_ttl_s` after its last write. The "
-        "result still arrives on the reply stream.",
+        "result still arrives on the reply stream. A tenant's: `{prefix}:{tag}:~{tenant}:tokens:{jobId}`.",
         ("tokenChunk",), {"job_id": "jobId"}, (),
         (("worker", "send", "Append output text as the backend generates it (batched, one `XADD` per batch)."),
          ("producer", "receive", "Follow it with `XREAD BLOCK` from `0` (`Client.tokens`, `submit --stream`)."),
@@ -130,7 +133,8 @@ STREAMS: dict[str, Stream] = {
 
 KEYS: dict[str, Key] = {
     "done": Key("done", "string", "The job's `Result` JSON, written with its result entry; kept for "
-                "`result_ttl_s`. One outcome per job (`SET NX`), and a lookup by id.", {"job_id": "jobId"},
+                "`result_ttl_s`. One outcome per job (`SET NX`), and a lookup by id. A tenant's: "
+                "`{prefix}:{tag}:~{tenant}:done:{jobId}`.", {"job_id": "jobId"},
                 "Result"),
     "routed": Key("routed", "string", "Set once a job was routed (makes routing idempotent): `<pool stream "
                   "under the key base> <entry id>` where its entry went, or `1` when it ended before routing "
@@ -262,8 +266,9 @@ def _named_variants(member: str, base: str, params: dict[str, str]) -> list[tupl
     return out
 
 
-NAVIGATION = frozenset({"base", "tag", "at", "every_shard", "of_job", "home"})
-"""Topology members that name a shard or a key's base, not a key."""
+NAVIGATION = frozenset({"base", "tag", "at", "every_shard", "of_job", "home", "of_tenant", "owner", "rel", "space",
+                        "under", "reply_path"})
+"""Topology members that name a shard, a space or a key's base, not a key."""
 
 
 def topology_members() -> list[str]:

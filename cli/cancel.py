@@ -20,7 +20,7 @@ from broker.client import Client
 from broker.streams import is_group_lost
 from broker.topology import WORKER_GROUP, Topology
 from broker.wire import DECODE_ERRORS, InvalidJob, Job, JobId, decode_job, decode_result, decode_routed
-from cli.common import EPILOG, common, need_url, settings_from
+from cli.common import EPILOG, common, need_url, settings_from, tenant_option
 
 PAGE = 1000
 """Ingress entries read per round trip while looking for a job."""
@@ -86,7 +86,8 @@ async def _why_not(client: Client, job_id: str) -> tuple[Job | None, str]:
 @click.argument("job_ids", metavar="JOB_ID...", nargs=-1, required=True)
 @click.option("--reason", default="cancelled by an operator", show_default=True,
               help="Why: the `error` of each cancelled job's result.")
-def cancel(job_ids: tuple[str, ...], reason: str, **opts: Any) -> None:
+@tenant_option
+def cancel(job_ids: tuple[str, ...], reason: str, tenant: str, **opts: Any) -> None:
     """Cancel jobs that have not started: each ends with a `cancelled` result.
 
     A job has started once a pool worker has taken it; such a job is not cancelled and
@@ -103,7 +104,7 @@ def cancel(job_ids: tuple[str, ...], reason: str, **opts: Any) -> None:
 
     async def go() -> list[tuple[str, str]]:
         async with Client(settings.redis_url or "", prefix=settings.prefix, shards=settings.shards,
-                          result_ttl_s=settings.result_ttl_s) as client:
+                          result_ttl_s=settings.result_ttl_s, tenant=tenant) as client:
             outcomes = []
             for job_id in job_ids:
                 job, why = await _why_not(client, job_id)

@@ -21,7 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from broker.connection import redacted, unreachable
 from broker.errors import BrokerError
 from broker.settings import Settings
-from broker.topology import MAX_SHARDS
+from broker.topology import MAX_SHARDS, check_tenant
 from cli.stack import Gateway, read_state
 from policies.config import ConfigError, pool_counts
 
@@ -259,6 +259,21 @@ class Commands(click.Group):
             message, code = found, 1
         click.secho(f"error: {logs.scrub(message)}", fg="red", err=True)
         ctx.exit(code)
+
+
+def _tenant(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
+    try:
+        return check_tenant(value) if value else ""
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def tenant_option(f: F) -> F:
+    """``--tenant``: act in a tenant's key space (docs/security.md), passed as ``tenant``."""
+    return click.option(
+        "--tenant", envvar="IB_TENANT", metavar="NAME", callback=_tenant,
+        help="Act as tenant NAME: its own ingress and results. REDIS_URL must carry its credentials "
+             "(`inference-broker acl`). Default: the deployment's default space.")(f)
 
 
 def workers_option(f: F) -> F:

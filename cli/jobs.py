@@ -13,7 +13,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from broker.wire import ChatMessage, Job, Result, decode_result, new_id
-from cli.common import EPILOG, common, need_url, settings_from
+from cli.common import EPILOG, common, need_url, settings_from, tenant_option
 
 
 def _print_result(result: Result, as_json: bool) -> None:
@@ -52,7 +52,7 @@ def _print_result(result: Result, as_json: bool) -> None:
               help="Most tokens to generate; 1,024 or more makes a job batch under the default rules.")
 @click.option("--slo", help="SLO class, instead of the one the rules would choose (interactive, standard or "
                             "batch by default).")
-@click.option("--tenant", default="cli", show_default=True, help="Tenant the job is accounted to.")
+@tenant_option
 @click.option("--job", "job_file", type=click.File("rb"), help="A whole job as JSON (`-` for stdin).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
               help="Seconds to wait for the result.")
@@ -87,8 +87,7 @@ def submit(model: str, prompt: str | None, kind: str, max_tokens: int, slo: str 
     elif prompt is None:
         raise click.UsageError("give --prompt TEXT or --job FILE")
     else:
-        fields: dict[str, Any] = {"id": new_id(), "model": model, "kind": kind, "tenant": tenant,
-                                  "max_tokens": max_tokens, "slo": slo}
+        fields: dict[str, Any] = {"id": new_id(), "model": model, "kind": kind, "max_tokens": max_tokens, "slo": slo}
         if kind == "chat":
             fields["messages"] = [ChatMessage("user", prompt)]
         elif kind == "completion":
@@ -102,7 +101,8 @@ def submit(model: str, prompt: str | None, kind: str, max_tokens: int, slo: str 
     async def go() -> Result | None:
         async with Client(settings.redis_url or "", prefix=settings.prefix, shards=settings.shards,
                           replicas=settings.submit_replicas, replicas_ms=settings.submit_replicas_ms,
-                          max_backlog=settings.max_backlog, max_job_bytes=settings.max_job_bytes) as client:
+                          max_backlog=settings.max_backlog, max_job_bytes=settings.max_job_bytes,
+                          tenant=tenant) as client:
             await client.submit(job)
             if no_wait:
                 return None
@@ -132,7 +132,8 @@ def submit(model: str, prompt: str | None, kind: str, max_tokens: int, slo: str 
 @click.option("--reply-to", default="results", show_default=True,
               help="Result stream the job replies on (what --wait listens to).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def result(job_id: str, wait_s: float, reply_to: str, as_json: bool, **opts: Any) -> None:
+@tenant_option
+def result(job_id: str, wait_s: float, reply_to: str, as_json: bool, tenant: str, **opts: Any) -> None:
     """Print the result of one job, stored for an hour by default (IB_RESULT_TTL_S).
 
     With --wait, waits for a job still running, e.g. one sent with `submit --no-wait`.
@@ -147,7 +148,8 @@ def result(job_id: str, wait_s: float, reply_to: str, as_json: bool, **opts: Any
         raise click.BadParameter(str(exc), param_hint="--reply-to") from None
 
     async def fetch() -> Result | None:
-        async with Client(settings.redis_url or "", prefix=settings.prefix, shards=settings.shards) as client:
+        async with Client(settings.redis_url or "", prefix=settings.prefix, shards=settings.shards,
+                          tenant=tenant) as client:
             if wait_s > 0:
                 try:
                     return await client.result(job_id, timeout=wait_s, reply_to=reply_to)
@@ -176,8 +178,9 @@ def result(job_id: str, wait_s: float, reply_to: str, as_json: bool, **opts: Any
 @click.option("--export", "export", type=click.File("wb", lazy=False), metavar="FILE",
               help="Write the results to FILE as JSON lines (for `inference-broker report --input`) "
                    "instead of printing them.")
+@tenant_option
 def results(reply_to: str, follow: bool, group: str | None, consumer: str, limit: int | None,
-            as_json: bool, export: Any, **opts: Any) -> None:
+            as_json: bool, export: Any, tenant: str, **opts: Any) -> None:
     """Print results from a result stream; --follow tails it, --export saves them.
 
     With several shards (--shards), reads the stream of every shard: in time order, or
@@ -188,7 +191,7 @@ def results(reply_to: str, follow: bool, group: str | None, consumer: str, limit
 
     settings = need_url(settings_from(**opts))
     try:
-        streams = [topo.reply(reply_to) for topo in settings.topology.every_shard]
+        streams = [topo.reply(reply_to) for topo in settings.topology.of_tenant(tenant).every_shard]
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--reply-to") from None
 

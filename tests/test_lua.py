@@ -22,6 +22,8 @@ from tests.conftest import ROOT
 
 # Layout checks: each argument is its documented name, or a value that stands for it.
 TOPO = Topology("p")
+SPACE = TOPO.of_tenant("t")
+"""A tenant's space of TOPO's shard: its `rel` names the space argument."""
 NUMBERS = {"ttl_ms": 101, "idle_ms": 102, "delivery": 103, "count": 104, "suspects": 105, "since_ms": 106,
            "max_backlog": 107, "oldest": 108.5}
 NAMES: dict[object, str] = {
@@ -30,13 +32,14 @@ NAMES: dict[object, str] = {
     0: "mark", 1: "mark",
     TOPO.base + ":": "base", WORKER_GROUP: "group", TOPO.dead: "dead", TOPO.jobs: "ingress", TOPO.replies: "replies",
     TOPO.done("job_id"): "done", TOPO.routed("job_id"): "routed", TOPO.reply("reply"): "reply_stream",
+    SPACE.rel: "space", SPACE.jobs: "ingress",
 }
 N: Any = NUMBERS
 MOVE = RouteMove(b"entry_id", "lane", "job_id", b"routed", "reply")
-DONE = Completion(b"entry_id", "job_id", "reply", b"result")
+DONE = Completion(b"entry_id", SPACE.rel, "job_id", "reply", b"result")
 FAILED = FailedJob("job_id", "reply", b"result", N["ttl_ms"])
 SAMPLES: list[tuple[Callable[..., ScriptCall[object]], ScriptCall[object]]] = [
-    (calls.route, calls.route("ingress", "group", TOPO, N["ttl_ms"], [MOVE, MOVE])),
+    (calls.route, calls.route("group", SPACE, N["ttl_ms"], [MOVE, MOVE])),
     (calls.complete, calls.complete(CompleteTarget("stream", "group", "consumer", TOPO, N["ttl_ms"], True),
                                     [DONE, DONE])),
     (calls.dead, calls.dead("stream", "group", b"entry_id", "consumer", b"letter", TOPO)),
@@ -141,8 +144,8 @@ async def test_route_moves_each_job_to_its_lane_once(client: aioredis.Redis, pre
     topo, scripts = Topology(prefix), Scripts(client)
     a, b, again = await taken(client, topo.jobs, POLICY_GROUP, 3, "p1")
     moves = [RouteMove(a, topo.pool("gpu"), "a", b"A", "results"), RouteMove(b, topo.pool("accel"), "b", b"B", "r")]
-    assert await scripts.call(calls.route(topo.jobs, POLICY_GROUP, topo, 60_000, moves)) == [1, 1]
-    assert await scripts.call(calls.route(topo.jobs, POLICY_GROUP, topo, 60_000, [moves[0]._replace(
+    assert await scripts.call(calls.route(POLICY_GROUP, topo, 60_000, moves)) == [1, 1]
+    assert await scripts.call(calls.route(POLICY_GROUP, topo, 60_000, [moves[0]._replace(
         entry_id=again)])) == [0]  # job a again: only acked
     assert [f for _, f in await client.xrange(topo.pool("gpu"))] == [{b"routed": b"A"}]
     assert [f for _, f in await client.xrange(topo.pool("accel"))] == [{b"routed": b"B"}]
@@ -158,7 +161,7 @@ async def test_complete_publishes_results_and_marks_jobs_at_the_policy(client: a
     entry, theirs = await taken(client, topo.jobs, POLICY_GROUP, 2, "p1")
     await client.xclaim(topo.jobs, POLICY_GROUP, "p2", 0, [theirs])
     policy = CompleteTarget(topo.jobs, POLICY_GROUP, "p1", topo, 60_000, mark=True)
-    done = [Completion(entry, "j", "results", b"R"), Completion(theirs, "k", "results", b"K")]
+    done = [Completion(entry, "", "j", "results", b"R"), Completion(theirs, "", "k", "results", b"K")]
     assert await Scripts(client).call(calls.complete(policy, done)) == [1, -1]  # k is p2's
     assert [f for _, f in await client.xrange(topo.reply("results"))] == [{b"result": b"R"}]
     assert await client.get(topo.done("j")) == b"R" and await client.exists(topo.routed("j"))
@@ -280,12 +283,12 @@ async def test_cancel_ends_a_job_not_taken_by_a_worker_once(client: aioredis.Red
     assert await client.get(topo.routed("queued")) == b"1"
     (entry,) = await taken(client, topo.jobs, POLICY_GROUP, 1, "p1")
     move = RouteMove(entry, topo.pool("gpu"), "queued", b"Q", "results")
-    assert await scripts.call(calls.route(topo.jobs, POLICY_GROUP, topo, 60_000, [move])) == [0]
+    assert await scripts.call(calls.route(POLICY_GROUP, topo, 60_000, [move])) == [0]
     # Routed, on its lane: its entry is deleted before any worker sees it.
     waiting, running = await taken(client, topo.jobs, POLICY_GROUP, 2, "p1")
     moves = [RouteMove(waiting, topo.pool("gpu"), "waiting", b"W", "results"),
              RouteMove(running, topo.pool("gpu"), "running", b"R", "results")]
-    assert await scripts.call(calls.route(topo.jobs, POLICY_GROUP, topo, 60_000, moves)) == [1, 1]
+    assert await scripts.call(calls.route(POLICY_GROUP, topo, 60_000, moves)) == [1, 1]
     await ensure_group(client, topo.pool("gpu"), WORKER_GROUP)
     await client.xreadgroup(WORKER_GROUP, "w1", {topo.pool("gpu"): ">"}, count=1)  # a worker takes `waiting`'s
     assert await scripts.call(cancel("running")) == 1  # not taken yet: the first entry was `waiting`'s

@@ -56,8 +56,8 @@ async def test_complete_writes_nothing_for_a_job_whose_reply_to_is_not_a_stream(
     await client.set(topo.reply("taken"), NOT_A_STREAM)
     target = CompleteTarget(stream, WORKER_GROUP, "w1", topo, 60_000)
     batcher = ScriptBatcher(Scripts(client))
-    codes = await asyncio.gather(batcher.complete(target, Completion(bad, "bad", "taken", b'{"id":"bad"}')),
-                                 batcher.complete(target, Completion(good, "good", "results", b'{"id":"good"}')))
+    codes = await asyncio.gather(batcher.complete(target, Completion(bad, "", "bad", "taken", b'{"id":"bad"}')),
+                                 batcher.complete(target, Completion(good, "", "good", "results", b'{"id":"good"}')))
     assert codes == [b"string", 1]  # the other job of the batch is not held up
     assert await client.get(topo.done("bad")) is None  # nothing written for it...
     assert await client.get(topo.reply("taken")) == NOT_A_STREAM
@@ -92,7 +92,7 @@ async def test_scripts_write_nothing_when_a_key_of_their_own_has_another_type(
     await client.xreadgroup(POLICY_GROUP, "p1", {topo.jobs: ">"})
     await client.set(topo.pool("gpu"), NOT_A_STREAM)
     with pytest.raises(aioredis.ResponseError, match="WRONGTYPE") as refused:
-        await scripts.call(calls.route(topo.jobs, POLICY_GROUP, topo, 60_000,
+        await scripts.call(calls.route(POLICY_GROUP, topo, 60_000,
                                        [RouteMove(entry, topo.pool("gpu"), "j", b"routed", "results")]))
     assert not await client.exists(topo.routed("j"))
     assert await pending(client, topo.jobs, POLICY_GROUP) == [entry]

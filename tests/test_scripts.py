@@ -33,7 +33,7 @@ async def test_concurrent_calls_share_a_pipeline_and_get_their_own_results(
     def complete(entry_id: bytes, consumer: str) -> Awaitable[int]:
         job = entry_id.decode()
         target = CompleteTarget(stream, WORKER_GROUP, consumer, topo, 60_000)
-        return batcher.complete(target, Completion(entry_id, job, "results", b'{"id":"%s"}' % entry_id))
+        return batcher.complete(target, Completion(entry_id, "", job, "results", b'{"id":"%s"}' % entry_id))
 
     # Half by their owner, half by a consumer that does not own them (fenced: -1); the last
     # one twice in the same batch (a duplicate: 0, acked once).
@@ -65,7 +65,7 @@ async def test_complete_fences_each_entry_when_the_consumer_holds_many_more(
     batcher = ScriptBatcher(Scripts(client))
     target = CompleteTarget(stream, WORKER_GROUP, "w1", topo, 60_000)
     ending = [ids[19], ids[3], ids[25], ids[11]]  # not in id order; ids[25] is w2's
-    codes = await asyncio.gather(*(batcher.complete(target, Completion(e, e.decode(), "results", b"{}"))
+    codes = await asyncio.gather(*(batcher.complete(target, Completion(e, "", e.decode(), "results", b"{}"))
                                    for e in ending))
     assert codes == [1, 1, -1, 1]
     assert (await client.xpending(stream, WORKER_GROUP))["pending"] == 30 - 3
@@ -84,7 +84,7 @@ async def test_complete_deletes_what_it_handled_and_keeps_pending_and_undelivere
     w1 = CompleteTarget(stream, WORKER_GROUP, "w1", topo, 60_000)
 
     async def complete(target: CompleteTarget, *entries: bytes) -> None:
-        await asyncio.gather(*(batcher.complete(target, Completion(e, e.decode(), "results", b"{}"))
+        await asyncio.gather(*(batcher.complete(target, Completion(e, "", e.decode(), "results", b"{}"))
                                for e in entries))
 
     async def left() -> list[bytes]:

@@ -29,6 +29,7 @@ from broker.scripts import Scripts
 from broker.settings import Settings
 from broker.streams import STOP_TIMEOUT_S, Entry
 from broker.topology import WORKER_GROUP, Topology
+from broker.wire import RoutedJob
 from policies.config import reserved_slots
 
 Taken = tuple["Lane", Entry, int]
@@ -43,7 +44,8 @@ class Lane(msgspec.Struct):
     priority: int
     """The class priority it carries, 0 the most urgent."""
     topo: Topology
-    """Its shard's keys: every key of the lane's jobs (results, tokens, dead letters) comes from here."""
+    """Its shard's keys: every key of the lane's jobs (results, tokens, dead letters) comes from
+    here, in each job's space (:meth:`keys`)."""
     stream: str
     errors: str
     claimer: Claimer
@@ -54,6 +56,11 @@ class Lane(msgspec.Struct):
     The lane's claims wait until then (see ``PoolWorker._claim``)."""
     suspects_waiting: bool = False
     """Its last claim pass saw suspects it left for when a sandbox is free."""
+
+    def keys(self, routed: RoutedJob) -> Topology:
+        """The keys of ``routed``'s space on this lane's shard: its done key, tokens and reply
+        stream. ``ValueError`` for a space no tenant can have (no policy worker wrote it)."""
+        return self.topo.of_tenant(routed.space)
 
 
 def pool_lanes(scripts: Scripts, settings: Settings, pool: str, name: str, count: int, *,

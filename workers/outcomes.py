@@ -35,7 +35,7 @@ from broker.script_batcher import ScriptBatcher
 from broker.scripts import ScriptCall, Scripts
 from broker.settings import Settings
 from broker.streams import Backoff
-from broker.topology import RESERVED, WORKER_GROUP
+from broker.topology import WORKER_GROUP
 from broker.wire import (
     DECODE_ERRORS,
     DeadLetter,
@@ -111,7 +111,8 @@ class Outcomes:
         Redis is unreachable the script (idempotent) is sent again, later, and only the
         final answer is passed on.
         """
-        item = Completion(entry_id, result.id, routed.job.reply_to, json_encode(result))
+        keys = lane.keys(routed)  # checked by admitted()
+        item = Completion(entry_id, keys.rel, result.id, keys.reply_path(routed.job.reply_to), json_encode(result))
         self._complete(lane, item, routed.job, answered, Backoff())
 
     def _complete(self, lane: Lane, item: Completion, job: Job, answered: Callable[[object], None],
@@ -170,9 +171,10 @@ class Outcomes:
         except DECODE_ERRORS as exc:
             await self.dead_letter(lane, entry_id, raw, "decode_error", f"not a routed job: {exc}", None)
             return None
-        if routed.job.reply_to in RESERVED:  # not from our policy worker: there is nowhere to answer
-            await self.dead_letter(lane, entry_id, raw, "invalid_job",
-                                   f"reply_to {routed.job.reply_to!r} is reserved", None)
+        try:
+            lane.keys(routed).reply_path(routed.job.reply_to)
+        except ValueError as exc:  # not from our policy worker: there is nowhere to answer
+            await self.dead_letter(lane, entry_id, raw, "invalid_job", str(exc), None)
             return None
         if deliveries <= self.settings.max_deliveries:
             return routed
@@ -220,8 +222,9 @@ class Outcomes:
             result = self.result(routed, "failed", error=f"{reason}: {error}")
             failed = FailedJob(job.id, job.reply_to, json_encode(result), self.settings.result_ttl_s * 1000)
         consumer = self.name if fenced else ""
+        keys = lane.keys(routed) if routed is not None else lane.topo
         if await self._script(calls.dead(lane.stream, WORKER_GROUP, entry_id, consumer, json_encode(letter),
-                                         lane.topo, failed)) == 1:
+                                         keys, failed)) == 1:
             self.dead += 1
             self.metrics.dead(routed.route.slo if routed else None, reason).inc()
             log.warning("dead letter %s (%s): %s", entry_id.decode(), reason, error,

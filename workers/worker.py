@@ -326,7 +326,8 @@ class PoolWorker:
             return
         tokens = None
         if job.stream and job.kind != "embedding":
-            tokens = TokenStream(self.client, lane.topo.tokens(job.id), deliveries, self.settings.result_ttl_s * 1000)
+            tokens = TokenStream(self.client, lane.keys(routed).tokens(job.id), deliveries,
+                                 self.settings.result_ttl_s * 1000)
         try:
             while self.busy >= self.concurrency:
                 self._wake.clear()
@@ -392,9 +393,9 @@ class PoolWorker:
             # COMPLETE wrote nothing and left the entry ours: the job's outcome is a dead letter,
             # written in the job's slot.
             raw = json_encode(routed)
+            stream = lane.keys(routed).reply(routed.job.reply_to)
             self._track(lane, (entry_id, {b"routed": raw}), deliveries, self.outcomes.dead_letter(
-                lane, entry_id, raw, "invalid_job", not_a_stream(lane.topo.reply(routed.job.reply_to), kind), routed,
-                deliveries=deliveries))
+                lane, entry_id, raw, "invalid_job", not_a_stream(stream, kind), routed, deliveries=deliveries))
             return
         task = self.running.get(key)
         if task is None or task.done():

@@ -1,8 +1,9 @@
 -- ROUTE: moves a read's worth of ingress entries to their pool lanes, each job once.
 -- KEYS: ingress, lane...
--- ARGV: group, ttl_ms, base, {entry_id, lane, job_id, routed, reply}...
---   base: the deployment's key base `<p>:{<p>}:`; lane: the index in KEYS of the entry's lane;
---   routed: the routed job; reply: the job's reply stream name (under base).
+-- ARGV: group, ttl_ms, base, space, {entry_id, lane, job_id, routed, reply}...
+--   base: the shard's key base `<p>:{<tag>}:`; space: the ingress' key space under it ('' or
+--   `~<tenant>:`), where the jobs' markers go; lane: the index in KEYS of the entry's lane;
+--   routed: the routed job; reply: the job's reply stream path (under base).
 -- Returns a code per entry: 1 moved, 0 duplicate (only acked), or the type of the key its reply
 -- stream names when that is no stream.
 -- requires: types, done_all
@@ -17,18 +18,18 @@
 -- id>`: CANCEL deletes the entry from there while no worker has taken it. The entry is added
 -- first, to know its id, and deleted again when the marker was set already: a duplicate is
 -- rare, and this keeps a routed job at two commands.
-local group, ttl, base = ARGV[1], ARGV[2], ARGV[3]
+local group, ttl, base, space = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local codes, ids, names = {}, {}, {}
 need(KEYS[1], 'stream')
-for i = 4, #ARGV, 5 do
+for i = 5, #ARGV, 5 do
   local pool = ARGV[i + 1]
   if not names[pool] then
     names[pool] = string.sub(KEYS[tonumber(pool)], #base + 1) .. ' '
     need(KEYS[tonumber(pool)], 'stream')
   end
 end
-for i = 4, #ARGV, 5 do
-  local marker = base .. 'routed:' .. ARGV[i + 2]
+for i = 5, #ARGV, 5 do
+  local marker = base .. space .. 'routed:' .. ARGV[i + 2]
   local code = unanswerable(base .. ARGV[i + 4])
   if not code then
     ids[#ids + 1] = ARGV[i]
