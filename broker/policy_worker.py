@@ -4,7 +4,8 @@ It runs one :class:`~broker.routing.ShardRouter` per shard of the deployment (ea
 shard's ingress and moves jobs into the same shard's pool lanes: no job crosses shards), and
 they all decide with one :class:`~broker.decider.Decider`, fed by one
 :class:`~broker.fleet.Fleet` snapshot that sums each pool's lanes over the shards and reads
-the workers' heartbeats. Each policy worker also runs the janitor and sends a heartbeat.
+the workers' heartbeats. Each policy worker also runs the janitor, sends a heartbeat and
+keeps the tenants' ledger current (:mod:`broker.tenancy`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from broker.routing import Counts, ShardRouter
 from broker.scripts import Scripts
 from broker.settings import Settings
 from broker.streams import STOP_TIMEOUT_S, briefly, consumer_name, every, until_stopped
+from broker.tenancy import free_finished, live_policy_workers
 from broker.topology import POLICY_GROUP, WORKER_GROUP
 from broker.wire import PolicyHeartbeat, json_encode
 from policies import PolicyConfig, Snapshot
@@ -112,6 +114,7 @@ class PolicyWorker:
     async def _tick(self) -> None:
         """Every snapshot period: refresh the pools; less often, housekeeping and a heartbeat."""
         await self.refresh()
+        await free_finished(self.client, self.topo, self.decider.ledger)
         if self.clock() - self._swept_at >= self.settings.janitor_s:
             self._swept_at = self.clock()
             if await self.janitor.sweep(self._swept_at):
@@ -120,3 +123,6 @@ class PolicyWorker:
             self._beat_at = self.clock()
             beat = PolicyHeartbeat(ts=self._beat_at, routed=self.counts.routed, dead=self.counts.dead)
             await self.client.hset(self.topo.policy_heartbeats, self.name, json_encode(beat))  # type: ignore[arg-type, misc]
+            if self.config.tenants:
+                peers = await live_policy_workers(self.client, self.topo, self._beat_at, self.settings.live_s)
+                self.decider.ledger.reshare(1 / peers)

@@ -234,6 +234,20 @@ class TenantLedger:
         state = self._tenants.get(tenant)
         return [] if state is None else list(state.outstanding)
 
+    def reshare(self, share: float) -> None:
+        """Enforce ``share`` of every limit from now on (the number of policy workers changed);
+        buckets keep how full they are, in proportion."""
+        if not 0 < share <= 1:
+            raise ValueError(f"share must be in (0, 1], not {share}")
+        scale, self.share = share / self.share, share
+        for state in self._tenants.values():
+            for bucket in (state.jobs, state.tokens):
+                if bucket is not None:
+                    bucket.rate, bucket.depth = bucket.rate * scale, bucket.depth * scale
+                    bucket.level *= scale
+            if state.spec.concurrent is not None:
+                state.concurrent = max(1, math.floor(state.spec.concurrent * share + 1e-9))
+
     def oldest(self, tenant: str, per_lane: int) -> list[str]:
         """Up to ``per_lane`` of the oldest ids of ``tenant`` still outstanding in each lane: the
         ones most likely finished, for the live shell to check (lanes finish at their own pace)."""

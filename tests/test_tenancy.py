@@ -15,8 +15,11 @@ import redis.asyncio as aioredis
 from broker.client import Client
 from broker.config import default_config_text
 from broker.dead import read_letters, replayable_job
+from broker.tenancy import free_finished
 from broker.topology import Topology
 from broker.wire import DeadLetter, Job, Route, RoutedJob, decode_result, json_encode
+from policies.config import TenantSpec
+from policies.tenants import TenantLedger
 from tests.conftest import Roles
 from tests.deployments import ON_BOTH, streams, xrange_all
 from tests.helpers import admitting_all
@@ -105,3 +108,24 @@ def test_a_dead_letter_replays_to_its_own_tenants_ingress() -> None:
     assert replayable_job(letter(topo.of_tenant("acme").jobs, json_encode(job)), topo) == (json_encode(job), "acme")
     assert replayable_job(letter(topo.jobs, json_encode(job)), topo) == (json_encode(job), "")
     assert replayable_job(letter(topo.pool("gpu"), json_encode(routed)), topo) == (json_encode(job), "acme")
+
+
+def test_each_policy_worker_enforces_its_share_of_a_limit() -> None:
+    rate = TenantLedger({"acme": TenantSpec(jobs_per_s=10.0, burst_s=1.0)})
+    slots = TenantLedger({"acme": TenantSpec(concurrent=4)})
+    rate.reshare(0.5)  # two policy workers live
+    slots.reshare(0.5)
+    admitted = [rate.admit("acme", f"j{i}", 10, 0.0, contended=False).admitted for i in range(10)]
+    assert admitted == [True] * 5 + [False] * 5
+    assert [slots.admit("acme", f"j{i}", 10, 0.0, contended=False).admitted for i in range(3)] == [True, True, False]
+
+
+async def test_the_ledger_learns_from_done_keys_which_admitted_jobs_ended(client: aioredis.Redis,
+                                                                         topo: Topology) -> None:
+    ledger = TenantLedger({"acme": TenantSpec(concurrent=2)})
+    assert [ledger.admit("acme", i, 10, 0.0, contended=False).admitted for i in ("a", "b", "c")] == [True, True, False]
+    await client.set(topo.of_tenant("acme").of_job("a").done("a"), b"{}")
+    await client.set(topo.of_job("b").done("b"), b"{}")  # the default space's "b" is another job
+    assert await free_finished(client, topo, ledger) == 1
+    assert ledger.outstanding("acme") == ["b"]
+    assert ledger.admit("acme", "c", 10, 0.0, contended=False).admitted
