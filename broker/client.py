@@ -19,6 +19,7 @@ result stream of every shard.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
@@ -72,6 +73,14 @@ class Client:
         self.result_ttl_s = result_ttl_s
         self.scripts = Scripts(self.redis)
         self._waiters: dict[str, _ReplyWaiter] = {}
+
+    def as_tenant(self, tenant: str) -> Client:
+        """This client in ``tenant``'s space (``""``: the default space), sharing its connections
+        and result listeners: for a front door that serves many tenants with credentials that
+        reach every space (the gateway). Closing this client closes them all."""
+        other = copy.copy(self)
+        other.topo = self.topo.of_tenant(tenant)
+        return other  # _waiters is shared: it is keyed by full stream names, one per space
 
     async def __aenter__(self) -> Client:
         return self
