@@ -94,3 +94,13 @@ def test_simulate_runs_the_tenants_scenario() -> None:
     assert table.exit_code == 0, table.output
     assert max(map(len, table.output.splitlines())) <= 80 and "…" not in table.output
     assert "slo: acme" in table.output and "3 points" in table.output
+
+
+def test_the_bench_script_reports_each_variant_and_the_verdict() -> None:
+    from bench.tenants import QUICK_DURATION, QUICK_SEEDS, findings, measure, section
+
+    runs = measure(QUICK_SEEDS, QUICK_DURATION)
+    text = section(runs, QUICK_SEEDS, QUICK_DURATION)
+    for variant in ("alone", "quotas", "fair-share", "none"):
+        assert sum(line.startswith(f"| {variant} |") for line in text.splitlines()) == 2, variant
+    assert all("(within 3)" in line and "all carry a retry-after" in line for line in findings(runs))
