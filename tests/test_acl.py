@@ -1,0 +1,302 @@
+"""Least-privilege ACL users (broker/acl.py, ``inference-broker acl``) on a real redis-server.
+
+The server is this module's own (the session's has no users and stays untouched). Each test
+applies the rules of its own deployment (its prefix, two tenants) under user names of its
+own. Every role runs under its user, as real processes where it is one, with its URL in the
+environment; what a role must not do is refused by Redis itself (NOPERM), which ``ACL LOG``
+records: a run of the whole pipeline leaves no other entry there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import redis
+import redis.asyncio as aioredis
+from click.testing import CliRunner
+from redis.exceptions import NoPermissionError
+
+from broker import acl
+from cli.acl import PLACEHOLDER, render, role_url
+from cli.embedded import EmbeddedRedis
+from cli.main import main
+from tests.conftest import ROOT, Roles, _start
+
+TENANTS = ("acme", "beta")
+
+
+@pytest.fixture(scope="module")
+def acl_server() -> Iterator[EmbeddedRedis]:
+    """A redis-server of this module's own: its default user is the admin that applies the rules."""
+    server = _start()
+    yield server
+    server.stop()
+
+
+class Users:
+    """A deployment's ACL users on ``acl_server``: each role's URL, and the admin client."""
+
+    def __init__(self, server: EmbeddedRedis, deployment: acl.Deployment) -> None:
+        self.server = server
+        self.deployment = deployment
+        self.roles = {r.user.removeprefix(deployment.user_prefix): r for r in acl.roles(deployment)}
+        self.passwords = {name: acl.new_password() for name in self.roles}
+        self.admin = aioredis.Redis.from_url(server.url)
+
+    async def apply(self) -> None:
+        for name, role in self.roles.items():
+            rule = role.rule(acl.password_hash(self.passwords[name]))
+            await self.admin.execute_command("ACL", "SETUSER", *rule)  # type: ignore[no-untyped-call]
+
+    def url(self, name: str) -> str:
+        """The URL of role ``name`` (``producer-acme``, ``worker-gpu``, ``policy``...)."""
+        return role_url(self.server.url, self.roles[name].user, self.passwords[name])
+
+    def client(self, name: str) -> aioredis.Redis:
+        return aioredis.Redis.from_url(self.url(name))
+
+    async def denials(self) -> list[tuple[str, str, str]]:
+        """``ACL LOG`` entries of this deployment's users: (user, reason, object)."""
+        entries = await self.admin.acl_log(count=1000)
+        return [(e["username"], e["reason"], e["object"]) for e in entries
+                if e["username"].startswith(self.deployment.user_prefix)]
+
+
+@pytest_asyncio.fixture
+async def users(acl_server: EmbeddedRedis, prefix: str) -> AsyncIterator[Users]:
+    found = Users(acl_server, acl.Deployment(prefix=prefix, pools=("gpu", "accel"), tenants=TENANTS,
+                                             users=f"{prefix}-"))
+    await found.apply()
+    yield found
+    await found.admin.acl_deluser(*(r.user for r in found.roles.values()))
+    await found.admin.aclose()
+
+
+class EnvRoles(Roles):
+    """Roles whose Redis URL (and its password) travels in REDIS_URL, never on the command line."""
+
+    def __init__(self, users: Users, log_dir: Path) -> None:
+        super().__init__(users.server.url, users.deployment.prefix, log_dir)
+        self.users = users
+
+    @property
+    def options(self) -> list[str]:
+        return ["--prefix", self.prefix]
+
+    def as_user(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
+        self.start(*args, env={**(env or {}), "REDIS_URL": self.users.url(name)})
+
+
+@pytest.fixture
+def env_roles(users: Users, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[EnvRoles]:
+    roles = EnvRoles(users, tmp_path)
+    yield roles
+    roles.stop_all()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(roles.logs())
+
+
+# The rules themselves.
+
+def test_every_role_starts_from_nothing_and_gets_only_named_commands_and_keys() -> None:
+    deployment = acl.Deployment(prefix="ib", pools=("gpu", "accel"), tenants=TENANTS)
+    roles = acl.roles(deployment)
+    assert [r.user for r in roles] == ["ib-producer", "ib-producer-acme", "ib-producer-beta", "ib-gateway",
+                                       "ib-policy", "ib-worker-gpu", "ib-worker-accel", "ib-operator", "ib-metrics"]
+    for role in roles:
+        rule = role.rule("ab" * 32)
+        assert rule[:7] == [role.user, "reset", "on", "#" + "ab" * 32, "resetkeys", "resetchannels", "-@all"]
+        granted = rule[7:]
+        assert all(g.startswith("+") and "@" not in g and g[1:].islower() for g in granted if g.startswith("+"))
+        assert not {"allkeys", "allcommands", "nopass", "~*", "+@all", "&*"} & set(granted)
+        assert all(k.split("~", 1)[1].startswith("ib:{ib}:") for k in granted if "~" in k[:3])
+        assert not {"+flushall", "+flushdb", "+config", "+keys", "+acl", "+debug", "+shutdown"} & set(granted)
+
+
+def test_a_tenants_producer_has_its_own_keys_and_nothing_else() -> None:
+    deployment = acl.Deployment(prefix="ib", shards=3, pools=("gpu",), tenants=TENANTS)
+    acme = acl.producer(deployment, "acme")
+    assert acme.user == "ib-producer-acme"
+    # The ingress is read-write: SUBMIT takes it in KEYS, which EVALSHA checks for both.
+    assert set(acme.keys) == {"~ib:{ib.*}:~acme:jobs", "%R~ib:{ib.*}:~acme:done:*", "%R~ib:{ib.*}:~acme:tokens:*",
+                              "~ib:{ib.*}:~acme:r:*"}
+    assert not {"+set", "+del", "+xdel", "+xtrim", "+scan", "+keys"} & {f"+{c}" for c in acme.commands}
+    default = acl.producer(deployment, None)
+    assert set(default.keys) == {"~ib:{ib.*}:jobs", "%R~ib:{ib.*}:done:*", "%R~ib:{ib.*}:tokens:*",
+                                 "~ib:{ib.*}:results", "~ib:{ib.*}:batches"}
+
+
+def test_bad_names_are_refused() -> None:
+    for bad in ({"tenants": ("default",)}, {"tenants": ("a.b",)}, {"pools": ("gpu*",)}, {"replies": ("jobs",)},
+                {"prefix": "a b"}):
+        with pytest.raises(ValueError):
+            acl.Deployment(**bad)
+
+
+def test_text_rules_fit_80_columns_with_a_comment_per_role() -> None:
+    for role in acl.roles(acl.Deployment(prefix="ib", shards=16, pools=("gpu", "accel"), tenants=TENANTS)):
+        text = render(role, "0" * 64, "text")
+        assert text.startswith(f"# {role.user}: ")
+        assert max(len(line) for line in text.splitlines()) <= 80, text
+        assert " ".join(text.replace(" \\\n  ", " ").splitlines()[-1:]).endswith(role.keys[-1])
+        assert render(role, "0" * 64, "commands") == "ACL SETUSER " + " ".join(role.rule("0" * 64))
+
+
+def test_role_url_replaces_the_admin_credentials() -> None:
+    url = role_url("rediss://admin:secret@redis.example:6380/0?ssl_ca_certs=/ca.pem&password=x",
+                   "ib-worker-gpu", "p/w")
+    assert url == "rediss://ib-worker-gpu:p%2Fw@redis.example:6380/0?ssl_ca_certs=%2Fca.pem"
+
+
+# The command.
+
+def test_acl_command_prints_rules_with_placeholder_hashes_without_a_secrets_dir() -> None:
+    out = CliRunner().invoke(main, ["acl", "--prefix", "ib", "--tenant", "acme"], env={"REDIS_URL": ""})
+    assert out.exit_code == 0, out.output
+    assert "ACL SETUSER ib-producer-acme reset on #" + PLACEHOLDER in out.output
+    assert max(len(line) for line in out.output.splitlines()) <= 80
+    bad = CliRunner().invoke(main, ["acl", "--tenant", "default"], env={"REDIS_URL": ""})
+    assert bad.exit_code == 2 and "not 'default'" in bad.output
+
+
+def test_acl_apply_writes_0600_urls_keeps_passwords_and_each_url_logs_in(
+        acl_server: EmbeddedRedis, prefix: str, tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets"
+    args = ["acl", "--prefix", prefix, "--tenant", "acme", "--secrets-dir", str(secrets), "--apply"]
+    env = {"REDIS_URL": acl_server.url, "IB_CONFIG": ""}
+    out = CliRunner().invoke(main, args, env=env)
+    assert out.exit_code == 0, out.output
+    assert "no aclfile" in out.output and "operator's job" in out.output
+    files = sorted(p.name for p in secrets.iterdir())
+    assert files == sorted(f"{prefix}-{r}.url" for r in ("producer", "producer-acme", "gateway", "policy",
+                                                          "worker-gpu", "worker-accel", "operator", "metrics"))
+    urls = {}
+    for path in secrets.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        urls[path.name] = path.read_text().strip()
+        assert urls[path.name].split("@")[0].split(":")[-1] not in out.output  # no password printed
+    assert stat.S_IMODE(secrets.stat().st_mode) == 0o700
+    again = CliRunner().invoke(main, args, env=env)
+    assert again.exit_code == 0, again.output
+    assert {p.name: p.read_text().strip() for p in secrets.iterdir()} == urls  # passwords kept
+    admin = redis.Redis.from_url(acl_server.url)
+    try:
+        for url in urls.values():
+            with redis.Redis.from_url(url) as user:
+                assert user.ping()
+        with redis.Redis.from_url(urls[f"{prefix}-producer-acme.url"]) as acme, pytest.raises(NoPermissionError):
+            acme.get(f"{prefix}:{{{prefix}}}:~beta:done:x")
+    finally:
+        admin.acl_deluser(*(name.removesuffix(".url") for name in urls))
+        admin.close()
+    refused = CliRunner().invoke(main, ["acl", "--apply"], env={"REDIS_URL": acl_server.url})
+    assert refused.exit_code == 2 and "--secrets-dir" in refused.output
+
+
+def test_acl_is_in_the_command_list() -> None:
+    out = CliRunner().invoke(main, ["--help"])
+    assert " acl " in out.output
+
+
+# Refusals by Redis, with each role's own user.
+
+async def test_a_tenant_cannot_touch_another_tenants_keys_or_the_shared_streams(users: Users) -> None:
+    base = f"{users.deployment.prefix}:{{{users.deployment.prefix}}}:"
+    acme = users.client("producer-acme")
+    try:
+        for attempt in (acme.get(f"{base}~beta:done:j1"),                     # B's result
+                        acme.xread({f"{base}~beta:tokens:j1": "0"}),          # B's token stream
+                        acme.xread({f"{base}~beta:r:results": "0"}),          # B's reply stream
+                        acme.xadd(f"{base}~beta:jobs", {"job": "{}"}),         # B's ingress
+                        acme.xadd(f"{base}~beta:r:results", {"result": "{}"}),  # B's reply stream
+                        acme.xadd(f"{base}pool:gpu", {"routed": "{}"}),        # a pool, skipping the policy
+                        acme.xread({f"{base}dead": "0"}),                      # the dead letters
+                        acme.xread({f"{base}jobs": "0"}),                      # the default space
+                        acme.get(f"{base}done:j1")):
+            with pytest.raises(NoPermissionError):
+                await attempt
+        # Its own space it may use (nothing there yet).
+        assert await acme.get(f"{base}~acme:done:j1") is None
+        assert await acme.xread({f"{base}~acme:r:results": "0"}) == []
+        # What it may not run at all, whatever the key.
+        for command in (("XDEL", f"{base}~acme:jobs", "0-1"), ("DEL", f"{base}~acme:jobs"), ("KEYS", "*"),
+                        ("FLUSHALL",), ("CONFIG", "GET", "requirepass"), ("XTRIM", f"{base}~acme:jobs", "MAXLEN", "0")):
+            with pytest.raises(NoPermissionError):
+                await acme.execute_command(*command)  # type: ignore[no-untyped-call]
+        # A script runs with its caller's rights: no way around them through EVAL.
+        with pytest.raises(Exception, match="can't access|no permissions"):
+            await acme.eval("return redis.call('GET', ARGV[1])", 0, f"{base}~beta:done:j1")  # type: ignore[misc]
+    finally:
+        await acme.aclose()
+    denied = {user for user, _reason, _object in await users.denials()}
+    assert denied == {users.roles["producer-acme"].user}
+
+
+async def test_a_pool_worker_cannot_read_the_ingress_or_other_pools_nor_the_metrics_reader_write(
+        users: Users) -> None:
+    base = f"{users.deployment.prefix}:{{{users.deployment.prefix}}}:"
+    gpu, reader = users.client("worker-gpu"), users.client("metrics")
+    try:
+        for attempt in (gpu.xread({f"{base}jobs": "0"}), gpu.xread({f"{base}~acme:jobs": "0"}),
+                        gpu.xread({f"{base}pool:accel": "0"}), gpu.xread({f"{base}pool:accel:1": "0"}),
+                        gpu.xadd(f"{base}~acme:jobs", {"job": "{}"}), gpu.get(f"{base}~acme:done:j1"),
+                        reader.xadd(f"{base}~acme:jobs", {"job": "{}"}), reader.xadd(f"{base}results", {"a": "b"}),
+                        reader.xrange(f"{base}~acme:done:j1"), reader.get(f"{base}~acme:done:j1"),
+                        reader.execute_command("XTRIM", f"{base}dead", "MAXLEN", "0")):  # type: ignore[no-untyped-call]
+            with pytest.raises(NoPermissionError):
+                await attempt
+        assert await reader.xlen(f"{base}~acme:jobs") == 0
+    finally:
+        await gpu.aclose()
+        await reader.aclose()
+
+
+# Every role at work under its own user.
+
+@pytest.mark.skipif(sys.platform != "linux", reason="role processes")
+async def test_default_space_roles_work_under_their_own_users(users: Users, env_roles: EnvRoles) -> None:
+    from broker.client import Client
+    from broker.wire import Job
+
+    prefix = users.deployment.prefix
+    env_roles.as_user("policy", "policy", env=FAST_ROLE_ENV)
+    for pool in ("gpu", "accel"):
+        env_roles.as_user(f"worker-{pool}", "worker", "--pool", pool, "--grace", "5", env=FAST_ROLE_ENV)
+    jobs = [Job.chat("llama-3.1-8b", "hi", max_tokens=4) for _ in range(6)]
+    streamed = Job.chat("llama-3.1-8b", "hi", max_tokens=4, stream=True)
+    async with Client(users.url("producer"), prefix=prefix) as sdk:
+        await sdk.submit_many([*jobs, streamed])
+        chunks = [c async for c in sdk.tokens(streamed.id, timeout=30)]
+        results = [await sdk.result(j.id, timeout=30) for j in [*jobs, streamed]]
+        unknown = Job.chat("no-such-model", "hi")
+        await sdk.submit(unknown)
+        failed = await sdk.result(unknown.id, timeout=30)
+    assert chunks and all(r.status == "ok" for r in results), results
+    assert failed.status == "failed"
+    code, out = await run_cli(users, "operator", "dead", "list")
+    assert code == 0 and "unknown_model" in out, out
+    code, out = await run_cli(users, "metrics", "top", "--once")
+    assert code == 0 and "gpu" in out, out
+    assert await users.denials() == []
+
+
+async def run_cli(users: Users, name: str, *args: str) -> tuple[int, str]:
+    """``python -m cli <args>`` as role ``name`` (its URL in REDIS_URL): exit status and output."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", *args, "--prefix", users.deployment.prefix, cwd=ROOT,
+        env={**os.environ, "REDIS_URL": users.url(name), "COLUMNS": "200"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    async with asyncio.timeout(60):
+        out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode()
+
+
+FAST_ROLE_ENV = {"IB_BLOCK_MS": "200", "IB_HEARTBEAT_S": "0.2", "IB_SNAPSHOT_S": "0.05", "IB_CLAIM_IDLE_MS": "1000"}
