@@ -27,7 +27,8 @@ def _print_result(result: Result, as_json: bool) -> None:
         if value:
             click.echo(f"  {label:<8}{value}")
     if result.retry_after_s is not None:
-        click.echo(f"  retry   after {result.retry_after_s:.0f} s (no pool can serve it in time now)")
+        # Admission's hints are whole seconds; a tenant's quota may say a fraction of one.
+        click.echo(f"  retry   after {result.retry_after_s:.3g} s")
     if result.output:
         click.echo(f"  output  {result.output}")
     if result.embeddings:
