@@ -5,6 +5,7 @@
     BrokerError
     ├── RedisUnavailable     Redis cannot be reached (the message says where and what to do)
     │   └── RedisMisconfigured   it never will be as configured (TLS on one side only, an untrusted certificate)
+    ├── ScriptsNotLoaded     Redis lost the broker's scripts and this user may not load them (retry soon)
     ├── EmbeddedRedisError   the embedded redis-server could not start
     ├── JobRejected          a job was refused before it reached the stream (bad or too large)
     │   └── Backpressure     the ingress backlog is full; ``.accepted`` lists what went in
@@ -41,6 +42,12 @@ class RedisMisconfigured(RedisUnavailable, redis.exceptions.ConnectionError):
     handles it alike; :func:`broker.connection.connect` clients do not retry it. Callers may get
     it as the cause of another ``ConnectionError``: :func:`broker.connection.misconfigured` finds it.
     """
+
+
+class ScriptsNotLoaded(BrokerError):
+    """Redis does not know the broker's scripts (it restarted empty, or failed over) and this
+    client's ACL user may not load them: a tenant's producer runs none of its own Lua
+    (docs/security.md). The roles load them again when they next start or sweep."""
 
 
 class EmbeddedRedisError(BrokerError):

@@ -60,7 +60,9 @@ class PolicyWorker:
         self._swept_at = self._beat_at = 0.0
 
     async def setup(self) -> None:
-        """Create every shard's ingress groups (each space's) and pool lane groups (at id 0) before reading."""
+        """Load the scripts, and create every shard's ingress groups (each space's) and pool lane
+        groups (at id 0) before reading."""
+        await self.scripts.teach()
         for router in self.routers:
             await router.setup()
 

@@ -40,9 +40,10 @@ from typing import Generic, NamedTuple, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoPermissionError, NoScriptError
 
 from broker.connection import RETRYABLE
+from broker.errors import ScriptsNotLoaded
 
 log = logging.getLogger("inference_broker.scripts")
 R = TypeVar("R")
@@ -152,8 +153,8 @@ class Scripts:
             for i in unknown:
                 _send(again, calls[i], by_source=True)
             for i, result in zip(unknown, await again.execute(raise_on_error=False), strict=True):
-                results[i] = result
-            await self._teach()
+                results[i] = _missing(calls[i]) if isinstance(result, NoPermissionError) else result
+            await self.teach()
         if raise_on_error:
             for result in results:
                 if isinstance(result, Exception):
@@ -168,13 +169,21 @@ class Scripts:
         return reply
 
 
-    async def _teach(self) -> None:
-        """Load every script (best effort: a refused EVALSHA still gets its EVAL rerun)."""
+    async def teach(self) -> None:
+        """Load every script (best effort: a refused EVALSHA still gets its EVAL rerun). The
+        roles do this as they start, so that producers, whose ACL users may run the broker's
+        scripts but load none (docs/security.md), find them."""
         try:
             for script in SCRIPTS.values():
                 await self.client.script_load(script.source)
-        except RETRYABLE as exc:
+        except (*RETRYABLE, NoPermissionError) as exc:
             log.debug("could not load the scripts (%s); each is sent by EVAL where refused", exc)
+
+
+def _missing(call: ScriptCall[object]) -> ScriptsNotLoaded:
+    return ScriptsNotLoaded(f"Redis does not know the broker's {call.script.name.upper()} script (it restarted or "
+                            "failed over) and this user may not load it; a policy or pool worker loads the scripts "
+                            "as it starts and sweeps: start one, or retry in a few seconds")
 
 
 def _send(pipe: Pipeline, call: ScriptCall[object], by_source: bool = False) -> None:

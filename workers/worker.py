@@ -134,6 +134,7 @@ class PoolWorker:
         ``STOP_TIMEOUT_S`` for the last words, whatever Redis does. With several shards, the
         blocking reads in flight are cancelled at the stop, so an idle worker does not wait one out.
         """
+        await self.scripts.teach()  # for producers, whose users may run scripts but not load them
         for lane in self.lanes:
             await ensure_group(self.client, lane.stream, WORKER_GROUP)
         beat = asyncio.create_task(every(self.settings.heartbeat_s, self.telemetry.beat, "heartbeat", stop))
