@@ -1,7 +1,8 @@
 """Connections to Redis, and what their errors mean.
 
 ``connect`` builds a client whose connections fail fast on a wrong URL (TLS against a
-plaintext port and the reverse, bad credentials) with one line saying what to fix, send
+plaintext port and the reverse, bad credentials, TLS files or certificates that cannot work:
+broker/tls.py) with one line saying what to fix, send
 commands with hiredis packing and cancel cleanly; the error tuples say which failures a
 role waits out and retries rather than exits on.
 
@@ -27,6 +28,7 @@ from redis.asyncio.connection import (
     AbstractConnection,
     Connection,
     DefaultParser,
+    RedisSSLContext,
     SSLConnection,
     UnixDomainSocketConnection,
 )
@@ -49,6 +51,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.errors import RedisMisconfigured, RedisUnavailable
+from broker.tls import TlsFiles, refusal, refused, untrusted, url_problem
 
 log = logging.getLogger("inference_broker")
 T = TypeVar("T")
@@ -57,13 +60,14 @@ T = TypeVar("T")
 def redacted(url: str) -> str:
     """``url`` without its password, for logs and error messages."""
     parts = urlsplit(url)
-    if parts.password is None and "password" not in parts.query:
+    if parts.password is None and "password" not in parts.query:  # ssl_password too
         return url
     if parts.password is not None:
         host = parts.netloc.rsplit("@", 1)[1]
         parts = parts._replace(netloc=(f"{parts.username}:***@" if parts.username else "***@") + host)
     if "password" in parts.query:
-        query = [(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+        query = [(k, "***" if k in ("password", "ssl_password") else v)
+                 for k, v in parse_qsl(parts.query, keep_blank_values=True)]
         parts = parts._replace(query=urlencode(query, safe="*"))
     return urlunsplit(parts)
 
@@ -134,12 +138,16 @@ def misconfigured(exc: BaseException) -> RedisMisconfigured | None:
     return found if isinstance(found, RedisMisconfigured) else None
 
 
+TIMEOUTS = (TimeoutError, RedisTimeoutError)
+
 SERVER_REPLIES = (AuthenticationError, AuthorizationError, BusyLoadingError)
 """``ConnectionError`` classes redis-py raises for an error *reply* of the server."""
 
 
 PROBE_S = 2.0
 """Seconds a probe of the other protocol (TLS or plaintext) may take."""
+ALERT_S = 1.0
+"""Seconds a probe waits, after a TLS handshake, for the alert of a server refusing the client."""
 
 
 async def _speaks_tls(host: str, port: int) -> bool:
@@ -172,28 +180,37 @@ async def _speaks_plaintext(host: str, port: int) -> bool:
             writer.transport.abort()
 
 
-async def misconfiguration(exc: BaseException, host: str, port: int, *, tls: bool, connected: bool) -> str | None:
+async def misconfiguration(exc: BaseException, host: str, port: int, *, tls: bool, connected: bool,
+                           tls_context: RedisSSLContext | None = None) -> str | None:
     """Why connecting to ``host:port`` can never work, when ``exc`` (and a probe) prove it; else None.
 
     ``connected``: the TCP (and TLS) connection was made and the first command failed.
-    Only positive evidence counts (a certificate refused, the other protocol answering):
-    a server that is down or restarting is not misconfigured, and is waited for as before.
+    ``tls_context``: the TLS client's settings (its CA, certificate and key files).
+    Only positive evidence counts (a file that does not load, a certificate refused, the
+    other protocol answering): a server that is down or restarting is not misconfigured,
+    and is waited for as before.
     """
     where = f"Redis at {host}:{port}"
+    files = TlsFiles(*(getattr(tls_context, name, None) for name in ("ca_certs", "certfile", "keyfile")))
+    if tls and (problem := files.problem()):
+        return problem  # checked first: redis-py loads the files as it connects, and fails alike
     ssl_error = _find(exc, ssl.SSLError)
     if isinstance(ssl_error, ssl.SSLCertVerificationError):
-        return (f"{where} presented a TLS certificate this client does not trust ({ssl_error.verify_message}); "
-                "try: give the CA that signed it with ?ssl_ca_certs=/path/to/ca.pem in the URL")
+        return untrusted(ssl_error, where, host, files)
     if _find(exc, (ConnectionRefusedError, socket.gaierror)) is not None:
         return None  # nothing listens there, or no such host: the usual "unreachable"
     if tls:
         if (ssl_error is not None or not connected) and await _speaks_plaintext(host, port):
             return f"{where} does not speak TLS; try: a redis:// URL instead of rediss://"
-        if isinstance(ssl_error, ssl.SSLError) and not isinstance(ssl_error, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
-            hint = ("give this client's certificate with ?ssl_certfile=...&ssl_keyfile=... in the URL"
-                    if "CERTIFICATE_REQUIRED" in (ssl_error.reason or "") else "check the TLS settings of both sides")
-            return f"the TLS handshake with {where} failed ({ssl_error.reason or ssl_error}); try: {hint}"
-        return None
+        closed = (ssl.SSLEOFError, ssl.SSLZeroReturnError)  # the connection closed, saying nothing
+        alert = ssl_error if isinstance(ssl_error, ssl.SSLError) and not isinstance(ssl_error, closed) else None
+        if alert is None and connected and tls_context is not None and _find(exc, TIMEOUTS) is None:
+            # The handshake passed and the first command found the connection closed: perhaps a
+            # refusal of this client's certificate whose alert a reset lost (see tls.refusal).
+            alert = await refusal(host, port, tls_context.get(), ALERT_S)
+            if isinstance(alert, ssl.SSLCertVerificationError):
+                return untrusted(alert, where, host, files)
+        return refused(alert, where, files) if alert is not None else None
     if connected and await _speaks_tls(host, port):
         return f"{where} accepts only TLS connections; try: a rediss:// URL instead of redis://"
     return None
@@ -213,8 +230,9 @@ class _FailFast(AbstractConnection):
     port: int
 
     async def _diagnose(self, exc: BaseException, *, connected: bool) -> None:
-        reason = await misconfiguration(exc, self.host, int(self.port), tls=isinstance(self, SSLConnection),
-                                        connected=connected)
+        tls_context = self.ssl_context if isinstance(self, SSLConnection) else None
+        reason = await misconfiguration(exc, self.host, int(self.port), tls=tls_context is not None,
+                                        connected=connected, tls_context=tls_context)
         if reason:
             raise RedisMisconfigured(reason) from exc
 
@@ -284,7 +302,12 @@ def connect(url: str, block_ms: int = 1000) -> aioredis.Redis:
     and ASK, learns the slots again after a failover and splits a pipeline by node. It is
     typed here as the node client: every command this project sends takes keys of one slot
     (each shard's keys share a hash tag), and the suites run on both (tests/deployments.py).
+
+    TLS options are the URL's ``ssl_*`` query parameters (:mod:`broker.tls`); one that
+    redis-py would refuse raises :class:`RedisMisconfigured` here, saying which.
     """
+    if problem := url_problem(url):
+        raise RedisMisconfigured(problem)
     options: dict[str, Any] = {
         "socket_timeout": block_ms / 1000 + 10, "socket_connect_timeout": 5, "socket_keepalive": True,
         "health_check_interval": 30, "retry": _Retry(ExponentialWithJitterBackoff(cap=2.0, base=0.05), retries=5),
@@ -331,7 +354,7 @@ def unreachable(url: str, exc: BaseException, after_s: float | None = None) -> s
         why = "connection refused: nothing listens there"
     elif _find(exc, socket.gaierror) is not None:
         why = "its host name does not resolve"
-    elif _find(exc, (TimeoutError, RedisTimeoutError)) is not None:
+    elif _find(exc, TIMEOUTS) is not None:
         why = "no answer in time"
     else:
         why = str(exc)
@@ -360,7 +383,8 @@ async def wait_ready(client: aioredis.Redis, url: str, timeout: float = 30.0) ->
             raise RedisUnavailable(
                 f"Redis at {redacted(url)} refused the credentials ({exc}). Check the user and password "
                 "in --redis-url / REDIS_URL.") from None
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except (RedisConnectionError, RedisTimeoutError, OSError, RedisClusterException) as exc:
+            # The cluster client raises RedisClusterException when no startup node answers.
             if misconfigured(exc) is not None or loop.time() + delay > deadline:
                 raise RedisUnavailable(unreachable(url, exc, None if misconfigured(exc) else timeout)) from None
             if not warned:

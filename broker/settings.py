@@ -51,7 +51,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Settings shared by every role."""
 
     redis_url: str | None = None
-    """Redis to use [REDIS_URL]; ``None`` starts an embedded one where a command allows."""
+    """Redis to use [REDIS_URL]; ``None`` starts an embedded one where a command allows. The TLS
+    files below are written into its query (``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``),
+    so every client built from it uses them (broker/tls.py)."""
+    redis_tls_ca: Path | None = None
+    """CA certificate (PEM) that signed the Redis server's [IB_REDIS_TLS_CA]; with ``rediss://``."""
+    redis_tls_cert: Path | None = None
+    """This client's certificate (PEM), for a server that requires one (mutual TLS) [IB_REDIS_TLS_CERT]."""
+    redis_tls_key: Path | None = None
+    """The private key (PEM, unencrypted) of ``redis_tls_cert`` [IB_REDIS_TLS_KEY]."""
     prefix: str = "ib"
     """Key prefix of this deployment [IB_PREFIX]."""
     shards: int = 1
@@ -131,6 +139,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         Topology(self.prefix, self.shards)  # raises ValueError for an invalid prefix or shard count, early
+        if self.redis_url and (self.redis_tls_ca or self.redis_tls_cert or self.redis_tls_key):
+            from broker.tls import tls_url  # raises ValueError for files on a URL without TLS
+
+            msgspec.structs.force_setattr(self, "redis_url", tls_url(
+                self.redis_url, ca=self.redis_tls_ca, cert=self.redis_tls_cert, key=self.redis_tls_key))
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port {self.metrics_port} is not a TCP port (0-65535)")
         if self.heartbeat_expiry_s < self.live_s:

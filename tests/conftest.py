@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -222,11 +223,26 @@ def make_roles(servers: list[EmbeddedRedis], prefix: str, tmp_path: Path,
             print(roles.logs())
 
 
+class TlsCerts(msgspec.Struct, frozen=True):
+    """A private CA, and the certificates and keys it signed (P-256 keys: quick to make)."""
+
+    ca: Path
+    """The CA that signed the server's certificate (for 127.0.0.1) and the client's."""
+    cert: Path
+    key: Path
+    """The client's certificate and key, for mutual TLS."""
+    other_ca: Path
+    """A CA that signed neither the server's certificate nor the client's."""
+    rogue_cert: Path
+    """A certificate for the client's key signed by ``other_ca``: one a mutual-TLS server refuses."""
+
+
 class TlsRedis(msgspec.Struct, frozen=True):
     """A redis-server that speaks only TLS, and the CA that signed its certificate."""
 
     port: int
     ca: Path
+    certs: TlsCerts
 
     @property
     def url(self) -> str:
@@ -238,31 +254,87 @@ def _openssl(*args: str | Path, cwd: Path) -> None:
     subprocess.run(["openssl", *map(str, args)], cwd=cwd, check=True, capture_output=True, timeout=60)
 
 
-@pytest.fixture(scope="session")
-def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
-    """A TLS-only redis-server on a free port, with a private CA and a certificate for 127.0.0.1.
+def _signed(name: str, subject: str, ca: str, cwd: Path, *extra: str) -> None:
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", subject,
+             "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=cwd)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
+             "-days", "2", *extra, "-out", f"{name}.pem", cwd=cwd)
 
-    Skipped where there is no ``openssl`` or the redis-server was built without TLS.
-    """
+
+@pytest.fixture(scope="session")
+def tls_certs(tmp_path_factory: pytest.TempPathFactory) -> TlsCerts:
+    """Certificates made with openssl for the session (skipped where there is none)."""
     if shutil.which("openssl") is None:
         pytest.skip("no openssl to make certificates")
     certs = tmp_path_factory.mktemp("tls")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test CA",
-             "-keyout", "ca.key", "-out", "ca.pem", cwd=certs)
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-             "-keyout", "server.key", "-out", "server.csr", cwd=certs)
+    for ca in ("ca", "other-ca"):
+        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
+                 "-subj", f"/CN=test {ca}", "-keyout", f"{ca}.key", "-out", f"{ca}.pem", cwd=certs)
     (certs / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-days", "2", "-extfile", "san.ext", "-out", "server.pem", cwd=certs)
+    _signed("server", "/CN=127.0.0.1", "ca", certs, "-extfile", "san.ext")
+    _signed("client", "/CN=test client", "ca", certs)
+    _openssl("x509", "-req", "-in", "client.csr", "-CA", "other-ca.pem", "-CAkey", "other-ca.key", "-CAcreateserial",
+             "-days", "2", "-out", "rogue.pem", cwd=certs)
+    return TlsCerts(ca=certs / "ca.pem", cert=certs / "client.pem", key=certs / "client.key",
+                    other_ca=certs / "other-ca.pem", rogue_cert=certs / "rogue.pem")
+
+
+def _tls_server(certs: TlsCerts, *, auth_clients: bool, cluster: bool = False) -> Iterator[TlsRedis]:
     port = free_port()
     # --port 0: no plaintext listener; the TLS port is the only way in.
     server = EmbeddedRedis(port=port, extra_args=(
-        "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(certs / "server.pem"),
-        "--tls-key-file", str(certs / "server.key"), "--tls-ca-cert-file", str(certs / "ca.pem"),
-        "--tls-auth-clients", "no"))
+        "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(certs.ca.parent / "server.pem"),
+        "--tls-key-file", str(certs.ca.parent / "server.key"), "--tls-ca-cert-file", str(certs.ca),
+        "--tls-auth-clients", "yes" if auth_clients else "no",
+        # The bus port: its default, port + 10000, may not exist.
+        *(("--cluster-enabled", "yes", "--tls-cluster", "yes", "--cluster-port", str(free_port())) if cluster else ())))
     try:
         server.start()
     except EmbeddedRedisError as exc:
         pytest.skip(f"redis-server without TLS: {exc}")
-    yield TlsRedis(port=port, ca=certs / "ca.pem")
-    server.stop()
+    try:
+        if cluster:
+            _own_every_slot(port, certs)
+        yield TlsRedis(port=port, ca=certs.ca, certs=certs)
+    finally:
+        server.stop()
+
+
+def _own_every_slot(port: int, certs: TlsCerts) -> None:
+    """Make a lone cluster-mode node a whole cluster: every slot its own, state ok."""
+    import redis
+
+    node = redis.Redis(host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=str(certs.ca), ssl_certfile=str(certs.cert),
+                       ssl_keyfile=str(certs.key), socket_timeout=5)
+    try:
+        node.cluster("ADDSLOTSRANGE", 0, 16383)
+        deadline = time.monotonic() + 10
+        while node.cluster("INFO")["cluster_state"] != "ok":  # type: ignore[index]
+            assert time.monotonic() < deadline, "a one-node cluster did not reach cluster_state:ok in 10 s"
+            time.sleep(0.02)
+    finally:
+        node.close()
+
+
+@pytest.fixture(scope="session")
+def tls_redis(tls_certs: TlsCerts) -> Iterator[TlsRedis]:
+    """A TLS-only redis-server on a free port, with a private CA and a certificate for 127.0.0.1;
+    clients need no certificate of their own.
+
+    Skipped where there is no ``openssl`` or the redis-server was built without TLS.
+    """
+    yield from _tls_server(tls_certs, auth_clients=False)
+
+
+@pytest.fixture(scope="session")
+def mtls_redis(tls_certs: TlsCerts) -> Iterator[TlsRedis]:
+    """Like ``tls_redis``, with mutual TLS: a client must show a certificate signed by the CA
+    (``tls_certs.cert`` and ``.key``)."""
+    yield from _tls_server(tls_certs, auth_clients=True)
+
+
+@pytest.fixture(scope="session")
+def mtls_cluster(tls_certs: TlsCerts) -> Iterator[TlsRedis]:
+    """A one-node Redis Cluster (every slot on one node) with mutual TLS, its bus over TLS too:
+    for ``rediss+cluster://`` URLs."""
+    yield from _tls_server(tls_certs, auth_clients=True, cluster=True)
