@@ -36,7 +36,7 @@ LogFormat = Literal["text", "json"]
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 _URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:@/\s]*):(?P<secret>[^@/\s]+)@")
-_QUERY_PASSWORD = re.compile(r"(?P<head>\bpassword=)[^&\s'\"]+", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(r"(?P<head>\b(?:ssl_)?password=)[^&\s'\"]+", re.IGNORECASE)
 # AUTH [user] password, as redis-py quotes a failed command; over-masking a word is fine.
 _AUTH = re.compile(r"(?P<head>\bAUTH\s+)[^\s)'\"]+(?:\s+[^\s)'\"]+)?", re.IGNORECASE)
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio.connection import RedisSSLContext, parse_url
 
+from broker import logs
 from broker.client import Client
 from broker.connection import connect, misconfiguration, redacted, wait_ready
 from broker.errors import RedisMisconfigured, RedisUnavailable
@@ -207,4 +208,6 @@ def test_url_tls_options_redis_py_would_refuse_fail_at_connect(url: str, says: s
 
 
 def test_a_key_password_is_redacted() -> None:
-    assert "sekret" not in redacted("rediss://h:6380/0?ssl_keyfile=/k.pem&ssl_password=sekret")
+    url = "rediss://h:6380/0?ssl_keyfile=/k.pem&ssl_password=sekret"
+    assert "sekret" not in redacted(url) and "/k.pem" in redacted(url)
+    assert "sekret" not in logs.scrub(f"connecting to {url}")
