@@ -68,7 +68,7 @@ def redacted(url: str) -> str:
     if "password" in parts.query:
         query = [(k, "***" if k in ("password", "ssl_password") else v)
                  for k, v in parse_qsl(parts.query, keep_blank_values=True)]
-        parts = parts._replace(query=urlencode(query, safe="*"))
+        parts = parts._replace(query=urlencode(query, safe="*/:~"))  # paths stay readable
     return urlunsplit(parts)
 
 
