@@ -24,10 +24,15 @@ from click.testing import CliRunner
 from redis.exceptions import NoPermissionError
 
 from broker import acl
+from broker.client import Client
+from broker.config import default_config_text
+from broker.topology import Topology
+from broker.wire import Job, decode_result, encode_job
 from cli.acl import PLACEHOLDER, render, role_url
 from cli.embedded import EmbeddedRedis
 from cli.main import main
 from tests.conftest import ROOT, Roles, _start
+from tests.helpers import admitting_all
 
 TENANTS = ("acme", "beta")
 
@@ -263,9 +268,6 @@ async def test_a_pool_worker_cannot_read_the_ingress_or_other_pools_nor_the_metr
 
 @pytest.mark.skipif(sys.platform != "linux", reason="role processes")
 async def test_default_space_roles_work_under_their_own_users(users: Users, env_roles: EnvRoles) -> None:
-    from broker.client import Client
-    from broker.wire import Job
-
     prefix = users.deployment.prefix
     env_roles.as_user("policy", "policy", env=FAST_ROLE_ENV)
     for pool in ("gpu", "accel"):
@@ -300,3 +302,78 @@ async def run_cli(users: Users, name: str, *args: str) -> tuple[int, str]:
 
 
 FAST_ROLE_ENV = {"IB_BLOCK_MS": "200", "IB_HEARTBEAT_S": "0.2", "IB_SNAPSHOT_S": "0.05", "IB_CLAIM_IDLE_MS": "1000"}
+
+
+TENANT_TABLES = "\n[tenants.acme]\n\n[tenants.beta]\n"
+
+
+def chat(job_id: str, **fields: object) -> Job:
+    return Job.chat("llama-3.1-8b", f"hello from {job_id}", id=job_id, max_tokens=4, **fields)
+
+
+async def test_two_tenants_under_their_own_users_are_refused_every_way_into_each_other(
+        users: Users, env_roles: EnvRoles, tmp_path: Path) -> None:
+    config = tmp_path / "policy.toml"
+    config.write_text(admitting_all(default_config_text()) + TENANT_TABLES)
+    env = {**FAST_ROLE_ENV, "IB_CONFIG": str(config)}
+    env_roles.as_user("policy", "policy", env=env)
+    for pool in ("gpu", "accel"):
+        env_roles.as_user(f"worker-{pool}", "worker", "--pool", pool, "--grace", "5", env=env)
+    prefix = users.deployment.prefix
+    topo = Topology(prefix)
+    acme_keys, beta_keys = topo.of_tenant("acme"), topo.of_tenant("beta")
+    raw_acme, raw_beta = users.client("producer-acme"), users.client("producer-beta")
+    async with (Client(users.url("producer-acme"), prefix=prefix, tenant="acme") as acme,
+                Client(users.url("producer-beta"), prefix=prefix, tenant="beta") as beta):
+        # Id squatting: acme takes the id first, and beta's job of that id still runs, as beta's.
+        await acme.submit(chat("shared", stream=True))
+        first = await acme.result("shared", timeout=30)
+        tokens = [c async for c in acme.tokens("shared", timeout=30)]
+        await beta.submit(chat("shared"))
+        second = await beta.result("shared", timeout=30)
+        assert (first.status, first.tenant, second.status, second.tenant) == ("ok", "acme", "ok", "beta")
+        assert tokens and tokens[-1].end == "ok"
+
+        # A forged tenant field, written straight to acme's own ingress with acme's credentials.
+        await raw_acme.xadd(acme_keys.jobs, {"job": encode_job(chat("forged", tenant="beta"))})
+        forged = await acme.result("forged", timeout=30)
+        assert forged.status == "failed" and forged.tenant == "acme" and "forged_tenant" in (forged.error or "")
+
+        # A replay: acme's finished job again (no second run), and beta sending a copy of it.
+        await acme.submit(chat("shared", stream=True))
+        await beta.submit(chat("copied", tenant="acme"))
+        copied = await beta.result("copied", timeout=30)
+        assert copied.status == "failed" and copied.tenant == "beta" and "forged_tenant" in (copied.error or "")
+        await acme.submit(chat("after"))  # behind the replay on acme's ingress: once it has run, so has that
+        assert (await acme.result("after", timeout=30)).status == "ok"
+
+        # reply_to names a stream of the sender's own space, whatever the name.
+        await acme.submit(chat("inbox", reply_to="beta-inbox"))
+        assert (await acme.result("inbox", reply_to="beta-inbox", timeout=30)).tenant == "acme"
+    try:
+        admin = users.admin  # looks, with every right
+        results = [decode_result(f[b"result"]).id for _, f in await admin.xrange(acme_keys.reply("results"))]
+        assert sorted(results) == ["after", "forged", "shared"]  # one result of "shared"
+        assert [decode_result(f[b"result"]).id for _, f in await admin.xrange(beta_keys.reply("results"))] == [
+            "shared", "copied"]
+        assert len(await admin.xrange(acme_keys.reply("beta-inbox"))) == 1
+        assert not await admin.exists(beta_keys.reply("beta-inbox"), topo.reply("beta-inbox"),
+                                            beta_keys.done("forged"), acme_keys.done("copied"))
+        # Each tenant's credentials reach nothing of the other's, even what it knows the name of.
+        for attempt in (raw_beta.get(acme_keys.done("shared")), raw_beta.xread({acme_keys.tokens("shared"): "0"}),
+                        raw_beta.xread({acme_keys.reply("beta-inbox"): "0"}),
+                        raw_beta.xadd(acme_keys.reply("results"), {"result": "{}"})):
+            with pytest.raises(NoPermissionError):
+                await attempt
+    finally:
+        await raw_acme.aclose()
+        await raw_beta.aclose()
+    provoked = await users.denials()
+    assert {user for user, _, _ in provoked} == {users.roles["producer-beta"].user} and len(provoked) == 4
+    await users.admin.acl_log_reset()
+
+    code, out = await run_cli(users, "operator", "dead", "list", "--reason", "forged_tenant")
+    assert code == 0 and "2 dead letter(s)" in out, out
+    code, out = await run_cli(users, "metrics", "top", "--once")
+    assert code == 0 and "gpu" in out, out
+    assert await users.denials() == []  # every role did all it does with its own rights
