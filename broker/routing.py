@@ -261,6 +261,10 @@ class ShardRouter:
         if len(payload) > limit:
             raise InvalidJob("too_large", f"job is {len(payload)} bytes; the limit is {limit}")
         job = self._owned(decode_job(payload))
+        allowed = self.settings.replies
+        if allowed and not self.topo.tenant and job.reply_to not in allowed:
+            raise InvalidJob("invalid_job", f"`$.reply_to` {job.reply_to!r} is none of this deployment's reply "
+                                            f"streams ({', '.join(sorted(allowed))}: IB_REPLY_STREAMS)")
         if (home := shard_of(job.id, self.topo.shards)) != self.topo.shard:
             raise InvalidJob("wrong_shard", f"job {job.id} belongs on shard {home} (CLUSTER KEYSLOT of its id mod "
                              f"{self.topo.shards}), not {self.topo.shard}: XADD it to {self.topo.at(home).jobs}")

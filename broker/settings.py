@@ -8,6 +8,7 @@ for the URL); CLI flags override the environment.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -42,6 +43,9 @@ def from_env(cls: type[S], var: Callable[[str], str], env: Mapping[str, str] | N
     except msgspec.ValidationError as exc:
         raise ValueError(f"invalid {what}: {exc}") from None
 
+
+_STREAM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+"""What a job's ``reply_to`` may be (broker.wire.StreamName)."""
 
 LIVE_BEATS = 5
 """Heartbeat periods after which a role that sent no beat counts as gone."""
@@ -111,6 +115,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """First retry delay of a failed job; it doubles with each delivery (with jitter)."""
     max_backlog: int = 100_000
     """Submissions fail fast once this many jobs wait on the ingress stream."""
+    reply_streams: str = ""
+    """Comma-separated reply stream names the default space's jobs may name in ``reply_to``
+    [IB_REPLY_STREAMS]; empty: any. With ACL users (``inference-broker acl``), set it to the
+    streams the workers' users may write: the policy worker then refuses any other name up
+    front, rather than leave a worker unable to answer (docs/security.md). A tenant's jobs may
+    name any: every tenant's reply streams are its own."""
     max_job_bytes: int = 1 << 20
     """Larger jobs are refused by the SDK and dead-lettered unread by the policy worker."""
     dead_retention_s: int = 7 * 86_400
@@ -138,7 +148,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return LIVE_BEATS * self.heartbeat_s
 
     def __post_init__(self) -> None:
-        Topology(self.prefix, self.shards)  # raises ValueError for an invalid prefix or shard count, early
+        topo = Topology(self.prefix, self.shards)  # raises ValueError for an invalid prefix or shard count, early
+        for name in self.replies:
+            if not _STREAM_NAME.fullmatch(name):
+                raise ValueError(f"reply_streams: {name!r} is no stream name (1-64 of A-Z a-z 0-9 _ . -)")
+            topo.reply(name)  # raises ValueError for a reserved name
         if self.redis_url and (self.redis_tls_ca or self.redis_tls_cert or self.redis_tls_key):
             from broker.tls import tls_url  # raises ValueError for files on a URL without TLS
 
@@ -153,6 +167,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         if self.claim_idle_ms < 3 * self.block_ms // 2:
             raise ValueError(f"claim_idle_ms ({self.claim_idle_ms}) must be at least 1.5 x block_ms "
                              f"({self.block_ms}): leases are renewed between reads")
+
+    @property
+    def replies(self) -> frozenset[str]:
+        """The reply stream names of ``reply_streams`` (empty: any name)."""
+        return frozenset(name.strip() for name in self.reply_streams.split(",") if name.strip())
 
     @property
     def topology(self) -> Topology:

@@ -129,3 +129,20 @@ async def test_the_ledger_learns_from_done_keys_which_admitted_jobs_ended(client
     assert await free_finished(client, topo, ledger) == 1
     assert ledger.outstanding("acme") == ["b"]
     assert ledger.admit("acme", "c", 10, 0.0, contended=False).admitted
+
+
+async def test_the_default_space_may_be_held_to_its_reply_streams(roles: Roles, redis_url: str, prefix: str,
+                                                                  tmp_path: Path) -> None:
+    # With ACL users the workers may write only the listed reply streams of the default
+    # space: the policy worker refuses any other name before a worker would be refused.
+    config = tmp_path / "policy.toml"
+    config.write_text(admitting_all(default_config_text()))
+    env = {"IB_CONFIG": str(config), "IB_REPLY_STREAMS": "results, mine"}
+    roles.start("policy", env=env)
+    roles.worker("gpu")
+    async with Client(redis_url, prefix=prefix) as anyone:
+        await anyone.submit_many([chat("listed", reply_to="mine"), chat("unlisted", reply_to="elsewhere")])
+        listed = await anyone.result("listed", timeout=30, reply_to="mine")
+        unlisted = await anyone.result("unlisted", timeout=30, reply_to="elsewhere")
+    assert listed.status == "ok"
+    assert unlisted.status == "failed" and "IB_REPLY_STREAMS" in (unlisted.error or ""), unlisted
