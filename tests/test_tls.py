@@ -22,7 +22,9 @@ from broker.connection import connect, misconfiguration, redacted, wait_ready
 from broker.errors import RedisMisconfigured, RedisUnavailable
 from broker.settings import Settings
 from broker.wire import Job
+from cli.embedded import free_port
 from tests.conftest import ROOT, Roles, TlsCerts, TlsRedis
+from tests.gateway_proc import GatewayProc
 
 N = 12
 
@@ -64,6 +66,20 @@ async def test_the_pipeline_runs_over_tls(where: str, make_roles: Callable[[str]
     assert {r.id for r in results} == {j.id for j in jobs}
     assert {r.pool for r in results} == {"gpu"}
     assert all(p.poll() is None for p in procs), roles.logs()
+
+
+async def test_the_gateway_serves_over_mutual_tls(mtls_redis: TlsRedis, make_roles: Callable[[str], Roles]) -> None:
+    # The gateway builds its SDK client and its readiness probe from the same settings.
+    env = tls_env(mtls_redis.certs)
+    roles = make_roles(node_url(mtls_redis))
+    roles.start("policy", env=env)
+    roles.start("worker", "--pool", "gpu", "--grace", "5", env=env)
+    port = free_port()
+    gateway = GatewayProc(roles.start("gateway", "--port", str(port), "--no-auth", env=env), port)
+    await gateway.ready()  # /readyz: its probe reached Redis
+    reply = await gateway.openai().chat.completions.create(
+        model="llama-3.1-8b", messages=[{"role": "user", "content": "hi"}], max_tokens=4, timeout=30)
+    assert reply.choices[0].message.content
 
 
 def exited_at_once(proc: subprocess.Popen[bytes], within_s: float = 20) -> int:
