@@ -32,6 +32,7 @@ from cli.acl import PLACEHOLDER, render, role_url
 from cli.embedded import EmbeddedRedis
 from cli.main import main
 from tests.conftest import ROOT, Roles, _start
+from tests.gateway_proc import KEY, start_gateway
 from tests.helpers import admitting_all
 
 TENANTS = ("acme", "beta")
@@ -283,10 +284,34 @@ async def test_default_space_roles_work_under_their_own_users(users: Users, env_
         failed = await sdk.result(unknown.id, timeout=30)
     assert chunks and all(r.status == "ok" for r in results), results
     assert failed.status == "failed"
-    code, out = await run_cli(users, "operator", "dead", "list")
-    assert code == 0 and "unknown_model" in out, out
-    code, out = await run_cli(users, "metrics", "top", "--once")
-    assert code == 0 and "gpu" in out, out
+    async def dead_letters() -> None:
+        code, out = await run_cli(users, "operator", "dead", "list")
+        assert code == 0 and "unknown_model" in out, out
+        for args in (("dead", "replay", "--all"), ("dead", "purge", "--yes")):
+            code, out = await run_cli(users, "operator", *args)
+            assert code == 0, (args, out)
+
+    async def gateway() -> None:
+        proc = await start_gateway(env_roles, env_roles.log_dir,
+                                   env={**FAST_ROLE_ENV, "REDIS_URL": users.url("gateway")})
+        openai = proc.openai(KEY)
+        reply = await openai.chat.completions.create(model="llama-3.1-8b", max_tokens=4,
+                                                     messages=[{"role": "user", "content": "hi"}])
+        assert reply.choices[0].message.content
+        stream = await openai.chat.completions.create(model="llama-3.1-8b", max_tokens=4, stream=True,
+                                                      messages=[{"role": "user", "content": "hi"}])
+        assert [c.id async for c in stream]
+        await openai.close()
+
+    # Each role's commands at once (a process each): they touch different keys.
+    _, _, listed, result, cancel, top = await asyncio.gather(
+        dead_letters(), gateway(), run_cli(users, "operator", "results"),
+        run_cli(users, "operator", "result", jobs[0].id), run_cli(users, "operator", "cancel", jobs[0].id),
+        run_cli(users, "metrics", "top", "--once"))
+    assert listed[0] == 0 and jobs[0].id in listed[1], listed
+    assert result[0] == 0 and "ok" in result[1], result
+    assert cancel[0] == 2 and "not cancelled" in cancel[1], cancel  # it had finished: looked up, not refused
+    assert top[0] == 0 and "gpu" in top[1], top
     assert await users.denials() == []
 
 
