@@ -340,7 +340,8 @@ async def test_two_tenants_under_their_own_users_are_refused_every_way_into_each
         users: Users, env_roles: EnvRoles, tmp_path: Path) -> None:
     config = tmp_path / "policy.toml"
     config.write_text(admitting_all(default_config_text()) + TENANT_TABLES)
-    env = {**FAST_ROLE_ENV, "IB_CONFIG": str(config)}
+    env = {**FAST_ROLE_ENV, "IB_CONFIG": str(config), "IB_FAULT_INJECTION": "1", "IB_MAX_DELIVERIES": "2",
+           "IB_RETRY_BACKOFF_MS": "50", "IB_CLAIM_INTERVAL_S": "0.2"}
     env_roles.as_user("policy", "policy", env=env)
     for pool in ("gpu", "accel"):
         env_roles.as_user(f"worker-{pool}", "worker", "--pool", pool, "--grace", "5", env=env)
@@ -350,6 +351,9 @@ async def test_two_tenants_under_their_own_users_are_refused_every_way_into_each
     raw_acme, raw_beta = users.client("producer-acme"), users.client("producer-beta")
     async with (Client(users.url("producer-acme"), prefix=prefix, tenant="acme") as acme,
                 Client(users.url("producer-beta"), prefix=prefix, tenant="beta") as beta):
+        # Failures at the worker (NACK, a claim, DEAD) in acme's space, under the worker's user.
+        await acme.submit_many([chat("flaky", metadata={"fault": "transient"}),
+                                chat("broken", metadata={"fault": "permanent"})])
         # Id squatting: acme takes the id first, and beta's job of that id still runs, as beta's.
         await acme.submit(chat("shared", stream=True))
         first = await acme.result("shared", timeout=30)
@@ -375,10 +379,12 @@ async def test_two_tenants_under_their_own_users_are_refused_every_way_into_each
         # reply_to names a stream of the sender's own space, whatever the name.
         await acme.submit(chat("inbox", reply_to="beta-inbox"))
         assert (await acme.result("inbox", reply_to="beta-inbox", timeout=30)).tenant == "acme"
+        flaky, broken = await acme.result("flaky", timeout=30), await acme.result("broken", timeout=30)
+        assert (flaky.status, broken.status, flaky.tenant) == ("failed", "failed", "acme"), (flaky, broken)
     try:
         admin = users.admin  # looks, with every right
         results = [decode_result(f[b"result"]).id for _, f in await admin.xrange(acme_keys.reply("results"))]
-        assert sorted(results) == ["after", "forged", "shared"]  # one result of "shared"
+        assert sorted(results) == ["after", "broken", "flaky", "forged", "shared"]  # one result of "shared"
         assert [decode_result(f[b"result"]).id for _, f in await admin.xrange(beta_keys.reply("results"))] == [
             "shared", "copied"]
         assert len(await admin.xrange(acme_keys.reply("beta-inbox"))) == 1
@@ -397,8 +403,9 @@ async def test_two_tenants_under_their_own_users_are_refused_every_way_into_each
     assert {user for user, _, _ in provoked} == {users.roles["producer-beta"].user} and len(provoked) == 4
     await users.admin.acl_log_reset()
 
-    code, out = await run_cli(users, "operator", "dead", "list", "--reason", "forged_tenant")
-    assert code == 0 and "2 dead letter(s)" in out, out
+    code, out = await run_cli(users, "operator", "dead", "list")
+    assert code == 0 and "4 dead letter(s)" in out and out.count("forged_tenant") == 2, out
+    assert "max_deliveries" in out and "backend_error" in out, out
     code, out = await run_cli(users, "metrics", "top", "--once")
     assert code == 0 and "gpu" in out, out
     assert await users.denials() == []  # every role did all it does with its own rights
