@@ -34,6 +34,9 @@ from broker.topology import Topology
 
 CONNECT = ("ping", "select")
 """What every role sends on connecting: PING (readiness), SELECT (a URL naming a database)."""
+CLUSTER = ("cluster|slots", "command", "asking")
+"""What redis-py's cluster client adds: the slot map and command table it starts from, and
+ASKING while a slot migrates."""
 SCRIPTING = ("evalsha", "eval", "script|load")
 """Running the broker's scripts: by SHA, by source when a restarted Redis forgot them, and
 teaching them back (:class:`broker.scripts.Scripts`)."""
@@ -84,7 +87,7 @@ class Role(NamedTuple):
 class Deployment(msgspec.Struct, frozen=True):
     """What the rules are made from: the deployment's keys, pools and tenants.
 
-    ``replies``: the
+    ``cluster``: the roles connect to a Redis Cluster (:data:`CLUSTER` commands). ``replies``: the
     default space's reply streams its producers and roles may use (a tenant may name any
     reply stream: it lives under ``~<tenant>:r:``). ``users``: prefix of the user names.
     """
@@ -95,6 +98,7 @@ class Deployment(msgspec.Struct, frozen=True):
     tenants: tuple[str, ...] = ()
     replies: tuple[str, ...] = ("results", "batches")
     users: str = ""
+    cluster: bool = False
 
     def __post_init__(self) -> None:
         Topology(self.prefix, self.shards)  # the same checks as the roles'
@@ -228,8 +232,11 @@ def metrics(d: Deployment) -> Role:
 def roles(d: Deployment) -> list[Role]:
     """Every role's user: producers (default space, then each tenant), gateway, policy worker,
     a worker per pool, operator, metrics reader."""
-    return [producer(d, None), *(producer(d, t) for t in d.tenants), gateway(d), policy(d),
-            *(worker(d, p) for p in d.pools), operator(d), metrics(d)]
+    found = [producer(d, None), *(producer(d, t) for t in d.tenants), gateway(d), policy(d),
+             *(worker(d, p) for p in d.pools), operator(d), metrics(d)]
+    if d.cluster:
+        found = [r._replace(commands=_unique(r.commands, CLUSTER)) for r in found]
+    return found
 
 
 def _unique(*groups: Sequence[str]) -> tuple[str, ...]:

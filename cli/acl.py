@@ -58,13 +58,16 @@ def acl_cmd(tenants: tuple[str, ...], replies: tuple[str, ...], secrets_dir: Pat
       REDIS_URL=@/run/ib/ib-worker-gpu.url inference-broker worker --pool gpu
     """
     from broker.config import load_config
+    from broker.connection import is_cluster
 
     settings = settings_from(**opts)
     config = load_config(settings.config)
     try:
         deployment = acl.Deployment(
             prefix=settings.prefix, shards=settings.shards, pools=tuple(config.pools),
-            tenants=tenants or tuple(config.tenants), replies=replies or ("results", "batches"))
+            tenants=tenants or tuple(config.tenants), replies=replies or ("results", "batches"),
+            # A cluster URL, or with none a sharded deployment: its clients need the slot map.
+            cluster=is_cluster(settings.redis_url) if settings.redis_url else settings.shards > 1)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     if apply_ and (secrets_dir is None or not settings.redis_url):
@@ -143,18 +146,28 @@ async def _apply(url: str, roles: list[acl.Role], hashes: dict[str, str]) -> Non
     if admin in hashes:
         raise click.UsageError(f"--redis-url logs in as {admin}, a user these rules replace; use an admin user")
     client = connect(url)
-    # ACL rules are per node: on a cluster, every node gets them.
-    where: dict[str, Any] = {"target_nodes": RedisCluster.ALL_NODES} if isinstance(client, RedisCluster) else {}
     try:
+        # ACL rules are per node and not replicated: on a cluster, every node (replicas
+        # included, for a failover) gets them, one node at a time (redis-py's ALL_NODES
+        # target fails for ACL from the second call on).
+        nodes: list[dict[str, Any]] = [{}]
+        if isinstance(client, RedisCluster):
+            await client.initialize()
+            nodes = [{"target_nodes": node} for node in client.get_nodes()]
         for role in roles:
-            await client.execute_command(  # type: ignore[no-untyped-call]
-                "ACL", "SETUSER", *role.rule(hashes[role.user]), **where)
+            for where in nodes:
+                await client.execute_command(  # type: ignore[no-untyped-call]
+                    "ACL", "SETUSER", *role.rule(hashes[role.user]), **where)
             click.echo(f"applied {role.user}")
-        aclfile = await client.execute_command("CONFIG", "GET", "aclfile", **where)  # type: ignore[no-untyped-call]
-        if _configured(aclfile):
-            await client.execute_command("ACL", "SAVE", **where)  # type: ignore[no-untyped-call]
-            click.echo("saved to the aclfile (ACL SAVE)")
-        else:
+        saved = 0
+        for where in nodes:
+            aclfile = await client.execute_command("CONFIG", "GET", "aclfile", **where)  # type: ignore[no-untyped-call]
+            if _configured(aclfile):
+                await client.execute_command("ACL", "SAVE", **where)  # type: ignore[no-untyped-call]
+                saved += 1
+        if saved:
+            click.echo(f"saved to the aclfile (ACL SAVE) on {saved} of {len(nodes)} node(s)")
+        if saved < len(nodes):
             click.echo(textwrap.fill("note: Redis has no aclfile, so these users live until it restarts; "
                                      "persisting them (CONFIG REWRITE into redis.conf, or an aclfile and "
                                      "ACL SAVE) is the operator's job", WIDTH))
@@ -163,10 +176,7 @@ async def _apply(url: str, roles: list[acl.Role], hashes: dict[str, str]) -> Non
 
 
 def _configured(reply: object) -> bool:
-    """Whether a CONFIG GET aclfile reply (a node's, or each node's on a cluster) names a file."""
+    """Whether a node's CONFIG GET aclfile reply names a file."""
     if isinstance(reply, dict):
-        values = [v for k, v in reply.items() if k in ("aclfile", b"aclfile")] or list(reply.values())
-        return any(_configured(v) if isinstance(v, (dict, list)) else bool(v) for v in values)
-    if isinstance(reply, list):
-        return len(reply) >= 2 and bool(reply[1])
-    return False
+        return any(bool(v) for v in reply.values())
+    return isinstance(reply, list) and len(reply) >= 2 and bool(reply[1])

@@ -409,3 +409,25 @@ async def test_two_tenants_under_their_own_users_are_refused_every_way_into_each
     code, out = await run_cli(users, "metrics", "top", "--once")
     assert code == 0 and "gpu" in out, out
     assert await users.denials() == []  # every role did all it does with its own rights
+
+
+def test_acl_apply_saves_to_the_aclfile_when_redis_has_one(tmp_path: Path) -> None:
+    aclfile = tmp_path / "users.acl"
+    aclfile.write_text("user default on nopass ~* &* +@all\n")
+    server = EmbeddedRedis(directory=tmp_path / "redis", extra_args=("--aclfile", str(aclfile))).start()
+    try:
+        out = CliRunner().invoke(main, ["acl", "--prefix", "ib", "--secrets-dir", str(tmp_path / "s"), "--apply"],
+                                 env={"REDIS_URL": server.url})
+        assert out.exit_code == 0, out.output
+        assert "ACL SAVE" in out.output and "no aclfile" not in out.output
+        saved = aclfile.read_text()
+        assert "user ib-producer on " in saved and "user ib-metrics on " in saved and "user default on nopass" in saved
+    finally:
+        server.stop()
+
+
+def test_a_cluster_url_adds_what_the_cluster_client_sends() -> None:
+    out = CliRunner().invoke(main, ["acl", "--format", "commands", "--shards", "3"], env={"REDIS_URL": ""})
+    assert out.exit_code == 0 and all("+cluster|slots +command +asking" in line for line in out.output.splitlines())
+    single = CliRunner().invoke(main, ["acl", "--format", "commands"], env={"REDIS_URL": ""})
+    assert "cluster|slots" not in single.output
