@@ -63,25 +63,34 @@ LEDGER = ("hset", "hsetnx", "hgetall", "expire", "zadd", "zrem", "zremrangebysco
 """The gateway's Batch API records and its batch-runner lease."""
 OPERATOR = ("xrange", "xdel", "del", "xadd", "type", "xpending")
 """Dead letters (list, replay: REPLAY, purge), ``cancel``'s lookups, ``results``."""
-READ_STREAMS = ("xlen", "xinfo|groups", "xpending", "xrange", "xrevrange", "hgetall", "scan")
-"""Looking without touching: stream sizes and groups, results, heartbeats; SCAN lists the
-pool streams for ``top`` (SCAN is not limited by key patterns: it shows every key *name*)."""
+READ_STREAMS = ("xlen", "xinfo|groups", "xpending", "hgetall", "scan")
+"""Looking without touching: stream sizes and groups, heartbeats; SCAN lists the pool streams
+for ``top`` (SCAN is not limited by key patterns: it shows every key *name*)."""
+READ_RESULTS = ("xrange", "xrevrange")
+"""Reading results (``top``'s throughput and latency, ``report``): on reply streams only."""
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 
 class Role(NamedTuple):
-    """One ACL user: its name, what it is for, its commands and its key patterns."""
+    """One ACL user: its name, what it is for, its commands and its key patterns.
+
+    ``selectors``: further (commands, keys) pairs, each granting its commands on its keys
+    only (Redis 7 ACL selectors, ``(+cmd ~key)``).
+    """
 
     user: str
     summary: str
     commands: tuple[str, ...]
     keys: tuple[str, ...]
+    selectors: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = ()
 
     def rule(self, password_hash: str) -> list[str]:
         """The arguments of ``ACL SETUSER`` for this role, with ``#<password_hash>`` (hex SHA-256)."""
+        # Redis merges the arguments from "(" to ")" into one selector: these split at spaces.
+        selectors = [" ".join([*(f"+{c}" for c in commands), *keys]) for commands, keys in self.selectors]
         return [self.user, "reset", "on", f"#{password_hash}", "resetkeys", "resetchannels", "-@all",
-                *(f"+{c}" for c in self.commands), *self.keys]
+                *(f"+{c}" for c in self.commands), *self.keys, *(f"({s})" for s in selectors)]
 
 
 class Deployment(msgspec.Struct, frozen=True):
@@ -212,7 +221,7 @@ def operator(d: Deployment) -> Role:
     return Role(
         d.user_prefix + "operator",
         "operator: dead letters (list, replay, purge), cancel and results of every tenant",
-        _unique(CONNECT, SCRIPTING, CANCEL, RESULTS, OPERATOR, READ_STREAMS),
+        _unique(CONNECT, SCRIPTING, CANCEL, RESULTS, OPERATOR, READ_STREAMS, READ_RESULTS),
         tuple(_keys("", [d.base + "dead", d.base + "replies"] + _every_space(d, "jobs")
                     + _every_space(d, "done:*") + _every_space(d, "routed:*") + _replies_everywhere(d)
                     + [k for pool in d.pools for k in d.pool_keys(pool)])
@@ -221,12 +230,15 @@ def operator(d: Deployment) -> Role:
 
 def metrics(d: Deployment) -> Role:
     """The metrics reader (``top``, ``report``): reads backlogs, heartbeats and results; writes nothing."""
+    # Stream sizes of every stream, but entries of the reply streams only: a selector, so
+    # that no job's payload on the ingress, a pool lane or the dead letters can be read.
     return Role(
         d.user_prefix + "metrics",
         "metrics reader (top, report): reads backlogs, heartbeats, results; writes nothing",
         _unique(CONNECT, READ_STREAMS),
         tuple(_keys("%R", [d.base + "dead"] + _every_space(d, "jobs") + _replies_everywhere(d)
-                    + [k for pool in d.pools for k in d.pool_keys(pool)] + [d.home + "hb:*"])))
+                    + [k for pool in d.pools for k in d.pool_keys(pool)] + [d.home + "hb:*"])),
+        ((READ_RESULTS, tuple(_keys("%R", _replies_everywhere(d)))),))
 
 
 def roles(d: Deployment) -> list[Role]:

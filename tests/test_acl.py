@@ -152,7 +152,9 @@ def test_text_rules_fit_80_columns_with_a_comment_per_role() -> None:
         text = render(role, "0" * 64, "text")
         assert text.startswith(f"# {role.user}: ")
         assert max(len(line) for line in text.splitlines()) <= 80, text
-        assert " ".join(text.replace(" \\\n  ", " ").splitlines()[-1:]).endswith(role.keys[-1])
+        body = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+        unwrapped = body.replace(" \\\n  ", " ").strip()
+        assert unwrapped == "ACL SETUSER " + " ".join(role.rule("0" * 64)), text
         assert render(role, "0" * 64, "commands") == "ACL SETUSER " + " ".join(role.rule("0" * 64))
 
 
@@ -256,10 +258,15 @@ async def test_a_pool_worker_cannot_read_the_ingress_or_other_pools_nor_the_metr
                         gpu.xadd(f"{base}~acme:jobs", {"job": "{}"}), gpu.get(f"{base}~acme:done:j1"),
                         reader.xadd(f"{base}~acme:jobs", {"job": "{}"}), reader.xadd(f"{base}results", {"a": "b"}),
                         reader.xrange(f"{base}~acme:done:j1"), reader.get(f"{base}~acme:done:j1"),
+                        # Sizes of the ingress, the lanes, the dead letters, but not their jobs.
+                        reader.xrange(f"{base}~acme:jobs"), reader.xrange(f"{base}pool:gpu"),
+                        reader.xrevrange(f"{base}dead"),
                         reader.execute_command("XTRIM", f"{base}dead", "MAXLEN", "0")):  # type: ignore[no-untyped-call]
             with pytest.raises(NoPermissionError):
                 await attempt
         assert await reader.xlen(f"{base}~acme:jobs") == 0
+        assert await reader.xlen(f"{base}dead") == 0
+        assert await reader.xrange(f"{base}~acme:r:results") == []  # the results, it reads
     finally:
         await gpu.aclose()
         await reader.aclose()
