@@ -55,9 +55,10 @@ def gateway(ctx: click.Context, /, host: str | None, port: int | None, keys_file
             grace: float | None, request_timeout: float | None, tiers: str | None, **opts: Any) -> None:
     """Serve the OpenAI API (chat, completions, embeddings, models) onto the queue.
 
-    Each request becomes a job on its shard (tenant from its API key, SLO class from
-    service_tier or the X-IB-SLO header, deadline from X-IB-Deadline-Ms or the client's
-    timeout); its result, or its token stream with "stream": true, becomes the response.
+    Each request becomes a job on its shard (tenant from its API key, in the tenant's own
+    space if the policy config lists it under [tenants]; SLO class from service_tier or the
+    X-IB-SLO header, deadline from X-IB-Deadline-Ms or the client's timeout); its result, or
+    its token stream with "stream": true, becomes the response.
     Also serves the Batch API (/v1/files, /v1/batches; files under IB_GATEWAY_FILES_DIR),
     /metrics, /healthz and /readyz. See docs/gateway.md.
     """
@@ -81,6 +82,9 @@ def gateway(ctx: click.Context, /, host: str | None, port: int | None, keys_file
     check_redis(settings.redis_url)
     if keys is None:
         log.warning("serving without API keys (--no-auth): every request is tenant 'default'")
+    elif config.tenants:
+        log.info("tenants with spaces of their own: %s; other keys' requests run in the default space",
+                 ", ".join(sorted(config.tenants)))
     sigterm_is_interrupt()
     try:
         _run(settings, gw, keys, config, tier_map, batches)

@@ -10,9 +10,12 @@ runs the batches.
 A batch's lines run as jobs of class ``batch`` (behind interactive work, through the
 policy's lanes) with the batch's completion window as their deadline, each under a job id
 made of the batch id and its line, so that a resubmission runs nothing twice
-(:mod:`gateway.runner`). Their results come back on one reply stream, ``batch_reply_to``,
-read through the consumer group ``gateway-batches``; a result is acked once its line is
-spooled (:mod:`gateway.spool`). Batch records live in Redis (:mod:`gateway.ledger`).
+(:mod:`gateway.runner`). Their results come back on the reply stream ``batch_reply_to`` of
+the batch's space (the default space, or its tenant's when the policy config names it),
+read through the consumer group ``gateway-batches`` in every space, merged; a result is
+acked once its line is spooled (:mod:`gateway.spool`), and counts only for a batch of the
+space it was read in. Batch records live in Redis, in the default space
+(:mod:`gateway.ledger`).
 
 Every gateway of a deployment serves the routes; one runs the batches, the one holding the
 batch lease in Redis: it runs every batch not final, wherever it was made, and alone reads
@@ -27,11 +30,14 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import AsyncGenerator
 
 import msgspec
 from starlette.routing import BaseRoute
 
+from broker.client import Client
 from broker.connection import RETRYABLE
+from broker.merge import merge
 from broker.streams import Backoff, briefly
 from broker.wire import Result
 from gateway import metrics
@@ -58,7 +64,8 @@ class BatchApi:
         self.store = store or LocalFileStore(settings.root, max_file_bytes=settings.max_file_bytes,
                                              max_tenant_bytes=settings.max_tenant_bytes)
         self.ledger = Ledger(gateway.client.redis, gateway.client.topo, settings.batch_retention_s)
-        self.ctx = BatchContext(gateway.client, self.ledger, self.store, settings, gateway.tiers, gateway.catalog)
+        self.gateway = gateway
+        self.ctx = BatchContext(gateway, self.ledger, self.store, settings, gateway.tiers, gateway.catalog)
         self.uploads = Uploads(self.store, settings, gateway.tiers)
         self.runners: dict[str, Runner] = {}
         self.running: dict[str, asyncio.Task[None]] = {}
@@ -135,20 +142,30 @@ class BatchApi:
         backoff = Backoff()
         while True:
             try:
-                async for result in self.ctx.client.results(GROUP, CONSUMER, reply_to=self.settings.batch_reply_to):
+                async for space, result in merge([self._space(client) for client in self.gateway.spaces]):
                     backoff.reset()
-                    await self._hand_over(result)
+                    await self._hand_over(space, result)
             except RETRYABLE as exc:
                 log.warning("following batch results: %s; trying again", exc)
                 await backoff.wait()
 
-    async def _hand_over(self, result: Result) -> None:
+    async def _space(self, client: Client) -> AsyncGenerator[tuple[str, Result], None]:
+        """The results on one space's batch reply stream, each with the space's tenant (``""``: the
+        default space). The next is read only once the last was handed over: acks stay as late."""
+        async for result in client.results(GROUP, CONSUMER, reply_to=self.settings.batch_reply_to):
+            yield client.topo.tenant, result
+
+    async def _hand_over(self, space: str, result: Result) -> None:
         if (found := parse_job_id(result.id)) is None:
             return  # not a batch job's: someone else's result on this stream
         batch_id, index, attempt = found
         try:
             runner = self.runners.get(batch_id) or await self.runner_of(batch_id)
-            if runner is not None:  # else the batch is final or gone: a late duplicate
+            if runner is not None and runner.client.topo.tenant != space:
+                # A producer may write its own space's reply streams (its ACL allows it): a result
+                # there naming another space's batch job is not that job's.
+                log.warning("batch %s: a result for line %d in another tenant's space; ignored", batch_id, index)
+            elif runner is not None:  # else the batch is final or gone: a late duplicate
                 runner.record(index, attempt, result)
         except RETRYABLE:
             raise  # read again once Redis is back: it was not acked

@@ -26,7 +26,11 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Gateway:
-    """What every route shares: the SDK client, the tier mapping, the served models, the options."""
+    """What every route shares: the SDK client, the tier mapping, the served models, the options.
+
+    ``client`` is in the deployment's default space; :meth:`client_for` gives the client of a
+    request's tenant, in the tenant's own space when the policy config has one for it.
+    """
 
     def __init__(self, client: Client, *, config: PolicyConfig, tiers: Tiers | None = None,
                  options: Options | None = None) -> None:
@@ -36,6 +40,27 @@ class Gateway:
         self.catalog = Catalog.of(config)
         self.options = options or Options()
         self.draining = False
+        self._views: dict[str, Client] = {}
+
+    def client_for(self, tenant: str) -> Client:
+        """The client that serves ``tenant``'s jobs: a view of :attr:`client` in the tenant's space
+        when ``[tenants]`` names it (made once, sharing the connections and result listeners),
+        else :attr:`client` itself (the default space, where the tenant is a label on the job).
+
+        A configured tenant's job must go to its own ingress: on the default one the policy
+        worker dead-letters it as ``forged_tenant``.
+        """
+        if tenant not in self.config.tenants:
+            return self.client
+        view = self._views.get(tenant)
+        if view is None:
+            view = self._views[tenant] = self.client.as_tenant(tenant)
+        return view
+
+    @property
+    def spaces(self) -> list[Client]:
+        """A client in every space the gateway serves: the default one, then each configured tenant's."""
+        return [self.client, *(self.client_for(tenant) for tenant in sorted(self.config.tenants))]
 
     @staticmethod
     def of(request: Request) -> Gateway:

@@ -1,13 +1,13 @@
 """The OpenAI endpoints: each request becomes one job, and its result (or token stream) the response.
 
 A request's life: read the body (bounded), build the job (:func:`gateway.openai.to_job`,
-tenant from the API key), submit it through the SDK (its shard's ingress), then wait for
-its result, or follow its token stream with ``stream: true``, while watching the
-connection. A client that goes away before the job started cancels it (the job ends
-``cancelled``, its one outcome); one that goes away later leaves it to finish, its result
-kept under its id as any other. A response starts only once the job has a first token or
-an outcome, so a refused or expired job is answered with its status (429, 504), not a
-stream that breaks off.
+tenant from the API key), submit it through the SDK (its shard's ingress, in the tenant's
+own space when the policy config names it: :meth:`Gateway.client_for`), then wait for its
+result, or follow its token stream with ``stream: true``, while watching the connection. A
+client that goes away before the job started cancels it (the job ends ``cancelled``, its one
+outcome); one that goes away later leaves it to finish, its result kept under its id as any
+other. A response starts only once the job has a first token or an outcome, so a refused
+or expired job is answered with its status (429, 504), not a stream that breaks off.
 
 Deadlines: ``X-IB-Deadline-Ms`` (the job must start within that many milliseconds) or the
 client's own timeout (``x-stainless-timeout``, seconds, which the official SDKs send): a
@@ -94,7 +94,8 @@ async def _serve(request: Request, endpoint: Endpoint, answer: Answer) -> Respon
     if job.stream:
         return await _stream(request, gateway, endpoint, job, wait_s, answer)
     try:
-        result = await _unless_gone(request, gateway, job, gateway.client.result(job.id, timeout=wait_s))
+        waiting = gateway.client_for(job.tenant).result(job.id, timeout=wait_s)
+        result = await _unless_gone(request, gateway, job, waiting)
     except ResultTimeout:
         await _cancel(gateway, job, "its client's wait ran out")
         raise ApiError(504, f"no result for job {job.id} within {wait_s:g} s", type="timeout",
@@ -144,7 +145,7 @@ def _number(headers: Mapping[str, str], name: str, unit: float) -> float | None:
 
 async def _submit(gateway: Gateway, job: Job) -> None:
     try:
-        await gateway.client.submit(job)
+        await gateway.client_for(job.tenant).submit(job)
     except Backpressure as exc:
         raise ApiError(429, f"the broker is at capacity ({exc}); retry after the Retry-After seconds",
                        type="rate_limit_error", code="backlog_full",
@@ -194,7 +195,7 @@ async def _unless_gone(request: Request, gateway: Gateway, job: Job, work: Await
 
 async def _cancel(gateway: Gateway, job: Job, why: str) -> None:
     try:
-        if await asyncio.wait_for(gateway.client.cancel(job, reason=why), 5):
+        if await asyncio.wait_for(gateway.client_for(job.tenant).cancel(job, reason=why), 5):
             metrics.CANCELLED.labels(job.kind).inc()
             log.info("job %s cancelled: %s", job.id, why)
     except Exception as exc:  # noqa: BLE001 - the job still ends (it runs); nothing to answer
@@ -203,7 +204,7 @@ async def _cancel(gateway: Gateway, job: Job, why: str) -> None:
 
 async def _stream(request: Request, gateway: Gateway, endpoint: Endpoint, job: Job, wait_s: float,
                   answer: Answer) -> Response:
-    tokens = gateway.client.tokens(job.id, timeout=wait_s)
+    tokens = gateway.client_for(job.tenant).tokens(job.id, timeout=wait_s)
     try:
         first = await _unless_gone(request, gateway, job, anext(tokens, None))
     except ResultTimeout:
@@ -220,7 +221,7 @@ async def _stream(request: Request, gateway: Gateway, endpoint: Endpoint, job: J
 
 async def _outcome(gateway: Gateway, job: Job) -> Result | None:
     try:
-        return await gateway.client.result(job.id, timeout=5)
+        return await gateway.client_for(job.tenant).result(job.id, timeout=5)
     except ResultTimeout:
         return None
 

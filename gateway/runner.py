@@ -2,7 +2,9 @@
 
 A line's job id is ``<batch id>.<line index>`` (``.<attempt>`` once the policy refused it):
 a gateway that resumes a batch after a restart submits again what may not have gone in,
-and the broker runs each id once. At most ``batch_in_flight`` of a batch's jobs wait or
+and the broker runs each id once. The jobs go to the space of the batch's tenant (its own
+when the policy config names it: :meth:`gateway.context.Gateway.client_for`), and their
+results and cancellations are written there. At most ``batch_in_flight`` of a batch's jobs wait or
 run at once, so a large batch neither floods the ingress nor counts as work ahead of its
 own later lines (the policy's admission). A job the policy refused anyway is submitted
 again after its retry hint, as the line's next attempt (:meth:`Runner.record`).
@@ -24,7 +26,6 @@ from typing import Literal, NamedTuple
 
 import msgspec
 
-from broker.client import Client
 from broker.connection import RETRYABLE
 from broker.errors import Backpressure, JobRejected
 from broker.wire import Job, Result
@@ -38,6 +39,7 @@ from gateway.batchfile import (
     line_job,
 )
 from gateway.batchsettings import BatchSettings
+from gateway.context import Gateway
 from gateway.files import FileStore
 from gateway.ledger import BatchStatus, Ledger, RequestCounts, Stored
 from gateway.openai import ApiError, Catalog, Tiers, to_response
@@ -54,9 +56,9 @@ BACKOFF_S = (0.05, 5.0)
 
 
 class BatchContext(NamedTuple):
-    """What every batch shares: the SDK client, the records, the files, the served models."""
+    """What every batch shares: the gateway (its SDK clients), the records, the files, the served models."""
 
-    client: Client
+    gateway: Gateway
     ledger: Ledger
     store: FileStore
     settings: BatchSettings
@@ -70,6 +72,8 @@ class Runner:
     def __init__(self, ctx: BatchContext, stored: Stored, lines: Sequence[InputLine], cancel_at: float | None) -> None:
         self.ctx = ctx
         self.tenant = stored.tenant
+        self.client = ctx.gateway.client_for(stored.tenant)
+        """The SDK client of the batch's space: its tenant's own when configured, else the default."""
         self.batch = stored.batch
         self.lines = lines
         self.spool = Spool(ctx.settings.spool_dir, self.batch.id)
@@ -224,7 +228,7 @@ class Runner:
         pause = BACKOFF_S[0]
         while jobs and self.ending == "completed":
             try:
-                went_in = await self.ctx.client.submit_many(jobs)
+                went_in = await self.client.submit_many(jobs)
             except Backpressure as exc:  # the backlog is full: wait for it to drain, bounded by the window
                 went_in = exc.accepted
             except JobRejected:
@@ -248,7 +252,7 @@ class Runner:
         went_in: list[str] = []
         for job in jobs:
             try:
-                went_in += await self.ctx.client.submit_many([job])
+                went_in += await self.client.submit_many([job])
             except Backpressure as full:
                 return went_in + full.accepted
             except JobRejected as refused:
@@ -263,7 +267,7 @@ class Runner:
             chunk = todo[start:start + 64]
             # Whether it wrote the outcome or the job had one (or started) already, the
             # result comes on the reply stream: nothing to do with the answer.
-            await asyncio.gather(*(self.ctx.client.cancel(self.job(i)) for i in chunk), return_exceptions=True)
+            await asyncio.gather(*(self.client.cancel(self.job(i)) for i in chunk), return_exceptions=True)
         until = time.monotonic() + settings.batch_drain_s
         while self.left and time.monotonic() < until:
             await self._tick()
