@@ -43,12 +43,15 @@ class GatewayProc:
         await eventually(answers, timeout=30, what="the gateway's /readyz")
 
 
-async def start_gateway(roles: Roles, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> GatewayProc:
-    """``python -m cli gateway`` on a free port with the test keys, once it is ready."""
-    keys = tmp_path / "keys.txt"
-    keys.write_text(f"{key_line(KEY, 'acme')}\n{key_line(OTHER_KEY, 'beta')}\n")
+async def start_gateway(roles: Roles, tmp_path: Path, *args: str, env: dict[str, str] | None = None,
+                        keys: dict[str, str] | None = None) -> GatewayProc:
+    """``python -m cli gateway`` on a free port with ``keys`` (key -> tenant; default: the test
+    keys of acme and beta), once it is ready."""
+    path = tmp_path / "keys.txt"
+    path.write_text("".join(f"{key_line(key, tenant)}\n" for key, tenant in
+                            (keys or {KEY: "acme", OTHER_KEY: "beta"}).items()))
     port = free_port()
-    proc = roles.start("gateway", "--port", str(port), "--keys-file", str(keys), *args, env=env)
+    proc = roles.start("gateway", "--port", str(port), "--keys-file", str(path), *args, env=env)
     gateway = GatewayProc(proc, port)
     await gateway.ready()
     return gateway

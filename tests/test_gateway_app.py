@@ -5,6 +5,7 @@ No Redis is reached here (nothing becomes a job): what runs on real processes is
 
 from __future__ import annotations
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -15,6 +16,7 @@ from broker.config import load_config
 from gateway.app import create_app
 from gateway.context import Gateway
 from gateway.keys import KeyRing, key_line
+from policies.config import TenantSpec
 
 KEY = "sk-app-test"
 
@@ -68,3 +70,14 @@ def test_a_bug_is_a_500_in_openais_format_saying_nothing_of_the_request() -> Non
         answer = http.get("/v1/boom")
     assert answer.status_code == 500
     assert answer.json()["error"]["code"] == "internal_error" and "a bug" not in answer.text
+
+
+def test_a_configured_tenant_has_one_client_in_its_space_and_any_other_the_default_client() -> None:
+    config = msgspec.structs.replace(load_config(), tenants={"acme": TenantSpec(), "beta": TenantSpec()})
+    gateway = Gateway(Client("redis://127.0.0.1:1/0", prefix="ib"), config=config)  # never connects
+    acme = gateway.client_for("acme")
+    assert acme is gateway.client_for("acme") and acme.redis is gateway.client.redis  # one view, shared connections
+    assert acme.topo.jobs == "ib:{ib}:~acme:jobs" and acme.topo.reply("batches") == "ib:{ib}:~acme:r:batches"
+    for label in ("gamma", "default"):  # not configured (or the default space's own name): the default space
+        assert gateway.client_for(label) is gateway.client
+    assert [c.topo.tenant for c in gateway.spaces] == ["", "acme", "beta"]
