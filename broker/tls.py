@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from broker.errors import RedisMisconfigured
+
 PARAMS = {"ssl_ca_certs": "IB_REDIS_TLS_CA", "ssl_certfile": "IB_REDIS_TLS_CERT", "ssl_keyfile": "IB_REDIS_TLS_KEY",
           "ssl_cert_reqs": "", "ssl_check_hostname": "", "ssl_ciphers": ""}
 """URL query parameters that redis-py 7.4 takes on both its node and its cluster client, and
@@ -26,27 +28,35 @@ TLS_SCHEMES = ("rediss", "rediss+cluster")
 WHAT = {"ssl_ca_certs": "CA file", "ssl_certfile": "client certificate", "ssl_keyfile": "client key"}
 
 
+class TlsSettingsError(RedisMisconfigured, ValueError):
+    """TLS settings that cannot work with the Redis URL. A ``ValueError``, as settings that do
+    not validate are; a :class:`RedisMisconfigured` too, so that where the URL arrives later
+    (the one ``up`` recorded) the CLI still says so in one line."""
+
+
 def tls_url(url: str, *, ca: Path | None = None, cert: Path | None = None, key: Path | None = None) -> str:
     """``url`` with the CA, client certificate and key files as its ``ssl_*`` query parameters.
 
-    A parameter the URL already has must agree. Raises ``ValueError`` (one line) for files on a
-    URL without TLS, a key without its certificate, or a disagreement.
+    A parameter the URL already has must agree. Raises :class:`TlsSettingsError` (one line) for
+    files on a URL without TLS, a key without its certificate, or a disagreement.
     """
-    given = {name: str(path) for name, path in zip(WHAT, (ca, cert, key), strict=True) if path is not None}
+    # redis-py unquotes a query value twice (parse_qs, then unquote): a "%" must survive both.
+    given = {name: str(path).replace("%", "%25") for name, path in zip(WHAT, (ca, cert, key), strict=True)
+             if path is not None}
     if not given:
         return url
     parts = urlsplit(url)
     if parts.scheme not in TLS_SCHEMES:
-        raise ValueError(f"{' and '.join(PARAMS[n] for n in given)} set for a Redis URL without TLS "
+        raise TlsSettingsError(f"{' and '.join(PARAMS[n] for n in given)} set for a Redis URL without TLS "
                          f"({parts.scheme}://); try: rediss:// (or rediss+cluster://)")
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
     for name, path in given.items():
         if query.get(name, path) != path:
-            raise ValueError(f"{PARAMS[name]} ({path}) and ?{name}={query[name]} in the Redis URL disagree; "
+            raise TlsSettingsError(f"{PARAMS[name]} ({path}) and ?{name}={query[name]} in the Redis URL disagree; "
                              "give one of them")
     query.update(given)
     if "ssl_keyfile" in query and "ssl_certfile" not in query:
-        raise ValueError("a TLS client key needs its certificate: set IB_REDIS_TLS_CERT too (or ?ssl_certfile=)")
+        raise TlsSettingsError("a TLS client key needs its certificate: set IB_REDIS_TLS_CERT too (or ?ssl_certfile=)")
     return urlunsplit(parts._replace(query=urlencode(query, safe="/:~")))
 
 

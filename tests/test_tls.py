@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import pytest
 from redis.asyncio.connection import RedisSSLContext, parse_url
 
@@ -199,6 +200,8 @@ def test_the_tls_settings_are_written_into_the_url(tls_certs: TlsCerts) -> None:
         "ssl_ca_certs": str(tls_certs.ca), "ssl_certfile": str(tls_certs.cert), "ssl_keyfile": str(tls_certs.key)}
     # Settings made again from these (as `up` hands the URL to its roles with the same environment) agree.
     assert Settings(redis_url=settings.redis_url, redis_tls_ca=tls_certs.ca).redis_url == settings.redis_url
+    odd = Path("/etc/ib tls/50%+1/ca.pem")  # redis-py unquotes query values twice
+    assert parse_url(Settings(redis_url="rediss://h", redis_tls_ca=odd).redis_url or "")["ssl_ca_certs"] == str(odd)
 
 
 @pytest.mark.parametrize(("url", "env", "says"), [
@@ -209,6 +212,10 @@ def test_the_tls_settings_are_written_into_the_url(tls_certs: TlsCerts) -> None:
 def test_tls_settings_that_cannot_work_are_refused_with_one_line(url: str, env: dict[str, str], says: str) -> None:
     with pytest.raises(ValueError, match=says):
         Settings.from_env({"REDIS_URL": url, **env})
+    # A URL that comes later (the one `up` recorded) meets the settings in a replace: still one line.
+    settings = Settings.from_env(env)
+    with pytest.raises(RedisMisconfigured, match=says):
+        msgspec.structs.replace(settings, redis_url=url)
 
 
 @pytest.mark.parametrize(("url", "says"), [
