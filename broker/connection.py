@@ -191,7 +191,7 @@ async def misconfiguration(exc: BaseException, host: str, port: int, *, tls: boo
     and is waited for as before.
     """
     where = f"Redis at {host}:{port}"
-    files = TlsFiles(*(getattr(tls_context, name, None) for name in ("ca_certs", "certfile", "keyfile")))
+    files = TlsFiles(*(getattr(tls_context, name, None) for name in ("ca_certs", "certfile", "keyfile", "password")))
     if tls and (problem := files.problem()):
         return problem  # checked first: redis-py loads the files as it connects, and fails alike
     ssl_error = _find(exc, ssl.SSLError)
@@ -270,8 +270,17 @@ class _FastConnection(_HiredisPacking, _CancellableSend, _FailFast, Connection):
     pass
 
 
+def _no_password() -> bytes:
+    return b""
+
+
 class _FastSSLConnection(_HiredisPacking, _CancellableSend, _FailFast, SSLConnection):
-    pass
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if self.ssl_context.password is None:
+            # Without one, OpenSSL asks for an encrypted key's password on the terminal, and the role
+            # hangs there; this way the key fails to load, and _FailFast says why.
+            self.ssl_context.password = _no_password  # type: ignore[assignment]
 
 
 class _FastUnixConnection(_HiredisPacking, _CancellableSend, UnixDomainSocketConnection):

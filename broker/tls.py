@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -48,12 +48,12 @@ def tls_url(url: str, *, ca: Path | None = None, cert: Path | None = None, key: 
     parts = urlsplit(url)
     if parts.scheme not in TLS_SCHEMES:
         raise TlsSettingsError(f"{' and '.join(PARAMS[n] for n in given)} set for a Redis URL without TLS "
-                         f"({parts.scheme}://); try: rediss:// (or rediss+cluster://)")
+                               f"({parts.scheme}://); try: rediss:// (or rediss+cluster://)")
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
     for name, path in given.items():
         if query.get(name, path) != path:
-            raise TlsSettingsError(f"{PARAMS[name]} ({path}) and ?{name}={query[name]} in the Redis URL disagree; "
-                             "give one of them")
+            raise TlsSettingsError(f"{PARAMS[name]} ({path}) and ?{name}={query[name]} in the Redis URL "
+                                   "disagree; give one of them")
     query.update(given)
     if "ssl_keyfile" in query and "ssl_certfile" not in query:
         raise TlsSettingsError("a TLS client key needs its certificate: set IB_REDIS_TLS_CERT too (or ?ssl_certfile=)")
@@ -83,10 +83,12 @@ class TlsFiles(NamedTuple):
     ca: str | None
     cert: str | None
     key: str | None
+    password: str | Callable[[], bytes] | None = None
+    """The key's password (``ssl_password``), if it is encrypted."""
 
     def named(self) -> Iterator[tuple[str, str]]:
         """(URL parameter, path) of each file given."""
-        return ((name, path) for name, path in zip(WHAT, self, strict=True) if path)
+        return ((name, path) for name, path in zip(WHAT, self[:3], strict=True) if path)
 
     def problem(self) -> str | None:
         """Why these files cannot make a TLS context, naming the file (never its contents); else None."""
@@ -109,10 +111,11 @@ class TlsFiles(NamedTuple):
             return f"the TLS client key {self.key} needs its certificate; try: {_where('ssl_certfile')}"
         try:
             # A callable, not None: OpenSSL would prompt on the terminal for an encrypted key's password.
-            context.load_cert_chain(self.cert, self.key, password=lambda: b"")
+            context.load_cert_chain(self.cert, self.key, password=self.password or (lambda: b""))
         except ssl.SSLError as exc:
             # OpenSSL gives no reason for a file that is not PEM, or a key it could not decrypt.
-            why = {"KEY_VALUES_MISMATCH": "the key is not the certificate's", None: "not PEM, or an encrypted key"
+            encrypted = "a wrong ssl_password" if isinstance(self.password, str) else "an encrypted key"
+            why = {"KEY_VALUES_MISMATCH": "the key is not the certificate's", None: f"not PEM, or {encrypted}"
                    }.get(exc.reason, exc.reason)
             return (f"the TLS client certificate {self.cert} and key {self.key or '(in the same file)'} do not load "
                     f"({why}); try: the certificate's PEM file and its own unencrypted PEM key")
@@ -152,8 +155,8 @@ def refused(error: ssl.SSLError, where: str, files: TlsFiles) -> str:
                 f"the client's certificate and key in IB_REDIS_TLS_CERT and IB_REDIS_TLS_KEY, or "
                 f"?ssl_certfile=...&ssl_keyfile=... in the Redis URL")
     if files.cert and (why := next((w for end, w in REFUSED_CERT.items() if reason.endswith(end)), None)):
-        return (f"{where} refused this client's TLS certificate {files.cert} ({why}: {reason}); try: a certificate "
-                "signed by the CA the server trusts (its tls-ca-cert-file)")
+        fix = "a renewed one" if why == "expired" else "one signed by a CA the server trusts (its tls-ca-cert-file)"
+        return f"{where} refused this client's TLS certificate {files.cert} ({why}: {reason}); try: {fix}"
     return f"the TLS handshake with {where} failed ({reason}); try: check the TLS settings of both sides"
 
 

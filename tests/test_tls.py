@@ -191,6 +191,23 @@ async def test_a_tls_file_that_does_not_load_fails_at_once_naming_it(
     assert "PRIVATE KEY" not in error  # a path may show; a key's contents never
 
 
+async def test_an_encrypted_key_needs_its_password_and_never_prompts_for_it(mtls_redis: TlsRedis,
+                                                                           tmp_path: Path) -> None:
+    # Without a password OpenSSL would ask for it on the terminal, and a role would hang there.
+    certs = mtls_redis.certs
+    key = tmp_path / "encrypted.key"
+    subprocess.run(["openssl", "ec", "-in", str(certs.key), "-aes256", "-passout", "pass:pw", "-out", str(key)],
+                   check=True, capture_output=True, timeout=30)
+    url = with_files(mtls_redis, ca=certs.ca, cert=certs.cert, key=key)
+    assert "an encrypted key" in await fails_at_once(url)
+    assert "a wrong ssl_password" in await fails_at_once(f"{url}&ssl_password=wrong")
+    client = connect(f"{url}&ssl_password=pw")  # the node client takes the key's password in the URL
+    try:
+        await wait_ready(client, url, timeout=5)
+    finally:
+        await client.aclose()
+
+
 def test_the_tls_settings_are_written_into_the_url(tls_certs: TlsCerts) -> None:
     settings = Settings.from_env({"REDIS_URL": "rediss://u:secret@h:6380/0", "IB_REDIS_TLS_CA": str(tls_certs.ca),
                                   "IB_REDIS_TLS_CERT": str(tls_certs.cert), "IB_REDIS_TLS_KEY": str(tls_certs.key)})
