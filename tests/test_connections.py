@@ -71,7 +71,7 @@ def _tls_to_plaintext_url(redis_url: str) -> str:
 
 @pytest.mark.parametrize(("make_url", "says", "within_s"), [
     # The TLS server's certificate, without its CA: nothing will change on retry.
-    (lambda tls, plain: _untrusted_url(tls), ["does not trust", "ssl_ca_certs"], 4),
+    (lambda tls, plain: _untrusted_url(tls), ["does not trust", "IB_REDIS_TLS_CA", "ssl_ca_certs"], 4),
     # Plaintext against the TLS port: the server drops the connection at the first command.
     (lambda tls, plain: _plaintext_url(tls), ["accepts only TLS", "rediss://"], 4),
     # TLS against a plaintext server: the handshake waits out the 5 s connect timeout once.

@@ -169,6 +169,12 @@ async def test_a_wrong_ca_fails_at_once(mtls_redis: TlsRedis) -> None:
     assert "does not trust" in error and str(certs.other_ca) in error
 
 
+async def test_a_host_the_server_certificate_does_not_list_fails_at_once(tls_redis: TlsRedis) -> None:
+    # The certificate lists IP:127.0.0.1 only.
+    error = await fails_at_once(tls_redis.url.replace("127.0.0.1", "localhost"))
+    assert "not valid for localhost" in error and "a name the certificate lists" in error
+
+
 async def test_a_client_certificate_of_another_ca_is_refused_at_once(mtls_redis: TlsRedis) -> None:
     certs = mtls_redis.certs
     error = await fails_at_once(with_files(mtls_redis, ca=certs.ca, cert=certs.rogue_cert, key=certs.key))
