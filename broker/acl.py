@@ -42,9 +42,13 @@ SCRIPTING = ("evalsha", "eval", "script|load")
 teaching them back (:class:`broker.scripts.Scripts`)."""
 SUBMIT = ("xlen", "xadd")
 """What SUBMIT runs inside Redis (the backlog check, the add)."""
-RESULTS = ("get", "exists", "time", "xread", "xgroup|create", "xreadgroup", "xack", "wait")
-"""Waiting for results: done keys, reply and token streams (plain or through a group), the
-server's clock, WAIT for ``submit_replicas``."""
+RESULTS = ("get", "exists", "time", "xread", "wait")
+"""Waiting for results: done keys, reply and token streams, the server's clock, WAIT for
+``submit_replicas``."""
+GROUP_READ = ("xgroup|create", "xreadgroup", "xack", "xautoclaim", "xpending", "xclaim")
+"""Following a reply stream through a consumer group (``Client.results``, ``results --group``,
+FastStream's ``ResultSubscriber`` and its claims): granted on reply streams only, by a
+selector, so that no group on an ingress or a pool lane can be read, claimed or acked."""
 CANCEL = ("get", "set", "type", "exists", "xpending", "xdel", "xadd", "sadd")
 """CANCEL, inside Redis."""
 CONSUME = ("xgroup|create", "xreadgroup", "xack", "xautoclaim", "xclaim", "xpending", "xdel", "xtrim", "xadd",
@@ -175,7 +179,8 @@ def producer(d: Deployment, tenant: str | None) -> Role:
         _unique(CONNECT, SCRIPTING, SUBMIT, RESULTS),
         # The ingress is `~`, not `%W~`: SUBMIT takes it in KEYS and reads its length.
         tuple(_keys("", [space + "jobs"]) + _keys("%R", [space + "done:*", space + "tokens:*"])
-              + _keys("", d.reply_keys(tenant))))
+              + _keys("", d.reply_keys(tenant))),
+        ((GROUP_READ, tuple(_keys("", d.reply_keys(tenant)))),))
 
 
 def gateway(d: Deployment) -> Role:
@@ -189,7 +194,8 @@ def gateway(d: Deployment) -> Role:
               + _keys("", _replies_everywhere(d) + [d.base + "replies"]
                       + [k for pool in d.pools for k in d.pool_keys(pool)])
               + _keys("", [d.home + "batch:*", d.home + "batches:*", d.home + "batches-live",
-                           d.home + "batches-live:*", d.home + "batches-lease"])))
+                           d.home + "batches-live:*", d.home + "batches-lease"])),
+        ((GROUP_READ, tuple(_keys("", _replies_everywhere(d)))),))
 
 
 def policy(d: Deployment) -> Role:
@@ -225,7 +231,8 @@ def operator(d: Deployment) -> Role:
         tuple(_keys("", [d.base + "dead", d.base + "replies"] + _every_space(d, "jobs")
                     + _every_space(d, "done:*") + _every_space(d, "routed:*") + _replies_everywhere(d)
                     + [k for pool in d.pools for k in d.pool_keys(pool)])
-              + _keys("%R", _every_space(d, "tokens:*") + [d.home + "hb:*"])))
+              + _keys("%R", _every_space(d, "tokens:*") + [d.home + "hb:*"])),
+        ((GROUP_READ, tuple(_keys("", _replies_everywhere(d)))),))
 
 
 def metrics(d: Deployment) -> Role:

@@ -27,13 +27,13 @@ from broker import acl
 from broker.client import Client
 from broker.config import default_config_text
 from broker.topology import Topology
-from broker.wire import Job, decode_result, encode_job
+from broker.wire import Job, Result, decode_result, encode_job, json_encode
 from cli.acl import PLACEHOLDER, render, role_url
 from cli.embedded import EmbeddedRedis
 from cli.main import main
 from tests.conftest import ROOT, Roles, _start
 from tests.gateway_proc import KEY, start_gateway
-from tests.helpers import admitting_all
+from tests.helpers import admitting_all, eventually
 
 TENANTS = ("acme", "beta")
 
@@ -438,3 +438,42 @@ def test_a_cluster_url_adds_what_the_cluster_client_sends() -> None:
     assert out.exit_code == 0 and all("+cluster|slots +command +asking" in line for line in out.output.splitlines())
     single = CliRunner().invoke(main, ["acl", "--format", "commands"], env={"REDIS_URL": ""})
     assert "cluster|slots" not in single.output
+
+
+async def test_a_faststream_service_runs_as_a_tenants_producer(users: Users) -> None:
+    from faststream import FastStream
+
+    from broker.faststream import JobPublisher, ResultSubscriber, broker_for
+
+    topo = Topology(users.deployment.prefix).of_tenant("acme")
+    result = Result.for_job(chat("earlier"), "ok")
+    await users.admin.xadd(topo.reply("results"), {"result": json_encode(result)})  # as a worker would
+    broker = broker_for(users.url("producer-acme"))
+    app = FastStream(broker)
+    got: asyncio.Queue[str] = asyncio.Queue()
+    subscriber = ResultSubscriber(app, broker, topo, group="billing", consumer="billing-1", claim_idle_ms=300)
+
+    @subscriber
+    async def on_result(r: Result) -> None:
+        await got.put(r.id)
+
+    publisher = JobPublisher(broker, topo)
+    async def claims() -> int:
+        stats = await users.admin.info("commandstats")
+        return int(stats.get("cmdstat_xautoclaim", {}).get("calls", 0))
+
+    claimed = await claims()
+    await app.start()
+    try:
+        await publisher.publish(chat("published"))
+        async with asyncio.timeout(10):
+            assert await got.get() == "earlier"
+
+        async def claimed_since() -> bool:
+            return await claims() > claimed
+
+        await eventually(claimed_since, timeout=10, what="a pass of its claim subscriber (XAUTOCLAIM)")
+    finally:
+        await app.stop()
+    assert await users.admin.xlen(topo.jobs) == 1
+    assert await users.denials() == []
