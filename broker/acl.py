@@ -55,8 +55,8 @@ CONSUME = ("xgroup|create", "xreadgroup", "xack", "xautoclaim", "xclaim", "xpend
            "xinfo|groups", "type", "hmget", "set", "sadd", "hset", "hdel")
 """Consuming a stream through a group: reads, reclaim (CLAIM), RENEW, COMPLETE and DEAD
 (fenced, acked, deleted once handled), results and their markers, heartbeats."""
-WORKER = ("del", "pexpire")
-"""NACK's retry-error hashes, token streams' expiry."""
+WORKER = ("del", "pexpire", "hgetall")
+"""NACK's retry-error hashes, token streams' expiry, ``health --pool`` reading the pool's beats."""
 POLICY = ("get", "del", "exists", "srem", "smembers", "hgetall", "xlen", "xinfo|consumers", "xinfo|stream",
           "xgroup|delconsumer", "xgroup|destroy", "xrevrange", "info")
 """The policy worker's janitor (epoch marker, reply-stream retention and reaping, dead-letter

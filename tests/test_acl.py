@@ -311,14 +311,16 @@ async def test_default_space_roles_work_under_their_own_users(users: Users, env_
         await openai.close()
 
     # Each role's commands at once (a process each): they touch different keys.
-    _, _, listed, result, cancel, top = await asyncio.gather(
+    _, _, listed, result, cancel, top, *healthy = await asyncio.gather(
         dead_letters(), gateway(), run_cli(users, "operator", "results"),
         run_cli(users, "operator", "result", jobs[0].id), run_cli(users, "operator", "cancel", jobs[0].id),
-        run_cli(users, "metrics", "top", "--once"))
+        run_cli(users, "metrics", "top", "--once"), run_cli(users, "worker-gpu", "health", "--pool", "gpu"),
+        run_cli(users, "policy", "health", "--policy"))
     assert listed[0] == 0 and jobs[0].id in listed[1], listed
     assert result[0] == 0 and "ok" in result[1], result
     assert cancel[0] == 2 and "not cancelled" in cancel[1], cancel  # it had finished: looked up, not refused
     assert top[0] == 0 and "gpu" in top[1], top
+    assert [code for code, _ in healthy] == [0, 0], healthy  # each role's health check, as itself
     assert await users.denials() == []
 
 
