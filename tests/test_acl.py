@@ -311,11 +311,11 @@ async def test_default_space_roles_work_under_their_own_users(users: Users, env_
         await openai.close()
 
     # Each role's commands at once (a process each): they touch different keys.
-    _, _, listed, result, cancel, top, *healthy = await asyncio.gather(
-        dead_letters(), gateway(), run_cli(users, "operator", "results"),
-        run_cli(users, "operator", "result", jobs[0].id), run_cli(users, "operator", "cancel", jobs[0].id),
-        run_cli(users, "metrics", "top", "--once"), run_cli(users, "worker-gpu", "health", "--pool", "gpu"),
-        run_cli(users, "policy", "health", "--policy"))
+    commands = asyncio.gather(
+        run_cli(users, "operator", "results"), run_cli(users, "operator", "result", jobs[0].id),
+        run_cli(users, "operator", "cancel", jobs[0].id), run_cli(users, "metrics", "top", "--once"),
+        run_cli(users, "worker-gpu", "health", "--pool", "gpu"), run_cli(users, "policy", "health", "--policy"))
+    _, _, (listed, result, cancel, top, *healthy) = await asyncio.gather(dead_letters(), gateway(), commands)
     assert listed[0] == 0 and jobs[0].id in listed[1], listed
     assert result[0] == 0 and "ok" in result[1], result
     assert cancel[0] == 2 and "not cancelled" in cancel[1], cancel  # it had finished: looked up, not refused
@@ -412,11 +412,15 @@ async def test_two_tenants_under_their_own_users_are_refused_every_way_into_each
     assert {user for user, _, _ in provoked} == {users.roles["producer-beta"].user} and len(provoked) == 4
     await users.admin.acl_log_reset()
 
-    code, out = await run_cli(users, "operator", "dead", "list")
+    (code, out), top, result, listed = await asyncio.gather(
+        run_cli(users, "operator", "dead", "list"), run_cli(users, "metrics", "top", "--once"),
+        run_cli(users, "producer-acme", "result", "--tenant", "acme", "shared"),
+        run_cli(users, "producer-acme", "results", "--tenant", "acme"))
     assert code == 0 and "4 dead letter(s)" in out and out.count("forged_tenant") == 2, out
     assert "max_deliveries" in out and "backend_error" in out, out
-    code, out = await run_cli(users, "metrics", "top", "--once")
-    assert code == 0 and "gpu" in out, out
+    assert top[0] == 0 and "gpu" in top[1], top
+    assert result[0] == 0 and "job shared: ok" in result[1], result
+    assert listed[0] == 0 and "after" in listed[1] and "copied" not in listed[1], listed
     assert await users.denials() == []  # every role did all it does with its own rights
 
 
