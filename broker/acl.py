@@ -188,14 +188,17 @@ def gateway(d: Deployment) -> Role:
     return Role(
         d.user_prefix + "gateway",
         "gateway: submits and cancels for every tenant, reads their results, runs batches",
-        _unique(CONNECT, SCRIPTING, SUBMIT, RESULTS, CANCEL, LEDGER),
+        _unique(CONNECT, SCRIPTING, SUBMIT, RESULTS, CANCEL),
         tuple(_keys("", _every_space(d, "jobs") + _every_space(d, "done:*") + _every_space(d, "routed:*"))
               + _keys("%R", _every_space(d, "tokens:*"))
               + _keys("", _replies_everywhere(d) + [d.base + "replies"]
-                      + [k for pool in d.pools for k in d.pool_keys(pool)])
-              + _keys("", [d.home + "batch:*", d.home + "batches:*", d.home + "batches-live",
-                           d.home + "batches-live:*", d.home + "batches-lease"])),
-        ((GROUP_READ, tuple(_keys("", _replies_everywhere(d)))),))
+                      + [k for pool in d.pools for k in d.pool_keys(pool)])),
+        # The batch records' commands (DEL among them) on the batch records only; EVAL too, for
+        # the lease's script (a command's keys must all pass one selector, the root or another).
+        ((GROUP_READ, tuple(_keys("", _replies_everywhere(d)))),
+         (_unique(LEDGER, ("eval", "evalsha")),
+          tuple(_keys("", [d.home + "batch:*", d.home + "batches:*", d.home + "batches-live",
+                           d.home + "batches-live:*", d.home + "batches-lease"])))))
 
 
 def policy(d: Deployment) -> Role:
