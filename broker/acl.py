@@ -57,6 +57,8 @@ CONSUME = ("xgroup|create", "xreadgroup", "xack", "xautoclaim", "xclaim", "xpend
 (fenced, acked, deleted once handled), results and their markers, heartbeats."""
 WORKER = ("del", "pexpire", "hgetall")
 """NACK's retry-error hashes, token streams' expiry, ``health --pool`` reading the pool's beats."""
+DELETE = ("del", "xdel", "xtrim")
+"""What a pool worker may send only on its lanes and retry errors (selectors)."""
 POLICY = ("get", "del", "exists", "srem", "smembers", "hgetall", "xlen", "xinfo|consumers", "xinfo|stream",
           "xgroup|delconsumer", "xgroup|destroy", "xrevrange", "info")
 """The policy worker's janitor (epoch marker, reply-stream retention and reaping, dead-letter
@@ -215,14 +217,19 @@ def policy(d: Deployment) -> Role:
 
 def worker(d: Deployment, pool: str) -> Role:
     """A worker of ``pool``: its lanes, the outcomes and token streams of every space."""
+    lanes = d.pool_keys(pool)
+    errors = [f"{d.base}err:{pool}:*"]
     return Role(
         d.user_prefix + f"worker-{pool}",
         f"pool worker of {pool}: takes jobs from its lanes, writes every tenant's results",
-        _unique(CONNECT, SCRIPTING, CONSUME, WORKER),
-        tuple(_keys("", d.pool_keys(pool) + [f"{d.base}err:{pool}:*", d.base + "dead", d.base + "replies"]
+        tuple(c for c in _unique(CONNECT, SCRIPTING, CONSUME, WORKER) if c not in DELETE),
+        tuple(_keys("", lanes + errors + [d.base + "dead", d.base + "replies"]
                     + _every_space(d, "done:*") + _replies_everywhere(d))
               + _keys("%W", _every_space(d, "tokens:*"))
-              + _keys("", [f"{d.home}hb:pool:{pool}"])))
+              + _keys("", [f"{d.home}hb:pool:{pool}"])),
+        # Deleting only where a worker deletes (handled entries of its lanes, its retry
+        # errors): never a result, a reply stream or the dead letters.
+        ((("xdel", "xtrim"), tuple(_keys("", lanes))), (("del",), tuple(_keys("", errors)))))
 
 
 def operator(d: Deployment) -> Role:
