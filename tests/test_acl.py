@@ -256,6 +256,9 @@ async def test_a_pool_worker_cannot_read_the_ingress_or_other_pools_nor_the_metr
         for attempt in (gpu.xread({f"{base}jobs": "0"}), gpu.xread({f"{base}~acme:jobs": "0"}),
                         gpu.xread({f"{base}pool:accel": "0"}), gpu.xread({f"{base}pool:accel:1": "0"}),
                         gpu.xadd(f"{base}~acme:jobs", {"job": "{}"}), gpu.get(f"{base}~acme:done:j1"),
+                        # It writes results, never deletes them nor the dead letters.
+                        gpu.delete(f"{base}~acme:done:j1"), gpu.xdel(f"{base}dead", "0-1"),
+                        gpu.execute_command("XTRIM", f"{base}~acme:r:results", "MAXLEN", "0"),  # type: ignore[no-untyped-call]
                         reader.xadd(f"{base}~acme:jobs", {"job": "{}"}), reader.xadd(f"{base}results", {"a": "b"}),
                         reader.xrange(f"{base}~acme:done:j1"), reader.get(f"{base}~acme:done:j1"),
                         # Sizes of the ingress, the lanes, the dead letters, but not their jobs.
