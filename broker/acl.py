@@ -40,6 +40,11 @@ ASKING while a slot migrates."""
 SCRIPTING = ("evalsha", "eval", "script|load")
 """Running the broker's scripts: by SHA, by source when a restarted Redis forgot them, and
 teaching them back (:class:`broker.scripts.Scripts`)."""
+RUN_SCRIPTS = ("evalsha",)
+"""A producer runs the broker's scripts by SHA only: with ``EVAL`` or ``SCRIPT LOAD`` it could
+run Lua of its own, and a loop would block Redis for every tenant. The roles load the
+scripts as they start (``Scripts.teach``); a producer that finds them gone gets
+``ScriptsNotLoaded`` until a role loads them again."""
 SUBMIT = ("xlen", "xadd")
 """What SUBMIT runs inside Redis (the backlog check, the add)."""
 RESULTS = ("get", "exists", "time", "xread", "wait")
@@ -178,7 +183,7 @@ def producer(d: Deployment, tenant: str | None) -> Role:
     return Role(
         d.user_prefix + (f"producer-{tenant}" if tenant else "producer"),
         f"producer of {who}: submits to its ingress, reads its own results and token streams",
-        _unique(CONNECT, SCRIPTING, SUBMIT, RESULTS),
+        _unique(CONNECT, RUN_SCRIPTS, SUBMIT, RESULTS),
         # The ingress is `~`, not `%W~`: SUBMIT takes it in KEYS and reads its length.
         tuple(_keys("", [space + "jobs"]) + _keys("%R", [space + "done:*", space + "tokens:*"])
               + _keys("", d.reply_keys(tenant))),

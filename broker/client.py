@@ -32,7 +32,15 @@ from redis.exceptions import OutOfMemoryError, ResponseError
 
 from broker import calls
 from broker.connection import OUT_OF_MEMORY, RETRYABLE, connect, queue_wait
-from broker.errors import Backpressure, JobFailed, JobRejected, NotReplicated, RedisOutOfMemory, ResultTimeout
+from broker.errors import (
+    Backpressure,
+    JobFailed,
+    JobRejected,
+    NotReplicated,
+    RedisOutOfMemory,
+    ResultTimeout,
+    ScriptsNotLoaded,
+)
 from broker.merge import merge
 from broker.scripts import Scripts
 from broker.streams import STOP_TIMEOUT_S, Backoff, briefly, ensure_group, is_group_lost
@@ -156,9 +164,11 @@ class Client:
         unconfirmed: list[str] = []
         full: list[int] = []
         failed: BaseException | None = None
-        for entries in by_shard.values():
+        for shard, entries in by_shard.items():
             reply = next(replies)
             confirmed = next(replies) if self.replicas else self.replicas
+            if isinstance(reply, ScriptsNotLoaded):
+                reply, confirmed = await self._submit_plain(self.topo.at(shard).jobs, [data for _, data in entries])
             if isinstance(reply, BaseException):
                 failed = failed or reply
                 continue
@@ -186,6 +196,22 @@ class Client:
                 f"within {self.replicas_ms} ms, so a failover could lose them; submit them again "
                 "(a job id runs once) or check the replicas (INFO replication)",
                 accepted=accepted, unconfirmed=unconfirmed)
+
+    async def _submit_plain(self, ingress: str, jobs: list[bytes]) -> tuple[list[Any], int]:
+        """SUBMIT's work without the script, for a producer whose ACL user may run the broker's
+        scripts but not load them into a Redis that forgot them (docs/security.md): the
+        backlog is read first, then the jobs added. Two round trips, and producers adding at
+        once may pass ``max_backlog`` by a chunk. SUBMIT's reply, and the replicas confirmed."""
+        backlog = await self.redis.xlen(ingress)
+        room = max(0, self.max_backlog - backlog)
+        pipe = self.redis.pipeline(transaction=False)
+        for data in jobs[:room]:
+            pipe.xadd(ingress, {"job": data})
+        if self.replicas:
+            await queue_wait(self.redis, pipe, ingress, self.replicas, self.replicas_ms)
+        replies = await pipe.execute() if len(pipe) else []
+        confirmed = replies.pop() if self.replicas else self.replicas
+        return [replies, backlog + len(replies) if room < len(jobs) else -1], confirmed
 
     async def result(self, job_id: str, *, timeout: float = 60.0, reply_to: str = "results",
                      raise_on_failure: bool = False) -> Result:

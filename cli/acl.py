@@ -32,7 +32,9 @@ PLACEHOLDER = "<sha256-of-password>"
                    "of the policy config].")
 @click.option("--reply-stream", "replies", multiple=True, metavar="NAME",
               help="A reply stream of the default space that producers and workers may use; repeat "
-                   "per stream [default: results and batches]. (A tenant's are all under its space.)")
+                   "per stream [default: IB_REPLY_STREAMS, else results and batches]. Give the policy "
+                   "worker the same IB_REPLY_STREAMS, so that it refuses any other. (A tenant's are "
+                   "all under its space.)")
 @click.option("--secrets-dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
               help="Keep each role's password in DIR/<user>.url (a redis:// URL for REDIS_URL=@FILE) or "
                    "DIR/<user>.password without a Redis URL; mode 0600. Existing ones are reused.")
@@ -65,7 +67,8 @@ def acl_cmd(tenants: tuple[str, ...], replies: tuple[str, ...], secrets_dir: Pat
     try:
         deployment = acl.Deployment(
             prefix=settings.prefix, shards=settings.shards, pools=tuple(config.pools),
-            tenants=tenants or tuple(config.tenants), replies=replies or ("results", "batches"),
+            tenants=tenants or tuple(config.tenants),
+            replies=replies or tuple(sorted(settings.replies)) or ("results", "batches"),
             # A cluster URL, or with none a sharded deployment: its clients need the slot map.
             cluster=is_cluster(settings.redis_url) if settings.redis_url else settings.shards > 1)
     except ValueError as exc:
