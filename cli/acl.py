@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 import click
 
 from broker import acl
-from cli.common import EPILOG, common, settings_from
+from cli.common import EPILOG, common, need_url, settings_from
 
 WIDTH = 80
 PLACEHOLDER = "<sha256-of-password>"
@@ -63,6 +63,8 @@ def acl_cmd(tenants: tuple[str, ...], replies: tuple[str, ...], secrets_dir: Pat
     from broker.connection import is_cluster
 
     settings = settings_from(**opts)
+    if apply_:
+        settings = need_url(settings)  # the given URL, else a local stack's (`inference-broker up`)
     config = load_config(settings.config)
     try:
         deployment = acl.Deployment(
@@ -75,7 +77,8 @@ def acl_cmd(tenants: tuple[str, ...], replies: tuple[str, ...], secrets_dir: Pat
         raise click.UsageError(str(exc)) from None
     if apply_ and (secrets_dir is None or not settings.redis_url):
         raise click.UsageError("--apply needs --secrets-dir DIR (the passwords go there, nowhere else) "
-                               "and --redis-url / REDIS_URL (an admin connection)")
+                               "and a Redis: --redis-url / REDIS_URL (an admin connection), or a local "
+                               "stack's (`inference-broker up`)")
     roles = acl.roles(deployment)
     hashes = ({r.user: acl.password_hash(p) for r, p in _passwords(roles, secrets_dir, settings.redis_url)}
               if secrets_dir else {r.user: PLACEHOLDER for r in roles})

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import click
 import msgspec
-from redis.exceptions import AuthenticationError, RedisError
+from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -218,6 +218,9 @@ def user_error(exc: Exception, url: str | None) -> str | None:
         return str(exc)
     if isinstance(exc, RedisConnectionError | RedisTimeoutError):
         return unreachable(url, exc) if url else str(exc)
+    if isinstance(exc, NoPermissionError):
+        return (f"{where} refused: this user may not do that ({exc}); try: the credentials of the role or tenant "
+                "it is for (`inference-broker acl`), and --tenant for a tenant's jobs (docs/security.md)")
     if isinstance(exc, RedisError):
         return f"{where} refused a command ({exc}); try: check its settings and its log"
     if isinstance(exc, OSError) and exc.filename:
