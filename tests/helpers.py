@@ -9,10 +9,13 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
+import pytest
 import redis.asyncio as aioredis
 
 from broker.client import Client
 from broker.config import load_config
+from broker.connection import connect, wait_ready
+from broker.errors import RedisUnavailable
 from broker.settings import Settings
 from broker.topology import Topology
 from broker.wire import (
@@ -38,6 +41,21 @@ def lane(topo: Topology, pool: str, slo: str = "standard") -> str:
 def lanes(topo: Topology, pool: str) -> list[str]:
     """Every stream of ``pool`` (one per priority lane) under the default config."""
     return [topo.pool(pool, i) for i in range(load_config().lanes)]
+
+
+async def fails_at_once(url: str, within_s: float = 4) -> str:
+    """The one-line error of ``wait_ready`` on ``url``, which must come within ``within_s``."""
+    client = connect(url)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        with pytest.raises(RedisUnavailable) as caught:
+            await wait_ready(client, url, timeout=30)
+    finally:
+        await client.aclose()
+    assert loop.time() - started < within_s
+    assert "\n" not in str(caught.value)
+    return str(caught.value)
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0, what: str = "condition") -> None:

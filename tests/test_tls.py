@@ -20,12 +20,13 @@ from redis.asyncio.connection import RedisSSLContext, parse_url
 from broker import logs
 from broker.client import Client
 from broker.connection import connect, misconfiguration, redacted, wait_ready
-from broker.errors import RedisMisconfigured, RedisUnavailable
+from broker.errors import RedisMisconfigured
 from broker.settings import Settings
 from broker.wire import Job
 from cli.embedded import free_port
 from tests.conftest import ROOT, Roles, TlsCerts, TlsRedis
 from tests.gateway_proc import GatewayProc
+from tests.helpers import fails_at_once
 
 N = 12
 
@@ -141,21 +142,6 @@ def test_the_cli_with_a_wrong_ca_exits_with_one_line(tls_redis: TlsRedis, prefix
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     assert "does not trust" in lines[0] and str(tls_redis.certs.other_ca) in lines[0] and "IB_REDIS_TLS_CA" in lines[0]
-
-
-async def fails_at_once(url: str, within_s: float = 4) -> str:
-    """The one-line error of ``wait_ready`` on ``url``, which must come within ``within_s``."""
-    client = connect(url)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    try:
-        with pytest.raises(RedisUnavailable) as caught:
-            await wait_ready(client, url, timeout=30)
-    finally:
-        await client.aclose()
-    assert loop.time() - started < within_s
-    assert "\n" not in str(caught.value)
-    return str(caught.value)
 
 
 def with_files(server: TlsRedis, **files: Path) -> str:
