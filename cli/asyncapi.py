@@ -90,7 +90,8 @@ STREAMS: dict[str, Stream] = {
         ("job", "jobMsgpack"), {}, ((POLICY_GROUP, "policy workers"),),
         (("producer", "send", "Submit a job (`XADD`); the result arrives on the reply stream."),
          ("gateway", "send", "Submit the job of each OpenAI request, and of each Batch API line (class `batch`, "
-          "`reply_to` `batches`), through the SDK; the tenant is the API key's."),
+          "`reply_to` `batches`), through the SDK; the tenant is the API key's, and a tenant of the policy "
+          "config's `[tenants]` gets its own ingress."),
          ("policy", "receive", "Validate, classify and route jobs (`XREADGROUP COUNT 256`)."))),
     "pool": Stream(
         "pool", "Pool stream",
@@ -110,7 +111,7 @@ STREAMS: dict[str, Stream] = {
          ("policy", "send", "Publish `failed`, `expired` and `rejected` results of jobs it did not route."),
          ("producer", "receive", "Wait for results (`XREAD BLOCK`, or a consumer group of your own)."),
          ("gateway", "receive", "Wait for each request's result; the gateway running the Batch API reads the "
-          "`batches` stream through the consumer group `gateway-batches`."))),
+          "`batches` stream of every space through the consumer group `gateway-batches`."))),
     "dead": Stream(
         "dead", "Dead letters",
         "Entries no consumer could process, with the reason, field `dead`. Inspect, replay or purge them with "
