@@ -104,6 +104,18 @@ class _CancellableSend(AbstractConnection):
     """
 
     async def send_packed_command(self, command: bytes | str | Iterable[bytes], check_health: bool = True) -> None:
+        try:
+            await self._send(command, check_health)
+        except RuntimeError as exc:
+            # uvloop raises RuntimeError, not an OSError, for a write on a transport already
+            # closed (a cluster node killed under a pipeline); redis-py then passes it on as it
+            # is, and it would stop a role. It is a lost connection, retried like one.
+            if "closed" not in str(exc):
+                raise
+            await self.disconnect(nowait=True)
+            raise RedisConnectionError(f"Error writing to socket: {exc}") from None
+
+    async def _send(self, command: bytes | str | Iterable[bytes], check_health: bool) -> None:
         timeout = self.socket_timeout
         if not timeout:
             return await super().send_packed_command(command, check_health)

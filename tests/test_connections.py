@@ -113,3 +113,16 @@ async def test_a_server_that_is_down_is_still_waited_for() -> None:
         await client.aclose()
     assert loop.time() - started >= 1.5
     assert "was unreachable for 2 s" in str(caught.value) and "try:" in str(caught.value)
+
+
+async def test_a_write_on_a_transport_closed_under_it_is_a_lost_connection(redis_url: str) -> None:
+    # A cluster node killed under a pipeline left a closed transport, and uvloop's write
+    # raised RuntimeError: a policy worker stopped on it instead of retrying.
+    client = connect(redis_url)
+    try:
+        assert await client.ping()
+        connection = client.connection_pool._available_connections[0]  # type: ignore[attr-defined]
+        connection._writer.transport.close()
+        assert await client.ping()  # retried on a new connection, as any lost connection is
+    finally:
+        await client.aclose()
