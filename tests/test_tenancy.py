@@ -8,6 +8,7 @@ here every client is trusted, to show what the broker itself does with the space
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -15,14 +16,16 @@ import redis.asyncio as aioredis
 from broker.client import Client
 from broker.config import default_config_text
 from broker.dead import read_letters, replayable_job
+from broker.janitor import Janitor
+from broker.settings import Settings
 from broker.tenancy import free_finished
 from broker.topology import Topology
-from broker.wire import DeadLetter, Job, Route, RoutedJob, decode_result, json_encode
+from broker.wire import DeadLetter, Job, Result, Route, RoutedJob, decode_result, json_encode
 from policies.config import TenantSpec
 from policies.tenants import TenantLedger
 from tests.conftest import Roles
 from tests.deployments import ON_BOTH, streams, xrange_all
-from tests.helpers import admitting_all
+from tests.helpers import admitting_all, eventually
 
 TENANTS = "\n[tenants.acme]\n\n[tenants.globex]\nweight = 2.0\n"
 
@@ -146,3 +149,23 @@ async def test_the_default_space_may_be_held_to_its_reply_streams(roles: Roles, 
         unlisted = await anyone.result("unlisted", timeout=30, reply_to="elsewhere")
     assert listed.status == "ok"
     assert unlisted.status == "failed" and "IB_REPLY_STREAMS" in (unlisted.error or ""), unlisted
+
+
+async def test_a_tenants_reply_streams_are_trimmed_and_reaped_like_the_default_spaces(
+        redis_url: str, prefix: str, client: aioredis.Redis) -> None:
+    settings = Settings(redis_url=redis_url, prefix=prefix, results_retention_s=0)
+    acme = settings.topology.of_tenant("acme")
+    stream, path = acme.reply("mine"), acme.reply_path("mine")
+    janitor = Janitor(client, settings, {})
+    await janitor.start()
+    for i in range(3):  # as COMPLETE writes a tenant's results: the stream, and its path in `replies`
+        await client.xadd(stream, {"result": json_encode(Result(id=f"j{i}", status="ok", model="m", kind="chat",
+                                                                tenant="acme"))})
+    await client.sadd(acme.replies, path)
+    assert path == "~acme:r:mine" and acme.under(path) == stream
+
+    async def reaped() -> bool:  # read by no group and older than the retention: trimmed, then deleted
+        await janitor.sweep(time.time())
+        return not await client.exists(stream) and not await client.sismember(acme.replies, path)
+
+    await eventually(reaped, timeout=10, what="the tenant's reply stream to be trimmed and reaped")
