@@ -16,7 +16,10 @@ captured from plain data. What each part comes from:
 
 A deployment of several shards has each of these streams once per shard: a row of the
 streams table sums a stream's shards (length, lag, pending; the oldest pending entry of any
-shard, the most consumers of any shard), and the classes cover every shard's results.
+shard, the most consumers of any shard), and the classes cover every shard's results. With
+tenants (``[tenants.<name>]``), each tenant's ingress is a row of its own (``~<tenant>:jobs``)
+and the classes cover every tenant's results too: an operator's (or the metrics reader's)
+view of the whole deployment.
 """
 
 from __future__ import annotations
@@ -120,7 +123,9 @@ class Collector:
         self.url = settings.redis_url or ""
         self.where = f"{redacted(self.url)}  prefix {settings.prefix}"
         self.config = config
-        self.results = [shard.reply(reply_to) for shard in self.shards]
+        self.spaces = [shard.of_tenant(tenant) for tenant in ("", *config.tenants) for shard in self.shards]
+        """Every space of every shard: the default space's, then each tenant's."""
+        self.results = [space.reply(reply_to) for space in self.spaces]
         self.window_s = window_s
         self.stale_s = stale_s
         self._streams: list[tuple[Topology, str]] = []
@@ -146,7 +151,8 @@ class Collector:
                 shard = bases.get(key[: key.index(":pool:") + 6])
                 if shard is not None:
                     pools.append((shard, key))
-            self._streams = [*((shard, shard.jobs) for shard in self.shards), *sorted(pools, key=lambda p: p[1])]
+            ingresses = [(space.of_tenant(""), space.jobs) for space in self.spaces]
+            self._streams = [*ingresses, *sorted(pools, key=lambda p: p[1])]
             self._scanned_at = now
         return self._streams
 

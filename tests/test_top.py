@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,12 +26,13 @@ import redis.asyncio as aioredis
 from rich.console import Console
 
 from broker.client import Client
-from broker.config import load_config
+from broker.config import default_config_text, load_config
 from broker.settings import Settings
-from broker.wire import Result
+from broker.wire import Result, json_encode
 from cli.embedded import EmbeddedRedis
 from cli.runstats import group_stats
 from cli.top import Collector, PoolView, StreamView, TopState, WorkerView, render
+from policies.config import config_from_dict
 from tests.conftest import ROOT, Roles
 from tests.helpers import mixed_jobs
 
@@ -176,3 +178,16 @@ def test_top_needs_a_redis(tmp_path: Path) -> None:
     env = {**_env(), "XDG_RUNTIME_DIR": str(tmp_path)}
     done = subprocess.run([*CLI, "top", "--once"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "no Redis configured" in done.stderr
+
+
+async def test_the_frame_covers_every_tenants_ingress_and_results(client: aioredis.Redis, settings: Settings) -> None:
+    config = config_from_dict({**tomllib.loads(default_config_text()), "tenants": {"acme": {}}})
+    acme = settings.topology.of_tenant("acme")
+    await client.xadd(acme.jobs, {"job": b"{}"})  # one job waiting on acme's ingress
+    for space, job_id in ((settings.topology, "d1"), (acme, "a1"), (acme, "a2")):  # results in each space
+        result = Result(id=job_id, status="ok", model="m", kind="chat", tenant=space.owner, slo="standard")
+        await client.xadd(space.reply("results"), {"result": json_encode(result)})
+    frame = await Collector(client, settings, config).frame()
+    ingress = {view.name: view.length for view in frame.streams if view.name.endswith("jobs")}
+    assert ingress == {"jobs": 0, "~acme:jobs": 1}
+    assert {c.name: c.jobs for c in frame.classes} == {"standard": 3}
