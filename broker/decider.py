@@ -22,7 +22,7 @@ import msgspec
 from policies import Decision, JobFeatures, PolicyConfig, PoolState, Snapshot, classify
 from policies.router import Router, StaticRouter
 from policies.slo import SloRouter, pool_capacity
-from policies.tenants import Admission, TenantLedger, contended, job_tokens
+from policies.tenants import ADMITTED, Admission, TenantLedger, contended, job_tokens
 
 MAX_REMEMBERED = 4096
 """Decisions kept per snapshot: many distinct jobs start the memory afresh."""
@@ -85,7 +85,10 @@ class Decider:
 
     def admit(self, features: JobFeatures, job_id: str, pool: str, lane: int, now: float) -> Admission:
         """Admit (and count) or refuse a job routed to ``pool``'s ``lane`` under its tenant's
-        quotas and fair share; a refusal carries its reason and ``retry_after_s``."""
+        quotas and fair share; a refusal carries its reason and ``retry_after_s``. A job of a tenant
+        without limits (every job of a deployment without tenants) costs one lookup."""
+        if features.tenant not in self.config.tenants:
+            return ADMITTED
         return self.ledger.admit(features.tenant, job_id, job_tokens(features), now, lane=lane,
                                  contended=contended(self.config, self.snapshot, pool, lane))
 

@@ -92,6 +92,8 @@ class ShardRouter:
         self.lanes = {p: [topo.pool(p, lane) for lane in range(config.lanes)] for p in config.pools}
         """Each pool's streams on this shard, one per priority lane, most urgent first."""
         self.lane = {slo: config.lane(slo) for slo in config.classes}
+        self.replies = frozenset() if topo.tenant else settings.replies
+        """The reply streams this space's jobs may name (empty: any; a tenant's are all its own)."""
         """The lane of each class in the pool's streams."""
         self._outcomes: list[Counter | None] = []
         """The counter each script queued on the batch's pipeline adds to if it did its move."""
@@ -261,10 +263,9 @@ class ShardRouter:
         if len(payload) > limit:
             raise InvalidJob("too_large", f"job is {len(payload)} bytes; the limit is {limit}")
         job = self._owned(decode_job(payload))
-        allowed = self.settings.replies
-        if allowed and not self.topo.tenant and job.reply_to not in allowed:
+        if self.replies and job.reply_to not in self.replies:
             raise InvalidJob("invalid_job", f"`$.reply_to` {job.reply_to!r} is none of this deployment's reply "
-                                            f"streams ({', '.join(sorted(allowed))}: IB_REPLY_STREAMS)")
+                                            f"streams ({', '.join(sorted(self.replies))}: IB_REPLY_STREAMS)")
         if (home := shard_of(job.id, self.topo.shards)) != self.topo.shard:
             raise InvalidJob("wrong_shard", f"job {job.id} belongs on shard {home} (CLUSTER KEYSLOT of its id mod "
                              f"{self.topo.shards}), not {self.topo.shard}: XADD it to {self.topo.at(home).jobs}")
