@@ -8,7 +8,6 @@ for the URL); CLI flags override the environment.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -16,6 +15,7 @@ from typing import Literal, TypeVar
 import msgspec
 
 from broker.topology import Topology
+from broker.wire import StreamName
 
 
 def _path(kind: type, value: object) -> object:
@@ -43,9 +43,6 @@ def from_env(cls: type[S], var: Callable[[str], str], env: Mapping[str, str] | N
     except msgspec.ValidationError as exc:
         raise ValueError(f"invalid {what}: {exc}") from None
 
-
-_STREAM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-"""What a job's ``reply_to`` may be (broker.wire.StreamName)."""
 
 LIVE_BEATS = 5
 """Heartbeat periods after which a role that sent no beat counts as gone."""
@@ -150,8 +147,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         topo = Topology(self.prefix, self.shards)  # raises ValueError for an invalid prefix or shard count, early
         for name in self.replies:
-            if not _STREAM_NAME.fullmatch(name):
-                raise ValueError(f"reply_streams: {name!r} is no stream name (1-64 of A-Z a-z 0-9 _ . -)")
+            try:
+                msgspec.convert(name, StreamName)  # what a job's reply_to may be
+            except msgspec.ValidationError:
+                raise ValueError(f"reply_streams: {name!r} is no stream name (1-64 of A-Z a-z 0-9 _ . -)") from None
             topo.reply(name)  # raises ValueError for a reserved name
         if self.redis_url and (self.redis_tls_ca or self.redis_tls_cert or self.redis_tls_key):
             from broker.tls import tls_url  # raises ValueError for files on a URL without TLS
