@@ -56,6 +56,9 @@ class PolicyWorker:
         self.fleet = Fleet(client, self.topo, lanes, settings.live_s, lambda obs: self.decider.router.observe(obs))
         streams = {r.topo.jobs: (POLICY_GROUP, self.topo.policy_heartbeats) for r in self.routers}
         streams |= {s: (WORKER_GROUP, self.topo.heartbeats(p)) for r in shards for p, ss in r.lanes.items() for s in ss}
+        self._gauged = [(s.topo, {r.topo.jobs: POLICY_GROUP for r in self.routers if r.topo.shard == s.topo.shard}
+                         | {lane: WORKER_GROUP for lanes in s.lanes.values() for lane in lanes}) for s in shards]
+        """Each shard's streams (every space's ingress, the pool lanes) and their groups, for the gauges."""
         self.janitor = Janitor(client, settings, streams)
         self._swept_at = self._beat_at = 0.0
 
@@ -107,11 +110,7 @@ class PolicyWorker:
         Called just before each Prometheus scrape rather than on a timer: between scrapes
         nobody reads them.
         """
-        streams: dict[int, dict[str, str]] = {topo.shard: {} for topo in self.topo.every_shard}
-        for r in self.routers:
-            streams[r.topo.shard][r.topo.jobs] = POLICY_GROUP
-            streams[r.topo.shard] |= {s: WORKER_GROUP for ss in r.lanes.values() for s in ss}
-        await export_streams(self.client, [(self.topo.at(shard), of_shard) for shard, of_shard in streams.items()])
+        await export_streams(self.client, self._gauged)
 
     async def _tick(self) -> None:
         """Every snapshot period: refresh the pools; less often, housekeeping and a heartbeat."""
