@@ -51,7 +51,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.errors import RedisMisconfigured, RedisUnavailable
-from broker.tls import TlsFiles, refusal, refused, untrusted, url_problem
+from broker.tls import TlsFiles, no_password, refusal, refused, untrusted, url_problem
 
 log = logging.getLogger("inference_broker")
 T = TypeVar("T")
@@ -282,17 +282,11 @@ class _FastConnection(_HiredisPacking, _CancellableSend, _FailFast, Connection):
     pass
 
 
-def _no_password() -> bytes:
-    return b""
-
-
 class _FastSSLConnection(_HiredisPacking, _CancellableSend, _FailFast, SSLConnection):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if self.ssl_context.password is None:
-            # Without one, OpenSSL asks for an encrypted key's password on the terminal, and the role
-            # hangs there; this way the key fails to load, and _FailFast says why.
-            self.ssl_context.password = _no_password  # type: ignore[assignment]
+            self.ssl_context.password = no_password  # type: ignore[assignment]
 
 
 class _FastUnixConnection(_HiredisPacking, _CancellableSend, UnixDomainSocketConnection):

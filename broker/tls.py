@@ -110,8 +110,7 @@ class TlsFiles(NamedTuple):
         if not self.cert:
             return f"the TLS client key {self.key} needs its certificate; try: {_where('ssl_certfile')}"
         try:
-            # A callable, not None: OpenSSL would prompt on the terminal for an encrypted key's password.
-            context.load_cert_chain(self.cert, self.key, password=self.password or (lambda: b""))
+            context.load_cert_chain(self.cert, self.key, password=self.password or no_password)
         except ssl.SSLError as exc:
             # OpenSSL gives no reason for a file that is not PEM, or a key it could not decrypt.
             encrypted = "a wrong ssl_password" if isinstance(self.password, str) else "an encrypted key"
@@ -120,6 +119,13 @@ class TlsFiles(NamedTuple):
             return (f"the TLS client certificate {self.cert} and key {self.key or '(in the same file)'} do not load "
                     f"({why}); try: the certificate's PEM file and its own unencrypted PEM key")
         return None
+
+
+def no_password() -> bytes:
+    """A TLS key's password when none is given: with ``None`` instead, OpenSSL asks for an
+    encrypted key's password on the terminal, and a role hangs there; this way the key fails to
+    load, and the error says why."""
+    return b""
 
 
 def _where(name: str) -> str:
