@@ -252,11 +252,16 @@ class TenantLedger:
         """Up to ``per_lane`` of the oldest ids of ``tenant`` still outstanding in each lane: the
         ones most likely finished, for the live shell to check (lanes finish at their own pace)."""
         state = self._tenants.get(tenant)
-        taken: dict[int, int] = {}
-        ids = []
+        # How many each lane gives: the walk stops once every lane has given them, rather than
+        # going through a long backlog at every tick.
+        left = {lane: min(per_lane, fair.active.get(tenant, 0)) for lane, fair in self._lanes.items()}
+        wanted = sum(left.values())
+        ids: list[str] = []
         for job_id, lane in state.outstanding.items() if state else ():
-            if taken.get(lane, 0) < per_lane:
-                taken[lane] = taken.get(lane, 0) + 1
+            if len(ids) == wanted:
+                break
+            if left.get(lane, 0) > 0:
+                left[lane] -= 1
                 ids.append(job_id)
         return ids
 

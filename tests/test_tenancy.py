@@ -169,3 +169,15 @@ async def test_a_tenants_reply_streams_are_trimmed_and_reaped_like_the_default_s
         return not await client.exists(stream) and not await client.sismember(acme.replies, path)
 
     await eventually(reaped, timeout=10, what="the tenant's reply stream to be trimmed and reaped")
+
+
+def test_the_ledger_offers_the_oldest_outstanding_ids_of_each_lane_for_checking() -> None:
+    ledger = TenantLedger({"acme": TenantSpec()})
+    for i in range(5):  # interleaved: lane 0's ids end sooner, lane 2's wait behind them
+        ledger.admit("acme", f"a{i}", 10, 0.0, contended=False, lane=0)
+        ledger.admit("acme", f"c{i}", 10, 0.0, contended=False, lane=2)
+    assert ledger.oldest("acme", 2) == ["a0", "c0", "a1", "c1"]
+    ledger.finished("acme", "a0")
+    assert ledger.oldest("acme", 2) == ["c0", "a1", "c1", "a2"]
+    assert ledger.oldest("acme", 9) == ledger.outstanding("acme")
+    assert ledger.oldest("nobody", 2) == []
