@@ -107,11 +107,6 @@ class Topology(msgspec.Struct, frozen=True):
         return self if tenant == self.tenant else Topology(self.prefix, self.shards, self.shard, tenant)
 
     @property
-    def owner(self) -> str:
-        """The tenant results of this space name: the space's, or ``default``."""
-        return self.tenant or DEFAULT_TENANT
-
-    @property
     def every_shard(self) -> list[Topology]:
         """Each shard's keys, shard 0 first."""
         return [self.at(i) for i in range(self.shards)]

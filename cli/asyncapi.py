@@ -267,7 +267,7 @@ def _named_variants(member: str, base: str, params: dict[str, str]) -> list[tupl
     return out
 
 
-NAVIGATION = frozenset({"base", "tag", "at", "every_shard", "of_job", "home", "of_tenant", "owner", "rel", "space",
+NAVIGATION = frozenset({"base", "tag", "at", "every_shard", "of_job", "home", "of_tenant", "rel", "space",
                         "under", "reply_path"})
 """Topology members that name a shard, a space or a key's base, not a key."""
 

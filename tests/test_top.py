@@ -185,7 +185,8 @@ async def test_the_frame_covers_every_tenants_ingress_and_results(client: aiored
     acme = settings.topology.of_tenant("acme")
     await client.xadd(acme.jobs, {"job": b"{}"})  # one job waiting on acme's ingress
     for space, job_id in ((settings.topology, "d1"), (acme, "a1"), (acme, "a2")):  # results in each space
-        result = Result(id=job_id, status="ok", model="m", kind="chat", tenant=space.owner, slo="standard")
+        result = Result(id=job_id, status="ok", model="m", kind="chat", tenant=space.tenant or "default",
+                        slo="standard")
         await client.xadd(space.reply("results"), {"result": json_encode(result)})
     frame = await Collector(client, settings, config).frame()
     ingress = {view.name: view.length for view in frame.streams if view.name.endswith("jobs")}
