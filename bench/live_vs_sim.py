@@ -199,7 +199,7 @@ def live_result(live: LiveRun, arrivals: Sequence[Arrival], config: PolicyConfig
     end = 0.0
     for i, (arrival, result) in enumerate(zip(arrivals, live.results, strict=True)):
         f = arrival.job
-        cls, _ = classify(msgspec.structs.replace(f, slo_hint=arrival.hint or f.slo_hint), config)
+        cls, _ = classify(arrival.features, config)
         sent = live.submitted[i] - live.t0 if not math.isnan(live.submitted[i]) else arrival.at
         rec = JobRecord(id=i, cls=cls, tenant=f.tenant, model=f.model, kind=f.kind, prompt_tokens=f.prompt_tokens,
                         max_tokens=f.max_tokens, arrival=sent, status="unfinished",

@@ -149,9 +149,7 @@ def fluid_bound(config: PolicyConfig, arrivals: Sequence[Arrival], fleet: Mappin
     count, total = 0, 0.0
     horizon = max((a.at for a in arrivals), default=0.0)
     for i, arrival in enumerate(arrivals):
-        job = arrival.job
-        if arrival.hint is not None and job.slo_hint != arrival.hint:
-            job = msgspec.structs.replace(job, slo_hint=arrival.hint)
+        job = arrival.features
         cls = classify(job, config)[0]
         if cls not in worth:
             continue

@@ -144,9 +144,7 @@ class _Run:
             self.snapshot = msgspec.structs.replace(self.snapshot, pools=pools)
 
     def arrive(self, i: int, arrival: Arrival) -> None:
-        job = arrival.job
-        if arrival.hint is not None and job.slo_hint != arrival.hint:
-            job = msgspec.structs.replace(job, slo_hint=arrival.hint)
+        job = arrival.features
         cls, _why = classify(job, self.config)
         luck = (0.0, 1.0) if self.luck is None else (self.luck.gauss(0.0, 1.0), self.luck.random())
         run = SimJob(i, arrival.at, job, cls, self.config.lane(cls), luck)

@@ -112,6 +112,13 @@ class Arrival(NamedTuple):
     job: JobFeatures
     hint: str | None
 
+    @property
+    def features(self) -> JobFeatures:
+        """The job as it is submitted: its class hint, if any, in ``slo_hint``."""
+        if self.hint is None or self.job.slo_hint == self.hint:
+            return self.job
+        return msgspec.structs.replace(self.job, slo_hint=self.hint)
+
 
 class LogNormal(msgspec.Struct, frozen=True, kw_only=True):
     """A token-count distribution: ``round(exp(N(mu, sigma)))`` clamped to ``[lo, hi]``."""
