@@ -92,9 +92,9 @@ class ShardRouter:
         self.lanes = {p: [topo.pool(p, lane) for lane in range(config.lanes)] for p in config.pools}
         """Each pool's streams on this shard, one per priority lane, most urgent first."""
         self.lane = {slo: config.lane(slo) for slo in config.classes}
+        """The lane of each class in the pool's streams."""
         self.replies = frozenset() if topo.tenant else settings.replies
         """The reply streams this space's jobs may name (empty: any; a tenant's are all its own)."""
-        """The lane of each class in the pool's streams."""
         self._outcomes: list[Counter | None] = []
         """The counter each script queued on the batch's pipeline adds to if it did its move."""
         self._routes: list[RouteMove] = []
