@@ -18,6 +18,7 @@ import os
 import platform
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -174,12 +175,11 @@ def split_by_model(cfg: PolicyConfig, fleet: dict[str, int]) -> tuple[PolicyConf
     the most jobs per worker at which every one of them still meets it; and what was split."""
     tpot = cfg.classes["interactive"].tpot_ms
     pools, out, said = dict(cfg.pools), dict(fleet), []
-    for name, spec in cfg.pools.items():
+    for name, spec in cfg.pools.items() if tpot is not None else ():
         profile = PROFILES[spec.profile]
         slots = min(spec.concurrency, profile.max_concurrency or spec.concurrency)
-        slow = {m: model for m in spec.models
-                if (model := profile.model(m)) is not None and tpot is not None and model.itl(slots) > tpot}
-        cap = min((max((c for c in range(1, slots + 1) if model.itl(c) <= (tpot or 0)), default=0)
+        slow = {m: model for m in spec.models if (model := profile.model(m)) is not None and model.itl(slots) > tpot}
+        cap = min((max((c for c in range(1, slots + 1) if model.itl(c) <= tpot), default=0)
                    for model in slow.values()), default=0)
         if not cap or fleet.get(name, 0) < 2:
             continue
@@ -222,10 +222,7 @@ def gap_task(args: tuple[str, float, float]) -> GapRun:
         return simulate(c, ROUTERS["slo"](c), arrivals, fleet, SEED, duration, options=OPTIONS)
 
     full = run(cfg, trace, FLEET)
-    misses: dict[str, int] = {}
-    for r in full.records:
-        if r.cls == "interactive" and not r.slo_met:
-            misses[r.model] = misses.get(r.model, 0) + 1
+    misses = Counter(r.model for r in full.records if r.cls == "interactive" and not r.slo_met)
     return GapRun(workload, attainment(full, "interactive"), attainment(run(cfg, alone, FLEET), "interactive"),
                   attainment(run(split_cfg, alone, split_fleet), "interactive"), misses)
 
